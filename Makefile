@@ -1,0 +1,32 @@
+# warmstart: `make demo` and `make test` do all set-up on a fresh machine, then run.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup venv criu lint test demo clean-state
+
+setup: venv criu
+
+# uv installs the locked dependency set in seconds where pip takes many minutes.
+venv: $(VENV)/.synced
+$(VENV)/.synced: pyproject.toml uv.lock
+	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install --quiet uv
+	$(PY) -m uv sync --frozen --quiet
+	@touch $@
+
+# CRIU >= 4.2 when missing (built once, installed to /usr/local); skipped when not root.
+criu:
+	@bash scripts/install-criu.sh
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+test: setup lint
+	$(BIN)/pytest
+
+demo: setup
+	$(BIN)/warmstart demo

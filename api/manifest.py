@@ -1,0 +1,88 @@
+"""The checkpoint manifest: the commit marker of a checkpoint version, written last."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.identity import CheckpointIdentity
+from api.workload import Readiness
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+class FileDigest(BaseModel):
+    """One artifact file, relative to the version directory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class SourceInfo(BaseModel):
+    """Where the checkpointed process ran and how to put it back."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    namespace: str
+    name: str
+    pod: str = ""
+    container: str = ""
+    image: str = ""
+    command: tuple[str, ...] = ()
+    cwd: str = ""
+    pid: int = 0
+    control_dir: str = ""
+    log_path: str = ""
+    readiness: Readiness = Readiness()
+    health_url: str | None = None
+
+
+class CriuInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    options: tuple[str, ...] = ()
+
+
+class GpuDevice(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    uuid: str
+    name: str = ""
+
+
+class HostInfo(BaseModel):
+    """Facts a restoring node must be compatible with."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kernel: str
+    arch: str
+    gpu_driver: str = ""
+    cuda_version: str = ""
+    gpus: tuple[GpuDevice, ...] = ()
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    checkpoint_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    version: str
+    identity: CheckpointIdentity
+    created_at: datetime
+    source: SourceInfo
+    criu: CriuInfo
+    host: HostInfo
+    files: tuple[FileDigest, ...]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size for f in self.files)

@@ -1,0 +1,46 @@
+"""Names the system agrees on: task queues, workflow IDs, versions, safe path elements."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from api.errors import InvalidNameError
+
+CONTROL_TASK_QUEUE = "warmstart-control"
+LOCAL_NODE = "local"
+LOCAL_NAMESPACE = "local"
+
+_PATH_ELEMENT = re.compile(r"^[A-Za-z0-9_.-]+$")
+_CHECKPOINT_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def node_task_queue(node: str) -> str:
+    """The task queue served by the node worker of `node`."""
+    return f"warmstart-node-{require_path_element(node, what='node name')}"
+
+
+def require_path_element(value: str, *, what: str) -> str:
+    """Return `value` if it is safe as one path element, else raise InvalidNameError."""
+    if not _PATH_ELEMENT.match(value) or value in {".", ".."}:
+        raise InvalidNameError(f"{what} {value!r} must match [A-Za-z0-9_.-]+")
+    return value
+
+
+def is_checkpoint_id(value: str) -> bool:
+    return bool(_CHECKPOINT_ID.match(value))
+
+
+def checkpoint_version(now: datetime, suffix: str) -> str:
+    """A sortable version name: `<UTC yyyymmddThhmmssZ>-<6 hex>`."""
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{suffix[:6]}"
+
+
+def capture_workflow_id(*, namespace: str, name: str, key: str) -> str:
+    """`capture/<namespace>/<name>/<uid>`; local mode uses the checkpoint ID as key."""
+    return f"capture/{namespace}/{name}/{key}"
+
+
+def restore_workflow_id(*, namespace: str, name: str, key: str) -> str:
+    """`restore/<namespace>/<pod>/<podUID>`; local mode uses a fresh UUID as key."""
+    return f"restore/{namespace}/{name}/{key}"

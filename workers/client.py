@@ -1,0 +1,37 @@
+"""Temporal client construction: pydantic data converter and the OpenTelemetry interceptor."""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from workers.settings import TemporalSettings
+
+
+class ServerUnavailableError(Exception):
+    """No Temporal server answers at the configured address."""
+
+
+async def connect(settings: TemporalSettings) -> Client:
+    try:
+        kwargs = {"identity": settings.identity} if settings.identity else {}
+        return await Client.connect(
+            settings.address,
+            namespace=settings.namespace,
+            data_converter=pydantic_data_converter,
+            interceptors=[TracingInterceptor()],
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except RuntimeError as err:
+        raise ServerUnavailableError(
+            f"no Temporal server at {settings.address} ({err}); start one with `warmstart dev`"
+        ) from err
+
+
+def workflow_ui_url(ui_url: str, namespace: str, workflow_id: str, run_id: str) -> str:
+    from urllib.parse import quote
+
+    return (
+        f"{ui_url}/namespaces/{namespace}/workflows/{quote(workflow_id, safe='')}/{run_id}/history"
+    )

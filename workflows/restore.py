@@ -1,0 +1,106 @@
+"""RestoreWorkflow: put a checkpoint back on a node, falling back to a cold start on failure.
+
+It runs on the node's own queue so the single restore activity is dispatched eagerly;
+publishing status is a control-queue step after the workload already runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.contracts import RestoreInput, StatusInput
+    from activities.contracts import RestoreResult as NodeRestoreResult
+    from api.naming import node_task_queue
+    from api.reasons import Phase, Reason
+    from workflows import policies
+    from workflows.contracts import Progress, RestoreRequest, RestoreResult
+    from workflows.visibility import CHECKPOINT_ID, NAMESPACE, NODE, StepClock
+
+
+@workflow.defn(name="RestoreWorkflow")
+class RestoreWorkflow:
+    def __init__(self) -> None:
+        self._clock = StepClock()
+        self._request: RestoreRequest | None = None
+        self._version = ""
+        self._error = ""
+
+    @workflow.query
+    def progress(self) -> Progress:
+        req = self._request
+        return Progress(
+            step=self._clock.step,
+            phase=self._clock.phase,
+            checkpoint_id=req.checkpoint_id if req else "",
+            version=self._version,
+            node=req.node if req else "",
+            step_seconds=dict(self._clock.seconds),
+            error=self._error,
+        )
+
+    @workflow.run
+    async def run(self, request: RestoreRequest) -> RestoreResult:
+        self._request = request
+        workflow.upsert_search_attributes(
+            [
+                NAMESPACE.value_set(request.namespace),
+                CHECKPOINT_ID.value_set(request.checkpoint_id),
+                NODE.value_set(request.node),
+            ]
+        )
+        self._clock.begin("restore", Phase.RESTORING)
+        opts = policies.restore_options(request.answer_timeout_seconds)
+        try:
+            node_result = await workflow.execute_activity(
+                "restore_checkpoint",
+                RestoreInput(
+                    checkpoint_id=request.checkpoint_id, version=request.version,
+                    name=request.name, answer_timeout_seconds=request.answer_timeout_seconds,
+                ),
+                result_type=NodeRestoreResult, task_queue=node_task_queue(request.node),
+                start_to_close_timeout=opts.start_to_close, heartbeat_timeout=opts.heartbeat,
+                schedule_to_start_timeout=opts.schedule_to_start, retry_policy=opts.retry,
+                summary=f"restore {request.checkpoint_id} on {request.node}",
+            )  # fmt: skip
+        except ActivityError as err:
+            reason, message = policies.failure_reason(err)
+            self._error = f"{reason}: {message}"
+            self._clock.settle(Phase.FELL_BACK, "fell-back")
+            await self._publish(Phase.FELL_BACK, reason=reason, message=message)
+            raise ApplicationError(message, type=reason, non_retryable=True) from err
+        except asyncio.CancelledError:
+            self._clock.settle(Phase.FELL_BACK, "cancelled")
+            raise
+        self._version = node_result.manifest.version
+        self._clock.begin("publish")
+        await self._publish(Phase.RESTORED, reason=Reason.RESTORED, pid=node_result.pid)
+        self._clock.settle(Phase.RESTORED, "done")
+        return RestoreResult(
+            checkpoint_id=request.checkpoint_id,
+            version=self._version,
+            pid=node_result.pid,
+            node=request.node,
+            phase_seconds=node_result.phase_seconds,
+            step_seconds=dict(self._clock.seconds),
+        )
+
+    async def _publish(self, phase: Phase, *, reason: str, message: str = "", pid: int = 0) -> None:
+        assert self._request is not None
+        req, info = self._request, workflow.info()
+        status = StatusInput(
+            kind="restore", namespace=req.namespace, name=req.name, phase=phase,
+            checkpoint_id=req.checkpoint_id, version=self._version, node=req.node,
+            reason=str(reason), message=message or (f"pid {pid}" if pid else ""),
+            step_seconds=dict(self._clock.seconds), workflow_id=info.workflow_id,
+            run_id=info.run_id,
+        )  # fmt: skip
+        opts = policies.CONTROL
+        await workflow.execute_activity(
+            "publish_status", status, task_queue=req.control_task_queue,
+            start_to_close_timeout=opts.start_to_close, retry_policy=opts.retry,
+            summary=f"publish {phase.value}",
+        )  # fmt: skip
