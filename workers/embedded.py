@@ -1,0 +1,82 @@
+"""The embedded default: a dev server with persistent state plus both workers in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+
+from rich.console import Console
+from temporalio.client import Client
+
+from workers.client import connect
+from workers.devserver import DevServer, port_open
+from workers.runtime import control_worker, node_worker
+from workers.settings import Settings
+
+
+@contextlib.asynccontextmanager
+async def dev_server(
+    settings: Settings, *, port: int | None, ui_port: int | None
+) -> AsyncIterator[DevServer]:
+    server = DevServer(
+        db_file=settings.dev_server_db,
+        port=port or settings.temporal.port,
+        ui_port=ui_port or settings.temporal.ui_port,
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_workers(client: Client, settings: Settings) -> AsyncIterator[None]:
+    async with control_worker(client, settings), node_worker(client, settings):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def embedded(settings: Settings) -> AsyncIterator[Client]:
+    """A client to a running `warmstart dev`, or a server and workers started here."""
+    if port_open(settings.temporal.port):
+        yield await connect(settings.temporal)
+        return
+    async with dev_server(settings, port=None, ui_port=None):
+        client = await connect(settings.temporal)
+        async with running_workers(client, settings):
+            yield client
+
+
+async def run_dev(
+    settings: Settings, *, port: int | None, ui_port: int | None, console: Console
+) -> None:
+    """`warmstart dev`: run until Ctrl-C or SIGTERM, then stop workers and server cleanly."""
+    if port:
+        settings = settings.model_copy(
+            update={"temporal": settings.temporal.model_copy(
+                update={"address": f"{settings.temporal.address.rsplit(':', 1)[0]}:{port}"})}
+        )  # fmt: skip
+    if ui_port:
+        settings = settings.model_copy(
+            update={"temporal": settings.temporal.model_copy(update={"ui_port": ui_port})}
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with dev_server(settings, port=None, ui_port=None):
+        client = await connect(settings.temporal)
+        async with running_workers(client, settings):
+            console.print(
+                f"Temporal dev server on {settings.temporal.address} "
+                f"(state {settings.dev_server_db})\n"
+                f"Web UI: {settings.temporal.ui_url}\n"
+                f"workers: {settings.node.control_task_queue}, "
+                f"warmstart-node-{settings.node.name}\nCtrl-C stops them.",
+                highlight=False,
+            )
+            await stop.wait()
+            console.print("stopping workers and server…")
