@@ -109,6 +109,8 @@ class CaptureWorkflow:
         except ActivityError as err:
             reason, message = policies.failure_reason(err)
             await self._fail(reason, message)
+            if reason == Reason.CANCELLED:
+                raise asyncio.CancelledError(message) from err
             raise ApplicationError(message, type=reason, non_retryable=True) from err
         except asyncio.CancelledError:
             await asyncio.shield(asyncio.ensure_future(self._fail(Reason.CANCELLED, "cancelled")))

@@ -9,6 +9,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
+    CancelledError,
     TimeoutError,
     TimeoutType,
 )
@@ -80,6 +81,8 @@ def restore_options(answer_timeout_seconds: float) -> StepOptions:
 def failure_reason(err: BaseException) -> tuple[str, str]:
     """(reason, message) of a failed step, for the status and the workflow failure."""
     cause = err.cause if isinstance(err, ActivityError) else err
+    if isinstance(cause, CancelledError):
+        return str(Reason.CANCELLED), "cancelled"
     if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
         return str(Reason.NODE_LOST), "the node worker did not pick up the step in time"
     if isinstance(cause, ApplicationError) and cause.type:

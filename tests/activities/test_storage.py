@@ -1,0 +1,110 @@
+"""The checkpoint store: atomic commit, listing only committed versions, digest verification."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from activities.storage import (
+    CheckpointNotFoundError,
+    CheckpointStore,
+    DigestMismatchError,
+    digest_tree,
+)
+from api.identity import CheckpointIdentity
+from api.manifest import CriuInfo, HostInfo, Manifest, SourceInfo
+
+CKPT = "96429b2725761a09"
+
+
+def _stage(store: CheckpointStore) -> Path:
+    staging = store.new_staging(CKPT)
+    (staging / "criu").mkdir()
+    (staging / "criu" / "pages-1.img").write_bytes(b"p" * 10_000)
+    (staging / "criu" / "core-1.img").write_bytes(b"core")
+    return staging
+
+
+def _manifest(staging: Path, version: str = "20261124T000000Z-aaaaaa") -> Manifest:
+    return Manifest(
+        checkpoint_id=CKPT, version=version,
+        identity=CheckpointIdentity(model="m", backend_framework="vllm"),
+        created_at=datetime.now(UTC), source=SourceInfo(node="n", namespace="local", name="w"),
+        criu=CriuInfo(version="4.2.1"), host=HostInfo(kernel="k", arch="x86_64"),
+        files=digest_tree(staging),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def committed(tmp_path: Path) -> tuple[CheckpointStore, Path]:
+    store = CheckpointStore(tmp_path)
+    staging = _stage(store)
+    return store, store.commit(staging, _manifest(staging))
+
+
+def test_commit_publishes_atomically(committed: tuple[CheckpointStore, Path]) -> None:
+    store, version_dir = committed
+    assert (version_dir / "manifest.json").is_file()
+    assert store.find(CKPT) == version_dir
+    assert not list((version_dir.parent / "tmp").iterdir())
+    manifest = store.verify(version_dir, checkpoint_id=CKPT)
+    assert [f.path for f in manifest.files] == ["criu/core-1.img", "criu/pages-1.img"]
+
+
+def test_uncommitted_versions_are_invisible(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    _stage(store)
+    (tmp_path / CKPT / "versions" / "20261124T000000Z-bbbbbb").mkdir()
+    assert store.manifests() == []
+    with pytest.raises(CheckpointNotFoundError, match=CKPT):
+        store.find(CKPT)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [("missing", "criu/pages-1.img is missing"), ("truncated", "criu/pages-1.img has 9000 bytes"),
+     ("altered", "criu/pages-1.img does not match its SHA-256")],
+)  # fmt: skip
+def test_damaged_files_are_named(
+    committed: tuple[CheckpointStore, Path], damage: str, message: str
+) -> None:
+    store, version_dir = committed
+    pages = version_dir / "criu" / "pages-1.img"
+    if damage == "missing":
+        pages.unlink()
+    elif damage == "truncated":
+        pages.write_bytes(b"p" * 9000)
+    else:
+        pages.write_bytes(b"q" + b"p" * 9999)
+    with pytest.raises(DigestMismatchError, match=message):
+        store.verify(version_dir, checkpoint_id=CKPT)
+
+
+def test_manifest_for_another_checkpoint_is_refused(
+    committed: tuple[CheckpointStore, Path],
+) -> None:
+    store, version_dir = committed
+    with pytest.raises(DigestMismatchError, match="expected 0000000000000000"):
+        store.verify(version_dir, checkpoint_id="0000000000000000")
+
+
+def test_corrupt_manifest_is_refused(committed: tuple[CheckpointStore, Path]) -> None:
+    store, version_dir = committed
+    (version_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(DigestMismatchError, match="not a valid manifest"):
+        store.verify(version_dir, checkpoint_id=CKPT)
+
+
+def test_path_elements_are_checked(tmp_path: Path) -> None:
+    from api.errors import InvalidNameError
+
+    with pytest.raises(InvalidNameError):
+        CheckpointStore(tmp_path).version_dir(CKPT, "../../etc")
+
+
+def test_commit_is_idempotent(committed: tuple[CheckpointStore, Path]) -> None:
+    store, version_dir = committed
+    manifest = store.verify(version_dir, checkpoint_id=CKPT)
+    assert store.commit(Path("/nonexistent"), manifest) == version_dir

@@ -1,0 +1,251 @@
+"""CaptureWorkflow with stand-in activities registered under the real names."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import pytest_asyncio
+from temporalio import activity
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
+
+from activities.contracts import (
+    AwaitReadyInput,
+    AwaitReadyResult,
+    ClaimInput,
+    CommitInput,
+    CommitResult,
+    DiscardInput,
+    DumpInput,
+    DumpResult,
+    LaunchInput,
+    LaunchResult,
+    SentinelInput,
+    StatusInput,
+    StopInput,
+)
+from api.identity import CheckpointIdentity, checkpoint_id
+from api.naming import node_task_queue
+from api.reasons import Phase, Sentinel
+from api.workload import LocalWorkload
+from workflows.capture import CaptureWorkflow
+from workflows.contracts import CaptureRequest, Progress
+from workflows.visibility import CHECKPOINT_ID, NODE, PHASE
+
+
+@dataclass
+class StandIns:
+    """Records each call as (activity name, task queue); failures are injected by name."""
+
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    statuses: list[StatusInput] = field(default_factory=list)
+    fail: dict[str, ApplicationError] = field(default_factory=dict)
+    hold_ready: asyncio.Event | None = None
+    discarded: list[str] = field(default_factory=list)
+
+    def _record(self, name: str) -> None:
+        self.calls.append((name, activity.info().task_queue))
+        if name in self.fail:
+            raise self.fail[name]
+
+    @activity.defn(name="claim_checkpoint_id")
+    async def claim(self, request: ClaimInput) -> None:
+        self._record("claim_checkpoint_id")
+
+    @activity.defn(name="publish_status")
+    async def publish(self, request: StatusInput) -> None:
+        self.statuses.append(request)
+        self._record("publish_status")
+
+    @activity.defn(name="launch_workload")
+    async def launch(self, request: LaunchInput) -> LaunchResult:
+        self._record("launch_workload")
+        return LaunchResult(pid=4242, control_dir="/c", log_path="/c/log", exit_status_path="/c/s")
+
+    @activity.defn(name="await_workload_ready")
+    async def await_ready(self, request: AwaitReadyInput) -> AwaitReadyResult:
+        self._record("await_workload_ready")
+        while self.hold_ready is not None and not self.hold_ready.is_set():
+            activity.heartbeat()  # cancellation reaches an activity through heartbeats
+            await asyncio.sleep(0.05)
+        return AwaitReadyResult(waited_seconds=1.0)
+
+    @activity.defn(name="dump_checkpoint")
+    async def dump(self, request: DumpInput) -> DumpResult:
+        self._record("dump_checkpoint")
+        return DumpResult(staging_dir="/store/id/versions/tmp/abc", size_bytes=10, seconds=0.1)
+
+    @activity.defn(name="commit_checkpoint")
+    async def commit(self, request: CommitInput) -> CommitResult:
+        self._record("commit_checkpoint")
+        return CommitResult(version_dir="/v", storage_uri="file:///v", size_bytes=10, file_count=3)
+
+    @activity.defn(name="write_sentinel")
+    async def sentinel(self, request: SentinelInput) -> None:
+        assert request.sentinel == Sentinel.SNAPSHOT_COMPLETE
+        self._record("write_sentinel")
+
+    @activity.defn(name="discard_staging")
+    async def discard(self, request: DiscardInput) -> None:
+        self.discarded.append(request.staging_dir)
+        self._record("discard_staging")
+
+    @activity.defn(name="stop_workload")
+    async def stop(self, request: StopInput) -> bool:
+        self._record("stop_workload")
+        return True
+
+    def control(self) -> list[object]:
+        return [self.claim, self.publish]
+
+    def node(self) -> list[object]:
+        return [self.launch, self.await_ready, self.dump, self.commit, self.sentinel,
+                self.discard, self.stop]  # fmt: skip
+
+    def names(self) -> list[str]:
+        return [name for name, _queue in self.calls]
+
+
+@dataclass
+class Harness:
+    client: Client
+    stand_ins: StandIns
+    control_queue: str
+    node: str
+
+    def request(self, name: str = "llama") -> CaptureRequest:
+        identity = CheckpointIdentity(model=f"m/{name}", backend_framework="vllm")
+        return CaptureRequest(
+            name=name, identity=identity, checkpoint_id=checkpoint_id(identity), node=self.node,
+            workload=LocalWorkload(name=name, command=("serve",), cwd="/"),
+            control_task_queue=self.control_queue,
+        )  # fmt: skip
+
+    async def start(self, request: CaptureRequest):  # type: ignore[no-untyped-def]
+        return await self.client.start_workflow(
+            CaptureWorkflow.run, request, id=f"capture/test/{uuid.uuid4()}",
+            task_queue=self.control_queue,
+        )  # fmt: skip
+
+
+@pytest_asyncio.fixture
+async def harness(client: Client) -> AsyncIterator[Harness]:
+    stand_ins = StandIns()
+    suffix = uuid.uuid4().hex[:8]
+    control_queue, node = f"control-{suffix}", f"node-{suffix}"
+    async with (
+        Worker(client, task_queue=control_queue, workflows=[CaptureWorkflow],
+               activities=stand_ins.control()),
+        Worker(client, task_queue=node_task_queue(node), activities=stand_ins.node()),
+    ):  # fmt: skip
+        yield Harness(client, stand_ins, control_queue, node)
+
+
+async def test_steps_run_in_order_on_their_queues(harness: Harness) -> None:
+    request = harness.request()
+    handle = await harness.start(request)
+    result = await handle.result()
+
+    node_q, control_q = node_task_queue(harness.node), harness.control_queue
+    assert harness.stand_ins.calls == [
+        ("claim_checkpoint_id", control_q),
+        ("launch_workload", node_q),
+        ("await_workload_ready", node_q),
+        ("dump_checkpoint", node_q),
+        ("commit_checkpoint", node_q),
+        ("write_sentinel", node_q),
+        ("publish_status", control_q),
+        ("stop_workload", node_q),
+    ]
+    assert result.checkpoint_id == request.checkpoint_id
+    assert result.storage_uri == "file:///v"
+    assert list(result.step_seconds) == [
+        "claim", "launch", "await-ready", "dump", "commit", "snapshot-complete", "publish",
+    ]  # fmt: skip
+    [ready] = harness.stand_ins.statuses
+    assert ready.phase == Phase.READY and ready.version == result.version
+    assert ready.workflow_id == handle.id
+    attrs = (await handle.describe()).typed_search_attributes
+    assert attrs.get(PHASE) == "Ready"
+    assert attrs.get(NODE) == harness.node
+    assert attrs.get(CHECKPOINT_ID) == request.checkpoint_id
+
+
+async def test_progress_query_shows_the_current_step(harness: Harness) -> None:
+    harness.stand_ins.hold_ready = asyncio.Event()
+    handle = await harness.start(harness.request())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while "await_workload_ready" not in harness.stand_ins.names():
+        assert loop.time() < deadline, "await_workload_ready never started"
+        await asyncio.sleep(0.02)
+    progress = await handle.query(CaptureWorkflow.progress)
+    assert isinstance(progress, Progress)
+    assert (progress.step, progress.phase) == ("await-ready", Phase.CAPTURING)
+    assert "launch" in progress.step_seconds
+    harness.stand_ins.hold_ready.set()
+    await handle.result()
+    assert (await handle.query(CaptureWorkflow.progress)).step == "done"
+
+
+async def test_failed_commit_discards_staging_and_publishes_failed(harness: Harness) -> None:
+    harness.stand_ins.fail["commit_checkpoint"] = ApplicationError(
+        "disk full", type="DumpFailed", non_retryable=True
+    )
+    handle = await harness.start(harness.request())
+    with pytest.raises(WorkflowFailureError) as err:
+        await handle.result()
+    assert isinstance(err.value.cause, ApplicationError)
+    assert err.value.cause.type == "DumpFailed"
+    assert "disk full" in err.value.cause.message
+    assert harness.stand_ins.discarded == ["/store/id/versions/tmp/abc"]
+    assert "write_sentinel" not in harness.stand_ins.names()
+    assert harness.stand_ins.names()[-1] == "stop_workload"
+    [failed] = harness.stand_ins.statuses
+    assert (failed.phase, failed.reason) == (Phase.FAILED, "DumpFailed")
+    assert (await handle.describe()).typed_search_attributes.get(PHASE) == "Failed"
+
+
+async def test_identity_conflict_creates_nothing(harness: Harness) -> None:
+    harness.stand_ins.fail["claim_checkpoint_id"] = ApplicationError(
+        "checkpoint ID 1 is already owned by local/other", type="IdentityConflict",
+        non_retryable=True,
+    )  # fmt: skip
+    handle = await harness.start(harness.request())
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    assert harness.stand_ins.names() == ["claim_checkpoint_id", "publish_status"]
+    assert harness.stand_ins.statuses[0].message.endswith("local/other")
+
+
+async def test_workload_exit_stops_before_dump(harness: Harness) -> None:
+    harness.stand_ins.fail["await_workload_ready"] = ApplicationError(
+        "workload llama exited with status 3", type="WorkloadExited", non_retryable=True
+    )
+    handle = await harness.start(harness.request())
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    names = harness.stand_ins.names()
+    assert "dump_checkpoint" not in names and names[-1] == "stop_workload"
+    assert harness.stand_ins.statuses[0].reason == "WorkloadExited"
+
+
+async def test_cancel_publishes_and_cleans_up(harness: Harness) -> None:
+    harness.stand_ins.hold_ready = asyncio.Event()
+    handle = await harness.start(harness.request())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while "await_workload_ready" not in harness.stand_ins.names():
+        assert loop.time() < deadline
+        await asyncio.sleep(0.02)
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    harness.stand_ins.hold_ready.set()
+    assert harness.stand_ins.statuses[-1].reason == "Cancelled"
+    assert "stop_workload" in harness.stand_ins.names()
