@@ -10,8 +10,11 @@ class ApiError(Exception):
     """Base of errors raised by the pure resource model."""
 
 
-class InvalidSpecError(ApiError):
-    """A spec that cannot be accepted; the message names the field and the reason."""
+class InvalidSpecError(ApiError, ValueError):
+    """A spec that cannot be accepted; the message names the field and the reason.
+
+    A ValueError so that pydantic validators report it as a field error.
+    """
 
 
 class InvalidNameError(InvalidSpecError):

@@ -27,7 +27,7 @@ from typing import Any
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8088
 # Calibrated to about 12 s of warm-up on a 2-core x86 machine.
-DEFAULT_WARMUP_ROUNDS = 4700
+DEFAULT_WARMUP_ROUNDS = 4900
 
 VOCAB_SIZE = 512
 EMBED_DIM = 8

@@ -95,7 +95,7 @@ def _identity(
         raise _fail(f"identity: {display.validation_message(err)}", 2) from err
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@app.command()
 def capture(
     name: Annotated[str, typer.Argument(help="checkpoint name")],
     command: Annotated[list[str], typer.Argument(help="-- CMD ARGS... of the workload")],
