@@ -21,6 +21,7 @@ from activities.contracts import CommitInput, CommitResult, DiscardInput
 from activities.errors import fatal
 from activities.files import fsync_dir, sha256_file, write_atomically
 from activities.gpu import read_gpu_facts
+from activities.verified import VerifiedFiles
 from api.manifest import MANIFEST_FILE, CriuInfo, FileDigest, HostInfo, Manifest, SourceInfo
 from api.naming import require_path_element
 from api.reasons import Reason
@@ -41,8 +42,9 @@ class DigestMismatchError(StoreError):
 
 
 class CheckpointStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, verified: VerifiedFiles | None = None) -> None:
         self.root = root
+        self._verified = verified
 
     def checkpoint_dir(self, checkpoint_id: str) -> Path:
         return self.root / require_path_element(checkpoint_id, what="checkpoint ID")
@@ -64,6 +66,9 @@ class CheckpointStore:
         write_atomically(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
         os.rename(staging, final)
         fsync_dir(final.parent)
+        if self._verified is not None:
+            digests = {f.path: f.sha256 for f in manifest.files}
+            self._verified.remember(manifest.checkpoint_id, manifest.version, final, digests)
         return final
 
     def versions(self, checkpoint_id: str) -> list[Path]:
@@ -106,6 +111,8 @@ class CheckpointStore:
                 f"{version_dir / MANIFEST_FILE}: manifest is for checkpoint "
                 f"{manifest.checkpoint_id}, expected {checkpoint_id}"
             )
+        known = self._verified.load(checkpoint_id, manifest.version) if self._verified else {}
+        hashed = 0
         for entry in manifest.files:
             path = version_dir / entry.path
             where = f"checkpoint {checkpoint_id} version {manifest.version}: {entry.path}"
@@ -114,8 +121,16 @@ class CheckpointStore:
             size = path.stat().st_size
             if size != entry.size:
                 raise DigestMismatchError(f"{where} has {size} bytes, manifest says {entry.size}")
+            if self._verified and self._verified.is_unchanged(
+                known, version_dir, entry.path, entry.sha256
+            ):
+                continue
+            hashed += 1
             if sha256_file(path) != entry.sha256:
                 raise DigestMismatchError(f"{where} does not match its SHA-256 digest")
+        if self._verified is not None and hashed:
+            digests = {f.path: f.sha256 for f in manifest.files}
+            self._verified.remember(checkpoint_id, manifest.version, version_dir, digests)
         return manifest
 
 

@@ -1,7 +1,5 @@
-"""CPU stand-in for an LLM inference worker: a slow deterministic warm-up, then a tiny HTTP API.
-
-Speaks the Dynamo snapshot sentinel protocol so it can be checkpointed and restored with CRIU.
-"""
+"""CPU stand-in for an LLM inference worker: slow deterministic warm-up, then a tiny HTTP API.
+Speaks the Dynamo snapshot sentinel protocol so CRIU can checkpoint and restore it."""
 
 from __future__ import annotations
 

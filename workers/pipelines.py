@@ -54,7 +54,12 @@ async def start_capture(client: Client, request: CaptureRequest) -> WorkflowHand
 
 
 async def start_restore(client: Client, request: RestoreRequest) -> WorkflowHandle[Any, Any]:
-    """Start a restore on the node's own queue (the node worker runs it and its activity)."""
+    """Start a restore on the node's own queue (the node worker runs it and its activity).
+
+    Eager start is requested: when this client also runs the node worker (the node worker
+    on a cluster, the demo locally) the first workflow task runs here without a matching hop;
+    otherwise the server schedules it as usual.
+    """
     workflow_id = restore_workflow_id(
         namespace=request.namespace, name=request.name, key=str(uuid.uuid4())
     )
@@ -66,6 +71,7 @@ async def start_restore(client: Client, request: RestoreRequest) -> WorkflowHand
             task_queue=node_task_queue(request.node),
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             static_summary=f"restore {request.name} from {request.checkpoint_id}",
+            request_eager_start=True,
         )
 
 

@@ -18,6 +18,7 @@ from activities.localstate import LocalStateActivities
 from activities.restoring import RestoreActivities
 from activities.sentinels import SentinelActivities
 from activities.storage import CheckpointStore, StorageActivities
+from activities.verified import VerifiedFiles
 from api.naming import node_task_queue
 from workers.settings import Settings
 from workflows.capture import CaptureWorkflow
@@ -47,7 +48,9 @@ def node_worker(
     if criu_path is None:
         raise CriuMissingError("criu is not installed: run `make criu` (needs root)")
     criu = Criu(criu_path)
-    store = CheckpointStore(settings.checkpoint_root)
+    store = CheckpointStore(
+        settings.checkpoint_root, verified=VerifiedFiles(settings.home / "cache" / "verified")
+    )
     local = LocalProcessActivities(
         state_dir=settings.home, base_env=os.environ if base_env is None else base_env
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -108,3 +109,20 @@ def test_commit_is_idempotent(committed: tuple[CheckpointStore, Path]) -> None:
     store, version_dir = committed
     manifest = store.verify(version_dir, checkpoint_id=CKPT)
     assert store.commit(Path("/nonexistent"), manifest) == version_dir
+
+
+def test_verified_record_skips_rehashing_but_not_changes(tmp_path: Path) -> None:
+    from activities.verified import VerifiedFiles
+
+    store = CheckpointStore(tmp_path / "store", verified=VerifiedFiles(tmp_path / "cache"))
+    staging = _stage(store)
+    version_dir = store.commit(staging, _manifest(staging))
+    assert list((tmp_path / "cache").iterdir())  # recorded at commit
+    store.verify(version_dir, checkpoint_id=CKPT)
+    pages = version_dir / "criu" / "pages-1.img"
+    stat = pages.stat()
+    with pages.open("r+b") as f:  # same size, same mtime: only ctime tells
+        f.write(b"X")
+    os.utime(pages, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DigestMismatchError, match="does not match its SHA-256"):
+        store.verify(version_dir, checkpoint_id=CKPT)
