@@ -73,6 +73,18 @@ def dev(
         console.print("stopped")
 
 
+@app.command()
+def worker() -> None:
+    """Run the control worker and this node's worker against an existing Temporal server."""
+    from workers.embedded import run_workers
+
+    settings = _settings()
+    try:
+        asyncio.run(run_workers(settings, console=console))
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
 def _identity(
     name: str, identity_file: Path | None, model: str | None, backend: str, extra: list[str]
 ) -> CheckpointIdentity:

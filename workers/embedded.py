@@ -50,6 +50,27 @@ async def embedded(settings: Settings) -> AsyncIterator[Client]:
             yield client
 
 
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_workers(settings: Settings, *, console: Console) -> None:
+    """`warmstart worker`: both workers against `settings.temporal.address` until a signal."""
+    stop = _stop_on_signals()
+    client = await connect(settings.temporal)
+    async with running_workers(client, settings):
+        console.print(
+            f"workers on {settings.temporal.address}: {settings.node.control_task_queue}, "
+            f"warmstart-node-{settings.node.name}",
+            highlight=False,
+        )
+        await stop.wait()
+
+
 async def run_dev(
     settings: Settings, *, port: int | None, ui_port: int | None, console: Console
 ) -> None:
@@ -63,10 +84,7 @@ async def run_dev(
         settings = settings.model_copy(
             update={"temporal": settings.temporal.model_copy(update={"ui_port": ui_port})}
         )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     async with dev_server(settings, port=None, ui_port=None):
         client = await connect(settings.temporal)
         async with running_workers(client, settings):
