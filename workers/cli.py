@@ -152,16 +152,22 @@ def capture(
 
 async def _run_capture(settings: Settings, request: CaptureRequest) -> Any:
     client = await _client(settings)
-    handle = await start_capture(client, request)
-    link = workflow_ui_url(
-        settings.temporal.ui_url, settings.temporal.namespace, handle.id, handle.result_run_id or ""
-    )
-    err_console.print(f"capture workflow {handle.id}\n  {link}", highlight=False)
+    return await _follow(settings, client, await start_capture(client, request), "capture",
+                         request.name, every=0.5)  # fmt: skip
+
+
+async def _follow(
+    settings: Settings, client: Client, handle: Any, kind: str, name: str, *, every: float
+) -> Any:
+    """Print the workflow's Web UI link, follow it with a spinner, map failure to exit 1."""
+    t = settings.temporal
+    link = workflow_ui_url(t.ui_url, t.namespace, handle.id, handle.result_run_id or "")
+    err_console.print(f"{kind} workflow {handle.id}\n  {link}", highlight=False)
     try:
-        with display.progress(err_console, f"capture {request.name}") as show:
-            return await follow(client, handle, show)
+        with display.progress(err_console, f"{kind} {name}") as show:
+            return await follow(client, handle, show, every=every)
     except WorkflowFailureError as err:
-        raise _fail(f"capture {request.name} failed: {display.failure_message(err)}") from err
+        raise _fail(f"{kind} {name} failed: {display.failure_message(err)}") from err
     finally:
         shutdown_tracing()
 
@@ -190,18 +196,8 @@ def restore(
 
 async def _run_restore(settings: Settings, request: RestoreRequest) -> Any:
     client = await _client(settings)
-    handle = await start_restore(client, request)
-    link = workflow_ui_url(
-        settings.temporal.ui_url, settings.temporal.namespace, handle.id, handle.result_run_id or ""
-    )
-    err_console.print(f"restore workflow {handle.id}\n  {link}", highlight=False)
-    try:
-        with display.progress(err_console, f"restore {request.name}") as show:
-            return await follow(client, handle, show, every=0.2)
-    except WorkflowFailureError as err:
-        raise _fail(f"restore {request.name} failed: {display.failure_message(err)}") from err
-    finally:
-        shutdown_tracing()
+    return await _follow(settings, client, await start_restore(client, request), "restore",
+                         request.name, every=0.2)  # fmt: skip
 
 
 @app.command("list")

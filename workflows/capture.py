@@ -27,9 +27,9 @@ with workflow.unsafe.imports_passed_through():
     )
     from api.naming import checkpoint_version, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
-    from workflows import policies
+    from workflows import policies, visibility
     from workflows.contracts import CaptureRequest, CaptureResult, Progress
-    from workflows.visibility import CHECKPOINT_ID, NAMESPACE, NODE, StepClock
+    from workflows.visibility import StepClock
 
 R = TypeVar("R")
 
@@ -45,25 +45,16 @@ class CaptureWorkflow:
     @workflow.query
     def progress(self) -> Progress:
         req = self._request
-        return Progress(
-            step=self._clock.step,
-            phase=self._clock.phase,
-            checkpoint_id=req.checkpoint_id if req else "",
-            version=self._version,
-            node=req.node if req else "",
-            step_seconds=dict(self._clock.seconds),
-            error=self._error,
-        )
+        return visibility.progress_of(
+            self._clock, checkpoint_id=req.checkpoint_id if req else "",
+            node=req.node if req else "", version=self._version, error=self._error,
+        )  # fmt: skip
 
     @workflow.run
     async def run(self, request: CaptureRequest) -> CaptureResult:
         self._request = request
-        workflow.upsert_search_attributes(
-            [
-                NAMESPACE.value_set(request.namespace),
-                CHECKPOINT_ID.value_set(request.checkpoint_id),
-                NODE.value_set(request.node),
-            ]
+        visibility.index(
+            namespace=request.namespace, checkpoint_id=request.checkpoint_id, node=request.node
         )
         self._version = checkpoint_version(workflow.now(), workflow.uuid4().hex)
         launch: LaunchResult | None = None

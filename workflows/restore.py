@@ -16,9 +16,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.contracts import RestoreResult as NodeRestoreResult
     from api.naming import node_task_queue
     from api.reasons import Phase, Reason
-    from workflows import policies
+    from workflows import policies, visibility
     from workflows.contracts import Progress, RestoreRequest, RestoreResult
-    from workflows.visibility import CHECKPOINT_ID, NAMESPACE, NODE, StepClock
+    from workflows.visibility import StepClock
 
 
 @workflow.defn(name="RestoreWorkflow")
@@ -32,25 +32,16 @@ class RestoreWorkflow:
     @workflow.query
     def progress(self) -> Progress:
         req = self._request
-        return Progress(
-            step=self._clock.step,
-            phase=self._clock.phase,
-            checkpoint_id=req.checkpoint_id if req else "",
-            version=self._version,
-            node=req.node if req else "",
-            step_seconds=dict(self._clock.seconds),
-            error=self._error,
-        )
+        return visibility.progress_of(
+            self._clock, checkpoint_id=req.checkpoint_id if req else "",
+            node=req.node if req else "", version=self._version, error=self._error,
+        )  # fmt: skip
 
     @workflow.run
     async def run(self, request: RestoreRequest) -> RestoreResult:
         self._request = request
-        workflow.upsert_search_attributes(
-            [
-                NAMESPACE.value_set(request.namespace),
-                CHECKPOINT_ID.value_set(request.checkpoint_id),
-                NODE.value_set(request.node),
-            ]
+        visibility.index(
+            namespace=request.namespace, checkpoint_id=request.checkpoint_id, node=request.node
         )
         self._clock.begin("restore", Phase.RESTORING)
         opts = policies.restore_options(request.answer_timeout_seconds)

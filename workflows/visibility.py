@@ -8,6 +8,7 @@ from temporalio import workflow
 from temporalio.common import SearchAttributeKey
 
 from api.reasons import Phase
+from workflows.contracts import Progress
 
 PHASE = SearchAttributeKey.for_keyword("WarmstartPhase")
 NODE = SearchAttributeKey.for_keyword("WarmstartNode")
@@ -44,3 +45,20 @@ class StepClock:
         if phase != self.phase:
             self.phase = phase
             workflow.upsert_search_attributes([PHASE.value_set(phase.value)])
+
+
+def index(*, namespace: str, checkpoint_id: str, node: str) -> None:
+    """Make the run findable by namespace, checkpoint ID and node in the Web UI and CLI."""
+    workflow.upsert_search_attributes(
+        [NAMESPACE.value_set(namespace), CHECKPOINT_ID.value_set(checkpoint_id),
+         NODE.value_set(node)]
+    )  # fmt: skip
+
+
+def progress_of(
+    clock: StepClock, *, checkpoint_id: str, node: str, version: str, error: str
+) -> Progress:
+    return Progress(
+        step=clock.step, phase=clock.phase, checkpoint_id=checkpoint_id, version=version,
+        node=node, step_seconds=dict(clock.seconds), error=error,
+    )  # fmt: skip
