@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +25,7 @@ from api.naming import LOCAL_NAMESPACE
 from api.workload import LocalWorkload, Readiness
 from workers import display
 from workers.client import ServerUnavailableError, connect, workflow_ui_url
+from workers.devserver import DevServerError
 from workers.pipelines import (
     CheckpointLookupError,
     follow,
@@ -29,6 +33,7 @@ from workers.pipelines import (
     start_capture,
     start_restore,
 )
+from workers.runtime import CriuMissingError
 from workers.settings import Settings
 from workers.telemetry import configure_tracing, shutdown_tracing
 from workflows.contracts import CaptureRequest, RestoreRequest
@@ -71,6 +76,8 @@ def dev(
         asyncio.run(run_dev(settings, port=port, ui_port=ui_port, console=console))
     except KeyboardInterrupt:
         console.print("stopped")
+    except (CriuMissingError, DevServerError, ServerUnavailableError) as err:
+        raise _fail(str(err)) from err
 
 
 @app.command()
@@ -83,10 +90,12 @@ def worker() -> None:
         asyncio.run(run_workers(settings, console=console))
     except KeyboardInterrupt:
         console.print("stopped")
+    except (CriuMissingError, ServerUnavailableError) as err:
+        raise _fail(str(err)) from err
 
 
 def _identity(
-    name: str, identity_file: Path | None, model: str | None, backend: str, extra: list[str]
+    name: str, identity_file: Path | None, fields: dict[str, object], extra: list[str]
 ) -> CheckpointIdentity:
     if identity_file is not None:
         try:
@@ -100,9 +109,8 @@ def _identity(
             raise _fail(f"--extra {item!r}: expected KEY=VALUE", 2)
         pairs[key] = value
     try:
-        return CheckpointIdentity.model_validate(
-            {"model": model or name, "backendFramework": backend, "extraParameters": pairs}
-        )
+        given = {k: v for k, v in fields.items() if v is not None}
+        return CheckpointIdentity.model_validate({"model": name, **given, "extraParameters": pairs})
     except ValidationError as err:
         raise _fail(f"identity: {display.validation_message(err)}", 2) from err
 
@@ -114,6 +122,11 @@ def capture(
     identity_file: Annotated[Path | None, typer.Option("--identity", help="identity JSON")] = None,
     model: Annotated[str | None, typer.Option(help="identity model (default NAME)")] = None,
     backend: Annotated[str, typer.Option(help="vllm, sglang or trtllm")] = "vllm",
+    framework_version: Annotated[str | None, typer.Option(help="identity version")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option("--tp", help="identity TP")] = None,
+    pipeline_parallel_size: Annotated[int | None, typer.Option("--pp", help="identity PP")] = None,
+    dtype: Annotated[str | None, typer.Option(help="identity dtype")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="identity max model len")] = None,
     extra: Annotated[list[str], typer.Option(help="identity extra parameter K=V")] = [],  # noqa: B006
     ready_tcp: Annotated[int | None, typer.Option(help="ready when this port accepts")] = None,
     ready_http: Annotated[str | None, typer.Option(help="ready when this URL answers 2xx")] = None,
@@ -125,7 +138,13 @@ def capture(
 ) -> None:
     """Launch CMD, wait until it is warm, checkpoint it with CRIU and commit the checkpoint."""
     settings = _settings()
-    identity = _identity(name, identity_file, model, backend, extra)
+    identity = _identity(
+        name, identity_file,
+        {"model": model, "backendFramework": backend, "frameworkVersion": framework_version,
+         "tensorParallelSize": tensor_parallel_size, "pipelineParallelSize": pipeline_parallel_size,
+         "dtype": dtype, "maxModelLen": max_model_len},
+        extra,
+    )  # fmt: skip
     if ready_tcp is not None and ready_http is not None:
         raise _fail("give at most one of --ready-tcp and --ready-http", 2)
     try:
@@ -250,4 +269,18 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """Entry point. Ends with os._exit: a process that used the Temporal client can abort in
+    interpreter teardown (sdk-python#300, "PyGILState_Release"), turning success into SIGABRT.
+    """
+    code = 1
+    try:
+        app()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -88,6 +88,7 @@ async def test_restore_of_unknown_name_exits_1(settings: Settings, address: str)
         (["capture", "x", "--ready-tcp", "1", "--ready-http", "http://h/", "--", "true"],
          "at most one of --ready-tcp and --ready-http"),
         (["capture", "x", "--backend", "tgi", "--", "true"], "backendFramework"),
+        (["capture", "x", "--tp", "-1", "--", "true"], "tensorParallelSize"),
         (["capture", "bad/name", "--", "true"], "must match [A-Za-z0-9_.-]+"),
         (["capture", "x", "--ready-http", "ftp://h/", "--", "true"], "not an http(s) URL"),
     ],
