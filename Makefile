@@ -11,8 +11,7 @@ setup: venv criu
 # uv installs the locked dependency set in seconds where pip takes many minutes.
 venv: $(VENV)/.synced
 $(VENV)/.synced: pyproject.toml uv.lock
-	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install --quiet uv
-	$(PY) -m uv sync --frozen --quiet
+	@uv=$$(bash scripts/ensure-uv.sh $(PY)) && $$uv sync --frozen --quiet
 	@touch $@
 
 # CRIU >= 4.2 when missing (built once, installed to /usr/local); skipped when not root.
