@@ -46,6 +46,7 @@ class LaunchInput(Contract):
 
 class LaunchResult(Contract):
     pid: int
+    start_ticks: int = 0
     control_dir: str
     log_path: str
     exit_status_path: str
@@ -62,6 +63,7 @@ class AwaitReadyResult(Contract):
 
 class StopInput(Contract):
     pid: int
+    start_ticks: int = 0  # when set, a PID that started at another time is not ours: left alone
     grace_seconds: float = 5.0
 
 

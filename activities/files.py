@@ -10,20 +10,26 @@ from pathlib import Path
 _CHUNK = 1 << 20
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write temp, fsync, rename, fsync the directory: readers see all of it or nothing."""
+def write_atomically(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write temp, rename: readers see all of it or nothing.
+
+    `durable` adds fsync of the file and its directory, so the write also survives a crash;
+    sentinels read by a process on the same host skip it (milliseconds on the restore path).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:

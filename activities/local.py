@@ -24,7 +24,7 @@ from activities.contracts import (
 )
 from activities.errors import fatal
 from activities.files import tail
-from activities.processes import find_descendant, is_alive, terminate
+from activities.processes import find_descendant, is_alive, start_ticks, terminate
 from activities.sentinels import STALE_ON_RESTORE, clear_sentinels, wait_for_file
 from api.reasons import Reason, Sentinel
 from api.workload import LocalWorkload, Readiness
@@ -106,8 +106,8 @@ class LocalProcessActivities:
             raise await _exited_error(workload, status_path, log_path)
         activity.logger.info("workload %s runs as pid %d", workload.name, pid)
         return LaunchResult(
-            pid=pid, control_dir=str(control_dir), log_path=str(log_path),
-            exit_status_path=str(status_path),
+            pid=pid, start_ticks=start_ticks(pid), control_dir=str(control_dir),
+            log_path=str(log_path), exit_status_path=str(status_path),
         )  # fmt: skip
 
     @activity.defn(name="await_workload_ready")
@@ -157,6 +157,8 @@ class LocalProcessActivities:
     @activity.defn(name="stop_workload")
     async def stop_workload(self, request: StopInput) -> bool:
         """Stop a launched or restored workload; True if it is gone."""
+        if request.start_ticks and start_ticks(request.pid) != request.start_ticks:
+            return True  # ours is gone; the PID now belongs to someone else, or no one
         activity.logger.info("stopping pid %d", request.pid)
         return await terminate(request.pid, grace_seconds=request.grace_seconds)
 

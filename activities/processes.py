@@ -18,6 +18,15 @@ def is_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
 
 
+def start_ticks(pid: int) -> int:
+    """When `pid` started (clock ticks since boot); 0 if it is gone. Tells PID reuse apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
 def children(pid: int) -> list[int]:
     """Direct children of `pid`, found by scanning /proc (works without CONFIG_PROC_CHILDREN)."""
     found = []

@@ -19,7 +19,8 @@ _POLL_FALLBACK_SECONDS = 0.5
 
 def write_sentinel_file(control_dir: Path, sentinel: str, content: str = "done\n") -> Path:
     path = control_dir / sentinel
-    write_atomically(path, content.encode())
+    # The reader is a process on this host: atomic is required, crash-durable is not.
+    write_atomically(path, content.encode(), durable=False)
     return path
 
 

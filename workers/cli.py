@@ -231,29 +231,31 @@ def describe(
     ref: Annotated[str, typer.Argument(help="checkpoint name or 16-hex checkpoint ID")],
     output: OutputOpt = "table",
 ) -> None:
-    """The manifest of a checkpoint plus the last capture and restore status."""
+    """The manifest of a checkpoint plus the last capture and restore status.
+
+    A name whose captures all failed has no manifest; its status (with the reason) is shown.
+    """
     settings = Settings()
+    manifest = None
     try:
         manifest = resolve_checkpoint(CheckpointStore(settings.checkpoint_root), ref)
     except CheckpointLookupError as err:
-        raise _fail(str(err)) from err
-    name = manifest.source.name
+        lookup_error = err
+    name = manifest.source.name if manifest else ref
     statuses = {
         kind: read_status(settings.home, kind, LOCAL_NAMESPACE, name)
         for kind in ("capture", "restore")
     }
+    if manifest is None and not any(statuses.values()):
+        raise _fail(str(lookup_error))
     if output == "json":
-        print(
-            json.dumps(
-                {
-                    "manifest": manifest.model_dump(mode="json"),
-                    **{k: v.model_dump(mode="json") if v else None for k, v in statuses.items()},
-                },
-                indent=2,
-            )
-        )
-        return
-    display.describe(console, manifest, statuses, settings.temporal)
+        document = {"manifest": manifest.model_dump(mode="json") if manifest else None}
+        document |= {k: v.model_dump(mode="json") if v else None for k, v in statuses.items()}
+        print(json.dumps(document, indent=2))
+    else:
+        display.describe(console, name, manifest, statuses, settings.temporal)
+    if manifest is None:
+        raise typer.Exit(1)
 
 
 @app.command()

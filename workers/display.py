@@ -111,18 +111,22 @@ def manifest_table(console: Console, manifests: list[Manifest], output: str) -> 
 
 def describe(
     console: Console,
-    manifest: Manifest,
+    name: str,
+    manifest: Manifest | None,
     statuses: Mapping[str, StatusInput | None],
     temporal: TemporalSettings,
 ) -> None:
-    rows: dict[str, Any] = {
-        "name": manifest.source.name, "checkpoint ID": manifest.checkpoint_id,
-        "version": manifest.version, "model": manifest.identity.model,
-        "backend": manifest.identity.backend_framework, "created": manifest.created_at,
-        "command": " ".join(manifest.source.command), "files": len(manifest.files),
-        "size": _human_bytes(manifest.size_bytes), "criu": manifest.criu.version,
-        "kernel": manifest.host.kernel,
-    }  # fmt: skip
+    rows: dict[str, Any] = {"name": name}
+    if manifest is None:
+        rows["checkpoint"] = "none committed"
+    else:
+        rows |= {
+            "checkpoint ID": manifest.checkpoint_id, "version": manifest.version,
+            "model": manifest.identity.model, "backend": manifest.identity.backend_framework,
+            "created": manifest.created_at, "command": " ".join(manifest.source.command),
+            "files": len(manifest.files), "size": _human_bytes(manifest.size_bytes),
+            "criu": manifest.criu.version, "kernel": manifest.host.kernel,
+        }  # fmt: skip
     for kind, status in statuses.items():
         if status is None:
             continue
@@ -131,4 +135,7 @@ def describe(
         rows[f"{kind} workflow"] = workflow_ui_url(
             temporal.ui_url, temporal.namespace, status.workflow_id, status.run_id
         )
-    _emit(console, manifest, "table", rows)
+    table = Table(show_header=False, box=None)
+    for key, value in rows.items():
+        table.add_row(f"[bold]{key}[/]", str(value))
+    console.print(table)

@@ -181,8 +181,8 @@ class CaptureWorkflow:
             )  # fmt: skip
         if launch is not None:
             await self._node(
-                "stop_workload", StopInput(pid=launch.pid), bool, policies.CLEANUP,
-                f"stop pid {launch.pid}",
+                "stop_workload", StopInput(pid=launch.pid, start_ticks=launch.start_ticks),
+                bool, policies.CLEANUP, f"stop pid {launch.pid}",
             )  # fmt: skip
 
 

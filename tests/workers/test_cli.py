@@ -106,6 +106,14 @@ async def test_failed_capture_exits_1_with_the_reason(workers: Settings, address
     code, _, err = await cli(workers, address, "capture", "boom", "--", "sh", "-c", "exit 4")
     assert code == 1
     assert "[WorkloadExited]" in err and "status 4" in err
+    code, out, _ = await cli(workers, address, "describe", "boom", "--output", "json")
+    described = json.loads(out)
+    assert described["manifest"] is None
+    assert (described["capture"]["phase"], described["capture"]["reason"]) == (
+        "Failed", "WorkloadExited",
+    )  # fmt: skip
+    code, out, _ = await cli(workers, address, "describe", "boom")
+    assert code == 1 and "none committed" in out and "WorkloadExited" in out
 
 
 async def test_no_server_exits_1_and_says_how_to_start_one(settings: Settings) -> None:
