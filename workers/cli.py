@@ -58,7 +58,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 async def _client(settings: Settings) -> Client:
     try:
-        return await connect(settings.temporal)
+        return await connect(settings)
     except ServerUnavailableError as err:
         raise _fail(str(err)) from err
 

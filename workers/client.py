@@ -6,26 +6,30 @@ from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from workers.settings import TemporalSettings
+from workers.settings import Settings
 
 
 class ServerUnavailableError(Exception):
     """No Temporal server answers at the configured address."""
 
 
-async def connect(settings: TemporalSettings) -> Client:
+async def connect(settings: Settings) -> Client:
+    """A client with the pydantic converter; traced (client and its workers) unless tracing
+    is off, since the interceptor costs milliseconds on the restore critical path."""
+    temporal = settings.temporal
+    tracing = settings.telemetry.exporter != "off"
     try:
-        kwargs = {"identity": settings.identity} if settings.identity else {}
+        kwargs = {"identity": temporal.identity} if temporal.identity else {}
         return await Client.connect(
-            settings.address,
-            namespace=settings.namespace,
+            temporal.address,
+            namespace=temporal.namespace,
             data_converter=pydantic_data_converter,
-            interceptors=[TracingInterceptor()],
+            interceptors=[TracingInterceptor()] if tracing else [],
             **kwargs,  # type: ignore[arg-type]
         )
     except RuntimeError as err:
         raise ServerUnavailableError(
-            f"no Temporal server at {settings.address} ({err}); start one with `warmstart dev`"
+            f"no Temporal server at {temporal.address} ({err}); start one with `warmstart dev`"
         ) from err
 
 

@@ -27,6 +27,20 @@ def temporal_cli() -> str:
     return found
 
 
+# Eager activity dispatch is off by default on the server; the restore path relies on it.
+DYNAMIC_CONFIG = (
+    "system.enableActivityEagerExecution=true",
+    "system.enableEagerWorkflowStart=true",
+)
+
+
+def dynamic_config_args() -> list[str]:
+    args = []
+    for value in DYNAMIC_CONFIG:
+        args += ["--dynamic-config-value", value]
+    return args
+
+
 def search_attribute_args() -> list[str]:
     args = []
     for key in ALL_KEYS:
@@ -53,7 +67,7 @@ class DevServer:
         cmd = [
             temporal_cli(), "server", "start-dev", "--db-filename", str(self.db_file),
             "--port", str(self.port), "--ui-port", str(self.ui_port), "--log-level", "error",
-            *search_attribute_args(),
+            *search_attribute_args(), *dynamic_config_args(),
         ]  # fmt: skip
         return cmd + (["--headless"] if self.headless else [])
 

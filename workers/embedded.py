@@ -42,10 +42,10 @@ async def running_workers(client: Client, settings: Settings) -> AsyncIterator[N
 async def embedded(settings: Settings) -> AsyncIterator[Client]:
     """A client to a running `warmstart dev`, or a server and workers started here."""
     if port_open(settings.temporal.port):
-        yield await connect(settings.temporal)
+        yield await connect(settings)
         return
     async with dev_server(settings, port=None, ui_port=None):
-        client = await connect(settings.temporal)
+        client = await connect(settings)
         async with running_workers(client, settings):
             yield client
 
@@ -61,7 +61,7 @@ def _stop_on_signals() -> asyncio.Event:
 async def run_workers(settings: Settings, *, console: Console) -> None:
     """`warmstart worker`: both workers against `settings.temporal.address` until a signal."""
     stop = _stop_on_signals()
-    client = await connect(settings.temporal)
+    client = await connect(settings)
     async with running_workers(client, settings):
         console.print(
             f"workers on {settings.temporal.address}: {settings.node.control_task_queue}, "
@@ -86,7 +86,7 @@ async def run_dev(
         )
     stop = _stop_on_signals()
     async with dev_server(settings, port=None, ui_port=None):
-        client = await connect(settings.temporal)
+        client = await connect(settings)
         async with running_workers(client, settings):
             console.print(
                 f"Temporal dev server on {settings.temporal.address} "

@@ -17,6 +17,8 @@ from temporalio.service import RPCError
 from activities.storage import CheckpointStore
 from api.manifest import Manifest
 from api.naming import capture_workflow_id, is_checkpoint_id, node_task_queue, restore_workflow_id
+from api.reasons import Phase
+from workflows import visibility
 from workflows.capture import CaptureWorkflow
 from workflows.contracts import CaptureRequest, Progress, RestoreRequest
 from workflows.restore import RestoreWorkflow
@@ -71,6 +73,12 @@ async def start_restore(client: Client, request: RestoreRequest) -> WorkflowHand
             task_queue=node_task_queue(request.node),
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             static_summary=f"restore {request.name} from {request.checkpoint_id}",
+            search_attributes=visibility.start_attributes(
+                namespace=request.namespace,
+                checkpoint_id=request.checkpoint_id,
+                node=request.node,
+                phase=Phase.RESTORING,
+            ),
             request_eager_start=True,
         )
 

@@ -74,4 +74,5 @@ def node_worker(
         ],
         activity_executor=ThreadPoolExecutor(max_workers=settings.node.max_concurrent_activities),
         max_concurrent_activities=settings.node.max_concurrent_activities,
+        max_concurrent_activity_task_polls=settings.node.activity_pollers,
     )

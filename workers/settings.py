@@ -31,7 +31,9 @@ class TemporalSettings(BaseModel):
 class NodeSettings(BaseModel):
     name: str = LOCAL_NODE
     control_task_queue: str = CONTROL_TASK_QUEUE
-    max_concurrent_activities: int = 4
+    # Pollers hold activity slots while they wait; eager dispatch needs a free one left over.
+    max_concurrent_activities: int = 16
+    activity_pollers: int = 2
 
 
 class CriuSettings(BaseModel):

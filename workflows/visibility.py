@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
 from api.reasons import Phase
 from workflows.contracts import Progress
@@ -31,7 +31,7 @@ class StepClock:
         self.step, self._started = step, workflow.now()
         if phase is not None and phase != self.phase:
             self.phase = phase
-            workflow.upsert_search_attributes([PHASE.value_set(phase.value)])
+            _set_phase(phase)
 
     def end(self) -> None:
         if self._started is not None:
@@ -44,15 +44,35 @@ class StepClock:
         self.step = step
         if phase != self.phase:
             self.phase = phase
-            workflow.upsert_search_attributes([PHASE.value_set(phase.value)])
+            _set_phase(phase)
+
+
+def _set_phase(phase: Phase) -> None:
+    """Upsert the phase unless the run already carries it (set by the starter)."""
+    if workflow.info().typed_search_attributes.get(PHASE) != phase.value:
+        workflow.upsert_search_attributes([PHASE.value_set(phase.value)])
+
+
+def start_attributes(
+    *, namespace: str, checkpoint_id: str, node: str, phase: Phase
+) -> TypedSearchAttributes:
+    """Search attributes a starter sets, so the first workflow task need not upsert them."""
+    return TypedSearchAttributes([
+        SearchAttributePair(NAMESPACE, namespace),
+        SearchAttributePair(CHECKPOINT_ID, checkpoint_id),
+        SearchAttributePair(NODE, node),
+        SearchAttributePair(PHASE, phase.value),
+    ])  # fmt: skip
 
 
 def index(*, namespace: str, checkpoint_id: str, node: str) -> None:
-    """Make the run findable by namespace, checkpoint ID and node in the Web UI and CLI."""
-    workflow.upsert_search_attributes(
-        [NAMESPACE.value_set(namespace), CHECKPOINT_ID.value_set(checkpoint_id),
-         NODE.value_set(node)]
-    )  # fmt: skip
+    """Make the run findable by namespace, checkpoint ID and node in the Web UI and CLI
+    (an upsert only where the starter did not set them already)."""
+    current = workflow.info().typed_search_attributes
+    wanted = ((NAMESPACE, namespace), (CHECKPOINT_ID, checkpoint_id), (NODE, node))
+    missing = [key.value_set(value) for key, value in wanted if current.get(key) != value]
+    if missing:
+        workflow.upsert_search_attributes(missing)
 
 
 def progress_of(
