@@ -98,7 +98,7 @@ class CaptureWorkflow:
             await self._publish(Phase.READY, reason=Reason.CAPTURED, commit=commit)
             self._clock.settle(Phase.READY, "done")
         except ActivityError as err:
-            reason, message = policies.failure_reason(err)
+            reason, message = policies.failure_reason(err, node=request.node)
             await self._fail(reason, message)
             if reason == Reason.CANCELLED:
                 raise asyncio.CancelledError(message) from err
@@ -136,6 +136,7 @@ class CaptureWorkflow:
     async def _node(
         self, name: str, arg: Any, result: type[R], opts: policies.StepOptions, summary: str
     ) -> R:
+        opts = policies.on_node(opts, self._require().node_timeout_seconds)
         value: R = await workflow.execute_activity(
             name, arg, result_type=result, task_queue=node_task_queue(self._require().node),
             start_to_close_timeout=opts.start_to_close, heartbeat_timeout=opts.heartbeat,

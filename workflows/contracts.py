@@ -24,6 +24,8 @@ class CaptureRequest(Contract):
     node: str = LOCAL_NODE
     workload: LocalWorkload
     control_task_queue: str = CONTROL_TASK_QUEUE
+    # How long a node step may wait for the node's worker before the node counts as lost.
+    node_timeout_seconds: float = Field(default=120.0, gt=0)
 
 
 class CaptureResult(Contract):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from temporalio.common import RetryPolicy
@@ -58,6 +58,11 @@ CLEANUP = StepOptions(
 )
 
 
+def on_node(opts: StepOptions, node_timeout_seconds: float) -> StepOptions:
+    """The step with the request's node timeout as its schedule-to-start timeout."""
+    return replace(opts, schedule_to_start=timedelta(seconds=node_timeout_seconds))
+
+
 def await_ready_options(ready_timeout_seconds: float) -> StepOptions:
     """The workload's own readiness budget plus slack; heartbeats catch a lost node."""
     return StepOptions(
@@ -78,13 +83,17 @@ def restore_options(answer_timeout_seconds: float) -> StepOptions:
     )
 
 
-def failure_reason(err: BaseException) -> tuple[str, str]:
+def failure_reason(err: BaseException, *, node: str = "") -> tuple[str, str]:
     """(reason, message) of a failed step, for the status and the workflow failure."""
     cause = err.cause if isinstance(err, ActivityError) else err
     if isinstance(cause, CancelledError):
         return str(Reason.CANCELLED), "cancelled"
     if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
-        return str(Reason.NODE_LOST), "the node worker did not pick up the step in time"
+        step = err.activity_type if isinstance(err, ActivityError) else "a step"
+        return str(Reason.NODE_LOST), (
+            f"node {node or '?'}: its node worker did not pick up {step} in time "
+            "(node or worker gone)"
+        )
     if isinstance(cause, ApplicationError) and cause.type:
         return cause.type, cause.message
     if isinstance(cause, TimeoutError):

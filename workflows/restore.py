@@ -61,7 +61,7 @@ class RestoreWorkflow:
                 summary=f"restore {request.checkpoint_id} on {request.node}",
             )  # fmt: skip
         except ActivityError as err:
-            reason, message = policies.failure_reason(err)
+            reason, message = policies.failure_reason(err, node=request.node)
             self._error = f"{reason}: {message}"
             self._clock.settle(Phase.FELL_BACK, "fell-back")
             await self._publish(Phase.FELL_BACK, reason=reason, message=message)
