@@ -126,6 +126,14 @@ class Harness:
             control_task_queue=self.control_queue,
         )  # fmt: skip
 
+    async def started(self, name: str) -> None:
+        """Wait (with a deadline) until the stand-in `name` has been called."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while name not in self.stand_ins.names():
+            assert loop.time() < deadline, f"{name} never started"
+            await asyncio.sleep(0.02)
+
     async def start(self, request: CaptureRequest):  # type: ignore[no-untyped-def]
         return await self.client.start_workflow(
             CaptureWorkflow.run, request, id=f"capture/test/{uuid.uuid4()}",
@@ -179,11 +187,7 @@ async def test_steps_run_in_order_on_their_queues(harness: Harness) -> None:
 async def test_progress_query_shows_the_current_step(harness: Harness) -> None:
     harness.stand_ins.hold_ready = asyncio.Event()
     handle = await harness.start(harness.request())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while "await_workload_ready" not in harness.stand_ins.names():
-        assert loop.time() < deadline, "await_workload_ready never started"
-        await asyncio.sleep(0.02)
+    await harness.started("await_workload_ready")
     progress = await handle.query(CaptureWorkflow.progress)
     assert isinstance(progress, Progress)
     assert (progress.step, progress.phase) == ("await-ready", Phase.CAPTURING)
@@ -238,11 +242,7 @@ async def test_workload_exit_stops_before_dump(harness: Harness) -> None:
 async def test_cancel_publishes_and_cleans_up(harness: Harness) -> None:
     harness.stand_ins.hold_ready = asyncio.Event()
     handle = await harness.start(harness.request())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while "await_workload_ready" not in harness.stand_ins.names():
-        assert loop.time() < deadline
-        await asyncio.sleep(0.02)
+    await harness.started("await_workload_ready")
     await handle.cancel()
     with pytest.raises(WorkflowFailureError):
         await handle.result()
