@@ -118,7 +118,7 @@ async def main(runs: int) -> None:
         await server.start()
         rows = []
         try:
-            client = await connect(settings)
+            client = await connect(settings, wait_seconds=30)
             async with control_worker(client, settings), node_worker(client, settings):
                 for label, workload, url in workloads():
                     result = await capture(client, capture_request(settings, workload))

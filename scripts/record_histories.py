@@ -66,7 +66,7 @@ async def main() -> None:
                            headless=True)  # fmt: skip
         await server.start()
         try:
-            client = await connect(settings)
+            client = await connect(settings, wait_seconds=30)
             async with control_worker(client, settings), node_worker(client, settings):
                 request = capture_request(settings, sample_workload("recorded", free_port()))
                 captured = await capture(client, request)

@@ -15,6 +15,9 @@ from workers.devserver import DevServer, port_open
 from workers.runtime import control_worker, node_worker
 from workers.settings import Settings
 
+# The frontend port opens before the server reports itself healthy.
+STARTUP_SECONDS = 30.0
+
 
 @contextlib.asynccontextmanager
 async def dev_server(
@@ -45,7 +48,7 @@ async def embedded(settings: Settings) -> AsyncIterator[Client]:
         yield await connect(settings)
         return
     async with dev_server(settings, port=None, ui_port=None):
-        client = await connect(settings)
+        client = await connect(settings, wait_seconds=STARTUP_SECONDS)
         async with running_workers(client, settings):
             yield client
 
@@ -86,7 +89,7 @@ async def run_dev(
         )
     stop = _stop_on_signals()
     async with dev_server(settings, port=None, ui_port=None):
-        client = await connect(settings)
+        client = await connect(settings, wait_seconds=STARTUP_SECONDS)
         async with running_workers(client, settings):
             console.print(
                 f"Temporal dev server on {settings.temporal.address} "
