@@ -25,7 +25,7 @@ from activities.contracts import (
 from activities.errors import fatal
 from activities.files import tail
 from activities.processes import find_descendant, is_alive, start_ticks, terminate
-from activities.sentinels import STALE_ON_RESTORE, clear_sentinels, wait_for_file
+from activities.sentinels import STALE_SENTINELS, clear_sentinels, wait_for_file
 from api.reasons import Reason, Sentinel
 from api.workload import LocalWorkload, Readiness
 
@@ -80,7 +80,7 @@ class LocalProcessActivities:
         home = workload_dir(self._state_dir, workload.name)
         control_dir = home / "control"
         control_dir.mkdir(parents=True, exist_ok=True)
-        clear_sentinels(control_dir, STALE_ON_RESTORE)
+        clear_sentinels(control_dir, STALE_SENTINELS)
         log_path, status_path = home / "output.log", home / "exit-status"
         if log_path.exists():
             log_path.replace(home / "output.log.previous")

@@ -20,7 +20,7 @@ from activities.criu import IMAGES_DIR, Criu, CriuError
 from activities.errors import fatal
 from activities.local import http_ok
 from activities.processes import is_alive, terminate
-from activities.sentinels import STALE_ON_RESTORE, clear_sentinels, write_sentinel_file
+from activities.sentinels import STALE_SENTINELS, clear_sentinels, write_sentinel_file
 from activities.storage import (
     WORKLOAD_LOG,
     CheckpointNotFoundError,
@@ -123,7 +123,7 @@ def _prepare_target(version_dir: Path, manifest: Manifest) -> None:
     source = manifest.source
     control_dir = Path(source.control_dir)
     control_dir.mkdir(parents=True, exist_ok=True)
-    clear_sentinels(control_dir, STALE_ON_RESTORE)
+    clear_sentinels(control_dir, STALE_SENTINELS)
     Path(source.cwd).mkdir(parents=True, exist_ok=True)
     if source.log_path:
         log_path = Path(source.log_path)

@@ -115,7 +115,7 @@ class SentinelActivities:
         )
 
 
-STALE_ON_RESTORE = (
+STALE_SENTINELS = (
     Sentinel.SNAPSHOT_COMPLETE,
     Sentinel.RESTORE_COMPLETE,
     Sentinel.RESTORE_FAILED,

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from activities.processes import terminate  # noqa: E402
-from activities.sentinels import STALE_ON_RESTORE, clear_sentinels  # noqa: E402
+from activities.sentinels import STALE_SENTINELS, clear_sentinels  # noqa: E402
 from activities.storage import WORKLOAD_LOG, CheckpointStore  # noqa: E402
 from api.manifest import Manifest  # noqa: E402
 from api.workload import Readiness  # noqa: E402
@@ -61,7 +61,7 @@ class Poller:
 
 def prepare(version_dir: Path, manifest: Manifest) -> None:
     """What CRIU needs by path, done the same way for both contenders."""
-    clear_sentinels(Path(manifest.source.control_dir), STALE_ON_RESTORE)
+    clear_sentinels(Path(manifest.source.control_dir), STALE_SENTINELS)
     shutil.copyfile(version_dir / WORKLOAD_LOG, manifest.source.log_path)
 
 

@@ -23,9 +23,6 @@ from workers.runtime import control_worker, node_worker
 from workers.settings import CriuSettings, NodeSettings, Settings
 from workflows.visibility import ALL_KEYS
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_WORKER = REPO / "examples" / "inference_worker.py"
-
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -69,6 +69,10 @@ def _emit(console: Console, model: BaseModel, output: str, rows: Mapping[str, An
     if output == "json":
         print(model.model_dump_json(indent=2))
         return
+    _print_rows(console, rows)
+
+
+def _print_rows(console: Console, rows: Mapping[str, Any]) -> None:
     table = Table(show_header=False, box=None)
     for key, value in rows.items():
         table.add_row(f"[bold]{key}[/]", str(value))
@@ -135,7 +139,4 @@ def describe(
         rows[f"{kind} workflow"] = workflow_ui_url(
             temporal.ui_url, temporal.namespace, status.workflow_id, status.run_id
         )
-    table = Table(show_header=False, box=None)
-    for key, value in rows.items():
-        table.add_row(f"[bold]{key}[/]", str(value))
-    console.print(table)
+    _print_rows(console, rows)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -185,6 +184,3 @@ class CaptureWorkflow:
                 "stop_workload", StopInput(pid=launch.pid, start_ticks=launch.start_ticks),
                 bool, policies.CLEANUP, f"stop pid {launch.pid}",
             )  # fmt: skip
-
-
-CAPTURE_TIMEOUT = timedelta(hours=2)
