@@ -1,17 +1,22 @@
-"""Input and output contracts of activities: frozen models, one pair per activity."""
+"""Input and output contracts of activities: frozen models, one pair per activity.
+
+They carry what the workflow decides and what it uses, nothing a node can derive itself:
+node-local paths (control directory, output file, staging) are derived on the node from
+the workload's name and checkpoint ID (`activities.layout`).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
 
+from pydantic import Field
+
+from api.contract import Contract
 from api.identity import CheckpointIdentity
-from api.manifest import Manifest
-from api.reasons import Phase, Sentinel
+from api.reasons import Phase, Reason, Sentinel
 from api.workload import LocalWorkload
 
-
-class Contract(BaseModel):
-    model_config = ConfigDict(frozen=True)
+PipelineKind = Literal["capture", "restore"]
 
 
 class ClaimInput(Contract):
@@ -21,22 +26,20 @@ class ClaimInput(Contract):
 
 
 class StatusInput(Contract):
-    """A status record for a Checkpoint (cluster) or a local capture/restore (local mode)."""
+    """The status of a Checkpoint (cluster) or of a local capture/restore (local mode)."""
 
-    kind: str = Field(pattern=r"^(capture|restore)$")
+    kind: PipelineKind
     namespace: str
     name: str
     phase: Phase
+    reason: Reason
+    message: str = ""
     checkpoint_id: str = ""
     version: str = ""
     node: str = ""
-    reason: str = ""
-    message: str = ""
     storage_uri: str = ""
     size_bytes: int = 0
     step_seconds: dict[str, float] = Field(default_factory=dict)
-    workflow_id: str = ""
-    run_id: str = ""
 
 
 class LaunchInput(Contract):
@@ -46,76 +49,69 @@ class LaunchInput(Contract):
 
 class LaunchResult(Contract):
     pid: int
-    start_ticks: int = 0
-    control_dir: str
-    log_path: str
-    exit_status_path: str
+    start_ticks: int
 
 
 class AwaitReadyInput(Contract):
     workload: LocalWorkload
-    launch: LaunchResult
-
-
-class AwaitReadyResult(Contract):
-    waited_seconds: float
+    checkpoint_id: str
+    pid: int
 
 
 class StopInput(Contract):
     pid: int
-    start_ticks: int = 0  # when set, a PID that started at another time is not ours: left alone
-    grace_seconds: float = 5.0
+    start_ticks: int  # a PID that started at another time is not ours: left alone
 
 
 class DumpInput(Contract):
     checkpoint_id: str
+    version: str
     name: str
     pid: int
 
 
-class DumpResult(Contract):
-    staging_dir: str
-    size_bytes: int
-    seconds: float
-
-
 class CommitInput(Contract):
-    staging_dir: str
     checkpoint_id: str
     version: str
     identity: CheckpointIdentity
-    node: str
     namespace: str
-    workload: LocalWorkload
-    launch: LaunchResult
+    name: str
 
 
 class CommitResult(Contract):
-    version_dir: str
     storage_uri: str
     size_bytes: int
-    file_count: int
 
 
 class DiscardInput(Contract):
-    staging_dir: str
+    checkpoint_id: str
+    version: str
 
 
 class SentinelInput(Contract):
-    control_dir: str
+    checkpoint_id: str
+    name: str
     sentinel: Sentinel
-    content: str = "done\n"
 
 
 class RestoreInput(Contract):
     checkpoint_id: str
-    version: str = ""
+    version: str = ""  # newest committed when empty
     name: str
-    answer_timeout_seconds: float = Field(default=120.0, gt=0)
+    answer_timeout_seconds: float = Field(gt=0)
 
 
-class RestoreResult(Contract):
+class RestoredWorkload(Contract):
+    """The node's answer to a restore: the running process and where the time went."""
+
     pid: int
-    manifest: Manifest
-    version_dir: str
-    phase_seconds: dict[str, float]
+    version: str
+    stage_seconds: dict[str, float]
+
+
+class Heartbeat(Contract):
+    """What long node activities report while they run (read by `warmstart` followers)."""
+
+    stage: str = ""
+    bytes: int | None = None
+    waited_seconds: float | None = None

@@ -1,7 +1,7 @@
 """CRIU, the external system that dumps and restores process trees.
 
 `Criu` builds and runs the commands; `CriuActivities` is the node activity that dumps
-into a staging directory, heartbeating progress, and maps failures to DumpFailed.
+into the staging directory of a checkpoint version, heartbeating progress.
 """
 
 from __future__ import annotations
@@ -9,17 +9,16 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import time
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from temporalio import activity
 
-from activities.contracts import DumpInput, DumpResult
-from activities.errors import fatal
+from activities.contracts import DumpInput, Heartbeat
 from activities.files import tail, tree_size
 from activities.storage import CheckpointStore
-from api.reasons import Reason
+from api.errors import DumpFailedError, RestoreFailedError
 
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
@@ -29,10 +28,7 @@ DUMP_OPTIONS = ("-v4",)
 # Default verbosity: -v4 logging costs tens of milliseconds on the latency-bound restore path.
 RESTORE_OPTIONS = ("--restore-detached",)
 _ERROR_LINE = re.compile(r"\b(Error|error|Fail|fail|Can't|can't|Unable|unable)\b")
-
-
-class CriuError(Exception):
-    """A CRIU command failed; the message carries the relevant log lines."""
+_HEARTBEAT_SECONDS = 1.0
 
 
 def log_errors(log_path: Path, *, limit: int = 12) -> str:
@@ -49,20 +45,15 @@ class Criu:
     path: str
 
     def dump_command(self, *, pid: int, images_dir: Path) -> list[str]:
-        return [
-            self.path, "dump", "--tree", str(pid), "--images-dir", str(images_dir),
-            "--log-file", DUMP_LOG, *DUMP_OPTIONS,
-        ]  # fmt: skip
+        images = ["--images-dir", str(images_dir), "--log-file", DUMP_LOG]
+        return [self.path, "dump", "--tree", str(pid), *images, *DUMP_OPTIONS]
 
     def restore_command(self, *, images_dir: Path, work_dir: Path, pidfile: Path) -> list[str]:
-        return [
-            self.path, "restore", "--images-dir", str(images_dir), "--work-dir", str(work_dir),
-            "--log-file", RESTORE_LOG, "--pidfile", str(pidfile), *RESTORE_OPTIONS,
-        ]  # fmt: skip
+        dirs = ["--images-dir", str(images_dir), "--work-dir", str(work_dir)]
+        outputs = ["--log-file", RESTORE_LOG, "--pidfile", str(pidfile)]
+        return [self.path, "restore", *dirs, *outputs, *RESTORE_OPTIONS]
 
     def version(self) -> str:
-        import subprocess
-
         out = subprocess.run(
             [self.path, "--version"], capture_output=True, text=True, check=False, timeout=10
         ).stdout
@@ -74,30 +65,36 @@ class Criu:
         work_dir.mkdir(parents=True, exist_ok=True)
         pidfile = work_dir / "restored.pid"
         cmd = self.restore_command(images_dir=images_dir, work_dir=work_dir, pidfile=pidfile)
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        proc = await _spawn(cmd)
         _, stderr = await proc.communicate()
         if proc.returncode != 0:
             detail = log_errors(work_dir / RESTORE_LOG) or stderr.decode(errors="replace")
-            raise CriuError(f"criu restore exited with {proc.returncode}:\n{detail}")
+            raise RestoreFailedError(f"criu restore exited with {proc.returncode}:\n{detail}")
         return int(pidfile.read_text().strip())
 
 
+async def _spawn(cmd: list[str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 class CriuActivities:
-    """Node activity: CRIU dump straight into a staging directory of the checkpoint store."""
+    """Node activity: CRIU dump straight into the staging directory of a checkpoint version."""
 
     def __init__(self, *, criu: Criu, store: CheckpointStore) -> None:
         self._criu = criu
         self._store = store
 
-    @activity.defn(name="dump_checkpoint")
-    async def dump_checkpoint(self, request: DumpInput) -> DumpResult:
-        staging = self._store.new_staging(request.checkpoint_id)
+    @activity.defn
+    async def dump_checkpoint(self, request: DumpInput) -> None:
+        """Dump `request.pid` into fresh staging; on any failure the staging is removed."""
+        staging = self._store.fresh_staging(request.checkpoint_id, request.version)
         images = staging / IMAGES_DIR
-        images.mkdir(parents=True)
-        started = time.monotonic()
+        images.mkdir()
         activity.logger.info(
             "checkpoint %s (%s): dumping pid %d", request.name, request.checkpoint_id, request.pid
         )
@@ -106,25 +103,16 @@ class CriuActivities:
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
-        return DumpResult(
-            staging_dir=str(staging),
-            size_bytes=tree_size(staging),
-            seconds=time.monotonic() - started,
-        )
 
     async def _run_dump(self, request: DumpInput, images: Path) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *self._criu.dump_command(pid=request.pid, images_dir=images),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        proc = await _spawn(self._criu.dump_command(pid=request.pid, images_dir=images))
         try:
             while True:
                 try:
-                    await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=1.0)
+                    await asyncio.wait_for(asyncio.shield(proc.wait()), _HEARTBEAT_SECONDS)
                     break
                 except TimeoutError:
-                    activity.heartbeat({"phase": "dumping", "bytes": tree_size(images)})
+                    activity.heartbeat(Heartbeat(stage="dumping", bytes=tree_size(images)))
         except asyncio.CancelledError:
             proc.kill()
             await proc.wait()
@@ -132,8 +120,7 @@ class CriuActivities:
         stderr = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
         if proc.returncode != 0:
             detail = log_errors(images / DUMP_LOG) or stderr.strip()
-            raise fatal(
-                Reason.DUMP_FAILED,
+            raise DumpFailedError(
                 f"checkpoint {request.name} ({request.checkpoint_id}): criu dump of pid "
-                f"{request.pid} failed with exit code {proc.returncode}; dump.log:\n{detail}",
+                f"{request.pid} failed with exit code {proc.returncode}; dump.log:\n{detail}"
             )

@@ -7,26 +7,34 @@ without colliding with the host's; a shell outside the namespace records its exi
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from temporalio import activity
 
 from activities.contracts import (
     AwaitReadyInput,
-    AwaitReadyResult,
+    Heartbeat,
     LaunchInput,
     LaunchResult,
     StopInput,
 )
-from activities.errors import fatal
-from activities.files import tail
+from activities.files import tail, write_atomically
+from activities.layout import LaunchRecord, NodeLayout, WorkloadPaths
 from activities.processes import find_descendant, is_alive, start_ticks, terminate
 from activities.sentinels import STALE_SENTINELS, clear_sentinels, wait_for_file
-from api.reasons import Reason, Sentinel
+from api.errors import (
+    InvalidSpecError,
+    RestoreFailedError,
+    WorkloadExitedError,
+    WorkloadNotReadyError,
+)
+from api.manifest import SourceInfo
+from api.reasons import Sentinel
 from api.workload import LocalWorkload, Readiness
 
 # $1 log, $2 exit-status file, the rest is the command. `setsid` makes the namespace
@@ -36,10 +44,8 @@ _LAUNCHER = (
     'echo $? >"$status"'
 )
 _PROBE_INTERVAL = 0.2
-
-
-def workload_dir(state_dir: Path, name: str) -> Path:
-    return state_dir / "workloads" / name
+_ANSWER_POLL_SECONDS = 0.005
+_STOP_GRACE_SECONDS = 5.0
 
 
 async def probe_ready(readiness: Readiness) -> bool:
@@ -70,109 +76,134 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 class LocalProcessActivities:
     """Node activities for workloads that run as local processes (the embedded default)."""
 
-    def __init__(self, *, state_dir: Path, base_env: Mapping[str, str]) -> None:
-        self._state_dir = state_dir
+    def __init__(self, *, layout: NodeLayout, base_env: Mapping[str, str]) -> None:
+        self._layout = layout
         self._base_env = dict(base_env)
 
-    @activity.defn(name="launch_workload")
+    @activity.defn
     async def launch_workload(self, request: LaunchInput) -> LaunchResult:
         workload = request.workload
-        home = workload_dir(self._state_dir, workload.name)
-        control_dir = home / "control"
-        control_dir.mkdir(parents=True, exist_ok=True)
-        clear_sentinels(control_dir, STALE_SENTINELS)
-        log_path, status_path = home / "output.log", home / "exit-status"
-        if log_path.exists():
-            log_path.replace(home / "output.log.previous")
-        log_path.touch()
-        status_path.unlink(missing_ok=True)
-        env = {**self._base_env, **workload.env, "SNAPSHOT_CONTROL_DIR": str(control_dir)}
+        paths = self._layout.workload(workload.name, request.checkpoint_id)
+        paths.control_dir.mkdir(parents=True, exist_ok=True)
+        clear_sentinels(paths.control_dir, STALE_SENTINELS)
+        if paths.output_log.exists():
+            paths.output_log.replace(paths.root / "output.log.previous")
+        paths.output_log.touch()
+        paths.exit_status.unlink(missing_ok=True)
+        env = {**self._base_env, **workload.env, "SNAPSHOT_CONTROL_DIR": str(paths.control_dir)}
         activity.logger.info("launching workload %s: %s", workload.name, " ".join(workload.command))
+        launcher = ("sh", "-c", _LAUNCHER, "warmstart-launch", str(paths.output_log))
         try:
             shell = await asyncio.create_subprocess_exec(
-                "sh", "-c", _LAUNCHER, "warmstart-launch", str(log_path), str(status_path),
+                *launcher,
+                str(paths.exit_status),
                 *workload.command,
-                cwd=workload.cwd, env=env, start_new_session=True,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                cwd=workload.cwd,
+                env=env,
+                start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
+            )
         except OSError as err:
-            raise fatal(
-                Reason.INVALID_SPEC, f"workload {workload.name}: cannot start: {err}"
-            ) from err
+            raise InvalidSpecError(f"workload {workload.name}: cannot start: {err}") from err
         # sh -> unshare -> namespace init (the workload)
         pid = await find_descendant(shell.pid, 2, timeout=10.0)
         if pid is None:
-            raise await _exited_error(workload, status_path, log_path)
+            raise await _exited_error(workload.name, paths)
+        record = LaunchRecord(workload=workload, pid=pid, start_ticks=start_ticks(pid))
+        write_atomically(paths.launch_record, record.model_dump_json().encode(), durable=False)
         activity.logger.info("workload %s runs as pid %d", workload.name, pid)
-        return LaunchResult(
-            pid=pid, start_ticks=start_ticks(pid), control_dir=str(control_dir),
-            log_path=str(log_path), exit_status_path=str(status_path),
-        )  # fmt: skip
+        return LaunchResult(pid=pid, start_ticks=record.start_ticks)
 
-    @activity.defn(name="await_workload_ready")
-    async def await_workload_ready(self, request: AwaitReadyInput) -> AwaitReadyResult:
-        workload, launch = request.workload, request.launch
+    @activity.defn
+    async def await_workload_ready(self, request: AwaitReadyInput) -> None:
+        workload = request.workload
+        paths = self._layout.workload(workload.name, request.checkpoint_id)
         loop = asyncio.get_running_loop()
         started = loop.time()
 
         async def check() -> None:
-            activity.heartbeat({"waited_seconds": round(loop.time() - started, 1)})
-            if not is_alive(launch.pid):
-                raise await _exited_error(
-                    workload, Path(launch.exit_status_path), Path(launch.log_path)
-                )
+            activity.heartbeat(Heartbeat(waited_seconds=round(loop.time() - started, 1)))
+            if not is_alive(request.pid):
+                raise await _exited_error(workload.name, paths)
 
         if workload.readiness.kind == "sentinel":
             found = await wait_for_file(
-                Path(launch.control_dir), [Sentinel.READY_FOR_SNAPSHOT.value],
-                timeout=workload.ready_timeout_seconds, check=check,
-            )  # fmt: skip
+                paths.control_dir,
+                [Sentinel.READY_FOR_SNAPSHOT.value],
+                timeout=workload.ready_timeout_seconds,
+                check=check,
+            )
             ready = found is not None
         else:
-            ready = await self._probe_until_ready(workload, check, started)
+            ready = await _probe_until_ready(workload, check)
         if not ready:
-            raise fatal(
-                Reason.WORKLOAD_NOT_READY,
+            raise WorkloadNotReadyError(
                 f"workload {workload.name} not ready after {workload.ready_timeout_seconds:g} s "
-                f"({workload.readiness.kind}); last output:\n{tail(Path(launch.log_path))}",
+                f"({workload.readiness.kind}); last output:\n{tail(paths.output_log)}"
             )
-        if not is_alive(launch.pid):
-            raise await _exited_error(
-                workload, Path(launch.exit_status_path), Path(launch.log_path)
-            )
-        return AwaitReadyResult(waited_seconds=loop.time() - started)
+        if not is_alive(request.pid):
+            raise await _exited_error(workload.name, paths)
 
-    async def _probe_until_ready(
-        self, workload: LocalWorkload, check: object, started: float
-    ) -> bool:
-        loop = asyncio.get_running_loop()
-        while loop.time() - started < workload.ready_timeout_seconds:
-            await check()  # type: ignore[operator]
-            if await probe_ready(workload.readiness):
-                return True
-            await asyncio.sleep(_PROBE_INTERVAL)
-        return False
-
-    @activity.defn(name="stop_workload")
-    async def stop_workload(self, request: StopInput) -> bool:
-        """Stop a launched or restored workload; True if it is gone."""
-        if request.start_ticks and start_ticks(request.pid) != request.start_ticks:
-            return True  # ours is gone; the PID now belongs to someone else, or no one
+    @activity.defn
+    async def stop_workload(self, request: StopInput) -> None:
+        """Stop a launched or restored workload, unless its PID now belongs to another process."""
+        if start_ticks(request.pid) != request.start_ticks:
+            return  # ours is gone; the PID now belongs to someone else, or no one
         activity.logger.info("stopping pid %d", request.pid)
-        return await terminate(request.pid, grace_seconds=request.grace_seconds)
+        await terminate(request.pid, grace_seconds=_STOP_GRACE_SECONDS)
 
 
-async def _exited_error(workload: LocalWorkload, status_path: Path, log_path: Path) -> Exception:
+async def _probe_until_ready(workload: LocalWorkload, check: Callable[[], Awaitable[None]]) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + workload.ready_timeout_seconds
+    while loop.time() < deadline:
+        await check()
+        if await probe_ready(workload.readiness):
+            return True
+        await asyncio.sleep(_PROBE_INTERVAL)
+    return False
+
+
+async def _exited_error(name: str, paths: WorkloadPaths) -> WorkloadExitedError:
     """WorkloadExited with the exit status and the tail of the workload's output."""
     # The launcher shell writes the status right after the namespace ends.
     for _ in range(100):
-        if status_path.exists() and status_path.read_text().strip():
+        if paths.exit_status.exists() and paths.exit_status.read_text().strip():
             break
         await asyncio.sleep(0.02)
-    status = status_path.read_text().strip() if status_path.exists() else "unknown"
-    return fatal(
-        Reason.WORKLOAD_EXITED,
-        f"workload {workload.name} exited with status {status} before it was ready; "
-        f"last output:\n{tail(log_path)}",
+    status = paths.exit_status.read_text().strip() if paths.exit_status.exists() else "unknown"
+    return WorkloadExitedError(
+        f"workload {name} exited with status {status} before it was ready; "
+        f"last output:\n{tail(paths.output_log)}"
     )
+
+
+def prepare_restore_target(source: SourceInfo, saved_output: Path) -> None:
+    """Put back what CRIU finds by path: the output file at its dumped size, a clean control dir."""
+    control_dir = Path(source.control_dir)
+    control_dir.mkdir(parents=True, exist_ok=True)
+    clear_sentinels(control_dir, STALE_SENTINELS)
+    Path(source.cwd).mkdir(parents=True, exist_ok=True)
+    log_path = Path(source.log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists():
+        log_path.replace(log_path.with_name(log_path.name + ".previous"))
+    shutil.copyfile(saved_output, log_path)
+
+
+async def await_answer(pid: int, url: str | None, *, timeout: float) -> None:
+    """The restored process is alive and, where it has an HTTP endpoint, answering."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if not is_alive(pid):
+            raise RestoreFailedError(f"restored process {pid} exited")
+        if url is None or await asyncio.to_thread(http_ok, url, 1.0):
+            return
+        if loop.time() > deadline:
+            raise RestoreFailedError(
+                f"restored process {pid} did not answer {url} within {timeout:g} s"
+            )
+        await asyncio.sleep(_ANSWER_POLL_SECONDS)

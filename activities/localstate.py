@@ -1,7 +1,7 @@
-"""Local mode's stand-in for the resource store: ID claims and status records in the state dir.
+"""Local mode's control activities: ID claims and status records in the state directory.
 
-On a cluster the same activity names are served by the Kubernetes module, which claims
-IDs by label and patches the resource's status.
+On a cluster the same activity definitions are implemented against Kubernetes: IDs are
+claimed by label and the status is patched onto the Checkpoint resource.
 """
 
 from __future__ import annotations
@@ -13,20 +13,18 @@ from pathlib import Path
 
 from temporalio import activity
 
-from activities.contracts import ClaimInput, StatusInput
-from activities.errors import fatal
+from activities.contracts import ClaimInput, PipelineKind, StatusInput
+from activities.control import ControlActivities
 from activities.files import write_atomically
+from api.errors import IdentityConflictError
 from api.naming import require_path_element
-from api.reasons import Reason
 
 
-class LocalStateActivities:
-    """Control activities for local mode."""
-
+class LocalControlActivities(ControlActivities):
     def __init__(self, *, state_dir: Path) -> None:
         self._state_dir = state_dir
 
-    @activity.defn(name="claim_checkpoint_id")
+    @activity.defn
     async def claim_checkpoint_id(self, request: ClaimInput) -> None:
         await asyncio.to_thread(self._claim, request)
 
@@ -40,35 +38,44 @@ class LocalStateActivities:
         except FileExistsError:
             current = json.loads(path.read_text() or "{}")
             if current != owner:
-                raise fatal(
-                    Reason.IDENTITY_CONFLICT,
+                raise IdentityConflictError(
                     f"checkpoint ID {request.checkpoint_id} is already owned by "
-                    f"{current.get('namespace')}/{current.get('name')}",
+                    f"{current.get('namespace')}/{current.get('name')}"
                 ) from None
             return
         with os.fdopen(fd, "w") as out:
             json.dump(owner, out)
 
-    @activity.defn(name="publish_status")
+    @activity.defn
     async def publish_status(self, request: StatusInput) -> None:
         path = status_path(self._state_dir, request.kind, request.namespace, request.name)
-        activity.logger.info(
-            "%s %s/%s: %s %s", request.kind, request.namespace, request.name, request.phase,
-            request.message,
-        )  # fmt: skip
-        await asyncio.to_thread(write_atomically, path, request.model_dump_json(indent=2).encode())
+        where = f"{request.kind} {request.namespace}/{request.name}"
+        activity.logger.info("%s: %s %s %s", where, request.phase, request.reason, request.message)
+        info = activity.info()
+        record = StatusRecord(
+            **request.model_dump(), workflow_id=info.workflow_id, run_id=info.workflow_run_id
+        )
+        await asyncio.to_thread(write_atomically, path, record.model_dump_json(indent=2).encode())
 
 
-def status_path(state_dir: Path, kind: str, namespace: str, name: str) -> Path:
+class StatusRecord(StatusInput):
+    """A local status record: the published status plus the workflow run that wrote it."""
+
+    workflow_id: str
+    run_id: str
+
+
+def status_path(state_dir: Path, kind: PipelineKind, namespace: str, name: str) -> Path:
+    namespace = require_path_element(namespace, what="namespace")
     return (
-        state_dir / "status" / kind
-        / require_path_element(namespace, what="namespace")
-        / f"{require_path_element(name, what='name')}.json"
-    )  # fmt: skip
+        state_dir / "status" / kind / namespace / f"{require_path_element(name, what='name')}.json"
+    )
 
 
-def read_status(state_dir: Path, kind: str, namespace: str, name: str) -> StatusInput | None:
+def read_status(
+    state_dir: Path, kind: PipelineKind, namespace: str, name: str
+) -> StatusRecord | None:
     path = status_path(state_dir, kind, namespace, name)
     if not path.is_file():
         return None
-    return StatusInput.model_validate_json(path.read_bytes())
+    return StatusRecord.model_validate_json(path.read_bytes())

@@ -12,21 +12,28 @@ from temporalio import activity
 
 from activities.contracts import SentinelInput
 from activities.files import write_atomically
+from activities.layout import NodeLayout
 from api.reasons import Sentinel
 
 _POLL_FALLBACK_SECONDS = 0.5
 
 
-def write_sentinel_file(control_dir: Path, sentinel: str, content: str = "done\n") -> Path:
-    path = control_dir / sentinel
+def write_sentinel_file(control_dir: Path | str, sentinel: str, content: str = "done\n") -> Path:
+    path = Path(control_dir) / sentinel
     # The reader is a process on this host: atomic is required, crash-durable is not.
     write_atomically(path, content.encode(), durable=False)
     return path
 
 
-def clear_sentinels(control_dir: Path, sentinels: Iterable[str]) -> None:
+def clear_sentinels(control_dir: Path | str, sentinels: Iterable[str]) -> None:
     for name in sentinels:
-        (control_dir / name).unlink(missing_ok=True)
+        (Path(control_dir) / name).unlink(missing_ok=True)
+
+
+def fall_back_to_cold_start(control_dir: Path | str, reason: str) -> None:
+    """`restore-failed` with the reason, and no `restore-complete`: the standby starts cold."""
+    clear_sentinels(control_dir, [Sentinel.RESTORE_COMPLETE])
+    write_sentinel_file(control_dir, Sentinel.RESTORE_FAILED, reason + "\n")
 
 
 class _DirWatch:
@@ -107,12 +114,14 @@ async def wait_for_file(
 class SentinelActivities:
     """Node activities of the sentinel protocol."""
 
-    @activity.defn(name="write_sentinel")
+    def __init__(self, *, layout: NodeLayout) -> None:
+        self._layout = layout
+
+    @activity.defn
     async def write_sentinel(self, request: SentinelInput) -> None:
-        activity.logger.info("writing %s in %s", request.sentinel, request.control_dir)
-        await asyncio.to_thread(
-            write_sentinel_file, Path(request.control_dir), request.sentinel.value, request.content
-        )
+        control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
+        activity.logger.info("writing %s in %s", request.sentinel, control_dir)
+        await asyncio.to_thread(write_sentinel_file, control_dir, request.sentinel)
 
 
 STALE_SENTINELS = (

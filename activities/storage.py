@@ -1,7 +1,7 @@
-"""The checkpoint store on a node's filesystem: staging, atomic commit, listing, verification.
+"""The checkpoint store on a node's filesystem: staging, atomic commit, verification.
 
 Layout: `<root>/<checkpointID>/versions/<version>/` with `manifest.json` written last;
-writers stage under `<root>/<checkpointID>/versions/tmp/<uuid>/` and rename into place.
+writers stage under `<root>/<checkpointID>/versions/tmp/<version>/` and rename into place.
 """
 
 from __future__ import annotations
@@ -10,35 +10,22 @@ import asyncio
 import os
 import platform
 import shutil
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import ValidationError
 from temporalio import activity
 
+from activities.catalog import STAGING, committed_versions, load_manifest
 from activities.contracts import CommitInput, CommitResult, DiscardInput
-from activities.errors import fatal
 from activities.files import fsync_dir, sha256_file, write_atomically
 from activities.gpu import read_gpu_facts
+from activities.layout import NodeLayout
 from activities.verified import VerifiedFiles
+from api.errors import CheckpointNotFoundError, DigestMismatchError, DumpFailedError
 from api.manifest import MANIFEST_FILE, CriuInfo, FileDigest, HostInfo, Manifest, SourceInfo
 from api.naming import require_path_element
-from api.reasons import Reason
 
 WORKLOAD_LOG = "workload-output.log"
-
-
-class StoreError(Exception):
-    """Base of checkpoint-store errors."""
-
-
-class CheckpointNotFoundError(StoreError):
-    pass
-
-
-class DigestMismatchError(StoreError):
-    """An artifact is missing, truncated or altered; the message names the file."""
 
 
 class CheckpointStore:
@@ -53,8 +40,14 @@ class CheckpointStore:
         version = require_path_element(version, what="version")
         return self.checkpoint_dir(checkpoint_id) / "versions" / version
 
-    def new_staging(self, checkpoint_id: str) -> Path:
-        staging = self.checkpoint_dir(checkpoint_id) / "versions" / "tmp" / uuid.uuid4().hex
+    def staging_dir(self, checkpoint_id: str, version: str) -> Path:
+        version = require_path_element(version, what="version")
+        return self.checkpoint_dir(checkpoint_id) / "versions" / STAGING / version
+
+    def fresh_staging(self, checkpoint_id: str, version: str) -> Path:
+        """An empty staging directory for `version` (what a failed attempt left is removed)."""
+        staging = self.staging_dir(checkpoint_id, version)
+        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         return staging
 
@@ -73,12 +66,7 @@ class CheckpointStore:
 
     def versions(self, checkpoint_id: str) -> list[Path]:
         """Committed versions (those with a manifest), oldest first."""
-        versions = self.checkpoint_dir(checkpoint_id) / "versions"
-        if not versions.is_dir():
-            return []
-        return sorted(
-            p for p in versions.iterdir() if p.name != "tmp" and (p / MANIFEST_FILE).is_file()
-        )
+        return committed_versions(self.root, checkpoint_id)
 
     def find(self, checkpoint_id: str, version: str = "") -> Path:
         if version:
@@ -90,18 +78,6 @@ class CheckpointStore:
         if not committed:
             raise CheckpointNotFoundError(f"no committed checkpoint {checkpoint_id} in {self.root}")
         return committed[-1]
-
-    def manifests(self) -> list[Manifest]:
-        """Every committed manifest in the store, newest first."""
-        found = []
-        if self.root.is_dir():
-            for entry in sorted(self.root.iterdir()):
-                for version in self.versions(entry.name) if entry.is_dir() else []:
-                    try:
-                        found.append(load_manifest(version))
-                    except StoreError:
-                        continue
-        return sorted(found, key=lambda m: m.created_at, reverse=True)
 
     def verify(self, version_dir: Path, *, checkpoint_id: str) -> Manifest:
         """Check the manifest and every file's size and SHA-256; raise naming the first bad one."""
@@ -134,16 +110,6 @@ class CheckpointStore:
         return manifest
 
 
-def load_manifest(version_dir: Path) -> Manifest:
-    path = version_dir / MANIFEST_FILE
-    try:
-        return Manifest.model_validate_json(path.read_bytes())
-    except FileNotFoundError as err:
-        raise CheckpointNotFoundError(f"{path} is missing") from err
-    except ValidationError as err:
-        raise DigestMismatchError(f"{path} is not a valid manifest: {err}") from err
-
-
 def digest_tree(root: Path) -> tuple[FileDigest, ...]:
     """Size and SHA-256 of every file under `root`, as paths relative to it."""
     entries = []
@@ -164,30 +130,36 @@ class StorageActivities:
     """Node activities: commit a staged dump as a checkpoint version, or discard it."""
 
     def __init__(
-        self, *, store: CheckpointStore, criu_version: str, criu_options: tuple[str, ...]
+        self, *, store: CheckpointStore, layout: NodeLayout, node: str, criu: CriuInfo
     ) -> None:
         self._store = store
-        self._criu = CriuInfo(version=criu_version, options=criu_options)
+        self._layout = layout
+        self._node = node
+        self._criu = criu
 
-    @activity.defn(name="commit_checkpoint")
+    @activity.defn
     async def commit_checkpoint(self, request: CommitInput) -> CommitResult:
         return await asyncio.to_thread(self._commit, request)
 
     def _commit(self, request: CommitInput) -> CommitResult:
-        staging = Path(request.staging_dir)
+        staging = self._store.staging_dir(request.checkpoint_id, request.version)
+        final = self._store.version_dir(request.checkpoint_id, request.version)
         if not staging.is_dir():
-            final = self._store.version_dir(request.checkpoint_id, request.version)
             if (final / MANIFEST_FILE).is_file():
-                return _result(final, load_manifest(final))
-            raise fatal(Reason.DUMP_FAILED, f"staging directory {staging} is gone")
+                return _result(final, load_manifest(final))  # a retry after the rename
+            raise DumpFailedError(
+                f"checkpoint {request.name} ({request.checkpoint_id}) version {request.version}: "
+                "staging directory is gone"
+            )
+        paths = self._layout.workload(request.name, request.checkpoint_id)
         # The workload's output file is re-created at this size on restore (CRIU checks it).
-        shutil.copyfile(request.launch.log_path, staging / WORKLOAD_LOG)
+        shutil.copyfile(paths.output_log, staging / WORKLOAD_LOG)
         manifest = Manifest(
             checkpoint_id=request.checkpoint_id,
             version=request.version,
             identity=request.identity,
             created_at=datetime.now(UTC),
-            source=_source(request),
+            source=self._source(request),
             criu=self._criu,
             host=_host_info(),
             files=digest_tree(staging),
@@ -196,37 +168,31 @@ class StorageActivities:
         activity.logger.info("checkpoint %s committed at %s", request.checkpoint_id, final)
         return _result(final, manifest)
 
-    @activity.defn(name="discard_staging")
+    def _source(self, request: CommitInput) -> SourceInfo:
+        launch = self._layout.read_launch(request.name, request.checkpoint_id)
+        paths = self._layout.workload(request.name, request.checkpoint_id)
+        workload = launch.workload
+        return SourceInfo(
+            node=self._node,
+            namespace=request.namespace,
+            name=workload.name,
+            command=workload.command,
+            cwd=workload.cwd,
+            pid=launch.pid,
+            control_dir=str(paths.control_dir),
+            log_path=str(paths.output_log),
+            readiness=workload.readiness,
+            health_url=workload.health_url,
+        )
+
+    @activity.defn
     async def discard_staging(self, request: DiscardInput) -> None:
-        staging = Path(request.staging_dir)
-        if staging.parent.name != "tmp" or staging.parent.parent.name != "versions":
-            raise fatal(Reason.INVALID_SPEC, f"{staging} is not a staging directory")
+        staging = self._store.staging_dir(request.checkpoint_id, request.version)
         await asyncio.to_thread(shutil.rmtree, staging, True)
 
 
 def _result(final: Path, manifest: Manifest) -> CommitResult:
-    return CommitResult(
-        version_dir=str(final),
-        storage_uri=final.as_uri(),
-        size_bytes=manifest.size_bytes,
-        file_count=len(manifest.files),
-    )
-
-
-def _source(request: CommitInput) -> SourceInfo:
-    workload = request.workload
-    return SourceInfo(
-        node=request.node,
-        namespace=request.namespace,
-        name=workload.name,
-        command=workload.command,
-        cwd=workload.cwd,
-        pid=request.launch.pid,
-        control_dir=request.launch.control_dir,
-        log_path=request.launch.log_path,
-        readiness=workload.readiness,
-        health_url=workload.health_url,
-    )
+    return CommitResult(storage_uri=final.as_uri(), size_bytes=manifest.size_bytes)
 
 
 def _host_info() -> HostInfo:

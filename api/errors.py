@@ -1,21 +1,111 @@
-"""Errors of the resource model.
+"""The one error tree of warmstart. Every expected failure is a `WarmstartError` carrying a
+`Reason`; activities raise them, the worker maps them once into Temporal `ApplicationError`s
+(`activities.errors`), the CLI maps them once into messages and exit codes.
 
-ApiError
-└── InvalidSpecError      a spec field that cannot be accepted
-    └── InvalidNameError  a name unsafe as a path element or label
+WarmstartError                      reason (api.reasons.Reason)      retried by Temporal
+├── InvalidSpecError (ValueError)   InvalidSpec                      no   (CLI exit 2)
+│   └── InvalidNameError            InvalidSpec                      no   (CLI exit 2)
+├── IdentityConflictError           IdentityConflict                 no
+├── CheckpointNotFoundError         CheckpointNotFound               no
+├── DigestMismatchError             DigestMismatch                   no
+├── IncompatibleError               Incompatible                     no
+├── WorkloadExitedError             WorkloadExited                   no
+├── WorkloadNotReadyError           WorkloadNotReady                 no
+├── DumpFailedError                 DumpFailed                       no
+├── RestoreFailedError              RestoreFailed                    no
+├── UnavailableError                Unavailable                      yes  (server, binary absent)
+└── PipelineFailedError             the failed step's reason         -    (a workflow's outcome)
 """
 
+from __future__ import annotations
 
-class ApiError(Exception):
-    """Base of errors raised by the pure resource model."""
+from typing import ClassVar
+
+from api.reasons import Reason
 
 
-class InvalidSpecError(ApiError, ValueError):
+class WarmstartError(Exception):
+    """Base of expected failures; `reason` says which, the message names object and state."""
+
+    default_reason: ClassVar[Reason] = Reason.INTERNAL
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, reason: Reason | None = None) -> None:
+        super().__init__(message)
+        self.reason: Reason = reason or self.default_reason
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class InvalidSpecError(WarmstartError, ValueError):
     """A spec that cannot be accepted; the message names the field and the reason.
 
     A ValueError so that pydantic validators report it as a field error.
     """
 
+    default_reason = Reason.INVALID_SPEC
+
 
 class InvalidNameError(InvalidSpecError):
     """A name that is not a safe path element."""
+
+
+class IdentityConflictError(WarmstartError):
+    """The checkpoint ID is owned by another resource."""
+
+    default_reason = Reason.IDENTITY_CONFLICT
+
+
+class CheckpointNotFoundError(WarmstartError):
+    """No committed checkpoint (or version) matches."""
+
+    default_reason = Reason.CHECKPOINT_NOT_FOUND
+
+
+class DigestMismatchError(WarmstartError):
+    """An artifact is missing, truncated or altered; the message names the file."""
+
+    default_reason = Reason.DIGEST_MISMATCH
+
+
+class IncompatibleError(WarmstartError):
+    """The checkpoint cannot run on this node (architecture, driver)."""
+
+    default_reason = Reason.INCOMPATIBLE
+
+
+class WorkloadExitedError(WarmstartError):
+    """The workload ended before it was ready; the message carries its status and output."""
+
+    default_reason = Reason.WORKLOAD_EXITED
+
+
+class WorkloadNotReadyError(WarmstartError):
+    """The workload did not become ready within its budget."""
+
+    default_reason = Reason.WORKLOAD_NOT_READY
+
+
+class DumpFailedError(WarmstartError):
+    """CRIU could not dump, or the dump could not be committed."""
+
+    default_reason = Reason.DUMP_FAILED
+
+
+class RestoreFailedError(WarmstartError):
+    """CRIU could not restore, or the restored process did not answer."""
+
+    default_reason = Reason.RESTORE_FAILED
+
+
+class UnavailableError(WarmstartError):
+    """Something the command needs is not there: a Temporal server, the criu binary."""
+
+    default_reason = Reason.UNAVAILABLE
+    retryable = True
+
+
+class PipelineFailedError(WarmstartError):
+    """A capture or restore workflow failed; `reason` is that of the step that failed."""

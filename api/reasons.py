@@ -1,9 +1,15 @@
-"""Phases, condition types and reasons shared by workflows, status and events."""
+"""Phases, reasons and sentinel names shared by workflows, status, errors and the CLI."""
 
 from enum import StrEnum
 
 
 class Phase(StrEnum):
+    """Where a checkpoint or restore stands (resource status, `WarmstartPhase` search attribute).
+
+    Not to be confused with a workflow *step* (claim, dump, ...) or a *stage* inside the one
+    restore activity (verify, prepare, criu-restore, await-answer).
+    """
+
     PENDING = "Pending"
     CREATING = "Creating"
     CAPTURING = "Capturing"
@@ -16,7 +22,7 @@ class Phase(StrEnum):
 
 
 class Reason(StrEnum):
-    """CamelCase reasons for conditions, failures and events (also ApplicationError types)."""
+    """CamelCase reasons of conditions, failures and events; the `type` of ApplicationErrors."""
 
     INVALID_SPEC = "InvalidSpec"
     NODE_LOST = "NodeLost"
@@ -29,8 +35,19 @@ class Reason(StrEnum):
     INCOMPATIBLE = "Incompatible"
     CHECKPOINT_NOT_FOUND = "CheckpointNotFound"
     CANCELLED = "Cancelled"
+    STEP_TIMED_OUT = "StepTimedOut"
+    UNAVAILABLE = "Unavailable"
+    INTERNAL = "InternalError"
     CAPTURED = "Captured"
     RESTORED = "Restored"
+
+
+def as_reason(value: str | None) -> Reason | None:
+    """The Reason named `value` (an ApplicationError's type), or None if it is not one."""
+    try:
+        return Reason(value) if value else None
+    except ValueError:
+        return None
 
 
 class Sentinel(StrEnum):
@@ -40,11 +57,3 @@ class Sentinel(StrEnum):
     SNAPSHOT_COMPLETE = "snapshot-complete"
     RESTORE_COMPLETE = "restore-complete"
     RESTORE_FAILED = "restore-failed"
-
-
-def gms_save_sentinel(pod_uid: str) -> str:
-    return f"gms-save-complete-{pod_uid}"
-
-
-def gms_load_sentinel(pod_uid: str) -> str:
-    return f"gms-load-complete-{pod_uid}"

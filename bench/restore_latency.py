@@ -1,7 +1,8 @@
 """Restore latency: the warmstart pipeline against raw `criu restore` of the same image.
 
 Both are timed from the request to the restored process's first HTTP answer. Needs root
-and CRIU >= 4.2. Usage: `.venv/bin/python bench/restore_latency.py [--runs N]`.
+and CRIU >= 4.2. Usage, from the repository root:
+`.venv/bin/python -m bench.restore_latency [--runs N]`.
 """
 
 from __future__ import annotations
@@ -13,24 +14,24 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from temporalio.client import Client
 
-from activities.processes import terminate  # noqa: E402
-from activities.sentinels import STALE_SENTINELS, clear_sentinels  # noqa: E402
-from activities.storage import WORKLOAD_LOG, CheckpointStore  # noqa: E402
-from api.manifest import Manifest  # noqa: E402
-from api.workload import Readiness  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-from tests.pipeline import capture, capture_request, sample_workload, shell_workload  # noqa: E402
-from workers.client import connect  # noqa: E402
-from workers.devserver import DevServer  # noqa: E402
-from workers.pipelines import start_restore  # noqa: E402
-from workers.runtime import control_worker, node_worker  # noqa: E402
-from workers.settings import NodeSettings, Settings, TemporalSettings  # noqa: E402
-from workflows.contracts import RestoreRequest  # noqa: E402
+from activities.processes import terminate
+from activities.sentinels import STALE_SENTINELS, clear_sentinels
+from activities.storage import WORKLOAD_LOG, CheckpointStore
+from api.identity import CheckpointIdentity
+from api.manifest import Manifest
+from api.workload import LocalWorkload, Readiness
+from workers.client import connect
+from workers.compose import control_worker, node_worker
+from workers.devserver import DevServer
+from workers.operations import follow, start_capture, start_restore
+from workers.ports import free_port
+from workers.settings import NodeSettings, Settings, TemporalSettings
+from workflows.contracts import CaptureRequest, RestoreRequest
 
 
 class Poller:
@@ -41,9 +42,8 @@ class Poller:
 
     async def start(self, url: str) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(REPO / "bench" / "poller.py"), url,
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable, "-m", "bench.poller", url, stdout=asyncio.subprocess.PIPE
+        )
         assert self.proc.stdout is not None
         await self.proc.stdout.readline()  # "ready"
 
@@ -71,10 +71,11 @@ async def raw_restore(criu: str, version_dir: Path, manifest: Manifest, url: str
     async with Poller() as poller:
         await poller.start(url)
         started = time.monotonic()
+        dirs = ["-D", str(version_dir / "criu"), "-W", str(work)]
+        outputs = ["-o", "restore.log", "--pidfile", str(work / "pid")]
         proc = await asyncio.create_subprocess_exec(
-            criu, "restore", "-D", str(version_dir / "criu"), "-W", str(work), "-o",
-            "restore.log", "--restore-detached", "--pidfile", str(work / "pid"),
-        )  # fmt: skip
+            criu, "restore", *dirs, *outputs, "--restore-detached"
+        )
         assert await proc.wait() == 0
         if manifest.source.readiness.kind == "sentinel":
             (Path(manifest.source.control_dir) / "restore-complete").write_text("done\n")
@@ -84,11 +85,16 @@ async def raw_restore(criu: str, version_dir: Path, manifest: Manifest, url: str
     return seconds
 
 
-async def pipeline_restore(client, settings, manifest: Manifest, url: str) -> float:  # type: ignore[no-untyped-def]
+async def pipeline_restore(
+    client: Client, settings: Settings, manifest: Manifest, url: str
+) -> float:
     request = RestoreRequest(
-        name=manifest.source.name, checkpoint_id=manifest.checkpoint_id, node=settings.node.name,
+        name=manifest.source.name,
+        checkpoint_id=manifest.checkpoint_id,
+        version=manifest.version,
+        node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
-    )  # fmt: skip
+    )
     async with Poller() as poller:
         await poller.start(url)
         started = time.monotonic()
@@ -109,9 +115,10 @@ async def main(runs: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         settings = Settings(
-            home=Path(tmp), temporal=TemporalSettings(address=f"127.0.0.1:{port}"),
+            home=Path(tmp),
+            temporal=TemporalSettings(address=f"127.0.0.1:{port}"),
             node=NodeSettings(name="bench"),
-        )  # fmt: skip
+        )
         server = DevServer(
             db_file=Path(tmp) / "t.db", port=port, ui_port=free_port(), headless=True
         )
@@ -121,7 +128,17 @@ async def main(runs: int) -> None:
             client = await connect(settings, wait_seconds=30)
             async with control_worker(client, settings), node_worker(client, settings):
                 for label, workload, url in workloads():
-                    result = await capture(client, capture_request(settings, workload))
+                    identity = CheckpointIdentity(
+                        model=f"bench/{workload.name}", backend_framework="vllm"
+                    )
+                    request = CaptureRequest.local(
+                        workload,
+                        identity,
+                        node=settings.node.name,
+                        control_task_queue=settings.node.control_task_queue,
+                    )
+                    handle = await start_capture(client, request)
+                    result = await follow(client, handle, lambda _p: None)
                     store = CheckpointStore(settings.checkpoint_root)
                     version_dir = store.find(result.checkpoint_id)
                     manifest = store.verify(version_dir, checkpoint_id=result.checkpoint_id)
@@ -135,21 +152,34 @@ async def main(runs: int) -> None:
     print_table(rows, runs)
 
 
-def workloads():  # type: ignore[no-untyped-def]
-    token_port, sample_port = free_port(), free_port()
-    token = shell_workload(
-        "bench-token", f"exec python3 {REPO}/tests/programs/token_server.py {token_port}",
-        readiness=Readiness(kind="http", http_url=f"http://127.0.0.1:{token_port}/"),
-    )  # fmt: skip
-    yield "python http.server (probe)", token, f"http://127.0.0.1:{token_port}/"
-    sample = sample_workload("bench-sample", sample_port, rounds=200)
-    yield "sample worker (sentinels)", sample, f"http://127.0.0.1:{sample_port}/healthz"
+def workloads() -> Iterator[tuple[str, LocalWorkload, str]]:
+    http_port, sample_port = free_port(), free_port()
+    http_url = f"http://127.0.0.1:{http_port}/"
+    http = LocalWorkload(
+        name="bench-http",
+        command=(sys.executable, "-m", "http.server", str(http_port), "--bind", "127.0.0.1"),
+        cwd=tempfile.gettempdir(),
+        readiness=Readiness(kind="http", http_url=http_url),
+        ready_timeout_seconds=60,
+    )
+    yield "python http.server (probe)", http, http_url
+    sample_url = f"http://127.0.0.1:{sample_port}/healthz"
+    worker = (sys.executable, "-m", "examples.inference_worker", "--port", str(sample_port))
+    sample = LocalWorkload(
+        name="bench-sample",
+        command=(*worker, "--warmup-rounds", "200"),
+        cwd=tempfile.gettempdir(),
+        health_url=sample_url,
+        ready_timeout_seconds=120,
+    )
+    yield "sample worker (sentinels)", sample, sample_url
 
 
-def print_table(rows, runs: int) -> None:  # type: ignore[no-untyped-def]
+def print_table(rows: list[tuple[str, int, list[float], list[float]]], runs: int) -> None:
     print(f"restore: request -> first HTTP answer, {runs} runs each (ms)")
-    header = f"{'workload':30} {'image':>8} {'raw p50':>8} {'raw p90':>8} {'ws p50':>8} " \
-             f"{'ws p90':>8} {'added p50':>9} {'ratio':>6}"  # fmt: skip
+    columns = ("raw p50", "raw p90", "ws p50", "ws p90")
+    header = f"{'workload':30} {'image':>8} " + " ".join(f"{c:>8}" for c in columns)
+    header += f" {'added p50':>9} {'ratio':>6}"
     print(header)
     print("-" * len(header))
     for label, size, raw, piped in rows:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -18,16 +17,10 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from workers.compose import control_worker, node_worker
 from workers.devserver import temporal_cli
-from workers.runtime import control_worker, node_worker
 from workers.settings import CriuSettings, NodeSettings, Settings
 from workflows.visibility import ALL_KEYS
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -81,7 +74,6 @@ def settings(tmp_path: Path) -> Settings:
 @pytest_asyncio.fixture
 async def workers(client: Client, settings: Settings) -> AsyncIterator[Settings]:
     """The control worker and a node worker running against the dev server."""
-    async with control_worker(client, settings), node_worker(client, settings, base_env={
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-    }):  # fmt: skip
+    base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    async with control_worker(client, settings), node_worker(client, settings, base_env=base_env):
         yield settings

@@ -10,59 +10,63 @@ from typing import Any
 
 from temporalio.client import Client
 
-from api.identity import CheckpointIdentity, checkpoint_id
+from api.identity import CheckpointIdentity
 from api.workload import LocalWorkload, Readiness
-from workers.pipelines import follow, start_capture, start_restore
+from workers.operations import follow, start_capture, start_restore
 from workers.settings import Settings
 from workflows.contracts import CaptureRequest, CaptureResult, RestoreRequest, RestoreResult
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_WORKER = REPO / "examples" / "inference_worker.py"
 
 
 def sample_workload(name: str, port: int, *, rounds: int = 50) -> LocalWorkload:
+    worker = (sys.executable, "-m", "examples.inference_worker")
     return LocalWorkload(
         name=name,
-        command=(sys.executable, str(SAMPLE_WORKER), "--port", str(port), "--warmup-rounds",
-                 str(rounds)),
+        command=(*worker, "--port", str(port), "--warmup-rounds", str(rounds)),
         cwd=str(REPO),
         health_url=f"http://127.0.0.1:{port}/healthz",
         ready_timeout_seconds=60,
-    )  # fmt: skip
+    )
 
 
 def shell_workload(name: str, script: str, *, readiness: Readiness | None = None) -> LocalWorkload:
     return LocalWorkload(
-        name=name, command=("sh", "-c", script), cwd=str(REPO),
-        readiness=readiness or Readiness(), ready_timeout_seconds=30,
-    )  # fmt: skip
+        name=name,
+        command=("sh", "-c", script),
+        cwd=str(REPO),
+        readiness=readiness or Readiness(),
+        ready_timeout_seconds=30,
+    )
 
 
 def capture_request(settings: Settings, workload: LocalWorkload) -> CaptureRequest:
     identity = CheckpointIdentity(model=f"test/{workload.name}", backend_framework="vllm")
-    return CaptureRequest(
-        name=workload.name, identity=identity, checkpoint_id=checkpoint_id(identity),
-        node=settings.node.name, workload=workload,
+    return CaptureRequest.local(
+        workload,
+        identity,
+        node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
-    )  # fmt: skip
+    )
 
 
 async def capture(client: Client, request: CaptureRequest) -> CaptureResult:
     handle = await start_capture(client, request)
-    result: CaptureResult = await follow(client, handle, lambda _s: None, every=0.2)
-    return result
+    return await follow(client, handle, lambda _s: None, every=0.2)
 
 
 async def restore(
     client: Client, settings: Settings, name: str, ckpt: str, timeout: float = 30
 ) -> RestoreResult:
     request = RestoreRequest(
-        name=name, checkpoint_id=ckpt, node=settings.node.name, answer_timeout_seconds=timeout,
+        name=name,
+        checkpoint_id=ckpt,
+        node=settings.node.name,
+        answer_timeout_seconds=timeout,
         control_task_queue=settings.node.control_task_queue,
-    )  # fmt: skip
+    )
     handle = await start_restore(client, request)
-    result: RestoreResult = await handle.result()
-    return result
+    return await follow(client, handle, lambda _s: None, every=0.2)
 
 
 def get_json(url: str) -> Any:

@@ -9,15 +9,16 @@ import socket
 from pathlib import Path
 
 import pytest
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.exceptions import ApplicationError
+from temporalio.client import Client
 
+from activities.catalog import LocalCatalog
 from activities.localstate import read_status
 from activities.processes import terminate
 from activities.storage import CheckpointStore
-from api.reasons import Phase
+from api.errors import PipelineFailedError
+from api.reasons import Phase, Reason
 from api.workload import Readiness
-from tests.conftest import free_port, needs_criu
+from tests.conftest import needs_criu
 from tests.pipeline import (
     capture,
     capture_request,
@@ -26,17 +27,12 @@ from tests.pipeline import (
     sample_workload,
     shell_workload,
 )
-from workers.pipelines import start_capture
+from workers.operations import start_capture
+from workers.ports import free_port
 from workers.settings import Settings
 
 pytestmark = needs_criu
 PROGRAMS = Path(__file__).parent / "programs"
-
-
-def failure(err: pytest.ExceptionInfo[WorkflowFailureError]) -> ApplicationError:
-    cause = err.value.cause
-    assert isinstance(cause, ApplicationError)
-    return cause
 
 
 async def test_round_trip_carries_process_state(client: Client, workers: Settings) -> None:
@@ -60,7 +56,7 @@ async def test_round_trip_carries_process_state(client: Client, workers: Setting
         # Memory state chosen at random by the captured process came back.
         assert info["instance_id"] == instance.group(1)
         assert info["restored"] is True
-        assert set(restored.phase_seconds) == {"verify", "prepare", "criu-restore", "await-answer"}
+        assert set(restored.stage_seconds) == {"verify", "prepare", "criu-restore", "await-answer"}
     finally:
         assert await terminate(restored.pid, grace_seconds=5)
     status = read_status(workers.home, "capture", "local", "roundtrip")
@@ -99,16 +95,16 @@ async def test_workload_exiting_before_ready_fails_with_status_and_output(
 ) -> None:
     workload = shell_workload("early-exit", "echo loading weights; echo out of memory >&2; exit 3")
     request = capture_request(workers, workload)
-    with pytest.raises(WorkflowFailureError) as err:
+    with pytest.raises(PipelineFailedError) as err:
         await capture(client, request)
-    cause = failure(err)
-    assert cause.type == "WorkloadExited"
+    cause = err.value
+    assert cause.reason == Reason.WORKLOAD_EXITED
     assert "exited with status 3" in cause.message
     assert "out of memory" in cause.message
     status = read_status(workers.home, "capture", "local", "early-exit")
     assert status is not None and status.phase == Phase.FAILED
     assert status.reason == "WorkloadExited"
-    assert CheckpointStore(workers.checkpoint_root).manifests() == []
+    assert LocalCatalog(workers.checkpoint_root).checkpoints() == []
 
 
 async def test_dump_failure_reports_dump_log_and_leaves_nothing(
@@ -121,17 +117,17 @@ async def test_dump_failure_reports_dump_log_and_leaves_nothing(
     script = f"exec python3 {PROGRAMS}/tcp_client.py {port}"
     request = capture_request(workers, shell_workload("dump-fails", script))
     try:
-        with pytest.raises(WorkflowFailureError) as err:
+        with pytest.raises(PipelineFailedError) as err:
             await capture(client, request)
     finally:
         server.close()
-    cause = failure(err)
-    assert cause.type == "DumpFailed"
+    cause = err.value
+    assert cause.reason == Reason.DUMP_FAILED
     assert "dump.log" in cause.message
     assert re.search(r"Error|tcp|socket", cause.message, re.IGNORECASE)
     versions = workers.checkpoint_root / request.checkpoint_id / "versions"
     assert not [p for p in versions.rglob("*") if p.is_file()]
-    assert CheckpointStore(workers.checkpoint_root).manifests() == []
+    assert LocalCatalog(workers.checkpoint_root).checkpoints() == []
     status = read_status(workers.home, "capture", "local", "dump-fails")
     assert status is not None and status.phase == Phase.FAILED
 
@@ -153,10 +149,10 @@ async def test_restore_refuses_damaged_checkpoint(
         data = bytearray(victim.read_bytes())
         data[100] ^= 0xFF
         victim.write_bytes(bytes(data))
-    with pytest.raises(WorkflowFailureError) as err:
+    with pytest.raises(PipelineFailedError) as err:
         await restore(client, workers, request.name, result.checkpoint_id)
-    cause = failure(err)
-    assert cause.type == "DigestMismatch"
+    cause = err.value
+    assert cause.reason == Reason.DIGEST_MISMATCH
     assert f"criu/{victim.name}" in cause.message
     control = Path(json.loads((version_dir / "manifest.json").read_text())["source"]["control_dir"])
     assert not (control / "restore-complete").exists()
@@ -169,10 +165,10 @@ async def test_restore_refuses_damaged_checkpoint(
 async def test_restore_of_unknown_checkpoint_is_a_clear_error(
     client: Client, workers: Settings
 ) -> None:
-    with pytest.raises(WorkflowFailureError) as err:
+    with pytest.raises(PipelineFailedError) as err:
         await restore(client, workers, "ghost", "0123456789abcdef")
-    cause = failure(err)
-    assert cause.type == "CheckpointNotFound"
+    cause = err.value
+    assert cause.reason == Reason.CHECKPOINT_NOT_FOUND
     assert "0123456789abcdef" in cause.message
 
 

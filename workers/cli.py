@@ -1,66 +1,57 @@
 """The `warmstart` CLI: dev server and workers, capture, restore, list, describe, demo.
 
 Exit codes: 0 success, 1 the pipeline failed (or its server is unreachable), 2 usage.
+Start time matters (a restore is a fraction of a second): this module imports only typer
+at the top; each command imports what it needs (docs/decisions/0007-cli-start-time.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from temporalio.client import Client, WorkflowFailureError
 
-from activities.localstate import read_status
-from activities.storage import CheckpointStore
-from api.identity import CheckpointIdentity, checkpoint_id
-from api.naming import LOCAL_NAMESPACE
-from api.workload import LocalWorkload, Readiness
-from workers import display
-from workers.client import ServerUnavailableError, connect, workflow_ui_url
-from workers.devserver import DevServerError
-from workers.pipelines import (
-    CheckpointLookupError,
-    follow,
-    resolve_checkpoint,
-    start_capture,
-    start_restore,
+if TYPE_CHECKING:
+    from rich.console import Console
+    from temporalio.client import Client, WorkflowHandle
+
+    from api.identity import CheckpointIdentity
+    from api.workload import LocalWorkload
+    from workers.settings import Settings
+    from workflows.contracts import CaptureRequest, CaptureResult, RestoreRequest, RestoreResult
+
+W = TypeVar("W")
+T = TypeVar("T")
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
 )
-from workers.runtime import CriuMissingError
-from workers.settings import Settings
-from workers.telemetry import configure_tracing, shutdown_tracing
-from workflows.contracts import CaptureRequest, RestoreRequest
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
-err_console = Console(stderr=True)
 
 OutputOpt = Annotated[str, typer.Option("--output", "-o", help="table or json")]
 
 
 def _settings() -> Settings:
-    settings = Settings()
-    configure_tracing(settings.telemetry)
-    return settings
+    from workers.settings import Settings
+
+    return Settings.from_env(os.environ)
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
+def _console(*, stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
 
 
-async def _client(settings: Settings) -> Client:
-    try:
-        return await connect(settings)
-    except ServerUnavailableError as err:
-        raise _fail(str(err)) from err
+def _traced(settings: Settings) -> None:
+    if settings.telemetry.exporter != "off":
+        from workers.telemetry import configure_tracing
+
+        configure_tracing(settings.telemetry)
 
 
 @app.command()
@@ -72,12 +63,14 @@ def dev(
     from workers.embedded import run_dev
 
     settings = _settings()
+    temporal = settings.temporal.on_ports(port=port, ui_port=ui_port)
+    settings = settings.model_copy(update={"temporal": temporal})
+    _traced(settings)
+    console = _console()
     try:
-        asyncio.run(run_dev(settings, port=port, ui_port=ui_port, console=console))
+        asyncio.run(run_dev(settings, console=console))
     except KeyboardInterrupt:
         console.print("stopped")
-    except (CriuMissingError, DevServerError, ServerUnavailableError) as err:
-        raise _fail(str(err)) from err
 
 
 @app.command()
@@ -86,33 +79,65 @@ def worker() -> None:
     from workers.embedded import run_workers
 
     settings = _settings()
+    _traced(settings)
+    console = _console()
     try:
         asyncio.run(run_workers(settings, console=console))
     except KeyboardInterrupt:
         console.print("stopped")
-    except (CriuMissingError, ServerUnavailableError) as err:
-        raise _fail(str(err)) from err
 
 
 def _identity(
     name: str, identity_file: Path | None, fields: dict[str, object], extra: list[str]
 ) -> CheckpointIdentity:
+    from api.errors import InvalidSpecError
+    from api.identity import CheckpointIdentity
+
     if identity_file is not None:
         try:
             return CheckpointIdentity.model_validate_json(identity_file.read_text())
-        except (OSError, ValidationError) as err:
-            raise _fail(f"--identity {identity_file}: {err}", 2) from err
+        except OSError as err:
+            raise InvalidSpecError(f"--identity {identity_file}: {err}") from err
     pairs = {}
     for item in extra:
         key, sep, value = item.partition("=")
         if not sep:
-            raise _fail(f"--extra {item!r}: expected KEY=VALUE", 2)
+            raise InvalidSpecError(f"--extra {item!r}: expected KEY=VALUE")
         pairs[key] = value
-    try:
-        given = {k: v for k, v in fields.items() if v is not None}
-        return CheckpointIdentity.model_validate({"model": name, **given, "extraParameters": pairs})
-    except ValidationError as err:
-        raise _fail(f"identity: {display.validation_message(err)}", 2) from err
+    given = {k: v for k, v in fields.items() if v is not None}
+    return CheckpointIdentity.model_validate({"model": name, **given, "extraParameters": pairs})
+
+
+def _workload(
+    name: str,
+    command: list[str],
+    *,
+    ready_tcp: int | None,
+    ready_http: str | None,
+    health_http: str | None,
+    ready_timeout: float,
+    cwd: Path | None,
+    env: list[str],
+) -> LocalWorkload:
+    from api.errors import InvalidSpecError
+    from api.workload import LocalWorkload, Readiness
+
+    if ready_tcp is not None and ready_http is not None:
+        raise InvalidSpecError("give at most one of --ready-tcp and --ready-http")
+    readiness = Readiness()
+    if ready_tcp is not None:
+        readiness = Readiness(kind="tcp", tcp_port=ready_tcp)
+    elif ready_http is not None:
+        readiness = Readiness(kind="http", http_url=ready_http)
+    return LocalWorkload(
+        name=name,
+        command=tuple(command),
+        cwd=str((cwd or Path.cwd()).resolve()),
+        env=dict(item.partition("=")[::2] for item in env),
+        readiness=readiness,
+        health_url=health_http,
+        ready_timeout_seconds=ready_timeout,
+    )
 
 
 @app.command()
@@ -137,58 +162,86 @@ def capture(
     output: OutputOpt = "table",
 ) -> None:
     """Launch CMD, wait until it is warm, checkpoint it with CRIU and commit the checkpoint."""
+    from workers import display
+    from workflows.contracts import CaptureRequest
+
     settings = _settings()
-    identity = _identity(
-        name, identity_file,
-        {"model": model, "backendFramework": backend, "frameworkVersion": framework_version,
-         "tensorParallelSize": tensor_parallel_size, "pipelineParallelSize": pipeline_parallel_size,
-         "dtype": dtype, "maxModelLen": max_model_len},
-        extra,
-    )  # fmt: skip
-    if ready_tcp is not None and ready_http is not None:
-        raise _fail("give at most one of --ready-tcp and --ready-http", 2)
-    try:
-        readiness = (
-            Readiness(kind="tcp", tcp_port=ready_tcp) if ready_tcp is not None
-            else Readiness(kind="http", http_url=ready_http) if ready_http is not None
-            else Readiness()
-        )  # fmt: skip
-        workload = LocalWorkload(
-            name=name, command=tuple(command), cwd=str((cwd or Path.cwd()).resolve()),
-            env=dict(item.partition("=")[::2] for item in env), readiness=readiness,
-            health_url=health_http, ready_timeout_seconds=ready_timeout,
-        )  # fmt: skip
-    except ValidationError as err:
-        raise _fail(display.validation_message(err), 2) from err
-    request = CaptureRequest(
-        name=name, identity=identity, checkpoint_id=checkpoint_id(identity),
-        node=settings.node.name, workload=workload,
+    fields: dict[str, object] = {
+        "model": model,
+        "backendFramework": backend,
+        "frameworkVersion": framework_version,
+        "tensorParallelSize": tensor_parallel_size,
+        "pipelineParallelSize": pipeline_parallel_size,
+        "dtype": dtype,
+        "maxModelLen": max_model_len,
+    }
+    identity = _identity(name, identity_file, fields, extra)
+    workload = _workload(
+        name,
+        command,
+        ready_tcp=ready_tcp,
+        ready_http=ready_http,
+        health_http=health_http,
+        ready_timeout=ready_timeout,
+        cwd=cwd,
+        env=env,
+    )
+    request = CaptureRequest.local(
+        workload,
+        identity,
+        node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
-    )  # fmt: skip
-    result = asyncio.run(_run_capture(settings, request))
-    display.capture_result(console, result, output)
+    )
+    result = asyncio.run(_capture(settings, request))
+    display.capture_result(_console(), result, output)
 
 
-async def _run_capture(settings: Settings, request: CaptureRequest) -> Any:
-    client = await _client(settings)
-    return await _follow(settings, client, await start_capture(client, request), "capture",
-                         request.name, every=0.5)  # fmt: skip
+async def _capture(settings: Settings, request: CaptureRequest) -> CaptureResult:
+    from workers.client import connect
+    from workers.operations import start_capture
+
+    _traced(settings)
+    client = await connect(settings)
+    handle = await start_capture(client, request)
+    return await _follow(settings, client, handle, "capture", request.name, every=0.5)
+
+
+async def _restore(settings: Settings, request: RestoreRequest) -> RestoreResult:
+    from workers.client import connect
+    from workers.operations import start_restore
+
+    _traced(settings)
+    client = await connect(settings)
+    handle = await start_restore(client, request)
+    return await _follow(settings, client, handle, "restore", request.name, every=0.2)
 
 
 async def _follow(
-    settings: Settings, client: Client, handle: Any, kind: str, name: str, *, every: float
-) -> Any:
-    """Print the workflow's Web UI link, follow it with a spinner, map failure to exit 1."""
+    settings: Settings,
+    client: Client,
+    handle: WorkflowHandle[W, T],
+    kind: str,
+    name: str,
+    *,
+    every: float,
+) -> T:
+    """Print the workflow's Web UI link and follow it with a spinner until it ends."""
+    from workers import display
+    from workers.client import workflow_ui_url
+    from workers.operations import follow
+
     t = settings.temporal
     link = workflow_ui_url(t.ui_url, t.namespace, handle.id, handle.result_run_id or "")
-    err_console.print(f"{kind} workflow {handle.id}\n  {link}", highlight=False)
+    console = _console(stderr=True)
+    console.print(f"{kind} workflow {handle.id}\n  {link}", soft_wrap=True)
     try:
-        with display.progress(err_console, f"{kind} {name}") as show:
+        with display.progress(console, f"{kind} {name}") as show:
             return await follow(client, handle, show, every=every)
-    except WorkflowFailureError as err:
-        raise _fail(f"{kind} {name} failed: {display.failure_message(err)}") from err
     finally:
-        shutdown_tracing()
+        if settings.telemetry.exporter != "off":
+            from workers.telemetry import shutdown_tracing
+
+            shutdown_tracing()
 
 
 @app.command()
@@ -199,31 +252,32 @@ def restore(
     output: OutputOpt = "table",
 ) -> None:
     """Restore the newest committed checkpoint named REF (or with ID REF) on this node."""
+    from activities.catalog import LocalCatalog
+    from workers import display
+    from workflows.contracts import RestoreRequest
+
     settings = _settings()
-    try:
-        manifest = resolve_checkpoint(CheckpointStore(settings.checkpoint_root), ref)
-    except CheckpointLookupError as err:
-        raise _fail(str(err)) from err
+    manifest = LocalCatalog(settings.checkpoint_root).find(ref)
     request = RestoreRequest(
-        name=manifest.source.name, checkpoint_id=manifest.checkpoint_id,
-        version=version or manifest.version, node=settings.node.name,
-        answer_timeout_seconds=timeout, control_task_queue=settings.node.control_task_queue,
-    )  # fmt: skip
-    result = asyncio.run(_run_restore(settings, request))
-    display.restore_result(console, result, output)
-
-
-async def _run_restore(settings: Settings, request: RestoreRequest) -> Any:
-    client = await _client(settings)
-    return await _follow(settings, client, await start_restore(client, request), "restore",
-                         request.name, every=0.2)  # fmt: skip
+        name=manifest.source.name,
+        checkpoint_id=manifest.checkpoint_id,
+        version=version or manifest.version,
+        node=settings.node.name,
+        answer_timeout_seconds=timeout,
+        control_task_queue=settings.node.control_task_queue,
+    )
+    result = asyncio.run(_restore(settings, request))
+    display.restore_result(_console(), result, output)
 
 
 @app.command("list")
 def list_checkpoints(output: OutputOpt = "table") -> None:
-    """Committed checkpoints on this node, newest first."""
-    settings = Settings()
-    display.manifest_table(console, CheckpointStore(settings.checkpoint_root).manifests(), output)
+    """Committed checkpoints, newest first (from the catalog; needs no server)."""
+    from activities.catalog import LocalCatalog
+    from workers import display
+
+    settings = _settings()
+    display.manifest_table(_console(), LocalCatalog(settings.checkpoint_root).checkpoints(), output)
 
 
 @app.command()
@@ -231,31 +285,15 @@ def describe(
     ref: Annotated[str, typer.Argument(help="checkpoint name or 16-hex checkpoint ID")],
     output: OutputOpt = "table",
 ) -> None:
-    """The manifest of a checkpoint plus the last capture and restore status.
+    """A checkpoint's manifest plus its latest capture and restore as Temporal knows them.
 
-    A name whose captures all failed has no manifest; its status (with the reason) is shown.
+    A name whose captures all failed has no manifest; its failed capture (with the reason)
+    is shown, and the command exits 1.
     """
-    settings = Settings()
-    manifest = None
-    try:
-        manifest = resolve_checkpoint(CheckpointStore(settings.checkpoint_root), ref)
-    except CheckpointLookupError as err:
-        lookup_error = err
-    name = manifest.source.name if manifest else ref
-    statuses = {
-        kind: read_status(settings.home, kind, LOCAL_NAMESPACE, name)
-        for kind in ("capture", "restore")
-    }
-    if manifest is None and not any(statuses.values()):
-        raise _fail(str(lookup_error))
-    if output == "json":
-        document = {"manifest": manifest.model_dump(mode="json") if manifest else None}
-        document |= {k: v.model_dump(mode="json") if v else None for k, v in statuses.items()}
-        print(json.dumps(document, indent=2))
-    else:
-        display.describe(console, name, manifest, statuses, settings.temporal)
-    if manifest is None:
-        raise typer.Exit(1)
+    from workers.describing import describe_checkpoint
+
+    code = asyncio.run(describe_checkpoint(_settings(), ref, output=output, console=_console()))
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -266,8 +304,36 @@ def demo(
     from workers.demo import run_demo
 
     settings = _settings()
-    code = asyncio.run(run_demo(settings, console=console, workload_port=port))
+    _traced(settings)
+    code = asyncio.run(run_demo(settings, console=_console(), workload_port=port))
     raise typer.Exit(code)
+
+
+def exit_status(err: BaseException) -> tuple[int, str]:
+    """The one mapping of errors to exit codes and messages."""
+    from pydantic import ValidationError
+
+    from api.errors import InvalidSpecError, WarmstartError
+
+    if isinstance(err, InvalidSpecError):
+        return 2, str(err)
+    if isinstance(err, ValidationError):
+        return 2, validation_message(err)
+    if isinstance(err, WarmstartError):
+        return 1, f"[{err.reason}] {err.message}"
+    if isinstance(err, KeyboardInterrupt):
+        return 130, "interrupted"
+    return 1, "".join(traceback.format_exception(err))
+
+
+def validation_message(err: object) -> str:
+    """One line per problem: `field: message`."""
+    from pydantic import ValidationError
+
+    assert isinstance(err, ValidationError)
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in err.errors()
+    )
 
 
 def main() -> None:
@@ -280,8 +346,11 @@ def main() -> None:
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as err:
+        from rich.markup import escape
+
+        code, message = exit_status(err)
+        _console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

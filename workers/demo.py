@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client
 
 from activities.processes import terminate
 from api.identity import CheckpointIdentity, checkpoint_id
@@ -24,30 +22,26 @@ from api.workload import LocalWorkload
 from workers import display
 from workers.client import workflow_ui_url
 from workers.embedded import embedded
-from workers.pipelines import follow, start_capture, start_restore
-from workers.runtime import CriuMissingError
+from workers.operations import follow, start_capture, start_restore
+from workers.ports import free_port
 from workers.settings import Settings
 from workflows.contracts import CaptureRequest, RestoreRequest
 
 NAME = "demo-worker"
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "inference_worker.py"
+# The sample worker ships as a module of the distribution: no source-tree paths.
+SAMPLE_WORKER = (sys.executable, "-m", "examples.inference_worker")
 PROMPTS = ("The capital of France is", "Checkpoint and restore", "warm GPUs serve fast")
 IDENTITY = CheckpointIdentity(model="warmstart/cpu-stand-in", backend_framework="vllm")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def generate(port: int, prompt: str, timeout: float = 5.0) -> str | None:
     """The worker's completion for `prompt`, or None while it is not answering."""
     body = json.dumps({"prompt": prompt, "max_tokens": 16}).encode()
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/generate", data=body,
+        f"http://127.0.0.1:{port}/generate",
+        data=body,
         headers={"Content-Type": "application/json"},
-    )  # fmt: skip
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             return str(json.loads(response.read())["completion"])
@@ -68,7 +62,7 @@ async def first_answer(port: int, started: float, expected: str | None, deadline
 async def cold_start(settings: Settings, port: int, console: Console) -> tuple[float, list[str]]:
     log_path = settings.home / "demo" / "cold-start.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(EXAMPLE), "--port", str(port)]
+    command = [*SAMPLE_WORKER, "--port", str(port)]
     with log_path.open("wb") as log:
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=log)
@@ -86,14 +80,18 @@ async def capture(
     client: Client, settings: Settings, port: int, console: Console
 ) -> tuple[float, str]:
     workload = LocalWorkload(
-        name=NAME, command=(sys.executable, str(EXAMPLE), "--port", str(port)),
-        cwd=str(EXAMPLE.parents[1]), health_url=f"http://127.0.0.1:{port}/healthz",
-    )  # fmt: skip
-    request = CaptureRequest(
-        name=NAME, identity=IDENTITY, checkpoint_id=checkpoint_id(IDENTITY),
-        node=settings.node.name, workload=workload,
+        name=NAME,
+        command=(*SAMPLE_WORKER, "--port", str(port)),
+        cwd=str(settings.home),
+        health_url=f"http://127.0.0.1:{port}/healthz",
+    )
+    request = CaptureRequest.local(
+        workload,
+        IDENTITY,
+        node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
-    )  # fmt: skip
+    )
+    settings.home.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     handle = await start_capture(client, request)
     with display.progress(console, "capture") as show:
@@ -106,9 +104,11 @@ async def restore(
     client: Client, settings: Settings, port: int, expected: str, console: Console
 ) -> tuple[float, str, int]:
     request = RestoreRequest(
-        name=NAME, checkpoint_id=checkpoint_id(IDENTITY), node=settings.node.name,
+        name=NAME,
+        checkpoint_id=checkpoint_id(IDENTITY),
+        node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
-    )  # fmt: skip
+    )
     started = time.monotonic()
     handle = await start_restore(client, request)
     seconds = await first_answer(port, started, expected, started + 120)
@@ -143,20 +143,13 @@ async def run_demo(settings: Settings, *, console: Console, workload_port: int =
     console.rule("1. cold start")
     cold, answers = await cold_start(settings, port, console)
     console.print(f"first correct answer after {cold:.2f} s: {answers[0]!r}", highlight=False)
-    try:
-        async with embedded(settings) as client:
-            console.rule("2. capture (the worker exits once the checkpoint is committed)")
-            cap, capture_link = await capture(client, settings, port, console)
-            console.rule("3. restore")
-            res, restore_link, pid = await restore(client, settings, port, answers[0], console)
-            restored = [generate(port, p) or "" for p in PROMPTS]
-            await terminate(pid, grace_seconds=5)
-    except CriuMissingError as err:
-        console.print(f"[red]error:[/] {err}")
-        return 1
-    except WorkflowFailureError as err:
-        console.print(f"[red]error:[/] {display.failure_message(err)}")
-        return 1
+    async with embedded(settings) as client:
+        console.rule("2. capture (the worker exits once the checkpoint is committed)")
+        cap, capture_link = await capture(client, settings, port, console)
+        console.rule("3. restore")
+        res, restore_link, pid = await restore(client, settings, port, answers[0], console)
+        restored = [generate(port, p) or "" for p in PROMPTS]
+        await terminate(pid, grace_seconds=5)
     same = restored == answers
     for prompt, before, after in zip(PROMPTS, answers, restored, strict=True):
         console.print(f"  {prompt!r}: cold {before!r} | restored {after!r}", highlight=False)

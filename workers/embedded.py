@@ -1,4 +1,5 @@
-"""The embedded default: a dev server with persistent state plus both workers in one process."""
+"""Composition root of the embedded default: a dev server with persistent state plus both
+workers in one process (`warmstart dev`, `warmstart worker`, the demo)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from collections.abc import AsyncIterator
 from rich.console import Console
 from temporalio.client import Client
 
+from api.naming import node_task_queue
 from workers.client import connect
-from workers.devserver import DevServer, port_open
-from workers.runtime import control_worker, node_worker
+from workers.compose import control_worker, node_worker
+from workers.devserver import DevServer
+from workers.ports import port_open
 from workers.settings import Settings
 
 # The frontend port opens before the server reports itself healthy.
@@ -20,13 +23,11 @@ STARTUP_SECONDS = 30.0
 
 
 @contextlib.asynccontextmanager
-async def dev_server(
-    settings: Settings, *, port: int | None, ui_port: int | None
-) -> AsyncIterator[DevServer]:
+async def dev_server(settings: Settings) -> AsyncIterator[DevServer]:
     server = DevServer(
         db_file=settings.dev_server_db,
-        port=port or settings.temporal.port,
-        ui_port=ui_port or settings.temporal.ui_port,
+        port=settings.temporal.port,
+        ui_port=settings.temporal.ui_port,
     )
     await server.start()
     try:
@@ -47,7 +48,7 @@ async def embedded(settings: Settings) -> AsyncIterator[Client]:
     if port_open(settings.temporal.port):
         yield await connect(settings)
         return
-    async with dev_server(settings, port=None, ui_port=None):
+    async with dev_server(settings):
         client = await connect(settings, wait_seconds=STARTUP_SECONDS)
         async with running_workers(client, settings):
             yield client
@@ -61,43 +62,30 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+def _queues(settings: Settings) -> str:
+    return f"{settings.node.control_task_queue}, {node_task_queue(settings.node.name)}"
+
+
 async def run_workers(settings: Settings, *, console: Console) -> None:
     """`warmstart worker`: both workers against `settings.temporal.address` until a signal."""
     stop = _stop_on_signals()
     client = await connect(settings)
     async with running_workers(client, settings):
-        console.print(
-            f"workers on {settings.temporal.address}: {settings.node.control_task_queue}, "
-            f"warmstart-node-{settings.node.name}",
-            highlight=False,
-        )
+        console.print(f"workers on {settings.temporal.address}: {_queues(settings)}")
         await stop.wait()
 
 
-async def run_dev(
-    settings: Settings, *, port: int | None, ui_port: int | None, console: Console
-) -> None:
+async def run_dev(settings: Settings, *, console: Console) -> None:
     """`warmstart dev`: run until Ctrl-C or SIGTERM, then stop workers and server cleanly."""
-    if port:
-        settings = settings.model_copy(
-            update={"temporal": settings.temporal.model_copy(
-                update={"address": f"{settings.temporal.address.rsplit(':', 1)[0]}:{port}"})}
-        )  # fmt: skip
-    if ui_port:
-        settings = settings.model_copy(
-            update={"temporal": settings.temporal.model_copy(update={"ui_port": ui_port})}
-        )
     stop = _stop_on_signals()
-    async with dev_server(settings, port=None, ui_port=None):
+    async with dev_server(settings):
         client = await connect(settings, wait_seconds=STARTUP_SECONDS)
         async with running_workers(client, settings):
             console.print(
                 f"Temporal dev server on {settings.temporal.address} "
                 f"(state {settings.dev_server_db})\n"
                 f"Web UI: {settings.temporal.ui_url}\n"
-                f"workers: {settings.node.control_task_queue}, "
-                f"warmstart-node-{settings.node.name}\nCtrl-C stops them.",
-                highlight=False,
+                f"workers: {_queues(settings)}\nCtrl-C stops them."
             )
             await stop.wait()
             console.print("stopping workers and server…")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from api.identity import CheckpointIdentity
+from api.contract import Contract
+from api.identity import CheckpointIdentity, checkpoint_id
 from api.naming import CONTROL_TASK_QUEUE, LOCAL_NAMESPACE, LOCAL_NODE
 from api.reasons import Phase
 from api.workload import LocalWorkload
-
-
-class Contract(BaseModel):
-    model_config = ConfigDict(frozen=True)
 
 
 class CaptureRequest(Contract):
@@ -27,6 +24,25 @@ class CaptureRequest(Contract):
     # How long a node step may wait for the node's worker before the node counts as lost.
     node_timeout_seconds: float = Field(default=120.0, gt=0)
 
+    @classmethod
+    def local(
+        cls,
+        workload: LocalWorkload,
+        identity: CheckpointIdentity,
+        *,
+        node: str = LOCAL_NODE,
+        control_task_queue: str = CONTROL_TASK_QUEUE,
+    ) -> CaptureRequest:
+        """The capture of a local workload, named after it, with the ID of `identity`."""
+        return cls(
+            name=workload.name,
+            identity=identity,
+            checkpoint_id=checkpoint_id(identity),
+            node=node,
+            workload=workload,
+            control_task_queue=control_task_queue,
+        )
+
 
 class CaptureResult(Contract):
     checkpoint_id: str
@@ -41,7 +57,7 @@ class RestoreRequest(Contract):
     namespace: str = LOCAL_NAMESPACE
     name: str
     checkpoint_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-    version: str = ""
+    version: str = ""  # newest committed when empty
     node: str = LOCAL_NODE
     answer_timeout_seconds: float = Field(default=120.0, gt=0)
     control_task_queue: str = CONTROL_TASK_QUEUE
@@ -52,12 +68,12 @@ class RestoreResult(Contract):
     version: str
     pid: int
     node: str
-    phase_seconds: dict[str, float]
-    step_seconds: dict[str, float]
+    stage_seconds: dict[str, float]  # inside the node's one restore activity
+    step_seconds: dict[str, float]  # of the workflow
 
 
 class Progress(Contract):
-    """What the `progress` query returns: where the pipeline is and how long steps took."""
+    """What the `progress` query returns: the current step and how long steps took."""
 
     step: str
     phase: Phase

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 
 from temporalio.common import RetryPolicy
@@ -14,18 +14,18 @@ from temporalio.exceptions import (
     TimeoutType,
 )
 
-from api.reasons import Reason
-
-# Longer than a node worker restart, shorter than anyone waits for a capture.
-NODE_SCHEDULE_TO_START = timedelta(minutes=2)
+from api.errors import PipelineFailedError
+from api.reasons import Reason, as_reason
 
 
 @dataclass(frozen=True)
 class StepOptions:
+    """Timeouts and retries of one step. A node step's schedule-to-start timeout is the
+    request's node timeout (a node whose worker does not pick the step up is lost)."""
+
     start_to_close: timedelta
     retry: RetryPolicy
     heartbeat: timedelta | None = None
-    schedule_to_start: timedelta | None = None
 
 
 def _retry(attempts: int, initial_seconds: float = 1.0) -> RetryPolicy:
@@ -38,29 +38,17 @@ def _retry(attempts: int, initial_seconds: float = 1.0) -> RetryPolicy:
 
 
 CONTROL = StepOptions(start_to_close=timedelta(seconds=30), retry=_retry(5))
-LAUNCH = StepOptions(
-    start_to_close=timedelta(seconds=60), retry=_retry(2), schedule_to_start=NODE_SCHEDULE_TO_START
-)
-SENTINEL = StepOptions(
-    start_to_close=timedelta(seconds=30), retry=_retry(5), schedule_to_start=NODE_SCHEDULE_TO_START
-)
+LAUNCH = StepOptions(start_to_close=timedelta(seconds=60), retry=_retry(2))
+SENTINEL = StepOptions(start_to_close=timedelta(seconds=30), retry=_retry(5))
 DUMP = StepOptions(
     start_to_close=timedelta(minutes=30),
     heartbeat=timedelta(seconds=20),
     retry=_retry(2, initial_seconds=5),
-    schedule_to_start=NODE_SCHEDULE_TO_START,
 )
-COMMIT = StepOptions(
-    start_to_close=timedelta(minutes=30), retry=_retry(3), schedule_to_start=NODE_SCHEDULE_TO_START
-)
-CLEANUP = StepOptions(
-    start_to_close=timedelta(seconds=60), retry=_retry(3), schedule_to_start=NODE_SCHEDULE_TO_START
-)
-
-
-def on_node(opts: StepOptions, node_timeout_seconds: float) -> StepOptions:
-    """The step with the request's node timeout as its schedule-to-start timeout."""
-    return replace(opts, schedule_to_start=timedelta(seconds=node_timeout_seconds))
+COMMIT = StepOptions(start_to_close=timedelta(minutes=30), retry=_retry(3))
+CLEANUP = StepOptions(start_to_close=timedelta(seconds=60), retry=_retry(3))
+# The restore activity runs on the queue of the node worker that runs the workflow.
+RESTORE_SCHEDULE_TO_START = timedelta(seconds=30)
 
 
 def await_ready_options(ready_timeout_seconds: float) -> StepOptions:
@@ -69,7 +57,6 @@ def await_ready_options(ready_timeout_seconds: float) -> StepOptions:
         start_to_close=timedelta(seconds=ready_timeout_seconds + 60),
         heartbeat=timedelta(seconds=15),
         retry=_retry(3, initial_seconds=2),
-        schedule_to_start=NODE_SCHEDULE_TO_START,
     )
 
 
@@ -79,23 +66,28 @@ def restore_options(answer_timeout_seconds: float) -> StepOptions:
         start_to_close=timedelta(seconds=answer_timeout_seconds + 600),
         heartbeat=timedelta(seconds=120),
         retry=RetryPolicy(maximum_attempts=1),
-        schedule_to_start=timedelta(seconds=30),
     )
 
 
-def failure_reason(err: BaseException, *, node: str = "") -> tuple[str, str]:
-    """(reason, message) of a failed step, for the status and the workflow failure."""
-    cause = err.cause if isinstance(err, ActivityError) else err
+def step_failure(err: ActivityError, *, node: str) -> PipelineFailedError:
+    """Why a step failed, as the reason and message of the status and the workflow failure."""
+    cause = err.cause
     if isinstance(cause, CancelledError):
-        return str(Reason.CANCELLED), "cancelled"
+        return PipelineFailedError("cancelled", reason=Reason.CANCELLED)
     if isinstance(cause, TimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START:
-        step = err.activity_type if isinstance(err, ActivityError) else "a step"
-        return str(Reason.NODE_LOST), (
-            f"node {node or '?'}: its node worker did not pick up {step} in time "
-            "(node or worker gone)"
+        return PipelineFailedError(
+            f"node {node}: its node worker did not pick up {err.activity_type} in time "
+            "(node or worker gone)",
+            reason=Reason.NODE_LOST,
         )
-    if isinstance(cause, ApplicationError) and cause.type:
-        return cause.type, cause.message
+    reason = as_reason(cause.type) if isinstance(cause, ApplicationError) else None
+    if isinstance(cause, ApplicationError) and reason is not None:
+        return PipelineFailedError(cause.message, reason=reason)
     if isinstance(cause, TimeoutError):
-        return "Timeout", f"step timed out ({cause.type.name if cause.type else 'unknown'})"
-    return "Failed", str(cause or err)
+        kind = cause.type.name if cause.type else "unknown"
+        return PipelineFailedError(
+            f"{err.activity_type} timed out ({kind})", reason=Reason.STEP_TIMED_OUT
+        )
+    return PipelineFailedError(
+        f"{err.activity_type} failed: {cause or err}", reason=Reason.INTERNAL
+    )

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.contracts import RestoreInput, StatusInput
-    from activities.contracts import RestoreResult as NodeRestoreResult
+    from activities.control import ControlActivities
+    from activities.errors import application_error
+    from activities.restore import RestoreActivities
     from api.naming import node_task_queue
     from api.reasons import Phase, Reason
     from workflows import policies, visibility
@@ -36,65 +38,81 @@ class RestoreWorkflow:
     def progress(self) -> Progress:
         req = self._request
         return visibility.progress_of(
-            self._clock, checkpoint_id=req.checkpoint_id if req else "",
-            node=req.node if req else "", version=self._version, error=self._error,
-        )  # fmt: skip
+            self._clock,
+            checkpoint_id=req.checkpoint_id if req else "",
+            node=req.node if req else "",
+            version=self._version,
+            error=self._error,
+        )
 
     @workflow.run
     async def run(self, request: RestoreRequest) -> RestoreResult:
         self._request = request
+        self._version = request.version
         visibility.index(
             namespace=request.namespace, checkpoint_id=request.checkpoint_id, node=request.node
         )
         self._clock.begin("restore", Phase.RESTORING)
         opts = policies.restore_options(request.answer_timeout_seconds)
+        restore = RestoreInput(
+            checkpoint_id=request.checkpoint_id,
+            version=request.version,
+            name=request.name,
+            answer_timeout_seconds=request.answer_timeout_seconds,
+        )
         try:
-            node_result = await workflow.execute_activity(
-                "restore_checkpoint",
-                RestoreInput(
-                    checkpoint_id=request.checkpoint_id, version=request.version,
-                    name=request.name, answer_timeout_seconds=request.answer_timeout_seconds,
-                ),
-                result_type=NodeRestoreResult, task_queue=node_task_queue(request.node),
-                start_to_close_timeout=opts.start_to_close, heartbeat_timeout=opts.heartbeat,
-                schedule_to_start_timeout=opts.schedule_to_start, retry_policy=opts.retry,
+            restored = await workflow.execute_activity_method(
+                RestoreActivities.restore_checkpoint,
+                restore,
+                task_queue=node_task_queue(request.node),
+                start_to_close_timeout=opts.start_to_close,
+                heartbeat_timeout=opts.heartbeat,
+                schedule_to_start_timeout=policies.RESTORE_SCHEDULE_TO_START,
+                retry_policy=opts.retry,
                 summary=f"restore {request.checkpoint_id} on {request.node}",
-            )  # fmt: skip
+            )
         except ActivityError as err:
-            reason, message = policies.failure_reason(err, node=request.node)
-            self._error = f"{reason}: {message}"
+            failure = policies.step_failure(err, node=request.node)
+            self._error = f"{failure.reason}: {failure.message}"
             self._clock.settle(Phase.FELL_BACK, "fell-back")
-            await self._publish(Phase.FELL_BACK, reason=reason, message=message)
-            raise ApplicationError(message, type=reason, non_retryable=True) from err
+            await self._publish(Phase.FELL_BACK, failure.reason, message=failure.message)
+            raise application_error(failure) from None
         except asyncio.CancelledError:
             self._clock.settle(Phase.FELL_BACK, "cancelled")
             raise
-        self._version = node_result.manifest.version
+        self._version = restored.version
         self._clock.begin("publish")
-        await self._publish(Phase.RESTORED, reason=Reason.RESTORED, pid=node_result.pid)
+        await self._publish(Phase.RESTORED, Reason.RESTORED, message=f"pid {restored.pid}")
         self._clock.settle(Phase.RESTORED, "done")
         return RestoreResult(
             checkpoint_id=request.checkpoint_id,
             version=self._version,
-            pid=node_result.pid,
+            pid=restored.pid,
             node=request.node,
-            phase_seconds=node_result.phase_seconds,
+            stage_seconds=restored.stage_seconds,
             step_seconds=dict(self._clock.seconds),
         )
 
-    async def _publish(self, phase: Phase, *, reason: str, message: str = "", pid: int = 0) -> None:
+    async def _publish(self, phase: Phase, reason: Reason, *, message: str) -> None:
         assert self._request is not None
-        req, info = self._request, workflow.info()
+        req = self._request
         status = StatusInput(
-            kind="restore", namespace=req.namespace, name=req.name, phase=phase,
-            checkpoint_id=req.checkpoint_id, version=self._version, node=req.node,
-            reason=str(reason), message=message or (f"pid {pid}" if pid else ""),
-            step_seconds=dict(self._clock.seconds), workflow_id=info.workflow_id,
-            run_id=info.run_id,
-        )  # fmt: skip
-        opts = policies.CONTROL
-        await workflow.execute_activity(
-            "publish_status", status, task_queue=req.control_task_queue,
-            start_to_close_timeout=opts.start_to_close, retry_policy=opts.retry,
+            kind="restore",
+            namespace=req.namespace,
+            name=req.name,
+            phase=phase,
+            reason=reason,
+            message=message,
+            checkpoint_id=req.checkpoint_id,
+            version=self._version,
+            node=req.node,
+            step_seconds=dict(self._clock.seconds),
+        )
+        await workflow.execute_activity_method(
+            ControlActivities.publish_status,
+            status,
+            task_queue=req.control_task_queue,
+            start_to_close_timeout=policies.CONTROL.start_to_close,
+            retry_policy=policies.CONTROL.retry,
             summary=f"publish {phase.value}",
-        )  # fmt: skip
+        )

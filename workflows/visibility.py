@@ -57,12 +57,14 @@ def start_attributes(
     *, namespace: str, checkpoint_id: str, node: str, phase: Phase
 ) -> TypedSearchAttributes:
     """Search attributes a starter sets, so the first workflow task need not upsert them."""
-    return TypedSearchAttributes([
-        SearchAttributePair(NAMESPACE, namespace),
-        SearchAttributePair(CHECKPOINT_ID, checkpoint_id),
-        SearchAttributePair(NODE, node),
-        SearchAttributePair(PHASE, phase.value),
-    ])  # fmt: skip
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(NAMESPACE, namespace),
+            SearchAttributePair(CHECKPOINT_ID, checkpoint_id),
+            SearchAttributePair(NODE, node),
+            SearchAttributePair(PHASE, phase.value),
+        ]
+    )
 
 
 def index(*, namespace: str, checkpoint_id: str, node: str) -> None:
@@ -79,6 +81,11 @@ def progress_of(
     clock: StepClock, *, checkpoint_id: str, node: str, version: str, error: str
 ) -> Progress:
     return Progress(
-        step=clock.step, phase=clock.phase, checkpoint_id=checkpoint_id, version=version,
-        node=node, step_seconds=dict(clock.seconds), error=error,
-    )  # fmt: skip
+        step=clock.step,
+        phase=clock.phase,
+        checkpoint_id=checkpoint_id,
+        version=version,
+        node=node,
+        step_seconds=dict(clock.seconds),
+        error=error,
+    )

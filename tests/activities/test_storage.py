@@ -8,34 +8,37 @@ from pathlib import Path
 
 import pytest
 
-from activities.storage import (
-    CheckpointNotFoundError,
-    CheckpointStore,
-    DigestMismatchError,
-    digest_tree,
-)
+from activities.catalog import LocalCatalog
+from activities.storage import CheckpointStore, digest_tree
+from api.errors import CheckpointNotFoundError, DigestMismatchError
 from api.identity import CheckpointIdentity
 from api.manifest import CriuInfo, HostInfo, Manifest, SourceInfo
 
 CKPT = "96429b2725761a09"
 
 
-def _stage(store: CheckpointStore) -> Path:
-    staging = store.new_staging(CKPT)
+VERSION = "20261124T000000Z-aaaaaa"
+
+
+def _stage(store: CheckpointStore, version: str = VERSION) -> Path:
+    staging = store.fresh_staging(CKPT, version)
     (staging / "criu").mkdir()
     (staging / "criu" / "pages-1.img").write_bytes(b"p" * 10_000)
     (staging / "criu" / "core-1.img").write_bytes(b"core")
     return staging
 
 
-def _manifest(staging: Path, version: str = "20261124T000000Z-aaaaaa") -> Manifest:
+def _manifest(staging: Path, version: str = VERSION) -> Manifest:
     return Manifest(
-        checkpoint_id=CKPT, version=version,
+        checkpoint_id=CKPT,
+        version=version,
         identity=CheckpointIdentity(model="m", backend_framework="vllm"),
-        created_at=datetime.now(UTC), source=SourceInfo(node="n", namespace="local", name="w"),
-        criu=CriuInfo(version="4.2.1"), host=HostInfo(kernel="k", arch="x86_64"),
+        created_at=datetime.now(UTC),
+        source=SourceInfo(node="n", namespace="local", name="w"),
+        criu=CriuInfo(version="4.2.1"),
+        host=HostInfo(kernel="k", arch="x86_64"),
         files=digest_tree(staging),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -58,16 +61,19 @@ def test_uncommitted_versions_are_invisible(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     _stage(store)
     (tmp_path / CKPT / "versions" / "20261124T000000Z-bbbbbb").mkdir()
-    assert store.manifests() == []
+    assert LocalCatalog(tmp_path).checkpoints() == []
     with pytest.raises(CheckpointNotFoundError, match=CKPT):
         store.find(CKPT)
 
 
 @pytest.mark.parametrize(
     ("damage", "message"),
-    [("missing", "criu/pages-1.img is missing"), ("truncated", "criu/pages-1.img has 9000 bytes"),
-     ("altered", "criu/pages-1.img does not match its SHA-256")],
-)  # fmt: skip
+    [
+        ("missing", "criu/pages-1.img is missing"),
+        ("truncated", "criu/pages-1.img has 9000 bytes"),
+        ("altered", "criu/pages-1.img does not match its SHA-256"),
+    ],
+)
 def test_damaged_files_are_named(
     committed: tuple[CheckpointStore, Path], damage: str, message: str
 ) -> None:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,24 +17,16 @@ from typing import Any
 
 import pytest
 
-WORKER = Path(__file__).resolve().parents[2] / "examples" / "inference_worker.py"
+from workers.ports import free_port
+
 ROUNDS = 3
 DEADLINE_S = 30.0
 
 
 def load_worker_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("inference_worker", WORKER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    import examples.inference_worker
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return examples.inference_worker
 
 
 @dataclass
@@ -113,7 +103,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
             if k not in {"SNAPSHOT_CONTROL_DIR", "DYN_SNAPSHOT_CONTROL_DIR", "WARMUP_ROUNDS"}
         }
         child_env.update(env or {})
-        cmd = [sys.executable, str(WORKER), "--port", str(port)]
+        cmd = [sys.executable, "-m", "examples.inference_worker", "--port", str(port)]
         cmd += list(args) if "--warmup-rounds" in args else ["--warmup-rounds", str(ROUNDS), *args]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(

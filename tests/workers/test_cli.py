@@ -12,7 +12,8 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from activities.processes import terminate
-from tests.conftest import free_port, needs_criu
+from tests.conftest import needs_criu
+from workers.ports import free_port
 from workers.settings import Settings
 
 WARMSTART = str(Path(sys.executable).parent / "warmstart")

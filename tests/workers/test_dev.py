@@ -12,7 +12,8 @@ from pathlib import Path
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
 
-from tests.conftest import free_port, needs_criu
+from tests.conftest import needs_criu
+from workers.ports import free_port
 from workflows.visibility import ALL_KEYS
 
 WARMSTART = str(Path(sys.executable).parent / "warmstart")

@@ -15,7 +15,7 @@ from temporalio.worker import Worker
 
 from api.naming import node_task_queue
 from tests.workflows.test_capture_workflow import Harness, StandIns
-from workers.pipelines import start_capture
+from workers.operations import start_capture
 from workers.settings import TelemetrySettings
 from workers.telemetry import configure_tracing
 from workflows.capture import CaptureWorkflow

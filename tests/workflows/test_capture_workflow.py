@@ -10,31 +10,29 @@ from dataclasses import dataclass, field
 import pytest
 import pytest_asyncio
 from temporalio import activity
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from activities.contracts import (
     AwaitReadyInput,
-    AwaitReadyResult,
     ClaimInput,
     CommitInput,
     CommitResult,
     DiscardInput,
     DumpInput,
-    DumpResult,
     LaunchInput,
     LaunchResult,
     SentinelInput,
     StatusInput,
     StopInput,
 )
-from api.identity import CheckpointIdentity, checkpoint_id
+from api.identity import CheckpointIdentity
 from api.naming import node_task_queue
 from api.reasons import Phase, Sentinel
 from api.workload import LocalWorkload
 from workflows.capture import CaptureWorkflow
-from workflows.contracts import CaptureRequest, Progress
+from workflows.contracts import CaptureRequest, CaptureResult, Progress
 from workflows.visibility import CHECKPOINT_ID, NODE, PHASE
 
 
@@ -47,6 +45,7 @@ class StandIns:
     fail: dict[str, ApplicationError] = field(default_factory=dict)
     hold_ready: asyncio.Event | None = None
     discarded: list[str] = field(default_factory=list)
+    dumped: list[str] = field(default_factory=list)
 
     def _record(self, name: str) -> None:
         self.calls.append((name, activity.info().task_queue))
@@ -65,25 +64,24 @@ class StandIns:
     @activity.defn(name="launch_workload")
     async def launch(self, request: LaunchInput) -> LaunchResult:
         self._record("launch_workload")
-        return LaunchResult(pid=4242, control_dir="/c", log_path="/c/log", exit_status_path="/c/s")
+        return LaunchResult(pid=4242, start_ticks=7)
 
     @activity.defn(name="await_workload_ready")
-    async def await_ready(self, request: AwaitReadyInput) -> AwaitReadyResult:
+    async def await_ready(self, request: AwaitReadyInput) -> None:
         self._record("await_workload_ready")
         while self.hold_ready is not None and not self.hold_ready.is_set():
             activity.heartbeat()  # cancellation reaches an activity through heartbeats
             await asyncio.sleep(0.05)
-        return AwaitReadyResult(waited_seconds=1.0)
 
     @activity.defn(name="dump_checkpoint")
-    async def dump(self, request: DumpInput) -> DumpResult:
+    async def dump(self, request: DumpInput) -> None:
+        self.dumped.append(request.version)
         self._record("dump_checkpoint")
-        return DumpResult(staging_dir="/store/id/versions/tmp/abc", size_bytes=10, seconds=0.1)
 
     @activity.defn(name="commit_checkpoint")
     async def commit(self, request: CommitInput) -> CommitResult:
         self._record("commit_checkpoint")
-        return CommitResult(version_dir="/v", storage_uri="file:///v", size_bytes=10, file_count=3)
+        return CommitResult(storage_uri="file:///v", size_bytes=10)
 
     @activity.defn(name="write_sentinel")
     async def sentinel(self, request: SentinelInput) -> None:
@@ -92,20 +90,26 @@ class StandIns:
 
     @activity.defn(name="discard_staging")
     async def discard(self, request: DiscardInput) -> None:
-        self.discarded.append(request.staging_dir)
+        self.discarded.append(request.version)
         self._record("discard_staging")
 
     @activity.defn(name="stop_workload")
-    async def stop(self, request: StopInput) -> bool:
+    async def stop(self, request: StopInput) -> None:
         self._record("stop_workload")
-        return True
 
     def control(self) -> list[object]:
         return [self.claim, self.publish]
 
     def node(self) -> list[object]:
-        return [self.launch, self.await_ready, self.dump, self.commit, self.sentinel,
-                self.discard, self.stop]  # fmt: skip
+        return [
+            self.launch,
+            self.await_ready,
+            self.dump,
+            self.commit,
+            self.sentinel,
+            self.discard,
+            self.stop,
+        ]
 
     def names(self) -> list[str]:
         return [name for name, _queue in self.calls]
@@ -120,11 +124,10 @@ class Harness:
 
     def request(self, name: str = "llama") -> CaptureRequest:
         identity = CheckpointIdentity(model=f"m/{name}", backend_framework="vllm")
-        return CaptureRequest(
-            name=name, identity=identity, checkpoint_id=checkpoint_id(identity), node=self.node,
-            workload=LocalWorkload(name=name, command=("serve",), cwd="/"),
-            control_task_queue=self.control_queue,
-        )  # fmt: skip
+        workload = LocalWorkload(name=name, command=("serve",), cwd="/")
+        return CaptureRequest.local(
+            workload, identity, node=self.node, control_task_queue=self.control_queue
+        )
 
     async def started(self, name: str) -> None:
         """Wait (with a deadline) until the stand-in `name` has been called."""
@@ -134,11 +137,15 @@ class Harness:
             assert loop.time() < deadline, f"{name} never started"
             await asyncio.sleep(0.02)
 
-    async def start(self, request: CaptureRequest):  # type: ignore[no-untyped-def]
+    async def start(
+        self, request: CaptureRequest
+    ) -> WorkflowHandle[CaptureWorkflow, CaptureResult]:
         return await self.client.start_workflow(
-            CaptureWorkflow.run, request, id=f"capture/test/{uuid.uuid4()}",
+            CaptureWorkflow.run,
+            request,
+            id=f"capture/test/{uuid.uuid4()}",
             task_queue=self.control_queue,
-        )  # fmt: skip
+        )
 
 
 @pytest_asyncio.fixture
@@ -147,10 +154,14 @@ async def harness(client: Client) -> AsyncIterator[Harness]:
     suffix = uuid.uuid4().hex[:8]
     control_queue, node = f"control-{suffix}", f"node-{suffix}"
     async with (
-        Worker(client, task_queue=control_queue, workflows=[CaptureWorkflow],
-               activities=stand_ins.control()),
+        Worker(
+            client,
+            task_queue=control_queue,
+            workflows=[CaptureWorkflow],
+            activities=stand_ins.control(),
+        ),
         Worker(client, task_queue=node_task_queue(node), activities=stand_ins.node()),
-    ):  # fmt: skip
+    ):
         yield Harness(client, stand_ins, control_queue, node)
 
 
@@ -173,11 +184,16 @@ async def test_steps_run_in_order_on_their_queues(harness: Harness) -> None:
     assert result.checkpoint_id == request.checkpoint_id
     assert result.storage_uri == "file:///v"
     assert list(result.step_seconds) == [
-        "claim", "launch", "await-ready", "dump", "commit", "snapshot-complete", "publish",
-    ]  # fmt: skip
+        "claim",
+        "launch",
+        "await-ready",
+        "dump",
+        "commit",
+        "snapshot-complete",
+        "publish",
+    ]
     [ready] = harness.stand_ins.statuses
     assert ready.phase == Phase.READY and ready.version == result.version
-    assert ready.workflow_id == handle.id
     attrs = (await handle.describe()).typed_search_attributes
     assert attrs.get(PHASE) == "Ready"
     assert attrs.get(NODE) == harness.node
@@ -207,7 +223,7 @@ async def test_failed_commit_discards_staging_and_publishes_failed(harness: Harn
     assert isinstance(err.value.cause, ApplicationError)
     assert err.value.cause.type == "DumpFailed"
     assert "disk full" in err.value.cause.message
-    assert harness.stand_ins.discarded == ["/store/id/versions/tmp/abc"]
+    assert harness.stand_ins.discarded == harness.stand_ins.dumped  # the staged version
     assert "write_sentinel" not in harness.stand_ins.names()
     assert harness.stand_ins.names()[-1] == "stop_workload"
     [failed] = harness.stand_ins.statuses
@@ -217,9 +233,10 @@ async def test_failed_commit_discards_staging_and_publishes_failed(harness: Harn
 
 async def test_identity_conflict_creates_nothing(harness: Harness) -> None:
     harness.stand_ins.fail["claim_checkpoint_id"] = ApplicationError(
-        "checkpoint ID 1 is already owned by local/other", type="IdentityConflict",
+        "checkpoint ID 1 is already owned by local/other",
+        type="IdentityConflict",
         non_retryable=True,
-    )  # fmt: skip
+    )
     handle = await harness.start(harness.request())
     with pytest.raises(WorkflowFailureError):
         await handle.result()

@@ -11,7 +11,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from activities.contracts import ClaimInput, StatusInput
-from api.identity import CheckpointIdentity, checkpoint_id
+from api.identity import CheckpointIdentity
 from api.reasons import Phase
 from api.workload import LocalWorkload
 from workflows.capture import CaptureWorkflow
@@ -31,19 +31,21 @@ async def test_capture_on_a_node_without_worker_fails_node_lost(client: Client) 
 
     control = f"control-{uuid.uuid4().hex[:8]}"
     identity = CheckpointIdentity(model="m/lost", backend_framework="vllm")
-    request = CaptureRequest(
-        name="lost", identity=identity, checkpoint_id=checkpoint_id(identity),
-        node=f"gone-{uuid.uuid4().hex[:8]}", control_task_queue=control,
-        workload=LocalWorkload(name="lost", command=("serve",), cwd="/"),
-        node_timeout_seconds=1,
-    )  # fmt: skip
-    async with Worker(client, task_queue=control, workflows=[CaptureWorkflow],
-                      activities=[claim, publish]):  # fmt: skip
+    workload = LocalWorkload(name="lost", command=("serve",), cwd="/")
+    request = CaptureRequest.local(
+        workload, identity, node=f"gone-{uuid.uuid4().hex[:8]}", control_task_queue=control
+    ).model_copy(update={"node_timeout_seconds": 1})
+    worker = Worker(
+        client, task_queue=control, workflows=[CaptureWorkflow], activities=[claim, publish]
+    )
+    async with worker:
         with pytest.raises(WorkflowFailureError) as err:
             await client.execute_workflow(
-                CaptureWorkflow.run, request, id=f"capture/test/lost/{uuid.uuid4()}",
+                CaptureWorkflow.run,
+                request,
+                id=f"capture/test/lost/{uuid.uuid4()}",
                 task_queue=control,
-            )  # fmt: skip
+            )
     cause = err.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "NodeLost"
     assert request.node in cause.message

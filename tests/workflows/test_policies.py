@@ -9,38 +9,50 @@ from temporalio.exceptions import (
     TimeoutType,
 )
 
-from workflows.policies import DUMP, NODE_SCHEDULE_TO_START, await_ready_options, failure_reason
+from api.reasons import Reason
+from workflows.policies import DUMP, await_ready_options, step_failure
 
 
 def _activity_error(cause: BaseException) -> ActivityError:
     err = ActivityError(
-        "activity failed", scheduled_event_id=1, started_event_id=2, identity="w",
-        activity_type="dump_checkpoint", activity_id="1", retry_state=RetryState.TIMEOUT,
-    )  # fmt: skip
+        "activity failed",
+        scheduled_event_id=1,
+        started_event_id=2,
+        identity="w",
+        activity_type="dump_checkpoint",
+        activity_id="1",
+        retry_state=RetryState.TIMEOUT,
+    )
     err.__cause__ = cause
     return err
 
 
+def _reason(cause: BaseException) -> Reason:
+    return step_failure(_activity_error(cause), node="gpu-1").reason
+
+
 def test_schedule_to_start_timeout_means_node_lost() -> None:
     cause = TimeoutError("", type=TimeoutType.SCHEDULE_TO_START, last_heartbeat_details=[])
-    reason, message = failure_reason(_activity_error(cause))
-    assert reason == "NodeLost"
-    assert "node worker" in message
+    failure = step_failure(_activity_error(cause), node="gpu-1")
+    assert failure.reason == Reason.NODE_LOST
+    assert "node gpu-1" in failure.message and "dump_checkpoint" in failure.message
 
 
 def test_application_error_type_is_the_reason() -> None:
     cause = ApplicationError("dump.log: Error", type="DumpFailed", non_retryable=True)
-    assert failure_reason(_activity_error(cause)) == ("DumpFailed", "dump.log: Error")
+    failure = step_failure(_activity_error(cause), node="n")
+    assert (failure.reason, failure.message) == (Reason.DUMP_FAILED, "dump.log: Error")
 
 
-def test_heartbeat_timeout_and_cancel() -> None:
+def test_unknown_types_timeouts_and_cancel_map_to_reasons() -> None:
     beat = TimeoutError("", type=TimeoutType.HEARTBEAT, last_heartbeat_details=[])
-    assert failure_reason(_activity_error(beat))[0] == "Timeout"
-    assert failure_reason(_activity_error(CancelledError("x")))[0] == "Cancelled"
+    assert _reason(beat) == Reason.STEP_TIMED_OUT
+    assert _reason(CancelledError("x")) == Reason.CANCELLED
+    assert _reason(ApplicationError("boom", type="ValueError")) == Reason.INTERNAL
+    assert _reason(RuntimeError("boom")) == Reason.INTERNAL
 
 
-def test_node_steps_detect_a_lost_node() -> None:
-    assert DUMP.schedule_to_start == NODE_SCHEDULE_TO_START
+def test_node_steps_heartbeat() -> None:
     assert DUMP.heartbeat is not None
     ready = await_ready_options(600)
     assert ready.start_to_close.total_seconds() > 600

@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-from activities.contracts import RestoreInput, RestoreResult, StatusInput
-from api.identity import CheckpointIdentity
-from api.manifest import CriuInfo, HostInfo, Manifest, SourceInfo
+from activities.contracts import RestoredWorkload, RestoreInput, StatusInput
 from api.naming import node_task_queue
 from api.reasons import Phase
 from workflows.contracts import RestoreRequest
 from workflows.restore import RestoreWorkflow
 
 CKPT = "96429b2725761a09"
-
-
-def _manifest() -> Manifest:
-    return Manifest(
-        checkpoint_id=CKPT, version="20261124T000000Z-abcdef",
-        identity=CheckpointIdentity(model="m", backend_framework="vllm"),
-        created_at=datetime(2026, 11, 24, tzinfo=UTC),
-        source=SourceInfo(node="n", namespace="local", name="w"),
-        criu=CriuInfo(version="4.2.1"), host=HostInfo(kernel="6", arch="x86_64"), files=(),
-    )  # fmt: skip
 
 
 async def _run(client: Client, restore_fn: object) -> tuple[list[StatusInput], object]:
@@ -43,13 +30,19 @@ async def _run(client: Client, restore_fn: object) -> tuple[list[StatusInput], o
     request = RestoreRequest(name="w", checkpoint_id=CKPT, node=node, control_task_queue=control)
     async with (
         Worker(client, task_queue=control, activities=[publish]),
-        Worker(client, task_queue=node_task_queue(node), workflows=[RestoreWorkflow],
-               activities=[restore_fn]),
-    ):  # fmt: skip
-        handle = await client.start_workflow(
-            RestoreWorkflow.run, request, id=f"restore/test/w/{suffix}",
+        Worker(
+            client,
             task_queue=node_task_queue(node),
-        )  # fmt: skip
+            workflows=[RestoreWorkflow],
+            activities=[restore_fn],
+        ),
+    ):
+        handle = await client.start_workflow(
+            RestoreWorkflow.run,
+            request,
+            id=f"restore/test/w/{suffix}",
+            task_queue=node_task_queue(node),
+        )
         try:
             return statuses, await handle.result()
         except WorkflowFailureError as err:
@@ -58,10 +51,10 @@ async def _run(client: Client, restore_fn: object) -> tuple[list[StatusInput], o
 
 async def test_restored_then_published(client: Client) -> None:
     @activity.defn(name="restore_checkpoint")
-    async def restore(request: RestoreInput) -> RestoreResult:
+    async def restore(request: RestoreInput) -> RestoredWorkload:
         assert activity.info().task_queue.startswith("warmstart-node-")
-        return RestoreResult(pid=77, manifest=_manifest(), version_dir="/v",
-                             phase_seconds={"criu-restore": 0.04})  # fmt: skip
+        stages = {"criu-restore": 0.04}
+        return RestoredWorkload(pid=77, version="20261124T000000Z-abcdef", stage_seconds=stages)
 
     statuses, result = await _run(client, restore)
     assert getattr(result, "pid", None) == 77
@@ -71,9 +64,9 @@ async def test_restored_then_published(client: Client) -> None:
 
 async def test_failure_falls_back_with_reason(client: Client) -> None:
     @activity.defn(name="restore_checkpoint")
-    async def restore(request: RestoreInput) -> RestoreResult:
-        raise ApplicationError("criu/pages-1.img is missing", type="DigestMismatch",
-                               non_retryable=True)  # fmt: skip
+    async def restore(request: RestoreInput) -> RestoredWorkload:
+        message = "criu/pages-1.img is missing"
+        raise ApplicationError(message, type="DigestMismatch", non_retryable=True)
 
     statuses, err = await _run(client, restore)
     assert isinstance(err, WorkflowFailureError)

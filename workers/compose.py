@@ -1,63 +1,72 @@
-"""Build the control worker and the local node worker from settings.
+"""Composition root of the workers: build the activities with their dependencies and the
+control and node workers from settings (local mode).
 
-Tracing comes from the client's TracingInterceptor, which Temporal also applies to workers.
+Every worker gets the `ErrorMapping` interceptor (warmstart errors → ApplicationError);
+tracing comes from the client's TracingInterceptor, which Temporal also applies to workers.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.criu import DUMP_OPTIONS, Criu, CriuActivities
+from activities.errors import ErrorMapping
+from activities.layout import NodeLayout
 from activities.local import LocalProcessActivities
-from activities.localstate import LocalStateActivities
-from activities.restoring import RestoreActivities
+from activities.localstate import LocalControlActivities
+from activities.restore import RestoreActivities
 from activities.sentinels import SentinelActivities
 from activities.storage import CheckpointStore, StorageActivities
 from activities.verified import VerifiedFiles
+from api.errors import UnavailableError
+from api.manifest import CriuInfo
 from api.naming import node_task_queue
 from workers.settings import Settings
 from workflows.capture import CaptureWorkflow
 from workflows.restore import RestoreWorkflow
 
 
-class CriuMissingError(Exception):
-    pass
-
-
 def control_worker(client: Client, settings: Settings) -> Worker:
     """CaptureWorkflow and the API-side activities (local mode: the state directory)."""
-    state = LocalStateActivities(state_dir=settings.home)
+    control = LocalControlActivities(state_dir=settings.home)
     return Worker(
         client,
         task_queue=settings.node.control_task_queue,
         workflows=[CaptureWorkflow],
-        activities=[state.claim_checkpoint_id, state.publish_status],
+        activities=[control.claim_checkpoint_id, control.publish_status],
+        interceptors=[ErrorMapping()],
     )
 
 
 def node_worker(
     client: Client, settings: Settings, *, base_env: Mapping[str, str] | None = None
 ) -> Worker:
-    """RestoreWorkflow and node-side activities on `warmstart-node-<node>`."""
+    """RestoreWorkflow and node-side activities on `warmstart-node-<node>`.
+
+    `base_env` is the environment workloads start from (default: this process's).
+    """
     criu_path = settings.criu.resolve()
     if criu_path is None:
-        raise CriuMissingError("criu is not installed: run `make criu` (needs root)")
+        raise UnavailableError("criu is not installed: run `make criu` (needs root)")
     criu = Criu(criu_path)
-    store = CheckpointStore(
-        settings.checkpoint_root, verified=VerifiedFiles(settings.home / "cache" / "verified")
-    )
+    layout = NodeLayout(settings.home)
+    store = CheckpointStore(layout.checkpoints, verified=VerifiedFiles(layout.verified_cache))
     local = LocalProcessActivities(
-        state_dir=settings.home, base_env=os.environ if base_env is None else base_env
+        layout=layout, base_env=os.environ if base_env is None else base_env
     )
-    storage = StorageActivities(store=store, criu_version=criu.version(), criu_options=DUMP_OPTIONS)
+    storage = StorageActivities(
+        store=store,
+        layout=layout,
+        node=settings.node.name,
+        criu=CriuInfo(version=criu.version(), options=DUMP_OPTIONS),
+    )
     dumping = CriuActivities(criu=criu, store=store)
-    restoring = RestoreActivities(criu=criu, store=store, state_dir=settings.home)
-    sentinels = SentinelActivities()
+    restoring = RestoreActivities(criu=criu, store=store, layout=layout)
+    sentinels = SentinelActivities(layout=layout)
     return Worker(
         client,
         task_queue=node_task_queue(settings.node.name),
@@ -72,7 +81,7 @@ def node_worker(
             sentinels.write_sentinel,
             restoring.restore_checkpoint,
         ],
-        activity_executor=ThreadPoolExecutor(max_workers=settings.node.max_concurrent_activities),
+        interceptors=[ErrorMapping()],
         max_concurrent_activities=settings.node.max_concurrent_activities,
         max_concurrent_activity_task_polls=settings.node.activity_pollers,
     )

@@ -1,0 +1,102 @@
+"""The restore critical path as one node activity: verify, prepare, CRIU restore, hand over.
+
+One activity (not several) because every matching hop costs tens of milliseconds on a
+path where each 100 ms shows up in time-to-serve. Each stage is the job of one module:
+the store verifies (storage), the target is prepared and probed (local), CRIU restores
+(criu), the workload is told (sentinels); stages are reported by heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import time
+
+from temporalio import activity
+
+from activities.contracts import Heartbeat, RestoredWorkload, RestoreInput
+from activities.criu import IMAGES_DIR, Criu
+from activities.layout import NodeLayout
+from activities.local import await_answer, prepare_restore_target
+from activities.processes import is_alive, terminate
+from activities.sentinels import fall_back_to_cold_start, write_sentinel_file
+from activities.storage import WORKLOAD_LOG, CheckpointStore
+from api.errors import IncompatibleError, WarmstartError
+from api.manifest import Manifest
+from api.reasons import Sentinel
+
+
+class _Stages:
+    """Wall time per stage, reported by heartbeat as each one starts."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._name = ""
+        self._started = time.monotonic()
+
+    def start(self, name: str) -> None:
+        self.finish()
+        self._name, self._started = name, time.monotonic()
+        activity.heartbeat(Heartbeat(stage=name))
+
+    def finish(self) -> None:
+        if self._name:
+            self.seconds[self._name] = round(time.monotonic() - self._started, 4)
+            self._name = ""
+
+
+class RestoreActivities:
+    def __init__(self, *, criu: Criu, store: CheckpointStore, layout: NodeLayout) -> None:
+        self._criu = criu
+        self._store = store
+        self._layout = layout
+
+    @activity.defn
+    async def restore_checkpoint(self, request: RestoreInput) -> RestoredWorkload:
+        """Restore and hand over; on any failure nothing stays half-restored and the
+        workload's control directory gets `restore-failed` (its standby then starts cold)."""
+        stages = _Stages()
+        stages.start("verify")
+        version_dir = self._store.find(request.checkpoint_id, request.version)
+        manifest = await asyncio.to_thread(
+            self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
+        )
+        pid = 0
+        try:
+            _require_compatible(manifest)
+            stages.start("prepare")
+            saved_output = version_dir / WORKLOAD_LOG
+            await asyncio.to_thread(prepare_restore_target, manifest.source, saved_output)
+            stages.start("criu-restore")
+            work_dir = self._layout.restore_work_dir(request.name)
+            pid = await self._criu.restore(images_dir=version_dir / IMAGES_DIR, work_dir=work_dir)
+            write_sentinel_file(manifest.source.control_dir, Sentinel.RESTORE_COMPLETE)
+            stages.start("await-answer")
+            url = manifest.source.health_url or manifest.source.readiness.http_url
+            await await_answer(pid, url, timeout=request.answer_timeout_seconds)
+            stages.finish()
+        except WarmstartError as err:
+            await _undo(pid, manifest, f"{err.reason}: {err}")
+            where = f"restore of {request.name} from checkpoint {manifest.checkpoint_id}"
+            message = f"{where} version {manifest.version} failed: {err}"
+            raise type(err)(message, reason=err.reason) from err
+        except BaseException:
+            await _undo(pid, manifest, "restore interrupted")
+            raise
+        activity.logger.info("restored %s as pid %d: %s", request.name, pid, stages.seconds)
+        return RestoredWorkload(pid=pid, version=manifest.version, stage_seconds=stages.seconds)
+
+
+def _require_compatible(manifest: Manifest) -> None:
+    if manifest.host.arch != platform.machine():
+        raise IncompatibleError(
+            f"checkpoint {manifest.checkpoint_id} was made on {manifest.host.arch}, "
+            f"this node is {platform.machine()}"
+        )
+
+
+async def _undo(pid: int, manifest: Manifest, reason: str) -> None:
+    """Leave nothing half-restored; tell a standby entrypoint to start cold."""
+    if pid and is_alive(pid):
+        await terminate(pid, grace_seconds=1.0)
+    fall_back_to_cold_start(manifest.source.control_dir, reason)

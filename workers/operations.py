@@ -1,0 +1,227 @@
+"""Client operations on pipelines: start, follow and look up captures and restores.
+
+Everything here talks to Temporal only (typed workflow handles, visibility with the
+registered search attributes, queries, results); checkpoints themselves come from the
+catalog (`activities.catalog`), since histories expire and checkpoints do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Protocol, TypeVar
+
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
+
+from activities.contracts import Heartbeat, PipelineKind
+from api.errors import PipelineFailedError
+from api.naming import capture_workflow_id, node_task_queue, restore_workflow_id
+from api.reasons import Phase, Reason, as_reason
+from workflows import visibility
+from workflows.capture import CaptureWorkflow
+from workflows.contracts import (
+    CaptureRequest,
+    CaptureResult,
+    Progress,
+    RestoreRequest,
+    RestoreResult,
+)
+from workflows.restore import RestoreWorkflow
+
+W = TypeVar("W")
+T = TypeVar("T")
+_WORKFLOW_TYPES: dict[PipelineKind, str] = {
+    "capture": "CaptureWorkflow",
+    "restore": "RestoreWorkflow",
+}
+
+
+@dataclass(frozen=True)
+class LiveProgress:
+    """What a follower sees: the workflow's progress plus its running activity's heartbeat."""
+
+    progress: Progress
+    activity: str = ""
+    heartbeat: Heartbeat | None = None
+
+
+@dataclass(frozen=True)
+class PipelineRecord:
+    """The latest capture or restore of a name, as Temporal knows it."""
+
+    kind: PipelineKind
+    workflow_id: str
+    run_id: str
+    status: str  # Temporal's execution status: RUNNING, COMPLETED, FAILED, ...
+    phase: str  # WarmstartPhase
+    reason: str = ""
+    message: str = ""
+    step_seconds: dict[str, float] | None = None
+    started_at: datetime | None = None
+    closed_at: datetime | None = None
+
+
+async def start_capture(
+    client: Client, request: CaptureRequest
+) -> WorkflowHandle[CaptureWorkflow, CaptureResult]:
+    """Start (or join) the capture of `request.name`: one workflow per name and checkpoint ID."""
+    workflow_id = capture_workflow_id(
+        namespace=request.namespace, name=request.name, key=request.checkpoint_id
+    )
+    return await client.start_workflow(
+        CaptureWorkflow.run,
+        request,
+        id=workflow_id,
+        task_queue=request.control_task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        static_summary=f"capture {request.name} ({request.checkpoint_id})",
+        search_attributes=visibility.start_attributes(
+            namespace=request.namespace,
+            checkpoint_id=request.checkpoint_id,
+            node=request.node,
+            phase=Phase.PENDING,
+        ),
+    )
+
+
+async def start_restore(
+    client: Client, request: RestoreRequest
+) -> WorkflowHandle[RestoreWorkflow, RestoreResult]:
+    """Start a restore on the node's own queue (the node worker runs it and its activity).
+
+    Eager start is requested: when this client also runs the node worker (the node worker
+    on a cluster, the demo locally) the first workflow task runs here without a matching hop;
+    otherwise the server schedules it as usual.
+    """
+    workflow_id = restore_workflow_id(
+        namespace=request.namespace, name=request.name, key=str(uuid.uuid4())
+    )
+    return await client.start_workflow(
+        RestoreWorkflow.run,
+        request,
+        id=workflow_id,
+        task_queue=node_task_queue(request.node),
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        static_summary=f"restore {request.name} from {request.checkpoint_id}",
+        search_attributes=visibility.start_attributes(
+            namespace=request.namespace,
+            checkpoint_id=request.checkpoint_id,
+            node=request.node,
+            phase=Phase.RESTORING,
+        ),
+        request_eager_start=True,
+    )
+
+
+async def observe(client: Client, handle: WorkflowHandle[W, T]) -> LiveProgress:
+    """The current step (query) and the pending activity's last heartbeat (describe)."""
+    progress = await handle.query("progress", result_type=Progress)
+    description = await handle.describe()
+    for pending in description.raw_description.pending_activities:
+        heartbeat = None
+        if pending.heartbeat_details.payloads:
+            [heartbeat] = await client.data_converter.decode(
+                pending.heartbeat_details.payloads[:1], [Heartbeat]
+            )
+        return LiveProgress(progress, pending.activity_type.name, heartbeat)
+    return LiveProgress(progress)
+
+
+async def follow(
+    client: Client,
+    handle: WorkflowHandle[W, T],
+    on_progress: Callable[[LiveProgress], None],
+    *,
+    every: float = 0.5,
+) -> T:
+    """The workflow's result, reporting progress about every `every` seconds; a failed
+    workflow raises PipelineFailedError with the reason of the step that failed."""
+    result = asyncio.ensure_future(handle.result())
+    while not result.done():
+        # A query can race with completion; the result tells the truth.
+        with contextlib.suppress(RPCError, WorkflowQueryFailedError):
+            on_progress(await observe(client, handle))
+        await asyncio.wait([result], timeout=every)
+    try:
+        return result.result()
+    except WorkflowFailureError as err:
+        raise pipeline_failure(err) from None
+
+
+def pipeline_failure(err: WorkflowFailureError) -> PipelineFailedError:
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        reason = as_reason(cause.type) or Reason.INTERNAL
+        return PipelineFailedError(cause.message, reason=reason)
+    return PipelineFailedError(str(cause or err), reason=Reason.INTERNAL)
+
+
+class _Timed(Protocol):
+    @property
+    def step_seconds(self) -> dict[str, float]: ...
+
+
+Timed = TypeVar("Timed", bound=_Timed)
+
+
+async def latest_pipeline(
+    client: Client, kind: PipelineKind, *, namespace: str, name: str
+) -> PipelineRecord | None:
+    """The newest capture or restore of `name` in Temporal's visibility, or None."""
+    prefix = f"{kind}/{namespace}/{name}/"
+    query = (
+        f"WorkflowType = '{_WORKFLOW_TYPES[kind]}' AND {visibility.NAMESPACE.name} = "
+        f"'{namespace}' AND WorkflowId STARTS_WITH '{prefix}'"
+    )
+    async for execution in client.list_workflows(query, limit=1):
+        record = PipelineRecord(
+            kind=kind,
+            workflow_id=execution.id,
+            run_id=execution.run_id,
+            status=execution.status.name if execution.status else "UNKNOWN",
+            phase=execution.typed_search_attributes.get(visibility.PHASE) or "",
+            started_at=execution.start_time,
+            closed_at=execution.close_time,
+        )
+        if kind == "capture":
+            capture = client.get_workflow_handle_for(
+                CaptureWorkflow.run, execution.id, run_id=execution.run_id
+            )
+            return await _with_outcome(record, capture, execution.status, Reason.CAPTURED)
+        restore = client.get_workflow_handle_for(
+            RestoreWorkflow.run, execution.id, run_id=execution.run_id
+        )
+        return await _with_outcome(record, restore, execution.status, Reason.RESTORED)
+    return None
+
+
+async def _with_outcome(
+    record: PipelineRecord,
+    handle: WorkflowHandle[W, Timed],
+    status: WorkflowExecutionStatus | None,
+    success: Reason,
+) -> PipelineRecord:
+    """Add the reason and step timings of a closed run: from its result or its failure."""
+    if status == WorkflowExecutionStatus.COMPLETED:
+        done = await handle.result()
+        return replace(record, reason=success, step_seconds=dict(done.step_seconds))
+    if status == WorkflowExecutionStatus.FAILED:
+        try:
+            await handle.result()
+        except WorkflowFailureError as err:
+            failure = pipeline_failure(err)
+            return replace(record, reason=failure.reason, message=failure.message)
+    return record
