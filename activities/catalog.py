@@ -5,34 +5,61 @@ Local mode reads the checkpoint root's committed manifests (a version counts onl
 resources and the storage backend behind the same interface. Workflow histories are not a
 catalog: they expire with the namespace's retention, checkpoints do not.
 
-Reading only: no Temporal imports, so `warmstart list` starts fast.
+Listing parses manifests with `json` into light entries and imports neither Temporal nor
+pydantic, so `warmstart list` starts fast; `manifest()` loads and validates the whole one.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any, Protocol
 
 from api.errors import CheckpointNotFoundError, DigestMismatchError
-from api.manifest import MANIFEST_FILE, Manifest
-from api.naming import is_checkpoint_id, require_path_element
+from api.naming import MANIFEST_FILE, is_checkpoint_id, require_path_element
+
+if TYPE_CHECKING:
+    from api.manifest import Manifest
 
 STAGING = "tmp"
 
 
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One committed checkpoint version, as listed; `document` is its manifest as stored."""
+
+    name: str
+    checkpoint_id: str
+    version: str
+    model: str
+    backend: str
+    size_bytes: int
+    node: str
+    created_at: str  # ISO 8601, UTC
+    location: str  # where the version lives (a directory here, a storage URI on a cluster)
+    document: dict[str, Any]
+
+
 class Catalog(Protocol):
-    def checkpoints(self) -> list[Manifest]:
+    def checkpoints(self) -> list[CatalogEntry]:
         """Every committed checkpoint version, newest first."""
         ...
 
-    def find(self, ref: str) -> Manifest:
+    def find(self, ref: str) -> CatalogEntry:
         """The newest committed version named `ref`, or with checkpoint ID `ref`."""
+        ...
+
+    def manifest(self, entry: CatalogEntry) -> Manifest:
+        """The validated manifest of `entry`."""
         ...
 
 
 def load_manifest(version_dir: Path) -> Manifest:
+    from pydantic import ValidationError
+
+    from api.manifest import Manifest
+
     path = version_dir / MANIFEST_FILE
     try:
         return Manifest.model_validate_json(path.read_bytes())
@@ -52,32 +79,54 @@ def committed_versions(root: Path, checkpoint_id: str) -> list[Path]:
     )
 
 
+def _entry(version_dir: Path) -> CatalogEntry | None:
+    """The listing of one version, or None where its manifest is unreadable (restore says why)."""
+    try:
+        doc = json.loads((version_dir / MANIFEST_FILE).read_bytes())
+        return CatalogEntry(
+            name=str(doc["source"]["name"]),
+            checkpoint_id=str(doc["checkpoint_id"]),
+            version=str(doc["version"]),
+            model=str(doc["identity"]["model"]),
+            backend=str(doc["identity"]["backend_framework"]),
+            size_bytes=sum(int(f["size"]) for f in doc["files"]),
+            node=str(doc["source"]["node"]),
+            created_at=str(doc["created_at"]),
+            location=str(version_dir),
+            document=doc,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class LocalCatalog:
     """Committed checkpoints under a local checkpoint root."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def checkpoints(self) -> list[Manifest]:
+    def checkpoints(self) -> list[CatalogEntry]:
         found = []
         entries = sorted(self.root.iterdir()) if self.root.is_dir() else []
         for entry in entries:
             if not (entry.is_dir() and is_checkpoint_id(entry.name)):
                 continue
             for version in committed_versions(self.root, entry.name):
-                try:
-                    found.append(load_manifest(version))
-                except (CheckpointNotFoundError, DigestMismatchError):
-                    continue  # removed or damaged meanwhile: not listable, restore says why
-        return sorted(found, key=lambda m: m.created_at, reverse=True)
+                listed = _entry(version)
+                if listed is not None and listed.checkpoint_id == entry.name:
+                    found.append(listed)
+        return sorted(found, key=lambda e: e.created_at, reverse=True)
 
-    def find(self, ref: str) -> Manifest:
-        manifests = self.checkpoints()
+    def find(self, ref: str) -> CatalogEntry:
+        entries = self.checkpoints()
         by_id = is_checkpoint_id(ref)
-        matches = [m for m in manifests if (m.checkpoint_id if by_id else m.source.name) == ref]
+        matches = [e for e in entries if (e.checkpoint_id if by_id else e.name) == ref]
         if not matches:
-            known = ", ".join(sorted({m.source.name for m in manifests})) or "none"
+            known = ", ".join(sorted({e.name for e in entries})) or "none"
             raise CheckpointNotFoundError(
                 f"no committed checkpoint named or with ID {ref!r} in {self.root} (known: {known})"
             )
         return matches[0]
+
+    def manifest(self, entry: CatalogEntry) -> Manifest:
+        return load_manifest(Path(entry.location))

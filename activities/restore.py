@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import platform
 import time
+from pathlib import Path
 
 from temporalio import activity
 
@@ -56,13 +57,17 @@ class RestoreActivities:
         """Restore and hand over; on any failure nothing stays half-restored and the
         workload's control directory gets `restore-failed` (its standby then starts cold)."""
         stages = _Stages()
-        stages.start("verify")
-        version_dir = self._store.find(request.checkpoint_id, request.version)
-        manifest = await asyncio.to_thread(
-            self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
-        )
+        # Where the workload waits: its manifest says, once it has been read and checked;
+        # before that (missing or damaged checkpoint) this node's own layout says.
+        control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
         pid = 0
         try:
+            stages.start("verify")
+            version_dir = self._store.find(request.checkpoint_id, request.version)
+            manifest = await asyncio.to_thread(
+                self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
+            )
+            control_dir = Path(manifest.source.control_dir)
             _require_compatible(manifest)
             stages.start("prepare")
             saved_output = version_dir / WORKLOAD_LOG
@@ -70,18 +75,18 @@ class RestoreActivities:
             stages.start("criu-restore")
             work_dir = self._layout.restore_work_dir(request.name)
             pid = await self._criu.restore(images_dir=version_dir / IMAGES_DIR, work_dir=work_dir)
-            write_sentinel_file(manifest.source.control_dir, Sentinel.RESTORE_COMPLETE)
+            write_sentinel_file(control_dir, Sentinel.RESTORE_COMPLETE)
             stages.start("await-answer")
             url = manifest.source.health_url or manifest.source.readiness.http_url
             await await_answer(pid, url, timeout=request.answer_timeout_seconds)
             stages.finish()
         except WarmstartError as err:
-            await _undo(pid, manifest, f"{err.reason}: {err}")
-            where = f"restore of {request.name} from checkpoint {manifest.checkpoint_id}"
-            message = f"{where} version {manifest.version} failed: {err}"
-            raise type(err)(message, reason=err.reason) from err
+            await _undo(pid, control_dir, f"{err.reason}: {err}")
+            where = f"restore of {request.name} from checkpoint {request.checkpoint_id}"
+            version = f" version {request.version}" if request.version else ""
+            raise type(err)(f"{where}{version} failed: {err}", reason=err.reason) from err
         except BaseException:
-            await _undo(pid, manifest, "restore interrupted")
+            await _undo(pid, control_dir, "restore interrupted")
             raise
         activity.logger.info("restored %s as pid %d: %s", request.name, pid, stages.seconds)
         return RestoredWorkload(pid=pid, version=manifest.version, stage_seconds=stages.seconds)
@@ -95,8 +100,8 @@ def _require_compatible(manifest: Manifest) -> None:
         )
 
 
-async def _undo(pid: int, manifest: Manifest, reason: str) -> None:
+async def _undo(pid: int, control_dir: Path, reason: str) -> None:
     """Leave nothing half-restored; tell a standby entrypoint to start cold."""
     if pid and is_alive(pid):
         await terminate(pid, grace_seconds=1.0)
-    fall_back_to_cold_start(manifest.source.control_dir, reason)
+    fall_back_to_cold_start(control_dir, reason)

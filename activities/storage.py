@@ -22,8 +22,8 @@ from activities.gpu import read_gpu_facts
 from activities.layout import NodeLayout
 from activities.verified import VerifiedFiles
 from api.errors import CheckpointNotFoundError, DigestMismatchError, DumpFailedError
-from api.manifest import MANIFEST_FILE, CriuInfo, FileDigest, HostInfo, Manifest, SourceInfo
-from api.naming import require_path_element
+from api.manifest import CriuInfo, FileDigest, HostInfo, Manifest, SourceInfo
+from api.naming import MANIFEST_FILE, require_path_element
 
 WORKLOAD_LOG = "workload-output.log"
 

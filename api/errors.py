@@ -71,7 +71,7 @@ class DigestMismatchError(WarmstartError):
 
 
 class IncompatibleError(WarmstartError):
-    """The checkpoint cannot run on this node (architecture, driver)."""
+    """The checkpoint cannot run on this node (today: another CPU architecture)."""
 
     default_reason = Reason.INCOMPATIBLE
 

@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.identity import CheckpointIdentity
 from api.workload import Readiness
 
-MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
 
 

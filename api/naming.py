@@ -8,6 +8,8 @@ from datetime import datetime
 from api.errors import InvalidNameError
 
 CONTROL_TASK_QUEUE = "warmstart-control"
+NODE_TASK_QUEUE_PREFIX = "warmstart-node-"
+MANIFEST_FILE = "manifest.json"  # a checkpoint version's commit marker, written last
 LOCAL_NODE = "local"
 LOCAL_NAMESPACE = "local"
 
@@ -17,7 +19,7 @@ _CHECKPOINT_ID = re.compile(r"^[0-9a-f]{16}$")
 
 def node_task_queue(node: str) -> str:
     """The task queue served by the node worker of `node`."""
-    return f"warmstart-node-{require_path_element(node, what='node name')}"
+    return NODE_TASK_QUEUE_PREFIX + require_path_element(node, what="node name")
 
 
 def require_path_element(value: str, *, what: str) -> str:

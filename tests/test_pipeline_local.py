@@ -156,6 +156,7 @@ async def test_restore_refuses_damaged_checkpoint(
     assert f"criu/{victim.name}" in cause.message
     control = Path(json.loads((version_dir / "manifest.json").read_text())["source"]["control_dir"])
     assert not (control / "restore-complete").exists()
+    assert "DigestMismatch" in (control / "restore-failed").read_text()  # standby starts cold
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     status = read_status(workers.home, "restore", "local", request.name)

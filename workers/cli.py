@@ -1,23 +1,22 @@
 """The `warmstart` CLI: dev server and workers, capture, restore, list, describe, demo.
 
 Exit codes: 0 success, 1 the pipeline failed (or its server is unreachable), 2 usage.
-Start time matters (a restore is a fraction of a second): this module imports only typer
-at the top; each command imports what it needs (docs/decisions/0007-cli-start-time.md).
+Start time matters (a restore takes a fraction of a second): this module imports only the
+standard library; each command imports what it needs (docs/decisions/0007-cli-start-time.md).
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
+import dataclasses
 import os
 import sys
 import traceback
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
-
-import typer
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from rich.console import Console
     from temporalio.client import Client, WorkflowHandle
 
     from api.identity import CheckpointIdentity
@@ -27,215 +26,167 @@ if TYPE_CHECKING:
 
 W = TypeVar("W")
 T = TypeVar("T")
+Command = Callable[[argparse.Namespace], int]
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False
-)
 
-OutputOpt = Annotated[str, typer.Option("--output", "-o", help="table or json")]
+def _run(pipeline: Coroutine[Any, Any, T]) -> T:
+    import asyncio  # ~0.1 s of start time that `list` and `--help` do without
+
+    return asyncio.run(pipeline)
 
 
 def _settings() -> Settings:
     from workers.settings import Settings
 
-    return Settings.from_env(os.environ)
-
-
-def _console(*, stderr: bool = False) -> Console:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False)
-
-
-def _traced(settings: Settings) -> None:
+    settings = Settings.from_env(os.environ)
     if settings.telemetry.exporter != "off":
         from workers.telemetry import configure_tracing
 
         configure_tracing(settings.telemetry)
+    return settings
 
 
-@app.command()
-def dev(
-    port: Annotated[int | None, typer.Option(help="frontend port (default from settings)")] = None,
-    ui_port: Annotated[int | None, typer.Option(help="Web UI port")] = None,
-) -> None:
+def dev(args: argparse.Namespace) -> int:
     """Start the Temporal dev server (persistent state, Web UI) plus control and node workers."""
     from workers.embedded import run_dev
 
     settings = _settings()
-    temporal = settings.temporal.on_ports(port=port, ui_port=ui_port)
-    settings = settings.model_copy(update={"temporal": temporal})
-    _traced(settings)
-    console = _console()
-    try:
-        asyncio.run(run_dev(settings, console=console))
-    except KeyboardInterrupt:
-        console.print("stopped")
+    temporal = settings.temporal.on_ports(port=args.port, ui_port=args.ui_port)
+    _run(run_dev(dataclasses.replace(settings, temporal=temporal)))
+    return 0
 
 
-@app.command()
-def worker() -> None:
+def worker(args: argparse.Namespace) -> int:
     """Run the control worker and this node's worker against an existing Temporal server."""
     from workers.embedded import run_workers
 
-    settings = _settings()
-    _traced(settings)
-    console = _console()
-    try:
-        asyncio.run(run_workers(settings, console=console))
-    except KeyboardInterrupt:
-        console.print("stopped")
+    _run(run_workers(_settings()))
+    return 0
 
 
-def _identity(
-    name: str, identity_file: Path | None, fields: dict[str, object], extra: list[str]
-) -> CheckpointIdentity:
+def _identity(args: argparse.Namespace) -> CheckpointIdentity:
     from api.errors import InvalidSpecError
     from api.identity import CheckpointIdentity
 
-    if identity_file is not None:
+    if args.identity is not None:
         try:
-            return CheckpointIdentity.model_validate_json(identity_file.read_text())
+            return CheckpointIdentity.model_validate_json(Path(args.identity).read_text())
         except OSError as err:
-            raise InvalidSpecError(f"--identity {identity_file}: {err}") from err
+            raise InvalidSpecError(f"--identity {args.identity}: {err}") from err
+    fields = {
+        "model": args.model or args.name,
+        "backendFramework": args.backend,
+        "frameworkVersion": args.framework_version,
+        "tensorParallelSize": args.tp,
+        "pipelineParallelSize": args.pp,
+        "dtype": args.dtype,
+        "maxModelLen": args.max_model_len,
+        "extraParameters": _pairs("--extra", args.extra),
+    }
+    return CheckpointIdentity.model_validate({k: v for k, v in fields.items() if v is not None})
+
+
+def _pairs(flag: str, items: list[str]) -> dict[str, str]:
+    from api.errors import InvalidSpecError
+
     pairs = {}
-    for item in extra:
+    for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise InvalidSpecError(f"--extra {item!r}: expected KEY=VALUE")
+        if not sep or not key:
+            raise InvalidSpecError(f"{flag} {item!r}: expected KEY=VALUE")
         pairs[key] = value
-    given = {k: v for k, v in fields.items() if v is not None}
-    return CheckpointIdentity.model_validate({"model": name, **given, "extraParameters": pairs})
+    return pairs
 
 
-def _workload(
-    name: str,
-    command: list[str],
-    *,
-    ready_tcp: int | None,
-    ready_http: str | None,
-    health_http: str | None,
-    ready_timeout: float,
-    cwd: Path | None,
-    env: list[str],
-) -> LocalWorkload:
+def _workload(args: argparse.Namespace) -> LocalWorkload:
     from api.errors import InvalidSpecError
     from api.workload import LocalWorkload, Readiness
 
-    if ready_tcp is not None and ready_http is not None:
+    if args.ready_tcp is not None and args.ready_http is not None:
         raise InvalidSpecError("give at most one of --ready-tcp and --ready-http")
     readiness = Readiness()
-    if ready_tcp is not None:
-        readiness = Readiness(kind="tcp", tcp_port=ready_tcp)
-    elif ready_http is not None:
-        readiness = Readiness(kind="http", http_url=ready_http)
+    if args.ready_tcp is not None:
+        readiness = Readiness(kind="tcp", tcp_port=args.ready_tcp)
+    elif args.ready_http is not None:
+        readiness = Readiness(kind="http", http_url=args.ready_http)
     return LocalWorkload(
-        name=name,
-        command=tuple(command),
-        cwd=str((cwd or Path.cwd()).resolve()),
-        env=dict(item.partition("=")[::2] for item in env),
+        name=args.name,
+        command=tuple(args.command),
+        cwd=str(Path(args.cwd or Path.cwd()).resolve()),
+        env=_pairs("--env", args.env),
         readiness=readiness,
-        health_url=health_http,
-        ready_timeout_seconds=ready_timeout,
+        health_url=args.health_http,
+        ready_timeout_seconds=args.ready_timeout,
     )
 
 
-@app.command()
-def capture(
-    name: Annotated[str, typer.Argument(help="checkpoint name")],
-    command: Annotated[list[str], typer.Argument(help="-- CMD ARGS... of the workload")],
-    identity_file: Annotated[Path | None, typer.Option("--identity", help="identity JSON")] = None,
-    model: Annotated[str | None, typer.Option(help="identity model (default NAME)")] = None,
-    backend: Annotated[str, typer.Option(help="vllm, sglang or trtllm")] = "vllm",
-    framework_version: Annotated[str | None, typer.Option(help="identity version")] = None,
-    tensor_parallel_size: Annotated[int | None, typer.Option("--tp", help="identity TP")] = None,
-    pipeline_parallel_size: Annotated[int | None, typer.Option("--pp", help="identity PP")] = None,
-    dtype: Annotated[str | None, typer.Option(help="identity dtype")] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="identity max model len")] = None,
-    extra: Annotated[list[str], typer.Option(help="identity extra parameter K=V")] = [],  # noqa: B006
-    ready_tcp: Annotated[int | None, typer.Option(help="ready when this port accepts")] = None,
-    ready_http: Annotated[str | None, typer.Option(help="ready when this URL answers 2xx")] = None,
-    health_http: Annotated[str | None, typer.Option(help="URL that shows it answers")] = None,
-    ready_timeout: Annotated[float, typer.Option(help="seconds to become ready")] = 600.0,
-    cwd: Annotated[Path | None, typer.Option(help="working directory")] = None,
-    env: Annotated[list[str], typer.Option(help="extra environment K=V")] = [],  # noqa: B006
-    output: OutputOpt = "table",
-) -> None:
+def capture(args: argparse.Namespace) -> int:
     """Launch CMD, wait until it is warm, checkpoint it with CRIU and commit the checkpoint."""
     from workers import display
     from workflows.contracts import CaptureRequest
 
     settings = _settings()
-    fields: dict[str, object] = {
-        "model": model,
-        "backendFramework": backend,
-        "frameworkVersion": framework_version,
-        "tensorParallelSize": tensor_parallel_size,
-        "pipelineParallelSize": pipeline_parallel_size,
-        "dtype": dtype,
-        "maxModelLen": max_model_len,
-    }
-    identity = _identity(name, identity_file, fields, extra)
-    workload = _workload(
-        name,
-        command,
-        ready_tcp=ready_tcp,
-        ready_http=ready_http,
-        health_http=health_http,
-        ready_timeout=ready_timeout,
-        cwd=cwd,
-        env=env,
-    )
     request = CaptureRequest.local(
-        workload,
-        identity,
+        _workload(args),
+        _identity(args),
         node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
     )
-    result = asyncio.run(_capture(settings, request))
-    display.capture_result(_console(), result, output)
+    display.capture_result(_run(_capture(settings, request)), args.output)
+    return 0
 
 
 async def _capture(settings: Settings, request: CaptureRequest) -> CaptureResult:
     from workers.client import connect
     from workers.operations import start_capture
 
-    _traced(settings)
     client = await connect(settings)
     handle = await start_capture(client, request)
-    return await _follow(settings, client, handle, "capture", request.name, every=0.5)
+    return await _follow(settings, client, handle, f"capture {request.name}", every=0.5)
+
+
+def restore(args: argparse.Namespace) -> int:
+    """Restore the newest committed checkpoint named REF (or with ID REF) on this node."""
+    from activities.catalog import LocalCatalog
+    from workers import display
+    from workflows.contracts import RestoreRequest
+
+    settings = _settings()
+    entry = LocalCatalog(settings.checkpoint_root).find(args.ref)
+    request = RestoreRequest(
+        name=entry.name,
+        checkpoint_id=entry.checkpoint_id,
+        version=args.version or entry.version,
+        node=settings.node.name,
+        answer_timeout_seconds=args.timeout,
+        control_task_queue=settings.node.control_task_queue,
+    )
+    display.restore_result(_run(_restore(settings, request)), args.output)
+    return 0
 
 
 async def _restore(settings: Settings, request: RestoreRequest) -> RestoreResult:
     from workers.client import connect
     from workers.operations import start_restore
 
-    _traced(settings)
     client = await connect(settings)
     handle = await start_restore(client, request)
-    return await _follow(settings, client, handle, "restore", request.name, every=0.2)
+    return await _follow(settings, client, handle, f"restore {request.name}", every=0.2)
 
 
 async def _follow(
-    settings: Settings,
-    client: Client,
-    handle: WorkflowHandle[W, T],
-    kind: str,
-    name: str,
-    *,
-    every: float,
+    settings: Settings, client: Client, handle: WorkflowHandle[W, T], title: str, *, every: float
 ) -> T:
-    """Print the workflow's Web UI link and follow it with a spinner until it ends."""
+    """Print the workflow's Web UI link and follow it on a status line until it ends."""
     from workers import display
     from workers.client import workflow_ui_url
     from workers.operations import follow
 
     t = settings.temporal
     link = workflow_ui_url(t.ui_url, t.namespace, handle.id, handle.result_run_id or "")
-    console = _console(stderr=True)
-    console.print(f"{kind} workflow {handle.id}\n  {link}", soft_wrap=True)
+    print(f"{title}: workflow {handle.id}\n  {link}", file=sys.stderr, flush=True)
     try:
-        with display.progress(console, f"{kind} {name}") as show:
+        with display.progress(title) as show:
             return await follow(client, handle, show, every=every)
     finally:
         if settings.telemetry.exporter != "off":
@@ -244,69 +195,92 @@ async def _follow(
             shutdown_tracing()
 
 
-@app.command()
-def restore(
-    ref: Annotated[str, typer.Argument(help="checkpoint name or 16-hex checkpoint ID")],
-    version: Annotated[str, typer.Option(help="version (default newest)")] = "",
-    timeout: Annotated[float, typer.Option(help="seconds for the workload to answer")] = 120.0,
-    output: OutputOpt = "table",
-) -> None:
-    """Restore the newest committed checkpoint named REF (or with ID REF) on this node."""
-    from activities.catalog import LocalCatalog
-    from workers import display
-    from workflows.contracts import RestoreRequest
-
-    settings = _settings()
-    manifest = LocalCatalog(settings.checkpoint_root).find(ref)
-    request = RestoreRequest(
-        name=manifest.source.name,
-        checkpoint_id=manifest.checkpoint_id,
-        version=version or manifest.version,
-        node=settings.node.name,
-        answer_timeout_seconds=timeout,
-        control_task_queue=settings.node.control_task_queue,
-    )
-    result = asyncio.run(_restore(settings, request))
-    display.restore_result(_console(), result, output)
-
-
-@app.command("list")
-def list_checkpoints(output: OutputOpt = "table") -> None:
+def list_checkpoints(args: argparse.Namespace) -> int:
     """Committed checkpoints, newest first (from the catalog; needs no server)."""
     from activities.catalog import LocalCatalog
     from workers import display
 
     settings = _settings()
-    display.manifest_table(_console(), LocalCatalog(settings.checkpoint_root).checkpoints(), output)
+    display.checkpoint_table(LocalCatalog(settings.checkpoint_root).checkpoints(), args.output)
+    return 0
 
 
-@app.command()
-def describe(
-    ref: Annotated[str, typer.Argument(help="checkpoint name or 16-hex checkpoint ID")],
-    output: OutputOpt = "table",
-) -> None:
-    """A checkpoint's manifest plus its latest capture and restore as Temporal knows them.
-
-    A name whose captures all failed has no manifest; its failed capture (with the reason)
-    is shown, and the command exits 1.
-    """
+def describe(args: argparse.Namespace) -> int:
+    """A checkpoint's manifest plus its latest capture and restore as Temporal knows them
+    (exit 1 when none is committed, e.g. all captures of the name failed)."""
     from workers.describing import describe_checkpoint
 
-    code = asyncio.run(describe_checkpoint(_settings(), ref, output=output, console=_console()))
-    raise typer.Exit(code)
+    return _run(describe_checkpoint(_settings(), args.ref, output=args.output))
 
 
-@app.command()
-def demo(
-    port: Annotated[int, typer.Option(help="port of the sample worker")] = 0,
-) -> None:
+def demo(args: argparse.Namespace) -> int:
     """Cold-start the sample worker, capture it, stop it, restore it, and compare."""
+    from rich.console import Console
+
     from workers.demo import run_demo
 
-    settings = _settings()
-    _traced(settings)
-    code = asyncio.run(run_demo(settings, console=_console(), workload_port=port))
-    raise typer.Exit(code)
+    return _run(run_demo(_settings(), console=Console(), workload_port=args.port))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="warmstart",
+        description="Durable CRIU checkpoint/restore pipelines, each a Temporal workflow.",
+        epilog="Exit codes: 0 success, 1 the pipeline failed or no server, 2 usage.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def command(fn: Command, name: str | None = None) -> argparse.ArgumentParser:
+        doc = (fn.__doc__ or "").split("\n\n")[0].replace("\n", " ")
+        sub = commands.add_parser(name or fn.__name__, help=doc, description=doc)
+        sub.set_defaults(run=fn)
+        return sub
+
+    def output(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
+    sub = command(dev)
+    sub.add_argument("--port", type=int, help="frontend port (default from settings)")
+    sub.add_argument("--ui-port", type=int, help="Web UI port (default from settings)")
+    command(worker)
+
+    sub = command(capture)
+    sub.add_argument("name", metavar="NAME", help="checkpoint name")
+    sub.add_argument("command", metavar="CMD", nargs="+", help="-- CMD ARGS... of the workload")
+    identity = sub.add_argument_group("identity (the checkpoint ID is its hash)")
+    identity.add_argument("--identity", metavar="FILE", help="identity JSON file")
+    identity.add_argument("--model", help="model (default NAME)")
+    identity.add_argument("--backend", default="vllm", help="vllm, sglang or trtllm")
+    identity.add_argument("--framework-version")
+    identity.add_argument("--tp", type=int, help="tensor parallel size")
+    identity.add_argument("--pp", type=int, help="pipeline parallel size")
+    identity.add_argument("--dtype")
+    identity.add_argument("--max-model-len", type=int)
+    identity.add_argument("--extra", action="append", default=[], metavar="K=V")
+    ready = sub.add_argument_group("readiness (default: the ready-for-snapshot sentinel)")
+    ready.add_argument("--ready-tcp", type=int, metavar="PORT", help="ready when PORT accepts")
+    ready.add_argument("--ready-http", metavar="URL", help="ready when URL answers 2xx")
+    ready.add_argument("--health-http", metavar="URL", help="URL that shows it answers")
+    ready.add_argument("--ready-timeout", type=float, default=600.0, metavar="SECONDS")
+    sub.add_argument("--cwd", help="working directory (default: the current one)")
+    sub.add_argument("--env", action="append", default=[], metavar="K=V", help="environment")
+    output(sub)
+
+    sub = command(restore)
+    sub.add_argument("ref", metavar="REF", help="checkpoint name or 16-hex checkpoint ID")
+    sub.add_argument("--version", default="", help="version (default: the newest)")
+    sub.add_argument("--timeout", type=float, default=120.0, help="seconds to answer")
+    output(sub)
+
+    output(command(list_checkpoints, "list"))
+
+    sub = command(describe)
+    sub.add_argument("ref", metavar="REF", help="checkpoint name or 16-hex checkpoint ID")
+    output(sub)
+
+    sub = command(demo)
+    sub.add_argument("--port", type=int, default=0, help="port of the sample worker")
+    return parser
 
 
 def exit_status(err: BaseException) -> tuple[int, str]:
@@ -318,7 +292,9 @@ def exit_status(err: BaseException) -> tuple[int, str]:
     if isinstance(err, InvalidSpecError):
         return 2, str(err)
     if isinstance(err, ValidationError):
-        return 2, validation_message(err)
+        return 2, "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in err.errors()
+        )
     if isinstance(err, WarmstartError):
         return 1, f"[{err.reason}] {err.message}"
     if isinstance(err, KeyboardInterrupt):
@@ -326,31 +302,19 @@ def exit_status(err: BaseException) -> tuple[int, str]:
     return 1, "".join(traceback.format_exception(err))
 
 
-def validation_message(err: object) -> str:
-    """One line per problem: `field: message`."""
-    from pydantic import ValidationError
-
-    assert isinstance(err, ValidationError)
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in err.errors()
-    )
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point. Ends with os._exit: a process that used the Temporal client can abort in
     interpreter teardown (sdk-python#300, "PyGILState_Release"), turning success into SIGABRT.
     """
     code = 1
     try:
-        app()
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        args = _parser().parse_args(argv)
+        code = args.run(args)
+    except SystemExit as done:  # argparse: --help (0) and usage errors (2)
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     except BaseException as err:
-        from rich.markup import escape
-
         code, message = exit_status(err)
-        _console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+        print(f"error: {message}", file=sys.stderr)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -22,7 +22,7 @@ from api.workload import LocalWorkload
 from workers import display
 from workers.client import workflow_ui_url
 from workers.embedded import embedded
-from workers.operations import follow, start_capture, start_restore
+from workers.operations import LiveProgress, follow, start_capture, start_restore
 from workers.ports import free_port
 from workers.settings import Settings
 from workflows.contracts import CaptureRequest, RestoreRequest
@@ -94,7 +94,11 @@ async def capture(
     settings.home.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     handle = await start_capture(client, request)
-    with display.progress(console, "capture") as show:
+    with console.status("capture: starting") as status:
+
+        def show(live: LiveProgress) -> None:
+            status.update(f"capture: {display.describe_progress(live)}")
+
         result = await follow(client, handle, show)
     console.print(f"captured {result.checkpoint_id} version {result.version}", highlight=False)
     return time.monotonic() - started, _link(settings, handle.id, handle.result_run_id)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from rich.console import Console
-
 from activities.catalog import LocalCatalog
 from api.errors import CheckpointNotFoundError, UnavailableError
 from api.manifest import Manifest
@@ -14,13 +12,12 @@ from workers.operations import PipelineRecord, latest_pipeline
 from workers.settings import Settings
 
 
-async def describe_checkpoint(
-    settings: Settings, ref: str, *, output: str, console: Console
-) -> int:
+async def describe_checkpoint(settings: Settings, ref: str, *, output: str) -> int:
     """Show `ref`; exit status 0 when a committed checkpoint exists, else 1."""
     manifest: Manifest | None = None
+    catalog = LocalCatalog(settings.checkpoint_root)
     try:
-        manifest = LocalCatalog(settings.checkpoint_root).find(ref)
+        manifest = catalog.manifest(catalog.find(ref))
     except CheckpointNotFoundError as err:
         not_found = err
     name = manifest.source.name if manifest else ref
@@ -57,7 +54,7 @@ async def describe_checkpoint(
                 rows |= display.pipeline_rows(record, urls[kind])
         if unavailable:
             rows["pipelines"] = f"unknown: {unavailable}"
-        display.describe(console, name, rows)
+        display.print_rows({"name": name, **rows})
     return 0 if manifest is not None else 1
 
 

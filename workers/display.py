@@ -1,22 +1,17 @@
-"""How the CLI shows things: progress while a pipeline runs, tables and JSON for results.
-
-Imports only rich and the resource model, so the commands that need no server start fast.
-"""
+"""How the CLI shows things: a status line while a pipeline runs, aligned rows and tables,
+JSON for scripts. Plain text on purpose: it imports nothing, so commands start fast."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel
-from rich.console import Console
-from rich.table import Table
-
-from api.manifest import Manifest
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
+    from activities.catalog import CatalogEntry
+    from api.manifest import Manifest
     from workers.operations import LiveProgress, PipelineRecord
     from workflows.contracts import CaptureResult, RestoreResult
 
@@ -43,79 +38,94 @@ def describe_progress(live: LiveProgress) -> str:
 
 
 @contextmanager
-def progress(console: Console, title: str) -> Iterator[Callable[[LiveProgress], None]]:
-    """A spinner whose text follows the pipeline's current step."""
-    with console.status(f"{title}: starting") as status:
+def progress(title: str, out: TextIO = sys.stderr) -> Iterator[Callable[[LiveProgress], None]]:
+    """A status line that follows the pipeline's current step (only on a terminal)."""
+    live = out.isatty()
 
-        def show(live: LiveProgress) -> None:
-            status.update(f"{title}: {describe_progress(live)}")
+    def show(update: LiveProgress) -> None:
+        if live:
+            out.write(f"\r\033[K{title}: {describe_progress(update)}")
+            out.flush()
 
+    try:
         yield show
+    finally:
+        if live:
+            out.write("\r\033[K")
+            out.flush()
 
 
 def print_json(document: object) -> None:
     print(json.dumps(document, indent=2, default=str))
 
 
-def _emit(console: Console, model: BaseModel, output: str, rows: Mapping[str, Any]) -> None:
-    if output == "json":
-        print(model.model_dump_json(indent=2))
-        return
-    _print_rows(console, rows)
-
-
-def _print_rows(console: Console, rows: Mapping[str, Any]) -> None:
-    table = Table(show_header=False, box=None)
+def print_rows(rows: Mapping[str, object]) -> None:
+    width = max((len(key) for key in rows), default=0)
     for key, value in rows.items():
-        table.add_row(f"[bold]{key}[/]", str(value))
-    console.print(table)
+        print(f"{key:<{width}}  {value}")
 
 
-def _steps(seconds: Mapping[str, float] | None) -> str:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    for line in [headers, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def steps(seconds: Mapping[str, float] | None) -> str:
     return ", ".join(f"{k} {v:.3f}s" for k, v in (seconds or {}).items())
 
 
-def capture_result(console: Console, result: CaptureResult, output: str) -> None:
-    rows = {
-        "checkpoint ID": result.checkpoint_id,
-        "version": result.version,
-        "node": result.node,
-        "size": human_bytes(result.size_bytes),
-        "stored at": result.storage_uri,
-        "steps": _steps(result.step_seconds),
-    }
-    _emit(console, result, output, rows)
-
-
-def restore_result(console: Console, result: RestoreResult, output: str) -> None:
-    rows = {
-        "checkpoint ID": result.checkpoint_id,
-        "version": result.version,
-        "pid": result.pid,
-        "node": result.node,
-        "restore stages": _steps(result.stage_seconds),
-        "steps": _steps(result.step_seconds),
-    }
-    _emit(console, result, output, rows)
-
-
-def manifest_table(console: Console, manifests: list[Manifest], output: str) -> None:
+def capture_result(result: CaptureResult, output: str) -> None:
     if output == "json":
-        print_json([m.model_dump(mode="json") for m in manifests])
+        print(result.model_dump_json(indent=2))
         return
-    table = Table("NAME", "CHECKPOINT ID", "VERSION", "MODEL", "BACKEND", "SIZE", "NODE", "CREATED")
-    for m in manifests:
-        table.add_row(
-            m.source.name,
-            m.checkpoint_id,
-            m.version,
-            m.identity.model,
-            m.identity.backend_framework,
-            human_bytes(m.size_bytes),
-            m.source.node,
-            m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+    print_rows(
+        {
+            "checkpoint ID": result.checkpoint_id,
+            "version": result.version,
+            "node": result.node,
+            "size": human_bytes(result.size_bytes),
+            "stored at": result.storage_uri,
+            "steps": steps(result.step_seconds),
+        }
+    )
+
+
+def restore_result(result: RestoreResult, output: str) -> None:
+    if output == "json":
+        print(result.model_dump_json(indent=2))
+        return
+    print_rows(
+        {
+            "checkpoint ID": result.checkpoint_id,
+            "version": result.version,
+            "pid": result.pid,
+            "node": result.node,
+            "restore stages": steps(result.stage_seconds),
+            "steps": steps(result.step_seconds),
+        }
+    )
+
+
+def checkpoint_table(entries: list[CatalogEntry], output: str) -> None:
+    if output == "json":
+        print_json([e.document for e in entries])
+        return
+    headers = ("NAME", "CHECKPOINT ID", "VERSION", "MODEL", "BACKEND", "SIZE", "NODE", "CREATED")
+    rows = [
+        (
+            e.name,
+            e.checkpoint_id,
+            e.version,
+            e.model,
+            e.backend,
+            human_bytes(e.size_bytes),
+            e.node,
+            e.created_at[:19].replace("T", " "),
         )
-    console.print(table)
+        for e in entries
+    ]
+    print_table(headers, rows)
 
 
 def manifest_rows(manifest: Manifest | None) -> dict[str, object]:
@@ -140,10 +150,6 @@ def pipeline_rows(record: PipelineRecord, url: str) -> dict[str, object]:
     outcome = f"{record.phase or record.status} {record.reason} {record.message}".strip()
     rows: dict[str, object] = {f"last {kind}": outcome}
     if record.step_seconds:
-        rows[f"{kind} steps"] = _steps(record.step_seconds)
+        rows[f"{kind} steps"] = steps(record.step_seconds)
     rows[f"{kind} workflow"] = url
     return rows
-
-
-def describe(console: Console, name: str, rows: Mapping[str, object]) -> None:
-    _print_rows(console, {"name": name, **rows})

@@ -8,7 +8,6 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator
 
-from rich.console import Console
 from temporalio.client import Client
 
 from api.naming import node_task_queue
@@ -66,26 +65,27 @@ def _queues(settings: Settings) -> str:
     return f"{settings.node.control_task_queue}, {node_task_queue(settings.node.name)}"
 
 
-async def run_workers(settings: Settings, *, console: Console) -> None:
+async def run_workers(settings: Settings) -> None:
     """`warmstart worker`: both workers against `settings.temporal.address` until a signal."""
     stop = _stop_on_signals()
     client = await connect(settings)
     async with running_workers(client, settings):
-        console.print(f"workers on {settings.temporal.address}: {_queues(settings)}")
+        print(f"workers on {settings.temporal.address}: {_queues(settings)}", flush=True)
         await stop.wait()
 
 
-async def run_dev(settings: Settings, *, console: Console) -> None:
+async def run_dev(settings: Settings) -> None:
     """`warmstart dev`: run until Ctrl-C or SIGTERM, then stop workers and server cleanly."""
     stop = _stop_on_signals()
     async with dev_server(settings):
         client = await connect(settings, wait_seconds=STARTUP_SECONDS)
         async with running_workers(client, settings):
-            console.print(
+            print(
                 f"Temporal dev server on {settings.temporal.address} "
                 f"(state {settings.dev_server_db})\n"
                 f"Web UI: {settings.temporal.ui_url}\n"
-                f"workers: {_queues(settings)}\nCtrl-C stops them."
+                f"workers: {_queues(settings)}\nCtrl-C stops them.",
+                flush=True,
             )
             await stop.wait()
-            console.print("stopping workers and server…")
+            print("stopping workers and server…", flush=True)

@@ -1,27 +1,30 @@
 """The one settings object, built once at the composition root from `WARMSTART_*` variables.
 
 `WARMSTART_HOME=/x` sets `home`; nested fields use `__`: `WARMSTART_TEMPORAL__ADDRESS`.
-Read with plain pydantic (docs/decisions/0007-cli-start-time.md: pydantic-settings cost
-more start-up time than the whole `warmstart list` budget).
+Frozen dataclasses read by a small typed parser rather than pydantic-settings: importing
+that (with pydantic) costs more start time than the whole `warmstart list` budget
+(docs/decisions/0007-cli-start-time.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import types
+import typing
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
+from api.errors import InvalidSpecError
 from api.naming import CONTROL_TASK_QUEUE, LOCAL_NODE
 
 ENV_PREFIX = "WARMSTART_"
 
 
-class TemporalSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+@dataclass(frozen=True)
+class TemporalSettings:
     address: str = "localhost:7233"
     namespace: str = "default"
     ui_port: int = 8233
@@ -39,17 +42,12 @@ class TemporalSettings(BaseModel):
     def on_ports(self, *, port: int | None, ui_port: int | None) -> TemporalSettings:
         """These settings with the frontend and Web UI on other ports, where given."""
         host = self.address.rsplit(":", 1)[0]
-        return self.model_copy(
-            update={
-                "address": f"{host}:{port}" if port else self.address,
-                "ui_port": ui_port or self.ui_port,
-            }
-        )
+        address = f"{host}:{port}" if port else self.address
+        return dataclasses.replace(self, address=address, ui_port=ui_port or self.ui_port)
 
 
-class NodeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+@dataclass(frozen=True)
+class NodeSettings:
     name: str = LOCAL_NODE
     control_task_queue: str = CONTROL_TASK_QUEUE
     # Pollers hold activity slots while they wait; eager dispatch needs a free one left over.
@@ -57,9 +55,8 @@ class NodeSettings(BaseModel):
     activity_pollers: int = 2
 
 
-class CriuSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+@dataclass(frozen=True)
+class CriuSettings:
     path: str | None = None
 
     def resolve(self) -> str | None:
@@ -69,18 +66,16 @@ class CriuSettings(BaseModel):
         return shutil.which("criu") or shutil.which("criu", path="/usr/local/sbin:/usr/sbin:/sbin")
 
 
-class TelemetrySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+@dataclass(frozen=True)
+class TelemetrySettings:
     exporter: Literal["off", "console", "otlp"] = "off"
     otlp_endpoint: str | None = None
     service_name: str = "warmstart"
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    home: Path = Path.home() / ".local" / "state" / "warmstart"
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=lambda: Path.home() / ".local" / "state" / "warmstart")
     temporal: TemporalSettings = TemporalSettings()
     node: NodeSettings = NodeSettings()
     criu: CriuSettings = CriuSettings()
@@ -88,18 +83,18 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        """Settings from `WARMSTART_*` variables (names are case-insensitive, like the shell's
-        habit of upper case); an unknown name is an error that names it."""
+        """Settings from `WARMSTART_*` variables; a name or value that does not fit is an
+        InvalidSpecError naming the variable."""
         values: dict[str, Any] = {}
         for key, value in environ.items():
-            if not key.upper().startswith(ENV_PREFIX):
-                continue
-            *parents, leaf = key[len(ENV_PREFIX) :].lower().split("__")
-            node = values
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        return cls.model_validate(values)
+            if key.upper().startswith(ENV_PREFIX):
+                *parents, leaf = key[len(ENV_PREFIX) :].lower().split("__")
+                node = values
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = (key, value)
+        settings: Settings = _build(cls, values, ENV_PREFIX)
+        return settings
 
     @property
     def checkpoint_root(self) -> Path:
@@ -108,3 +103,43 @@ class Settings(BaseModel):
     @property
     def dev_server_db(self) -> Path:
         return self.home / "temporal.db"
+
+
+def _build(cls: type[Any], values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, given in values.items():
+        if name not in names:
+            where = given[0] if isinstance(given, tuple) else f"{prefix}{name.upper()}__*"
+            known = ", ".join(f"{prefix}{n.upper()}" for n in sorted(names))
+            raise InvalidSpecError(f"{where}: unknown setting (known: {known})")
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if isinstance(given, tuple):
+                raise InvalidSpecError(f"{given[0]}: set its fields with {given[0]}__<FIELD>")
+            kwargs[name] = _build(kind, given, f"{prefix}{name.upper()}__")  # type: ignore[arg-type]
+        elif isinstance(given, tuple):
+            kwargs[name] = _convert(kind, *given)
+        else:
+            raise InvalidSpecError(f"{prefix}{name.upper()}: is not a group of settings")
+    return cls(**kwargs)
+
+
+def _convert(kind: Any, variable: str, raw: str) -> object:
+    """`raw` as `kind` (str, int, Path, an optional or a Literal of them)."""
+    if isinstance(kind, types.UnionType):  # X | None: an empty value means None
+        if raw == "":
+            return None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    if typing.get_origin(kind) is Literal:
+        allowed = typing.get_args(kind)
+        if raw not in allowed:
+            raise InvalidSpecError(f"{variable}={raw!r}: expected one of {', '.join(allowed)}")
+        return raw
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise InvalidSpecError(f"{variable}={raw!r}: expected an integer") from None
+    return Path(raw) if kind is Path else raw

@@ -209,19 +209,23 @@ class CaptureWorkflow:
         await self._publish(Phase.FAILED, failure.reason, message=failure.message)
 
     async def _cleanup(self, launch: LaunchResult | None, staged: bool) -> None:
-        """Always: nothing half-written stays, no workload keeps running."""
+        """Always: nothing half-written stays, no workload keeps running. A cleanup step that
+        fails is logged, never raised: it must not replace the reason the capture ended."""
         req = self._require()
         if staged:
-            await self._node(
-                StorageActivities.discard_staging,
-                DiscardInput(checkpoint_id=req.checkpoint_id, version=self._version),
-                policies.CLEANUP,
-                "discard staging",
-            )
+            discard = DiscardInput(checkpoint_id=req.checkpoint_id, version=self._version)
+            await self._try_cleanup(StorageActivities.discard_staging, discard, "discard staging")
         if launch is not None:
-            await self._node(
-                LocalProcessActivities.stop_workload,
-                StopInput(pid=launch.pid, start_ticks=launch.start_ticks),
-                policies.CLEANUP,
-                f"stop pid {launch.pid}",
+            stop = StopInput(pid=launch.pid, start_ticks=launch.start_ticks)
+            await self._try_cleanup(
+                LocalProcessActivities.stop_workload, stop, f"stop pid {launch.pid}"
             )
+
+    async def _try_cleanup(
+        self, step: Callable[[S, I], Awaitable[None]], arg: I, summary: str
+    ) -> None:
+        try:
+            await self._node(step, arg, policies.CLEANUP, summary)
+        except ActivityError as err:
+            failure = policies.step_failure(err, node=self._require().node)
+            workflow.logger.warning("cleanup %s failed: [%s] %s", summary, failure.reason, failure)

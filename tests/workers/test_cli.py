@@ -52,7 +52,7 @@ async def test_capture_list_describe_restore(workers: Settings, address: str) ->
     )  # fmt: skip
     assert code == 0, err
     captured = json.loads(out)
-    assert "capture workflow capture/local/tokens/" in err
+    assert "capture tokens: workflow capture/local/tokens/" in err
 
     code, out, _ = await cli(workers, address, "list", "--output", "json")
     assert code == 0
@@ -85,7 +85,7 @@ async def test_restore_of_unknown_name_exits_1(settings: Settings, address: str)
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["capture", "x"], "Missing argument"),
+        (["capture", "x"], "the following arguments are required: CMD"),
         (["capture", "x", "--ready-tcp", "1", "--ready-http", "http://h/", "--", "true"],
          "at most one of --ready-tcp and --ready-http"),
         (["capture", "x", "--backend", "tgi", "--", "true"], "backendFramework"),

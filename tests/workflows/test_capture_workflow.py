@@ -266,3 +266,18 @@ async def test_cancel_publishes_and_cleans_up(harness: Harness) -> None:
     harness.stand_ins.hold_ready.set()
     assert harness.stand_ins.statuses[-1].reason == "Cancelled"
     assert "stop_workload" in harness.stand_ins.names()
+
+
+async def test_a_failing_cleanup_keeps_the_real_reason(harness: Harness) -> None:
+    harness.stand_ins.fail["await_workload_ready"] = ApplicationError(
+        "workload llama exited with status 3", type="WorkloadExited", non_retryable=True
+    )
+    harness.stand_ins.fail["stop_workload"] = ApplicationError(
+        "cannot signal pid 4242", type="InternalError", non_retryable=True
+    )
+    handle = await harness.start(harness.request())
+    with pytest.raises(WorkflowFailureError) as err:
+        await handle.result()
+    assert isinstance(err.value.cause, ApplicationError)
+    assert err.value.cause.type == "WorkloadExited"
+    assert harness.stand_ins.names()[-1] == "stop_workload"

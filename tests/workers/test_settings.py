@@ -1,0 +1,57 @@
+"""Settings from WARMSTART_* variables: nested names, typed values, errors naming the variable."""
+
+from pathlib import Path
+
+import pytest
+
+from api.errors import InvalidSpecError
+from workers.settings import Settings, TemporalSettings
+
+
+def test_nested_variables_are_typed() -> None:
+    settings = Settings.from_env(
+        {
+            "WARMSTART_HOME": "/srv/ws",
+            "WARMSTART_TEMPORAL__ADDRESS": "temporal:7233",
+            "WARMSTART_TEMPORAL__UI_PORT": "9000",
+            "WARMSTART_TEMPORAL__IDENTITY": "",
+            "WARMSTART_NODE__NAME": "gpu-7",
+            "WARMSTART_TELEMETRY__EXPORTER": "otlp",
+            "HOME": "/root",
+        }
+    )
+    assert settings.home == Path("/srv/ws")
+    assert settings.checkpoint_root == Path("/srv/ws/checkpoints")
+    assert (settings.temporal.port, settings.temporal.ui_port) == (7233, 9000)
+    assert settings.temporal.identity is None
+    assert settings.node.name == "gpu-7" and settings.node.max_concurrent_activities == 16
+    assert settings.telemetry.exporter == "otlp"
+
+
+def test_defaults_without_variables() -> None:
+    settings = Settings.from_env({})
+    assert settings.temporal == TemporalSettings()
+    assert settings.home.name == "warmstart"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"WARMSTART_TEMPORAL__UI_PORT": "80x"},
+            "WARMSTART_TEMPORAL__UI_PORT='80x': expected an integer",
+        ),
+        ({"WARMSTART_TELEMETRY__EXPORTER": "jaeger"}, "expected one of off, console, otlp"),
+        ({"WARMSTART_TEMPORAL__ADRESS": "x:1"}, "WARMSTART_TEMPORAL__ADRESS: unknown setting"),
+        ({"WARMSTART_NODE": "x"}, "WARMSTART_NODE: set its fields with WARMSTART_NODE__<FIELD>"),
+        ({"WARMSTART_HOME__X": "x"}, "WARMSTART_HOME: is not a group of settings"),
+    ],
+)
+def test_bad_variables_name_themselves(env: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidSpecError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        Settings.from_env(env)
+
+
+def test_other_ports() -> None:
+    moved = TemporalSettings(address="127.0.0.1:7233").on_ports(port=7300, ui_port=None)
+    assert (moved.address, moved.ui_port) == ("127.0.0.1:7300", 8233)
