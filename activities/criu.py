@@ -7,8 +7,11 @@ into the staging directory of a checkpoint version, heartbeating progress.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,12 +77,20 @@ class Criu:
 
 
 async def _spawn(cmd: list[str]) -> asyncio.subprocess.Process:
+    """CRIU in its own process group, so that stopping it stops whatever it started too."""
     return await asyncio.create_subprocess_exec(
         *cmd,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
     )
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
 
 
 class CriuActivities:
@@ -114,8 +125,7 @@ class CriuActivities:
                 except TimeoutError:
                     activity.heartbeat(Heartbeat(stage="dumping", bytes=tree_size(images)))
         except asyncio.CancelledError:
-            proc.kill()
-            await proc.wait()
+            await _kill_group(proc)
             raise
         stderr = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
         if proc.returncode != 0:

@@ -60,14 +60,14 @@ class RestoreActivities:
         # Where the workload waits: its manifest says, once it has been read and checked;
         # before that (missing or damaged checkpoint) this node's own layout says.
         control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
-        pid = 0
+        version, pid = request.version, 0
         try:
             stages.start("verify")
             version_dir = self._store.find(request.checkpoint_id, request.version)
             manifest = await asyncio.to_thread(
                 self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
             )
-            control_dir = Path(manifest.source.control_dir)
+            control_dir, version = Path(manifest.source.control_dir), manifest.version
             _require_compatible(manifest)
             stages.start("prepare")
             saved_output = version_dir / WORKLOAD_LOG
@@ -83,8 +83,8 @@ class RestoreActivities:
         except WarmstartError as err:
             await _undo(pid, control_dir, f"{err.reason}: {err}")
             where = f"restore of {request.name} from checkpoint {request.checkpoint_id}"
-            version = f" version {request.version}" if request.version else ""
-            raise type(err)(f"{where}{version} failed: {err}", reason=err.reason) from err
+            where += f" version {version}" if version else ""
+            raise type(err)(f"{where} failed: {err}", reason=err.reason) from err
         except BaseException:
             await _undo(pid, control_dir, "restore interrupted")
             raise

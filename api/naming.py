@@ -9,7 +9,9 @@ from api.errors import InvalidNameError
 
 CONTROL_TASK_QUEUE = "warmstart-control"
 NODE_TASK_QUEUE_PREFIX = "warmstart-node-"
-MANIFEST_FILE = "manifest.json"  # a checkpoint version's commit marker, written last
+MANIFEST_FILE = "manifest.json"
+CAPTURE_WORKFLOW = "CaptureWorkflow"  # workflow type names, as registered and as listed
+RESTORE_WORKFLOW = "RestoreWorkflow"  # a checkpoint version's commit marker, written last
 LOCAL_NODE = "local"
 LOCAL_NAMESPACE = "local"
 

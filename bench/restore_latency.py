@@ -28,10 +28,10 @@ from api.workload import LocalWorkload, Readiness
 from workers.client import connect
 from workers.compose import control_worker, node_worker
 from workers.devserver import DevServer
-from workers.operations import follow, start_capture, start_restore
+from workers.operations import follow, local_capture_request, start_capture, start_restore
 from workers.ports import free_port
 from workers.settings import NodeSettings, Settings, TemporalSettings
-from workflows.contracts import CaptureRequest, RestoreRequest
+from workflows.contracts import RestoreRequest
 
 
 class Poller:
@@ -131,12 +131,7 @@ async def main(runs: int) -> None:
                     identity = CheckpointIdentity(
                         model=f"bench/{workload.name}", backend_framework="vllm"
                     )
-                    request = CaptureRequest.local(
-                        workload,
-                        identity,
-                        node=settings.node.name,
-                        control_task_queue=settings.node.control_task_queue,
-                    )
+                    request = local_capture_request(settings, workload, identity)
                     handle = await start_capture(client, request)
                     result = await follow(client, handle, lambda _p: None)
                     store = CheckpointStore(settings.checkpoint_root)

@@ -32,7 +32,7 @@ from api.workload import LocalWorkload
 from workers.client import connect
 from workers.compose import control_worker, node_worker
 from workers.devserver import DevServer
-from workers.operations import follow, start_capture, start_restore
+from workers.operations import follow, local_capture_request, start_capture, start_restore
 from workers.ports import free_port
 from workers.settings import NodeSettings, Settings, TemporalSettings
 from workflows.contracts import CaptureRequest, RestoreRequest
@@ -69,12 +69,7 @@ async def save(client: Client, workflow_id: str, name: str, replacements: dict[s
 
 def capture_request(settings: Settings, workload: LocalWorkload) -> CaptureRequest:
     identity = CheckpointIdentity(model=f"recorded/{workload.name}", backend_framework="vllm")
-    return CaptureRequest.local(
-        workload,
-        identity,
-        node=settings.node.name,
-        control_task_queue=settings.node.control_task_queue,
-    )
+    return local_capture_request(settings, workload, identity)
 
 
 async def record(client: Client, settings: Settings, replacements: dict[str, str]) -> None:

@@ -12,7 +12,7 @@ from temporalio.client import Client
 
 from api.identity import CheckpointIdentity
 from api.workload import LocalWorkload, Readiness
-from workers.operations import follow, start_capture, start_restore
+from workers.operations import follow, local_capture_request, start_capture, start_restore
 from workers.settings import Settings
 from workflows.contracts import CaptureRequest, CaptureResult, RestoreRequest, RestoreResult
 
@@ -42,12 +42,7 @@ def shell_workload(name: str, script: str, *, readiness: Readiness | None = None
 
 def capture_request(settings: Settings, workload: LocalWorkload) -> CaptureRequest:
     identity = CheckpointIdentity(model=f"test/{workload.name}", backend_framework="vllm")
-    return CaptureRequest.local(
-        workload,
-        identity,
-        node=settings.node.name,
-        control_task_queue=settings.node.control_task_queue,
-    )
+    return local_capture_request(settings, workload, identity)
 
 
 async def capture(client: Client, request: CaptureRequest) -> CaptureResult:

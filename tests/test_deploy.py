@@ -4,6 +4,7 @@ from pathlib import Path
 
 import yaml
 
+from workers.devserver import DYNAMIC_CONFIG
 from workflows.visibility import ALL_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +17,8 @@ def test_compose_registers_every_search_attribute_and_builds_our_image() -> None
     flags = " ".join(services["temporal"]["command"])
     for key in ALL_KEYS:
         assert f"--search-attribute={key.name}=Keyword" in flags
+    for value in DYNAMIC_CONFIG:  # eager start and dispatch, as `warmstart dev` runs it
+        assert f"--dynamic-config-value={value}" in flags
     build = services["warmstart"]["build"]
     assert (REPO / build["dockerfile"]).is_file()
     assert services["warmstart"]["privileged"] is True

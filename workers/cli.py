@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from api.identity import CheckpointIdentity
     from api.workload import LocalWorkload
     from workers.settings import Settings
-    from workflows.contracts import CaptureRequest, CaptureResult, RestoreRequest, RestoreResult
 
 W = TypeVar("W")
 T = TypeVar("T")
@@ -123,32 +122,21 @@ def _workload(args: argparse.Namespace) -> LocalWorkload:
 def capture(args: argparse.Namespace) -> int:
     """Launch CMD, wait until it is warm, checkpoint it with CRIU and commit the checkpoint."""
     from workers import display
-    from workflows.contracts import CaptureRequest
+    from workers.operations import local_capture_request, start_capture
 
     settings = _settings()
-    request = CaptureRequest.local(
-        _workload(args),
-        _identity(args),
-        node=settings.node.name,
-        control_task_queue=settings.node.control_task_queue,
-    )
-    display.capture_result(_run(_capture(settings, request)), args.output)
+    request = local_capture_request(settings, _workload(args), _identity(args))
+    title = f"capture {request.name}"
+    result = _run(_pipeline(settings, lambda c: start_capture(c, request), title, every=0.5))
+    display.capture_result(result, args.output)
     return 0
-
-
-async def _capture(settings: Settings, request: CaptureRequest) -> CaptureResult:
-    from workers.client import connect
-    from workers.operations import start_capture
-
-    client = await connect(settings)
-    handle = await start_capture(client, request)
-    return await _follow(settings, client, handle, f"capture {request.name}", every=0.5)
 
 
 def restore(args: argparse.Namespace) -> int:
     """Restore the newest committed checkpoint named REF (or with ID REF) on this node."""
     from activities.catalog import LocalCatalog
     from workers import display
+    from workers.operations import start_restore
     from workflows.contracts import RestoreRequest
 
     settings = _settings()
@@ -161,27 +149,26 @@ def restore(args: argparse.Namespace) -> int:
         answer_timeout_seconds=args.timeout,
         control_task_queue=settings.node.control_task_queue,
     )
-    display.restore_result(_run(_restore(settings, request)), args.output)
+    title = f"restore {request.name}"
+    result = _run(_pipeline(settings, lambda c: start_restore(c, request), title, every=0.2))
+    display.restore_result(result, args.output)
     return 0
 
 
-async def _restore(settings: Settings, request: RestoreRequest) -> RestoreResult:
-    from workers.client import connect
-    from workers.operations import start_restore
-
-    client = await connect(settings)
-    handle = await start_restore(client, request)
-    return await _follow(settings, client, handle, f"restore {request.name}", every=0.2)
-
-
-async def _follow(
-    settings: Settings, client: Client, handle: WorkflowHandle[W, T], title: str, *, every: float
+async def _pipeline(
+    settings: Settings,
+    start: Callable[[Client], Awaitable[WorkflowHandle[W, T]]],
+    title: str,
+    *,
+    every: float,
 ) -> T:
-    """Print the workflow's Web UI link and follow it on a status line until it ends."""
+    """Start a pipeline, print its Web UI link and follow it on a status line until it ends."""
     from workers import display
-    from workers.client import workflow_ui_url
+    from workers.client import connect, workflow_ui_url
     from workers.operations import follow
 
+    client = await connect(settings)
+    handle = await start(client)
     t = settings.temporal
     link = workflow_ui_url(t.ui_url, t.namespace, handle.id, handle.result_run_id or "")
     print(f"{title}: workflow {handle.id}\n  {link}", file=sys.stderr, flush=True)

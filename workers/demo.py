@@ -22,10 +22,16 @@ from api.workload import LocalWorkload
 from workers import display
 from workers.client import workflow_ui_url
 from workers.embedded import embedded
-from workers.operations import LiveProgress, follow, start_capture, start_restore
+from workers.operations import (
+    LiveProgress,
+    follow,
+    local_capture_request,
+    start_capture,
+    start_restore,
+)
 from workers.ports import free_port
 from workers.settings import Settings
-from workflows.contracts import CaptureRequest, RestoreRequest
+from workflows.contracts import RestoreRequest
 
 NAME = "demo-worker"
 # The sample worker ships as a module of the distribution: no source-tree paths.
@@ -85,12 +91,7 @@ async def capture(
         cwd=str(settings.home),
         health_url=f"http://127.0.0.1:{port}/healthz",
     )
-    request = CaptureRequest.local(
-        workload,
-        IDENTITY,
-        node=settings.node.name,
-        control_task_queue=settings.node.control_task_queue,
-    )
+    request = local_capture_request(settings, workload, IDENTITY)
     settings.home.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     handle = await start_capture(client, request)

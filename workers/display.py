@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from activities.catalog import CatalogEntry
     from api.manifest import Manifest
     from workers.operations import LiveProgress, PipelineRecord
@@ -75,36 +77,35 @@ def steps(seconds: Mapping[str, float] | None) -> str:
     return ", ".join(f"{k} {v:.3f}s" for k, v in (seconds or {}).items())
 
 
-def capture_result(result: CaptureResult, output: str) -> None:
+def _result(result: BaseModel, output: str, rows: Mapping[str, object]) -> None:
     if output == "json":
         print(result.model_dump_json(indent=2))
-        return
-    print_rows(
-        {
-            "checkpoint ID": result.checkpoint_id,
-            "version": result.version,
-            "node": result.node,
-            "size": human_bytes(result.size_bytes),
-            "stored at": result.storage_uri,
-            "steps": steps(result.step_seconds),
-        }
-    )
+    else:
+        print_rows(rows)
+
+
+def capture_result(result: CaptureResult, output: str) -> None:
+    rows = {
+        "checkpoint ID": result.checkpoint_id,
+        "version": result.version,
+        "node": result.node,
+        "size": human_bytes(result.size_bytes),
+        "stored at": result.storage_uri,
+        "steps": steps(result.step_seconds),
+    }
+    _result(result, output, rows)
 
 
 def restore_result(result: RestoreResult, output: str) -> None:
-    if output == "json":
-        print(result.model_dump_json(indent=2))
-        return
-    print_rows(
-        {
-            "checkpoint ID": result.checkpoint_id,
-            "version": result.version,
-            "pid": result.pid,
-            "node": result.node,
-            "restore stages": steps(result.stage_seconds),
-            "steps": steps(result.step_seconds),
-        }
-    )
+    rows = {
+        "checkpoint ID": result.checkpoint_id,
+        "version": result.version,
+        "pid": result.pid,
+        "node": result.node,
+        "restore stages": steps(result.stage_seconds),
+        "steps": steps(result.step_seconds),
+    }
+    _result(result, output, rows)
 
 
 def checkpoint_table(entries: list[CatalogEntry], output: str) -> None:

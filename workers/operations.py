@@ -3,6 +3,10 @@
 Everything here talks to Temporal only (typed workflow handles, visibility with the
 registered search attributes, queries, results); checkpoints themselves come from the
 catalog (`activities.catalog`), since histories expire and checkpoints do not.
+
+Workflows are started by their registered type names, with the handles typed by the
+workflow classes: importing the workflow modules would import every activity module
+into the CLI, tenths of a second on the restore path (docs/decisions/0007).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from temporalio.client import (
     Client,
@@ -28,10 +32,15 @@ from temporalio.service import RPCError
 
 from activities.contracts import Heartbeat, PipelineKind
 from api.errors import PipelineFailedError
-from api.naming import capture_workflow_id, node_task_queue, restore_workflow_id
+from api.naming import (
+    CAPTURE_WORKFLOW,
+    RESTORE_WORKFLOW,
+    capture_workflow_id,
+    node_task_queue,
+    restore_workflow_id,
+)
 from api.reasons import Phase, Reason, as_reason
 from workflows import visibility
-from workflows.capture import CaptureWorkflow
 from workflows.contracts import (
     CaptureRequest,
     CaptureResult,
@@ -39,13 +48,19 @@ from workflows.contracts import (
     RestoreRequest,
     RestoreResult,
 )
-from workflows.restore import RestoreWorkflow
+
+if TYPE_CHECKING:
+    from api.identity import CheckpointIdentity
+    from api.workload import LocalWorkload
+    from workers.settings import Settings
+    from workflows.capture import CaptureWorkflow
+    from workflows.restore import RestoreWorkflow
 
 W = TypeVar("W")
 T = TypeVar("T")
 _WORKFLOW_TYPES: dict[PipelineKind, str] = {
-    "capture": "CaptureWorkflow",
-    "restore": "RestoreWorkflow",
+    "capture": CAPTURE_WORKFLOW,
+    "restore": RESTORE_WORKFLOW,
 }
 
 
@@ -74,6 +89,18 @@ class PipelineRecord:
     closed_at: datetime | None = None
 
 
+def local_capture_request(
+    settings: Settings, workload: LocalWorkload, identity: CheckpointIdentity
+) -> CaptureRequest:
+    """The capture of a local workload on this node (settings name the node and queue)."""
+    return CaptureRequest.local(
+        workload,
+        identity,
+        node=settings.node.name,
+        control_task_queue=settings.node.control_task_queue,
+    )
+
+
 async def start_capture(
     client: Client, request: CaptureRequest
 ) -> WorkflowHandle[CaptureWorkflow, CaptureResult]:
@@ -82,8 +109,9 @@ async def start_capture(
         namespace=request.namespace, name=request.name, key=request.checkpoint_id
     )
     return await client.start_workflow(
-        CaptureWorkflow.run,
+        CAPTURE_WORKFLOW,
         request,
+        result_type=CaptureResult,
         id=workflow_id,
         task_queue=request.control_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -110,8 +138,9 @@ async def start_restore(
         namespace=request.namespace, name=request.name, key=str(uuid.uuid4())
     )
     return await client.start_workflow(
-        RestoreWorkflow.run,
+        RESTORE_WORKFLOW,
         request,
+        result_type=RestoreResult,
         id=workflow_id,
         task_queue=node_task_queue(request.node),
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
@@ -197,12 +226,12 @@ async def latest_pipeline(
             closed_at=execution.close_time,
         )
         if kind == "capture":
-            capture = client.get_workflow_handle_for(
-                CaptureWorkflow.run, execution.id, run_id=execution.run_id
+            capture: WorkflowHandle[CaptureWorkflow, CaptureResult] = client.get_workflow_handle(
+                execution.id, run_id=execution.run_id, result_type=CaptureResult
             )
             return await _with_outcome(record, capture, execution.status, Reason.CAPTURED)
-        restore = client.get_workflow_handle_for(
-            RestoreWorkflow.run, execution.id, run_id=execution.run_id
+        restore: WorkflowHandle[RestoreWorkflow, RestoreResult] = client.get_workflow_handle(
+            execution.id, run_id=execution.run_id, result_type=RestoreResult
         )
         return await _with_outcome(record, restore, execution.status, Reason.RESTORED)
     return None

@@ -31,44 +31,39 @@ with workflow.unsafe.imports_passed_through():
     from activities.sentinels import SentinelActivities
     from activities.storage import StorageActivities
     from api.errors import PipelineFailedError
-    from api.naming import checkpoint_version, node_task_queue
+    from api.naming import CAPTURE_WORKFLOW, checkpoint_version, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
     from workflows import policies, visibility
     from workflows.contracts import CaptureRequest, CaptureResult, Progress
-    from workflows.visibility import StepClock
+    from workflows.control import publish_status
+    from workflows.visibility import PipelineState
 
 S = TypeVar("S")
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
 
 
-@workflow.defn(name="CaptureWorkflow")
+@workflow.defn(name=CAPTURE_WORKFLOW)
 class CaptureWorkflow:
     def __init__(self) -> None:
-        self._clock = StepClock()
+        self._state = PipelineState()
+        self._clock = self._state.clock
         self._request: CaptureRequest | None = None
-        self._version = ""
-        self._error = ""
 
     @workflow.query
     def progress(self) -> Progress:
-        req = self._request
-        return visibility.progress_of(
-            self._clock,
-            checkpoint_id=req.checkpoint_id if req else "",
-            node=req.node if req else "",
-            version=self._version,
-            error=self._error,
-        )
+        return self._state.progress()
 
     @workflow.run
     async def run(self, request: CaptureRequest) -> CaptureResult:
         self._request = request
+        self._state.checkpoint_id, self._state.node = request.checkpoint_id, request.node
         visibility.index(
             namespace=request.namespace, checkpoint_id=request.checkpoint_id, node=request.node
         )
-        self._version = checkpoint_version(workflow.now(), workflow.uuid4().hex)
-        workload, ckpt, version = request.workload, request.checkpoint_id, self._version
+        version = checkpoint_version(workflow.now(), workflow.uuid4().hex)
+        self._state.version = version
+        workload, ckpt = request.workload, request.checkpoint_id
         launch: LaunchResult | None = None
         staged = False
         try:
@@ -195,17 +190,16 @@ class CaptureWorkflow:
             reason=reason,
             message=message,
             checkpoint_id=req.checkpoint_id,
-            version=self._version if commit else "",
+            version=self._state.version if commit else "",
             node=req.node,
             storage_uri=commit.storage_uri if commit else "",
             size_bytes=commit.size_bytes if commit else 0,
             step_seconds=dict(self._clock.seconds),
         )
-        await self._control(ControlActivities.publish_status, status, f"publish {phase.value}")
+        await publish_status(status, task_queue=req.control_task_queue)
 
     async def _fail(self, failure: PipelineFailedError) -> None:
-        self._error = f"{failure.reason}: {failure.message}"
-        self._clock.settle(Phase.FAILED, "failed")
+        self._state.failed(failure, Phase.FAILED, "failed")
         await self._publish(Phase.FAILED, failure.reason, message=failure.message)
 
     async def _cleanup(self, launch: LaunchResult | None, staged: bool) -> None:
@@ -213,7 +207,7 @@ class CaptureWorkflow:
         fails is logged, never raised: it must not replace the reason the capture ended."""
         req = self._require()
         if staged:
-            discard = DiscardInput(checkpoint_id=req.checkpoint_id, version=self._version)
+            discard = DiscardInput(checkpoint_id=req.checkpoint_id, version=self._state.version)
             await self._try_cleanup(StorageActivities.discard_staging, discard, "discard staging")
         if launch is not None:
             stop = StopInput(pid=launch.pid, start_ticks=launch.start_ticks)

@@ -13,46 +13,42 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.contracts import RestoreInput, StatusInput
-    from activities.control import ControlActivities
     from activities.errors import application_error
     from activities.restore import RestoreActivities
-    from api.naming import node_task_queue
+    from api.naming import RESTORE_WORKFLOW, node_task_queue
     from api.reasons import Phase, Reason
     from workflows import policies, visibility
     from workflows.contracts import Progress, RestoreRequest, RestoreResult
-    from workflows.visibility import StepClock
+    from workflows.control import publish_status
+    from workflows.visibility import PipelineState
 
 
 # Not sandboxed: the sandbox re-imports this module for every run, ~4 ms of a ~25 ms
 # budget on the restore critical path. Determinism is kept by this module doing nothing
 # but orchestration and is checked by the replay tests (docs/decisions/0006).
-@workflow.defn(name="RestoreWorkflow", sandboxed=False)
+@workflow.defn(name=RESTORE_WORKFLOW, sandboxed=False)
 class RestoreWorkflow:
     def __init__(self) -> None:
-        self._clock = StepClock()
+        self._state = PipelineState()
         self._request: RestoreRequest | None = None
-        self._version = ""
-        self._error = ""
 
     @workflow.query
     def progress(self) -> Progress:
-        req = self._request
-        return visibility.progress_of(
-            self._clock,
-            checkpoint_id=req.checkpoint_id if req else "",
-            node=req.node if req else "",
-            version=self._version,
-            error=self._error,
-        )
+        return self._state.progress()
 
     @workflow.run
     async def run(self, request: RestoreRequest) -> RestoreResult:
         self._request = request
-        self._version = request.version
+        state, clock = self._state, self._state.clock
+        state.checkpoint_id, state.node, state.version = (
+            request.checkpoint_id,
+            request.node,
+            request.version,
+        )
         visibility.index(
             namespace=request.namespace, checkpoint_id=request.checkpoint_id, node=request.node
         )
-        self._clock.begin("restore", Phase.RESTORING)
+        clock.begin("restore", Phase.RESTORING)
         opts = policies.restore_options(request.answer_timeout_seconds)
         restore = RestoreInput(
             checkpoint_id=request.checkpoint_id,
@@ -73,24 +69,23 @@ class RestoreWorkflow:
             )
         except ActivityError as err:
             failure = policies.step_failure(err, node=request.node)
-            self._error = f"{failure.reason}: {failure.message}"
-            self._clock.settle(Phase.FELL_BACK, "fell-back")
+            state.failed(failure, Phase.FELL_BACK, "fell-back")
             await self._publish(Phase.FELL_BACK, failure.reason, message=failure.message)
             raise application_error(failure) from None
         except asyncio.CancelledError:
-            self._clock.settle(Phase.FELL_BACK, "cancelled")
+            clock.settle(Phase.FELL_BACK, "cancelled")
             raise
-        self._version = restored.version
-        self._clock.begin("publish")
+        state.version = restored.version
+        clock.begin("publish")
         await self._publish(Phase.RESTORED, Reason.RESTORED, message=f"pid {restored.pid}")
-        self._clock.settle(Phase.RESTORED, "done")
+        clock.settle(Phase.RESTORED, "done")
         return RestoreResult(
             checkpoint_id=request.checkpoint_id,
-            version=self._version,
+            version=state.version,
             pid=restored.pid,
             node=request.node,
             stage_seconds=restored.stage_seconds,
-            step_seconds=dict(self._clock.seconds),
+            step_seconds=dict(clock.seconds),
         )
 
     async def _publish(self, phase: Phase, reason: Reason, *, message: str) -> None:
@@ -104,15 +99,8 @@ class RestoreWorkflow:
             reason=reason,
             message=message,
             checkpoint_id=req.checkpoint_id,
-            version=self._version,
+            version=self._state.version,
             node=req.node,
-            step_seconds=dict(self._clock.seconds),
+            step_seconds=dict(self._state.clock.seconds),
         )
-        await workflow.execute_activity_method(
-            ControlActivities.publish_status,
-            status,
-            task_queue=req.control_task_queue,
-            start_to_close_timeout=policies.CONTROL.start_to_close,
-            retry_policy=policies.CONTROL.retry,
-            summary=f"publish {phase.value}",
-        )
+        await publish_status(status, task_queue=req.control_task_queue)

@@ -7,6 +7,7 @@ from datetime import datetime
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
+from api.errors import PipelineFailedError
 from api.reasons import Phase
 from workflows.contracts import Progress
 
@@ -77,15 +78,27 @@ def index(*, namespace: str, checkpoint_id: str, node: str) -> None:
         workflow.upsert_search_attributes(missing)
 
 
-def progress_of(
-    clock: StepClock, *, checkpoint_id: str, node: str, version: str, error: str
-) -> Progress:
-    return Progress(
-        step=clock.step,
-        phase=clock.phase,
-        checkpoint_id=checkpoint_id,
-        version=version,
-        node=node,
-        step_seconds=dict(clock.seconds),
-        error=error,
-    )
+class PipelineState:
+    """What a workflow's `progress` query shows: its step clock, identifiers and error."""
+
+    def __init__(self) -> None:
+        self.clock = StepClock()
+        self.checkpoint_id = ""
+        self.node = ""
+        self.version = ""
+        self.error = ""
+
+    def failed(self, failure: PipelineFailedError, phase: Phase, step: str) -> None:
+        self.error = f"{failure.reason}: {failure.message}"
+        self.clock.settle(phase, step)
+
+    def progress(self) -> Progress:
+        return Progress(
+            step=self.clock.step,
+            phase=self.clock.phase,
+            checkpoint_id=self.checkpoint_id,
+            version=self.version,
+            node=self.node,
+            step_seconds=dict(self.clock.seconds),
+            error=self.error,
+        )
