@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,7 +37,7 @@ class CatalogEntry:
     backend: str
     size_bytes: int
     node: str
-    created_at: str  # ISO 8601, UTC
+    created_at: datetime
     location: str  # where the version lives (a directory here, a storage URI on a cluster)
     document: dict[str, Any]
 
@@ -91,7 +92,7 @@ def _entry(version_dir: Path) -> CatalogEntry | None:
             backend=str(doc["identity"]["backend_framework"]),
             size_bytes=sum(int(f["size"]) for f in doc["files"]),
             node=str(doc["source"]["node"]),
-            created_at=str(doc["created_at"]),
+            created_at=datetime.fromisoformat(str(doc["created_at"])),
             location=str(version_dir),
             document=doc,
         )
@@ -119,8 +120,9 @@ class LocalCatalog:
 
     def find(self, ref: str) -> CatalogEntry:
         entries = self.checkpoints()
-        by_id = is_checkpoint_id(ref)
-        matches = [e for e in entries if (e.checkpoint_id if by_id else e.name) == ref]
+        # A 16-hex ref is an ID first; a workload may still be named like one.
+        matches = [e for e in entries if is_checkpoint_id(ref) and e.checkpoint_id == ref]
+        matches = matches or [e for e in entries if e.name == ref]
         if not matches:
             known = ", ".join(sorted({e.name for e in entries})) or "none"
             raise CheckpointNotFoundError(

@@ -71,7 +71,8 @@ class Criu:
         proc = await _spawn(cmd)
         _, stderr = await proc.communicate()
         if proc.returncode != 0:
-            detail = log_errors(work_dir / RESTORE_LOG) or stderr.decode(errors="replace")
+            detail = log_errors(work_dir / RESTORE_LOG) or stderr.decode(errors="replace")[-4096:]
+            detail = detail.strip() or "(no log lines and no output)"
             raise RestoreFailedError(f"criu restore exited with {proc.returncode}:\n{detail}")
         return int(pidfile.read_text().strip())
 
@@ -85,6 +86,24 @@ async def _spawn(cmd: list[str]) -> asyncio.subprocess.Process:
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
+
+
+async def _spawn_uncancelled(cmd: list[str]) -> asyncio.subprocess.Process:
+    """Start CRIU; a cancel that arrives meanwhile still stops its whole process group."""
+    spawning = asyncio.ensure_future(_spawn(cmd))
+    try:
+        return await asyncio.shield(spawning)
+    except asyncio.CancelledError:
+        await _kill_group(await spawning)
+        raise
+
+
+async def _tail(stream: asyncio.StreamReader | None, *, keep: int = 4096) -> str:
+    """Everything `stream` says until it closes, keeping the last `keep` bytes."""
+    kept = b""
+    while stream is not None and (chunk := await stream.read(65536)):
+        kept = (kept + chunk)[-keep:]
+    return kept.decode(errors="replace")
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -116,7 +135,9 @@ class CriuActivities:
             raise
 
     async def _run_dump(self, request: DumpInput, images: Path) -> None:
-        proc = await _spawn(self._criu.dump_command(pid=request.pid, images_dir=images))
+        proc = await _spawn_uncancelled(self._criu.dump_command(pid=request.pid, images_dir=images))
+        # Read stderr while CRIU runs: a full pipe would block CRIU, and with it the dump.
+        errors = asyncio.ensure_future(_tail(proc.stderr))
         try:
             while True:
                 try:
@@ -126,8 +147,9 @@ class CriuActivities:
                     activity.heartbeat(Heartbeat(stage="dumping", bytes=tree_size(images)))
         except asyncio.CancelledError:
             await _kill_group(proc)
+            errors.cancel()
             raise
-        stderr = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
+        stderr = await errors
         if proc.returncode != 0:
             detail = log_errors(images / DUMP_LOG) or stderr.strip()
             raise DumpFailedError(

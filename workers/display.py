@@ -122,7 +122,7 @@ def checkpoint_table(entries: list[CatalogEntry], output: str) -> None:
             e.backend,
             human_bytes(e.size_bytes),
             e.node,
-            e.created_at[:19].replace("T", " "),
+            e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
         for e in entries
     ]

@@ -11,11 +11,12 @@ from activities.processes import children, is_alive, start_ticks, terminate
 
 async def test_terminate_escalates_to_sigkill_for_a_process_ignoring_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c",
+        sys.executable,
+        "-c",
         "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
         "print('ok', flush=True); time.sleep(60)",
         stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    )
     assert proc.stdout is not None
     assert await proc.stdout.readline() == b"ok\n"
     assert proc.pid in children(os.getpid())

@@ -21,9 +21,13 @@ def test_zero_parallelism_counts_as_one() -> None:
 
 def test_optional_fields_and_sorted_extra_parameters() -> None:
     identity = CheckpointIdentity(
-        model="m", backendFramework="trtllm", frameworkVersion="0.4.1", dtype="bf16",
-        maxModelLen=4096, extraParameters={"b": "2", "a": "1"},
-    )  # fmt: skip
+        model="m",
+        backendFramework="trtllm",
+        frameworkVersion="0.4.1",
+        dtype="bf16",
+        maxModelLen=4096,
+        extraParameters={"b": "2", "a": "1"},
+    )
     expected = (
         '{"model":"m","backendFramework":"trtllm","frameworkVersion":"0.4.1",'
         '"tensorParallelSize":1,"pipelineParallelSize":1,"dtype":"bf16","maxModelLen":4096,'

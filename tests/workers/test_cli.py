@@ -47,9 +47,19 @@ def address(temporal_env: WorkflowEnvironment) -> str:
 async def test_capture_list_describe_restore(workers: Settings, address: str) -> None:
     port = free_port()
     code, out, err = await cli(
-        workers, address, "capture", "tokens", "--ready-http", f"http://127.0.0.1:{port}/",
-        "--output", "json", "--", "python3", str(PROGRAMS / "token_server.py"), str(port),
-    )  # fmt: skip
+        workers,
+        address,
+        "capture",
+        "tokens",
+        "--ready-http",
+        f"http://127.0.0.1:{port}/",
+        "--output",
+        "json",
+        "--",
+        "python3",
+        str(PROGRAMS / "token_server.py"),
+        str(port),
+    )
     assert code == 0, err
     captured = json.loads(out)
     assert "capture tokens: workflow capture/local/tokens/" in err
@@ -86,14 +96,16 @@ async def test_restore_of_unknown_name_exits_1(settings: Settings, address: str)
     ("args", "message"),
     [
         (["capture", "x"], "the following arguments are required: CMD"),
-        (["capture", "x", "--ready-tcp", "1", "--ready-http", "http://h/", "--", "true"],
-         "at most one of --ready-tcp and --ready-http"),
+        (
+            ["capture", "x", "--ready-tcp", "1", "--ready-http", "http://h/", "--", "true"],
+            "at most one of --ready-tcp and --ready-http",
+        ),
         (["capture", "x", "--backend", "tgi", "--", "true"], "backendFramework"),
         (["capture", "x", "--tp", "-1", "--", "true"], "tensorParallelSize"),
         (["capture", "bad/name", "--", "true"], "must match [A-Za-z0-9_.-]+"),
         (["capture", "x", "--ready-http", "ftp://h/", "--", "true"], "not an http(s) URL"),
     ],
-)  # fmt: skip
+)
 async def test_usage_errors_exit_2(
     settings: Settings, address: str, args: list[str], message: str
 ) -> None:
@@ -111,8 +123,9 @@ async def test_failed_capture_exits_1_with_the_reason(workers: Settings, address
     described = json.loads(out)
     assert described["manifest"] is None
     assert (described["capture"]["phase"], described["capture"]["reason"]) == (
-        "Failed", "WorkloadExited",
-    )  # fmt: skip
+        "Failed",
+        "WorkloadExited",
+    )
     code, out, _ = await cli(workers, address, "describe", "boom")
     assert code == 1 and "none committed" in out and "WorkloadExited" in out
 

@@ -33,12 +33,23 @@ async def _read_until(stream: asyncio.StreamReader, marker: str, timeout: float)
 @needs_criu
 async def test_dev_serves_ui_registers_attributes_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     port, ui_port = free_port(), free_port()
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "COLUMNS": "200",
-           "WARMSTART_HOME": str(tmp_path / "state")}  # fmt: skip
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "COLUMNS": "200",
+        "WARMSTART_HOME": str(tmp_path / "state"),
+    }
     proc = await asyncio.create_subprocess_exec(
-        WARMSTART, "dev", "--port", str(port), "--ui-port", str(ui_port), env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+        WARMSTART,
+        "dev",
+        "--port",
+        str(port),
+        "--ui-port",
+        str(ui_port),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     try:
         assert proc.stdout is not None
         banner = await _read_until(proc.stdout, "Ctrl-C", 60)

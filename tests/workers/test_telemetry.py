@@ -38,10 +38,14 @@ async def test_spans_share_one_trace(temporal_env: WorkflowEnvironment) -> None:
     stand_ins, suffix = StandIns(), uuid.uuid4().hex[:8]
     harness = Harness(client, stand_ins, f"control-{suffix}", f"node-{suffix}")
     async with (
-        Worker(client, task_queue=harness.control_queue, workflows=[CaptureWorkflow],
-               activities=stand_ins.control()),
+        Worker(
+            client,
+            task_queue=harness.control_queue,
+            workflows=[CaptureWorkflow],
+            activities=stand_ins.control(),
+        ),
         Worker(client, task_queue=node_task_queue(harness.node), activities=stand_ins.node()),
-    ):  # fmt: skip
+    ):
         with tracer.start_as_current_span("watcher"):
             handle = await start_capture(client, harness.request())
         await handle.result()

@@ -1,0 +1,332 @@
+"""Local workload activities: readiness, early exit, timeouts, stopping; launching needs root."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.testing import ActivityEnvironment
+
+from activities.contracts import AwaitReadyInput, Heartbeat, LaunchInput, StopInput
+from activities.layout import NodeLayout, WorkloadPaths
+from activities.local import LocalProcessActivities
+from activities.processes import is_alive, start_ticks
+from api.errors import InvalidSpecError, WorkloadExitedError, WorkloadNotReadyError
+from api.workload import LocalWorkload, Readiness
+
+pytestmark = pytest.mark.timeout(30)
+
+CKPT = "96429b2725761a09"
+DEADLINE_S = 10.0
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason=f"unshare --pid needs root (running as uid {os.geteuid()})"
+)
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Return once `condition()` holds; fail the test after DEADLINE_S seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_S
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def workload(tmp_path: Path, **overrides: object) -> LocalWorkload:
+    spec: dict[str, object] = {
+        "name": "llama",
+        "command": ("python3", "worker.py"),
+        "cwd": str(tmp_path),
+        "ready_timeout_seconds": 30,
+    }
+    return LocalWorkload.model_validate({**spec, **overrides})
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> NodeLayout:
+    return NodeLayout(tmp_path / "home")
+
+
+@pytest.fixture
+def paths(layout: NodeLayout) -> WorkloadPaths:
+    paths = layout.workload("llama", CKPT)
+    paths.root.mkdir(parents=True)
+    return paths
+
+
+@pytest.fixture
+def activities(layout: NodeLayout) -> LocalProcessActivities:
+    return LocalProcessActivities(layout=layout, base_env={"PATH": os.environ["PATH"]})
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start child processes that stand in for workloads; all are killed after the test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def heartbeats(beats: list[tuple[object, ...]]) -> list[float]:
+    waited = []
+    for details in beats:
+        assert len(details) == 1
+        beat = details[0]
+        assert isinstance(beat, Heartbeat)
+        assert beat.waited_seconds is not None
+        waited.append(beat.waited_seconds)
+    return waited
+
+
+# The workload of a sentinel readiness: warms up until told to go, then says it is ready.
+WARMING_UP = textwrap.dedent(
+    """\
+    import os, sys, time
+    go, control = sys.argv[1], os.environ["SNAPSHOT_CONTROL_DIR"]
+    deadline = time.monotonic() + 20
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(os.path.join(control, ".ready"), "w") as out:
+        out.write("ready\\n")
+    os.replace(os.path.join(control, ".ready"), os.path.join(control, "ready-for-snapshot"))
+    time.sleep(300)
+    """
+)
+
+
+async def test_await_ready_returns_on_the_sentinel_and_heartbeats_meanwhile(
+    tmp_path: Path,
+    paths: WorkloadPaths,
+    activities: LocalProcessActivities,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    go = tmp_path / "go"
+    paths.control_dir.mkdir()
+    child = spawn(
+        sys.executable,
+        "-c",
+        WARMING_UP,
+        str(go),
+        env={**os.environ, "SNAPSHOT_CONTROL_DIR": str(paths.control_dir)},
+    )
+    env = ActivityEnvironment()
+    beats: list[tuple[object, ...]] = []
+    env.on_heartbeat = lambda *details: beats.append(details)
+    request = AwaitReadyInput(workload=workload(tmp_path), checkpoint_id=CKPT, pid=child.pid)
+
+    task = asyncio.create_task(env.run(activities.await_workload_ready, request))
+    await wait_until(lambda: len(beats) >= 2, "two heartbeats while the workload warms up")
+    assert not task.done()
+    go.touch()
+    await task
+
+    waited = heartbeats(beats)
+    assert waited == sorted(waited)
+    assert waited[-1] > 0
+    assert child.poll() is None  # awaiting readiness leaves the workload running
+
+
+async def test_await_ready_raises_workload_exited_with_status_and_output(
+    tmp_path: Path,
+    paths: WorkloadPaths,
+    activities: LocalProcessActivities,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    # Like the launcher: the program's output goes to output.log, its status to exit-status.
+    program = 'echo "loading weights"; echo "CUDA error: out of memory" >&2; exit 3'
+    launcher = 'sh -c "$1" >>"$2" 2>&1; echo $? >"$3"'
+    paths.output_log.touch()
+    shell = spawn(
+        "sh", "-c", launcher, "launcher", program, str(paths.output_log), str(paths.exit_status)
+    )
+    env = ActivityEnvironment()
+    beats: list[tuple[object, ...]] = []
+    env.on_heartbeat = lambda *details: beats.append(details)
+    request = AwaitReadyInput(workload=workload(tmp_path), checkpoint_id=CKPT, pid=shell.pid)
+
+    with pytest.raises(WorkloadExitedError) as caught:
+        await env.run(activities.await_workload_ready, request)
+
+    assert str(caught.value) == (
+        "workload llama exited with status 3 before it was ready; last output:\n"
+        "loading weights\nCUDA error: out of memory"
+    )
+    assert caught.value.reason == "WorkloadExited"
+    assert heartbeats(beats)
+
+
+async def test_await_ready_gives_up_after_the_ready_timeout(
+    tmp_path: Path,
+    paths: WorkloadPaths,
+    activities: LocalProcessActivities,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    paths.output_log.write_text("warming up 1/50\nwarming up 2/50\n")
+    child = spawn("sleep", "300")
+    spec = workload(tmp_path, ready_timeout_seconds=0.3)
+    request = AwaitReadyInput(workload=spec, checkpoint_id=CKPT, pid=child.pid)
+
+    with pytest.raises(WorkloadNotReadyError) as caught:
+        await ActivityEnvironment().run(activities.await_workload_ready, request)
+
+    assert str(caught.value) == (
+        "workload llama not ready after 0.3 s (sentinel); last output:\n"
+        "warming up 1/50\nwarming up 2/50"
+    )
+    assert child.poll() is None  # not ready is reported; stopping is the workflow's call
+
+
+async def test_await_ready_by_tcp_probe(
+    tmp_path: Path,
+    paths: WorkloadPaths,
+    activities: LocalProcessActivities,
+    spawn: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    child = spawn("sleep", "300")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = int(listening.getsockname()[1])
+        ready = workload(tmp_path, readiness=Readiness(kind="tcp", tcp_port=port))
+        request = AwaitReadyInput(workload=ready, checkpoint_id=CKPT, pid=child.pid)
+        await ActivityEnvironment().run(activities.await_workload_ready, request)
+
+    closed = workload(
+        tmp_path, readiness=Readiness(kind="tcp", tcp_port=port), ready_timeout_seconds=0.3
+    )
+    request = AwaitReadyInput(workload=closed, checkpoint_id=CKPT, pid=child.pid)
+    with pytest.raises(WorkloadNotReadyError, match=r"not ready after 0\.3 s \(tcp\)"):
+        await ActivityEnvironment().run(activities.await_workload_ready, request)
+
+
+async def test_stop_leaves_alone_a_pid_that_started_at_another_time(
+    activities: LocalProcessActivities, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    child = spawn("sleep", "300")
+    ticks = start_ticks(child.pid)
+    assert ticks > 0
+
+    await ActivityEnvironment().run(
+        activities.stop_workload, StopInput(pid=child.pid, start_ticks=ticks + 1)
+    )
+    assert child.poll() is None
+    assert is_alive(child.pid)
+
+    await ActivityEnvironment().run(
+        activities.stop_workload, StopInput(pid=child.pid, start_ticks=ticks)
+    )
+    assert child.wait(timeout=DEADLINE_S) == -signal.SIGTERM
+
+
+async def test_stop_of_a_pid_that_is_gone_does_nothing(
+    activities: LocalProcessActivities, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    child = spawn("true")
+    ticks = start_ticks(child.pid)
+    child.wait(timeout=DEADLINE_S)  # reaped: the pid is free
+    await ActivityEnvironment().run(
+        activities.stop_workload, StopInput(pid=child.pid, start_ticks=ticks)
+    )
+
+
+async def test_launch_refuses_a_missing_working_directory_after_clearing_stale_state(
+    tmp_path: Path, paths: WorkloadPaths, activities: LocalProcessActivities
+) -> None:
+    paths.control_dir.mkdir()
+    (paths.control_dir / "restore-complete").write_text("done\n")
+    paths.output_log.write_text("the previous run\n")
+    paths.exit_status.write_text("0\n")
+    spec = workload(tmp_path, cwd=str(tmp_path / "missing"))
+
+    with pytest.raises(InvalidSpecError, match="workload llama: cannot start: "):
+        await ActivityEnvironment().run(
+            activities.launch_workload, LaunchInput(workload=spec, checkpoint_id=CKPT)
+        )
+
+    assert os.listdir(paths.control_dir) == []
+    assert (paths.root / "output.log.previous").read_text() == "the previous run\n"
+    assert paths.output_log.read_text() == ""
+    assert not paths.exit_status.exists()
+
+
+# Init of its own PID namespace gets only the signals it handles: trap TERM to stop cleanly.
+SERVING = (
+    'trap "exit 0" TERM; echo "hello $GREETING from pid $$"; '
+    ': >"$SNAPSHOT_CONTROL_DIR/ready-for-snapshot"; '
+    "while :; do sleep 1 & wait $!; done"
+)
+
+
+@needs_root
+async def test_launch_runs_the_workload_as_init_of_its_own_pid_namespace(
+    tmp_path: Path, layout: NodeLayout, activities: LocalProcessActivities
+) -> None:
+    spec = workload(tmp_path, command=("sh", "-c", SERVING), env={"GREETING": "world"})
+    env = ActivityEnvironment()
+
+    launched = await env.run(
+        activities.launch_workload, LaunchInput(workload=spec, checkpoint_id=CKPT)
+    )
+    try:
+        paths = layout.workload("llama", CKPT)
+        assert start_ticks(launched.pid) == launched.start_ticks
+        record = layout.read_launch("llama", CKPT)
+        assert (record.pid, record.start_ticks, record.workload) == (
+            launched.pid,
+            launched.start_ticks,
+            spec,
+        )
+        request = AwaitReadyInput(workload=spec, checkpoint_id=CKPT, pid=launched.pid)
+        await env.run(activities.await_workload_ready, request)
+        await wait_until(lambda: paths.output_log.read_text() != "", "the workload's output")
+        assert paths.output_log.read_text() == "hello world from pid 1\n"
+    finally:
+        await env.run(
+            activities.stop_workload,
+            StopInput(pid=launched.pid, start_ticks=launched.start_ticks),
+        )
+    assert not is_alive(launched.pid)
+    await wait_until(lambda: paths.exit_status.is_file(), "the launcher to record the status")
+    await wait_until(lambda: paths.exit_status.read_text() != "", "the status to be written")
+    assert paths.exit_status.read_text() == "0\n"
+
+
+@needs_root
+async def test_a_launched_workload_that_exits_early_is_reported_with_status_and_output(
+    tmp_path: Path, activities: LocalProcessActivities
+) -> None:
+    spec = workload(tmp_path, command=("sh", "-c", 'echo "no GPU found"; exit 7'))
+    env = ActivityEnvironment()
+
+    # It may end before the launch finds it, or while its readiness is awaited.
+    try:
+        launched = await env.run(
+            activities.launch_workload, LaunchInput(workload=spec, checkpoint_id=CKPT)
+        )
+    except WorkloadExitedError as err:
+        error = err
+    else:
+        request = AwaitReadyInput(workload=spec, checkpoint_id=CKPT, pid=launched.pid)
+        with pytest.raises(WorkloadExitedError) as caught:
+            await env.run(activities.await_workload_ready, request)
+        error = caught.value
+    assert str(error) == (
+        "workload llama exited with status 7 before it was ready; last output:\nno GPU found"
+    )

@@ -1,0 +1,335 @@
+"""The restore activity against a fake criu: stages, hand-over, and the cold-start fall-back."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import signal
+import socket
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from temporalio.testing import ActivityEnvironment
+
+from activities.contracts import Heartbeat, RestoredWorkload, RestoreInput
+from activities.criu import Criu
+from activities.layout import NodeLayout
+from activities.processes import is_alive
+from activities.restore import RestoreActivities
+from activities.storage import WORKLOAD_LOG, CheckpointStore, digest_tree
+from api.errors import (
+    CheckpointNotFoundError,
+    DigestMismatchError,
+    IncompatibleError,
+    RestoreFailedError,
+)
+from api.identity import CheckpointIdentity
+from api.manifest import CriuInfo, HostInfo, Manifest, SourceInfo
+
+pytestmark = pytest.mark.timeout(30)
+
+CKPT = "96429b2725761a09"
+VERSION = "20261124T000000Z-aaaaaa"
+OUTPUT = "loading weights\nwarm: 50 rounds\n"
+RESTORE_ERROR = "(00.012) Error (criu/cr-restore.c:1481): Can't fork for 4242: File exists"
+OTHER_ARCH = "s390x" if platform.machine() != "s390x" else "aarch64"
+
+
+@dataclass
+class Node:
+    """A node's state directory with one committed checkpoint, and the restored pid files."""
+
+    tmp: Path
+    layout: NodeLayout
+    store: CheckpointStore
+    version_dir: Path
+    source: SourceInfo
+
+    @property
+    def control_dir(self) -> Path:
+        return Path(self.source.control_dir)
+
+    @property
+    def criu_calls(self) -> Path:
+        return self.tmp / "criu-calls"
+
+    def criu(self, restore_body: str) -> Criu:
+        """A fake criu; `restore_body` runs with $images, $work, $log and $pidfile from the argv.
+
+        Parsed by flag, as `Criu.restore_command` builds it: `criu restore --images-dir DIR
+        --work-dir DIR --log-file restore.log --pidfile FILE --restore-detached`.
+        """
+        script = self.tmp / "fake-criu"
+        script.write_text(
+            textwrap.dedent(
+                f"""\
+                #!/bin/sh
+                [ "$1" = restore ] || exit 64
+                shift
+                while [ $# -gt 0 ]; do
+                    case $1 in
+                        --images-dir) images=$2; shift 2 ;;
+                        --work-dir) work=$2; shift 2 ;;
+                        --log-file) log=$2; shift 2 ;;
+                        --pidfile) pidfile=$2; shift 2 ;;
+                        --restore-detached) detached=1; shift ;;
+                        *) shift ;;
+                    esac
+                done
+                [ -d "$images" ] && [ -d "$work" ] && [ -n "$pidfile" ] || exit 65
+                [ "$log" = restore.log ] && [ "$detached" = 1 ] || exit 66
+                echo "$images" >>{self.criu_calls}
+                """
+            )
+            + textwrap.dedent(restore_body)
+        )
+        script.chmod(0o755)
+        return Criu(str(script))
+
+    def activities(self, criu: Criu) -> RestoreActivities:
+        return RestoreActivities(criu=criu, store=self.store, layout=self.layout)
+
+
+def commit_checkpoint(
+    tmp: Path, *, arch: str = platform.machine(), health_url: str | None = None
+) -> Node:
+    layout = NodeLayout(tmp / "home")
+    store = CheckpointStore(layout.checkpoints)
+    staging = store.fresh_staging(CKPT, VERSION)
+    (staging / "criu").mkdir()
+    (staging / "criu" / "pages-1.img").write_bytes(bytes(range(256)) * 64)
+    (staging / "criu" / "core-1.img").write_bytes(b"core")
+    (staging / WORKLOAD_LOG).write_text(OUTPUT)
+    workload = layout.workload("llama", CKPT)
+    source = SourceInfo(
+        node="n",
+        namespace="local",
+        name="llama",
+        command=("python3", "worker.py"),
+        cwd=str(tmp / "cwd"),
+        pid=4242,
+        control_dir=str(workload.control_dir),
+        log_path=str(workload.output_log),
+        health_url=health_url,
+    )
+    manifest = Manifest(
+        checkpoint_id=CKPT,
+        version=VERSION,
+        identity=CheckpointIdentity(model="m", backend_framework="vllm"),
+        created_at=datetime.now(UTC),
+        source=source,
+        criu=CriuInfo(version="4.2.1"),
+        host=HostInfo(kernel="k", arch=arch),
+        files=digest_tree(staging),
+    )
+    return Node(tmp, layout, store, store.commit(staging, manifest), source)
+
+
+def request(*, version: str = VERSION, timeout: float = 5.0) -> RestoreInput:
+    return RestoreInput(
+        checkpoint_id=CKPT, version=version, name="llama", answer_timeout_seconds=timeout
+    )
+
+
+def stages(beats: list[tuple[object, ...]]) -> list[str]:
+    found = []
+    for details in beats:
+        assert len(details) == 1
+        beat = details[0]
+        assert isinstance(beat, Heartbeat)
+        found.append(beat.stage)
+    return found
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    return commit_checkpoint(tmp_path)
+
+
+@pytest.fixture
+def restored_pids(tmp_path: Path) -> Iterator[Path]:
+    """Where the fake criu records the pid it 'restored'; that process is killed afterwards."""
+    record = tmp_path / "restored-pid"
+    yield record
+    if record.is_file() and is_alive(pid := int(record.read_text())):
+        os.kill(pid, signal.SIGKILL)
+
+
+def restoring_a_sleeper(record: Path) -> str:
+    """A criu restore that leaves a live process behind, detached, as criu's would be."""
+    return f"""\
+        sleep 300 </dev/null >/dev/null 2>&1 &
+        echo $! >{record}
+        echo $! >"$pidfile"
+        echo "(00.020) Restore finished successfully" >"$work/$log"
+        """
+
+
+async def test_restore_hands_over_a_live_process_and_reports_its_stages(
+    node: Node, restored_pids: Path
+) -> None:
+    (node.control_dir).mkdir(parents=True)
+    (node.control_dir / "restore-failed").write_text("stale\n")  # from an earlier attempt
+    env = ActivityEnvironment()
+    beats: list[tuple[object, ...]] = []
+    env.on_heartbeat = lambda *details: beats.append(details)
+    activities = node.activities(node.criu(restoring_a_sleeper(restored_pids)))
+
+    result = await env.run(activities.restore_checkpoint, request(version=""))
+
+    pid = int(restored_pids.read_text())
+    assert isinstance(result, RestoredWorkload)
+    assert result.pid == pid
+    assert is_alive(pid)
+    assert result.version == VERSION
+    assert list(result.stage_seconds) == ["verify", "prepare", "criu-restore", "await-answer"]
+    assert all(seconds >= 0 for seconds in result.stage_seconds.values())
+    assert stages(beats) == ["verify", "prepare", "criu-restore", "await-answer"]
+    assert sorted(os.listdir(node.control_dir)) == ["restore-complete"]
+    assert Path(node.source.log_path).read_text() == OUTPUT  # CRIU finds it at its dumped size
+    assert Path(node.source.cwd).is_dir()
+    assert node.criu_calls.read_text() == f"{node.version_dir / 'criu'}\n"
+
+
+async def test_failing_criu_restore_falls_back_to_a_cold_start(node: Node) -> None:
+    (node.control_dir).mkdir(parents=True)
+    (node.control_dir / "restore-complete").write_text("done\n")  # from an earlier restore
+    env = ActivityEnvironment()
+    beats: list[tuple[object, ...]] = []
+    env.on_heartbeat = lambda *details: beats.append(details)
+    criu = node.criu(
+        f"""\
+        {{
+            echo "(00.010) Restoring task 4242"
+            echo "{RESTORE_ERROR}"
+        }} >"$work/$log"
+        exit 1
+        """
+    )
+
+    with pytest.raises(RestoreFailedError) as caught:
+        await env.run(node.activities(criu).restore_checkpoint, request())
+
+    message = str(caught.value)
+    assert message.startswith(
+        f"restore of llama from checkpoint {CKPT} version {VERSION} failed: "
+        "criu restore exited with 1:"
+    )
+    assert RESTORE_ERROR in message
+    assert caught.value.reason == "RestoreFailed"
+    assert stages(beats) == ["verify", "prepare", "criu-restore"]
+    assert sorted(os.listdir(node.control_dir)) == ["restore-failed"]
+    reason = (node.control_dir / "restore-failed").read_text()
+    assert reason.startswith("RestoreFailed: criu restore exited with 1:")
+    assert RESTORE_ERROR in reason
+
+
+async def test_a_restored_process_that_exits_is_not_handed_over(node: Node) -> None:
+    criu = node.criu(
+        """\
+        true </dev/null >/dev/null 2>&1 &
+        echo $! >"$pidfile"
+        wait
+        """
+    )
+
+    with pytest.raises(RestoreFailedError, match=r"restored process \d+ exited$"):
+        await ActivityEnvironment().run(node.activities(criu).restore_checkpoint, request())
+
+    # restore-complete was written after criu restored; the fall-back takes it back.
+    assert sorted(os.listdir(node.control_dir)) == ["restore-failed"]
+    assert (node.control_dir / "restore-failed").read_text().startswith("RestoreFailed: ")
+
+
+async def test_a_restored_process_that_does_not_answer_is_stopped(
+    tmp_path: Path, restored_pids: Path
+) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/healthz"
+    node = commit_checkpoint(tmp_path, health_url=url)
+    criu = node.criu(restoring_a_sleeper(restored_pids))
+
+    with pytest.raises(RestoreFailedError, match=re.escape(f"did not answer {url} within 0.3 s")):
+        await ActivityEnvironment().run(
+            node.activities(criu).restore_checkpoint, request(timeout=0.3)
+        )
+
+    assert not is_alive(int(restored_pids.read_text()))
+    assert sorted(os.listdir(node.control_dir)) == ["restore-failed"]
+
+
+async def test_a_damaged_image_is_refused_by_name_and_falls_back_to_a_cold_start(
+    node: Node,
+) -> None:
+    node.control_dir.mkdir(parents=True)
+    (node.control_dir / "restore-complete").write_text("done\n")  # from an earlier restore
+    pages = node.version_dir / "criu" / "pages-1.img"
+    data = bytearray(pages.read_bytes())
+    data[100:104] = bytes(b ^ 0xFF for b in data[100:104])
+    pages.write_bytes(bytes(data))
+
+    with pytest.raises(DigestMismatchError) as caught:
+        await ActivityEnvironment().run(
+            node.activities(node.criu("exit 0\n")).restore_checkpoint, request()
+        )
+
+    problem = f"checkpoint {CKPT} version {VERSION}: criu/pages-1.img does not match its SHA-256"
+    assert problem in str(caught.value)
+    assert caught.value.reason == "DigestMismatch"
+    assert not node.criu_calls.exists()
+    assert sorted(os.listdir(node.control_dir)) == ["restore-failed"]
+    assert problem in (node.control_dir / "restore-failed").read_text()
+
+
+async def test_a_failure_names_the_version_when_restoring_the_newest(node: Node) -> None:
+    with pytest.raises(RestoreFailedError) as caught:
+        await ActivityEnvironment().run(
+            node.activities(node.criu("exit 1\n")).restore_checkpoint, request(version="")
+        )
+    assert f"from checkpoint {CKPT} version {VERSION} failed" in str(caught.value)
+
+
+async def test_a_checkpoint_from_another_architecture_is_incompatible(tmp_path: Path) -> None:
+    node = commit_checkpoint(tmp_path, arch=OTHER_ARCH)
+    env = ActivityEnvironment()
+    beats: list[tuple[object, ...]] = []
+    env.on_heartbeat = lambda *details: beats.append(details)
+
+    with pytest.raises(IncompatibleError) as caught:
+        await env.run(node.activities(node.criu("exit 0\n")).restore_checkpoint, request())
+
+    assert str(caught.value) == (
+        f"restore of llama from checkpoint {CKPT} version {VERSION} failed: "
+        f"checkpoint {CKPT} was made on {OTHER_ARCH}, this node is {platform.machine()}"
+    )
+    assert caught.value.reason == "Incompatible"
+    assert stages(beats) == ["verify"]
+    assert not node.criu_calls.exists()
+    assert sorted(os.listdir(node.control_dir)) == ["restore-failed"]
+    assert (node.control_dir / "restore-failed").read_text() == (
+        f"Incompatible: checkpoint {CKPT} was made on {OTHER_ARCH}, "
+        f"this node is {platform.machine()}\n"
+    )
+
+
+async def test_an_unknown_version_is_not_found(node: Node) -> None:
+    with pytest.raises(CheckpointNotFoundError, match=f"checkpoint {CKPT} has no version v9"):
+        await ActivityEnvironment().run(
+            node.activities(node.criu("exit 0\n")).restore_checkpoint, request(version="v9")
+        )
+    assert not node.criu_calls.exists()
+    # The manifest was never read: the node's own layout says where the workload waits.
+    control_dir = node.layout.workload("llama", CKPT).control_dir
+    assert control_dir == node.control_dir
+    assert os.listdir(control_dir) == ["restore-failed"]
+    assert (control_dir / "restore-failed").read_text().startswith("CheckpointNotFound: ")
