@@ -149,11 +149,12 @@ async def main(runs: int) -> None:
 
 def workloads() -> Iterator[tuple[str, LocalWorkload, str]]:
     http_port, sample_port = free_port(), free_port()
+    empty = tempfile.mkdtemp(prefix="bench-cwd-")  # http.server lists its cwd: keep it cheap
     http_url = f"http://127.0.0.1:{http_port}/"
     http = LocalWorkload(
         name="bench-http",
         command=(sys.executable, "-m", "http.server", str(http_port), "--bind", "127.0.0.1"),
-        cwd=tempfile.gettempdir(),
+        cwd=empty,
         readiness=Readiness(kind="http", http_url=http_url),
         ready_timeout_seconds=60,
     )
@@ -163,7 +164,7 @@ def workloads() -> Iterator[tuple[str, LocalWorkload, str]]:
     sample = LocalWorkload(
         name="bench-sample",
         command=(*worker, "--warmup-rounds", "200"),
-        cwd=tempfile.gettempdir(),
+        cwd=empty,
         health_url=sample_url,
         ready_timeout_seconds=120,
     )

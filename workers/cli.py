@@ -192,6 +192,15 @@ def list_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def pipelines(args: argparse.Namespace) -> int:
+    """Recent captures and restores as Temporal knows them: running, failed, completed."""
+    from workers.describing import list_pipelines
+
+    return _run(
+        list_pipelines(_settings(), status=args.status, limit=args.limit, output=args.output)
+    )
+
+
 def describe(args: argparse.Namespace) -> int:
     """A checkpoint's manifest plus its latest capture and restore as Temporal knows them
     (exit 1 when none is committed, e.g. all captures of the name failed)."""
@@ -260,6 +269,12 @@ def _parser() -> argparse.ArgumentParser:
     output(sub)
 
     output(command(list_checkpoints, "list"))
+
+    sub = command(pipelines)
+    statuses = ("running", "failed", "completed")
+    sub.add_argument("--status", choices=statuses, type=str.lower, help="only these")
+    sub.add_argument("--limit", type=int, default=20, help="at most this many (newest first)")
+    output(sub)
 
     sub = command(describe)
     sub.add_argument("ref", metavar="REF", help="checkpoint name or 16-hex checkpoint ID")

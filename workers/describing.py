@@ -1,4 +1,5 @@
-"""`warmstart describe`: a checkpoint from the catalog plus its pipelines from Temporal."""
+"""`warmstart describe` and `warmstart pipelines`: checkpoints from the catalog, pipelines
+from Temporal."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from api.manifest import Manifest
 from api.naming import LOCAL_NAMESPACE
 from workers import display
 from workers.client import connect, workflow_ui_url
-from workers.operations import PipelineRecord, latest_pipeline
+from workers.operations import PipelineRecord, latest_pipeline, recent_pipelines
 from workers.settings import Settings
 
 
@@ -67,7 +68,11 @@ def _record_json(record: PipelineRecord | None, url: str) -> dict[str, object] |
     if record is None:
         return None
     return {
+        "kind": record.kind,
+        "name": record.name,
+        "checkpoint_id": record.checkpoint_id,
         "status": record.status,
+        "step": record.step,
         "phase": record.phase,
         "reason": record.reason,
         "message": record.message,
@@ -78,3 +83,33 @@ def _record_json(record: PipelineRecord | None, url: str) -> dict[str, object] |
         "started_at": record.started_at.isoformat() if record.started_at else None,
         "closed_at": record.closed_at.isoformat() if record.closed_at else None,
     }
+
+
+_STATUS = {"running": "Running", "failed": "Failed", "completed": "Completed"}
+
+
+async def list_pipelines(settings: Settings, *, status: str | None, limit: int, output: str) -> int:
+    """Recent pipelines of this node's namespace, newest first."""
+    client = await connect(settings)
+    records = await recent_pipelines(
+        client, namespace=LOCAL_NAMESPACE, status=_STATUS.get(status or ""), limit=limit
+    )
+    if output == "json":
+        display.print_json([_record_json(r, _ui_url(settings, r)) for r in records])
+        return 0
+    headers = ("KIND", "NAME", "CHECKPOINT ID", "PHASE", "STATUS", "STEP", "STARTED", "REASON")
+    rows = [
+        (
+            r.kind,
+            r.name,
+            r.checkpoint_id,
+            r.phase,
+            r.status,
+            r.step,
+            r.started_at.strftime("%Y-%m-%d %H:%M:%S") if r.started_at else "",
+            r.reason,
+        )
+        for r in records
+    ]
+    display.print_table(headers, rows)
+    return 0

@@ -16,11 +16,12 @@ import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from temporalio.client import (
     Client,
+    WorkflowExecution,
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 
 W = TypeVar("W")
 T = TypeVar("T")
+_QUERY_TIMEOUT = timedelta(seconds=2)
 _WORKFLOW_TYPES: dict[PipelineKind, str] = {
     "capture": CAPTURE_WORKFLOW,
     "restore": RESTORE_WORKFLOW,
@@ -75,15 +77,18 @@ class LiveProgress:
 
 @dataclass(frozen=True)
 class PipelineRecord:
-    """The latest capture or restore of a name, as Temporal knows it."""
+    """A capture or restore as Temporal knows it (visibility, result or failure)."""
 
     kind: PipelineKind
+    name: str
+    checkpoint_id: str
     workflow_id: str
     run_id: str
     status: str  # Temporal's execution status: RUNNING, COMPLETED, FAILED, ...
     phase: str  # WarmstartPhase
     reason: str = ""
     message: str = ""
+    step: str = ""  # the current step of a running pipeline
     step_seconds: dict[str, float] | None = None
     started_at: datetime | None = None
     closed_at: datetime | None = None
@@ -179,11 +184,12 @@ async def follow(
     """The workflow's result, reporting progress about every `every` seconds; a failed
     workflow raises PipelineFailedError with the reason of the step that failed."""
     result = asyncio.ensure_future(handle.result())
-    while not result.done():
+    # The first look comes after `every`: a pipeline that ends sooner (a restore, usually)
+    # costs its worker no query task.
+    while not (await asyncio.wait([result], timeout=every))[0]:
         # A query can race with completion; the result tells the truth.
         with contextlib.suppress(RPCError, WorkflowQueryFailedError):
             on_progress(await observe(client, handle))
-        await asyncio.wait([result], timeout=every)
     try:
         return result.result()
     except WorkflowFailureError as err:
@@ -210,31 +216,50 @@ async def latest_pipeline(
     client: Client, kind: PipelineKind, *, namespace: str, name: str
 ) -> PipelineRecord | None:
     """The newest capture or restore of `name` in Temporal's visibility, or None."""
-    prefix = f"{kind}/{namespace}/{name}/"
     query = (
         f"WorkflowType = '{_WORKFLOW_TYPES[kind]}' AND {visibility.NAMESPACE.name} = "
-        f"'{namespace}' AND WorkflowId STARTS_WITH '{prefix}'"
+        f"'{namespace}' AND WorkflowId STARTS_WITH '{kind}/{namespace}/{name}/'"
     )
     async for execution in client.list_workflows(query, limit=1):
-        record = PipelineRecord(
-            kind=kind,
-            workflow_id=execution.id,
-            run_id=execution.run_id,
-            status=execution.status.name if execution.status else "UNKNOWN",
-            phase=execution.typed_search_attributes.get(visibility.PHASE) or "",
-            started_at=execution.start_time,
-            closed_at=execution.close_time,
-        )
-        if kind == "capture":
-            capture: WorkflowHandle[CaptureWorkflow, CaptureResult] = client.get_workflow_handle(
-                execution.id, run_id=execution.run_id, result_type=CaptureResult
-            )
-            return await _with_outcome(record, capture, execution.status, Reason.CAPTURED)
-        restore: WorkflowHandle[RestoreWorkflow, RestoreResult] = client.get_workflow_handle(
-            execution.id, run_id=execution.run_id, result_type=RestoreResult
-        )
-        return await _with_outcome(record, restore, execution.status, Reason.RESTORED)
+        return await _record(client, execution)
     return None
+
+
+async def recent_pipelines(
+    client: Client, *, namespace: str, status: str | None = None, limit: int = 20
+) -> list[PipelineRecord]:
+    """Captures and restores of `namespace`, newest first; `status` is Temporal's execution
+    status to keep (Running, Failed, Completed, ...), all when None."""
+    query = f"{visibility.NAMESPACE.name} = '{namespace}'"
+    if status:
+        query += f" AND ExecutionStatus = '{status}'"
+    return [await _record(client, e) async for e in client.list_workflows(query, limit=limit)]
+
+
+async def _record(client: Client, execution: WorkflowExecution) -> PipelineRecord:
+    """What visibility says of a run, plus the reason and steps of its result or failure."""
+    kind: PipelineKind = "capture" if execution.workflow_type == CAPTURE_WORKFLOW else "restore"
+    parts = execution.id.split("/")  # <kind>/<namespace>/<name>/<key>
+    record = PipelineRecord(
+        kind=kind,
+        name=parts[2] if len(parts) == 4 else execution.id,
+        checkpoint_id=execution.typed_search_attributes.get(visibility.CHECKPOINT_ID) or "",
+        workflow_id=execution.id,
+        run_id=execution.run_id,
+        status=execution.status.name if execution.status else "UNKNOWN",
+        phase=execution.typed_search_attributes.get(visibility.PHASE) or "",
+        started_at=execution.start_time,
+        closed_at=execution.close_time,
+    )
+    if kind == "capture":
+        capture: WorkflowHandle[CaptureWorkflow, CaptureResult] = client.get_workflow_handle(
+            execution.id, run_id=execution.run_id, result_type=CaptureResult
+        )
+        return await _with_outcome(record, capture, execution.status, Reason.CAPTURED)
+    restore: WorkflowHandle[RestoreWorkflow, RestoreResult] = client.get_workflow_handle(
+        execution.id, run_id=execution.run_id, result_type=RestoreResult
+    )
+    return await _with_outcome(record, restore, execution.status, Reason.RESTORED)
 
 
 async def _with_outcome(
@@ -243,7 +268,13 @@ async def _with_outcome(
     status: WorkflowExecutionStatus | None,
     success: Reason,
 ) -> PipelineRecord:
-    """Add the reason and step timings of a closed run: from its result or its failure."""
+    """Add the reason and step timings of a closed run (from its result or its failure), or
+    the current step of a running one (from its `progress` query, when a worker answers)."""
+    if status == WorkflowExecutionStatus.RUNNING:
+        with contextlib.suppress(RPCError, WorkflowQueryFailedError):
+            now = await handle.query("progress", result_type=Progress, rpc_timeout=_QUERY_TIMEOUT)
+            return replace(record, step=now.step, step_seconds=dict(now.step_seconds))
+        return record
     if status == WorkflowExecutionStatus.COMPLETED:
         done = await handle.result()
         return replace(record, reason=success, step_seconds=dict(done.step_seconds))

@@ -128,6 +128,14 @@ async def test_failed_capture_exits_1_with_the_reason(workers: Settings, address
     )
     code, out, _ = await cli(workers, address, "describe", "boom")
     assert code == 1 and "none committed" in out and "WorkloadExited" in out
+    code, out, _ = await cli(workers, address, "pipelines", "--status", "failed", "-o", "json")
+    assert code == 0
+    [failed] = [p for p in json.loads(out) if p["name"] == "boom"]
+    assert (failed["kind"], failed["status"], failed["reason"]) == (
+        "capture",
+        "FAILED",
+        "WorkloadExited",
+    )
 
 
 async def test_no_server_exits_1_and_says_how_to_start_one(settings: Settings) -> None:
