@@ -21,7 +21,6 @@ with workflow.unsafe.imports_passed_through():
         LaunchInput,
         LaunchResult,
         SentinelInput,
-        StatusInput,
         StopInput,
     )
     from activities.control import ControlActivities
@@ -181,22 +180,17 @@ class CaptureWorkflow:
     async def _publish(
         self, phase: Phase, reason: Reason, *, message: str = "", commit: CommitResult | None = None
     ) -> None:
-        req = self._require()
-        status = StatusInput(
-            kind="capture",
-            namespace=req.namespace,
-            name=req.name,
-            phase=phase,
-            reason=reason,
+        await publish_status(
+            "capture",
+            self._require(),
+            self._state,
+            phase,
+            reason,
             message=message,
-            checkpoint_id=req.checkpoint_id,
-            version=self._state.version if commit else "",
-            node=req.node,
+            committed=commit is not None,
             storage_uri=commit.storage_uri if commit else "",
             size_bytes=commit.size_bytes if commit else 0,
-            step_seconds=dict(self._clock.seconds),
         )
-        await publish_status(status, task_queue=req.control_task_queue)
 
     async def _fail(self, failure: PipelineFailedError) -> None:
         self._state.failed(failure, Phase.FAILED, "failed")

@@ -12,7 +12,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import RestoreInput, StatusInput
+    from activities.contracts import RestoreInput
     from activities.errors import application_error
     from activities.restore import RestoreActivities
     from api.naming import RESTORE_WORKFLOW, node_task_queue
@@ -90,17 +90,4 @@ class RestoreWorkflow:
 
     async def _publish(self, phase: Phase, reason: Reason, *, message: str) -> None:
         assert self._request is not None
-        req = self._request
-        status = StatusInput(
-            kind="restore",
-            namespace=req.namespace,
-            name=req.name,
-            phase=phase,
-            reason=reason,
-            message=message,
-            checkpoint_id=req.checkpoint_id,
-            version=self._state.version,
-            node=req.node,
-            step_seconds=dict(self._state.clock.seconds),
-        )
-        await publish_status(status, task_queue=req.control_task_queue)
+        await publish_status("restore", self._request, self._state, phase, reason, message=message)
