@@ -13,6 +13,7 @@ from pydantic import Field
 
 from api.contract import Contract
 from api.identity import CheckpointIdentity
+from api.limits import ShortSeconds
 from api.reasons import Phase, Reason, Sentinel
 from api.workload import LocalWorkload
 
@@ -98,7 +99,7 @@ class RestoreInput(Contract):
     checkpoint_id: str
     version: str = ""  # newest committed when empty
     name: str
-    answer_timeout_seconds: float = Field(gt=0)
+    answer_timeout_seconds: ShortSeconds
 
 
 class RestoredWorkload(Contract):

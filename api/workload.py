@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from api.limits import ReadySeconds
 from api.naming import require_path_element
 
 ReadinessKind = Literal["sentinel", "tcp", "http"]
@@ -50,7 +51,7 @@ class LocalWorkload(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     readiness: Readiness = Readiness()
     health_url: str | None = None
-    ready_timeout_seconds: float = Field(default=600.0, gt=0)
+    ready_timeout_seconds: ReadySeconds = 600.0
 
     @field_validator("name")
     @classmethod

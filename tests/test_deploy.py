@@ -19,6 +19,9 @@ def test_compose_registers_every_search_attribute_and_builds_our_image() -> None
         assert f"--search-attribute={key.name}=Keyword" in flags
     for value in DYNAMIC_CONFIG:  # eager start and dispatch, as `warmstart dev` runs it
         assert f"--dynamic-config-value={value}" in flags
+    for service in services.values():  # nothing unauthenticated on other interfaces
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), port
     build = services["warmstart"]["build"]
     assert (REPO / build["dockerfile"]).is_file()
     assert services["warmstart"]["privileged"] is True

@@ -6,6 +6,7 @@ from pydantic import Field
 
 from api.contract import Contract
 from api.identity import CheckpointIdentity, checkpoint_id
+from api.limits import PathElement, ShortSeconds
 from api.naming import CONTROL_TASK_QUEUE, LOCAL_NAMESPACE, LOCAL_NODE
 from api.reasons import Phase
 from api.workload import LocalWorkload
@@ -14,15 +15,15 @@ from api.workload import LocalWorkload
 class CaptureRequest(Contract):
     """Capture a checkpoint. Local mode: `workload` is launched on `node` by its node worker."""
 
-    namespace: str = LOCAL_NAMESPACE
-    name: str
+    namespace: PathElement = LOCAL_NAMESPACE
+    name: PathElement
     identity: CheckpointIdentity
     checkpoint_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-    node: str = LOCAL_NODE
+    node: PathElement = LOCAL_NODE
     workload: LocalWorkload
     control_task_queue: str = CONTROL_TASK_QUEUE
     # How long a node step may wait for the node's worker before the node counts as lost.
-    node_timeout_seconds: float = Field(default=120.0, gt=0)
+    node_timeout_seconds: ShortSeconds = 120.0
 
     @classmethod
     def local(
@@ -54,12 +55,12 @@ class CaptureResult(Contract):
 
 
 class RestoreRequest(Contract):
-    namespace: str = LOCAL_NAMESPACE
-    name: str
+    namespace: PathElement = LOCAL_NAMESPACE
+    name: PathElement
     checkpoint_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-    version: str = ""  # newest committed when empty
-    node: str = LOCAL_NODE
-    answer_timeout_seconds: float = Field(default=120.0, gt=0)
+    version: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$")  # newest when empty
+    node: PathElement = LOCAL_NODE
+    answer_timeout_seconds: ShortSeconds = 120.0
     control_task_queue: str = CONTROL_TASK_QUEUE
 
 

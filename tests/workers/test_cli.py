@@ -92,9 +92,18 @@ async def test_restore_of_unknown_name_exits_1(settings: Settings, address: str)
     assert "no committed checkpoint named or with ID 'nosuch'" in err
 
 
+async def test_a_path_as_name_is_just_not_found(settings: Settings, address: str) -> None:
+    code, _, err = await cli(settings, address, "describe", "../x")
+    assert code == 1
+    assert "[CheckpointNotFound] no committed checkpoint named or with ID '../x'" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["capture", "x", "--ready-timeout", "inf", "--", "true"], "ready_timeout_seconds"),
+        (["capture", "x", "--env", "NOVALUE", "--", "true"], "--env 'NOVALUE': expected"),
         (["capture", "x"], "the following arguments are required: CMD"),
         (
             ["capture", "x", "--ready-tcp", "1", "--ready-http", "http://h/", "--", "true"],
