@@ -61,13 +61,16 @@ class NodeLayout:
         return self.home / "checkpoints"
 
     @property
+    def workloads(self) -> Path:
+        return self.home / "workloads"
+
+    @property
     def verified_cache(self) -> Path:
         return self.home / "cache" / "verified"
 
     def workload(self, name: str, checkpoint_id: str) -> WorkloadPaths:
         return WorkloadPaths(
-            self.home
-            / "workloads"
+            self.workloads
             / require_path_element(name, what="workload name")
             / require_path_element(checkpoint_id, what="checkpoint ID")
         )

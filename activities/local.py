@@ -180,17 +180,29 @@ async def _exited_error(name: str, paths: WorkloadPaths) -> WorkloadExitedError:
     )
 
 
-def prepare_restore_target(source: SourceInfo, saved_output: Path) -> None:
-    """Put back what CRIU finds by path: the output file at its dumped size, a clean control dir."""
-    control_dir = Path(source.control_dir)
+def prepare_restore_target(source: SourceInfo, saved_output: Path, *, state: Path) -> None:
+    """Put back what CRIU finds by path: the output file at its dumped size, a clean control dir.
+
+    Both must lie under `state` (this node's workload state): a manifest, whoever wrote it,
+    makes the node create and replace files there and nowhere else. The working directory
+    is not created; CRIU says so if it is missing.
+    """
+    control_dir = confined(source.control_dir, state, what="control_dir")
+    log_path = confined(source.log_path, state, what="log_path")
     control_dir.mkdir(parents=True, exist_ok=True)
     clear_sentinels(control_dir, STALE_SENTINELS)
-    Path(source.cwd).mkdir(parents=True, exist_ok=True)
-    log_path = Path(source.log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if log_path.exists():
         log_path.replace(log_path.with_name(log_path.name + ".previous"))
     shutil.copyfile(saved_output, log_path)
+
+
+def confined(path: str, root: Path, *, what: str) -> Path:
+    """`path` resolved, if it lies under `root`; else InvalidSpecError naming the field."""
+    resolved = Path(path).resolve()
+    if not path or not resolved.is_relative_to(root.resolve()):
+        raise InvalidSpecError(f"manifest {what} {path!r} is outside {root}: refused")
+    return resolved
 
 
 async def await_answer(pid: int, url: str | None, *, timeout: float) -> None:

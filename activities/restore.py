@@ -67,11 +67,15 @@ class RestoreActivities:
             manifest = await asyncio.to_thread(
                 self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
             )
-            control_dir, version = Path(manifest.source.control_dir), manifest.version
+            version = manifest.version
             _require_compatible(manifest)
             stages.start("prepare")
             saved_output = version_dir / WORKLOAD_LOG
-            await asyncio.to_thread(prepare_restore_target, manifest.source, saved_output)
+            state = self._layout.workloads
+            await asyncio.to_thread(
+                prepare_restore_target, manifest.source, saved_output, state=state
+            )
+            control_dir = Path(manifest.source.control_dir)
             stages.start("criu-restore")
             work_dir = self._layout.restore_work_dir(request.name)
             pid = await self._criu.restore(images_dir=version_dir / IMAGES_DIR, work_dir=work_dir)

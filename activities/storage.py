@@ -82,6 +82,11 @@ class CheckpointStore:
     def verify(self, version_dir: Path, *, checkpoint_id: str) -> Manifest:
         """Check the manifest and every file's size and SHA-256; raise naming the first bad one."""
         manifest = load_manifest(version_dir)
+        if manifest.version != version_dir.name:
+            raise DigestMismatchError(
+                f"{version_dir / MANIFEST_FILE}: manifest is for version {manifest.version}, "
+                f"found in {version_dir.name}"
+            )
         if manifest.checkpoint_id != checkpoint_id:
             raise DigestMismatchError(
                 f"{version_dir / MANIFEST_FILE}: manifest is for checkpoint "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import PurePosixPath
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.identity import CheckpointIdentity
+from api.limits import PathElement
 from api.workload import Readiness
 
 SCHEMA_VERSION = 1
@@ -20,6 +22,14 @@ class FileDigest(BaseModel):
     path: str
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_version(cls, value: str) -> str:
+        parts = PurePosixPath(value).parts
+        if not parts or value.startswith("/") or ".." in parts:
+            raise ValueError(f"file path {value!r} must stay inside the version directory")
+        return value
 
 
 class SourceInfo(BaseModel):
@@ -74,7 +84,7 @@ class Manifest(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     checkpoint_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-    version: str
+    version: PathElement
     identity: CheckpointIdentity
     created_at: datetime
     source: SourceInfo

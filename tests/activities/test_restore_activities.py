@@ -26,6 +26,7 @@ from api.errors import (
     CheckpointNotFoundError,
     DigestMismatchError,
     IncompatibleError,
+    InvalidSpecError,
     RestoreFailedError,
 )
 from api.identity import CheckpointIdentity
@@ -96,7 +97,11 @@ class Node:
 
 
 def commit_checkpoint(
-    tmp: Path, *, arch: str = platform.machine(), health_url: str | None = None
+    tmp: Path,
+    *,
+    arch: str = platform.machine(),
+    health_url: str | None = None,
+    **source_paths: str,
 ) -> Node:
     layout = NodeLayout(tmp / "home")
     store = CheckpointStore(layout.checkpoints)
@@ -113,9 +118,11 @@ def commit_checkpoint(
         command=("python3", "worker.py"),
         cwd=str(tmp / "cwd"),
         pid=4242,
-        control_dir=str(workload.control_dir),
-        log_path=str(workload.output_log),
         health_url=health_url,
+        **(
+            {"control_dir": str(workload.control_dir), "log_path": str(workload.output_log)}
+            | source_paths
+        ),
     )
     manifest = Manifest(
         checkpoint_id=CKPT,
@@ -198,7 +205,7 @@ async def test_restore_hands_over_a_live_process_and_reports_its_stages(
     assert stages(beats) == ["verify", "prepare", "criu-restore", "await-answer"]
     assert sorted(os.listdir(node.control_dir)) == ["restore-complete"]
     assert Path(node.source.log_path).read_text() == OUTPUT  # CRIU finds it at its dumped size
-    assert Path(node.source.cwd).is_dir()
+    assert not Path(node.source.cwd).exists()  # a manifest's cwd is never created
     assert node.criu_calls.read_text() == f"{node.version_dir / 'criu'}\n"
 
 
@@ -333,3 +340,20 @@ async def test_an_unknown_version_is_not_found(node: Node) -> None:
     assert control_dir == node.control_dir
     assert os.listdir(control_dir) == ["restore-failed"]
     assert (control_dir / "restore-failed").read_text().startswith("CheckpointNotFound: ")
+
+
+@pytest.mark.parametrize("field", ["control_dir", "log_path"])
+async def test_a_manifest_cannot_point_the_node_outside_its_state(
+    tmp_path: Path, field: str
+) -> None:
+    outside = tmp_path / "elsewhere" / "target"
+    node = commit_checkpoint(tmp_path, **{field: str(outside)})
+
+    with pytest.raises(InvalidSpecError, match=f"manifest {field} '{outside}' is outside"):
+        await ActivityEnvironment().run(
+            node.activities(node.criu("exit 1")).restore_checkpoint, request()
+        )
+
+    assert not (tmp_path / "elsewhere").exists()
+    standby = node.layout.workload("llama", CKPT).control_dir  # told by the node's own layout
+    assert (standby / "restore-failed").read_text().startswith("InvalidSpec: ")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,4 +134,31 @@ def test_verified_record_skips_rehashing_but_not_changes(tmp_path: Path) -> None
         f.write(b"X")
     os.utime(pages, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(DigestMismatchError, match="does not match its SHA-256"):
+        store.verify(version_dir, checkpoint_id=CKPT)
+
+
+def _rewrite_manifest(version_dir: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = version_dir / "manifest.json"
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["files"][0].update(path="../../../outside"), "must stay inside the version"),
+        (lambda d: d["files"][0].update(path="/etc/shadow"), "must stay inside the version"),
+        (lambda d: d.update(version="../../cache/x"), "must match"),
+        (lambda d: d.update(version="20261124T000000Z-ffffff"), "manifest is for version"),
+    ],
+)
+def test_a_crafted_manifest_is_refused_by_name(
+    committed: tuple[CheckpointStore, Path],
+    change: Callable[[dict[str, Any]], None],
+    message: str,
+) -> None:
+    store, version_dir = committed
+    _rewrite_manifest(version_dir, change)
+    with pytest.raises(DigestMismatchError, match=message):
         store.verify(version_dir, checkpoint_id=CKPT)
