@@ -51,6 +51,15 @@ class WorkloadPaths:
     def launch_record(self) -> Path:
         return self.root / "launch.json"
 
+    @property
+    def restored_record(self) -> Path:
+        """The live restored instance (a LaunchRecord-like pid and start time)."""
+        return self.root / "restored.json"
+
+    @property
+    def restore_lock(self) -> Path:
+        return self.root / ".restore.lock"
+
 
 @dataclass(frozen=True)
 class NodeLayout:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from temporalio import activity
@@ -33,18 +34,22 @@ class LocalControlActivities(ControlActivities):
         claims.mkdir(parents=True, exist_ok=True)
         path = claims / require_path_element(request.checkpoint_id, what="checkpoint ID")
         owner = {"namespace": request.namespace, "name": request.name}
+        # Written whole beside the claim, then linked into place: link fails if the claim
+        # exists, and a crash leaves only a stray temporary file, never an empty claim.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=claims)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w") as out:
+                json.dump(owner, out)
+            os.link(tmp, path)
         except FileExistsError:
-            current = json.loads(path.read_text() or "{}")
+            current = json.loads(path.read_text())
             if current != owner:
                 raise IdentityConflictError(
                     f"checkpoint ID {request.checkpoint_id} is already owned by "
                     f"{current.get('namespace')}/{current.get('name')}"
                 ) from None
-            return
-        with os.fdopen(fd, "w") as out:
-            json.dump(owner, out)
+        finally:
+            os.unlink(tmp)
 
     @activity.defn
     async def publish_status(self, request: StatusInput) -> None:

@@ -9,20 +9,25 @@ the store verifies (storage), the target is prepared and probed (local), CRIU re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from temporalio import activity
 
 from activities.contracts import Heartbeat, RestoredWorkload, RestoreInput
 from activities.criu import IMAGES_DIR, Criu
-from activities.layout import NodeLayout
+from activities.files import write_atomically
+from activities.layout import NodeLayout, WorkloadPaths
 from activities.local import await_answer, prepare_restore_target
-from activities.processes import is_alive, terminate
+from activities.processes import is_alive, start_ticks, terminate
 from activities.sentinels import fall_back_to_cold_start, write_sentinel_file
 from activities.storage import WORKLOAD_LOG, CheckpointStore
-from api.errors import IncompatibleError, WarmstartError
+from api.contract import Contract
+from api.errors import AlreadyRunningError, IncompatibleError, WarmstartError
 from api.manifest import Manifest
 from api.reasons import Sentinel
 
@@ -57,6 +62,11 @@ class RestoreActivities:
         """Restore and hand over; on any failure nothing stays half-restored and the
         workload's control directory gets `restore-failed` (its standby then starts cold)."""
         stages = _Stages()
+        paths = self._layout.workload(request.name, request.checkpoint_id)
+        with _one_live_instance(request.name, paths):
+            return await self._restore(request, stages)
+
+    async def _restore(self, request: RestoreInput, stages: _Stages) -> RestoredWorkload:
         # Where the workload waits: its manifest says, once it has been read and checked;
         # before that (missing or damaged checkpoint) this node's own layout says.
         control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
@@ -92,8 +102,51 @@ class RestoreActivities:
         except BaseException:
             await _undo(pid, control_dir, "restore interrupted")
             raise
+        record = Instance(pid=pid, start_ticks=start_ticks(pid))
+        paths = self._layout.workload(request.name, request.checkpoint_id)
+        write_atomically(paths.restored_record, record.model_dump_json().encode(), durable=False)
         activity.logger.info("restored %s as pid %d: %s", request.name, pid, stages.seconds)
         return RestoredWorkload(pid=pid, version=manifest.version, stage_seconds=stages.seconds)
+
+
+class Instance(Contract):
+    pid: int
+    start_ticks: int
+
+
+@contextlib.contextmanager
+def _one_live_instance(name: str, paths: WorkloadPaths) -> Iterator[None]:
+    """Refuse a restore while another restore of the same workload runs, or while the
+    instance it restored (or the one launched for capture) is alive: they would share
+    the control directory and output file. Refusing touches neither."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with paths.restore_lock.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunningError(
+                f"workload {name}: another restore of it is in progress"
+            ) from None
+        for record, what in (
+            (paths.restored_record, "restored"),
+            (paths.launch_record, "launched"),
+        ):
+            live = _live_pid(record)
+            if live:
+                raise AlreadyRunningError(
+                    f"workload {name} already runs as pid {live} ({what}); stop it first"
+                )
+        yield
+
+
+def _live_pid(record: Path) -> int:
+    """The pid in `record` if that very process (same start time) is still alive, else 0."""
+    try:
+        instance = Instance.model_validate_json(record.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return 0
+    alive = is_alive(instance.pid) and start_ticks(instance.pid) == instance.start_ticks
+    return instance.pid if alive else 0
 
 
 def _require_compatible(manifest: Manifest) -> None:

@@ -11,6 +11,7 @@ WarmstartError                      reason (api.reasons.Reason)      retried by 
 ├── IncompatibleError               Incompatible                     no
 ├── WorkloadExitedError             WorkloadExited                   no
 ├── WorkloadNotReadyError           WorkloadNotReady                 no
+├── AlreadyRunningError             AlreadyRunning                   no   (one live instance)
 ├── DumpFailedError                 DumpFailed                       no
 ├── RestoreFailedError              RestoreFailed                    no
 ├── UnavailableError                Unavailable                      yes  (server, binary absent)
@@ -86,6 +87,12 @@ class WorkloadNotReadyError(WarmstartError):
     """The workload did not become ready within its budget."""
 
     default_reason = Reason.WORKLOAD_NOT_READY
+
+
+class AlreadyRunningError(WarmstartError):
+    """A local workload already runs (or is being restored): one live instance per name."""
+
+    default_reason = Reason.ALREADY_RUNNING
 
 
 class DumpFailedError(WarmstartError):

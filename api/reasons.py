@@ -32,6 +32,7 @@ class Reason(StrEnum):
     IDENTITY_CONFLICT = "IdentityConflict"
     WORKLOAD_EXITED = "WorkloadExited"
     WORKLOAD_NOT_READY = "WorkloadNotReady"
+    ALREADY_RUNNING = "AlreadyRunning"
     INCOMPATIBLE = "Incompatible"
     CHECKPOINT_NOT_FOUND = "CheckpointNotFound"
     CANCELLED = "Cancelled"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import re
@@ -19,10 +20,11 @@ from temporalio.testing import ActivityEnvironment
 from activities.contracts import Heartbeat, RestoredWorkload, RestoreInput
 from activities.criu import Criu
 from activities.layout import NodeLayout
-from activities.processes import is_alive
+from activities.processes import is_alive, terminate
 from activities.restore import RestoreActivities
 from activities.storage import WORKLOAD_LOG, CheckpointStore, digest_tree
 from api.errors import (
+    AlreadyRunningError,
     CheckpointNotFoundError,
     DigestMismatchError,
     IncompatibleError,
@@ -357,3 +359,39 @@ async def test_a_manifest_cannot_point_the_node_outside_its_state(
     assert not (tmp_path / "elsewhere").exists()
     standby = node.layout.workload("llama", CKPT).control_dir  # told by the node's own layout
     assert (standby / "restore-failed").read_text().startswith("InvalidSpec: ")
+
+
+async def test_two_restores_of_one_workload_started_together_run_one(
+    node: Node, restored_pids: Path
+) -> None:
+    slow = "sleep 0.5\n" + restoring_a_sleeper(restored_pids)
+    activities = node.activities(node.criu(slow))
+    outcomes = await asyncio.gather(
+        ActivityEnvironment().run(activities.restore_checkpoint, request()),
+        ActivityEnvironment().run(activities.restore_checkpoint, request()),
+        return_exceptions=True,
+    )
+    [restored] = [o for o in outcomes if isinstance(o, RestoredWorkload)]
+    [refused] = [o for o in outcomes if not isinstance(o, RestoredWorkload)]
+    assert isinstance(refused, AlreadyRunningError)
+    assert "another restore of it is in progress" in str(refused)
+    assert restored.pid == int(restored_pids.read_text())
+    # The refused one left the live instance's control directory alone.
+    assert sorted(os.listdir(node.control_dir)) == ["restore-complete"]
+
+
+async def test_a_live_restored_instance_refuses_another_until_it_stops(
+    node: Node, restored_pids: Path
+) -> None:
+    activities = node.activities(node.criu(restoring_a_sleeper(restored_pids)))
+    first = await ActivityEnvironment().run(activities.restore_checkpoint, request())
+
+    with pytest.raises(
+        AlreadyRunningError, match=f"already runs as pid {first.pid} \\(restored\\)"
+    ):
+        await ActivityEnvironment().run(activities.restore_checkpoint, request())
+    assert sorted(os.listdir(node.control_dir)) == ["restore-complete"]
+
+    assert await terminate(first.pid, grace_seconds=0.1)
+    second = await ActivityEnvironment().run(activities.restore_checkpoint, request())
+    assert second.pid != first.pid
