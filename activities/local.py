@@ -43,9 +43,18 @@ _LAUNCHER = (
     'log=$1; status=$2; shift 2; unshare --pid --fork setsid "$@" </dev/null >>"$log" 2>&1; '
     'echo $? >"$status"'
 )
+# What a workload inherits from the node worker: where programs are and how text is encoded.
+# Nothing else: the worker's own environment may hold credentials, and whatever a workload
+# has in its environment is dumped into the checkpoint with it.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 _PROBE_INTERVAL = 0.2
 _ANSWER_POLL_SECONDS = 0.005
 _STOP_GRACE_SECONDS = 5.0
+
+
+def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of the node worker's environment that workloads start from."""
+    return {key: environ[key] for key in INHERITED_ENV if key in environ}
 
 
 async def probe_ready(readiness: Readiness) -> bool:
@@ -77,6 +86,8 @@ class LocalProcessActivities:
     """Node activities for workloads that run as local processes (the embedded default)."""
 
     def __init__(self, *, layout: NodeLayout, base_env: Mapping[str, str]) -> None:
+        """`base_env`: all a workload inherits (see `inherited_env`); it gets that, the
+        environment its spec names, and `SNAPSHOT_CONTROL_DIR`."""
         self._layout = layout
         self._base_env = dict(base_env)
 

@@ -45,10 +45,18 @@ class CheckpointStore:
         return self.checkpoint_dir(checkpoint_id) / "versions" / STAGING / version
 
     def fresh_staging(self, checkpoint_id: str, version: str) -> Path:
-        """An empty staging directory for `version` (what a failed attempt left is removed)."""
+        """An empty staging directory for `version` (what a failed attempt left is removed).
+
+        Every directory from the root down is private (0700): a checkpoint holds a process's
+        memory, with whatever secrets it had.
+        """
         staging = self.staging_dir(checkpoint_id, version)
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        self.root.mkdir(parents=True, mode=0o700, exist_ok=True)
+        depth = len(staging.relative_to(self.root).parts)
+        for path in reversed([staging, *staging.parents[:depth]]):  # root first
+            path.mkdir(mode=0o700, exist_ok=True)
+            path.chmod(0o700)
         return staging
 
     def commit(self, staging: Path, manifest: Manifest) -> Path:
@@ -115,6 +123,16 @@ class CheckpointStore:
         return manifest
 
 
+def make_private(root: Path) -> None:
+    """Directories 0700 and files 0600 under `root`, whatever modes their writers chose."""
+    root.chmod(0o700)
+    for dirpath, dirs, names in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(dirpath, name), 0o700)
+        for name in names:
+            os.chmod(os.path.join(dirpath, name), 0o600)
+
+
 def digest_tree(root: Path) -> tuple[FileDigest, ...]:
     """Size and SHA-256 of every file under `root`, as paths relative to it."""
     entries = []
@@ -159,6 +177,7 @@ class StorageActivities:
         paths = self._layout.workload(request.name, request.checkpoint_id)
         # The workload's output file is re-created at this size on restore (CRIU checks it).
         shutil.copyfile(paths.output_log, staging / WORKLOAD_LOG)
+        make_private(staging)
         manifest = Manifest(
             checkpoint_id=request.checkpoint_id,
             version=request.version,

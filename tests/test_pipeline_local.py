@@ -46,6 +46,9 @@ async def test_round_trip_carries_process_state(client: Client, workers: Setting
     assert manifest.version == result.version
     assert any(f.path.startswith("criu/pages-") for f in manifest.files)
     assert not list((version_dir.parent / "tmp").iterdir())
+    for path in [workers.checkpoint_root, *workers.checkpoint_root.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), f"{path}: {oct(mode)}"
     log = (version_dir / "workload-output.log").read_text()
     instance = re.search(r"instance ([0-9a-f]{32})", log)
     assert instance, log

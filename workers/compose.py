@@ -16,7 +16,7 @@ from temporalio.worker import Worker
 from activities.criu import DUMP_OPTIONS, Criu, CriuActivities
 from activities.errors import ErrorMapping
 from activities.layout import NodeLayout
-from activities.local import LocalProcessActivities
+from activities.local import LocalProcessActivities, inherited_env
 from activities.localstate import LocalControlActivities
 from activities.restore import RestoreActivities
 from activities.sentinels import SentinelActivities
@@ -47,7 +47,8 @@ def node_worker(
 ) -> Worker:
     """RestoreWorkflow and node-side activities on `warmstart-node-<node>`.
 
-    `base_env` is the environment workloads start from (default: this process's).
+    `base_env` is the environment workloads start from (default: the harmless part of
+    this process's, `activities.local.inherited_env`).
     """
     criu_path = settings.criu.resolve()
     if criu_path is None:
@@ -56,7 +57,7 @@ def node_worker(
     layout = NodeLayout(settings.home)
     store = CheckpointStore(layout.checkpoints, verified=VerifiedFiles(layout.verified_cache))
     local = LocalProcessActivities(
-        layout=layout, base_env=os.environ if base_env is None else base_env
+        layout=layout, base_env=inherited_env(os.environ) if base_env is None else base_env
     )
     storage = StorageActivities(
         store=store,

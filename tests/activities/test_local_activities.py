@@ -17,7 +17,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import AwaitReadyInput, Heartbeat, LaunchInput, StopInput
 from activities.layout import NodeLayout, WorkloadPaths
-from activities.local import LocalProcessActivities
+from activities.local import LocalProcessActivities, inherited_env
 from activities.processes import is_alive, start_ticks
 from api.errors import InvalidSpecError, WorkloadExitedError, WorkloadNotReadyError
 from api.workload import LocalWorkload, Readiness
@@ -330,3 +330,42 @@ async def test_a_launched_workload_that_exits_early_is_reported_with_status_and_
     assert str(error) == (
         "workload llama exited with status 7 before it was ready; last output:\nno GPU found"
     )
+
+
+def test_workloads_inherit_only_harmless_variables() -> None:
+    worker_env = {
+        "PATH": "/usr/bin",
+        "LANG": "C.UTF-8",
+        "AWS_SECRET_ACCESS_KEY": "planted",
+        "WARMSTART_TEMPORAL__ADDRESS": "temporal:7233",
+    }
+    assert inherited_env(worker_env) == {"PATH": "/usr/bin", "LANG": "C.UTF-8"}
+
+
+@needs_root
+async def test_a_launched_workload_sees_only_its_own_environment(
+    tmp_path: Path, layout: NodeLayout
+) -> None:
+    base = inherited_env({"PATH": os.environ["PATH"], "AWS_SECRET_ACCESS_KEY": "planted"})
+    activities = LocalProcessActivities(layout=layout, base_env=base)
+    control = "$SNAPSHOT_CONTROL_DIR"
+    script = f'env > "{control}/../env.txt"; touch "{control}/ready-for-snapshot"; sleep 60'
+    spec = workload(tmp_path, command=("sh", "-c", script), env={"GREETING": "world"})
+    env = ActivityEnvironment()
+    launched = await env.run(
+        activities.launch_workload, LaunchInput(workload=spec, checkpoint_id=CKPT)
+    )
+    try:
+        request = AwaitReadyInput(workload=spec, checkpoint_id=CKPT, pid=launched.pid)
+        await env.run(activities.await_workload_ready, request)
+        seen = dict(
+            line.split("=", 1)
+            for line in (layout.workload("llama", CKPT).root / "env.txt").read_text().splitlines()
+            if "=" in line
+        )
+    finally:
+        stop = StopInput(pid=launched.pid, start_ticks=launched.start_ticks)
+        await env.run(activities.stop_workload, stop)
+    assert "AWS_SECRET_ACCESS_KEY" not in seen
+    assert seen["GREETING"] == "world"
+    assert seen["SNAPSHOT_CONTROL_DIR"] == str(layout.workload("llama", CKPT).control_dir)

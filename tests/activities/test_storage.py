@@ -162,3 +162,15 @@ def test_a_crafted_manifest_is_refused_by_name(
     _rewrite_manifest(version_dir, change)
     with pytest.raises(DigestMismatchError, match=message):
         store.verify(version_dir, checkpoint_id=CKPT)
+
+
+def test_checkpoints_are_private(tmp_path: Path) -> None:
+    from activities.storage import make_private
+
+    store = CheckpointStore(tmp_path / "root")
+    staging = _stage(store)
+    (staging / "criu" / "pages-1.img").chmod(0o644)  # as a writer with a loose umask leaves it
+    make_private(staging)
+    for path in [store.root, *store.root.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), f"{path}: {oct(mode)}"
