@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import fcntl
 import platform
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,7 @@ class RestoreActivities:
             url = manifest.source.health_url or manifest.source.readiness.http_url
             await await_answer(pid, url, timeout=request.answer_timeout_seconds)
             stages.finish()
+            shutil.rmtree(work_dir, ignore_errors=True)  # kept only when it failed: its log
         except WarmstartError as err:
             await _undo(pid, control_dir, f"{err.reason}: {err}")
             where = f"restore of {request.name} from checkpoint {request.checkpoint_id}"

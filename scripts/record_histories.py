@@ -8,6 +8,7 @@ committed files say nothing about the machine that recorded them:
 - capture-local-failed.json        a capture whose workload exited before it was ready
 - restore-local.json               a restore started with its search attributes (eager)
 - restore-local-attrs-upserted.json  a restore whose starter set none (the workflow upserts)
+- capture-local-cancelled.json     a capture cancelled while it awaited readiness
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from api.workload import LocalWorkload
 from workers.client import connect
 from workers.compose import control_worker, node_worker
 from workers.devserver import DevServer
-from workers.operations import follow, local_capture_request, start_capture, start_restore
+from workers.operations import (
+    LiveProgress,
+    follow,
+    local_capture_request,
+    start_capture,
+    start_restore,
+)
 from workers.ports import free_port
 from workers.settings import NodeSettings, Settings, TemporalSettings
 from workflows.contracts import CaptureRequest, RestoreRequest
@@ -127,6 +134,25 @@ async def record(client: Client, settings: Settings, replacements: dict[str, str
         "capture-local-failed.json",
         replacements,
     )
+
+    never_ready = LocalWorkload(
+        name="recorded-cancelled", command=("sleep", "600"), cwd=str(settings.home)
+    )
+    cancelled = await start_capture(client, capture_request(settings, never_ready))
+    awaiting = asyncio.Event()
+
+    def seen(live: LiveProgress) -> None:
+        if live.progress.step == "await-ready":
+            awaiting.set()
+
+    following = asyncio.ensure_future(follow(client, cancelled, seen, every=0.1))
+    await awaiting.wait()
+    await cancelled.cancel()
+    try:
+        await following
+    except PipelineFailedError as err:
+        print(f"cancelled as expected: [{err.reason}] {err.message}")
+    await save(client, cancelled.id, "capture-local-cancelled.json", replacements)
 
 
 async def main() -> None:

@@ -28,7 +28,7 @@ from temporalio.client import (
     WorkflowQueryFailedError,
 )
 from temporalio.common import WorkflowIDConflictPolicy
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.service import RPCError
 
 from activities.contracts import Heartbeat, PipelineKind
@@ -198,6 +198,8 @@ async def follow(
 
 def pipeline_failure(err: WorkflowFailureError) -> PipelineFailedError:
     cause = err.cause
+    if isinstance(cause, CancelledError):
+        return PipelineFailedError("cancelled", reason=Reason.CANCELLED)
     if isinstance(cause, ApplicationError):
         reason = as_reason(cause.type) or Reason.INTERNAL
         return PipelineFailedError(cause.message, reason=reason)

@@ -15,7 +15,9 @@ HISTORIES = sorted((Path(__file__).parents[1] / "histories").glob("*.json"))
 
 def test_histories_are_committed() -> None:
     names = {p.name for p in HISTORIES}
-    assert {"capture-local.json", "capture-local-failed.json", "restore-local.json"} <= names
+    recorded = {"capture-local", "capture-local-failed", "capture-local-cancelled"}
+    recorded |= {"restore-local", "restore-local-attrs-upserted"}
+    assert {f"{name}.json" for name in recorded} <= names
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
