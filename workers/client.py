@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from urllib.parse import quote
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
 
 from api.errors import UnavailableError
 from workers.settings import Settings
@@ -22,6 +24,16 @@ def _interceptors(settings: Settings) -> list[Interceptor]:
     return [TracingInterceptor()]
 
 
+def data_converter(settings: Settings) -> DataConverter:
+    """The pydantic converter, with the encryption codec when a key file is configured."""
+    if settings.temporal.codec_key_file is None:
+        return pydantic_data_converter
+    from workers.codec import EncryptionCodec, load_key
+
+    codec = EncryptionCodec(load_key(settings.temporal.codec_key_file))
+    return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
+
+
 async def connect(settings: Settings, *, wait_seconds: float = 0.0) -> Client:
     """A client with the pydantic converter; `wait_seconds` retries while a server that was
     just started is not yet healthy."""
@@ -33,7 +45,7 @@ async def connect(settings: Settings, *, wait_seconds: float = 0.0) -> Client:
             return await Client.connect(
                 temporal.address,
                 namespace=temporal.namespace,
-                data_converter=pydantic_data_converter,
+                data_converter=data_converter(settings),
                 interceptors=_interceptors(settings),
                 identity=temporal.identity,
             )

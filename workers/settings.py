@@ -30,6 +30,8 @@ class TemporalSettings:
     ui_port: int = 8233
     ui_host: str = "localhost"
     identity: str | None = None
+    # AES-GCM key for every payload (workers/codec.py); off when unset.
+    codec_key_file: str | None = None
 
     @property
     def port(self) -> int:
