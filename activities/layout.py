@@ -74,6 +74,11 @@ class NodeLayout:
         return self.home / "workloads"
 
     @property
+    def secrets(self) -> Path:
+        """Files that `SecretRef(file=...)` names, put there by the node's operator."""
+        return self.home / "secrets"
+
+    @property
     def verified_cache(self) -> Path:
         return self.home / "cache" / "verified"
 

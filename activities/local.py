@@ -57,6 +57,24 @@ def inherited_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {key: environ[key] for key in INHERITED_ENV if key in environ}
 
 
+def resolve_secrets(
+    workload: LocalWorkload, environ: Mapping[str, str], directory: Path
+) -> dict[str, str]:
+    """The values of `workload.secret_env`; a missing one is an error naming the reference."""
+    values = {}
+    for name, ref in workload.secret_env.items():
+        if ref.env is not None:
+            value = environ.get(ref.env)
+        else:
+            path = directory / str(ref.file)
+            value = path.read_text().rstrip("\n") if path.is_file() else None
+        if value is None:
+            where = f"{directory}/{ref.file}" if ref.file else f"the node worker's {ref.env}"
+            raise InvalidSpecError(f"workload {workload.name}: secret {name} ({ref}): no {where}")
+        values[name] = value
+    return values
+
+
 async def probe_ready(readiness: Readiness) -> bool:
     """One readiness probe: a TCP connect or an HTTP 2xx, never raising."""
     if readiness.kind == "tcp" and readiness.tcp_port is not None:
@@ -85,11 +103,19 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 class LocalProcessActivities:
     """Node activities for workloads that run as local processes (the embedded default)."""
 
-    def __init__(self, *, layout: NodeLayout, base_env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        *,
+        layout: NodeLayout,
+        base_env: Mapping[str, str],
+        secret_environ: Mapping[str, str] | None = None,
+    ) -> None:
         """`base_env`: all a workload inherits (see `inherited_env`); it gets that, the
-        environment its spec names, and `SNAPSHOT_CONTROL_DIR`."""
+        environment its spec names, its secrets resolved here (from `secret_environ` or
+        the layout's secrets directory), and `SNAPSHOT_CONTROL_DIR`."""
         self._layout = layout
         self._base_env = dict(base_env)
+        self._secret_environ = dict(secret_environ or {})
 
     @activity.defn
     async def launch_workload(self, request: LaunchInput) -> LaunchResult:
@@ -101,7 +127,9 @@ class LocalProcessActivities:
             paths.output_log.replace(paths.root / "output.log.previous")
         paths.output_log.touch()
         paths.exit_status.unlink(missing_ok=True)
-        env = {**self._base_env, **workload.env, "SNAPSHOT_CONTROL_DIR": str(paths.control_dir)}
+        secrets = resolve_secrets(workload, self._secret_environ, self._layout.secrets)
+        env = {**self._base_env, **workload.env, **secrets}
+        env["SNAPSHOT_CONTROL_DIR"] = str(paths.control_dir)
         activity.logger.info("launching workload %s: %s", workload.name, " ".join(workload.command))
         launcher = ("sh", "-c", _LAUNCHER, "warmstart-launch", str(paths.output_log))
         try:

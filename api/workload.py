@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -40,6 +41,34 @@ def _require_http_url(url: str) -> str:
     return url
 
 
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class SecretRef(BaseModel):
+    """Where the node finds a secret value: a file in its secrets directory, or one of its
+    own environment variables. Only the reference travels; the value never leaves the node
+    except into the workload's environment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str | None = None
+    env: str | None = Field(default=None, pattern=ENV_NAME)
+
+    @field_validator("file")
+    @classmethod
+    def _file_is_a_name(cls, value: str | None) -> str | None:
+        return None if value is None else require_path_element(value, what="secret file")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.file is None) == (self.env is None):
+            raise ValueError("a secret reference names exactly one of file or env")
+        return self
+
+    def __str__(self) -> str:
+        return f"file:{self.file}" if self.file is not None else f"env:{self.env}"
+
+
 class LocalWorkload(BaseModel):
     """A program the local node worker launches, warms up and checkpoints."""
 
@@ -49,6 +78,8 @@ class LocalWorkload(BaseModel):
     command: tuple[str, ...] = Field(min_length=1)
     cwd: str
     env: dict[str, str] = Field(default_factory=dict)
+    # Variables whose values the node resolves (`--env-secret NAME=file:X|env:Y`).
+    secret_env: dict[str, SecretRef] = Field(default_factory=dict)
     readiness: Readiness = Readiness()
     health_url: str | None = None
     ready_timeout_seconds: ReadySeconds = 600.0
@@ -63,6 +94,14 @@ class LocalWorkload(BaseModel):
     def _cwd_is_absolute(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"working directory {value!r} must be an absolute path")
+        return value
+
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _names_are_variables(cls, value: dict[str, object]) -> dict[str, object]:
+        for name in value:
+            if not re.match(ENV_NAME, name):
+                raise ValueError(f"{name!r} is not an environment variable name")
         return value
 
     @field_validator("health_url")

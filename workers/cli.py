@@ -97,6 +97,17 @@ def _pairs(flag: str, items: list[str]) -> dict[str, str]:
     return pairs
 
 
+def _secret_ref(name: str, ref: str) -> dict[str, str]:
+    from api.errors import InvalidSpecError
+
+    kind, sep, value = ref.partition(":")
+    if not sep or kind not in ("file", "env") or not value:
+        raise InvalidSpecError(
+            f"--env-secret {name}={ref}: expected NAME=file:SECRET or NAME=env:VAR"
+        )
+    return {kind: value}
+
+
 def _workload(args: argparse.Namespace) -> LocalWorkload:
     from api.errors import InvalidSpecError
     from api.workload import LocalWorkload, Readiness
@@ -113,6 +124,9 @@ def _workload(args: argparse.Namespace) -> LocalWorkload:
         command=tuple(args.command),
         cwd=str(Path(args.cwd or Path.cwd()).resolve()),
         env=_pairs("--env", args.env),
+        secret_env={
+            k: _secret_ref(k, v) for k, v in _pairs("--env-secret", args.env_secret).items()
+        },
         readiness=readiness,
         health_url=args.health_http,
         ready_timeout_seconds=args.ready_timeout,
@@ -260,6 +274,14 @@ def _parser() -> argparse.ArgumentParser:
     ready.add_argument("--ready-timeout", type=float, default=600.0, metavar="SECONDS")
     sub.add_argument("--cwd", help="working directory (default: the current one)")
     sub.add_argument("--env", action="append", default=[], metavar="K=V", help="environment")
+    sub.add_argument(
+        "--env-secret",
+        action="append",
+        default=[],
+        metavar="K=file:NAME|env:VAR",
+        help="a variable whose value the node resolves: the file NAME in its secrets directory"
+        " or its own variable VAR (the value never enters the workflow history)",
+    )
     output(sub)
 
     sub = command(restore)

@@ -57,7 +57,9 @@ def node_worker(
     layout = NodeLayout(settings.home)
     store = CheckpointStore(layout.checkpoints, verified=VerifiedFiles(layout.verified_cache))
     local = LocalProcessActivities(
-        layout=layout, base_env=inherited_env(os.environ) if base_env is None else base_env
+        layout=layout,
+        base_env=inherited_env(os.environ) if base_env is None else base_env,
+        secret_environ=os.environ,
     )
     storage = StorageActivities(
         store=store,

@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import AwaitReadyInput, Heartbeat, LaunchInput, StopInput
 from activities.layout import NodeLayout, WorkloadPaths
-from activities.local import LocalProcessActivities, inherited_env
+from activities.local import LocalProcessActivities, inherited_env, resolve_secrets
 from activities.processes import is_alive, start_ticks
 from api.errors import InvalidSpecError, WorkloadExitedError, WorkloadNotReadyError
 from api.workload import LocalWorkload, Readiness
@@ -347,10 +348,17 @@ async def test_a_launched_workload_sees_only_its_own_environment(
     tmp_path: Path, layout: NodeLayout
 ) -> None:
     base = inherited_env({"PATH": os.environ["PATH"], "AWS_SECRET_ACCESS_KEY": "planted"})
-    activities = LocalProcessActivities(layout=layout, base_env=base)
+    activities = LocalProcessActivities(
+        layout=layout, base_env=base, secret_environ={"NODE_KEY": "resolved-on-the-node"}
+    )
     control = "$SNAPSHOT_CONTROL_DIR"
     script = f'env > "{control}/../env.txt"; touch "{control}/ready-for-snapshot"; sleep 60'
-    spec = workload(tmp_path, command=("sh", "-c", script), env={"GREETING": "world"})
+    spec = workload(
+        tmp_path,
+        command=("sh", "-c", script),
+        env={"GREETING": "world"},
+        secret_env={"API_KEY": {"env": "NODE_KEY"}},
+    )
     env = ActivityEnvironment()
     launched = await env.run(
         activities.launch_workload, LaunchInput(workload=spec, checkpoint_id=CKPT)
@@ -368,4 +376,47 @@ async def test_a_launched_workload_sees_only_its_own_environment(
         await env.run(activities.stop_workload, stop)
     assert "AWS_SECRET_ACCESS_KEY" not in seen
     assert seen["GREETING"] == "world"
+    assert seen["API_KEY"] == "resolved-on-the-node"
     assert seen["SNAPSHOT_CONTROL_DIR"] == str(layout.workload("llama", CKPT).control_dir)
+
+
+def test_secrets_are_resolved_on_the_node(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "hf-token").write_text("hf_from_file\n")
+    spec = workload(
+        tmp_path, secret_env={"HF_TOKEN": {"file": "hf-token"}, "API_KEY": {"env": "NODE_KEY"}}
+    )
+    resolved = resolve_secrets(spec, {"NODE_KEY": "from-env"}, secrets)
+    assert resolved == {"HF_TOKEN": "hf_from_file", "API_KEY": "from-env"}
+    assert "hf_from_file" not in spec.model_dump_json()  # only the reference travels
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ({"file": "absent"}, r"secret S \(file:absent\): no .*/secrets/absent"),
+        ({"env": "ABSENT"}, r"secret S \(env:ABSENT\): no the node worker's ABSENT"),
+    ],
+)
+def test_a_missing_secret_is_named(tmp_path: Path, ref: dict[str, str], message: str) -> None:
+    spec = workload(tmp_path, secret_env={"S": ref})
+    with pytest.raises(InvalidSpecError, match=message):
+        resolve_secrets(spec, {}, tmp_path / "secrets")
+
+
+@pytest.mark.parametrize(
+    ("secret_env", "message"),
+    [
+        ({"S": {"file": "../../etc/shadow"}}, "must match"),
+        ({"S": {"file": "a", "env": "B"}}, "exactly one of file or env"),
+        ({"S": {}}, "exactly one of file or env"),
+        ({"S": {"env": "not-a-var"}}, "should match pattern"),
+        ({"1BAD": {"env": "OK"}}, "is not an environment variable name"),
+    ],
+)
+def test_bad_secret_references_are_refused(
+    tmp_path: Path, secret_env: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        workload(tmp_path, secret_env=secret_env)

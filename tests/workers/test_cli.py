@@ -104,6 +104,7 @@ async def test_a_path_as_name_is_just_not_found(settings: Settings, address: str
     [
         (["capture", "x", "--ready-timeout", "inf", "--", "true"], "ready_timeout_seconds"),
         (["capture", "x", "--env", "NOVALUE", "--", "true"], "--env 'NOVALUE': expected"),
+        (["capture", "x", "--env-secret", "T=vault:x", "--", "true"], "expected NAME=file:"),
         (["capture", "x"], "the following arguments are required: CMD"),
         (
             ["capture", "x", "--ready-tcp", "1", "--ready-http", "http://h/", "--", "true"],
