@@ -88,6 +88,13 @@ async def _spawn(cmd: list[str]) -> asyncio.subprocess.Process:
     )
 
 
+def _dies_with_worker(cmd: list[str]) -> list[str]:
+    """`cmd` run so that it is killed if the node worker dies (util-linux `setpriv
+    --pdeathsig`): a dump must not go on writing staging for a worker that is gone."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", *cmd] if setpriv else cmd
+
+
 async def _spawn_uncancelled(cmd: list[str]) -> asyncio.subprocess.Process:
     """Start CRIU; a cancel that arrives meanwhile still stops its whole process group."""
     spawning = asyncio.ensure_future(_spawn(cmd))
@@ -135,7 +142,8 @@ class CriuActivities:
             raise
 
     async def _run_dump(self, request: DumpInput, images: Path) -> None:
-        proc = await _spawn_uncancelled(self._criu.dump_command(pid=request.pid, images_dir=images))
+        command = _dies_with_worker(self._criu.dump_command(pid=request.pid, images_dir=images))
+        proc = await _spawn_uncancelled(command)
         # Read stderr while CRIU runs: a full pipe would block CRIU, and with it the dump.
         errors = asyncio.ensure_future(_tail(proc.stderr))
         try:

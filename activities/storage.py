@@ -10,6 +10,7 @@ import asyncio
 import os
 import platform
 import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,6 +59,17 @@ class CheckpointStore:
             path.mkdir(mode=0o700, exist_ok=True)
             path.chmod(0o700)
         return staging
+
+    def sweep_staging(self, *, older_than_seconds: float) -> list[Path]:
+        """Remove staging left by dumps that cannot be running any more (a killed worker,
+        a lost node): untouched for longer than a dump may take. Returns what it removed."""
+        cutoff = time.time() - older_than_seconds
+        removed = []
+        for staging in sorted(self.root.glob(f"*/versions/{STAGING}/*")):
+            if staging.is_dir() and staging.stat().st_mtime < cutoff:
+                shutil.rmtree(staging, ignore_errors=True)
+                removed.append(staging)
+        return removed
 
     def commit(self, staging: Path, manifest: Manifest) -> Path:
         """Write the manifest last, then rename the staged version into place."""

@@ -7,6 +7,7 @@ tracing comes from the client's TracingInterceptor, which Temporal also applies 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 
@@ -26,8 +27,11 @@ from api.errors import UnavailableError
 from api.manifest import CriuInfo
 from api.naming import node_task_queue
 from workers.settings import Settings
+from workflows import policies
 from workflows.capture import CaptureWorkflow
 from workflows.restore import RestoreWorkflow
+
+log = logging.getLogger(__name__)
 
 
 def control_worker(client: Client, settings: Settings) -> Worker:
@@ -56,6 +60,10 @@ def node_worker(
     criu = Criu(criu_path)
     layout = NodeLayout(settings.home)
     store = CheckpointStore(layout.checkpoints, verified=VerifiedFiles(layout.verified_cache))
+    # Staging older than the longest dump was left by a worker that died mid-dump.
+    stale = policies.DUMP.start_to_close.total_seconds() + 60
+    for orphan in store.sweep_staging(older_than_seconds=stale):
+        log.warning("removed orphaned staging %s (older than %.0f s)", orphan, stale)
     local = LocalProcessActivities(
         layout=layout,
         base_env=inherited_env(os.environ) if base_env is None else base_env,

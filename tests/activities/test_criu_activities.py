@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -237,7 +239,8 @@ async def test_missing_criu_binary_leaves_no_staging(
 ) -> None:
     activities = CriuActivities(criu=Criu(str(tmp_path / "no-criu")), store=store)
 
-    with pytest.raises(FileNotFoundError):
+    # Started through setpriv (so that criu dies with the worker): setpriv says what failed.
+    with pytest.raises((FileNotFoundError, DumpFailedError), match=r"No such file|no-criu"):
         await ActivityEnvironment().run(activities.dump_checkpoint, dump_request())
     assert not store.staging_dir(CKPT, VERSION).exists()
 
@@ -317,3 +320,29 @@ def test_a_criu_that_writes_much_to_stderr_does_not_hang_the_dump(
         pytest.fail(f"the dump did not end within {DEADLINE_S:g} s")
     assert done.stdout.startswith("DumpFailedError: checkpoint llama"), done.stderr
     assert not store.staging_dir(CKPT, VERSION).exists()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+def test_criu_dies_with_a_killed_node_worker(tmp_path: Path, store: CheckpointStore) -> None:
+    pid_file = tmp_path / "criu.pid"
+    criu = fake_criu(tmp_path, f"echo $$ >{pid_file}\nexec sleep 60\n")
+    repo = Path(__file__).resolve().parents[2]
+    worker = subprocess.Popen(
+        [sys.executable, "-c", CHATTY_DUMP, criu.path, str(store.root), CKPT, VERSION],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not (pid_file.is_file() and pid_file.read_text().strip()):
+            assert time.monotonic() < deadline, "the fake criu never started"
+            time.sleep(0.01)
+        criu_pid = int(pid_file.read_text())
+        worker.kill()  # SIGKILL: no cleanup of any kind runs in the worker
+        worker.wait()
+        while is_alive(criu_pid):
+            assert time.monotonic() < deadline, "criu outlived the killed worker"
+            time.sleep(0.01)
+    finally:
+        if worker.poll() is None:
+            worker.kill()

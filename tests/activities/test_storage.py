@@ -174,3 +174,16 @@ def test_checkpoints_are_private(tmp_path: Path) -> None:
     for path in [store.root, *store.root.rglob("*")]:
         mode = path.stat().st_mode & 0o777
         assert mode == (0o700 if path.is_dir() else 0o600), f"{path}: {oct(mode)}"
+
+
+def test_sweep_removes_only_staging_no_dump_can_still_write(
+    committed: tuple[CheckpointStore, Path],
+) -> None:
+    store, version_dir = committed
+    orphan = store.fresh_staging(CKPT, "20261124T000000Z-dddddd")
+    live = store.fresh_staging(CKPT, "20261124T000000Z-eeeeee")
+    hour_ago = orphan.stat().st_mtime - 3600
+    os.utime(orphan, (hour_ago, hour_ago))
+    assert store.sweep_staging(older_than_seconds=1860) == [orphan]
+    assert not orphan.exists() and live.is_dir()
+    assert store.verify(version_dir, checkpoint_id=CKPT).version == version_dir.name
