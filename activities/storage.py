@@ -7,6 +7,7 @@ writers stage under `<root>/<checkpointID>/versions/tmp/<version>/` and rename i
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import platform
 import shutil
@@ -27,6 +28,8 @@ from api.manifest import CriuInfo, FileDigest, HostInfo, Manifest, SourceInfo
 from api.naming import MANIFEST_FILE, require_path_element
 
 WORKLOAD_LOG = "workload-output.log"
+# A full disk or quota: retrying the commit cannot help; the capture fails and says so.
+_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 class CheckpointStore:
@@ -174,7 +177,13 @@ class StorageActivities:
 
     @activity.defn
     async def commit_checkpoint(self, request: CommitInput) -> CommitResult:
-        return await asyncio.to_thread(self._commit, request)
+        try:
+            return await asyncio.to_thread(self._commit, request)
+        except OSError as err:
+            if err.errno not in _FULL:
+                raise  # retried by the step's policy
+            where = f"checkpoint {request.name} ({request.checkpoint_id}) version {request.version}"
+            raise DumpFailedError(f"{where}: cannot commit: {err.strerror}") from err
 
     def _commit(self, request: CommitInput) -> CommitResult:
         staging = self._store.staging_dir(request.checkpoint_id, request.version)

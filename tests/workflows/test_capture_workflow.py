@@ -27,6 +27,8 @@ from activities.contracts import (
     StatusInput,
     StopInput,
 )
+from activities.errors import ErrorMapping
+from api.errors import DumpFailedError
 from api.identity import CheckpointIdentity
 from api.naming import node_task_queue
 from api.reasons import Phase, Sentinel
@@ -42,7 +44,7 @@ class StandIns:
 
     calls: list[tuple[str, str]] = field(default_factory=list)
     statuses: list[StatusInput] = field(default_factory=list)
-    fail: dict[str, ApplicationError] = field(default_factory=dict)
+    fail: dict[str, Exception] = field(default_factory=dict)
     hold_ready: asyncio.Event | None = None
     discarded: list[str] = field(default_factory=list)
     dumped: list[str] = field(default_factory=list)
@@ -159,8 +161,14 @@ async def harness(client: Client) -> AsyncIterator[Harness]:
             task_queue=control_queue,
             workflows=[CaptureWorkflow],
             activities=stand_ins.control(),
+            interceptors=[ErrorMapping()],
         ),
-        Worker(client, task_queue=node_task_queue(node), activities=stand_ins.node()),
+        Worker(
+            client,
+            task_queue=node_task_queue(node),
+            activities=stand_ins.node(),
+            interceptors=[ErrorMapping()],
+        ),
     ):
         yield Harness(client, stand_ins, control_queue, node)
 
@@ -214,15 +222,17 @@ async def test_progress_query_shows_the_current_step(harness: Harness) -> None:
 
 
 async def test_failed_commit_discards_staging_and_publishes_failed(harness: Harness) -> None:
-    harness.stand_ins.fail["commit_checkpoint"] = ApplicationError(
-        "disk full", type="DumpFailed", non_retryable=True
+    # What the real commit raises on a full disk (tests/activities/test_storage_activities.py),
+    # mapped by the same interceptor the real workers use.
+    harness.stand_ins.fail["commit_checkpoint"] = DumpFailedError(
+        "checkpoint llama version v: cannot commit: No space left on device"
     )
     handle = await harness.start(harness.request())
     with pytest.raises(WorkflowFailureError) as err:
         await handle.result()
     assert isinstance(err.value.cause, ApplicationError)
     assert err.value.cause.type == "DumpFailed"
-    assert "disk full" in err.value.cause.message
+    assert "No space left on device" in err.value.cause.message
     assert harness.stand_ins.discarded == harness.stand_ins.dumped  # the staged version
     assert "write_sentinel" not in harness.stand_ins.names()
     assert harness.stand_ins.names()[-1] == "stop_workload"
