@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,23 +21,14 @@ from activities.criu import Criu, CriuActivities
 from activities.processes import is_alive
 from activities.storage import CheckpointStore
 from api.errors import DumpFailedError
+from tests.waiting import DEADLINE_S, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
 CKPT = "96429b2725761a09"
 VERSION = "20261124T000000Z-aaaaaa"
 PAGES = 64 * 1024
-DEADLINE_S = 10.0
 DUMP_ERROR = "(00.004) Error (criu/cr-dump.c:1660): Can't dump task 4242: ptrace(SEIZE) denied"
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Return once `condition()` holds; fail the test after DEADLINE_S seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not condition():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def fake_criu(tmp_path: Path, dump_body: str) -> Criu:

@@ -22,23 +22,14 @@ from activities.local import LocalProcessActivities, inherited_env, resolve_secr
 from activities.processes import is_alive, start_ticks
 from api.errors import InvalidSpecError, WorkloadExitedError, WorkloadNotReadyError
 from api.workload import LocalWorkload, Readiness
+from tests.waiting import DEADLINE_S, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
 CKPT = "96429b2725761a09"
-DEADLINE_S = 10.0
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason=f"unshare --pid needs root (running as uid {os.geteuid()})"
 )
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Return once `condition()` holds; fail the test after DEADLINE_S seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not condition():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def workload(tmp_path: Path, **overrides: object) -> LocalWorkload:
