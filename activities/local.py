@@ -48,6 +48,7 @@ _LAUNCHER = (
 # has in its environment is dumped into the checkpoint with it.
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 _PROBE_INTERVAL = 0.2
+_TAIL_LINES, _TAIL_BYTES = 8, 1024
 _ANSWER_POLL_SECONDS = 0.005
 _STOP_GRACE_SECONDS = 5.0
 
@@ -149,7 +150,7 @@ class LocalProcessActivities:
         # sh -> unshare -> namespace init (the workload)
         pid = await find_descendant(shell.pid, 2, timeout=10.0)
         if pid is None:
-            raise await _exited_error(workload.name, paths)
+            raise await _exited_error(workload.name, paths, secrets)
         record = LaunchRecord(workload=workload, pid=pid, start_ticks=start_ticks(pid))
         write_atomically(paths.launch_record, record.model_dump_json().encode(), durable=False)
         activity.logger.info("workload %s runs as pid %d", workload.name, pid)
@@ -159,13 +160,14 @@ class LocalProcessActivities:
     async def await_workload_ready(self, request: AwaitReadyInput) -> None:
         workload = request.workload
         paths = self._layout.workload(workload.name, request.checkpoint_id)
+        secrets = self._secrets_or_none(workload)
         loop = asyncio.get_running_loop()
         started = loop.time()
 
         async def check() -> None:
             activity.heartbeat(Heartbeat(waited_seconds=round(loop.time() - started, 1)))
             if not is_alive(request.pid):
-                raise await _exited_error(workload.name, paths)
+                raise await _exited_error(workload.name, paths, secrets)
 
         if workload.readiness.kind == "sentinel":
             found = await wait_for_file(
@@ -180,10 +182,17 @@ class LocalProcessActivities:
         if not ready:
             raise WorkloadNotReadyError(
                 f"workload {workload.name} not ready after {workload.ready_timeout_seconds:g} s "
-                f"({workload.readiness.kind}); last output:\n{tail(paths.output_log)}"
+                f"({workload.readiness.kind}); last output:\n{output_tail(paths, secrets)}"
             )
         if not is_alive(request.pid):
-            raise await _exited_error(workload.name, paths)
+            raise await _exited_error(workload.name, paths, secrets)
+
+    def _secrets_or_none(self, workload: LocalWorkload) -> dict[str, str]:
+        """The workload's secret values, to keep them out of messages (none if unresolvable)."""
+        try:
+            return resolve_secrets(workload, self._secret_environ, self._layout.secrets)
+        except InvalidSpecError:
+            return {}
 
     @activity.defn
     async def stop_workload(self, request: StopInput) -> None:
@@ -205,7 +214,19 @@ async def _probe_until_ready(workload: LocalWorkload, check: Callable[[], Awaita
     return False
 
 
-async def _exited_error(name: str, paths: WorkloadPaths) -> WorkloadExitedError:
+def output_tail(paths: WorkloadPaths, secrets: Mapping[str, str]) -> str:
+    """The end of the workload's output for a failure message: a few lines, at most 1 KiB,
+    with the values of its secrets masked (the message goes into the workflow history)."""
+    text = tail(paths.output_log, lines=_TAIL_LINES, max_bytes=_TAIL_BYTES)
+    for value in sorted(secrets.values(), key=len, reverse=True):
+        if value:
+            text = text.replace(value, "***")
+    return text
+
+
+async def _exited_error(
+    name: str, paths: WorkloadPaths, secrets: Mapping[str, str]
+) -> WorkloadExitedError:
     """WorkloadExited with the exit status and the tail of the workload's output."""
     # The launcher shell writes the status right after the namespace ends.
     for _ in range(100):
@@ -215,7 +236,7 @@ async def _exited_error(name: str, paths: WorkloadPaths) -> WorkloadExitedError:
     status = paths.exit_status.read_text().strip() if paths.exit_status.exists() else "unknown"
     return WorkloadExitedError(
         f"workload {name} exited with status {status} before it was ready; "
-        f"last output:\n{tail(paths.output_log)}"
+        f"last output:\n{output_tail(paths, secrets)}"
     )
 
 

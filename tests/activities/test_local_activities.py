@@ -411,3 +411,32 @@ def test_bad_secret_references_are_refused(
 ) -> None:
     with pytest.raises(ValidationError, match=message):
         workload(tmp_path, secret_env=secret_env)
+
+
+async def test_a_failure_message_holds_a_short_tail_without_secret_values(
+    tmp_path: Path, layout: NodeLayout, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    token = "tok_4d2a9e"
+    activities = LocalProcessActivities(
+        layout=layout, base_env={}, secret_environ={"NODE_KEY": token}
+    )
+    paths = layout.workload("llama", CKPT)
+    paths.root.mkdir(parents=True)
+    program = (
+        f'for i in $(seq 50); do echo "line $i"; done; echo "auth with {token} failed"; exit 3'
+    )
+    launcher = 'sh -c "$1" >>"$2" 2>&1; echo $? >"$3"'
+    paths.output_log.touch()
+    shell = spawn(
+        "sh", "-c", launcher, "launcher", program, str(paths.output_log), str(paths.exit_status)
+    )
+    spec = workload(tmp_path, secret_env={"API_KEY": {"env": "NODE_KEY"}})
+    request = AwaitReadyInput(workload=spec, checkpoint_id=CKPT, pid=shell.pid)
+
+    with pytest.raises(WorkloadExitedError) as caught:
+        await ActivityEnvironment().run(activities.await_workload_ready, request)
+
+    message = str(caught.value)
+    assert token not in message and "auth with *** failed" in message
+    output = message.split("last output:\n", 1)[1].splitlines()
+    assert output[-1] == "auth with *** failed" and len(output) <= 8
