@@ -60,8 +60,14 @@ class AwaitReadyInput(Contract):
 
 
 class StopInput(Contract):
-    pid: int
-    start_ticks: int  # a PID that started at another time is not ours: left alone
+    """The process to stop: `pid` (with its start time: a PID that started at another time
+    is not ours and is left alone), or, without a pid, what the node's launch record of
+    `name` and `checkpoint_id` says (a launch whose result the workflow never saw)."""
+
+    pid: int = 0
+    start_ticks: int = 0
+    name: str = ""
+    checkpoint_id: str = ""
 
 
 class DumpInput(Contract):

@@ -197,10 +197,17 @@ class LocalProcessActivities:
     @activity.defn
     async def stop_workload(self, request: StopInput) -> None:
         """Stop a launched or restored workload, unless its PID now belongs to another process."""
-        if start_ticks(request.pid) != request.start_ticks:
+        pid, ticks = request.pid, request.start_ticks
+        if not pid:
+            try:
+                launched = self._layout.read_launch(request.name, request.checkpoint_id)
+            except FileNotFoundError:
+                return  # the launch never got as far as starting anything
+            pid, ticks = launched.pid, launched.start_ticks
+        if start_ticks(pid) != ticks:
             return  # ours is gone; the PID now belongs to someone else, or no one
-        activity.logger.info("stopping pid %d", request.pid)
-        await terminate(request.pid, grace_seconds=_STOP_GRACE_SECONDS)
+        activity.logger.info("stopping pid %d", pid)
+        await terminate(pid, grace_seconds=_STOP_GRACE_SECONDS)
 
 
 async def _probe_until_ready(workload: LocalWorkload, check: Callable[[], Awaitable[None]]) -> bool:

@@ -12,8 +12,9 @@ import pytest
 from temporalio.client import Client
 
 from activities.catalog import LocalCatalog
+from activities.layout import LaunchRecord, NodeLayout
 from activities.localstate import read_status
-from activities.processes import terminate
+from activities.processes import is_alive, terminate
 from activities.storage import CheckpointStore
 from api.errors import PipelineFailedError
 from api.reasons import Phase, Reason
@@ -27,7 +28,7 @@ from tests.pipeline import (
     sample_workload,
     shell_workload,
 )
-from workers.operations import start_capture
+from workers.operations import follow, start_capture
 from workers.ports import free_port
 from workers.settings import Settings
 
@@ -186,3 +187,25 @@ async def test_capture_requested_twice_runs_one_workflow(client: Client, workers
     assert first.result_run_id == second.result_run_id
     result = await first.result()
     assert len(CheckpointStore(workers.checkpoint_root).versions(result.checkpoint_id)) == 1
+
+
+async def test_cancel_while_awaiting_readiness_stops_the_workload(
+    client: Client, workers: Settings
+) -> None:
+    request = capture_request(workers, shell_workload("never-ready", "exec sleep 600"))
+    handle = await start_capture(client, request)
+    record = NodeLayout(workers.home).workload("never-ready", request.checkpoint_id).launch_record
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not record.is_file():  # launched: the workflow now awaits readiness
+        assert loop.time() < deadline, "the workload was never launched"
+        await asyncio.sleep(0.05)
+    pid = LaunchRecord.model_validate_json(record.read_bytes()).pid
+    await handle.cancel()
+    with pytest.raises(PipelineFailedError) as err:
+        await follow(client, handle, lambda _p: None, every=0.2)
+    assert err.value.reason == Reason.CANCELLED
+    assert not is_alive(pid)  # cleanup ran on cancel
+    status = read_status(workers.home, "capture", "local", "never-ready")
+    assert status is not None and (status.phase, status.reason) == (Phase.FAILED, "Cancelled")
+    assert LocalCatalog(workers.checkpoint_root).checkpoints() == []

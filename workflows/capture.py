@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.contracts import (
@@ -37,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.control import publish_status
     from workflows.visibility import PipelineState
 
+STOP_UNCONFIRMED_LAUNCH = "stop-unconfirmed-launch"
 S = TypeVar("S")
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
@@ -64,18 +66,21 @@ class CaptureWorkflow:
         self._state.version = version
         workload, ckpt = request.workload, request.checkpoint_id
         launch: LaunchResult | None = None
-        staged = False
+        launched = staged = False
         try:
             self._clock.begin("claim", Phase.CREATING)
             claim = ClaimInput(checkpoint_id=ckpt, namespace=request.namespace, name=request.name)
             await self._control(ControlActivities.claim_checkpoint_id, claim, "claim checkpoint ID")
 
             self._clock.begin("launch")
+            launched = True  # from here on a workload may run: cleanup stops it
             launch = await self._node(
                 LocalProcessActivities.launch_workload,
                 LaunchInput(workload=workload, checkpoint_id=ckpt),
                 policies.LAUNCH,
                 f"launch {workload.name}",
+                # A cancel waits for the launch to end, so cleanup finds what it started.
+                cancellation=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
 
             self._clock.begin("await-ready", Phase.CAPTURING)
@@ -133,7 +138,7 @@ class CaptureWorkflow:
             await self._fail(PipelineFailedError("cancelled", reason=Reason.CANCELLED))
             raise
         finally:
-            await self._cleanup(launch, staged)
+            await self._cleanup(launch, launched=launched, staged=staged)
         return CaptureResult(
             checkpoint_id=ckpt,
             version=version,
@@ -153,6 +158,8 @@ class CaptureWorkflow:
         arg: I,
         opts: policies.StepOptions,
         summary: str,
+        *,
+        cancellation: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
     ) -> R:
         """Run `step` on the node's own queue; a node worker that never picks it up is lost."""
         req = self._require()
@@ -165,6 +172,7 @@ class CaptureWorkflow:
             schedule_to_start_timeout=timedelta(seconds=req.node_timeout_seconds),
             retry_policy=opts.retry,
             summary=summary,
+            cancellation_type=cancellation,
         )
 
     async def _control(self, step: Callable[[S, I], Awaitable[None]], arg: I, summary: str) -> None:
@@ -196,18 +204,22 @@ class CaptureWorkflow:
         self._state.failed(failure, Phase.FAILED, "failed")
         await self._publish(Phase.FAILED, failure.reason, message=failure.message)
 
-    async def _cleanup(self, launch: LaunchResult | None, staged: bool) -> None:
+    async def _cleanup(self, launch: LaunchResult | None, *, launched: bool, staged: bool) -> None:
         """Always: nothing half-written stays, no workload keeps running. A cleanup step that
         fails is logged, never raised: it must not replace the reason the capture ended."""
         req = self._require()
         if staged:
             discard = DiscardInput(checkpoint_id=req.checkpoint_id, version=self._state.version)
             await self._try_cleanup(StorageActivities.discard_staging, discard, "discard staging")
-        if launch is not None:
-            stop = StopInput(pid=launch.pid, start_ticks=launch.start_ticks)
-            await self._try_cleanup(
-                LocalProcessActivities.stop_workload, stop, f"stop pid {launch.pid}"
+        # Runs recorded before this step existed stopped only launches whose result they saw.
+        if launch is not None or (launched and workflow.patched(STOP_UNCONFIRMED_LAUNCH)):
+            # Without the launch's result (failed or cancelled), the node's launch record says.
+            pid, ticks = (launch.pid, launch.start_ticks) if launch else (0, 0)
+            stop = StopInput(
+                pid=pid, start_ticks=ticks, name=req.name, checkpoint_id=req.checkpoint_id
             )
+            summary = f"stop pid {pid}" if pid else f"stop {req.name} if launched"
+            await self._try_cleanup(LocalProcessActivities.stop_workload, stop, summary)
 
     async def _try_cleanup(
         self, step: Callable[[S, I], Awaitable[None]], arg: I, summary: str
