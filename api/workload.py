@@ -108,8 +108,3 @@ class LocalWorkload(BaseModel):
     @classmethod
     def _health_url_is_http(cls, value: str | None) -> str | None:
         return None if value is None else _require_http_url(value)
-
-    @property
-    def answer_url(self) -> str | None:
-        """The URL that shows the workload answers: its health URL, else its HTTP probe."""
-        return self.health_url or self.readiness.http_url

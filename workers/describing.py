@@ -3,7 +3,7 @@ from Temporal."""
 
 from __future__ import annotations
 
-from activities.catalog import LocalCatalog
+from activities.catalog import Catalog, LocalCatalog
 from api.errors import CheckpointNotFoundError, UnavailableError
 from api.manifest import Manifest
 from api.naming import LOCAL_NAMESPACE
@@ -16,7 +16,7 @@ from workers.settings import Settings
 async def describe_checkpoint(settings: Settings, ref: str, *, output: str) -> int:
     """Show `ref`; exit status 0 when a committed checkpoint exists, else 1."""
     manifest: Manifest | None = None
-    catalog = LocalCatalog(settings.checkpoint_root)
+    catalog: Catalog = LocalCatalog(settings.checkpoint_root)
     try:
         manifest = catalog.manifest(catalog.find(ref))
     except CheckpointNotFoundError as err:
