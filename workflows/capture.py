@@ -101,7 +101,7 @@ class CaptureWorkflow:
             )
 
             self._clock.begin("commit", Phase.UPLOADING)
-            commit = await self._node(
+            commit_step = self._start_node(
                 StorageActivities.commit_checkpoint,
                 CommitInput(
                     checkpoint_id=ckpt,
@@ -113,6 +113,13 @@ class CaptureWorkflow:
                 policies.COMMIT,
                 f"commit version {version}",
             )
+            try:
+                commit = await asyncio.shield(commit_step)
+            except asyncio.CancelledError:
+                # The commit cannot be taken back halfway: it decides. A version it committed
+                # is published Ready, so no committed checkpoint ever says Cancelled.
+                commit = await commit_step
+                workflow.logger.warning("cancel arrived during commit: %s is committed", version)
             staged = False
 
             self._clock.begin("snapshot-complete")
@@ -162,8 +169,19 @@ class CaptureWorkflow:
         cancellation: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
     ) -> R:
         """Run `step` on the node's own queue; a node worker that never picks it up is lost."""
+        return await self._start_node(step, arg, opts, summary, cancellation=cancellation)
+
+    def _start_node(
+        self,
+        step: Callable[[S, I], Awaitable[R]],
+        arg: I,
+        opts: policies.StepOptions,
+        summary: str,
+        *,
+        cancellation: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
+    ) -> workflow.ActivityHandle[R]:
         req = self._require()
-        return await workflow.execute_activity_method(
+        return workflow.start_activity_method(
             step,
             arg,
             task_queue=node_task_queue(req.node),

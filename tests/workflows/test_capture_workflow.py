@@ -46,6 +46,7 @@ class StandIns:
     statuses: list[StatusInput] = field(default_factory=list)
     fail: dict[str, Exception] = field(default_factory=dict)
     hold_ready: asyncio.Event | None = None
+    hold_commit: asyncio.Event | None = None
     discarded: list[str] = field(default_factory=list)
     dumped: list[str] = field(default_factory=list)
 
@@ -83,6 +84,8 @@ class StandIns:
     @activity.defn(name="commit_checkpoint")
     async def commit(self, request: CommitInput) -> CommitResult:
         self._record("commit_checkpoint")
+        if self.hold_commit is not None:
+            await self.hold_commit.wait()  # like the real commit: no heartbeats, so no cancel
         return CommitResult(storage_uri="file:///v", size_bytes=10)
 
     @activity.defn(name="write_sentinel")
@@ -291,3 +294,18 @@ async def test_a_failing_cleanup_keeps_the_real_reason(harness: Harness) -> None
     assert isinstance(err.value.cause, ApplicationError)
     assert err.value.cause.type == "WorkloadExited"
     assert harness.stand_ins.names()[-1] == "stop_workload"
+
+
+async def test_a_cancel_during_commit_lets_the_commit_decide(harness: Harness) -> None:
+    harness.stand_ins.hold_commit = asyncio.Event()
+    handle = await harness.start(harness.request())
+    await harness.started("commit_checkpoint")
+    await handle.cancel()
+    await asyncio.sleep(0.5)  # the cancel reaches the workflow while the commit runs
+    harness.stand_ins.hold_commit.set()
+
+    result = await handle.result()  # committed: the capture ends Ready, not Cancelled
+    assert result.storage_uri == "file:///v"
+    assert harness.stand_ins.discarded == []
+    assert [(s.phase, s.reason) for s in harness.stand_ins.statuses] == [(Phase.READY, "Captured")]
+    assert harness.stand_ins.names()[-3:] == ["write_sentinel", "publish_status", "stop_workload"]
