@@ -29,6 +29,10 @@ class LaunchRecord(Contract):
     workload: LocalWorkload
     pid: int
     start_ticks: int
+    # The workflow run that launched it: a retried launch of the same run adopts the
+    # process; one left by another run is stopped (see LocalProcessActivities).
+    workflow_id: str = ""
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,3 +100,13 @@ class NodeLayout:
     def read_launch(self, name: str, checkpoint_id: str) -> LaunchRecord:
         path = self.workload(name, checkpoint_id).launch_record
         return LaunchRecord.model_validate_json(path.read_bytes())
+
+    def launch_records(self) -> list[LaunchRecord]:
+        """Every readable launch record on this node (one per workload name and ID)."""
+        records = []
+        for path in sorted(self.workloads.glob("*/*/launch.json")):
+            try:
+                records.append(LaunchRecord.model_validate_json(path.read_bytes()))
+            except (OSError, ValueError):
+                continue  # unreadable or from an older layout: nothing to act on
+        return records

@@ -122,6 +122,20 @@ class LocalProcessActivities:
     async def launch_workload(self, request: LaunchInput) -> LaunchResult:
         workload = request.workload
         paths = self._layout.workload(workload.name, request.checkpoint_id)
+        info = activity.info()
+        earlier = live_launch(paths)
+        if earlier is not None:
+            if (earlier.workflow_id, earlier.run_id) == (info.workflow_id, info.workflow_run_id):
+                # An earlier attempt of this launch started it and its result was lost
+                # (worker killed, timeout): adopt it rather than start a second one.
+                activity.logger.info(
+                    "workload %s already runs as pid %d: adopted", workload.name, earlier.pid
+                )
+                return LaunchResult(pid=earlier.pid, start_ticks=earlier.start_ticks)
+            activity.logger.warning(
+                "stopping pid %d, left running by %s", earlier.pid, earlier.workflow_id
+            )
+            await terminate(earlier.pid, grace_seconds=_STOP_GRACE_SECONDS)
         paths.control_dir.mkdir(parents=True, exist_ok=True)
         clear_sentinels(paths.control_dir, STALE_SENTINELS)
         if paths.output_log.exists():
@@ -151,7 +165,13 @@ class LocalProcessActivities:
         pid = await find_descendant(shell.pid, 2, timeout=10.0)
         if pid is None:
             raise await _exited_error(workload.name, paths, secrets)
-        record = LaunchRecord(workload=workload, pid=pid, start_ticks=start_ticks(pid))
+        record = LaunchRecord(
+            workload=workload,
+            pid=pid,
+            start_ticks=start_ticks(pid),
+            workflow_id=info.workflow_id,
+            run_id=info.workflow_run_id,
+        )
         write_atomically(paths.launch_record, record.model_dump_json().encode(), durable=False)
         activity.logger.info("workload %s runs as pid %d", workload.name, pid)
         return LaunchResult(pid=pid, start_ticks=record.start_ticks)
@@ -208,6 +228,16 @@ class LocalProcessActivities:
             return  # ours is gone; the PID now belongs to someone else, or no one
         activity.logger.info("stopping pid %d", pid)
         await terminate(pid, grace_seconds=_STOP_GRACE_SECONDS)
+
+
+def live_launch(paths: WorkloadPaths) -> LaunchRecord | None:
+    """The launch record of `paths` if the process it names still runs (same start time)."""
+    try:
+        record = LaunchRecord.model_validate_json(paths.launch_record.read_bytes())
+    except (OSError, ValueError):
+        return None
+    alive = record.start_ticks and start_ticks(record.pid) == record.start_ticks
+    return record if alive else None
 
 
 async def _probe_until_ready(workload: LocalWorkload, check: Callable[[], Awaitable[None]]) -> bool:

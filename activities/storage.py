@@ -63,13 +63,21 @@ class CheckpointStore:
             path.chmod(0o700)
         return staging
 
+    def staged(self) -> list[tuple[str, Path]]:
+        """Every staging directory, with the checkpoint ID it belongs to."""
+        return [
+            (staging.parents[2].name, staging)
+            for staging in sorted(self.root.glob(f"*/versions/{STAGING}/*"))
+            if staging.is_dir()
+        ]
+
     def sweep_staging(self, *, older_than_seconds: float) -> list[Path]:
         """Remove staging left by dumps that cannot be running any more (a killed worker,
         a lost node): untouched for longer than a dump may take. Returns what it removed."""
         cutoff = time.time() - older_than_seconds
         removed = []
-        for staging in sorted(self.root.glob(f"*/versions/{STAGING}/*")):
-            if staging.is_dir() and staging.stat().st_mtime < cutoff:
+        for _checkpoint_id, staging in self.staged():
+            if staging.stat().st_mtime < cutoff:
                 shutil.rmtree(staging, ignore_errors=True)
                 removed.append(staging)
         return removed

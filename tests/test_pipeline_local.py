@@ -17,6 +17,7 @@ from activities.localstate import read_status
 from activities.processes import is_alive, terminate
 from activities.storage import CheckpointStore
 from api.errors import PipelineFailedError
+from api.identity import checkpoint_id
 from api.reasons import Phase, Reason
 from api.workload import Readiness
 from tests.conftest import needs_criu
@@ -209,3 +210,31 @@ async def test_cancel_while_awaiting_readiness_stops_the_workload(
     status = read_status(workers.home, "capture", "local", "never-ready")
     assert status is not None and (status.phase, status.reason) == (Phase.FAILED, "Cancelled")
     assert LocalCatalog(workers.checkpoint_root).checkpoints() == []
+
+
+async def test_two_captures_of_one_name_with_different_identities_both_restore(
+    client: Client, workers: Settings
+) -> None:
+    """Workload state is keyed by name and checkpoint ID: captures of one name for two
+    identities at once keep their own control directory, output and launch record."""
+    ports = free_port(), free_port()
+    requests = []
+    for model, port in zip(("small", "large"), ports, strict=True):
+        request = capture_request(workers, sample_workload("twin", port))
+        identity = request.identity.model_copy(update={"model": f"test/{model}"})
+        requests.append(request.model_copy(update={"identity": identity}))
+    requests = [r.model_copy(update={"checkpoint_id": checkpoint_id(r.identity)}) for r in requests]
+    results = await asyncio.gather(*(capture(client, r) for r in requests))
+    assert len({r.checkpoint_id for r in results}) == 2
+
+    store = CheckpointStore(workers.checkpoint_root)
+    for result, port in zip(results, ports, strict=True):
+        log = (store.find(result.checkpoint_id) / "workload-output.log").read_text()
+        instance = re.search(r"instance ([0-9a-f]{32})", log)
+        assert instance and f"/twin/{result.checkpoint_id}/control" in log, log
+        restored = await restore(client, workers, "twin", result.checkpoint_id)
+        try:
+            info = get_json(f"http://127.0.0.1:{port}/info")
+            assert info["instance_id"] == instance.group(1) and info["restored"] is True
+        finally:
+            assert await terminate(restored.pid, grace_seconds=5)

@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> int:
     """Run the control worker and this node's worker against an existing Temporal server."""
     from workers.embedded import run_workers
 
-    _run(run_workers(_settings()))
+    _run(run_workers(_settings(), args.role))
     return 0
 
 
@@ -252,7 +252,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = command(dev)
     sub.add_argument("--port", type=int, help="frontend port (default from settings)")
     sub.add_argument("--ui-port", type=int, help="Web UI port (default from settings)")
-    command(worker)
+    sub = command(worker)
+    sub.add_argument(
+        "--role",
+        choices=("all", "control", "node"),
+        default="all",
+        help="run only the control worker or only this node's worker (default: both)",
+    )
 
     sub = command(capture)
     sub.add_argument("name", metavar="NAME", help="checkpoint name")

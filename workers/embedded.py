@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 
 from temporalio.client import Client
 
+from activities.layout import NodeLayout
 from api.naming import node_task_queue
 from workers.client import connect
 from workers.compose import control_worker, node_worker
 from workers.devserver import DevServer
+from workers.housekeeping import tidy_node
 from workers.ports import port_open
 from workers.settings import Settings
 
@@ -36,8 +38,16 @@ async def dev_server(settings: Settings) -> AsyncIterator[DevServer]:
 
 
 @contextlib.asynccontextmanager
-async def running_workers(client: Client, settings: Settings) -> AsyncIterator[None]:
-    async with control_worker(client, settings), node_worker(client, settings):
+async def running_workers(
+    client: Client, settings: Settings, role: str = "all"
+) -> AsyncIterator[None]:
+    """The control worker, this node's worker, or both (`role`)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if role in ("all", "control"):
+            await stack.enter_async_context(control_worker(client, settings))
+        if role in ("all", "node"):
+            await tidy_node(client, NodeLayout(settings.home))
+            await stack.enter_async_context(node_worker(client, settings))
         yield
 
 
@@ -61,16 +71,19 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _queues(settings: Settings) -> str:
-    return f"{settings.node.control_task_queue}, {node_task_queue(settings.node.name)}"
+def _queues(settings: Settings, role: str = "all") -> str:
+    queues = {"control": settings.node.control_task_queue}
+    queues["node"] = node_task_queue(settings.node.name)
+    return ", ".join(queue for kind, queue in queues.items() if role in ("all", kind))
 
 
-async def run_workers(settings: Settings) -> None:
-    """`warmstart worker`: both workers against `settings.temporal.address` until a signal."""
+async def run_workers(settings: Settings, role: str = "all") -> None:
+    """`warmstart worker`: the workers of `role` against `settings.temporal.address` until
+    a signal."""
     stop = _stop_on_signals()
     client = await connect(settings)
-    async with running_workers(client, settings):
-        print(f"workers on {settings.temporal.address}: {_queues(settings)}", flush=True)
+    async with running_workers(client, settings, role):
+        print(f"workers on {settings.temporal.address}: {_queues(settings, role)}", flush=True)
         await stop.wait()
 
 

@@ -40,9 +40,10 @@ def _retry(attempts: int, initial_seconds: float = 1.0) -> RetryPolicy:
 CONTROL = StepOptions(start_to_close=timedelta(seconds=30), retry=_retry(5))
 LAUNCH = StepOptions(start_to_close=timedelta(seconds=60), retry=_retry(2))
 SENTINEL = StepOptions(start_to_close=timedelta(seconds=30), retry=_retry(5))
+# The dump heartbeats every second: a worker killed mid-dump is noticed within 10 s.
 DUMP = StepOptions(
     start_to_close=timedelta(minutes=30),
-    heartbeat=timedelta(seconds=20),
+    heartbeat=timedelta(seconds=10),
     retry=_retry(2, initial_seconds=5),
 )
 COMMIT = StepOptions(start_to_close=timedelta(minutes=30), retry=_retry(3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -298,6 +299,51 @@ async def test_launch_runs_the_workload_as_init_of_its_own_pid_namespace(
     await wait_until(lambda: paths.exit_status.is_file(), "the launcher to record the status")
     await wait_until(lambda: paths.exit_status.read_text() != "", "the status to be written")
     assert paths.exit_status.read_text() == "0\n"
+
+
+@needs_root
+async def test_a_retried_launch_adopts_its_workload_and_stops_one_left_by_another_run(
+    tmp_path: Path, layout: NodeLayout, activities: LocalProcessActivities
+) -> None:
+    spec = workload(tmp_path, command=("sh", "-c", SERVING))
+    request = LaunchInput(workload=spec, checkpoint_id=CKPT)
+    first_run = ActivityEnvironment()
+    first_run.info = dataclasses.replace(first_run.info, workflow_run_id="run-1")
+    launched = await first_run.run(activities.launch_workload, request)
+    relaunched = second = None
+    try:
+        # The first attempt's result was lost (worker killed): the retry finds it running.
+        relaunched = await first_run.run(activities.launch_workload, request)
+        assert relaunched == launched
+        assert same_command_elsewhere(launched.pid) == []
+        assert layout.read_launch("llama", CKPT).run_id == "run-1"
+
+        # A later run of the capture finds the workload a dead run left behind: stopped.
+        later_run = ActivityEnvironment()
+        later_run.info = dataclasses.replace(later_run.info, workflow_run_id="run-2")
+        second = await later_run.run(activities.launch_workload, request)
+        assert second.pid != launched.pid
+        assert not is_alive(launched.pid)
+        assert layout.read_launch("llama", CKPT).run_id == "run-2"
+    finally:
+        for one in (launched, relaunched, second):
+            if one is not None:
+                stop = StopInput(pid=one.pid, start_ticks=one.start_ticks)
+                await first_run.run(activities.stop_workload, stop)
+
+
+def same_command_elsewhere(pid: int) -> list[int]:
+    """Other namespace inits running the same command as `pid` (a second launch)."""
+    command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != pid:
+            try:
+                if (entry / "cmdline").read_bytes() == command:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 @needs_root
