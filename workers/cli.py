@@ -154,6 +154,7 @@ def restore(args: argparse.Namespace) -> int:
     from workflows.contracts import RestoreRequest
 
     settings = _settings()
+    _check_seconds("--timeout", args.timeout)  # before the lookup: bad input first
     entry = LocalCatalog(settings.checkpoint_root).find(args.ref)
     request = RestoreRequest(
         name=entry.name,
@@ -167,6 +168,19 @@ def restore(args: argparse.Namespace) -> int:
     result = _run(_pipeline(settings, lambda c: start_restore(c, request), title, every=0.2))
     display.restore_result(result, args.output)
     return 0
+
+
+def _check_seconds(flag: str, value: float) -> None:
+    """A duration flag within the bounds its request field has (api.limits.ShortSeconds)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from api.errors import InvalidSpecError
+    from api.limits import ShortSeconds
+
+    try:
+        TypeAdapter(ShortSeconds).validate_python(value)
+    except ValidationError as err:
+        raise InvalidSpecError(f"{flag} {value:g}: {err.errors()[0]['msg']}") from None
 
 
 async def _pipeline(

@@ -114,6 +114,13 @@ async def test_a_path_as_name_is_just_not_found(settings: Settings, address: str
         (["capture", "x", "--tp", "-1", "--", "true"], "tensorParallelSize"),
         (["capture", "bad/name", "--", "true"], "must match [A-Za-z0-9_.-]+"),
         (["capture", "x", "--ready-http", "ftp://h/", "--", "true"], "not an http(s) URL"),
+        (["capture", "x", "--ready-timeout", "-5", "--", "true"], "ready_timeout_seconds"),
+        (["capture", "x", "--ready-timeout", "1e300", "--", "true"], "less than or equal"),
+        (["capture", "x", "--env", "=v", "--", "true"], "--env '=v': expected"),
+        (["capture", "x", "--env-secret", "T=file:../x", "--", "true"], "secret_env.T.file"),
+        (["restore", "x", "--timeout", "1e300"], "--timeout 1e+300: Input should be less"),
+        (["restore", "x", "--timeout", "nan"], "--timeout nan: Input should be a finite"),
+        (["restore", "x", "--timeout", "0"], "--timeout 0: Input should be greater than 0"),
     ],
 )
 async def test_usage_errors_exit_2(
