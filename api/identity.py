@@ -28,14 +28,24 @@ class CheckpointIdentity(BaseModel):
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 
-    model: str = Field(min_length=1)
-    backend_framework: BackendFramework = Field(alias="backendFramework")
-    framework_version: str = Field(default="", alias="frameworkVersion")
+    model: str = Field(min_length=1, description="Model served, e.g. meta-llama/Llama-2-7b-hf.")
+    backend_framework: BackendFramework = Field(
+        alias="backendFramework", description="Inference engine: vllm, sglang or trtllm."
+    )
+    framework_version: str = Field(
+        default="", alias="frameworkVersion", description="Engine (or Dynamo) version."
+    )
     tensor_parallel_size: int = Field(default=1, ge=0, alias="tensorParallelSize")
     pipeline_parallel_size: int = Field(default=1, ge=0, alias="pipelineParallelSize")
-    dtype: str = ""
-    max_model_len: int = Field(default=0, ge=0, alias="maxModelLen")
-    extra_parameters: dict[str, str] = Field(default_factory=dict, alias="extraParameters")
+    dtype: str = Field(default="", description="Weight dtype, e.g. bfloat16.")
+    max_model_len: int = Field(
+        default=0, ge=0, alias="maxModelLen", description="Context length; 0 is the default."
+    )
+    extra_parameters: dict[str, str] = Field(
+        default_factory=dict,
+        alias="extraParameters",
+        description="Anything else that makes checkpoints differ (hashed, keys sorted).",
+    )
 
 
 def go_json(value: object) -> str:

@@ -237,6 +237,21 @@ def describe(args: argparse.Namespace) -> int:
     return _run(describe_checkpoint(_settings(), args.ref, output=args.output))
 
 
+def crds(args: argparse.Namespace) -> int:
+    """Print the CustomResourceDefinitions (Checkpoint, PodSnapshot) as YAML for kubectl apply."""
+    from pathlib import Path
+
+    from api.crds import all_crds, render
+
+    if args.write:
+        for name, definition in all_crds().items():
+            (Path(args.write) / name).write_text(render(definition))
+            print(Path(args.write) / name)
+        return 0
+    print("---\n".join(render(definition) for definition in all_crds().values()), end="")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     """Cold-start the sample worker, capture it, stop it, restore it, and compare."""
     from rich.console import Console
@@ -311,6 +326,8 @@ def _parser() -> argparse.ArgumentParser:
     output(sub)
 
     output(command(list_checkpoints, "list"))
+    sub = command(crds)
+    sub.add_argument("--write", metavar="DIR", help="write one file per CRD into DIR instead")
 
     sub = command(pipelines)
     statuses = ("running", "failed", "completed")

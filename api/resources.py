@@ -1,0 +1,354 @@
+"""The custom resources of group `warmstart.dev`, version `v1alpha1`: Checkpoint and
+PodSnapshot, their validation, and the names the cluster code keys on.
+
+Field names are the resources' own (camelCase); Python code uses snake_case attributes
+with those aliases. The CRDs in `deploy/crds/` are generated from these models
+(`api.crds`), and the rules a CRD carries as CEL (`x-kubernetes-validations`) are also
+checked here, in Python, with the same messages: the watcher and the webhook refuse what
+an API server without CEL (or an object written before a rule existed) lets through.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from api.identity import CheckpointIdentity, checkpoint_id, pod_checkpoint_id
+from api.naming import require_path_element
+from api.reasons import Phase
+
+GROUP = "warmstart.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Keys (docs/architecture.md, "Keys").
+CHECKPOINT_ID_LABEL = f"{GROUP}/checkpoint-id"
+CHECKPOINT_LABEL = f"{GROUP}/checkpoint"
+CLEANUP_FINALIZER = f"{GROUP}/cleanup"
+
+# The exact messages of the GMS rules (also the CEL rules' messages).
+LOADER_ON_CHECKPOINT = (
+    "spec.gpuMemoryService.checkpoint.loader is not valid on a Checkpoint "
+    "(capture Jobs only save; set checkpoint.loader on the pod that restores)"
+)
+SAVER_WITHOUT_GMS = "spec.gpuMemoryService.checkpoint.saver requires gpuMemoryService.enabled=true"
+IDENTITY_IMMUTABLE = "spec.identity is immutable: create a new resource for another identity"
+
+
+def _cel(rule: str, message: str) -> dict[str, Any]:
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}
+
+
+def _list_map(*keys: str) -> dict[str, Any]:
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys)}
+
+
+class Spec(BaseModel):
+    """Base of the resources' parts: camelCase names, unknown fields ignored (the API server
+    prunes them), frozen."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, frozen=True, extra="ignore"
+    )
+
+
+class EnvVar(Spec):
+    """An environment variable with a literal value."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    value: str = ""
+
+
+class VolumeMount(Spec):
+    """A volume of the pod mounted into the container."""
+
+    name: str = Field(min_length=1, description="Name of a volume of the pod.")
+    mount_path: str = Field(min_length=1, pattern=r"^/", description="Absolute mount path.")
+    sub_path: str = ""
+    read_only: bool = False
+
+
+class ContainerOverride(Spec):
+    """Changes to a GMS container: image and command replace the defaults (the command is
+    the whole argv); envs merge by name with these winning (except GMS_SOCKET_DIR, which
+    the operator owns); envFromSecret and volumeMounts are appended."""
+
+    image: str | None = Field(default=None, min_length=1)
+    command: list[str] | None = Field(default=None, min_length=1)
+    envs: list[EnvVar] = Field(default_factory=list, json_schema_extra=_list_map("name"))
+    env_from_secret: str = Field(default="", description="Secret whose keys become envs.")
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list, json_schema_extra=_list_map("mountPath")
+    )
+
+    @field_validator("envs")
+    @classmethod
+    def _unique_names(cls, envs: list[EnvVar]) -> list[EnvVar]:
+        names = [env.name for env in envs]
+        if len(names) != len(set(names)):
+            raise ValueError(f"env names must be unique, got {names}")
+        return envs
+
+
+class GmsCheckpoint(Spec):
+    """GMS containers of the capture: the saver. (`loader` exists in the schema only so that
+    a Checkpoint carrying it is refused with a message saying where it belongs.)"""
+
+    saver: ContainerOverride | None = None
+    loader: ContainerOverride | None = None
+
+
+class GpuMemoryService(Spec):
+    """The GPU Memory Service: GPU memory saved and loaded by sidecars outside the workload."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.checkpoint) || !has(self.checkpoint.saver) "
+                    "|| (has(self.enabled) && self.enabled)",
+                    "message": SAVER_WITHOUT_GMS,
+                }
+            ]
+        }
+    )
+
+    enabled: bool = Field(default=False, description="Run the GMS sidecars.")
+    mode: Literal["intraPod", "interPod"] = Field(
+        default="intraPod", description="GMS in the workload's pod, or shared between pods."
+    )
+    checkpoint: GmsCheckpoint | None = None
+
+    @model_validator(mode="after")
+    def _saver_needs_gms(self) -> GpuMemoryService:
+        if self.checkpoint is not None and self.checkpoint.saver is not None and not self.enabled:
+            raise ValueError(SAVER_WITHOUT_GMS)
+        return self
+
+
+class JobTemplate(Spec):
+    """The capture Job: the workload's pod template and which container to checkpoint."""
+
+    pod_template_spec: dict[str, Any] = Field(
+        description="A PodTemplateSpec (metadata, spec) of the workload to warm up and dump.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    target_container_name: str = Field(
+        default="main", min_length=1, description="The container of the template to dump."
+    )
+    active_deadline_seconds: int = Field(
+        default=3600, ge=60, le=86400, description="The Job's deadline, warm-up included."
+    )
+
+    @model_validator(mode="after")
+    def _target_in_template(self) -> JobTemplate:
+        containers = (self.pod_template_spec.get("spec") or {}).get("containers") or []
+        names = [c.get("name") for c in containers if isinstance(c, dict)]
+        if self.target_container_name not in names:
+            raise ValueError(
+                f"targetContainerName {self.target_container_name!r} is not a container of "
+                f"podTemplateSpec (containers: {names})"
+            )
+        return self
+
+
+class PvcStorage(Spec):
+    """A ReadWriteMany PVC mounted at /checkpoints on every node."""
+
+    claim_name: str = Field(min_length=1)
+    sub_path: str = ""
+
+
+class S3Storage(Spec):
+    """An S3-compatible bucket."""
+
+    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$")
+    prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_./-]*$")
+    endpoint: str = ""
+    region: str = ""
+    credentials_secret: str = Field(default="", description="Secret with AWS_* keys.")
+
+
+class Storage(Spec):
+    """Where checkpoints go: a PVC mounted on every node, or S3 (default from settings)."""
+
+    type: Literal["pvc", "s3"]
+    pvc: PvcStorage | None = None
+    s3: S3Storage | None = None
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> Storage:
+        if getattr(self, self.type) is None:
+            raise ValueError(f"storage type {self.type!r} needs storage.{self.type}")
+        return self
+
+
+class ResourceIdentity(CheckpointIdentity):
+    """What makes two checkpoints interchangeable; its hash is the checkpoint ID. On a
+    resource the parallel sizes are at least 1 (the hash, like Dynamo's, reads 0 as 1)."""
+
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, alias="tensorParallelSize", description="GPUs per pipeline stage."
+    )
+    pipeline_parallel_size: int = Field(
+        default=1, ge=1, alias="pipelineParallelSize", description="Pipeline stages."
+    )
+
+
+class CheckpointSpec(Spec):
+    """What to checkpoint and how to run it for the capture."""
+
+    identity: ResourceIdentity = Field(
+        description="What makes two checkpoints interchangeable; its hash is the checkpoint "
+        "ID. Immutable.",
+        json_schema_extra=_cel("self == oldSelf", IDENTITY_IMMUTABLE),
+    )
+    job: JobTemplate
+    gpu_memory_service: GpuMemoryService = Field(
+        default_factory=GpuMemoryService,
+        json_schema_extra=_cel(
+            "!has(self.checkpoint) || !has(self.checkpoint.loader)", LOADER_ON_CHECKPOINT
+        ),
+    )
+    storage: Storage | None = None
+
+    @model_validator(mode="after")
+    def _no_loader(self) -> CheckpointSpec:
+        gms = self.gpu_memory_service.checkpoint
+        if gms is not None and gms.loader is not None:
+            raise ValueError(LOADER_ON_CHECKPOINT)
+        return self
+
+
+class PodRef(Spec):
+    """The running pod and its one container to checkpoint."""
+
+    name: str = Field(min_length=1)
+    uid: str = Field(min_length=1, description="The pod's UID: a pod re-created is refused.")
+    containers: list[str] = Field(min_length=1, max_length=1, description="The one container.")
+
+
+class PodSource(Spec):
+    """The source of a PodSnapshot."""
+
+    pod_ref: PodRef
+
+
+class PodSnapshotSpec(Spec):
+    """Which running container to checkpoint."""
+
+    source: PodSource
+    identity: ResourceIdentity | None = Field(
+        default=None,
+        description="Optional; without it the ID is the hash of the pod UID and container.",
+        json_schema_extra=_cel("self == oldSelf", IDENTITY_IMMUTABLE),
+    )
+    gpu_memory_service: GpuMemoryService = Field(default_factory=GpuMemoryService)
+    storage: Storage | None = None
+
+
+class Condition(Spec):
+    """A metav1.Condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = ""
+    last_transition_time: datetime
+    observed_generation: int = 0
+
+
+class WorkflowLink(Spec):
+    """The capture's Temporal workflow."""
+
+    id: str
+    run_id: str = Field(default="", alias="runID")
+    url: str = ""
+
+
+class CaptureStatus(Spec):
+    """What a capture reached, written by the control worker only."""
+
+    phase: Phase = Field(
+        default=Phase.PENDING,
+        description="Pending, Creating, Capturing, Uploading, Ready or Failed (Failed stays).",
+    )
+    message: str = Field(default="", description="Why the capture failed, when it did.")
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=_list_map("type"))
+    checkpoint_id: str = Field(
+        default="", alias="checkpointID", description="The 16-hex checkpoint ID."
+    )
+    node_name: str = Field(default="", description="The node the workload was dumped on.")
+    job_name: str = Field(default="", description="The capture Job (Checkpoint only).")
+    version: str = Field(default="", description="The committed version.")
+    size_bytes: int = Field(default=0, description="Bytes of the committed version.")
+    storage_uri: str = Field(default="", alias="storageURI", description="Where it is stored.")
+    step_seconds: dict[str, float] = Field(
+        default_factory=dict, description="Seconds each capture step took."
+    )
+    workflow: WorkflowLink | None = Field(
+        default=None, description="The Temporal workflow: ID, run ID, Web UI link."
+    )
+    observed_generation: int = 0
+
+
+class ObjectMeta(Spec):
+    """The part of metav1.ObjectMeta warmstart reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    resource_version: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    finalizers: list[str] = Field(default_factory=list)
+    deletion_timestamp: datetime | None = None
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _path_safe(cls, value: str) -> str:
+        return require_path_element(value, what="metadata name or namespace")
+
+
+class Checkpoint(Spec):
+    """Make a checkpoint of a workload: a Job runs it on a GPU node, warmstart dumps it once
+    it is ready and publishes the checkpoint ID."""
+
+    api_version: Literal["warmstart.dev/v1alpha1"] = "warmstart.dev/v1alpha1"
+    kind: Literal["Checkpoint"] = "Checkpoint"
+    metadata: ObjectMeta
+    spec: CheckpointSpec
+    status: CaptureStatus | None = None
+
+    @property
+    def checkpoint_id(self) -> str:
+        return checkpoint_id(self.spec.identity)
+
+
+class PodSnapshot(Spec):
+    """Checkpoint a running pod's container; the pod keeps serving."""
+
+    api_version: Literal["warmstart.dev/v1alpha1"] = "warmstart.dev/v1alpha1"
+    kind: Literal["PodSnapshot"] = "PodSnapshot"
+    metadata: ObjectMeta
+    spec: PodSnapshotSpec
+    status: CaptureStatus | None = None
+
+    @property
+    def checkpoint_id(self) -> str:
+        if self.spec.identity is not None:
+            return checkpoint_id(self.spec.identity)
+        ref = self.spec.source.pod_ref
+        return pod_checkpoint_id(pod_uid=ref.uid, container=ref.containers[0])
+
+
+def identity_unchanged(old: CheckpointIdentity | None, new: CheckpointIdentity | None) -> None:
+    """The transition rule of `spec.identity` (CEL `self == oldSelf`) in Python."""
+    if old is not None and old != new:
+        raise ValueError(IDENTITY_IMMUTABLE)

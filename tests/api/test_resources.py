@@ -1,0 +1,264 @@
+"""The resource models: validation with specific messages, the generated CRDs (committed
+copies equal, structural, CEL rules evaluated with a CEL library since kmock runs none)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import celpy
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from api.crds import all_crds, render
+from api.resources import (
+    IDENTITY_IMMUTABLE,
+    LOADER_ON_CHECKPOINT,
+    SAVER_WITHOUT_GMS,
+    Checkpoint,
+    PodSnapshot,
+    ResourceIdentity,
+    identity_unchanged,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CRDS = REPO / "deploy" / "crds"
+TEMPLATE = {"spec": {"containers": [{"name": "main", "image": "vllm/vllm-openai:v0.8.0"}]}}
+
+
+def checkpoint(spec: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
+    base = {
+        "identity": {"model": "meta-llama/Llama-2-7b-hf", "backendFramework": "vllm"},
+        "job": {"podTemplateSpec": TEMPLATE},
+    }
+    return {
+        "apiVersion": "warmstart.dev/v1alpha1",
+        "kind": "Checkpoint",
+        "metadata": {"name": "llama", "namespace": "inference", **meta},
+        "spec": {**base, **(spec or {})},
+    }
+
+
+def test_a_checkpoint_has_the_golden_id() -> None:
+    resource = Checkpoint.model_validate(checkpoint())
+    assert resource.checkpoint_id == "96429b2725761a09"
+    assert resource.spec.job.target_container_name == "main"
+    assert resource.spec.job.active_deadline_seconds == 3600
+
+
+def test_a_pod_snapshot_without_identity_hashes_its_pod() -> None:
+    snap = PodSnapshot.model_validate(
+        {
+            "metadata": {"name": "s", "namespace": "n"},
+            "spec": {"source": {"podRef": {"name": "p", "uid": "u-1", "containers": ["main"]}}},
+        }
+    )
+    other = snap.model_copy(update={"spec": snap.spec.model_copy(update={"identity": None})})
+    assert snap.checkpoint_id == other.checkpoint_id and len(snap.checkpoint_id) == 16
+
+
+GMS_ON = {"enabled": True, "checkpoint": {"saver": {"image": "gms:1"}}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "meta", "message"),
+    [
+        ({"identity": {"backendFramework": "vllm"}}, {}, "identity.model\n  Field required"),
+        ({"identity": {"model": "m"}}, {}, "identity.backendFramework\n  Field required"),
+        ({"identity": {"model": "m", "backendFramework": "tgi"}}, {}, "'vllm', 'sglang'"),
+        (
+            {"identity": {"model": "m", "backendFramework": "vllm", "tensorParallelSize": 0}},
+            {},
+            "tensorParallelSize\n  Input should be greater than or equal to 1",
+        ),
+        (
+            {"identity": {"model": "m", "backendFramework": "vllm", "pipelineParallelSize": -2}},
+            {},
+            "pipelineParallelSize\n  Input should be greater than or equal to 1",
+        ),
+        ({}, {"name": "../../etc"}, "metadata name or namespace '../../etc' must match"),
+        ({}, {"namespace": ".."}, "metadata name or namespace '..' must match"),
+        (
+            {"gpuMemoryService": {"checkpoint": {"saver": {"image": "gms:1"}}}},
+            {},
+            SAVER_WITHOUT_GMS,
+        ),
+        (
+            {"gpuMemoryService": {"enabled": True, "checkpoint": {"loader": {"image": "l:1"}}}},
+            {},
+            LOADER_ON_CHECKPOINT,
+        ),
+        (
+            {"job": {"podTemplateSpec": TEMPLATE, "targetContainerName": "engine"}},
+            {},
+            "targetContainerName 'engine' is not a container of podTemplateSpec",
+        ),
+        (
+            {"job": {"podTemplateSpec": TEMPLATE, "activeDeadlineSeconds": 10**9}},
+            {},
+            "activeDeadlineSeconds\n  Input should be less than or equal to 86400",
+        ),
+        ({"storage": {"type": "s3"}}, {}, "storage type 's3' needs storage.s3"),
+        (
+            {"storage": {"type": "s3", "s3": {"bucket": "../b"}}},
+            {},
+            "storage.s3.bucket\n  String should match pattern",
+        ),
+        (
+            {
+                "gpuMemoryService": {
+                    "enabled": True,
+                    "checkpoint": {
+                        "saver": {
+                            "envs": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]
+                        }
+                    },
+                }
+            },
+            {},
+            "env names must be unique",
+        ),
+    ],
+)
+def test_bad_checkpoints_are_refused_by_field(
+    spec: dict[str, Any], meta: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError) as err:
+        Checkpoint.model_validate(checkpoint(spec, **meta))
+    assert message in str(err.value)
+
+
+def test_gms_forms_that_are_accepted() -> None:
+    for gms in ({"checkpoint": {}}, {}, GMS_ON, {"enabled": True, "mode": "interPod"}):
+        Checkpoint.model_validate(checkpoint({"gpuMemoryService": gms}))
+
+
+def test_a_pod_snapshot_names_exactly_one_container() -> None:
+    ref = {"name": "p", "uid": "u", "containers": ["a", "b"]}
+    with pytest.raises(ValidationError, match=r"podRef.containers\n  List should have at most 1"):
+        PodSnapshot.model_validate({"metadata": {"name": "s"}, "spec": {"source": {"podRef": ref}}})
+
+
+def test_identity_cannot_change() -> None:
+    old = ResourceIdentity(model="a", backendFramework="vllm")
+    identity_unchanged(old, old.model_copy())
+    with pytest.raises(ValueError, match=r"spec\.identity is immutable"):
+        identity_unchanged(old, old.model_copy(update={"model": "b"}))
+
+
+# --- the generated CRDs ---------------------------------------------------------------
+
+
+def test_committed_crds_are_the_generated_ones() -> None:
+    generated = all_crds()
+    assert sorted(p.name for p in CRDS.glob("*.yaml")) == sorted(generated)
+    for name, definition in generated.items():
+        assert (CRDS / name).read_text() == render(definition), (
+            f"deploy/crds/{name} is stale: run `warmstart crds --write deploy/crds`"
+        )
+
+
+def test_warmstart_crds_prints_them_for_kubectl() -> None:
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "warmstart"), "crds"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    docs = list(yaml.safe_load_all(out))
+    assert [d["spec"]["names"]["shortNames"] for d in docs] == [["ckpt"], ["podsnap"]]
+    assert docs == list(all_crds().values())
+
+
+def _walk(node: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any]]]:
+    found = [(path, node)]
+    for name, sub in node.get("properties", {}).items():
+        found += _walk(sub, f"{path}.{name}")
+    if "items" in node:
+        found += _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        found += _walk(node["additionalProperties"], f"{path}{{}}")
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(all_crds()))
+def test_schemas_are_structural(name: str) -> None:
+    version = all_crds()[name]["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Model", "Backend", "Phase", "CheckpointID", "Node", "Age"]
+    for path, node in _walk(version["schema"]["openAPIV3Schema"], ""):
+        assert not {"$ref", "anyOf", "allOf", "oneOf", "title", "$defs"} & set(node), path
+        assert "type" in node, f"{path}: no type"
+        assert not ("properties" in node and "additionalProperties" in node), path
+
+
+def test_lists_keyed_like_kubernetes() -> None:
+    schema = all_crds()["checkpoints.warmstart.dev.yaml"]["spec"]["versions"][0]["schema"]
+    nodes = dict(_walk(schema["openAPIV3Schema"], ""))
+    saver = ".spec.gpuMemoryService.checkpoint.saver"
+    assert nodes[f"{saver}.envs"]["x-kubernetes-list-map-keys"] == ["name"]
+    assert nodes[f"{saver}.volumeMounts"]["x-kubernetes-list-map-keys"] == ["mountPath"]
+    assert nodes[".status.conditions"]["x-kubernetes-list-type"] == "map"
+    assert nodes[".spec.job.podTemplateSpec"]["x-kubernetes-preserve-unknown-fields"] is True
+    assert nodes[".spec.identity.model"]["description"]  # for kubectl explain
+
+
+# --- CEL rules, evaluated as the API server would --------------------------------------
+
+_CEL = celpy.Environment()
+
+
+def cel_errors(
+    node: dict[str, Any], new: Any, old: Any = None, *, has_old: bool = False
+) -> list[str]:
+    """Messages of the rules that fail for `new` (and `old`, for transition rules)."""
+    errors = []
+    for rule in node.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"] and not has_old:
+            continue  # transition rules run on updates where the field existed
+        activation = {"self": celpy.json_to_cel(new)}
+        if has_old:
+            activation["oldSelf"] = celpy.json_to_cel(old)
+        program = _CEL.program(_CEL.compile(rule["rule"]))
+        if not bool(program.evaluate(activation)):
+            errors.append(rule["message"])
+    for name, sub in node.get("properties", {}).items():
+        if isinstance(new, dict) and name in new:
+            in_old = isinstance(old, dict) and name in old
+            errors += cel_errors(sub, new[name], old.get(name) if in_old else None, has_old=in_old)
+    return errors
+
+
+def _checkpoint_schema() -> dict[str, Any]:
+    crd = all_crds()["checkpoints.warmstart.dev.yaml"]
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize(
+    ("gms", "errors"),
+    [
+        ({"checkpoint": {}}, []),
+        ({}, []),
+        (GMS_ON, []),
+        ({"checkpoint": {"saver": {"image": "gms:1"}}}, [SAVER_WITHOUT_GMS]),
+        ({"enabled": False, "checkpoint": {"saver": {}}}, [SAVER_WITHOUT_GMS]),
+        ({"enabled": True, "checkpoint": {"loader": {"image": "l:1"}}}, [LOADER_ON_CHECKPOINT]),
+    ],
+)
+def test_cel_gms_rules(gms: dict[str, Any], errors: list[str]) -> None:
+    resource = checkpoint({"gpuMemoryService": gms})
+    assert cel_errors(_checkpoint_schema(), resource) == errors
+
+
+def test_cel_identity_is_immutable_on_update() -> None:
+    old = checkpoint()
+    same = checkpoint()
+    changed = checkpoint({"identity": {"model": "other", "backendFramework": "vllm"}})
+    schema = _checkpoint_schema()
+    assert cel_errors(schema, same, old, has_old=True) == []
+    assert cel_errors(schema, changed, old, has_old=True) == [IDENTITY_IMMUTABLE]
+    assert cel_errors(schema, changed) == []  # a create has no old object
