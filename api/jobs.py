@@ -1,0 +1,238 @@
+"""Shaping the capture Job of a Checkpoint: pure functions from the resource to a batch/v1
+Job manifest (plain dicts, as the Kubernetes API takes them).
+
+The Job runs the user's pod template once (`backoffLimit: 0`, `restartPolicy: Never`),
+ready for a dump: the target container gets the control directory and a readiness probe on
+the `ready-for-snapshot` sentinel in place of its own probes, no service-mesh sidecar is
+injected, io_uring is blocked by a seccomp profile (CRIU cannot dump io_uring), and with
+the GPU Memory Service the `gms-server` sidecar and the `gms-saver` container are added.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from api.reasons import Sentinel
+from api.resources import (
+    API_VERSION,
+    CHECKPOINT_ID_LABEL,
+    CHECKPOINT_LABEL,
+    Checkpoint,
+    ContainerOverride,
+)
+
+CONTROL_DIR = "/snapshot-control"
+CONTROL_VOLUME = "snapshot-control"
+CHECKPOINTS_DIR = "/checkpoints"
+CHECKPOINTS_VOLUME = "checkpoint-storage"
+GMS_SOCKET_DIR = "/gms-intrapod-control"
+GMS_SOCKET_VOLUME = "gms-intrapod-control"
+GMS_SERVER, GMS_SAVER = "gms-server", "gms-saver"
+SECCOMP_PROFILE = "warmstart/block-io-uring.json"  # under the kubelet's seccomp directory
+JOB_TTL_SECONDS = 300
+_MESH_OFF = {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled"}
+# Set by the operator on every GMS container; an override cannot change it.
+_OPERATOR_ENVS = frozenset({"GMS_SOCKET_DIR"})
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What the operator decides for every capture Job (controller settings)."""
+
+    checkpoint_claim: str = "warmstart-checkpoints"  # the RWX PVC with the checkpoint root
+    gms_server_command: tuple[str, ...] = ("python3", "-m", "gpu_memory_service.cli.server")
+    gms_saver_command: tuple[str, ...] = (
+        "python3",
+        "-m",
+        "gpu_memory_service.cli.snapshot.saver",
+    )
+    gms_image: str = ""  # empty: the target container's image
+
+
+def job_name(resource: Checkpoint) -> str:
+    """`<name>-<checkpointID>`, at most 63 characters (pods carry it in a label)."""
+    return f"{resource.metadata.name[:46].rstrip('-.')}-{resource.checkpoint_id}"
+
+
+def capture_job(resource: Checkpoint, *, version: str, settings: JobSettings) -> dict[str, Any]:
+    """The capture Job of `resource` for checkpoint version `version`."""
+    ckpt = resource.checkpoint_id
+    labels = {CHECKPOINT_LABEL: resource.metadata.name, CHECKPOINT_ID_LABEL: ckpt}
+    template = copy.deepcopy(resource.spec.job.pod_template_spec)
+    meta = template.setdefault("metadata", {})
+    meta["labels"] = {**(meta.get("labels") or {}), **labels}
+    meta["annotations"] = {**(meta.get("annotations") or {}), **_MESH_OFF}
+    pod = template.setdefault("spec", {})
+    pod["restartPolicy"] = "Never"
+    volumes = [v for v in pod.get("volumes") or [] if v.get("name") != CONTROL_VOLUME]
+    pod["volumes"] = [*volumes, {"name": CONTROL_VOLUME, "emptyDir": {}}]
+
+    target_name = resource.spec.job.target_container_name
+    containers = pod["containers"]
+    for container in containers:
+        if container["name"] == target_name:
+            prepare_target(container)
+    gms = resource.spec.gpu_memory_service
+    if gms.enabled:
+        saver = gms.checkpoint.saver if gms.checkpoint is not None else None
+        target = next(c for c in containers if c["name"] == target_name)
+        add_gms(pod, target, ckpt=ckpt, version=version, saver=saver, settings=settings)
+        if resource.spec.identity.backend_framework == "vllm":
+            use_gms_load_format(target)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(resource),
+            "namespace": resource.metadata.namespace,
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "Checkpoint",
+                    "name": resource.metadata.name,
+                    "uid": resource.metadata.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": resource.spec.job.active_deadline_seconds,
+            "ttlSecondsAfterFinished": JOB_TTL_SECONDS,
+            "template": template,
+        },
+    }
+
+
+def prepare_target(container: dict[str, Any]) -> None:
+    """The target container, shaped for a capture (in place)."""
+    container["env"] = _set_env(container.get("env") or [], "SNAPSHOT_CONTROL_DIR", CONTROL_DIR)
+    container["volumeMounts"] = [
+        *(m for m in container.get("volumeMounts") or [] if m.get("mountPath") != CONTROL_DIR),
+        control_mount(container["name"]),
+    ]
+    # Ready means warmed up: the workload's own probes would restart or gate it wrongly.
+    container.pop("livenessProbe", None)
+    container.pop("startupProbe", None)
+    sentinel = f"{CONTROL_DIR}/{Sentinel.READY_FOR_SNAPSHOT.value}"
+    container["readinessProbe"] = {
+        "exec": {"command": ["cat", sentinel]},
+        "periodSeconds": 1,
+        "failureThreshold": 1,
+    }
+    security = container.setdefault("securityContext", {})
+    security["seccompProfile"] = {"type": "Localhost", "localhostProfile": SECCOMP_PROFILE}
+
+
+def control_mount(container: str) -> dict[str, Any]:
+    """The control directory of `container`: its own subdirectory of the pod's emptyDir."""
+    return {"name": CONTROL_VOLUME, "mountPath": CONTROL_DIR, "subPath": container}
+
+
+def add_gms(
+    pod: dict[str, Any],
+    target: dict[str, Any],
+    *,
+    ckpt: str,
+    version: str,
+    saver: ContainerOverride | None,
+    settings: JobSettings,
+) -> None:
+    """The GMS sidecar server, the saver and the volumes they share (in place)."""
+    image = settings.gms_image or target.get("image", "")
+    socket_env = {"name": "GMS_SOCKET_DIR", "value": GMS_SOCKET_DIR}
+    socket_mount = {"name": GMS_SOCKET_VOLUME, "mountPath": GMS_SOCKET_DIR}
+    pod["volumes"] = [
+        *pod["volumes"],
+        {"name": GMS_SOCKET_VOLUME, "emptyDir": {}},
+        {
+            "name": CHECKPOINTS_VOLUME,
+            "persistentVolumeClaim": {"claimName": settings.checkpoint_claim},
+        },
+    ]
+    target["env"] = _set_env(target["env"], "GMS_SOCKET_DIR", GMS_SOCKET_DIR)
+    target["volumeMounts"] = [*target["volumeMounts"], socket_mount]
+    server = {
+        "name": GMS_SERVER,
+        "image": image,
+        "command": list(settings.gms_server_command),
+        "restartPolicy": "Always",  # a native sidecar: starts first, lives with the pod
+        "env": [socket_env],
+        "volumeMounts": [socket_mount],
+        "startupProbe": {
+            "exec": {"command": ["sh", "-c", f"ls {GMS_SOCKET_DIR}/gms_*.sock"]},
+            "periodSeconds": 1,
+            "failureThreshold": 600,
+        },
+    }
+    pod["initContainers"] = [*(pod.get("initContainers") or []), server]
+    base = {
+        "name": GMS_SAVER,
+        "image": image,
+        "command": list(settings.gms_saver_command),
+        "env": [
+            socket_env,
+            {"name": "GMS_CHECKPOINT_DIR", "value": gms_checkpoint_dir(ckpt, version)},
+            {
+                "name": "GMS_POD_UID",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}},
+            },
+        ],
+        "volumeMounts": [
+            socket_mount,
+            {"name": CHECKPOINTS_VOLUME, "mountPath": CHECKPOINTS_DIR},
+            control_mount(target["name"]),  # gms-save-complete goes to the target's
+        ],
+    }
+    pod["containers"] = [*pod["containers"], merge_override(base, saver)]
+
+
+def gms_checkpoint_dir(ckpt: str, version: str) -> str:
+    return f"{CHECKPOINTS_DIR}/gms/{ckpt}/versions/{version}"
+
+
+def merge_override(base: dict[str, Any], override: ContainerOverride | None) -> dict[str, Any]:
+    """`base` with a GMS container override applied: image and command replace (the command
+    is the whole argv: no args are kept), envs merge by name with the override winning
+    except the operator's own, base order kept and new names appended; a non-empty
+    envFromSecret and the volumeMounts are appended; the name stays."""
+    merged = copy.deepcopy(base)
+    if override is None:
+        return merged
+    if override.image:
+        merged["image"] = override.image
+    if override.command:
+        merged["command"] = list(override.command)
+        merged.pop("args", None)
+    for env in override.envs:
+        if env.name not in _OPERATOR_ENVS:
+            merged["env"] = _set_env(merged.get("env") or [], env.name, env.value)
+    if override.env_from_secret:
+        source = {"secretRef": {"name": override.env_from_secret}}
+        merged["envFrom"] = [*(merged.get("envFrom") or []), source]
+    for mount in override.volume_mounts:
+        entry = mount.model_dump(by_alias=True, exclude_defaults=True)
+        entry.update(name=mount.name, mountPath=mount.mount_path)
+        merged["volumeMounts"] = [*(merged.get("volumeMounts") or []), entry]
+    merged["name"] = base["name"]
+    return merged
+
+
+def use_gms_load_format(container: dict[str, Any]) -> None:
+    """vLLM loads weights from GMS: `--load-format gms`, unless its arguments choose one."""
+    argv = [*(container.get("command") or []), *(container.get("args") or [])]
+    if any(a == "--load-format" or a.startswith("--load-format=") for a in argv):
+        return
+    container["args"] = [*(container.get("args") or []), "--load-format", "gms"]
+
+
+def _set_env(envs: list[dict[str, Any]], name: str, value: str) -> list[dict[str, Any]]:
+    """`envs` with `name` set to `value`: in place of an existing entry, else appended."""
+    entry = {"name": name, "value": value}
+    if any(e.get("name") == name for e in envs):
+        return [entry if e.get("name") == name else e for e in envs]
+    return [*envs, entry]
