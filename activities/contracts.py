@@ -20,10 +20,20 @@ from api.workload import LocalWorkload
 PipelineKind = Literal["capture", "restore"]
 
 
+class ResourceRef(Contract):
+    """The resource a cluster capture works for (absent in local mode)."""
+
+    kind: Literal["Checkpoint", "PodSnapshot"]
+    namespace: str
+    name: str
+    uid: str
+
+
 class ClaimInput(Contract):
     checkpoint_id: str
     namespace: str
     name: str
+    resource: ResourceRef | None = None
 
 
 class StatusInput(Contract):
@@ -41,6 +51,37 @@ class StatusInput(Contract):
     storage_uri: str = ""
     size_bytes: int = 0
     step_seconds: dict[str, float] = Field(default_factory=dict)
+    resource: ResourceRef | None = None
+    job_name: str = ""
+
+
+class JobInput(Contract):
+    resource: ResourceRef
+    version: str
+
+
+class JobRef(Contract):
+    namespace: str
+    name: str
+
+
+class PodQuery(Contract):
+    """The pod of a capture Job, and which of its containers is the workload."""
+
+    namespace: str
+    job_name: str
+    container: str
+
+
+class PodObservation(Contract):
+    """What the control worker reads of a capture Job's pod (the watcher's signals carry
+    the same facts). `failure` is set when the Job or a container failed."""
+
+    pod_name: str = ""
+    pod_uid: str = ""
+    node_name: str = ""
+    container_ready: bool = False
+    failure: str = ""
 
 
 class LaunchInput(Contract):

@@ -1,0 +1,307 @@
+"""Control activities on a cluster: the real `kubernetes` client against an emulated API
+server (kmock, taught resourceVersions and conflicts in tests/kube.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from temporalio.testing import ActivityEnvironment
+
+from activities.contracts import (
+    ClaimInput,
+    JobInput,
+    JobRef,
+    PodQuery,
+    ResourceRef,
+    StatusInput,
+)
+from activities.kube import KubeControlActivities
+from api.errors import CheckpointNotFoundError, IdentityConflictError, InvalidSpecError
+from api.reasons import Phase, Reason
+from tests.kube import Cluster, start_cluster
+
+CKPT = "96429b2725761a09"
+VERSION = "20261127T120000Z-abcdef"
+TEMPLATE = {"spec": {"containers": [{"name": "main", "image": "vllm/vllm-openai:v0.8.0"}]}}
+
+
+def checkpoint(name: str = "llama", namespace: str = "inference") -> dict[str, Any]:
+    return {
+        "apiVersion": "warmstart.dev/v1alpha1",
+        "kind": "Checkpoint",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "identity": {"model": "meta-llama/Llama-2-7b-hf", "backendFramework": "vllm"},
+            "job": {"podTemplateSpec": TEMPLATE},
+        },
+    }
+
+
+@pytest_asyncio.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async for running in start_cluster():
+        yield running
+
+
+@pytest.fixture
+def control(cluster: Cluster) -> KubeControlActivities:
+    return KubeControlActivities(
+        cluster.api, claims_namespace="warmstart-system", ui_url="http://ui:8233"
+    )
+
+
+async def created(cluster: Cluster, name: str = "llama") -> ResourceRef:
+    obj = await cluster.create("checkpoints", checkpoint(name))
+    meta = obj["metadata"]
+    return ResourceRef(kind="Checkpoint", namespace=meta["namespace"], name=name, uid=meta["uid"])
+
+
+def claim(ref: ResourceRef) -> ClaimInput:
+    return ClaimInput(checkpoint_id=CKPT, namespace=ref.namespace, name=ref.name, resource=ref)
+
+
+def status(ref: ResourceRef, phase: Phase, reason: Reason, **more: Any) -> StatusInput:
+    return StatusInput(
+        kind="capture",
+        namespace=ref.namespace,
+        name=ref.name,
+        phase=phase,
+        reason=reason,
+        checkpoint_id=CKPT,
+        resource=ref,
+        **more,
+    )
+
+
+async def test_a_checkpoint_id_has_one_owner_until_the_owner_is_deleted(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    env = ActivityEnvironment()
+    first, second = await created(cluster, "llama"), await created(cluster, "llama-copy")
+    await env.run(control.claim_checkpoint_id, claim(first))
+    await env.run(control.claim_checkpoint_id, claim(first))  # again: still ours
+
+    with pytest.raises(IdentityConflictError, match="already owned by Checkpoint inference/llama"):
+        await env.run(control.claim_checkpoint_id, claim(second))
+
+    await cluster.run(
+        cluster.custom.delete_namespaced_custom_object,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "llama",
+    )
+    await env.run(control.claim_checkpoint_id, claim(second))  # the owner's deletion frees it
+    lease = await cluster.run(
+        cluster.leases.read_namespaced_lease, f"checkpoint-{CKPT}", "warmstart-system"
+    )
+    assert lease.spec.holder_identity == f"Checkpoint/inference/llama-copy/{second.uid}"
+
+
+async def test_status_conditions_link_and_events(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    env = ActivityEnvironment()
+    ref = await created(cluster)
+    await env.run(
+        control.publish_status,
+        status(ref, Phase.CAPTURING, Reason.CAPTURED, job_name="llama-96429b2725761a09"),
+    )
+    await env.run(
+        control.publish_status,
+        status(
+            ref,
+            Phase.READY,
+            Reason.CAPTURED,
+            node="gpu-1",
+            version=VERSION,
+            size_bytes=42,
+            storage_uri="file:///checkpoints/x",
+            step_seconds={"dump": 1.5},
+        ),
+    )
+    st = (await cluster.get("checkpoints", "inference", "llama"))["status"]
+    assert (st["phase"], st["checkpointID"], st["nodeName"]) == ("Ready", CKPT, "gpu-1")
+    assert (st["jobName"], st["sizeBytes"], st["version"]) == (
+        "llama-96429b2725761a09",
+        42,
+        VERSION,
+    )
+    assert st["stepSeconds"] == {"dump": 1.5}
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in st["conditions"]}
+    assert conditions == {
+        "JobCreated": ("True", "JobCreated"),
+        "Captured": ("True", "Captured"),
+        "Uploaded": ("True", "Captured"),
+        "Ready": ("True", "Captured"),
+    }
+    assert st["workflow"]["id"] == "test"
+    assert st["workflow"]["url"].startswith("http://ui:8233/namespaces/default/workflows/test/")
+    events = (await cluster.run(cluster.events.list_namespaced_event, "inference")).items
+    assert [(e.type, e.reason) for e in events] == [
+        ("Normal", "CaptureStarted"),
+        ("Normal", "CaptureSucceeded"),
+    ]
+    assert all(e.regarding.uid == ref.uid for e in events)
+
+
+async def test_failed_is_sticky_and_says_why(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    env = ActivityEnvironment()
+    ref = await created(cluster)
+    failed = status(ref, Phase.FAILED, Reason.NODE_LOST, message="node gpu-1: worker gone")
+    await env.run(control.publish_status, failed)
+    await env.run(control.publish_status, status(ref, Phase.READY, Reason.CAPTURED))
+    st = (await cluster.get("checkpoints", "inference", "llama"))["status"]
+    assert (st["phase"], st["message"]) == ("Failed", "node gpu-1: worker gone")
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NodeLost")
+    events = (await cluster.run(cluster.events.list_namespaced_event, "inference")).items
+    assert [(e.type, e.reason, e.note) for e in events] == [
+        ("Warning", "CaptureFailed", "node gpu-1: worker gone")
+    ]
+
+
+async def test_a_status_patch_that_conflicts_reads_again(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    ref = await created(cluster)
+    cluster.emulator.conflicts = 3  # three concurrent writers in a row
+    await ActivityEnvironment().run(
+        control.publish_status, status(ref, Phase.CAPTURING, Reason.CAPTURED)
+    )
+    assert (await cluster.get("checkpoints", "inference", "llama"))["status"][
+        "phase"
+    ] == "Capturing"
+    assert cluster.emulator.conflicts == 0
+
+
+async def test_a_resource_created_again_is_not_the_one_the_capture_works_for(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    ref = await created(cluster)
+    stale = ref.model_copy(update={"uid": "an-earlier-uid"})
+    with pytest.raises(CheckpointNotFoundError, match="created again"):
+        await ActivityEnvironment().run(
+            control.publish_status, status(stale, Phase.READY, Reason.CAPTURED)
+        )
+
+
+async def test_the_capture_job_is_created_once_and_adopted_after(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    env = ActivityEnvironment()
+    ref = await created(cluster)
+    name = await env.run(control.create_capture_job, JobInput(resource=ref, version=VERSION))
+    again = await env.run(control.create_capture_job, JobInput(resource=ref, version=VERSION))
+    assert name == again == "llama-96429b2725761a09"
+    job = await cluster.run(cluster.batch.read_namespaced_job, name, "inference")
+    assert job.spec.backoff_limit == 0
+    assert job.metadata.owner_references[0].uid == ref.uid
+    assert job.spec.template.spec.containers[0].readiness_probe._exec.command[0] == "cat"
+
+    await env.run(control.delete_capture_job, JobRef(namespace="inference", name=name))
+    await env.run(control.delete_capture_job, JobRef(namespace="inference", name=name))
+    # A Job of that name that another resource owns is not adopted.
+    foreign = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": "inference",
+            "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Checkpoint", "name": "x", "uid": "someone-else"}
+            ],
+        },
+        "spec": {"template": {"spec": {"containers": [{"name": "main", "image": "i"}]}}},
+    }
+    await cluster.run(cluster.batch.create_namespaced_job, "inference", foreign)
+    with pytest.raises(InvalidSpecError, match="is not this Checkpoint's"):
+        await env.run(control.create_capture_job, JobInput(resource=ref, version=VERSION))
+
+
+def pod(node: str, *, ready: bool, exit_code: int | None = None) -> dict[str, Any]:
+    state = (
+        {"running": {}}
+        if exit_code is None
+        else {"terminated": {"exitCode": exit_code, "reason": "Error"}}
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "llama-job-abcde",
+            "namespace": "inference",
+            "labels": {"job-name": "j"},
+        },
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "i"}]},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "ready": ready,
+                    "state": state,
+                    "image": "i",
+                    "imageID": "",
+                    "restartCount": 0,
+                }
+            ]
+        },
+    }
+
+
+async def test_the_capture_pod_is_read_when_a_signal_was_missed(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    env = ActivityEnvironment()
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "j", "namespace": "inference"},
+        "spec": {"template": {"spec": {"containers": [{"name": "main", "image": "i"}]}}},
+    }
+    await cluster.run(cluster.batch.create_namespaced_job, "inference", job)
+    query = PodQuery(namespace="inference", job_name="j", container="main")
+    assert (await env.run(control.read_capture_pod, query)).pod_name == ""  # not created yet
+
+    await cluster.run(cluster.core.create_namespaced_pod, "inference", pod("gpu-7", ready=True))
+    seen = await env.run(control.read_capture_pod, query)
+    assert (seen.node_name, seen.container_ready, seen.failure) == ("gpu-7", True, "")
+
+    await cluster.run(cluster.core.delete_namespaced_pod, "llama-job-abcde", "inference")
+    await cluster.run(
+        cluster.core.create_namespaced_pod, "inference", pod("gpu-7", ready=False, exit_code=3)
+    )
+    seen = await env.run(control.read_capture_pod, query)
+    assert seen.failure == "container main exited with code 3 (Error)"
+
+
+async def test_a_failed_job_is_reported_with_its_reason(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "j", "namespace": "inference"},
+        "spec": {"template": {"spec": {"containers": [{"name": "main", "image": "i"}]}}},
+        "status": {
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "DeadlineExceeded",
+                    "message": "Job was active longer than specified deadline",
+                }
+            ]
+        },
+    }
+    await cluster.run(cluster.batch.create_namespaced_job, "inference", job)
+    seen = await ActivityEnvironment().run(
+        control.read_capture_pod, PodQuery(namespace="inference", job_name="j", container="main")
+    )
+    assert seen.failure.startswith("Job j failed: DeadlineExceeded: Job was active longer")
