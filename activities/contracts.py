@@ -66,11 +66,14 @@ class JobRef(Contract):
 
 
 class PodQuery(Contract):
-    """The pod of a capture Job, and which of its containers is the workload."""
+    """The pod of a capture Job (by `job_name`) or a named running pod (by `pod_name` and
+    `pod_uid`: a pod created again under that name is not it), and the workload's container."""
 
     namespace: str
-    job_name: str
     container: str
+    job_name: str = ""
+    pod_name: str = ""
+    pod_uid: str = ""
 
 
 class PodObservation(Contract):
@@ -163,3 +166,37 @@ class Heartbeat(Contract):
     stage: str = ""
     bytes: int | None = None
     waited_seconds: float | None = None
+
+
+class ContainerTarget(Contract):
+    """A container of a pod on this node: the node finds it through its container runtime."""
+
+    namespace: str
+    pod_name: str
+    pod_uid: str
+    container: str
+
+
+class GmsSavedInput(Contract):
+    target: ContainerTarget
+    timeout_seconds: ShortSeconds
+
+
+class ContainerDumpInput(Contract):
+    checkpoint_id: str
+    version: str
+    target: ContainerTarget
+    leave_running: bool = False  # a PodSnapshot: the source keeps serving
+
+
+class ContainerCommitInput(Contract):
+    checkpoint_id: str
+    version: str
+    identity: CheckpointIdentity
+    target: ContainerTarget
+    resource_name: str
+
+
+class ContainerSentinelInput(Contract):
+    target: ContainerTarget
+    sentinel: Sentinel

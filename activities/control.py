@@ -12,7 +12,14 @@ from abc import ABC, abstractmethod
 
 from temporalio import activity
 
-from activities.contracts import ClaimInput, StatusInput
+from activities.contracts import (
+    ClaimInput,
+    JobInput,
+    JobRef,
+    PodObservation,
+    PodQuery,
+    StatusInput,
+)
 
 
 class ControlActivities(ABC):
@@ -25,3 +32,22 @@ class ControlActivities(ABC):
     @abstractmethod
     async def publish_status(self, request: StatusInput) -> None:
         """Publish the pipeline's phase, reason and figures where users look for them."""
+
+
+class ClusterControlActivities(ControlActivities):
+    """The control activities only a cluster has: the capture Job and its pod."""
+
+    @activity.defn
+    @abstractmethod
+    async def create_capture_job(self, request: JobInput) -> str:
+        """Create (or adopt) the capture Job of a Checkpoint; returns its name."""
+
+    @activity.defn
+    @abstractmethod
+    async def read_capture_pod(self, request: PodQuery) -> PodObservation:
+        """The capture pod as the API server has it (the fallback for missed signals)."""
+
+    @activity.defn
+    @abstractmethod
+    async def delete_capture_job(self, request: JobRef) -> None:
+        """Delete the capture Job and its pod; one already gone is fine."""

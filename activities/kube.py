@@ -31,7 +31,7 @@ from activities.contracts import (
     ResourceRef,
     StatusInput,
 )
-from activities.control import ControlActivities
+from activities.control import ClusterControlActivities
 from api.errors import (
     CheckpointNotFoundError,
     IdentityConflictError,
@@ -79,7 +79,7 @@ def _api_message(err: ApiException) -> str:
         return str(err.reason)
 
 
-class KubeControlActivities(ControlActivities):
+class KubeControlActivities(ClusterControlActivities):
     """Control activities of the cluster mode (the control worker registers these)."""
 
     def __init__(
@@ -358,7 +358,9 @@ class KubeControlActivities(ControlActivities):
 
     @activity.defn
     async def read_capture_pod(self, request: PodQuery) -> PodObservation:
-        """The capture Job's pod as the API server has it (the fallback for missed signals)."""
+        """The capture pod as the API server has it (the fallback for missed signals)."""
+        if not request.job_name:
+            return await self._read_named_pod(request)
         job = await call(
             self._batch.read_namespaced_job,
             request.job_name,
@@ -385,6 +387,24 @@ class KubeControlActivities(ControlActivities):
                 update={"failure": f"Job {request.job_name} failed: {why.reason}: {why.message}"}
             )
         return observation
+
+    async def _read_named_pod(self, request: PodQuery) -> PodObservation:
+        where = f"pod {request.namespace}/{request.pod_name}"
+        try:
+            pod = await call(
+                self._core.read_namespaced_pod,
+                request.pod_name,
+                request.namespace,
+                what=f"read {where}",
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            return PodObservation(failure=f"{where} no longer exists")
+        uid = pod.metadata.uid if pod.metadata else None
+        if request.pod_uid and uid != request.pod_uid:
+            return PodObservation(failure=f"{where} was created again (UID {uid})")
+        return observe_pod(pod, request.container)
 
 
 def observe_pod(pod: Any, container: str) -> PodObservation:

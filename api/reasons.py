@@ -40,6 +40,7 @@ class Reason(StrEnum):
     UNAVAILABLE = "Unavailable"
     INTERNAL = "InternalError"
     CAPTURED = "Captured"
+    IN_PROGRESS = "InProgress"
     RESTORED = "Restored"
 
 

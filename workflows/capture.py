@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from temporalio import workflow
@@ -12,19 +12,29 @@ from temporalio.exceptions import ActivityError
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
+    from activities.containers import ContainerActivities
     from activities.contracts import (
         AwaitReadyInput,
         ClaimInput,
         CommitInput,
         CommitResult,
+        ContainerCommitInput,
+        ContainerDumpInput,
+        ContainerSentinelInput,
+        ContainerTarget,
         DiscardInput,
         DumpInput,
+        GmsSavedInput,
+        JobInput,
+        JobRef,
         LaunchInput,
         LaunchResult,
+        PodObservation,
+        PodQuery,
         SentinelInput,
         StopInput,
     )
-    from activities.control import ControlActivities
+    from activities.control import ClusterControlActivities, ControlActivities
     from activities.criu import CriuActivities
     from activities.errors import application_error
     from activities.local import LocalProcessActivities
@@ -50,10 +60,39 @@ class CaptureWorkflow:
         self._state = PipelineState()
         self._clock = self._state.clock
         self._request: CaptureRequest | None = None
+        self._seen = PodObservation()
+        self._launch: LaunchResult | None = None
+        self._launched = self._staged = self._succeeded = False
+        self._job = ""
 
     @workflow.query
     def progress(self) -> Progress:
         return self._state.progress()
+
+    @workflow.signal
+    def pod_scheduled(self, seen: PodObservation) -> None:
+        """The watcher saw the capture pod bound to a node."""
+        self._observe(seen)
+
+    @workflow.signal
+    def container_ready(self, seen: PodObservation) -> None:
+        """The watcher saw the target container Ready (it wrote `ready-for-snapshot`)."""
+        self._observe(seen)
+
+    @workflow.signal
+    def pod_failed(self, seen: PodObservation) -> None:
+        """The watcher saw a container of the capture pod fail, or the Job fail."""
+        self._observe(seen)
+
+    def _observe(self, seen: PodObservation) -> None:
+        old = self._seen
+        self._seen = PodObservation(
+            pod_name=seen.pod_name or old.pod_name,
+            pod_uid=seen.pod_uid or old.pod_uid,
+            node_name=seen.node_name or old.node_name,
+            container_ready=seen.container_ready or old.container_ready,
+            failure=old.failure or seen.failure,
+        )
 
     @workflow.run
     async def run(self, request: CaptureRequest) -> CaptureResult:
@@ -64,44 +103,77 @@ class CaptureWorkflow:
         )
         version = checkpoint_version(workflow.now(), workflow.uuid4().hex)
         self._state.version = version
-        workload, ckpt = request.workload, request.checkpoint_id
-        launch: LaunchResult | None = None
-        launched = staged = False
         try:
-            self._clock.begin("claim", Phase.CREATING)
-            claim = ClaimInput(checkpoint_id=ckpt, namespace=request.namespace, name=request.name)
-            await self._control(ControlActivities.claim_checkpoint_id, claim, "claim checkpoint ID")
+            if request.resource is None:
+                commit = await self._local_steps(request, version)
+            else:
+                commit = await self._cluster_steps(request, version)
+            self._clock.begin("publish")
+            await self._publish(Phase.READY, Reason.CAPTURED, commit=commit)
+            self._clock.settle(Phase.READY, "done")
+            self._succeeded = True
+        except ActivityError as err:
+            failure = policies.step_failure(err, node=self._state.node)
+            await self._fail(failure)
+            if failure.reason == Reason.CANCELLED:
+                raise asyncio.CancelledError(failure.message) from err
+            raise application_error(failure) from None
+        except PipelineFailedError as failure:  # found by the workflow itself (waits)
+            await self._fail(failure)
+            raise application_error(failure) from None
+        except asyncio.CancelledError:
+            await self._fail(PipelineFailedError("cancelled", reason=Reason.CANCELLED))
+            raise
+        finally:
+            await self._cleanup()
+        return CaptureResult(
+            checkpoint_id=request.checkpoint_id,
+            version=version,
+            node=self._state.node,
+            storage_uri=commit.storage_uri,
+            size_bytes=commit.size_bytes,
+            step_seconds=dict(self._clock.seconds),
+        )
 
-            self._clock.begin("launch")
-            launched = True  # from here on a workload may run: cleanup stops it
-            launch = await self._node(
-                LocalProcessActivities.launch_workload,
-                LaunchInput(workload=workload, checkpoint_id=ckpt),
-                policies.LAUNCH,
-                f"launch {workload.name}",
-                # A cancel waits for the launch to end, so cleanup finds what it started.
-                cancellation=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            )
+    async def _local_steps(self, request: CaptureRequest, version: str) -> CommitResult:
+        """Launch the workload on this host's node worker, await it, dump, commit."""
+        assert request.workload is not None
+        workload, ckpt = request.workload, request.checkpoint_id
+        self._clock.begin("claim", Phase.CREATING)
+        claim = ClaimInput(checkpoint_id=ckpt, namespace=request.namespace, name=request.name)
+        await self._control(ControlActivities.claim_checkpoint_id, claim, "claim checkpoint ID")
 
-            self._clock.begin("await-ready", Phase.CAPTURING)
-            await self._node(
-                LocalProcessActivities.await_workload_ready,
-                AwaitReadyInput(workload=workload, checkpoint_id=ckpt, pid=launch.pid),
-                policies.await_ready_options(workload.ready_timeout_seconds),
-                f"await {workload.readiness.kind} readiness",
-            )
+        self._clock.begin("launch")
+        self._launched = True  # from here on a workload may run: cleanup stops it
+        self._launch = launch = await self._node(
+            LocalProcessActivities.launch_workload,
+            LaunchInput(workload=workload, checkpoint_id=ckpt),
+            policies.LAUNCH,
+            f"launch {workload.name}",
+            # A cancel waits for the launch to end, so cleanup finds what it started.
+            cancellation=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
 
-            self._clock.begin("dump")
-            staged = True  # from here on a failure leaves staging to discard
-            await self._node(
-                CriuActivities.dump_checkpoint,
-                DumpInput(checkpoint_id=ckpt, version=version, name=request.name, pid=launch.pid),
-                policies.DUMP,
-                f"criu dump pid {launch.pid}",
-            )
+        self._clock.begin("await-ready", Phase.CAPTURING)
+        await self._node(
+            LocalProcessActivities.await_workload_ready,
+            AwaitReadyInput(workload=workload, checkpoint_id=ckpt, pid=launch.pid),
+            policies.await_ready_options(workload.ready_timeout_seconds),
+            f"await {workload.readiness.kind} readiness",
+        )
 
-            self._clock.begin("commit", Phase.UPLOADING)
-            commit_step = self._start_node(
+        self._clock.begin("dump")
+        self._staged = True  # from here on a failure leaves staging to discard
+        await self._node(
+            CriuActivities.dump_checkpoint,
+            DumpInput(checkpoint_id=ckpt, version=version, name=request.name, pid=launch.pid),
+            policies.DUMP,
+            f"criu dump pid {launch.pid}",
+        )
+
+        self._clock.begin("commit", Phase.UPLOADING)
+        commit = await self._commit(
+            self._start_node(
                 StorageActivities.commit_checkpoint,
                 CommitInput(
                     checkpoint_id=ckpt,
@@ -113,47 +185,165 @@ class CaptureWorkflow:
                 policies.COMMIT,
                 f"commit version {version}",
             )
-            try:
-                commit = await asyncio.shield(commit_step)
-            except asyncio.CancelledError:
-                # The commit cannot be taken back halfway: it decides. A version it committed
-                # is published Ready, so no committed checkpoint ever says Cancelled.
-                commit = await commit_step
-                workflow.logger.warning("cancel arrived during commit: %s is committed", version)
-            staged = False
+        )
 
-            self._clock.begin("snapshot-complete")
-            await self._node(
-                SentinelActivities.write_sentinel,
-                SentinelInput(
-                    checkpoint_id=ckpt, name=request.name, sentinel=Sentinel.SNAPSHOT_COMPLETE
-                ),
-                policies.SENTINEL,
-                "write snapshot-complete",
+        self._clock.begin("snapshot-complete")
+        await self._node(
+            SentinelActivities.write_sentinel,
+            SentinelInput(
+                checkpoint_id=ckpt, name=request.name, sentinel=Sentinel.SNAPSHOT_COMPLETE
+            ),
+            policies.SENTINEL,
+            "write snapshot-complete",
+        )
+        return commit
+
+    async def _cluster_steps(self, request: CaptureRequest, version: str) -> CommitResult:
+        """Job (Checkpoint) → pod scheduled → container ready → GMS save → dump on the pod's
+        node → commit → `snapshot-complete` (the Job's workload then exits)."""
+        assert request.resource is not None and request.cluster is not None
+        ref, target, ckpt = request.resource, request.cluster, request.checkpoint_id
+        deadline = workflow.now() + timedelta(seconds=target.deadline_seconds)
+        self._clock.begin("claim", Phase.CREATING)
+        claim = ClaimInput(
+            checkpoint_id=ckpt, namespace=request.namespace, name=request.name, resource=ref
+        )
+        await self._control(ControlActivities.claim_checkpoint_id, claim, "claim checkpoint ID")
+        await self._publish(Phase.CREATING, Reason.IN_PROGRESS)
+
+        if ref.kind == "Checkpoint":
+            self._clock.begin("create-job")
+            self._job = await self._control(
+                ClusterControlActivities.create_capture_job,
+                JobInput(resource=ref, version=version),
+                "create capture Job",
+            )
+            await self._publish(Phase.CREATING, Reason.IN_PROGRESS)
+            query = PodQuery(
+                namespace=request.namespace, container=target.container, job_name=self._job
+            )
+        else:
+            query = PodQuery(
+                namespace=request.namespace,
+                container=target.container,
+                pod_name=target.pod_name,
+                pod_uid=target.pod_uid,
             )
 
-            self._clock.begin("publish")
-            await self._publish(Phase.READY, Reason.CAPTURED, commit=commit)
-            self._clock.settle(Phase.READY, "done")
-        except ActivityError as err:
-            failure = policies.step_failure(err, node=request.node)
-            await self._fail(failure)
-            if failure.reason == Reason.CANCELLED:
-                raise asyncio.CancelledError(failure.message) from err
-            raise application_error(failure) from None
-        except asyncio.CancelledError:
-            await self._fail(PipelineFailedError("cancelled", reason=Reason.CANCELLED))
-            raise
-        finally:
-            await self._cleanup(launch, launched=launched, staged=staged)
-        return CaptureResult(
-            checkpoint_id=ckpt,
-            version=version,
-            node=request.node,
-            storage_uri=commit.storage_uri,
-            size_bytes=commit.size_bytes,
-            step_seconds=dict(self._clock.seconds),
+        self._clock.begin("await-scheduled")
+        pod = await self._await_pod(query, lambda seen: bool(seen.node_name), "scheduled", deadline)
+        self._state.node = pod.node_name
+        visibility.index(namespace=request.namespace, checkpoint_id=ckpt, node=pod.node_name)
+
+        self._clock.begin("await-ready", Phase.CAPTURING)
+        await self._publish(Phase.CAPTURING, Reason.IN_PROGRESS)
+        pod = await self._await_pod(query, lambda seen: seen.container_ready, "ready", deadline)
+        container = ContainerTarget(
+            namespace=request.namespace,
+            pod_name=pod.pod_name,
+            pod_uid=pod.pod_uid,
+            container=target.container,
         )
+        where = f"{request.namespace}/{pod.pod_name}/{target.container}"
+
+        if target.gms:
+            self._clock.begin("await-gms-save")
+            left = max(1.0, min(3600.0, (deadline - workflow.now()).total_seconds()))
+            await self._node(
+                ContainerActivities.await_gms_saved,
+                GmsSavedInput(target=container, timeout_seconds=left),
+                policies.await_ready_options(left),
+                "await gms-save-complete",
+            )
+
+        self._clock.begin("dump")
+        self._staged = True
+        await self._node(
+            ContainerActivities.dump_container,
+            ContainerDumpInput(
+                checkpoint_id=ckpt,
+                version=version,
+                target=container,
+                leave_running=ref.kind == "PodSnapshot",
+            ),
+            policies.DUMP,
+            f"criu dump {where}",
+        )
+
+        self._clock.begin("commit", Phase.UPLOADING)
+        commit = await self._commit(
+            self._start_node(
+                ContainerActivities.commit_container,
+                ContainerCommitInput(
+                    checkpoint_id=ckpt,
+                    version=version,
+                    identity=request.identity,
+                    target=container,
+                    resource_name=request.name,
+                ),
+                policies.COMMIT,
+                f"commit version {version}",
+            )
+        )
+
+        self._clock.begin("snapshot-complete")
+        await self._node(
+            ContainerActivities.write_container_sentinel,
+            ContainerSentinelInput(target=container, sentinel=Sentinel.SNAPSHOT_COMPLETE),
+            policies.SENTINEL,
+            "write snapshot-complete",
+        )
+        return commit
+
+    async def _await_pod(
+        self,
+        query: PodQuery,
+        reached: Callable[[PodObservation], bool],
+        what: str,
+        deadline: datetime,
+    ) -> PodObservation:
+        """Wait until the pod has `reached` what is awaited: signals are the cheap path; a
+        read of the pod every `read_every_seconds` covers a watcher that missed one."""
+        while True:
+            if self._seen.failure:
+                raise PipelineFailedError(self._seen.failure, reason=Reason.WORKLOAD_EXITED)
+            if reached(self._seen):
+                return self._seen
+            left = (deadline - workflow.now()).total_seconds()
+            if left <= 0:
+                budget = self._require().cluster
+                raise PipelineFailedError(
+                    f"capture pod not {what} within {budget.deadline_seconds if budget else 0:g} s",
+                    reason=Reason.WORKLOAD_NOT_READY,
+                )
+            try:
+                await workflow.wait_condition(
+                    lambda: bool(self._seen.failure) or reached(self._seen),
+                    timeout=min(self._read_every(), left),
+                )
+            except TimeoutError:
+                self._observe(
+                    await self._control(
+                        ClusterControlActivities.read_capture_pod, query, f"read pod ({what}?)"
+                    )
+                )
+
+    def _read_every(self) -> float:
+        cluster = self._require().cluster
+        return cluster.read_every_seconds if cluster is not None else 30.0
+
+    async def _commit(self, commit_step: workflow.ActivityHandle[CommitResult]) -> CommitResult:
+        """The commit cannot be taken back halfway: it decides. A version it committed is
+        published Ready, so no committed checkpoint ever says Cancelled."""
+        try:
+            commit = await asyncio.shield(commit_step)
+        except asyncio.CancelledError:
+            commit = await commit_step
+            workflow.logger.warning(
+                "cancel arrived during commit: %s is committed", self._state.version
+            )
+        self._staged = False
+        return commit
 
     def _require(self) -> CaptureRequest:
         assert self._request is not None
@@ -184,7 +374,7 @@ class CaptureWorkflow:
         return workflow.start_activity_method(
             step,
             arg,
-            task_queue=node_task_queue(req.node),
+            task_queue=node_task_queue(self._state.node),
             start_to_close_timeout=opts.start_to_close,
             heartbeat_timeout=opts.heartbeat,
             schedule_to_start_timeout=timedelta(seconds=req.node_timeout_seconds),
@@ -193,8 +383,8 @@ class CaptureWorkflow:
             cancellation_type=cancellation,
         )
 
-    async def _control(self, step: Callable[[S, I], Awaitable[None]], arg: I, summary: str) -> None:
-        await workflow.execute_activity_method(
+    async def _control(self, step: Callable[[S, I], Awaitable[R]], arg: I, summary: str) -> R:
+        return await workflow.execute_activity_method(
             step,
             arg,
             task_queue=self._require().control_task_queue,
@@ -216,21 +406,24 @@ class CaptureWorkflow:
             committed=commit is not None,
             storage_uri=commit.storage_uri if commit else "",
             size_bytes=commit.size_bytes if commit else 0,
+            resource=self._require().resource,
+            job_name=self._job,
         )
 
     async def _fail(self, failure: PipelineFailedError) -> None:
         self._state.failed(failure, Phase.FAILED, "failed")
         await self._publish(Phase.FAILED, failure.reason, message=failure.message)
 
-    async def _cleanup(self, launch: LaunchResult | None, *, launched: bool, staged: bool) -> None:
+    async def _cleanup(self) -> None:
         """Always: nothing half-written stays, no workload keeps running. A cleanup step that
         fails is logged, never raised: it must not replace the reason the capture ended."""
         req = self._require()
-        if staged:
+        if self._staged and self._state.node:
             discard = DiscardInput(checkpoint_id=req.checkpoint_id, version=self._state.version)
             await self._try_cleanup(StorageActivities.discard_staging, discard, "discard staging")
+        launch = self._launch
         # Runs recorded before this step existed stopped only launches whose result they saw.
-        if launch is not None or (launched and workflow.patched(STOP_UNCONFIRMED_LAUNCH)):
+        if launch is not None or (self._launched and workflow.patched(STOP_UNCONFIRMED_LAUNCH)):
             # Without the launch's result (failed or cancelled), the node's launch record says.
             pid, ticks = (launch.pid, launch.start_ticks) if launch else (0, 0)
             stop = StopInput(
@@ -238,6 +431,15 @@ class CaptureWorkflow:
             )
             summary = f"stop pid {pid}" if pid else f"stop {req.name} if launched"
             await self._try_cleanup(LocalProcessActivities.stop_workload, stop, summary)
+        if self._job and not self._succeeded:
+            # A failed or cancelled capture's Job and pod go; a captured one exits by itself.
+            job = JobRef(namespace=req.namespace, name=self._job)
+            try:
+                await self._control(
+                    ClusterControlActivities.delete_capture_job, job, f"delete Job {self._job}"
+                )
+            except ActivityError as err:
+                workflow.logger.warning("cleanup: Job %s not deleted: %s", self._job, err.cause)
 
     async def _try_cleanup(
         self, step: Callable[[S, I], Awaitable[None]], arg: I, summary: str
@@ -245,5 +447,5 @@ class CaptureWorkflow:
         try:
             await self._node(step, arg, policies.CLEANUP, summary)
         except ActivityError as err:
-            failure = policies.step_failure(err, node=self._require().node)
+            failure = policies.step_failure(err, node=self._state.node)
             workflow.logger.warning("cleanup %s failed: [%s] %s", summary, failure.reason, failure)

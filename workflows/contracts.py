@@ -2,28 +2,62 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
+from activities.contracts import ResourceRef
 from api.contract import Contract
 from api.identity import CheckpointIdentity, checkpoint_id
-from api.limits import PathElement, ShortSeconds
-from api.naming import CONTROL_TASK_QUEUE, LOCAL_NAMESPACE, LOCAL_NODE
+from api.limits import PathElement, ReadySeconds, ShortSeconds
+from api.naming import CONTROL_TASK_QUEUE, LOCAL_NAMESPACE, LOCAL_NODE, require_path_element
 from api.reasons import Phase
 from api.workload import LocalWorkload
 
 
+class ClusterTarget(Contract):
+    """What a cluster capture dumps: the container of the capture Job's pod (a Checkpoint)
+    or of a running pod (a PodSnapshot, which names the pod and its UID)."""
+
+    container: PathElement = "main"
+    pod_name: str = ""
+    pod_uid: str = ""
+    gms: bool = False
+    # How long the pod may take to be scheduled and warmed up (the Job's deadline).
+    deadline_seconds: ReadySeconds = 3600.0
+    # How often the workflow reads the pod itself when no signal came (a watcher outage).
+    read_every_seconds: ShortSeconds = 30.0
+
+
 class CaptureRequest(Contract):
-    """Capture a checkpoint. Local mode: `workload` is launched on `node` by its node worker."""
+    """Capture a checkpoint. Local mode: `workload` is launched on `node` by its node worker.
+    On a cluster: `resource` is the Checkpoint or PodSnapshot, `cluster` what to dump, and
+    the node is the one the pod runs on (learned, so `node` is empty)."""
 
     namespace: PathElement = LOCAL_NAMESPACE
     name: PathElement
     identity: CheckpointIdentity
     checkpoint_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-    node: PathElement = LOCAL_NODE
-    workload: LocalWorkload
+    node: str = LOCAL_NODE
+    workload: LocalWorkload | None = None
+    resource: ResourceRef | None = None
+    cluster: ClusterTarget | None = None
     control_task_queue: str = CONTROL_TASK_QUEUE
     # How long a node step may wait for the node's worker before the node counts as lost.
     node_timeout_seconds: ShortSeconds = 120.0
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> CaptureRequest:
+        if (self.workload is None) == (self.resource is None):
+            raise ValueError("a capture has either a local workload or a cluster resource")
+        if self.resource is not None and self.cluster is None:
+            raise ValueError("a cluster capture needs its target (cluster)")
+        if self.workload is not None and not self.node:
+            raise ValueError("a local capture names its node")
+        return self
+
+    @field_validator("node")
+    @classmethod
+    def _node_name(cls, value: str) -> str:
+        return require_path_element(value, what="node") if value else value
 
     @classmethod
     def local(

@@ -7,7 +7,7 @@ from typing import Protocol
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import PipelineKind, StatusInput
+    from activities.contracts import PipelineKind, ResourceRef, StatusInput
     from activities.control import ControlActivities
     from api.reasons import Phase, Reason
     from workflows import policies
@@ -40,6 +40,8 @@ async def publish_status(
     committed: bool = True,
     storage_uri: str = "",
     size_bytes: int = 0,
+    resource: ResourceRef | None = None,
+    job_name: str = "",
 ) -> None:
     """Publish where the pipeline stands (the resource's status on a cluster); the version
     is named only where `committed` (a failed capture has none)."""
@@ -52,10 +54,12 @@ async def publish_status(
         message=message,
         checkpoint_id=request.checkpoint_id,
         version=state.version if committed else "",
-        node=request.node,
+        node=state.node or request.node,
         storage_uri=storage_uri,
         size_bytes=size_bytes,
         step_seconds=dict(state.clock.seconds),
+        resource=resource,
+        job_name=job_name,
     )
     await workflow.execute_activity_method(
         ControlActivities.publish_status,

@@ -70,10 +70,11 @@ def start_attributes(
 
 def index(*, namespace: str, checkpoint_id: str, node: str) -> None:
     """Make the run findable by namespace, checkpoint ID and node in the Web UI and CLI
-    (an upsert only where the starter did not set them already)."""
+    (an upsert only where the starter did not set them already; an unknown node, empty,
+    is indexed once the pod is scheduled)."""
     current = workflow.info().typed_search_attributes
     wanted = ((NAMESPACE, namespace), (CHECKPOINT_ID, checkpoint_id), (NODE, node))
-    missing = [key.value_set(value) for key, value in wanted if current.get(key) != value]
+    missing = [key.value_set(value) for key, value in wanted if value and current.get(key) != value]
     if missing:
         workflow.upsert_search_attributes(missing)
 

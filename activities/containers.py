@@ -1,0 +1,45 @@
+"""The node-side activities of a cluster capture, defined once: the capture workflow names
+these definitions, and a node worker registers the implementation for its container
+runtime under the same activity names (containerd first; CRI-O behind the same interface).
+
+Each finds the container on its own node from the pod's UID and container name (the
+runtime's API, namespace `k8s.io`), so no node paths travel through the workflow.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from temporalio import activity
+
+from activities.contracts import (
+    CommitResult,
+    ContainerCommitInput,
+    ContainerDumpInput,
+    ContainerSentinelInput,
+    GmsSavedInput,
+)
+
+
+class ContainerActivities(ABC):
+    @activity.defn
+    @abstractmethod
+    async def await_gms_saved(self, request: GmsSavedInput) -> None:
+        """Wait for `gms-save-complete-<podUID>` in the container's control directory."""
+
+    @activity.defn
+    @abstractmethod
+    async def dump_container(self, request: ContainerDumpInput) -> None:
+        """CRIU-dump the container's process tree (with its rootfs diff) into staging; a
+        leave-running dump never leaves the source frozen."""
+
+    @activity.defn
+    @abstractmethod
+    async def commit_container(self, request: ContainerCommitInput) -> CommitResult:
+        """Write the manifest last and publish the staged version atomically."""
+
+    @activity.defn
+    @abstractmethod
+    async def write_container_sentinel(self, request: ContainerSentinelInput) -> None:
+        """Write a sentinel into the container's control directory (through its root,
+        never following links planted there)."""

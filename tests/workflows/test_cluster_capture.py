@@ -1,0 +1,300 @@
+"""CaptureWorkflow on a cluster, with stand-in activities registered under the real names:
+signals and the fallback read of the pod, the Job's lifecycle, failures, cancel, node loss."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from temporalio import activity
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.worker import Worker
+
+from activities.contracts import (
+    ClaimInput,
+    CommitResult,
+    ContainerCommitInput,
+    ContainerDumpInput,
+    ContainerSentinelInput,
+    DiscardInput,
+    GmsSavedInput,
+    JobInput,
+    JobRef,
+    PodObservation,
+    PodQuery,
+    ResourceRef,
+    StatusInput,
+)
+from activities.errors import ErrorMapping
+from api.identity import CheckpointIdentity, checkpoint_id
+from api.naming import node_task_queue
+from api.reasons import Phase
+from tests.waiting import wait_until
+from workflows.capture import CaptureWorkflow
+from workflows.contracts import CaptureRequest, CaptureResult, ClusterTarget
+from workflows.visibility import NODE
+
+IDENTITY = CheckpointIdentity(model="meta-llama/Llama-2-7b-hf", backend_framework="vllm")
+
+
+@dataclass
+class Cluster:
+    """Stand-ins of the control and node activities; `pod` is what a read of the pod says."""
+
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    statuses: list[StatusInput] = field(default_factory=list)
+    dumps: list[ContainerDumpInput] = field(default_factory=list)
+    queries: list[PodQuery] = field(default_factory=list)
+    pod: PodObservation = field(default_factory=PodObservation)
+
+    def _record(self, name: str) -> None:
+        self.calls.append((name, activity.info().task_queue))
+
+    @activity.defn(name="claim_checkpoint_id")
+    async def claim(self, request: ClaimInput) -> None:
+        assert request.resource is not None
+        self._record("claim_checkpoint_id")
+
+    @activity.defn(name="publish_status")
+    async def publish(self, request: StatusInput) -> None:
+        self.statuses.append(request)
+        self._record("publish_status")
+
+    @activity.defn(name="create_capture_job")
+    async def create_job(self, request: JobInput) -> str:
+        self._record("create_capture_job")
+        return f"{request.resource.name}-job"
+
+    @activity.defn(name="read_capture_pod")
+    async def read_pod(self, request: PodQuery) -> PodObservation:
+        self.queries.append(request)
+        self._record("read_capture_pod")
+        return self.pod
+
+    @activity.defn(name="delete_capture_job")
+    async def delete_job(self, request: JobRef) -> None:
+        self._record("delete_capture_job")
+
+    @activity.defn(name="await_gms_saved")
+    async def gms(self, request: GmsSavedInput) -> None:
+        self._record("await_gms_saved")
+
+    @activity.defn(name="dump_container")
+    async def dump(self, request: ContainerDumpInput) -> None:
+        self.dumps.append(request)
+        self._record("dump_container")
+
+    @activity.defn(name="commit_container")
+    async def commit(self, request: ContainerCommitInput) -> CommitResult:
+        self._record("commit_container")
+        return CommitResult(storage_uri="file:///checkpoints/x", size_bytes=7)
+
+    @activity.defn(name="write_container_sentinel")
+    async def sentinel(self, request: ContainerSentinelInput) -> None:
+        self._record("write_container_sentinel")
+
+    @activity.defn(name="discard_staging")
+    async def discard(self, request: DiscardInput) -> None:
+        self._record("discard_staging")
+
+    def names(self) -> list[str]:
+        return [name for name, _queue in self.calls]
+
+
+@dataclass
+class Harness:
+    client: Client
+    cluster: Cluster
+    control_queue: str
+    node: str
+
+    def request(self, kind: str = "Checkpoint", **target: Any) -> CaptureRequest:
+        ref = ResourceRef.model_validate(
+            {"kind": kind, "namespace": "inference", "name": "llama", "uid": "uid-1"}
+        )
+        return CaptureRequest(
+            namespace="inference",
+            name="llama",
+            identity=IDENTITY,
+            checkpoint_id=checkpoint_id(IDENTITY),
+            node="",
+            resource=ref,
+            cluster=ClusterTarget(**({"read_every_seconds": 600} | target)),
+            control_task_queue=self.control_queue,
+            node_timeout_seconds=2,
+        )
+
+    async def start(
+        self, request: CaptureRequest
+    ) -> WorkflowHandle[CaptureWorkflow, CaptureResult]:
+        return await self.client.start_workflow(
+            CaptureWorkflow.run,
+            request,
+            id=f"capture/test/{uuid.uuid4()}",
+            task_queue=self.control_queue,
+        )
+
+    def seen(self, **facts: Any) -> PodObservation:
+        return PodObservation(pod_name="llama-job-x1", pod_uid="pod-uid", **facts)
+
+    async def called(self, name: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while name not in self.cluster.names():
+            assert loop.time() < deadline, f"{name} never called"
+            await asyncio.sleep(0.02)
+
+
+@pytest_asyncio.fixture
+async def harness(client: Client) -> AsyncIterator[Harness]:
+    cluster = Cluster()
+    suffix = uuid.uuid4().hex[:8]
+    control_queue, node = f"control-{suffix}", f"gpu-{suffix}"
+    async with (
+        Worker(
+            client,
+            task_queue=control_queue,
+            workflows=[CaptureWorkflow],
+            activities=[
+                cluster.claim,
+                cluster.publish,
+                cluster.create_job,
+                cluster.read_pod,
+                cluster.delete_job,
+            ],
+            interceptors=[ErrorMapping()],
+        ),
+        Worker(
+            client,
+            task_queue=node_task_queue(node),
+            activities=[
+                cluster.gms,
+                cluster.dump,
+                cluster.commit,
+                cluster.sentinel,
+                cluster.discard,
+            ],
+            interceptors=[ErrorMapping()],
+        ),
+    ):
+        yield Harness(client, cluster, control_queue, node)
+
+
+async def test_a_checkpoint_is_captured_on_the_node_its_pod_runs_on(harness: Harness) -> None:
+    handle = await harness.start(harness.request())
+    await harness.called("create_capture_job")
+    await handle.signal(CaptureWorkflow.pod_scheduled, harness.seen(node_name=harness.node))
+    await handle.signal(CaptureWorkflow.container_ready, harness.seen(container_ready=True))
+    result = await handle.result()
+
+    control, node = harness.control_queue, node_task_queue(harness.node)
+    assert harness.cluster.calls == [
+        ("claim_checkpoint_id", control),
+        ("publish_status", control),
+        ("create_capture_job", control),
+        ("publish_status", control),
+        ("publish_status", control),
+        ("dump_container", node),
+        ("commit_container", node),
+        ("write_container_sentinel", node),
+        ("publish_status", control),
+    ]
+    phases = [(s.phase, s.job_name) for s in harness.cluster.statuses]
+    assert phases == [
+        (Phase.CREATING, ""),
+        (Phase.CREATING, "llama-job"),
+        (Phase.CAPTURING, "llama-job"),
+        (Phase.READY, "llama-job"),
+    ]
+    assert harness.cluster.statuses[-1].node == harness.node
+    assert (result.node, result.size_bytes) == (harness.node, 7)
+    [dump] = harness.cluster.dumps
+    assert (dump.target.pod_uid, dump.target.container, dump.leave_running) == (
+        "pod-uid",
+        "main",
+        False,
+    )
+    assert (await handle.describe()).typed_search_attributes.get(NODE) == harness.node
+    assert "delete_capture_job" not in harness.cluster.names()  # it exits by itself
+
+
+async def test_a_missed_signal_is_covered_by_reading_the_pod(harness: Harness) -> None:
+    harness.cluster.pod = harness.seen(node_name=harness.node, container_ready=True)
+    result = await (await harness.start(harness.request(read_every_seconds=0.2))).result()
+    assert result.node == harness.node
+    assert harness.cluster.queries[0].job_name == "llama-job"
+
+
+async def test_a_failed_container_fails_the_capture_and_removes_the_job(harness: Harness) -> None:
+    handle = await harness.start(harness.request())
+    await handle.signal(CaptureWorkflow.pod_scheduled, harness.seen(node_name=harness.node))
+    failure = "container main exited with code 3 (Error)"
+    await handle.signal(CaptureWorkflow.pod_failed, harness.seen(failure=failure))
+    with pytest.raises(WorkflowFailureError) as err:
+        await handle.result()
+    assert isinstance(err.value.cause, ApplicationError)
+    assert (err.value.cause.type, err.value.cause.message) == ("WorkloadExited", failure)
+    assert harness.cluster.statuses[-1].phase == Phase.FAILED
+    names = harness.cluster.names()
+    assert "dump_container" not in names and names[-1] == "delete_capture_job"
+
+
+async def test_deleting_the_resource_cancels_and_removes_the_job(harness: Harness) -> None:
+    handle = await harness.start(harness.request())
+    await handle.signal(CaptureWorkflow.pod_scheduled, harness.seen(node_name=harness.node))
+    # Capturing: the workflow waits for readiness.
+    await wait_until(lambda: len(harness.cluster.statuses) == 3, "the Capturing status")
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError) as err:
+        await handle.result()
+    assert isinstance(err.value.cause, CancelledError)
+    assert harness.cluster.statuses[-1].reason == "Cancelled"
+    assert harness.cluster.names()[-1] == "delete_capture_job"
+
+
+async def test_a_pod_snapshot_dumps_a_running_pod_and_leaves_it_running(harness: Harness) -> None:
+    harness.cluster.pod = harness.seen(node_name=harness.node, container_ready=True)
+    request = harness.request(
+        "PodSnapshot", pod_name="llama-0", pod_uid="pod-uid", read_every_seconds=0.2
+    )
+    await (await harness.start(request)).result()
+    assert "create_capture_job" not in harness.cluster.names()
+    assert (harness.cluster.queries[0].pod_name, harness.cluster.queries[0].pod_uid) == (
+        "llama-0",
+        "pod-uid",
+    )
+    assert harness.cluster.dumps[0].leave_running is True
+
+
+async def test_gms_waits_for_the_saver_before_the_dump(harness: Harness) -> None:
+    harness.cluster.pod = harness.seen(node_name=harness.node, container_ready=True)
+    await (await harness.start(harness.request(gms=True, read_every_seconds=0.2))).result()
+    names = harness.cluster.names()
+    assert names.index("await_gms_saved") < names.index("dump_container")
+
+
+async def test_a_pod_never_scheduled_fails_at_the_deadline(harness: Harness) -> None:
+    handle = await harness.start(harness.request(deadline_seconds=1, read_every_seconds=0.3))
+    with pytest.raises(WorkflowFailureError) as err:
+        await handle.result()
+    assert isinstance(err.value.cause, ApplicationError)
+    assert err.value.cause.type == "WorkloadNotReady"
+    assert err.value.cause.message == "capture pod not scheduled within 1 s"
+    assert harness.cluster.names()[-1] == "delete_capture_job"
+
+
+async def test_a_pod_on_a_node_without_worker_is_node_lost(harness: Harness) -> None:
+    harness.cluster.pod = harness.seen(node_name="gpu-without-worker", container_ready=True)
+    handle = await harness.start(harness.request(read_every_seconds=0.2))
+    with pytest.raises(WorkflowFailureError) as err:
+        await handle.result()
+    assert isinstance(err.value.cause, ApplicationError)
+    assert err.value.cause.type == "NodeLost"
+    assert "node gpu-without-worker" in err.value.cause.message
+    assert "dump_container" in err.value.cause.message
