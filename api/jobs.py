@@ -19,6 +19,8 @@ from api.resources import (
     API_VERSION,
     CHECKPOINT_ID_LABEL,
     CHECKPOINT_LABEL,
+    CHECKPOINT_UID_LABEL,
+    TARGET_CONTAINER_ANNOTATION,
     Checkpoint,
     ContainerOverride,
 )
@@ -59,17 +61,25 @@ def job_name(resource: Checkpoint) -> str:
 def capture_job(resource: Checkpoint, *, version: str, settings: JobSettings) -> dict[str, Any]:
     """The capture Job of `resource` for checkpoint version `version`."""
     ckpt = resource.checkpoint_id
-    labels = {CHECKPOINT_LABEL: resource.metadata.name, CHECKPOINT_ID_LABEL: ckpt}
+    labels = {
+        CHECKPOINT_LABEL: resource.metadata.name,
+        CHECKPOINT_ID_LABEL: ckpt,
+        CHECKPOINT_UID_LABEL: resource.metadata.uid,
+    }
+    target_name = resource.spec.job.target_container_name
     template = copy.deepcopy(resource.spec.job.pod_template_spec)
     meta = template.setdefault("metadata", {})
     meta["labels"] = {**(meta.get("labels") or {}), **labels}
-    meta["annotations"] = {**(meta.get("annotations") or {}), **_MESH_OFF}
+    meta["annotations"] = {
+        **(meta.get("annotations") or {}),
+        **_MESH_OFF,
+        TARGET_CONTAINER_ANNOTATION: target_name,
+    }
     pod = template.setdefault("spec", {})
     pod["restartPolicy"] = "Never"
     volumes = [v for v in pod.get("volumes") or [] if v.get("name") != CONTROL_VOLUME]
     pod["volumes"] = [*volumes, {"name": CONTROL_VOLUME, "emptyDir": {}}]
 
-    target_name = resource.spec.job.target_container_name
     containers = pod["containers"]
     for container in containers:
         if container["name"] == target_name:

@@ -28,6 +28,9 @@ API_VERSION = f"{GROUP}/{VERSION}"
 CHECKPOINT_ID_LABEL = f"{GROUP}/checkpoint-id"
 CHECKPOINT_LABEL = f"{GROUP}/checkpoint"
 CLEANUP_FINALIZER = f"{GROUP}/cleanup"
+# On the capture Job's pod: which resource (by UID) and which container the watcher reports on.
+CHECKPOINT_UID_LABEL = f"{GROUP}/checkpoint-uid"
+TARGET_CONTAINER_ANNOTATION = f"{GROUP}/target-container"
 
 # The exact messages of the GMS rules (also the CEL rules' messages).
 LOADER_ON_CHECKPOINT = (

@@ -61,13 +61,19 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition"}
+_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+# Declared for discovery (kopf watches what discovery lists as watchable) and listed empty
+# before any object of theirs exists: (key, kind, subresources).
 RESOURCES = (
-    "v1/pods",
-    "batch/v1/jobs",
-    "events.k8s.io/v1/events",
-    "coordination.k8s.io/v1/leases",
-    "warmstart.dev/v1alpha1/checkpoints",
-    "warmstart.dev/v1alpha1/podsnapshots",
+    ("v1/namespaces", "Namespace", {"status"}),
+    ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", set()),
+    ("v1/pods", "Pod", {"status"}),
+    ("batch/v1/jobs", "Job", {"status"}),
+    ("events.k8s.io/v1/events", "Event", set()),
+    ("coordination.k8s.io/v1/leases", "Lease", set()),
+    ("warmstart.dev/v1alpha1/checkpoints", "Checkpoint", {"status"}),
+    ("warmstart.dev/v1alpha1/podsnapshots", "PodSnapshot", {"status"}),
 )
 
 
@@ -76,8 +82,13 @@ class Cluster:
 
     def __init__(self, emulator: Emulator, url: str) -> None:
         self.emulator = emulator
-        for resource in RESOURCES:  # listed (empty) before any object of theirs exists
-            emulator.resources[resource] = {}
+        for key, kind, subresources in RESOURCES:
+            emulator.resources[key] = kmock.ResourceInfo(
+                kind=kind,
+                namespaced=kind not in _CLUSTER_SCOPED,
+                verbs=_VERBS,
+                subresources=subresources,
+            )
         configuration = client.Configuration()
         configuration.host = url.rstrip("/")
         self.api = client.ApiClient(configuration)

@@ -27,7 +27,7 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowQueryFailedError,
 )
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.service import RPCError
 
@@ -109,9 +109,15 @@ def local_capture_request(
 async def start_capture(
     client: Client, request: CaptureRequest
 ) -> WorkflowHandle[CaptureWorkflow, CaptureResult]:
-    """Start (or join) the capture of `request.name`: one workflow per name and checkpoint ID."""
-    workflow_id = capture_workflow_id(
-        namespace=request.namespace, name=request.name, key=request.checkpoint_id
+    """Start (or join) the capture of `request.name`: one workflow per name and checkpoint ID
+    (local mode), one per resource UID (cluster), which never runs twice: a resource whose
+    capture ended is not captured again."""
+    key = request.resource.uid if request.resource is not None else request.checkpoint_id
+    workflow_id = capture_workflow_id(namespace=request.namespace, name=request.name, key=key)
+    reuse = (
+        WorkflowIDReusePolicy.REJECT_DUPLICATE
+        if request.resource is not None
+        else WorkflowIDReusePolicy.ALLOW_DUPLICATE
     )
     return await client.start_workflow(
         CAPTURE_WORKFLOW,
@@ -120,6 +126,7 @@ async def start_capture(
         id=workflow_id,
         task_queue=request.control_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=reuse,
         static_summary=f"capture {request.name} ({request.checkpoint_id})",
         search_attributes=visibility.start_attributes(
             namespace=request.namespace,

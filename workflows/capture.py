@@ -303,7 +303,14 @@ class CaptureWorkflow:
         deadline: datetime,
     ) -> PodObservation:
         """Wait until the pod has `reached` what is awaited: signals are the cheap path; a
-        read of the pod every `read_every_seconds` covers a watcher that missed one."""
+        read of the pod every `read_every_seconds` covers a watcher that missed one. A
+        running pod (a PodSnapshot's) is read at once: no watcher reports on it."""
+        if query.pod_name and not self._seen.pod_name:
+            self._observe(
+                await self._control(
+                    ClusterControlActivities.read_capture_pod, query, f"read pod {query.pod_name}"
+                )
+            )
         while True:
             if self._seen.failure:
                 raise PipelineFailedError(self._seen.failure, reason=Reason.WORKLOAD_EXITED)

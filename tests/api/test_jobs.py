@@ -68,11 +68,16 @@ def test_the_job_runs_once_with_its_deadline_and_labels() -> None:
     labels = {
         "warmstart.dev/checkpoint": "llama",
         "warmstart.dev/checkpoint-id": "96429b2725761a09",
+        "warmstart.dev/checkpoint-uid": "uid-1",
     }
     assert job["metadata"]["labels"] == labels
     assert spec["template"]["metadata"]["labels"] == {"app": "llama", **labels}
     annotations = spec["template"]["metadata"]["annotations"]
-    assert annotations == {"sidecar.istio.io/inject": "false", "linkerd.io/inject": "disabled"}
+    assert annotations == {
+        "sidecar.istio.io/inject": "false",
+        "linkerd.io/inject": "disabled",
+        "warmstart.dev/target-container": "main",
+    }
     [owner] = job["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("Checkpoint", "uid-1", True)
     assert job["metadata"]["name"] == "llama-96429b2725761a09"

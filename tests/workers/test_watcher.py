@@ -1,0 +1,316 @@
+"""The watcher: kopf handlers against an emulated API server (tests/kube.py) and the real
+Temporal dev server, with a stand-in capture workflow that records what it is sent."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from temporalio import workflow
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
+
+from activities.contracts import PodObservation
+from api.naming import CAPTURE_WORKFLOW
+from api.resources import SAVER_WITHOUT_GMS, Checkpoint, PodSnapshot
+from tests.kube import Cluster, start_cluster
+from workers.leader import LeaseElector
+from workers.watcher import (
+    KopfThread,
+    WatcherSettings,
+    build_registry,
+    capture_request,
+    observe,
+    signals_for,
+)
+from workflows.contracts import CaptureRequest
+
+pytestmark = pytest.mark.timeout(120)
+TEMPLATE = {"spec": {"containers": [{"name": "main", "image": "vllm/vllm-openai:v0.8.0"}]}}
+
+
+@workflow.defn(name=CAPTURE_WORKFLOW, sandboxed=False)
+class StandInCapture:
+    """Records its request and signals; ends when cancelled."""
+
+    def __init__(self) -> None:
+        self.signals: list[tuple[str, str]] = []
+        self.request: CaptureRequest | None = None
+
+    @workflow.run
+    async def run(self, request: CaptureRequest) -> None:
+        self.request = request
+        await workflow.wait_condition(lambda: False)
+
+    @workflow.signal
+    def pod_scheduled(self, seen: PodObservation) -> None:
+        self.signals.append(("pod_scheduled", seen.node_name))
+
+    @workflow.signal
+    def container_ready(self, seen: PodObservation) -> None:
+        self.signals.append(("container_ready", seen.pod_name))
+
+    @workflow.signal
+    def pod_failed(self, seen: PodObservation) -> None:
+        self.signals.append(("pod_failed", seen.failure))
+
+    @workflow.query
+    def seen(self) -> list[tuple[str, str]]:
+        return self.signals
+
+    @workflow.query
+    def request_of(self) -> CaptureRequest:
+        assert self.request is not None
+        return self.request
+
+
+@pytest_asyncio.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async for running in start_cluster():
+        yield running
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"control-{uuid.uuid4().hex[:8]}"
+
+
+@pytest_asyncio.fixture
+async def stand_in(client: Client, queue: str) -> AsyncIterator[None]:
+    async with Worker(client, task_queue=queue, workflows=[StandInCapture]):
+        yield
+
+
+def watcher(client: Client, cluster: Cluster, queue: str) -> KopfThread:
+    target = client.service_client.config.target_host
+
+    async def connect() -> Client:
+        return await Client.connect(target, data_converter=pydantic_data_converter)
+
+    settings = WatcherSettings(control_task_queue=queue, kube_server=cluster.api.configuration.host)
+    return KopfThread(build_registry(settings, connect))
+
+
+@pytest.fixture
+def running(client: Client, cluster: Cluster, queue: str) -> Iterator[list[KopfThread]]:
+    threads: list[KopfThread] = []
+    yield threads
+    for thread in threads:
+        thread.stop()
+
+
+def checkpoint(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "warmstart.dev/v1alpha1",
+        "kind": "Checkpoint",
+        "metadata": {"name": "llama", "namespace": "inference"},
+        "spec": {
+            "identity": {"model": "meta-llama/Llama-2-7b-hf", "backendFramework": "vllm"},
+            "job": {"podTemplateSpec": TEMPLATE},
+            **spec,
+        },
+    }
+
+
+def container_status(
+    name: str, *, ready: bool, state: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "ready": ready,
+        "state": state or {"running": {}},
+        "image": "i",
+        "imageID": "",
+        "restartCount": 0,
+    }
+
+
+def capture_pod(uid: str, *, node: str = "", ready: bool = False) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "llama-96429b2725761a09-x1",
+            "namespace": "inference",
+            "labels": {"warmstart.dev/checkpoint": "llama", "warmstart.dev/checkpoint-uid": uid},
+            "annotations": {"warmstart.dev/target-container": "main"},
+        },
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "i"}]},
+        "status": {"containerStatuses": [container_status("main", ready=ready)]},
+    }
+
+
+async def _runs(client: Client, workflow_id: str) -> list[Any]:
+    return [run async for run in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
+
+
+async def test_a_checkpoint_gets_one_capture_fed_by_pod_signals_and_cancelled_on_delete(
+    client: Client, cluster: Cluster, queue: str, stand_in: None, running: list[KopfThread]
+) -> None:
+    first = watcher(client, cluster, queue)
+    running.append(first)
+    await asyncio.to_thread(first.start)
+    uid = (await cluster.create("checkpoints", checkpoint()))["metadata"]["uid"]
+    workflow_id = f"capture/inference/llama/{uid}"
+    handle = client.get_workflow_handle(workflow_id)
+
+    async def started() -> bool:
+        return len(await _runs(client, workflow_id)) == 1
+
+    for _ in range(200):
+        if await started():
+            break
+        await asyncio.sleep(0.05)
+    assert await started(), "the watcher started no capture"
+    request = await handle.query(StandInCapture.request_of)
+    assert request.resource.uid == uid and request.cluster.container == "main"
+
+    await cluster.run(
+        cluster.core.create_namespaced_pod, "inference", capture_pod(uid, node="gpu-1")
+    )
+    await wait_for_signals(handle, [("pod_scheduled", "gpu-1")])
+    await cluster.run(
+        cluster.core.patch_namespaced_pod_status,
+        "llama-96429b2725761a09-x1",
+        "inference",
+        {"status": {"containerStatuses": [container_status("main", ready=True)]}},
+    )
+    await wait_for_signals(
+        handle, [("pod_scheduled", "gpu-1"), ("container_ready", "llama-96429b2725761a09-x1")]
+    )
+
+    # A restarted watcher (fresh memory) starts no second capture and sets no status.
+    first.stop()
+    second = watcher(client, cluster, queue)
+    running.append(second)
+    await asyncio.to_thread(second.start)
+    await asyncio.sleep(1.0)
+    assert len(await _runs(client, workflow_id)) == 1
+    assert "status" not in await cluster.get("checkpoints", "inference", "llama")
+    meta = (await cluster.get("checkpoints", "inference", "llama"))["metadata"]
+    assert "warmstart.dev/cleanup" in meta["finalizers"]
+
+    # Deleting the resource cancels the capture; the finalizer goes once it has ended.
+    await cluster.run(
+        cluster.custom.delete_namespaced_custom_object,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "llama",
+    )
+    for _ in range(400):
+        if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    assert (await handle.describe()).status == WorkflowExecutionStatus.CANCELED
+    await wait_gone(cluster, "llama")
+
+
+async def wait_for_signals(handle: Any, expected: list[tuple[str, str]]) -> None:
+    for _ in range(200):
+        seen = [tuple(s) for s in await handle.query(StandInCapture.seen)]
+        if seen == expected:
+            return
+        await asyncio.sleep(0.05)
+    assert seen == expected
+
+
+async def wait_gone(cluster: Cluster, name: str) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    for _ in range(400):
+        try:
+            await cluster.get("checkpoints", "inference", name)
+        except ApiException as err:
+            assert err.status == 404
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} was never released by its finalizer")
+
+
+async def test_a_refused_spec_fails_with_the_message_and_starts_nothing(
+    client: Client, cluster: Cluster, queue: str, running: list[KopfThread]
+) -> None:
+    thread = watcher(client, cluster, queue)
+    running.append(thread)
+    await asyncio.to_thread(thread.start)
+    bad = checkpoint(gpuMemoryService={"checkpoint": {"saver": {"image": "gms:1"}}})
+    uid = (await cluster.create("checkpoints", bad))["metadata"]["uid"]
+
+    async def status() -> dict[str, Any]:
+        return (await cluster.get("checkpoints", "inference", "llama")).get("status") or {}
+
+    for _ in range(200):
+        if (await status()).get("phase") == "Failed":
+            break
+        await asyncio.sleep(0.05)
+    assert (await status())["phase"] == "Failed"
+    assert SAVER_WITHOUT_GMS in (await status())["message"]
+    assert await _runs(client, f"capture/inference/llama/{uid}") == []
+
+
+def test_pod_observations_and_their_signals() -> None:
+    pod = capture_pod("u", node="gpu-3", ready=True)
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    pod["status"]["containerStatuses"].append(container_status("sidecar", ready=False, state=oom))
+    seen = observe(pod)
+    assert (seen.node_name, seen.container_ready) == ("gpu-3", True)
+    assert seen.failure == "container sidecar exited with code 137 (OOMKilled)"
+    assert signals_for(seen) == ["pod_scheduled", "container_ready", "pod_failed"]
+    assert signals_for(observe(capture_pod("u"))) == []
+
+
+async def test_one_replica_holds_the_lease_until_it_stops_renewing(cluster: Cluster) -> None:
+    a = LeaseElector(cluster.api, namespace="warmstart-system", identity="a", duration_seconds=1)
+    b = LeaseElector(cluster.api, namespace="warmstart-system", identity="b", duration_seconds=1)
+    assert await a.try_acquire()
+    assert not await b.try_acquire()
+    assert await a.renew()
+    stop = asyncio.Event()
+    acquired = asyncio.ensure_future(b.acquire(stop))
+    await asyncio.sleep(0.5)
+    assert not acquired.done()  # a renewed moments ago: b waits
+    assert await asyncio.wait_for(acquired, 5)  # a stops renewing (it died): b takes over
+    assert not await a.renew()
+    lease = await cluster.run(
+        cluster.leases.read_namespaced_lease, "warmstart-watcher", "warmstart-system"
+    )
+    assert (lease.spec.holder_identity, lease.spec.lease_transitions) == ("b", 1)
+    await b.release()
+    assert await a.try_acquire()  # released: no need to wait for expiry
+
+
+def test_requests_for_both_resources() -> None:
+    settings = WatcherSettings(control_task_queue="q", read_every_seconds=5)
+    ckpt = Checkpoint.model_validate(
+        checkpoint(job={"podTemplateSpec": TEMPLATE, "activeDeadlineSeconds": 900})
+        | {"metadata": {"name": "llama", "namespace": "inference", "uid": "u1"}}
+    )
+    request = capture_request(ckpt, settings)
+    assert (request.checkpoint_id, request.node, request.resource.kind) == (
+        "96429b2725761a09",
+        "",
+        "Checkpoint",
+    )
+    assert (request.cluster.deadline_seconds, request.cluster.read_every_seconds) == (900, 5)
+    snap = PodSnapshot.model_validate(
+        {
+            "metadata": {"name": "snap", "namespace": "inference", "uid": "u2"},
+            "spec": {
+                "source": {"podRef": {"name": "llama-0", "uid": "p1", "containers": ["engine"]}}
+            },
+        }
+    )
+    request = capture_request(snap, settings)
+    assert (request.cluster.pod_name, request.cluster.pod_uid, request.cluster.container) == (
+        "llama-0",
+        "p1",
+        "engine",
+    )
+    assert request.checkpoint_id == snap.checkpoint_id

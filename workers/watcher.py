@@ -1,0 +1,336 @@
+"""The watcher: kopf handlers over Checkpoint and PodSnapshot resources and capture pods.
+
+It stays thin. It starts the capture workflow of a resource (ID
+`capture/<namespace>/<name>/<uid>`, conflict policy USE_EXISTING, a closed one never run
+again), turns what it sees of a capture pod (scheduled on a node, target container Ready,
+a container failed) into signals, and on deletion cancels the workflow and holds the
+resource with the finalizer `warmstart.dev/cleanup` until the workflow has cleaned up.
+Everything else — the Job, status, Events, the dump — is the workflow's.
+
+kopf runs standalone (no kopf peering) in its own thread and event loop, under the Lease
+elector of `workers.leader`, so one replica is active.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.contracts import PodObservation, ResourceRef
+from api.naming import capture_workflow_id
+from api.reasons import Phase
+from api.resources import (
+    CHECKPOINT_LABEL,
+    CHECKPOINT_UID_LABEL,
+    CLEANUP_FINALIZER,
+    GROUP,
+    IDENTITY_IMMUTABLE,
+    TARGET_CONTAINER_ANNOTATION,
+    VERSION,
+    Checkpoint,
+    PodSnapshot,
+)
+from workers.operations import start_capture
+from workflows.contracts import CaptureRequest, ClusterTarget
+
+# Signals of the capture workflow (its @workflow.signal names).
+POD_SCHEDULED, CONTAINER_READY, POD_FAILED = "pod_scheduled", "container_ready", "pod_failed"
+_FINISHED = {Phase.READY.value, Phase.FAILED.value}
+_CANCEL_WAIT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class WatcherSettings:
+    control_task_queue: str
+    kube_server: str | None = None  # None: in-cluster service account or kubeconfig
+    read_every_seconds: float = 30.0
+
+
+def capture_request(
+    resource: Checkpoint | PodSnapshot, settings: WatcherSettings
+) -> CaptureRequest:
+    """The capture workflow's request for a resource."""
+    meta = resource.metadata
+    ref = ResourceRef.model_validate(
+        {"kind": resource.kind, "namespace": meta.namespace, "name": meta.name, "uid": meta.uid}
+    )
+    gms = resource.spec.gpu_memory_service.enabled
+    if isinstance(resource, Checkpoint):
+        job = resource.spec.job
+        target = ClusterTarget(
+            container=job.target_container_name,
+            gms=gms,
+            deadline_seconds=job.active_deadline_seconds,
+            read_every_seconds=settings.read_every_seconds,
+        )
+        identity = resource.spec.identity
+    else:
+        pod = resource.spec.source.pod_ref
+        target = ClusterTarget(
+            container=pod.containers[0],
+            pod_name=pod.name,
+            pod_uid=pod.uid,
+            gms=gms,
+            read_every_seconds=settings.read_every_seconds,
+        )
+        identity = resource.spec.identity or _pod_identity(pod.uid, pod.containers[0])
+    return CaptureRequest(
+        namespace=meta.namespace,
+        name=meta.name,
+        identity=identity,
+        checkpoint_id=resource.checkpoint_id,
+        node="",
+        resource=ref,
+        cluster=target,
+        control_task_queue=settings.control_task_queue,
+    )
+
+
+def _pod_identity(pod_uid: str, container: str) -> Any:
+    """A PodSnapshot without identity is recorded under its pod (the ID hashes the pod)."""
+    from api.identity import CheckpointIdentity
+
+    return CheckpointIdentity(
+        model=f"pod/{pod_uid}/{container}",
+        backend_framework="vllm",
+        extra_parameters={"podUID": pod_uid, "container": container},
+    )
+
+
+def observe(pod: dict[str, Any]) -> PodObservation:
+    """What a capture pod says about its target container (the one its annotation names)."""
+    meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
+    target = (meta.get("annotations") or {}).get(TARGET_CONTAINER_ANNOTATION, "main")
+    ready, failure = False, ""
+    for container in [
+        *status.get("initContainerStatuses", []),
+        *status.get("containerStatuses", []),
+    ]:
+        if container.get("name") == target:
+            ready = bool(container.get("ready"))
+        terminated = (container.get("state") or {}).get("terminated") or {}
+        code = terminated.get("exitCode")
+        if code not in (None, 0):
+            reason = terminated.get("reason") or "Error"
+            failure = f"container {container.get('name')} exited with code {code} ({reason})"
+    if status.get("phase") == "Failed" and not failure:
+        failure = f"pod {meta.get('name')} failed: {status.get('reason') or 'unknown reason'}"
+    return PodObservation(
+        pod_name=meta.get("name", ""),
+        pod_uid=meta.get("uid", ""),
+        node_name=spec.get("nodeName") or "",
+        container_ready=ready,
+        failure=failure,
+    )
+
+
+def signals_for(seen: PodObservation) -> list[str]:
+    """The signals an observation is worth, in the order the workflow awaits them."""
+    out = []
+    if seen.node_name:
+        out.append(POD_SCHEDULED)
+    if seen.container_ready:
+        out.append(CONTAINER_READY)
+    if seen.failure:
+        out.append(POD_FAILED)
+    return out
+
+
+def build_registry(
+    settings: WatcherSettings, connect: Callable[[], Awaitable[Client]]
+) -> kopf.OperatorRegistry:
+    """The watcher's handlers; `connect` makes the Temporal client in kopf's own loop."""
+    registry = kopf.OperatorRegistry()
+    signalled: dict[str, tuple[str, ...]] = {}  # pod UID → signals sent (no repeats)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = CLEANUP_FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration"
+        )
+        settings.posting.enabled = False  # Events are the workflow's
+        memo["temporal"] = await connect()
+
+    if settings.kube_server is not None:
+        server = settings.kube_server
+
+        @kopf.on.login(registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=server)
+
+    async def capture(
+        model: type[Checkpoint] | type[PodSnapshot],
+        body: kopf.Body,
+        memo: kopf.Memo,
+        patch: kopf.Patch,
+        logger: kopf.Logger,
+    ) -> None:
+        if (body.get("status") or {}).get("phase") in _FINISHED:
+            return  # captured or failed already: a restart must not start it again
+        try:
+            resource = model.model_validate(dict(body))
+        except ValidationError as err:
+            message = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+            )
+            logger.warning("refused: %s", message)
+            patch.status["phase"] = Phase.FAILED.value
+            patch.status["message"] = message
+            return
+        try:
+            handle = await start_capture(memo["temporal"], capture_request(resource, settings))
+        except WorkflowAlreadyStartedError:
+            return  # its capture ran before (closed): never again for this UID
+        logger.info("capture workflow %s", handle.id)
+
+    for model, plural in ((Checkpoint, "checkpoints"), (PodSnapshot, "podsnapshots")):
+
+        @kopf.on.resume(GROUP, VERSION, plural, registry=registry)
+        @kopf.on.create(GROUP, VERSION, plural, registry=registry)
+        async def on_resource(
+            body: kopf.Body,
+            memo: kopf.Memo,
+            patch: kopf.Patch,
+            logger: kopf.Logger,
+            model: type[Checkpoint] | type[PodSnapshot] = model,
+            **_: Any,
+        ) -> None:
+            await capture(model, body, memo, patch, logger)
+
+        @kopf.on.update(GROUP, VERSION, plural, field="spec.identity", registry=registry)
+        async def on_identity_change(
+            old: Any, new: Any, patch: kopf.Patch, logger: kopf.Logger, **_: Any
+        ) -> None:
+            if old is not None and old != new:
+                logger.warning("refused: %s", IDENTITY_IMMUTABLE)
+                patch.status["phase"] = Phase.FAILED.value
+                patch.status["message"] = IDENTITY_IMMUTABLE
+
+        @kopf.on.delete(GROUP, VERSION, plural, registry=registry)
+        async def on_delete(
+            namespace: str | None, name: str, uid: str, memo: Any, logger: kopf.Logger, **_: Any
+        ) -> None:
+            await _cancel_and_wait(memo["temporal"], namespace or "default", name, uid, logger)
+
+    @kopf.on.event("", "v1", "pods", labels={CHECKPOINT_UID_LABEL: kopf.PRESENT}, registry=registry)
+    async def on_capture_pod(
+        event: kopf.RawEvent, memo: Any, logger: kopf.Logger, **_: Any
+    ) -> None:
+        pod: dict[str, Any] = dict(event["object"])
+        if event.get("type") == "DELETED":
+            signalled.pop(pod["metadata"].get("uid", ""), None)
+            return
+        labels = pod["metadata"].get("labels") or {}
+        seen = observe(pod)
+        wanted = tuple(signals_for(seen))
+        if signalled.get(seen.pod_uid) == wanted:
+            return
+        workflow_id = capture_workflow_id(
+            namespace=pod["metadata"]["namespace"],
+            name=labels.get(CHECKPOINT_LABEL, ""),
+            key=labels[CHECKPOINT_UID_LABEL],
+        )
+        handle = memo["temporal"].get_workflow_handle(workflow_id)
+        for signal in wanted:
+            if signal not in signalled.get(seen.pod_uid, ()):
+                try:
+                    await handle.signal(signal, seen)
+                except RPCError as err:
+                    if err.status != RPCStatusCode.NOT_FOUND:
+                        raise
+                    logger.info("no running capture %s for pod signal %s", workflow_id, signal)
+        signalled[seen.pod_uid] = wanted
+
+    return registry
+
+
+async def _cancel_and_wait(
+    client: Client, namespace: str, name: str, uid: str, logger: kopf.Logger
+) -> None:
+    """Cancel the resource's capture and wait until it closed (its cleanup ran)."""
+    handle = client.get_workflow_handle(
+        capture_workflow_id(namespace=namespace, name=name, key=uid)
+    )
+    try:
+        description = await handle.describe()
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            return  # never started (refused spec): nothing to clean up
+        raise
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return
+    logger.info("cancelling capture %s", handle.id)
+    await handle.cancel()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _CANCEL_WAIT_SECONDS
+    while loop.time() < deadline:
+        if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+            return
+        await asyncio.sleep(0.5)
+    raise kopf.TemporaryError(f"capture {handle.id} is still cleaning up", delay=5)
+
+
+class KopfThread:
+    """kopf in its own thread and loop (it cancels other tasks of a shared loop on exit)."""
+
+    def __init__(self, registry: kopf.OperatorRegistry) -> None:
+        self._registry = registry
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kopf", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(
+            kopf.operator(
+                registry=self._registry,
+                standalone=True,
+                clusterwide=True,
+                stop_flag=self._stop,
+                ready_flag=self._ready,
+            )
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("kopf did not start")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+async def run_watcher(
+    settings: WatcherSettings,
+    *,
+    connect: Callable[[], Awaitable[Client]],
+    elector: Any,
+    stop: asyncio.Event,
+) -> None:
+    """Wait for the Lease, run kopf while it is held, stop kopf when it is lost; again,
+    until `stop`. `elector` is a `workers.leader.LeaseElector`."""
+    registry = build_registry(settings, connect)
+    while await elector.acquire(stop):
+        operator = KopfThread(registry)
+        await asyncio.to_thread(operator.start)
+        try:
+            await elector.hold(stop)
+        finally:
+            await asyncio.to_thread(operator.stop)
+        if stop.is_set():
+            await elector.release()
