@@ -4,9 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup venv criu lint test demo clean-state
+.PHONY: setup venv criu containerd lint test demo clean-state
 
-setup: venv criu
+setup: venv criu containerd
 
 # uv installs the locked dependency set in seconds where pip takes many minutes. Bytecode is
 # compiled at install (and ours on every setup): where PYTHONDONTWRITEBYTECODE is set, every
@@ -20,6 +20,10 @@ $(VENV)/.synced: pyproject.toml uv.lock
 # CRIU >= 4.2 when missing (built once, installed to /usr/local); skipped when not root.
 criu:
 	@bash scripts/install-criu.sh
+
+# containerd, runc and iptables for the container tests, when missing (root only).
+containerd:
+	@bash scripts/install-containerd.sh
 
 lint: venv
 	$(BIN)/ruff check .

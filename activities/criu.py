@@ -28,6 +28,20 @@ RESTORE_LOG = "restore.log"
 IMAGES_DIR = "criu"
 # A dumped pid-namespace init keeps its tree's PIDs; the session is inside the tree.
 DUMP_OPTIONS = ("-v4",)
+CONTAINER_DUMP_OPTIONS = (
+    "--leave-running",
+    "--ext-mount-map",
+    "auto",
+    "--enable-external-sharing",
+    "--enable-external-masters",
+    "--manage-cgroups=ignore",
+    "--tcp-established",
+    "--file-locks",
+    "--ext-unix-sk",
+    "--link-remap",
+    "--ghost-limit",
+    "512M",
+)
 # Default verbosity: -v4 logging costs tens of milliseconds on the latency-bound restore path.
 RESTORE_OPTIONS = ("--restore-detached",)
 _ERROR_LINE = re.compile(r"\b(Error|error|Fail|fail|Can't|can't|Unable|unable)\b")
@@ -50,6 +64,25 @@ class Criu:
     def dump_command(self, *, pid: int, images_dir: Path) -> list[str]:
         images = ["--images-dir", str(images_dir), "--log-file", DUMP_LOG]
         return [self.path, "dump", "--tree", str(pid), *images, *DUMP_OPTIONS]
+
+    def container_dump_command(self, *, pid: int, images_dir: Path, netns_inode: int) -> list[str]:
+        """A container's init: its root and mounts as the container sees them (mounts outside
+        CRIU's view are external), its network namespace external (the pod keeps it), TCP
+        connections kept, and the tree left running (the workload decides when to exit)."""
+        images = ["--images-dir", str(images_dir), "--log-file", DUMP_LOG]
+        return [
+            self.path,
+            "dump",
+            "--tree",
+            str(pid),
+            *images,
+            *DUMP_OPTIONS,
+            *CONTAINER_DUMP_OPTIONS,
+            "--root",
+            f"/proc/{pid}/root",
+            "--external",
+            f"net[{netns_inode}]:extNetNs",
+        ]
 
     def restore_command(self, *, images_dir: Path, work_dir: Path, pidfile: Path) -> list[str]:
         dirs = ["--images-dir", str(images_dir), "--work-dir", str(work_dir)]
@@ -142,25 +175,33 @@ class CriuActivities:
             raise
 
     async def _run_dump(self, request: DumpInput, images: Path) -> None:
-        command = _dies_with_worker(self._criu.dump_command(pid=request.pid, images_dir=images))
-        proc = await _spawn_uncancelled(command)
-        # Read stderr while CRIU runs: a full pipe would block CRIU, and with it the dump.
-        errors = asyncio.ensure_future(_tail(proc.stderr))
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(asyncio.shield(proc.wait()), _HEARTBEAT_SECONDS)
-                    break
-                except TimeoutError:
-                    activity.heartbeat(Heartbeat(stage="dumping", bytes=tree_size(images)))
-        except asyncio.CancelledError:
-            await _kill_group(proc)
-            errors.cancel()
-            raise
-        stderr = await errors
-        if proc.returncode != 0:
-            detail = log_errors(images / DUMP_LOG) or stderr.strip()
-            raise DumpFailedError(
-                f"checkpoint {request.name} ({request.checkpoint_id}): criu dump of pid "
-                f"{request.pid} failed with exit code {proc.returncode}; dump.log:\n{detail}"
-            )
+        command = self._criu.dump_command(pid=request.pid, images_dir=images)
+        what = (
+            f"checkpoint {request.name} ({request.checkpoint_id}): criu dump of pid {request.pid}"
+        )
+        await run_dump(command, images, what=what)
+
+
+async def run_dump(command: list[str], images: Path, *, what: str) -> None:
+    """Run a CRIU dump into `images`, heartbeating the bytes written; it dies with the node
+    worker, a cancel kills it and what it started, a failure is DumpFailed with dump.log."""
+    proc = await _spawn_uncancelled(_dies_with_worker(command))
+    # Read stderr while CRIU runs: a full pipe would block CRIU, and with it the dump.
+    errors = asyncio.ensure_future(_tail(proc.stderr))
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), _HEARTBEAT_SECONDS)
+                break
+            except TimeoutError:
+                activity.heartbeat(Heartbeat(stage="dumping", bytes=tree_size(images)))
+    except asyncio.CancelledError:
+        await _kill_group(proc)
+        errors.cancel()
+        raise
+    stderr = await errors
+    if proc.returncode != 0:
+        detail = log_errors(images / DUMP_LOG) or stderr.strip()
+        raise DumpFailedError(
+            f"{what} failed with exit code {proc.returncode}; dump.log:\n{detail}"
+        )

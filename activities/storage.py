@@ -214,7 +214,7 @@ class StorageActivities:
             created_at=datetime.now(UTC),
             source=self._source(request),
             criu=self._criu,
-            host=_host_info(),
+            host=host_info(),
             files=digest_tree(staging),
         )
         final = self._store.commit(staging, manifest)
@@ -248,7 +248,7 @@ def _result(final: Path, manifest: Manifest) -> CommitResult:
     return CommitResult(storage_uri=final.as_uri(), size_bytes=manifest.size_bytes)
 
 
-def _host_info() -> HostInfo:
+def host_info() -> HostInfo:
     gpu = read_gpu_facts()
     return HostInfo(
         kernel=platform.release(),

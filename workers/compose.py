@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.containerd import Containerd, ContainerdActivities
 from activities.criu import DUMP_OPTIONS, Criu, CriuActivities
 from activities.errors import ErrorMapping
 from activities.layout import NodeLayout
@@ -78,11 +80,24 @@ def node_worker(
     dumping = CriuActivities(criu=criu, store=store)
     restoring = RestoreActivities(criu=criu, store=store, layout=layout)
     sentinels = SentinelActivities(layout=layout)
+    containers: list[Callable[..., Any]] = []
+    if settings.node.containerd_address:
+        runtime = Containerd(address=settings.node.containerd_address)
+        pods = ContainerdActivities(
+            runtime=runtime, criu=criu, store=store, node=settings.node.name
+        )
+        containers = [
+            pods.await_gms_saved,
+            pods.dump_container,
+            pods.commit_container,
+            pods.write_container_sentinel,
+        ]
     return Worker(
         client,
         task_queue=node_task_queue(settings.node.name),
         workflows=[RestoreWorkflow],
         activities=[
+            *containers,
             local.launch_workload,
             local.await_workload_ready,
             local.stop_workload,

@@ -55,6 +55,8 @@ class NodeSettings:
     # Pollers hold activity slots while they wait; eager dispatch needs a free one left over.
     max_concurrent_activities: int = 16
     activity_pollers: int = 2
+    # The node's containerd socket: set on cluster nodes, where pods' containers are dumped.
+    containerd_address: str | None = None
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,8 @@ class CaptureWorkflow:
             )
         )
 
+        if ref.kind == "PodSnapshot":
+            return commit  # the source keeps serving: no snapshot-complete to end it
         self._clock.begin("snapshot-complete")
         await self._node(
             ContainerActivities.write_container_sentinel,

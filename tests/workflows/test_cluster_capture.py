@@ -270,6 +270,7 @@ async def test_a_pod_snapshot_dumps_a_running_pod_and_leaves_it_running(harness:
         "pod-uid",
     )
     assert harness.cluster.dumps[0].leave_running is True
+    assert "write_container_sentinel" not in harness.cluster.names()  # it keeps serving
 
 
 async def test_gms_waits_for_the_saver_before_the_dump(harness: Harness) -> None:

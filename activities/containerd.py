@@ -1,0 +1,265 @@
+"""The node side of a cluster capture on containerd: find the pod's container, dump it with
+CRIU, commit the version, and talk the sentinel protocol through the container's own root.
+
+The container is found through containerd (namespace `k8s.io`) by the labels the kubelet
+sets (`io.kubernetes.pod.uid`, `io.kubernetes.container.name`), with the `ctr` client
+against the node's containerd socket. Files inside the container are reached through
+`/proc/<pid>/root` and opened component by component without following symbolic links,
+so a link planted in the container cannot send a write elsewhere on the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+
+from activities.containers import ContainerActivities
+from activities.contracts import (
+    CommitResult,
+    ContainerCommitInput,
+    ContainerDumpInput,
+    ContainerSentinelInput,
+    ContainerTarget,
+    GmsSavedInput,
+    Heartbeat,
+)
+from activities.criu import CONTAINER_DUMP_OPTIONS, DUMP_OPTIONS, IMAGES_DIR, Criu, run_dump
+from activities.sentinels import wait_for_file
+from activities.storage import CheckpointStore, digest_tree, host_info, make_private
+from api.errors import DumpFailedError, InvalidSpecError, WorkloadExitedError, WorkloadNotReadyError
+from api.manifest import CriuInfo, Manifest, SourceInfo
+
+CONTROL_DIR = "snapshot-control"  # at the container's root (api.jobs.CONTROL_DIR)
+POD_UID_LABEL = "io.kubernetes.pod.uid"
+CONTAINER_NAME_LABEL = "io.kubernetes.container.name"
+
+
+@dataclass(frozen=True)
+class Located:
+    """A running container: its containerd ID, init PID and what its spec says."""
+
+    container_id: str
+    pid: int
+    image: str
+    command: tuple[str, ...]
+    cwd: str
+
+
+@dataclass(frozen=True)
+class Containerd:
+    """containerd through its `ctr` client (namespace `k8s.io`, as under the kubelet)."""
+
+    address: str
+    ctr: str = "ctr"
+    namespace: str = "k8s.io"
+
+    async def _ctr(self, *args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            self.ctr,
+            "--address",
+            self.address,
+            "--namespace",
+            self.namespace,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise DumpFailedError(
+                f"containerd at {self.address}: ctr {' '.join(args)}: {err.decode().strip()}"
+            )
+        return out.decode()
+
+    async def locate(self, target: ContainerTarget) -> Located:
+        where = f"container {target.container} of pod {target.namespace}/{target.pod_name}"
+        selector = (
+            f'labels."{POD_UID_LABEL}"=={target.pod_uid},'
+            f'labels."{CONTAINER_NAME_LABEL}"=={target.container}'
+        )
+        ids = (await self._ctr("containers", "list", "--quiet", selector)).split()
+        if not ids:
+            raise WorkloadExitedError(f"{where} (pod UID {target.pod_uid}) is not on this node")
+        tasks = _tasks(await self._ctr("tasks", "list"))
+        running = [(cid, tasks[cid]) for cid in ids if tasks.get(cid, (0, ""))[1] == "RUNNING"]
+        if not running:
+            raise WorkloadExitedError(f"{where} is not running")
+        container_id, (pid, _status) = running[-1]
+        info: dict[str, Any] = json.loads(await self._ctr("containers", "info", container_id))
+        process = (info.get("Spec") or {}).get("process") or {}
+        return Located(
+            container_id=container_id,
+            pid=pid,
+            image=info.get("Image") or "",
+            command=tuple(process.get("args") or ()),
+            cwd=process.get("cwd") or "/",
+        )
+
+
+def _tasks(listing: str) -> dict[str, tuple[int, str]]:
+    """`ctr tasks list` → container ID: (PID, status)."""
+    found = {}
+    for line in listing.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 3 and fields[1].isdigit():
+            found[fields[0]] = (int(fields[1]), fields[2])
+    return found
+
+
+def open_control_dir(pid: int) -> int:
+    """A descriptor of the container's control directory, reached without following links
+    (the container's root is the one `/proc/<pid>/root` names)."""
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY)
+    try:
+        return os.open(CONTROL_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root)
+    finally:
+        os.close(root)
+
+
+def write_sentinel_at(directory: int, name: str, content: bytes = b"done\n") -> None:
+    """`name` written atomically in `directory` (temp, fsync, rename); never through a link."""
+    tmp = f".{name}.{os.getpid()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=directory)
+    fd = os.open(tmp, flags, 0o644, dir_fd=directory)
+    try:
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)  # replaces a link itself
+    os.fsync(directory)
+
+
+def thaw(pid: int) -> None:
+    """Resume a process a failed dump left stopped (leave-running must never leave it so)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return
+    if state in ("T", "t"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+class ContainerdActivities(ContainerActivities):
+    """`ContainerActivities` for a node whose pods run in containerd."""
+
+    def __init__(
+        self, *, runtime: Containerd, criu: Criu, store: CheckpointStore, node: str
+    ) -> None:
+        self._runtime = runtime
+        self._criu = criu
+        self._store = store
+        self._node = node
+
+    @activity.defn
+    async def await_gms_saved(self, request: GmsSavedInput) -> None:
+        target = request.target
+        located = await self._runtime.locate(target)
+        control = Path(f"/proc/{located.pid}/root") / CONTROL_DIR
+        sentinel = f"gms-save-complete-{target.pod_uid}"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def check() -> None:
+            activity.heartbeat(Heartbeat(waited_seconds=round(loop.time() - started, 1)))
+
+        if await wait_for_file(control, [sentinel], timeout=request.timeout_seconds, check=check):
+            return
+        raise WorkloadNotReadyError(
+            f"pod {target.namespace}/{target.pod_name}: no {sentinel} from the GMS saver "
+            f"within {request.timeout_seconds:g} s"
+        )
+
+    @activity.defn
+    async def dump_container(self, request: ContainerDumpInput) -> None:
+        target = request.target
+        located = await self._runtime.locate(target)
+        netns = os.stat(f"/proc/{located.pid}/ns/net").st_ino
+        staging = self._store.fresh_staging(request.checkpoint_id, request.version)
+        images = staging / IMAGES_DIR
+        images.mkdir()
+        where = (
+            f"checkpoint {request.checkpoint_id}: criu dump of container {target.container} "
+            f"of pod {target.namespace}/{target.pod_name} (pid {located.pid})"
+        )
+        activity.logger.info("%s", where)
+        command = self._criu.container_dump_command(
+            pid=located.pid, images_dir=images, netns_inode=netns
+        )
+        try:
+            await run_dump(command, images, what=where)
+        except BaseException:
+            thaw(located.pid)
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            raise
+
+    @activity.defn
+    async def commit_container(self, request: ContainerCommitInput) -> CommitResult:
+        target = request.target
+        located = await self._runtime.locate(target)
+        return await asyncio.to_thread(self._commit, request, located)
+
+    def _commit(self, request: ContainerCommitInput, located: Located) -> CommitResult:
+        staging = self._store.staging_dir(request.checkpoint_id, request.version)
+        final = self._store.version_dir(request.checkpoint_id, request.version)
+        if not staging.is_dir():
+            if (final / "manifest.json").is_file():
+                manifest = Manifest.model_validate_json((final / "manifest.json").read_bytes())
+                return CommitResult(storage_uri=final.as_uri(), size_bytes=manifest.size_bytes)
+            raise DumpFailedError(f"checkpoint {request.checkpoint_id}: staging is gone")
+        make_private(staging)
+        target = request.target
+        manifest = Manifest(
+            checkpoint_id=request.checkpoint_id,
+            version=request.version,
+            identity=request.identity,
+            created_at=datetime.now(UTC),
+            source=SourceInfo(
+                node=self._node,
+                namespace=target.namespace,
+                name=request.resource_name,
+                pod=target.pod_name,
+                container=target.container,
+                image=located.image,
+                command=located.command,
+                cwd=located.cwd,
+                pid=located.pid,
+                control_dir=f"/{CONTROL_DIR}",
+            ),
+            criu=CriuInfo(
+                version=self._criu.version(), options=(*DUMP_OPTIONS, *CONTAINER_DUMP_OPTIONS)
+            ),
+            host=host_info(),
+            files=digest_tree(staging),
+        )
+        committed = self._store.commit(staging, manifest)
+        return CommitResult(storage_uri=committed.as_uri(), size_bytes=manifest.size_bytes)
+
+    @activity.defn
+    async def write_container_sentinel(self, request: ContainerSentinelInput) -> None:
+        located = await self._runtime.locate(request.target)
+        try:
+            directory = open_control_dir(located.pid)
+        except OSError as err:
+            raise InvalidSpecError(
+                f"pod {request.target.namespace}/{request.target.pod_name}: no control "
+                f"directory /{CONTROL_DIR} in container {request.target.container}: {err}"
+            ) from err
+        try:
+            write_sentinel_at(directory, request.sentinel.value)
+        finally:
+            os.close(directory)

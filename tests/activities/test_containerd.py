@@ -1,0 +1,174 @@
+"""The node side of a cluster capture against a real containerd and real CRIU: the tests
+play the kubelet (tests/containers.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.testing import ActivityEnvironment
+
+from activities.containerd import Containerd, ContainerdActivities
+from activities.contracts import (
+    ContainerCommitInput,
+    ContainerDumpInput,
+    ContainerSentinelInput,
+    ContainerTarget,
+    GmsSavedInput,
+)
+from activities.criu import Criu
+from activities.storage import CheckpointStore
+from api.errors import WorkloadExitedError, WorkloadNotReadyError
+from api.identity import CheckpointIdentity, checkpoint_id
+from api.reasons import Sentinel
+from tests.containers import Kubelet, needs_containerd, running_containerd
+from workers.settings import CriuSettings
+
+pytestmark = [needs_containerd, pytest.mark.timeout(120)]
+
+IDENTITY = CheckpointIdentity(model="m/containers", backend_framework="vllm")
+CKPT = checkpoint_id(IDENTITY)
+# Warms up (state in memory), says ready, serves until snapshot-complete, then exits 0.
+WORKLOAD = (
+    "import os, time\n"
+    "control = os.environ['SNAPSHOT_CONTROL_DIR']\n"
+    "state = bytearray(os.urandom(1 << 20))\n"
+    "open(control + '/ready-for-snapshot', 'w').close()\n"
+    "beat = 0\n"
+    "while not os.path.exists(control + '/snapshot-complete'):\n"
+    "    beat += 1\n"
+    "    open(control + '/beat', 'w').write(str(beat))\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+@pytest.fixture
+def kubelet() -> Iterator[Kubelet]:
+    yield from running_containerd()
+
+
+def wait_for(condition: object, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def node(kubelet: Kubelet, tmp_path: Path) -> tuple[ContainerdActivities, CheckpointStore]:
+    path = CriuSettings().resolve()
+    assert path is not None
+    store = CheckpointStore(tmp_path / "checkpoints")
+    runtime = Containerd(address=kubelet.address)
+    return ContainerdActivities(runtime=runtime, criu=Criu(path), store=store, node="gpu-1"), store
+
+
+def start(kubelet: Kubelet) -> tuple[ContainerTarget, str, Path]:
+    pod_uid = str(uuid.uuid4())
+    cid, control = kubelet.run(pod_uid, "main", ["python3", "-c", WORKLOAD])
+    wait_for(lambda: (control / "ready-for-snapshot").exists(), "the workload to be ready")
+    target = ContainerTarget(
+        namespace="inference", pod_name="llama-x1", pod_uid=pod_uid, container="main"
+    )
+    return target, cid, control
+
+
+async def test_a_container_is_dumped_committed_and_released(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    activities, store = node(kubelet, tmp_path)
+    target, cid, control = start(kubelet)
+    env = ActivityEnvironment()
+    version = "20261127T130000Z-abcdef"
+
+    await env.run(
+        activities.dump_container,
+        ContainerDumpInput(checkpoint_id=CKPT, version=version, target=target),
+    )
+    assert kubelet.status(cid) == "RUNNING"  # left running: the workload ends itself
+    commit = await env.run(
+        activities.commit_container,
+        ContainerCommitInput(
+            checkpoint_id=CKPT,
+            version=version,
+            identity=IDENTITY,
+            target=target,
+            resource_name="llama",
+        ),
+    )
+    final = store.version_dir(CKPT, version)
+    assert commit.storage_uri == final.as_uri() and commit.size_bytes > 1 << 20
+    manifest = json.loads((final / "manifest.json").read_text())
+    source = manifest["source"]
+    assert (source["pod"], source["container"], source["node"]) == ("llama-x1", "main", "gpu-1")
+    assert source["command"][0] == "python3"
+    assert "--leave-running" in manifest["criu"]["options"]
+    assert any(f["path"].startswith("criu/pages-") for f in manifest["files"])
+    assert store.staged() == []
+    store.verify(final, checkpoint_id=CKPT)
+
+    await env.run(
+        activities.write_container_sentinel,
+        ContainerSentinelInput(target=target, sentinel=Sentinel.SNAPSHOT_COMPLETE),
+    )
+    assert (control / "snapshot-complete").read_text() == "done\n"
+    wait_for(
+        lambda: kubelet.status(cid) == "STOPPED", "the workload to exit after snapshot-complete"
+    )
+
+
+async def test_a_pod_snapshot_keeps_the_source_serving(kubelet: Kubelet, tmp_path: Path) -> None:
+    activities, _store = node(kubelet, tmp_path)
+    target, cid, control = start(kubelet)
+    await ActivityEnvironment().run(
+        activities.dump_container,
+        ContainerDumpInput(checkpoint_id=CKPT, version="v1", target=target, leave_running=True),
+    )
+    before = int((control / "beat").read_text() or 0)
+    wait_for(lambda: int((control / "beat").read_text() or 0) > before + 5, "the source to go on")
+    assert kubelet.status(cid) == "RUNNING"
+
+
+async def test_a_planted_link_does_not_redirect_the_sentinel(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    activities, _store = node(kubelet, tmp_path)
+    target, _cid, control = start(kubelet)
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    (control / "snapshot-complete").symlink_to(victim)  # what a hostile workload could do
+    await ActivityEnvironment().run(
+        activities.write_container_sentinel,
+        ContainerSentinelInput(target=target, sentinel=Sentinel.SNAPSHOT_COMPLETE),
+    )
+    assert victim.read_text() == "untouched\n"
+    assert not (control / "snapshot-complete").is_symlink()
+
+
+async def test_a_pod_not_on_this_node_is_named(kubelet: Kubelet, tmp_path: Path) -> None:
+    activities, store = node(kubelet, tmp_path)
+    target = ContainerTarget(
+        namespace="inference", pod_name="elsewhere", pod_uid="no-such-uid", container="main"
+    )
+    with pytest.raises(
+        WorkloadExitedError,
+        match=r"pod inference/elsewhere \(pod UID no-such-uid\) is not on this node",
+    ):
+        await ActivityEnvironment().run(
+            activities.dump_container,
+            ContainerDumpInput(checkpoint_id=CKPT, version="v1", target=target),
+        )
+    assert store.staged() == []
+
+
+async def test_the_gms_saver_sentinel_is_awaited(kubelet: Kubelet, tmp_path: Path) -> None:
+    activities, _store = node(kubelet, tmp_path)
+    target, _cid, control = start(kubelet)
+    request = GmsSavedInput(target=target, timeout_seconds=0.5)
+    with pytest.raises(WorkloadNotReadyError, match=f"no gms-save-complete-{target.pod_uid}"):
+        await ActivityEnvironment().run(activities.await_gms_saved, request)
+    (control / f"gms-save-complete-{target.pod_uid}").write_text("done\n")
+    await ActivityEnvironment().run(activities.await_gms_saved, request)
