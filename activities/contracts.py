@@ -119,6 +119,7 @@ class DumpInput(Contract):
     version: str
     name: str
     pid: int
+    leave_running: bool = False  # the workload keeps serving after the dump
 
 
 class CommitInput(Contract):

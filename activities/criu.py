@@ -19,8 +19,9 @@ from pathlib import Path
 from temporalio import activity
 
 from activities.contracts import DumpInput, Heartbeat
-from activities.files import tail, tree_size
-from activities.storage import CheckpointStore
+from activities.files import tail, tree_size, write_atomically
+from activities.layout import NodeLayout
+from activities.storage import WORKLOAD_LOG, CheckpointStore
 from api.errors import DumpFailedError, RestoreFailedError
 
 DUMP_LOG = "dump.log"
@@ -42,6 +43,14 @@ CONTAINER_DUMP_OPTIONS = (
     "--ghost-limit",
     "512M",
 )
+# A CRIU action script: at post-dump the dumped tree is still frozen, so the workload's
+# output file is copied at exactly the size CRIU recorded (restore checks that size), even
+# when the workload goes on writing after a leave-running dump.
+OUTPUT_COPY_SCRIPT = """#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0
+[ -n "$WARMSTART_OUTPUT" ] || exit 0
+exec cp -- "$WARMSTART_OUTPUT" "$WARMSTART_OUTPUT_COPY"
+"""
 # Default verbosity: -v4 logging costs tens of milliseconds on the latency-bound restore path.
 RESTORE_OPTIONS = ("--restore-detached",)
 _ERROR_LINE = re.compile(r"\b(Error|error|Fail|fail|Can't|can't|Unable|unable)\b")
@@ -61,9 +70,19 @@ class Criu:
 
     path: str
 
-    def dump_command(self, *, pid: int, images_dir: Path) -> list[str]:
+    def dump_command(
+        self,
+        *,
+        pid: int,
+        images_dir: Path,
+        leave_running: bool = False,
+        action_script: Path | None = None,
+    ) -> list[str]:
         images = ["--images-dir", str(images_dir), "--log-file", DUMP_LOG]
-        return [self.path, "dump", "--tree", str(pid), *images, *DUMP_OPTIONS]
+        extra = ["--leave-running"] if leave_running else []
+        if action_script is not None:
+            extra += ["--action-script", str(action_script)]
+        return [self.path, "dump", "--tree", str(pid), *images, *DUMP_OPTIONS, *extra]
 
     def container_dump_command(self, *, pid: int, images_dir: Path, netns_inode: int) -> list[str]:
         """A container's init: its root and mounts as the container sees them (mounts outside
@@ -110,10 +129,11 @@ class Criu:
         return int(pidfile.read_text().strip())
 
 
-async def _spawn(cmd: list[str]) -> asyncio.subprocess.Process:
+async def _spawn(cmd: list[str], env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
     """CRIU in its own process group, so that stopping it stops whatever it started too."""
     return await asyncio.create_subprocess_exec(
         *cmd,
+        env=env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -128,9 +148,11 @@ def _dies_with_worker(cmd: list[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", *cmd] if setpriv else cmd
 
 
-async def _spawn_uncancelled(cmd: list[str]) -> asyncio.subprocess.Process:
+async def _spawn_uncancelled(
+    cmd: list[str], env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     """Start CRIU; a cancel that arrives meanwhile still stops its whole process group."""
-    spawning = asyncio.ensure_future(_spawn(cmd))
+    spawning = asyncio.ensure_future(_spawn(cmd, env))
     try:
         return await asyncio.shield(spawning)
     except asyncio.CancelledError:
@@ -155,9 +177,14 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
 class CriuActivities:
     """Node activity: CRIU dump straight into the staging directory of a checkpoint version."""
 
-    def __init__(self, *, criu: Criu, store: CheckpointStore) -> None:
+    def __init__(
+        self, *, criu: Criu, store: CheckpointStore, layout: NodeLayout | None = None
+    ) -> None:
+        """`layout`: where the node keeps workload state; with it the workload's output file
+        is copied into the dump while the tree is frozen (OUTPUT_COPY_SCRIPT)."""
         self._criu = criu
         self._store = store
+        self._layout = layout
 
     @activity.defn
     async def dump_checkpoint(self, request: DumpInput) -> None:
@@ -175,17 +202,42 @@ class CriuActivities:
             raise
 
     async def _run_dump(self, request: DumpInput, images: Path) -> None:
-        command = self._criu.dump_command(pid=request.pid, images_dir=images)
+        script, env = None, None
+        if self._layout is not None:
+            script = self._output_copy_script()
+            output = self._layout.workload(request.name, request.checkpoint_id).output_log
+            env = {
+                **os.environ,
+                "WARMSTART_OUTPUT": str(output),
+                "WARMSTART_OUTPUT_COPY": str(images.parent / WORKLOAD_LOG),
+            }
+        command = self._criu.dump_command(
+            pid=request.pid,
+            images_dir=images,
+            leave_running=request.leave_running,
+            action_script=script,
+        )
         what = (
             f"checkpoint {request.name} ({request.checkpoint_id}): criu dump of pid {request.pid}"
         )
-        await run_dump(command, images, what=what)
+        await run_dump(command, images, what=what, env=env)
+
+    def _output_copy_script(self) -> Path:
+        assert self._layout is not None
+        script = self._layout.home / "bin" / "criu-post-dump"
+        if not script.is_file() or script.read_text() != OUTPUT_COPY_SCRIPT:
+            script.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(script, OUTPUT_COPY_SCRIPT.encode(), durable=False)
+            script.chmod(0o700)
+        return script
 
 
-async def run_dump(command: list[str], images: Path, *, what: str) -> None:
+async def run_dump(
+    command: list[str], images: Path, *, what: str, env: dict[str, str] | None = None
+) -> None:
     """Run a CRIU dump into `images`, heartbeating the bytes written; it dies with the node
     worker, a cancel kills it and what it started, a failure is DumpFailed with dump.log."""
-    proc = await _spawn_uncancelled(_dies_with_worker(command))
+    proc = await _spawn_uncancelled(_dies_with_worker(command), env)
     # Read stderr while CRIU runs: a full pipe would block CRIU, and with it the dump.
     errors = asyncio.ensure_future(_tail(proc.stderr))
     try:

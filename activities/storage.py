@@ -205,7 +205,9 @@ class StorageActivities:
             )
         paths = self._layout.workload(request.name, request.checkpoint_id)
         # The workload's output file is re-created at this size on restore (CRIU checks it).
-        shutil.copyfile(paths.output_log, staging / WORKLOAD_LOG)
+        # The dump copies it while the tree is frozen; an older dump did not.
+        if not (staging / WORKLOAD_LOG).is_file():
+            shutil.copyfile(paths.output_log, staging / WORKLOAD_LOG)
         make_private(staging)
         manifest = Manifest(
             checkpoint_id=request.checkpoint_id,

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from temporalio.client import Client
 
 from activities.catalog import LocalCatalog
 from activities.layout import LaunchRecord, NodeLayout
+from activities.local import http_ok
 from activities.localstate import read_status
 from activities.processes import is_alive, terminate
 from activities.storage import CheckpointStore
@@ -238,3 +240,39 @@ async def test_two_captures_of_one_name_with_different_identities_both_restore(
             assert info["instance_id"] == instance.group(1) and info["restored"] is True
         finally:
             assert await terminate(restored.pid, grace_seconds=5)
+
+
+async def test_leave_running_keeps_serving_and_the_checkpoint_restores(
+    client: Client, workers: Settings
+) -> None:
+    """`--leave-running`: the workload answers through and after the capture; it writes
+    to its output all the time, after the dump too, and the checkpoint still restores."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    chatty = (
+        "import http.server, sys, threading, time\n"
+        "def chatter():\n"
+        "    while True:\n"
+        "        print('still serving', flush=True)\n"
+        "        time.sleep(0.002)\n"
+        "threading.Thread(target=chatter, daemon=True).start()\n"
+        f"http.server.test(http.server.SimpleHTTPRequestHandler, port={port}, bind='127.0.0.1')\n"
+    )
+    script = f'exec {sys.executable} -c "{chatty}"'
+    workload = shell_workload(
+        "keeps-serving", script, readiness=Readiness(kind="http", http_url=url)
+    )
+    request = capture_request(workers, workload).model_copy(update={"leave_running": True})
+    result = await capture(client, request)
+
+    record = NodeLayout(workers.home).read_launch("keeps-serving", result.checkpoint_id)
+    assert is_alive(record.pid), "the workload was stopped"
+    for _ in range(3):  # it answers after the capture
+        assert await asyncio.to_thread(http_ok, url)
+    assert await terminate(record.pid, grace_seconds=5)
+
+    restored = await restore(client, workers, "keeps-serving", result.checkpoint_id)
+    try:
+        assert await asyncio.to_thread(http_ok, url)
+    finally:
+        assert await terminate(restored.pid, grace_seconds=5)

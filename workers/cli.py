@@ -139,7 +139,9 @@ def capture(args: argparse.Namespace) -> int:
     from workers.operations import local_capture_request, start_capture
 
     settings = _settings()
-    request = local_capture_request(settings, _workload(args), _identity(args))
+    request = local_capture_request(
+        settings, _workload(args), _identity(args), leave_running=args.leave_running
+    )
     title = f"capture {request.name}"
     result = _run(_pipeline(settings, lambda c: start_capture(c, request), title, every=0.5))
     display.capture_result(result, args.output)
@@ -307,6 +309,12 @@ def _parser() -> argparse.ArgumentParser:
     ready.add_argument("--ready-http", metavar="URL", help="ready when URL answers 2xx")
     ready.add_argument("--health-http", metavar="URL", help="URL that shows it answers")
     ready.add_argument("--ready-timeout", type=float, default=600.0, metavar="SECONDS")
+    sub.add_argument(
+        "--leave-running",
+        action="store_true",
+        help="keep the workload serving after the capture (it is not stopped and gets no "
+        "snapshot-complete)",
+    )
     sub.add_argument("--cwd", help="working directory (default: the current one)")
     sub.add_argument("--env", action="append", default=[], metavar="K=V", help="environment")
     sub.add_argument(

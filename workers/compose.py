@@ -77,7 +77,7 @@ def node_worker(
         node=settings.node.name,
         criu=CriuInfo(version=criu.version(), options=DUMP_OPTIONS),
     )
-    dumping = CriuActivities(criu=criu, store=store)
+    dumping = CriuActivities(criu=criu, store=store, layout=layout)
     restoring = RestoreActivities(criu=criu, store=store, layout=layout)
     sentinels = SentinelActivities(layout=layout)
     containers: list[Callable[..., Any]] = []

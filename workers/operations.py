@@ -95,7 +95,11 @@ class PipelineRecord:
 
 
 def local_capture_request(
-    settings: Settings, workload: LocalWorkload, identity: CheckpointIdentity
+    settings: Settings,
+    workload: LocalWorkload,
+    identity: CheckpointIdentity,
+    *,
+    leave_running: bool = False,
 ) -> CaptureRequest:
     """The capture of a local workload on this node (settings name the node and queue)."""
     return CaptureRequest.local(
@@ -103,6 +107,7 @@ def local_capture_request(
         identity,
         node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
+        leave_running=leave_running,
     )
 
 

@@ -166,7 +166,13 @@ class CaptureWorkflow:
         self._staged = True  # from here on a failure leaves staging to discard
         await self._node(
             CriuActivities.dump_checkpoint,
-            DumpInput(checkpoint_id=ckpt, version=version, name=request.name, pid=launch.pid),
+            DumpInput(
+                checkpoint_id=ckpt,
+                version=version,
+                name=request.name,
+                pid=launch.pid,
+                leave_running=request.leave_running,
+            ),
             policies.DUMP,
             f"criu dump pid {launch.pid}",
         )
@@ -187,6 +193,8 @@ class CaptureWorkflow:
             )
         )
 
+        if request.leave_running:
+            return commit  # it keeps serving: no snapshot-complete to end it
         self._clock.begin("snapshot-complete")
         await self._node(
             SentinelActivities.write_sentinel,
@@ -431,8 +439,11 @@ class CaptureWorkflow:
             discard = DiscardInput(checkpoint_id=req.checkpoint_id, version=self._state.version)
             await self._try_cleanup(StorageActivities.discard_staging, discard, "discard staging")
         launch = self._launch
+        keep = self._succeeded and req.leave_running  # captured and asked to keep serving
         # Runs recorded before this step existed stopped only launches whose result they saw.
-        if launch is not None or (self._launched and workflow.patched(STOP_UNCONFIRMED_LAUNCH)):
+        if not keep and (
+            launch is not None or (self._launched and workflow.patched(STOP_UNCONFIRMED_LAUNCH))
+        ):
             # Without the launch's result (failed or cancelled), the node's launch record says.
             pid, ticks = (launch.pid, launch.start_ticks) if launch else (0, 0)
             stop = StopInput(

@@ -43,6 +43,9 @@ class CaptureRequest(Contract):
     control_task_queue: str = CONTROL_TASK_QUEUE
     # How long a node step may wait for the node's worker before the node counts as lost.
     node_timeout_seconds: ShortSeconds = 120.0
+    # Local mode: the workload keeps serving after the capture (no snapshot-complete, not
+    # stopped); a cluster PodSnapshot always does.
+    leave_running: bool = False
 
     @model_validator(mode="after")
     def _one_mode(self) -> CaptureRequest:
@@ -67,6 +70,7 @@ class CaptureRequest(Contract):
         *,
         node: str = LOCAL_NODE,
         control_task_queue: str = CONTROL_TASK_QUEUE,
+        leave_running: bool = False,
     ) -> CaptureRequest:
         """The capture of a local workload, named after it, with the ID of `identity`."""
         return cls(
@@ -76,6 +80,7 @@ class CaptureRequest(Contract):
             node=node,
             workload=workload,
             control_task_queue=control_task_queue,
+            leave_running=leave_running,
         )
 
 
