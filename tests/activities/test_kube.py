@@ -305,3 +305,27 @@ async def test_a_failed_job_is_reported_with_its_reason(
         control.read_capture_pod, PodQuery(namespace="inference", job_name="j", container="main")
     )
     assert seen.failure.startswith("Job j failed: DeadlineExceeded: Job was active longer")
+
+
+async def test_a_pod_snapshot_of_a_pod_created_again_is_refused(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    env = ActivityEnvironment()
+    await cluster.run(cluster.core.create_namespaced_pod, "inference", pod("gpu-2", ready=True))
+    live = await cluster.run(cluster.core.read_namespaced_pod, "llama-job-abcde", "inference")
+    query = PodQuery(
+        namespace="inference",
+        container="main",
+        pod_name="llama-job-abcde",
+        pod_uid=live.metadata.uid,
+    )
+    seen = await env.run(control.read_capture_pod, query)
+    assert (seen.node_name, seen.container_ready, seen.failure) == ("gpu-2", True, "")
+
+    stale = query.model_copy(update={"pod_uid": "uid-of-an-earlier-pod"})
+    seen = await env.run(control.read_capture_pod, stale)
+    assert seen.failure.startswith("pod inference/llama-job-abcde was created again (UID ")
+    gone = query.model_copy(update={"pod_name": "no-such-pod"})
+    assert (await env.run(control.read_capture_pod, gone)).failure == (
+        "pod inference/no-such-pod no longer exists"
+    )

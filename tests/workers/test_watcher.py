@@ -17,7 +17,7 @@ from temporalio.worker import Worker
 
 from activities.contracts import PodObservation
 from api.naming import CAPTURE_WORKFLOW
-from api.resources import SAVER_WITHOUT_GMS, Checkpoint, PodSnapshot
+from api.resources import IDENTITY_IMMUTABLE, SAVER_WITHOUT_GMS, Checkpoint, PodSnapshot
 from tests.kube import Cluster, start_cluster
 from workers.leader import LeaseElector
 from workers.watcher import (
@@ -314,3 +314,41 @@ def test_requests_for_both_resources() -> None:
         "engine",
     )
     assert request.checkpoint_id == snap.checkpoint_id
+
+
+async def test_a_changed_identity_is_refused_on_the_status(
+    client: Client, cluster: Cluster, queue: str, stand_in: None, running: list[KopfThread]
+) -> None:
+    thread = watcher(client, cluster, queue)
+    running.append(thread)
+    await asyncio.to_thread(thread.start)
+    await cluster.create("checkpoints", checkpoint())
+
+    async def handled() -> bool:
+        meta = (await cluster.get("checkpoints", "inference", "llama"))["metadata"]
+        return "warmstart.dev/last-handled-configuration" in (meta.get("annotations") or {})
+
+    for _ in range(200):
+        if await handled():
+            break
+        await asyncio.sleep(0.05)
+    assert await handled()
+    # An API server without CEL (or before the rule existed) lets this through.
+    await cluster.run(
+        cluster.custom.patch_namespaced_custom_object,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "llama",
+        {"spec": {"identity": {"model": "another/model"}}},
+    )
+
+    async def status() -> dict[str, Any]:
+        return (await cluster.get("checkpoints", "inference", "llama")).get("status") or {}
+
+    for _ in range(200):
+        if (await status()).get("phase") == "Failed":
+            break
+        await asyncio.sleep(0.05)
+    assert (await status())["message"] == IDENTITY_IMMUTABLE
