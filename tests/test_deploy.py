@@ -1,8 +1,10 @@
 """Static checks of what cannot run here (no container engine): compose file and Dockerfile."""
 
+import json
 from pathlib import Path
 
 import yaml
+from kubernetes.client import ApiClient
 
 from workers.devserver import DYNAMIC_CONFIG
 from workflows.visibility import ALL_KEYS
@@ -32,3 +34,59 @@ def test_dockerfile_copies_every_package() -> None:
     for package in ("api", "workflows", "activities", "workers"):
         assert f"COPY {package} {package}" in text
     assert "install-criu.sh" in text
+
+
+def _kubernetes_docs() -> list[dict[str, object]]:
+    text = (REPO / "deploy" / "kubernetes" / "warmstart.yaml").read_text()
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def test_kubernetes_manifests_are_valid_objects() -> None:
+    """Each document deserialises into the client's model with nothing left over (a
+    misspelt or misplaced field would be dropped and the round trip would differ)."""
+    api = ApiClient()
+    for doc in _kubernetes_docs():
+        kind = f"V1{doc['kind']}"
+        parsed = api._ApiClient__deserialize(doc, kind)  # type: ignore[attr-defined]
+        assert api.sanitize_for_serialization(parsed) == doc, doc["kind"]
+
+
+def test_the_controller_may_do_what_the_code_does() -> None:
+    rules = [
+        (group, resource, verb)
+        for doc in _kubernetes_docs()
+        if doc["kind"] in ("ClusterRole", "Role")
+        for rule in doc["rules"]  # type: ignore[union-attr]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    ]
+    needed = [
+        ("warmstart.dev", "checkpoints", "watch"),
+        ("warmstart.dev", "checkpoints", "patch"),  # kopf: finalizer, annotations
+        ("warmstart.dev", "checkpoints/status", "patch"),  # activities.kube.publish_status
+        ("warmstart.dev", "podsnapshots/status", "patch"),
+        ("batch", "jobs", "create"),
+        ("batch", "jobs", "get"),
+        ("batch", "jobs", "delete"),
+        ("", "pods", "watch"),
+        ("", "pods", "list"),
+        ("events.k8s.io", "events", "create"),
+        ("coordination.k8s.io", "leases", "create"),
+        ("coordination.k8s.io", "leases", "patch"),
+    ]
+    for need in needed:
+        assert need in rules, need
+
+
+def test_the_node_worker_and_the_seccomp_profile() -> None:
+    docs = {doc["kind"]: doc for doc in _kubernetes_docs()}
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]  # type: ignore[index]
+    assert pod["hostPID"] is True
+    [node] = pod["containers"]
+    assert node["securityContext"]["privileged"] is True
+    env = {e["name"] for e in node["env"]}
+    assert {"WARMSTART_NODE__NAME", "WARMSTART_NODE__CONTAINERD_ADDRESS"} <= env
+    shipped = json.loads((REPO / "deploy" / "seccomp" / "block-io-uring.json").read_text())
+    configured = json.loads(docs["ConfigMap"]["data"]["block-io-uring.json"])  # type: ignore[index]
+    assert configured == shipped

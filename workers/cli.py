@@ -63,6 +63,14 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def controller(args: argparse.Namespace) -> int:
+    """Run the cluster controller: the control worker and the watcher (one active replica)."""
+    from workers.controller import run_controller
+
+    _run(run_controller(_settings()))
+    return 0
+
+
 def _identity(args: argparse.Namespace) -> CheckpointIdentity:
     from api.errors import InvalidSpecError
     from api.identity import CheckpointIdentity
@@ -290,6 +298,8 @@ def _parser() -> argparse.ArgumentParser:
         default="all",
         help="run only the control worker or only this node's worker (default: both)",
     )
+
+    command(controller)
 
     sub = command(capture)
     sub.add_argument("name", metavar="NAME", help="checkpoint name")

@@ -48,6 +48,34 @@ def control_worker(client: Client, settings: Settings) -> Worker:
     )
 
 
+def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Worker:
+    """CaptureWorkflow and the cluster's control activities (`api`: a kubernetes ApiClient)."""
+    from activities.kube import KubeControlActivities
+    from api.jobs import JobSettings
+
+    control = KubeControlActivities(
+        api,
+        claims_namespace=settings.kube.namespace,
+        job_settings=JobSettings(checkpoint_claim=settings.kube.checkpoint_claim),
+        ui_url=settings.temporal.ui_url,
+        temporal_namespace=settings.temporal.namespace,
+        instance=os.environ.get("HOSTNAME", ""),
+    )
+    return Worker(
+        client,
+        task_queue=settings.node.control_task_queue,
+        workflows=[CaptureWorkflow],
+        activities=[
+            control.claim_checkpoint_id,
+            control.publish_status,
+            control.create_capture_job,
+            control.read_capture_pod,
+            control.delete_capture_job,
+        ],
+        interceptors=[ErrorMapping()],
+    )
+
+
 def node_worker(
     client: Client, settings: Settings, *, base_env: Mapping[str, str] | None = None
 ) -> Worker:

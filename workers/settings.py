@@ -71,6 +71,20 @@ class CriuSettings:
 
 
 @dataclass(frozen=True)
+class KubeSettings:
+    """The cluster the controller works on (`warmstart controller`)."""
+
+    # Where the controller keeps its Leases (checkpoint ID claims, watcher leadership).
+    namespace: str = "warmstart-system"
+    # API server URL; empty: the pod's service account, else the kubeconfig.
+    server: str = ""
+    # The RWX PVC holding the checkpoint root, mounted by GMS savers.
+    checkpoint_claim: str = "warmstart-checkpoints"
+    # How often a capture reads its pod when no watcher signal came.
+    read_every_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class TelemetrySettings:
     exporter: Literal["off", "console", "otlp"] = "off"
     otlp_endpoint: str | None = None
@@ -83,6 +97,7 @@ class Settings:
     temporal: TemporalSettings = TemporalSettings()
     node: NodeSettings = NodeSettings()
     criu: CriuSettings = CriuSettings()
+    kube: KubeSettings = KubeSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
 
     @classmethod
@@ -131,7 +146,7 @@ def _build(cls: type[Any], values: dict[str, Any], prefix: str) -> Any:
 
 
 def _convert(kind: Any, variable: str, raw: str) -> object:
-    """`raw` as `kind` (str, int, Path, an optional or a Literal of them)."""
+    """`raw` as `kind` (str, int, float, Path, an optional or a Literal of them)."""
     if isinstance(kind, types.UnionType):  # X | None: an empty value means None
         if raw == "":
             return None
@@ -146,4 +161,12 @@ def _convert(kind: Any, variable: str, raw: str) -> object:
             return int(raw)
         except ValueError:
             raise InvalidSpecError(f"{variable}={raw!r}: expected an integer") from None
+    if kind is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise InvalidSpecError(f"{variable}={raw!r}: expected a number") from None
+        if not 0 < value < float("inf"):
+            raise InvalidSpecError(f"{variable}={raw!r}: expected a positive finite number")
+        return value
     return Path(raw) if kind is Path else raw

@@ -1,0 +1,64 @@
+"""Composition root of the cluster controller (`warmstart controller`): the control worker
+with the Kubernetes control activities, and the watcher under its Lease, in one process
+(they stay separate modules)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+
+from kubernetes import client, config
+from temporalio.client import Client
+
+from workers.client import connect
+from workers.compose import cluster_control_worker
+from workers.leader import LeaseElector
+from workers.settings import Settings
+from workers.watcher import WatcherSettings, run_watcher
+
+
+def kube_client(settings: Settings) -> client.ApiClient:
+    """The API server of `settings.kube.server`, else the pod's service account, else the
+    kubeconfig."""
+    if settings.kube.server:
+        configuration = client.Configuration()
+        configuration.host = settings.kube.server
+        return client.ApiClient(configuration)
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+async def run_controller(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Until `stop` is set (default: until SIGINT or SIGTERM)."""
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    temporal = await connect(settings)
+    api = kube_client(settings)
+    identity = os.environ.get("HOSTNAME") or socket.gethostname()
+    elector = LeaseElector(api, namespace=settings.kube.namespace, identity=identity)
+    watcher = WatcherSettings(
+        control_task_queue=settings.node.control_task_queue,
+        kube_server=settings.kube.server or None,
+        read_every_seconds=settings.kube.read_every_seconds,
+    )
+
+    async def watcher_client() -> Client:
+        return await connect(settings)  # made in kopf's own loop
+
+    async with cluster_control_worker(temporal, settings, api):
+        print(
+            f"controller {identity}: control queue {settings.node.control_task_queue}, "
+            f"leases in {settings.kube.namespace}",
+            flush=True,
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            await run_watcher(watcher, connect=watcher_client, elector=elector, stop=stop)
