@@ -4,9 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup venv criu containerd lint test demo clean-state
+.PHONY: setup venv criu containerd kube-apiserver lint test demo clean-state
 
-setup: venv criu containerd
+setup: venv criu containerd kube-apiserver
 
 # uv installs the locked dependency set in seconds where pip takes many minutes. Bytecode is
 # compiled at install (and ours on every setup): where PYTHONDONTWRITEBYTECODE is set, every
@@ -24,6 +24,11 @@ criu:
 # containerd, runc and iptables for the container tests, when missing (root only).
 containerd:
 	@bash scripts/install-containerd.sh
+
+# A real kube-apiserver (built once from Debian's source, minutes) and etcd for the
+# integration tier (root only; a failed build makes those tests skip with its reason).
+kube-apiserver:
+	@bash scripts/install-kube-apiserver.sh
 
 lint: venv
 	$(BIN)/ruff check .

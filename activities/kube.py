@@ -244,7 +244,7 @@ class KubeControlActivities(ClusterControlActivities):
             status = next_status(previous, report, now=_now())
             body = {
                 "metadata": {"resourceVersion": obj["metadata"].get("resourceVersion")},
-                "status": status.model_dump(mode="json", by_alias=True),
+                "status": status_patch(status),
             }
             try:
                 await call(
@@ -405,6 +405,14 @@ class KubeControlActivities(ClusterControlActivities):
         if request.pod_uid and uid != request.pod_uid:
             return PodObservation(failure=f"{where} was created again (UID {uid})")
         return observe_pod(pod, request.container)
+
+
+def status_patch(status: CaptureStatus) -> dict[str, Any]:
+    """The status as a merge patch: fields at their zero value are left out (the client
+    sends an empty string as null, which a structural schema refuses), the phase always in."""
+    body = status.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    body["phase"] = status.phase.value
+    return body
 
 
 def observe_pod(pod: Any, container: str) -> PodObservation:

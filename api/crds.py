@@ -65,8 +65,10 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         elif key == "description":
             out[key] = " ".join(value.split())  # docstrings are wrapped for the source
         elif key == "default":
-            if value is None or isinstance(value, dict | list):
-                continue  # object defaults come from the code, not the API server
+            if value is None or isinstance(value, dict | list) or value in ("", 0, False):
+                # Object defaults come from the code; zero values are what an absent field
+                # means anyway (and clients drop them, which the API server reads as null).
+                continue
             out[key] = value
         else:
             out[key] = value

@@ -81,12 +81,22 @@ async def workers(client: Client, settings: Settings) -> AsyncIterator[Settings]
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Say how many real-CRIU tests did not run and why, so a partial green is never
-    mistaken for a full one."""
-    if CRIU_SKIP is None:
-        terminalreporter.write_line("real-CRIU tests: all ran (root, CRIU >= 4.2)")
-        return
-    skipped = [r for r in terminalreporter.stats.get("skipped", []) if CRIU_SKIP in str(r.longrepr)]
-    terminalreporter.write_line(
-        f"real-CRIU tests: {len(skipped)} SKIPPED, not run: {CRIU_SKIP}", yellow=True, bold=True
+    """Say how many tests of each real-parts tier did not run and why, so a partial green
+    is never mistaken for a full one."""
+    from tests.apiserver import APISERVER_SKIP
+    from tests.containers import CONTAINERD_SKIP
+
+    skipped = terminalreporter.stats.get("skipped", [])
+    tiers = (
+        ("real-CRIU tests", CRIU_SKIP, "root, CRIU >= 4.2"),
+        ("real-containerd tests", CONTAINERD_SKIP, "root, containerd, runc, iptables"),
+        ("kube-apiserver tests", APISERVER_SKIP, "root, kube-apiserver, etcd"),
     )
+    for tier, reason, needs in tiers:
+        if reason is None:
+            terminalreporter.write_line(f"{tier}: all ran ({needs})")
+            continue
+        count = len([r for r in skipped if reason in str(r.longrepr)])
+        terminalreporter.write_line(
+            f"{tier}: {count} SKIPPED, not run: {reason}", yellow=True, bold=True
+        )

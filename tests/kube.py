@@ -80,17 +80,23 @@ RESOURCES = (
 class Cluster:
     """An emulated API server and a real client configured for it."""
 
-    def __init__(self, emulator: Emulator, url: str) -> None:
+    def __init__(self, emulator: Emulator | None, url: str, token: str | None = None) -> None:
+        """`emulator`: kmock's (declared here), or None for a real API server (with its
+        bearer `token` and a self-signed certificate)."""
         self.emulator = emulator
-        for key, kind, subresources in RESOURCES:
-            emulator.resources[key] = kmock.ResourceInfo(
+        self.url, self.token = url.rstrip("/"), token
+        for key, kind, subresources in RESOURCES if emulator is not None else ():
+            emulator.resources[key] = kmock.ResourceInfo(  # type: ignore[union-attr]
                 kind=kind,
                 namespaced=kind not in _CLUSTER_SCOPED,
                 verbs=_VERBS,
                 subresources=subresources,
             )
         configuration = client.Configuration()
-        configuration.host = url.rstrip("/")
+        configuration.host = self.url
+        if token is not None:
+            configuration.api_key = {"authorization": f"Bearer {token}"}
+            configuration.verify_ssl = False
         self.api = client.ApiClient(configuration)
         self.custom = client.CustomObjectsApi(self.api)
         self.batch = client.BatchV1Api(self.api)

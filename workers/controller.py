@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import socket
+from pathlib import Path
 
 from kubernetes import client, config
 from temporalio.client import Client
@@ -23,9 +24,14 @@ from workers.watcher import WatcherSettings, run_watcher
 def kube_client(settings: Settings) -> client.ApiClient:
     """The API server of `settings.kube.server`, else the pod's service account, else the
     kubeconfig."""
-    if settings.kube.server:
+    kube = settings.kube
+    if kube.server:
         configuration = client.Configuration()
-        configuration.host = settings.kube.server
+        configuration.host = kube.server
+        configuration.verify_ssl = not kube.insecure_skip_tls_verify
+        if kube.token_file:
+            token = Path(kube.token_file).read_text().strip()
+            configuration.api_key = {"authorization": f"Bearer {token}"}
         return client.ApiClient(configuration)
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
@@ -45,10 +51,13 @@ async def run_controller(settings: Settings, stop: asyncio.Event | None = None) 
     api = kube_client(settings)
     identity = os.environ.get("HOSTNAME") or socket.gethostname()
     elector = LeaseElector(api, namespace=settings.kube.namespace, identity=identity)
+    kube = settings.kube
     watcher = WatcherSettings(
         control_task_queue=settings.node.control_task_queue,
-        kube_server=settings.kube.server or None,
-        read_every_seconds=settings.kube.read_every_seconds,
+        kube_server=kube.server or None,
+        kube_token=Path(kube.token_file).read_text().strip() if kube.token_file else None,
+        kube_insecure=kube.insecure_skip_tls_verify,
+        read_every_seconds=kube.read_every_seconds,
     )
 
     async def watcher_client() -> Client:

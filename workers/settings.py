@@ -78,6 +78,10 @@ class KubeSettings:
     namespace: str = "warmstart-system"
     # API server URL; empty: the pod's service account, else the kubeconfig.
     server: str = ""
+    # With `server`: a file holding a bearer token, and whether to skip TLS verification
+    # (a development API server with a self-signed certificate).
+    token_file: str = ""
+    insecure_skip_tls_verify: bool = False
     # The RWX PVC holding the checkpoint root, mounted by GMS savers.
     checkpoint_claim: str = "warmstart-checkpoints"
     # How often a capture reads its pod when no watcher signal came.
@@ -146,7 +150,7 @@ def _build(cls: type[Any], values: dict[str, Any], prefix: str) -> Any:
 
 
 def _convert(kind: Any, variable: str, raw: str) -> object:
-    """`raw` as `kind` (str, int, float, Path, an optional or a Literal of them)."""
+    """`raw` as `kind` (str, int, float, bool, Path, an optional or a Literal of them)."""
     if isinstance(kind, types.UnionType):  # X | None: an empty value means None
         if raw == "":
             return None
@@ -161,6 +165,10 @@ def _convert(kind: Any, variable: str, raw: str) -> object:
             return int(raw)
         except ValueError:
             raise InvalidSpecError(f"{variable}={raw!r}: expected an integer") from None
+    if kind is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise InvalidSpecError(f"{variable}={raw!r}: expected true or false")
+        return raw.lower() in ("true", "1")
     if kind is float:
         try:
             value = float(raw)

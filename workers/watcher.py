@@ -52,6 +52,8 @@ _CANCEL_WAIT_SECONDS = 30.0
 class WatcherSettings:
     control_task_queue: str
     kube_server: str | None = None  # None: in-cluster service account or kubeconfig
+    kube_token: str | None = None
+    kube_insecure: bool = False
     read_every_seconds: float = 30.0
 
 
@@ -163,11 +165,11 @@ def build_registry(
         memo["temporal"] = await connect()
 
     if settings.kube_server is not None:
-        server = settings.kube_server
+        server, token, insecure = settings.kube_server, settings.kube_token, settings.kube_insecure
 
         @kopf.on.login(registry=registry)
         def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=server)
+            return kopf.ConnectionInfo(server=server, token=token, insecure=insecure)
 
     async def capture(
         model: type[Checkpoint] | type[PodSnapshot],

@@ -171,6 +171,7 @@ async def test_a_status_patch_that_conflicts_reads_again(
     cluster: Cluster, control: KubeControlActivities
 ) -> None:
     ref = await created(cluster)
+    assert cluster.emulator is not None
     cluster.emulator.conflicts = 3  # three concurrent writers in a row
     await ActivityEnvironment().run(
         control.publish_status, status(ref, Phase.CAPTURING, Reason.CAPTURED)

@@ -1,0 +1,132 @@
+"""A real kube-apiserver (1.20, built from Debian's source by `make test`) on Debian's
+etcd, for the integration tier (importable as `tests.apiserver`). No controllers and no
+kubelet: the tests play them. Plain HTTPS with a self-signed certificate and a static
+bearer token."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from workers.ports import free_port
+
+MARKER = Path("/var/cache/warmstart/kube-apiserver.unavailable")
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return f"the API-server tier is built and run as root (running as uid {os.geteuid()})"
+    if MARKER.is_file():
+        return f"kube-apiserver unavailable: {MARKER.read_text().strip()}"
+    for tool in ("kube-apiserver", "etcd"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed: `make test` builds it as root"
+    return None
+
+
+APISERVER_SKIP = _skip_reason()
+needs_apiserver = pytest.mark.skipif(APISERVER_SKIP is not None, reason=APISERVER_SKIP or "")
+
+
+@dataclass(frozen=True)
+class ApiServer:
+    url: str
+    token: str
+    token_file: Path
+
+
+def running_apiserver() -> Iterator[ApiServer]:
+    base = Path(tempfile.mkdtemp(prefix="ws-kapi-"))
+    token = uuid.uuid4().hex
+    (base / "tokens.csv").write_text(f"{token},admin,admin,system:masters\n")
+    (base / "token").write_text(token)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (base / "sa.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    client_port, peer_port, port = free_port(), free_port(), free_port()
+    etcd_url = f"http://127.0.0.1:{client_port}"
+    logs = [(base / "etcd.log").open("w"), (base / "apiserver.log").open("w")]
+    etcd = subprocess.Popen(
+        [
+            "etcd",
+            "--data-dir",
+            str(base / "etcd"),
+            "--listen-client-urls",
+            etcd_url,
+            "--advertise-client-urls",
+            etcd_url,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer_port}",
+        ],
+        stdout=logs[0],
+        stderr=subprocess.STDOUT,
+    )
+    apiserver = subprocess.Popen(
+        [
+            "kube-apiserver",
+            f"--etcd-servers={etcd_url}",
+            f"--secure-port={port}",
+            "--bind-address=127.0.0.1",
+            f"--cert-dir={base / 'certs'}",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            f"--service-account-key-file={base / 'sa.key'}",
+            f"--service-account-signing-key-file={base / 'sa.key'}",
+            f"--token-auth-file={base / 'tokens.csv'}",
+            "--authorization-mode=AlwaysAllow",
+            "--endpoint-reconciler-type=none",
+            "--service-cluster-ip-range=10.0.0.0/24",
+        ],
+        stdout=logs[1],
+        stderr=subprocess.STDOUT,
+    )
+    url = f"https://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, token, apiserver, base)
+        yield ApiServer(url=url, token=token, token_file=base / "token")
+    finally:
+        for proc in (apiserver, etcd):
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_ready(url: str, token: str, proc: subprocess.Popen[bytes], base: Path) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    request = urllib.request.Request(f"{url}/readyz", headers={"Authorization": f"Bearer {token}"})
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, (base / "apiserver.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(request, timeout=2, context=context) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "kube-apiserver did not become ready"
+        time.sleep(0.3)

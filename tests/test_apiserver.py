@@ -1,0 +1,197 @@
+"""The integration tier: a real kube-apiserver with etcd (tests/apiserver.py). The CRDs of
+deploy/crds/ are installed for real; the controller (watcher under its Lease, control
+activities, the real CaptureWorkflow) runs against it; the tests play the Job controller."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from temporalio.client import Client
+
+from tests.apiserver import ApiServer, needs_apiserver, running_apiserver
+from tests.kube import Cluster
+from workers.controller import run_controller
+from workers.leader import LeaseElector
+from workers.settings import KubeSettings, NodeSettings, Settings, TemporalSettings
+
+pytestmark = [needs_apiserver, pytest.mark.timeout(180)]
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = {"spec": {"containers": [{"name": "main", "image": "vllm/vllm-openai:v0.8.0"}]}}
+
+
+@pytest.fixture(scope="module")
+def apiserver() -> Iterator[ApiServer]:
+    yield from running_apiserver()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def cluster(apiserver: ApiServer) -> AsyncIterator[Cluster]:
+    kube = Cluster(None, apiserver.url, apiserver.token)
+    extensions = client.ApiextensionsV1Api(kube.api)
+    for path in sorted((REPO / "deploy" / "crds").glob("*.yaml")):
+        await kube.run(
+            extensions.create_custom_resource_definition, yaml.safe_load(path.read_text())
+        )
+    for name in ("checkpoints.warmstart.dev", "podsnapshots.warmstart.dev"):
+        for _ in range(100):
+            crd = await kube.run(extensions.read_custom_resource_definition, name)
+            if any(
+                c.type == "Established" and c.status == "True" for c in crd.status.conditions or []
+            ):
+                break
+            await asyncio.sleep(0.1)
+    for namespace in ("warmstart-system", "inference"):
+        await kube.run(kube.core.create_namespace, {"metadata": {"name": namespace}})
+    yield kube
+
+
+def checkpoint(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "warmstart.dev/v1alpha1",
+        "kind": "Checkpoint",
+        "metadata": {"name": name, "namespace": "inference"},
+        "spec": {
+            "identity": {"model": f"meta-llama/{name}", "backendFramework": "vllm"},
+            "job": {"podTemplateSpec": TEMPLATE},
+            **spec,
+        },
+    }
+
+
+async def test_the_crds_serve_a_status_subresource_defaults_and_conflicts(cluster: Cluster) -> None:
+    created = await cluster.create("checkpoints", checkpoint("schema"))
+    # The schema's defaults are applied by the API server.
+    assert created["spec"]["job"]["targetContainerName"] == "main"
+    assert created["spec"]["job"]["activeDeadlineSeconds"] == 3600
+    # Status goes through /status only; spec through the resource only.
+    await cluster.run(
+        cluster.custom.patch_namespaced_custom_object_status,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "schema",
+        {"status": {"phase": "Capturing"}, "spec": {"job": {"targetContainerName": "x"}}},
+    )
+    await cluster.run(
+        cluster.custom.patch_namespaced_custom_object,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "schema",
+        {"status": {"phase": "Ready"}},
+    )
+    now = await cluster.get("checkpoints", "inference", "schema")
+    assert now["status"]["phase"] == "Capturing"
+    assert now["spec"]["job"]["targetContainerName"] == "main"
+    # A write that carries a resourceVersion someone has moved past is a conflict.
+    stale = {
+        "metadata": {"resourceVersion": created["metadata"]["resourceVersion"]},
+        "status": {"phase": "Failed"},
+    }
+    with pytest.raises(ApiException) as err:
+        await cluster.run(
+            cluster.custom.patch_namespaced_custom_object_status,
+            "warmstart.dev",
+            "v1alpha1",
+            "inference",
+            "checkpoints",
+            "schema",
+            stale,
+        )
+    assert err.value.status == 409
+    # The schema refuses what the models refuse.
+    with pytest.raises(ApiException) as err:
+        await cluster.create(
+            "checkpoints", checkpoint("bad", identity={"model": "m", "backendFramework": "tgi"})
+        )
+    assert err.value.status == 422 and "backendFramework" in str(err.value.body)
+
+
+async def test_the_controller_captures_on_a_real_api_server(
+    client: Client, cluster: Cluster, apiserver: ApiServer, tmp_path: Path
+) -> None:
+    settings = Settings(
+        home=tmp_path,
+        temporal=TemporalSettings(address=client.service_client.config.target_host),
+        node=NodeSettings(control_task_queue=f"control-{uuid.uuid4().hex[:8]}"),
+        kube=KubeSettings(
+            server=apiserver.url,
+            token_file=str(apiserver.token_file),
+            insecure_skip_tls_verify=True,
+            read_every_seconds=1,
+        ),
+    )
+    stop = asyncio.Event()
+    controller = asyncio.ensure_future(run_controller(settings, stop))
+    try:
+        uid = (await cluster.create("checkpoints", checkpoint("llama")))["metadata"]["uid"]
+
+        async def status() -> dict[str, Any]:
+            return (await cluster.get("checkpoints", "inference", "llama")).get("status") or {}
+
+        for _ in range(300):
+            if (await status()).get("jobName"):
+                break
+            assert not controller.done(), controller.exception()
+            await asyncio.sleep(0.1)
+        st = await status()
+        assert (
+            st["phase"] == "Creating" and st["workflow"]["id"] == f"capture/inference/llama/{uid}"
+        )
+        job = await cluster.run(cluster.batch.read_namespaced_job, st["jobName"], "inference")
+        assert job.spec.backoff_limit == 0 and job.metadata.owner_references[0].uid == uid
+        events = await cluster.run(cluster.events.list_namespaced_event, "inference")
+        assert ("Normal", "CaptureStarted") in [(e.type, e.reason) for e in events.items]
+        meta = (await cluster.get("checkpoints", "inference", "llama"))["metadata"]
+        assert "warmstart.dev/cleanup" in meta["finalizers"]
+
+        # Deleting it cancels the capture; its Job goes; then the finalizer is released.
+        await cluster.run(
+            cluster.custom.delete_namespaced_custom_object,
+            "warmstart.dev",
+            "v1alpha1",
+            "inference",
+            "checkpoints",
+            "llama",
+        )
+        for _ in range(300):
+            try:
+                await cluster.get("checkpoints", "inference", "llama")
+            except ApiException as err:
+                assert err.status == 404
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the Checkpoint was never released")
+        jobs = await cluster.run(cluster.batch.list_namespaced_job, "inference")
+        assert st["jobName"] not in [j.metadata.name for j in jobs.items]
+    finally:
+        stop.set()
+        await asyncio.wait_for(controller, 60)
+
+
+async def test_one_lease_holder_on_a_real_api_server(cluster: Cluster) -> None:
+    a = LeaseElector(
+        cluster.api, namespace="warmstart-system", identity="a", name="t", duration_seconds=1
+    )
+    b = LeaseElector(
+        cluster.api, namespace="warmstart-system", identity="b", name="t", duration_seconds=1
+    )
+    assert await a.try_acquire()
+    assert not await b.try_acquire()
+    stop = asyncio.Event()
+    assert await asyncio.wait_for(b.acquire(stop), 10)  # a stopped renewing
+    assert not await a.renew()
+    await b.release()
+    assert await a.try_acquire()
