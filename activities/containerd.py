@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import signal
+import stat
+import tarfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +42,11 @@ from api.errors import DumpFailedError, InvalidSpecError, WorkloadExitedError, W
 from api.manifest import CriuInfo, Manifest, SourceInfo
 
 CONTROL_DIR = "snapshot-control"  # at the container's root (api.jobs.CONTROL_DIR)
+ROOTFS_DIFF = "rootfs-diff.tar"
+DELETED_FILES = "deleted-files.json"
+# Never part of a root filesystem diff: kernel filesystems and caches that restore rebuilds.
+_DIFF_EXCLUDED = ("proc", "sys", "dev")
+_DIFF_EXCLUDED_NAMES = ("__pycache__",)
 POD_UID_LABEL = "io.kubernetes.pod.uid"
 CONTAINER_NAME_LABEL = "io.kubernetes.container.name"
 
@@ -143,6 +150,55 @@ def write_sentinel_at(directory: int, name: str, content: bytes = b"done\n") -> 
     os.fsync(directory)
 
 
+def container_mounts(pid: int) -> tuple[Path | None, list[str]]:
+    """The overlay upper directory of the container's root (None when its root is not an
+    overlay, e.g. a plain directory) and its other mount points, as it sees them."""
+    upper, points = None, []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split(" - ", 1)
+        mount_point = fields[0].split()[4]
+        if mount_point != "/":
+            points.append(mount_point)
+            continue
+        kind, _source, options = [*fields[1].split(), "", "", ""][:3]
+        if kind == "overlay":
+            for option in options.split(","):
+                if option.startswith("upperdir="):
+                    upper = Path(option.removeprefix("upperdir="))
+    return upper, points
+
+
+def rootfs_diff(upper: Path, staging: Path, *, mount_points: list[str]) -> int:
+    """What the container changed in its image: `rootfs-diff.tar` (files and directories
+    of the overlay's upper directory) and `deleted-files.json` (its whiteouts), leaving out
+    mount points, kernel filesystems and caches. Returns the number of entries."""
+    skipped = {point.strip("/") for point in mount_points} | set(_DIFF_EXCLUDED)
+    deleted: list[str] = []
+    entries = 0
+    with tarfile.open(staging / ROOTFS_DIFF, "w", format=tarfile.PAX_FORMAT) as tar:
+        for dirpath, dirs, names in os.walk(upper):
+            rel_dir = os.path.relpath(dirpath, upper)
+            rel_dir = "" if rel_dir == "." else rel_dir
+            dirs[:] = [
+                d
+                for d in sorted(dirs)
+                if os.path.join(rel_dir, d) not in skipped and d not in _DIFF_EXCLUDED_NAMES
+            ]
+            for name in sorted(names + dirs):
+                rel = os.path.join(rel_dir, name)
+                path = os.path.join(dirpath, name)
+                info = os.lstat(path)
+                if stat.S_ISCHR(info.st_mode) and info.st_rdev == 0:
+                    deleted.append("/" + rel)  # an overlay whiteout
+                    continue
+                if rel in skipped or name.endswith(".pyc"):
+                    continue
+                tar.add(path, arcname=rel, recursive=False)
+                entries += 1
+    (staging / DELETED_FILES).write_text(json.dumps(sorted(deleted), indent=2) + "\n")
+    return entries
+
+
 def thaw(pid: int) -> None:
     """Resume a process a failed dump left stopped (leave-running must never leave it so)."""
     try:
@@ -152,6 +208,12 @@ def thaw(pid: int) -> None:
     if state in ("T", "t"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def _host_path(path: Path) -> Path:
+    """A path of the node's root as this process sees it: the same path on the node, or
+    through the node's init when the worker runs in a container with the host's PIDs."""
+    return path if path.exists() else Path("/proc/1/root") / path.relative_to("/")
 
 
 class ContainerdActivities(ContainerActivities):
@@ -202,6 +264,12 @@ class ContainerdActivities(ContainerActivities):
         )
         try:
             await run_dump(command, images, what=where)
+            upper, mount_points = container_mounts(located.pid)
+            if upper is not None:
+                count = await asyncio.to_thread(
+                    rootfs_diff, _host_path(upper), staging, mount_points=mount_points
+                )
+                activity.logger.info("%s: rootfs diff of %d entries", where, count)
         except BaseException:
             thaw(located.pid)
             await asyncio.to_thread(shutil.rmtree, staging, True)

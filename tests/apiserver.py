@@ -21,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.kube import Cluster
 from workers.ports import free_port
 
 MARKER = Path("/var/cache/warmstart/kube-apiserver.unavailable")
@@ -130,3 +131,34 @@ def _wait_ready(url: str, token: str, proc: subprocess.Popen[bytes], base: Path)
             pass
         assert time.monotonic() < deadline, "kube-apiserver did not become ready"
         time.sleep(0.3)
+
+
+async def installed(server: ApiServer, namespaces: tuple[str, ...]) -> Cluster:
+    """A client of `server` with the CRDs of deploy/crds/ installed (Established) and the
+    namespaces created."""
+    import asyncio
+
+    import yaml
+    from kubernetes import client
+
+    kube = Cluster(None, server.url, server.token)
+    extensions = client.ApiextensionsV1Api(kube.api)
+    crds = sorted((Path(__file__).resolve().parents[1] / "deploy" / "crds").glob("*.yaml"))
+    for path in crds:
+        await kube.run(
+            extensions.create_custom_resource_definition, yaml.safe_load(path.read_text())
+        )
+    for path in crds:
+        name = yaml.safe_load(path.read_text())["metadata"]["name"]
+        for _ in range(100):
+            crd = await kube.run(extensions.read_custom_resource_definition, name)
+            conditions = crd.status.conditions or [] if crd.status else []
+            if any(c.type == "Established" and c.status == "True" for c in conditions):
+                break
+            await asyncio.sleep(0.1)
+    for namespace in namespaces:
+        await kube.run(kube.core.create_namespace, {"metadata": {"name": namespace}})
+        # What the controller manager would create; no token to mount (no token controller).
+        account = {"metadata": {"name": "default"}, "automountServiceAccountToken": False}
+        await kube.run(kube.core.create_namespaced_service_account, namespace, account)
+    return kube

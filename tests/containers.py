@@ -8,15 +8,20 @@ python3 and a shell are there without an image or a registry.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +41,80 @@ def _skip_reason() -> str | None:
 
 CONTAINERD_SKIP = _skip_reason()
 needs_containerd = pytest.mark.skipif(CONTAINERD_SKIP is not None, reason=CONTAINERD_SKIP or "")
+
+
+SKELETON_DIRS = ("proc", "sys", "dev", "tmp", "etc", "usr", "snapshot-control")
+SKELETON_LINKS = ("bin", "lib", "lib64", "sbin")
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _tar(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+def _entry(name: str, *, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: str = "") -> Any:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname = kind, 0o755 if kind == tarfile.DIRTYPE else 0o644, link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data if kind == tarfile.REGTYPE else None
+
+
+def oci_archive(ref: str) -> bytes:
+    """An OCI image archive of one uncompressed layer, named `ref` for `ctr images import`."""
+    layer = _tar(
+        [_entry(name, kind=tarfile.DIRTYPE) for name in SKELETON_DIRS]
+        + [_entry(name, kind=tarfile.SYMTYPE, link=f"usr/{name}") for name in SKELETON_LINKS]
+        + [_entry("etc/warmstart-image", data=b"from the image\n")]
+    )
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [_digest(layer)]},
+            "config": {},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": _digest(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": _digest(layer),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": _digest(manifest),
+                    "size": len(manifest),
+                    "annotations": {"io.containerd.image.name": ref},
+                }
+            ],
+        }
+    ).encode()
+    files = [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", index)]
+    files += [(f"blobs/sha256/{_digest(blob)[7:]}", blob) for blob in (layer, config, manifest)]
+    return _tar([_entry(name, data=data) for name, data in files])
 
 
 @dataclass
@@ -58,21 +137,38 @@ class Kubelet:
             raise RuntimeError(f"ctr {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
 
-    def run(self, pod_uid: str, container: str, command: list[str]) -> tuple[str, Path]:
-        """Start `command` as container `container` of pod `pod_uid`; returns its ID and
-        its control directory on the node (the pod's emptyDir)."""
+    def import_image(self, ref: str) -> str:
+        """An image built here from local files (the root skeleton and one file,
+        /etc/warmstart-image), imported so its containers sit on the overlay snapshotter
+        as under a kubelet."""
+        archive = self.base / "image.tar"
+        archive.write_bytes(oci_archive(ref))
+        self.ctr("images", "import", str(archive))
+        return ref
+
+    def run(
+        self, pod_uid: str, container: str, command: list[str], *, image: str | None = None
+    ) -> tuple[str, Path]:
+        """Start `command` as container `container` of pod `pod_uid` (from `image`, or from
+        a plain root directory); returns its ID and its control directory on the node (the
+        pod's emptyDir)."""
         cid = f"c{uuid.uuid4().hex[:12]}"
-        rootfs = self.base / "rootfs" / cid
-        for name in ("proc", "sys", "dev", "tmp", "etc", "usr", "snapshot-control"):
-            (rootfs / name).mkdir(parents=True)
-        for name in ("bin", "lib", "lib64", "sbin"):
-            (rootfs / name).symlink_to(f"usr/{name}")
+        if image is None:
+            rootfs = self.base / "rootfs" / cid
+            for name in SKELETON_DIRS:
+                (rootfs / name).mkdir(parents=True)
+            for name in SKELETON_LINKS:
+                (rootfs / name).symlink_to(f"usr/{name}")
+            source = ["--rootfs"]
+            root = str(rootfs)
+        else:
+            source, root = [], image
         control = self.base / "controls" / cid
         control.mkdir(parents=True)
         self.ctr(
             "run",
             "--detach",
-            "--rootfs",
+            *source,
             "--label",
             f"io.kubernetes.pod.uid={pod_uid}",
             "--label",
@@ -85,7 +181,7 @@ class Kubelet:
             "PATH=/usr/bin:/bin",
             "--env",
             "SNAPSHOT_CONTROL_DIR=/snapshot-control",
-            str(rootfs),
+            root,
             cid,
             *command,
         )

@@ -12,12 +12,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import yaml
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from temporalio.client import Client
 
-from tests.apiserver import ApiServer, needs_apiserver, running_apiserver
+from tests.apiserver import ApiServer, installed, needs_apiserver, running_apiserver
 from tests.kube import Cluster
 from workers.controller import run_controller
 from workers.leader import LeaseElector
@@ -35,23 +33,7 @@ def apiserver() -> Iterator[ApiServer]:
 
 @pytest_asyncio.fixture(scope="module")
 async def cluster(apiserver: ApiServer) -> AsyncIterator[Cluster]:
-    kube = Cluster(None, apiserver.url, apiserver.token)
-    extensions = client.ApiextensionsV1Api(kube.api)
-    for path in sorted((REPO / "deploy" / "crds").glob("*.yaml")):
-        await kube.run(
-            extensions.create_custom_resource_definition, yaml.safe_load(path.read_text())
-        )
-    for name in ("checkpoints.warmstart.dev", "podsnapshots.warmstart.dev"):
-        for _ in range(100):
-            crd = await kube.run(extensions.read_custom_resource_definition, name)
-            if any(
-                c.type == "Established" and c.status == "True" for c in crd.status.conditions or []
-            ):
-                break
-            await asyncio.sleep(0.1)
-    for namespace in ("warmstart-system", "inference"):
-        await kube.run(kube.core.create_namespace, {"metadata": {"name": namespace}})
-    yield kube
+    yield await installed(apiserver, ("warmstart-system", "inference"))
 
 
 def checkpoint(name: str, **spec: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from activities.layout import NodeLayout
 from activities.storage import CheckpointStore, StorageActivities
 from api.manifest import CriuInfo
 from api.naming import node_task_queue
+from tests.apiserver import APISERVER_SKIP, installed, running_apiserver
 from tests.containers import Kubelet, needs_containerd, running_containerd
 from tests.kube import Cluster, start_cluster
 from workers.settings import CriuSettings
@@ -50,10 +51,17 @@ def kubelet() -> Iterator[Kubelet]:
     yield from running_containerd()
 
 
-@pytest_asyncio.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    async for running in start_cluster():
-        yield running
+@pytest_asyncio.fixture(params=["kmock", "kube-apiserver"])
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    """The emulated API server, and a real one where it was built (the integration tier)."""
+    if request.param == "kmock":
+        async for running in start_cluster():
+            yield running
+        return
+    if APISERVER_SKIP is not None:
+        pytest.skip(APISERVER_SKIP)
+    for server in running_apiserver():
+        yield await installed(server, ("warmstart-system", "inference"))
 
 
 async def eventually(probe: Any, what: str, timeout: float = 60) -> Any:
@@ -97,7 +105,9 @@ async def test_a_checkpoint_is_captured_from_a_real_container(
         build_registry(
             WatcherSettings(
                 control_task_queue=queue,
-                kube_server=cluster.api.configuration.host,
+                kube_server=cluster.url,
+                kube_token=cluster.token,
+                kube_insecure=cluster.token is not None,
                 read_every_seconds=2,
             ),
             connect,

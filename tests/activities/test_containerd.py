@@ -4,6 +4,7 @@ play the kubelet (tests/containers.py)."""
 from __future__ import annotations
 
 import json
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -172,3 +173,34 @@ async def test_the_gms_saver_sentinel_is_awaited(kubelet: Kubelet, tmp_path: Pat
         await ActivityEnvironment().run(activities.await_gms_saved, request)
     (control / f"gms-save-complete-{target.pod_uid}").write_text("done\n")
     await ActivityEnvironment().run(activities.await_gms_saved, request)
+
+
+async def test_a_container_from_an_image_has_its_rootfs_diff_captured(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    activities, store = node(kubelet, tmp_path)
+    image = kubelet.import_image("local/workload:1")
+    changes = (
+        "import os, time\n"
+        "open('/tmp/state.txt', 'w').write('warm')\n"
+        "os.remove('/etc/warmstart-image')\n"
+        "open('/snapshot-control/ready-for-snapshot', 'w').close()\n"
+        "time.sleep(120)\n"
+    )
+    pod_uid = str(uuid.uuid4())
+    _cid, control = kubelet.run(pod_uid, "main", ["python3", "-c", changes], image=image)
+    wait_for(lambda: (control / "ready-for-snapshot").exists(), "the workload to be ready")
+    target = ContainerTarget(
+        namespace="inference", pod_name="llama-x1", pod_uid=pod_uid, container="main"
+    )
+    await ActivityEnvironment().run(
+        activities.dump_container,
+        ContainerDumpInput(checkpoint_id=CKPT, version="v1", target=target),
+    )
+    staging = store.staging_dir(CKPT, "v1")
+    with tarfile.open(staging / "rootfs-diff.tar") as tar:
+        names = tar.getnames()
+        state = tar.extractfile("tmp/state.txt")
+        assert state is not None and state.read() == b"warm"
+    assert "snapshot-control" not in names and not any(n.startswith("usr") for n in names)
+    assert json.loads((staging / "deleted-files.json").read_text()) == ["/etc/warmstart-image"]
