@@ -5,6 +5,7 @@ activities, the real CaptureWorkflow) runs against it; the tests play the Job co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -177,3 +178,66 @@ async def test_one_lease_holder_on_a_real_api_server(cluster: Cluster) -> None:
     assert not await a.renew()
     await b.release()
     assert await a.try_acquire()
+
+
+async def test_a_second_controller_stays_passive_until_the_first_dies(
+    client: Client, cluster: Cluster, apiserver: ApiServer, tmp_path: Path
+) -> None:
+    queue = f"control-{uuid.uuid4().hex[:8]}"
+
+    def settings(name: str) -> Settings:
+        return Settings(
+            home=tmp_path / name,
+            temporal=TemporalSettings(address=client.service_client.config.target_host),
+            node=NodeSettings(control_task_queue=queue),
+            kube=KubeSettings(
+                server=apiserver.url,
+                token_file=str(apiserver.token_file),
+                insecure_skip_tls_verify=True,
+                read_every_seconds=1,
+                lease_seconds=2,
+                identity=name,
+            ),
+        )
+
+    async def holder() -> str | None:
+        try:
+            lease = await cluster.run(
+                cluster.leases.read_namespaced_lease, "warmstart-watcher", "warmstart-system"
+            )
+        except ApiException:
+            return None
+        return lease.spec.holder_identity
+
+    first_stop, second_stop = asyncio.Event(), asyncio.Event()
+    first = asyncio.ensure_future(run_controller(settings("first"), first_stop))
+    for _ in range(100):
+        if await holder() == "first":
+            break
+        await asyncio.sleep(0.1)
+    assert await holder() == "first"
+    second = asyncio.ensure_future(run_controller(settings("second"), second_stop))
+    try:
+        await asyncio.sleep(3)  # longer than the Lease: the first renews, the second waits
+        assert await holder() == "first"
+        first.cancel()  # it dies: no release, renewals stop
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        for _ in range(100):
+            if await holder() == "second":
+                break
+            await asyncio.sleep(0.1)
+        assert await holder() == "second"
+        # The new leader acts: a new Checkpoint gets its capture Job.
+        await cluster.create("checkpoints", checkpoint("after-failover"))
+        for _ in range(300):
+            st = (await cluster.get("checkpoints", "inference", "after-failover")).get(
+                "status"
+            ) or {}
+            if st.get("jobName"):
+                break
+            await asyncio.sleep(0.1)
+        assert st.get("jobName"), st
+    finally:
+        second_stop.set()
+        await asyncio.wait_for(second, 60)

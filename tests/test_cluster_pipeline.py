@@ -6,9 +6,11 @@ plays the Job controller, the scheduler and the kubelet."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from activities.layout import NodeLayout
 from activities.storage import CheckpointStore, StorageActivities
 from api.manifest import CriuInfo
 from api.naming import node_task_queue
+from api.resources import Checkpoint
 from tests.apiserver import APISERVER_SKIP, installed, running_apiserver
 from tests.containers import Kubelet, needs_containerd, running_containerd
 from tests.kube import Cluster, start_cluster
@@ -75,9 +78,102 @@ async def eventually(probe: Any, what: str, timeout: float = 60) -> Any:
         await asyncio.sleep(0.1)
 
 
-async def test_a_checkpoint_is_captured_from_a_real_container(
+@dataclass
+class Stack:
+    """The watcher, the control worker and a node worker of node `node`, running; the test
+    plays the Job controller, the scheduler and the kubelet through its methods."""
+
+    cluster: Cluster
+    kubelet: Kubelet
+    node: str
+    store: CheckpointStore
+
+    async def checkpoint(self, name: str, command: list[str]) -> dict[str, Any]:
+        template = {
+            "metadata": {"labels": {"app": name}},
+            "spec": {
+                "containers": [{"name": "main", "image": "local/workload", "command": command}]
+            },
+        }
+        body = {
+            "apiVersion": "warmstart.dev/v1alpha1",
+            "kind": "Checkpoint",
+            "metadata": {"name": name, "namespace": "inference"},
+            "spec": {
+                "identity": {"model": f"meta-llama/{name}", "backendFramework": "vllm"},
+                "job": {"podTemplateSpec": template},
+            },
+        }
+        return await self.cluster.create("checkpoints", body)
+
+    async def run_job_pod(self, name: str) -> tuple[Any, Any, str, Path]:
+        """The Job controller and the scheduler (the Job's pod, bound to our node), and the
+        kubelet (its container in containerd): returns Job, pod, container ID, control dir."""
+        cluster = self.cluster
+
+        async def job() -> Any:
+            jobs = await cluster.run(cluster.batch.list_namespaced_job, "inference")
+            return next(
+                (
+                    j
+                    for j in jobs.items
+                    if j.metadata.labels.get("warmstart.dev/checkpoint") == name
+                ),
+                None,
+            )
+
+        created = await eventually(job, "the capture Job")
+        shaped = cluster.api.sanitize_for_serialization(created.spec.template)
+        pod_body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                **shaped["metadata"],
+                "name": f"{created.metadata.name}-x1",
+                "namespace": "inference",
+                "labels": {**shaped["metadata"]["labels"], "job-name": created.metadata.name},
+            },
+            "spec": {**shaped["spec"], "nodeName": self.node},
+        }
+        await cluster.run(cluster.core.create_namespaced_pod, "inference", pod_body)
+        pod = await cluster.run(
+            cluster.core.read_namespaced_pod, pod_body["metadata"]["name"], "inference"
+        )
+        main = shaped["spec"]["containers"][0]
+        cid, control_dir = self.kubelet.run(pod.metadata.uid, "main", main["command"])
+        return created, pod, cid, control_dir
+
+    async def report(self, pod: Any, state: dict[str, Any], *, ready: bool) -> None:
+        """The kubelet reports the target container's state on the pod."""
+        status = {
+            "name": "main",
+            "ready": ready,
+            "state": state,
+            "image": "local/workload",
+            "imageID": "",
+            "restartCount": 0,
+        }
+        await self.cluster.run(
+            self.cluster.core.patch_namespaced_pod_status,
+            pod.metadata.name,
+            "inference",
+            {"status": {"containerStatuses": [status]}},
+        )
+
+    async def outcome(self, name: str) -> dict[str, Any]:
+        async def status() -> Any:
+            obj = await self.cluster.get("checkpoints", "inference", name)
+            st = obj.get("status") or {}
+            return st if st.get("phase") in ("Ready", "Failed") else None
+
+        found: dict[str, Any] = await eventually(status, f"{name} to be Ready or Failed", 90)
+        return found
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
     client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path
-) -> None:
+) -> AsyncIterator[Stack]:
     suffix = uuid.uuid4().hex[:8]
     queue, node = f"control-{suffix}", f"gpu-{suffix}"
     criu_path = CriuSettings().resolve()
@@ -113,14 +209,6 @@ async def test_a_checkpoint_is_captured_from_a_real_container(
             connect,
         )
     )
-    template = {
-        "metadata": {"labels": {"app": "llama"}},
-        "spec": {
-            "containers": [
-                {"name": "main", "image": "local/workload", "command": ["python3", "-c", WORKLOAD]}
-            ]
-        },
-    }
     async with (
         Worker(
             client,
@@ -150,77 +238,27 @@ async def test_a_checkpoint_is_captured_from_a_real_container(
     ):
         await asyncio.to_thread(watcher.start)
         try:
-            resource = await cluster.create(
-                "checkpoints",
-                {
-                    "apiVersion": "warmstart.dev/v1alpha1",
-                    "kind": "Checkpoint",
-                    "metadata": {"name": "llama", "namespace": "inference"},
-                    "spec": {
-                        "identity": {
-                            "model": "meta-llama/Llama-2-7b-hf",
-                            "backendFramework": "vllm",
-                        },
-                        "job": {"podTemplateSpec": template},
-                    },
-                },
-            )
-
-            async def job() -> Any:
-                jobs = await cluster.run(cluster.batch.list_namespaced_job, "inference")
-                return jobs.items[0] if jobs.items else None
-
-            created = await eventually(job, "the capture Job")
-            # The Job controller and the scheduler: the Job's pod, bound to our node.
-            shaped = cluster.api.sanitize_for_serialization(created.spec.template)
-            pod_body = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    **shaped["metadata"],
-                    "name": f"{created.metadata.name}-x1",
-                    "namespace": "inference",
-                    "labels": {**shaped["metadata"]["labels"], "job-name": created.metadata.name},
-                },
-                "spec": {**shaped["spec"], "nodeName": node},
-            }
-            await cluster.run(cluster.core.create_namespaced_pod, "inference", pod_body)
-            pod = await cluster.run(
-                cluster.core.read_namespaced_pod, pod_body["metadata"]["name"], "inference"
-            )
-            # The kubelet: run the target container, report Ready from the real sentinel.
-            main = shaped["spec"]["containers"][0]
-            cid, control_dir = kubelet.run(pod.metadata.uid, "main", main["command"])
-            await eventually(
-                lambda: asyncio.sleep(0, (control_dir / "ready-for-snapshot").exists()),
-                "ready-for-snapshot",
-            )
-            ready = {
-                "name": "main",
-                "ready": True,
-                "state": {"running": {}},
-                "image": "local/workload",
-                "imageID": "",
-                "restartCount": 0,
-            }
-            await cluster.run(
-                cluster.core.patch_namespaced_pod_status,
-                pod.metadata.name,
-                "inference",
-                {"status": {"containerStatuses": [ready]}},
-            )
-
-            async def status() -> Any:
-                obj = await cluster.get("checkpoints", "inference", "llama")
-                st = obj.get("status") or {}
-                return st if st.get("phase") in ("Ready", "Failed") else None
-
-            final = await eventually(status, "the Checkpoint to be Ready", timeout=90)
+            yield Stack(cluster=cluster, kubelet=kubelet, node=node, store=store)
         finally:
             await asyncio.to_thread(watcher.stop)
 
+
+async def test_a_checkpoint_is_captured_from_a_real_container(
+    client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path
+) -> None:
+    async with running_stack(client, cluster, kubelet, tmp_path) as stack:
+        resource = await stack.checkpoint("llama", ["python3", "-c", WORKLOAD])
+        created, pod, cid, control_dir = await stack.run_job_pod("llama")
+        await eventually(
+            lambda: asyncio.sleep(0, (control_dir / "ready-for-snapshot").exists()),
+            "ready-for-snapshot",
+        )
+        await stack.report(pod, {"running": {}}, ready=True)
+        final = await stack.outcome("llama")
+
     assert final["phase"] == "Ready", final
-    assert (final["checkpointID"], final["nodeName"]) == ("96429b2725761a09", node)
+    ckpt = Checkpoint.model_validate(resource).checkpoint_id
+    assert (final["checkpointID"], final["nodeName"]) == (ckpt, stack.node)
     assert final["jobName"] == created.metadata.name
     uid = resource["metadata"]["uid"]
     assert final["workflow"]["id"] == f"capture/inference/llama/{uid}"
@@ -230,12 +268,37 @@ async def test_a_checkpoint_is_captured_from_a_real_container(
         "Uploaded": "True",
         "Ready": "True",
     }
-    version_dir = store.version_dir("96429b2725761a09", final["version"])
+    version_dir = stack.store.version_dir(final["checkpointID"], final["version"])
     manifest = json.loads((version_dir / "manifest.json").read_text())
     assert manifest["source"]["pod"] == pod.metadata.name
     assert final["sizeBytes"] > 4 << 20
     # snapshot-complete was written: the workload ended by itself.
     await eventually(
-        lambda: asyncio.sleep(0, kubelet.status(cid) == "STOPPED"), "the workload to exit"
+        lambda: asyncio.sleep(0, stack.kubelet.status(cid) == "STOPPED"), "the workload to exit"
     )
     print("capture step seconds:", json.dumps(final["stepSeconds"]))
+
+
+async def test_a_workload_that_exits_non_zero_fails_the_capture_and_its_job_goes(
+    client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path
+) -> None:
+    crash = "import sys; print('out of memory loading weights', flush=True); sys.exit(3)"
+    async with running_stack(client, cluster, kubelet, tmp_path) as stack:
+        await stack.checkpoint("crashing", ["python3", "-c", crash])
+        created, pod, cid, _control = await stack.run_job_pod("crashing")
+        await eventually(
+            lambda: asyncio.sleep(0, stack.kubelet.status(cid) == "STOPPED"), "the crash"
+        )
+        await stack.report(pod, {"terminated": {"exitCode": 3, "reason": "Error"}}, ready=False)
+        final = await stack.outcome("crashing")
+
+        async def job_gone() -> bool:
+            jobs = await cluster.run(cluster.batch.list_namespaced_job, "inference")
+            return created.metadata.name not in [j.metadata.name for j in jobs.items]
+
+        await eventually(job_gone, "the failed capture's Job to be deleted")
+    assert final["phase"] == "Failed"
+    assert final["message"] == "container main exited with code 3 (Error)"
+    ready = next(c for c in final["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "WorkloadExited")
+    assert stack.store.staged() == []

@@ -49,8 +49,13 @@ async def run_controller(settings: Settings, stop: asyncio.Event | None = None) 
             loop.add_signal_handler(sig, stop.set)
     temporal = await connect(settings)
     api = kube_client(settings)
-    identity = os.environ.get("HOSTNAME") or socket.gethostname()
-    elector = LeaseElector(api, namespace=settings.kube.namespace, identity=identity)
+    identity = settings.kube.identity or os.environ.get("HOSTNAME") or socket.gethostname()
+    elector = LeaseElector(
+        api,
+        namespace=settings.kube.namespace,
+        identity=identity,
+        duration_seconds=settings.kube.lease_seconds,
+    )
     kube = settings.kube
     watcher = WatcherSettings(
         control_task_queue=settings.node.control_task_queue,

@@ -86,6 +86,10 @@ class KubeSettings:
     checkpoint_claim: str = "warmstart-checkpoints"
     # How often a capture reads its pod when no watcher signal came.
     read_every_seconds: float = 30.0
+    # The watcher's Lease: how long a silent holder keeps it, and this replica's name
+    # (empty: the host name, which is the pod's name).
+    lease_seconds: int = 15
+    identity: str = ""
 
 
 @dataclass(frozen=True)
