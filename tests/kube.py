@@ -136,3 +136,17 @@ class Cluster:
 async def start_cluster() -> AsyncIterator[Cluster]:
     async with Emulator() as emulator, kmock.Server(emulator) as server:
         yield Cluster(emulator, str(server.url))
+
+
+def checkpoint_body(name: str, template: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """A Checkpoint in namespace `inference` whose identity is named after it."""
+    return {
+        "apiVersion": "warmstart.dev/v1alpha1",
+        "kind": "Checkpoint",
+        "metadata": {"name": name, "namespace": "inference"},
+        "spec": {
+            "identity": {"model": f"meta-llama/{name}", "backendFramework": "vllm"},
+            "job": {"podTemplateSpec": template},
+            **spec,
+        },
+    }

@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from temporalio.client import Client
 
 from tests.apiserver import ApiServer, installed, needs_apiserver, running_apiserver
-from tests.kube import Cluster
+from tests.kube import Cluster, checkpoint_body
 from workers.controller import run_controller
 from workers.leader import LeaseElector
 from workers.settings import KubeSettings, NodeSettings, Settings, TemporalSettings
@@ -38,16 +38,7 @@ async def cluster(apiserver: ApiServer) -> AsyncIterator[Cluster]:
 
 
 def checkpoint(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "warmstart.dev/v1alpha1",
-        "kind": "Checkpoint",
-        "metadata": {"name": name, "namespace": "inference"},
-        "spec": {
-            "identity": {"model": f"meta-llama/{name}", "backendFramework": "vllm"},
-            "job": {"podTemplateSpec": TEMPLATE},
-            **spec,
-        },
-    }
+    return checkpoint_body(name, TEMPLATE, **spec)
 
 
 async def test_the_crds_serve_a_status_subresource_defaults_and_conflicts(cluster: Cluster) -> None:

@@ -31,7 +31,7 @@ from api.naming import node_task_queue
 from api.resources import Checkpoint
 from tests.apiserver import APISERVER_SKIP, installed, running_apiserver
 from tests.containers import Kubelet, needs_containerd, running_containerd
-from tests.kube import Cluster, start_cluster
+from tests.kube import Cluster, checkpoint_body, start_cluster
 from workers.settings import CriuSettings
 from workers.watcher import KopfThread, WatcherSettings, build_registry
 from workflows.capture import CaptureWorkflow
@@ -95,16 +95,7 @@ class Stack:
                 "containers": [{"name": "main", "image": "local/workload", "command": command}]
             },
         }
-        body = {
-            "apiVersion": "warmstart.dev/v1alpha1",
-            "kind": "Checkpoint",
-            "metadata": {"name": name, "namespace": "inference"},
-            "spec": {
-                "identity": {"model": f"meta-llama/{name}", "backendFramework": "vllm"},
-                "job": {"podTemplateSpec": template},
-            },
-        }
-        return await self.cluster.create("checkpoints", body)
+        return await self.cluster.create("checkpoints", checkpoint_body(name, template))
 
     async def run_job_pod(self, name: str) -> tuple[Any, Any, str, Path]:
         """The Job controller and the scheduler (the Job's pod, bound to our node), and the
