@@ -104,6 +104,10 @@ class Cluster:
         self.events = client.EventsV1Api(self.api)
         self.leases = client.CoordinationV1Api(self.api)
 
+    def close(self) -> None:
+        """Close the client's connection pool (its sockets would otherwise be left to GC)."""
+        self.api.close()
+
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A call of the synchronous client, off the loop the emulator serves on."""
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -135,7 +139,11 @@ class Cluster:
 
 async def start_cluster() -> AsyncIterator[Cluster]:
     async with Emulator() as emulator, kmock.Server(emulator) as server:
-        yield Cluster(emulator, str(server.url))
+        cluster = Cluster(emulator, str(server.url))
+        try:
+            yield cluster
+        finally:
+            cluster.close()
 
 
 def checkpoint_body(name: str, template: dict[str, Any], **spec: Any) -> dict[str, Any]:

@@ -34,7 +34,9 @@ def apiserver() -> Iterator[ApiServer]:
 
 @pytest_asyncio.fixture(scope="module")
 async def cluster(apiserver: ApiServer) -> AsyncIterator[Cluster]:
-    yield await installed(apiserver, ("warmstart-system", "inference"))
+    kube = await installed(apiserver, ("warmstart-system", "inference"))
+    yield kube
+    kube.close()
 
 
 def checkpoint(name: str, **spec: Any) -> dict[str, Any]:

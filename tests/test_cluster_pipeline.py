@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,9 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
     if APISERVER_SKIP is not None:
         pytest.skip(APISERVER_SKIP)
     for server in running_apiserver():
-        yield await installed(server, ("warmstart-system", "inference"))
+        kube = await installed(server, ("warmstart-system", "inference"))
+        yield kube
+        kube.close()
 
 
 async def eventually(probe: Any, what: str, timeout: float = 60) -> Any:
@@ -87,6 +89,17 @@ class Stack:
     kubelet: Kubelet
     node: str
     store: CheckpointStore
+    new_watcher: Callable[[], KopfThread]
+    watcher: KopfThread | None = None
+
+    async def start_watcher(self) -> None:
+        self.watcher = self.new_watcher()  # a fresh registry: no memory of the last one
+        await asyncio.to_thread(self.watcher.start)
+
+    async def stop_watcher(self) -> None:
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop)
+            self.watcher = None
 
     async def checkpoint(self, name: str, command: list[str]) -> dict[str, Any]:
         template = {
@@ -97,7 +110,7 @@ class Stack:
         }
         return await self.cluster.create("checkpoints", checkpoint_body(name, template))
 
-    async def run_job_pod(self, name: str) -> tuple[Any, Any, str, Path]:
+    async def run_job_pod(self, name: str, *, node: str = "") -> tuple[Any, Any, str, Path]:
         """The Job controller and the scheduler (the Job's pod, bound to our node), and the
         kubelet (its container in containerd): returns Job, pod, container ID, control dir."""
         cluster = self.cluster
@@ -124,7 +137,7 @@ class Stack:
                 "namespace": "inference",
                 "labels": {**shaped["metadata"]["labels"], "job-name": created.metadata.name},
             },
-            "spec": {**shaped["spec"], "nodeName": self.node},
+            "spec": {**shaped["spec"], "nodeName": node or self.node},
         }
         await cluster.run(cluster.core.create_namespaced_pod, "inference", pod_body)
         pod = await cluster.run(
@@ -188,18 +201,17 @@ async def running_stack(
     async def connect() -> Client:
         return await Client.connect(target, data_converter=pydantic_data_converter)
 
-    watcher = KopfThread(
-        build_registry(
-            WatcherSettings(
-                control_task_queue=queue,
-                kube_server=cluster.url,
-                kube_token=cluster.token,
-                kube_insecure=cluster.token is not None,
-                read_every_seconds=2,
-            ),
-            connect,
+    def new_watcher() -> KopfThread:
+        settings = WatcherSettings(
+            control_task_queue=queue,
+            kube_server=cluster.url,
+            kube_token=cluster.token,
+            kube_insecure=cluster.token is not None,
+            read_every_seconds=2,
+            node_timeout_seconds=3,
         )
-    )
+        return KopfThread(build_registry(settings, connect))
+
     async with (
         Worker(
             client,
@@ -227,11 +239,14 @@ async def running_stack(
             interceptors=[ErrorMapping()],
         ),
     ):
-        await asyncio.to_thread(watcher.start)
+        stack = Stack(
+            cluster=cluster, kubelet=kubelet, node=node, store=store, new_watcher=new_watcher
+        )
+        await stack.start_watcher()
         try:
-            yield Stack(cluster=cluster, kubelet=kubelet, node=node, store=store)
+            yield stack
         finally:
-            await asyncio.to_thread(watcher.stop)
+            await stack.stop_watcher()
 
 
 async def test_a_checkpoint_is_captured_from_a_real_container(
@@ -293,3 +308,42 @@ async def test_a_workload_that_exits_non_zero_fails_the_capture_and_its_job_goes
     ready = next(c for c in final["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "WorkloadExited")
     assert stack.store.staged() == []
+
+
+async def test_a_pod_on_a_node_without_a_node_worker_is_node_lost(
+    client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path
+) -> None:
+    async with running_stack(client, cluster, kubelet, tmp_path) as stack:
+        await stack.checkpoint("orphan", ["python3", "-c", WORKLOAD])
+        _created, pod, _cid, control_dir = await stack.run_job_pod("orphan", node="gpu-gone")
+        await eventually(
+            lambda: asyncio.sleep(0, (control_dir / "ready-for-snapshot").exists()),
+            "ready-for-snapshot",
+        )
+        await stack.report(pod, {"running": {}}, ready=True)
+        final = await stack.outcome("orphan")
+    assert final["phase"] == "Failed"
+    assert final["nodeName"] == "gpu-gone"
+    assert "node gpu-gone" in final["message"] and "dump_container" in final["message"]
+    ready = next(c for c in final["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "NodeLost"
+
+
+async def test_a_watcher_restarted_mid_capture_finishes_it_once(
+    client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path
+) -> None:
+    async with running_stack(client, cluster, kubelet, tmp_path) as stack:
+        resource = await stack.checkpoint("restarted", ["python3", "-c", WORKLOAD])
+        _created, pod, _cid, control_dir = await stack.run_job_pod("restarted")
+        await eventually(
+            lambda: asyncio.sleep(0, (control_dir / "ready-for-snapshot").exists()),
+            "ready-for-snapshot",
+        )
+        await stack.stop_watcher()  # down while the pod becomes Ready: a missed event
+        await stack.report(pod, {"running": {}}, ready=True)
+        await stack.start_watcher()
+        final = await stack.outcome("restarted")
+    assert final["phase"] == "Ready", final
+    workflow_id = f"capture/inference/restarted/{resource['metadata']['uid']}"
+    runs = [run async for run in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
+    assert len(runs) == 1

@@ -63,16 +63,20 @@ async def run_controller(settings: Settings, stop: asyncio.Event | None = None) 
         kube_token=Path(kube.token_file).read_text().strip() if kube.token_file else None,
         kube_insecure=kube.insecure_skip_tls_verify,
         read_every_seconds=kube.read_every_seconds,
+        node_timeout_seconds=kube.node_timeout_seconds,
     )
 
     async def watcher_client() -> Client:
         return await connect(settings)  # made in kopf's own loop
 
-    async with cluster_control_worker(temporal, settings, api):
-        print(
-            f"controller {identity}: control queue {settings.node.control_task_queue}, "
-            f"leases in {settings.kube.namespace}",
-            flush=True,
-        )
-        with contextlib.suppress(asyncio.CancelledError):
-            await run_watcher(watcher, connect=watcher_client, elector=elector, stop=stop)
+    try:
+        async with cluster_control_worker(temporal, settings, api):
+            print(
+                f"controller {identity}: control queue {settings.node.control_task_queue}, "
+                f"leases in {settings.kube.namespace}",
+                flush=True,
+            )
+            with contextlib.suppress(asyncio.CancelledError):
+                await run_watcher(watcher, connect=watcher_client, elector=elector, stop=stop)
+    finally:
+        api.close()  # type: ignore[no-untyped-call]

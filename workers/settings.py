@@ -86,6 +86,8 @@ class KubeSettings:
     checkpoint_claim: str = "warmstart-checkpoints"
     # How often a capture reads its pod when no watcher signal came.
     read_every_seconds: float = 30.0
+    # How long a node step waits for the pod's node worker before the node counts as lost.
+    node_timeout_seconds: float = 120.0
     # The watcher's Lease: how long a silent holder keeps it, and this replica's name
     # (empty: the host name, which is the pod's name).
     lease_seconds: int = 15

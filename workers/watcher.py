@@ -55,6 +55,8 @@ class WatcherSettings:
     kube_token: str | None = None
     kube_insecure: bool = False
     read_every_seconds: float = 30.0
+    # How long a node step may wait for the pod's node worker before the node counts as lost.
+    node_timeout_seconds: float = 120.0
 
 
 def capture_request(
@@ -94,6 +96,7 @@ def capture_request(
         resource=ref,
         cluster=target,
         control_task_queue=settings.control_task_queue,
+        node_timeout_seconds=settings.node_timeout_seconds,
     )
 
 

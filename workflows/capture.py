@@ -64,6 +64,7 @@ class CaptureWorkflow:
         self._launch: LaunchResult | None = None
         self._launched = self._staged = self._succeeded = False
         self._job = ""
+        self._dropped = False
 
     @workflow.query
     def progress(self) -> Progress:
@@ -124,8 +125,15 @@ class CaptureWorkflow:
         except asyncio.CancelledError:
             await self._fail(PipelineFailedError("cancelled", reason=Reason.CANCELLED))
             raise
+        except GeneratorExit:
+            # A worker that stopped with this run in its cache drops the coroutine; the
+            # run goes on elsewhere, so nothing is cleaned up here (no workflow calls can
+            # be made outside its event loop anyway). Never raised while the run executes.
+            self._dropped = True
+            raise
         finally:
-            await self._cleanup()
+            if not self._dropped:
+                await self._cleanup()
         return CaptureResult(
             checkpoint_id=request.checkpoint_id,
             version=version,
