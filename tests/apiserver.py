@@ -150,7 +150,7 @@ async def installed(server: ApiServer, namespaces: tuple[str, ...]) -> Cluster:
         )
     for path in crds:
         name = yaml.safe_load(path.read_text())["metadata"]["name"]
-        for _ in range(100):
+        for _ in range(300):
             crd = await kube.run(extensions.read_custom_resource_definition, name)
             conditions = crd.status.conditions or [] if crd.status else []
             if any(c.type == "Established" and c.status == "True" for c in conditions):

@@ -204,7 +204,7 @@ async def test_a_second_controller_stays_passive_until_the_first_dies(
 
     first_stop, second_stop = asyncio.Event(), asyncio.Event()
     first = asyncio.ensure_future(run_controller(settings("first"), first_stop))
-    for _ in range(100):
+    for _ in range(300):
         if await holder() == "first":
             break
         await asyncio.sleep(0.1)
@@ -216,7 +216,7 @@ async def test_a_second_controller_stays_passive_until_the_first_dies(
         first.cancel()  # it dies: no release, renewals stop
         with contextlib.suppress(asyncio.CancelledError):
             await first
-        for _ in range(100):
+        for _ in range(300):
             if await holder() == "second":
                 break
             await asyncio.sleep(0.1)

@@ -58,7 +58,7 @@ async def test_the_controller_takes_the_lease_and_creates_the_capture_job(
         async def status() -> dict[str, Any]:
             return (await cluster.get("checkpoints", "inference", "llama")).get("status") or {}
 
-        for _ in range(400):
+        for _ in range(800):
             if (await status()).get("jobName"):
                 break
             assert not controller.done(), controller.exception()

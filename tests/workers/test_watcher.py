@@ -162,7 +162,7 @@ async def test_a_checkpoint_gets_one_capture_fed_by_pod_signals_and_cancelled_on
     async def started() -> bool:
         return len(await _runs(client, workflow_id)) == 1
 
-    for _ in range(200):
+    for _ in range(800):
         if await started():
             break
         await asyncio.sleep(0.05)
@@ -204,7 +204,7 @@ async def test_a_checkpoint_gets_one_capture_fed_by_pod_signals_and_cancelled_on
         "checkpoints",
         "llama",
     )
-    for _ in range(400):
+    for _ in range(800):
         if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
             break
         await asyncio.sleep(0.05)
@@ -213,7 +213,7 @@ async def test_a_checkpoint_gets_one_capture_fed_by_pod_signals_and_cancelled_on
 
 
 async def wait_for_signals(handle: Any, expected: list[tuple[str, str]]) -> None:
-    for _ in range(200):
+    for _ in range(800):
         seen = [tuple(s) for s in await handle.query(StandInCapture.seen)]
         if seen == expected:
             return
@@ -224,7 +224,7 @@ async def wait_for_signals(handle: Any, expected: list[tuple[str, str]]) -> None
 async def wait_gone(cluster: Cluster, name: str) -> None:
     from kubernetes.client.exceptions import ApiException
 
-    for _ in range(400):
+    for _ in range(800):
         try:
             await cluster.get("checkpoints", "inference", name)
         except ApiException as err:
@@ -246,7 +246,7 @@ async def test_a_refused_spec_fails_with_the_message_and_starts_nothing(
     async def status() -> dict[str, Any]:
         return (await cluster.get("checkpoints", "inference", "llama")).get("status") or {}
 
-    for _ in range(200):
+    for _ in range(800):
         if (await status()).get("phase") == "Failed":
             break
         await asyncio.sleep(0.05)
@@ -328,7 +328,7 @@ async def test_a_changed_identity_is_refused_on_the_status(
         meta = (await cluster.get("checkpoints", "inference", "llama"))["metadata"]
         return "warmstart.dev/last-handled-configuration" in (meta.get("annotations") or {})
 
-    for _ in range(200):
+    for _ in range(800):
         if await handled():
             break
         await asyncio.sleep(0.05)
@@ -347,7 +347,7 @@ async def test_a_changed_identity_is_refused_on_the_status(
     async def status() -> dict[str, Any]:
         return (await cluster.get("checkpoints", "inference", "llama")).get("status") or {}
 
-    for _ in range(200):
+    for _ in range(800):
         if (await status()).get("phase") == "Failed":
             break
         await asyncio.sleep(0.05)
