@@ -199,8 +199,44 @@ def rootfs_diff(upper: Path, staging: Path, *, mount_points: list[str]) -> int:
     return entries
 
 
-def thaw(pid: int) -> None:
-    """Resume a process a failed dump left stopped (leave-running must never leave it so)."""
+def freezer_cgroup(pid: int) -> Path | None:
+    """The container's freezer cgroup directory (cgroup v1 `freezer`, or the v2 unified
+    directory), if this process can see it; CRIU freezes the whole container through it."""
+    base = Path("/sys/fs/cgroup")
+    unified = None
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _hierarchy, controllers, path = line.split(":", 2)
+        if "freezer" in controllers.split(","):
+            found = base / "freezer" / path.lstrip("/")
+            return found if (found / "freezer.state").is_file() else None
+        if controllers == "":
+            unified = base / path.lstrip("/")
+    if unified is not None and (unified / "cgroup.freeze").is_file():
+        return unified
+    return None
+
+
+def stdio(pid: int) -> tuple[str, ...]:
+    """What the container's fds 0-2 are (`pipe:[inode]` from the runtime's shim): restore
+    hands fresh pipes back in their place."""
+    out = []
+    for fd in (0, 1, 2):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            out.append("")
+    return tuple(out)
+
+
+def thaw(pid: int, freezer: Path | None = None) -> None:
+    """Resume a container a failed or cancelled dump left frozen or stopped (a
+    leave-running dump must never leave its source so)."""
+    if freezer is not None:
+        with contextlib.suppress(OSError):
+            if (freezer / "freezer.state").is_file():
+                (freezer / "freezer.state").write_text("THAWED")
+            elif (freezer / "cgroup.freeze").is_file():
+                (freezer / "cgroup.freeze").write_text("0")
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -259,8 +295,9 @@ class ContainerdActivities(ContainerActivities):
             f"of pod {target.namespace}/{target.pod_name} (pid {located.pid})"
         )
         activity.logger.info("%s", where)
+        freezer = freezer_cgroup(located.pid)
         command = self._criu.container_dump_command(
-            pid=located.pid, images_dir=images, netns_inode=netns
+            pid=located.pid, images_dir=images, netns_inode=netns, freezer=freezer
         )
         try:
             await run_dump(command, images, what=where)
@@ -271,7 +308,7 @@ class ContainerdActivities(ContainerActivities):
                 )
                 activity.logger.info("%s: rootfs diff of %d entries", where, count)
         except BaseException:
-            thaw(located.pid)
+            thaw(located.pid, freezer)
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
 
@@ -307,6 +344,7 @@ class ContainerdActivities(ContainerActivities):
                 cwd=located.cwd,
                 pid=located.pid,
                 control_dir=f"/{CONTROL_DIR}",
+                stdio=stdio(located.pid),
             ),
             criu=CriuInfo(
                 version=self._criu.version(), options=(*DUMP_OPTIONS, *CONTAINER_DUMP_OPTIONS)

@@ -84,10 +84,13 @@ class Criu:
             extra += ["--action-script", str(action_script)]
         return [self.path, "dump", "--tree", str(pid), *images, *DUMP_OPTIONS, *extra]
 
-    def container_dump_command(self, *, pid: int, images_dir: Path, netns_inode: int) -> list[str]:
+    def container_dump_command(
+        self, *, pid: int, images_dir: Path, netns_inode: int, freezer: Path | None = None
+    ) -> list[str]:
         """A container's init: its root and mounts as the container sees them (mounts outside
         CRIU's view are external), its network namespace external (the pod keeps it), TCP
-        connections kept, and the tree left running (the workload decides when to exit)."""
+        connections kept, the whole container frozen through its freezer cgroup while it is
+        dumped, and the tree left running (the workload decides when to exit)."""
         images = ["--images-dir", str(images_dir), "--log-file", DUMP_LOG]
         return [
             self.path,
@@ -101,6 +104,7 @@ class Criu:
             f"/proc/{pid}/root",
             "--external",
             f"net[{netns_inode}]:extNetNs",
+            *(["--freeze-cgroup", str(freezer)] if freezer is not None else []),
         ]
 
     def restore_command(self, *, images_dir: Path, work_dir: Path, pidfile: Path) -> list[str]:

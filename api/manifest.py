@@ -50,6 +50,8 @@ class SourceInfo(BaseModel):
     log_path: str = ""
     readiness: Readiness = Readiness()
     health_url: str | None = None
+    # A container's fds 0-2 at the dump (`pipe:[inode]`): restore passes fresh ones in.
+    stdio: tuple[str, ...] = ()
 
 
 class CriuInfo(BaseModel):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.containerd import Containerd, ContainerdActivities
+from activities.containerd import Containerd, ContainerdActivities, freezer_cgroup, thaw
 from activities.contracts import (
     ContainerCommitInput,
     ContainerDumpInput,
@@ -107,6 +107,7 @@ async def test_a_container_is_dumped_committed_and_released(
     assert (source["pod"], source["container"], source["node"]) == ("llama-x1", "main", "gpu-1")
     assert source["command"][0] == "python3"
     assert "--leave-running" in manifest["criu"]["options"]
+    assert [fd.startswith("pipe:[") for fd in source["stdio"]] == [True, True, True]
     assert any(f["path"].startswith("criu/pages-") for f in manifest["files"])
     assert store.staged() == []
     store.verify(final, checkpoint_id=CKPT)
@@ -204,3 +205,22 @@ async def test_a_container_from_an_image_has_its_rootfs_diff_captured(
         assert state is not None and state.read() == b"warm"
     assert "snapshot-control" not in names and not any(n.startswith("usr") for n in names)
     assert json.loads((staging / "deleted-files.json").read_text()) == ["/etc/warmstart-image"]
+
+
+def test_a_dump_that_fails_leaves_the_container_thawed(kubelet: Kubelet, tmp_path: Path) -> None:
+    """The container is frozen through its cgroup during a dump; a dump that fails (here:
+    the freezer is left FROZEN as a killed CRIU would leave it) ends with it thawed."""
+    _activities, _store = node(kubelet, tmp_path)
+    target, cid, control = start(kubelet)
+    pid = kubelet.pid(cid)
+    freezer = freezer_cgroup(pid)
+    if freezer is None:
+        pytest.skip("no freezer cgroup visible for the container on this host")
+    state = freezer / ("freezer.state" if (freezer / "freezer.state").exists() else "cgroup.freeze")
+    state.write_text("FROZEN" if state.name == "freezer.state" else "1")
+    before = (control / "beat").read_text()
+    time.sleep(0.3)
+    assert (control / "beat").read_text() == before  # frozen: no progress
+    thaw(pid, freezer)
+    wait_for(lambda: (control / "beat").read_text() != before, "the container to run again")
+    assert target.pod_uid
