@@ -52,6 +52,7 @@ class Cluster:
     dumps: list[ContainerDumpInput] = field(default_factory=list)
     queries: list[PodQuery] = field(default_factory=list)
     pod: PodObservation = field(default_factory=PodObservation)
+    hold_dump: asyncio.Event | None = None
 
     def _record(self, name: str) -> None:
         self.calls.append((name, activity.info().task_queue))
@@ -89,6 +90,9 @@ class Cluster:
     async def dump(self, request: ContainerDumpInput) -> None:
         self.dumps.append(request)
         self._record("dump_container")
+        while self.hold_dump is not None and not self.hold_dump.is_set():
+            activity.heartbeat()  # a cancel reaches a running dump through its heartbeats
+            await asyncio.sleep(0.05)
 
     @activity.defn(name="commit_container")
     async def commit(self, request: ContainerCommitInput) -> CommitResult:
@@ -299,3 +303,21 @@ async def test_a_pod_on_a_node_without_worker_is_node_lost(harness: Harness) -> 
     assert err.value.cause.type == "NodeLost"
     assert "node gpu-without-worker" in err.value.cause.message
     assert "dump_container" in err.value.cause.message
+
+
+async def test_deleting_the_resource_mid_dump_discards_staging_and_the_job(
+    harness: Harness,
+) -> None:
+    harness.cluster.hold_dump = asyncio.Event()
+    harness.cluster.pod = harness.seen(node_name=harness.node, container_ready=True)
+    handle = await harness.start(harness.request(read_every_seconds=0.2))
+    await harness.called("dump_container")
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError) as err:
+        await handle.result()
+    harness.cluster.hold_dump.set()
+    assert isinstance(err.value.cause, CancelledError)
+    names = harness.cluster.names()
+    assert "commit_container" not in names
+    assert names[-2:] == ["discard_staging", "delete_capture_job"]
+    assert harness.cluster.statuses[-1].reason == "Cancelled"
