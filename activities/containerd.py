@@ -262,6 +262,10 @@ class ContainerdActivities(ContainerActivities):
         self._criu = criu
         self._store = store
         self._node = node
+        # Asked once: what every manifest of this node records about its CRIU.
+        self._criu_info = CriuInfo(
+            version=criu.version(), options=(*DUMP_OPTIONS, *CONTAINER_DUMP_OPTIONS)
+        )
 
     @activity.defn
     async def await_gms_saved(self, request: GmsSavedInput) -> None:
@@ -346,9 +350,7 @@ class ContainerdActivities(ContainerActivities):
                 control_dir=f"/{CONTROL_DIR}",
                 stdio=stdio(located.pid),
             ),
-            criu=CriuInfo(
-                version=self._criu.version(), options=(*DUMP_OPTIONS, *CONTAINER_DUMP_OPTIONS)
-            ),
+            criu=self._criu_info,
             host=host_info(),
             files=digest_tree(staging),
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -18,23 +19,15 @@ import pytest
 import pytest_asyncio
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Worker
 
-from activities.containerd import Containerd, ContainerdActivities
-from activities.criu import DUMP_OPTIONS, Criu
-from activities.errors import ErrorMapping
-from activities.kube import KubeControlActivities
-from activities.layout import NodeLayout
-from activities.storage import CheckpointStore, StorageActivities
-from api.manifest import CriuInfo
-from api.naming import node_task_queue
+from activities.storage import CheckpointStore
 from api.resources import Checkpoint
 from tests.apiserver import APISERVER_SKIP, installed, running_apiserver
 from tests.containers import Kubelet, needs_containerd, running_containerd
 from tests.kube import Cluster, checkpoint_body, start_cluster
-from workers.settings import CriuSettings
+from workers.compose import cluster_control_worker, node_worker
+from workers.settings import NodeSettings, Settings
 from workers.watcher import KopfThread, WatcherSettings, build_registry
-from workflows.capture import CaptureWorkflow
 
 pytestmark = [needs_containerd, pytest.mark.timeout(180)]
 
@@ -180,29 +173,19 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     suffix = uuid.uuid4().hex[:8]
     queue, node = f"control-{suffix}", f"gpu-{suffix}"
-    criu_path = CriuSettings().resolve()
-    assert criu_path is not None
-    criu = Criu(criu_path)
-    store = CheckpointStore(tmp_path / "checkpoints")
-    control = KubeControlActivities(
-        cluster.api, claims_namespace="warmstart-system", ui_url="http://localhost:8233"
+    # The workers as `warmstart controller` and a cluster node's `warmstart worker` build them.
+    settings = Settings(
+        home=tmp_path / "home",
+        node=NodeSettings(name=node, control_task_queue=queue, containerd_address=kubelet.address),
     )
-    pods = ContainerdActivities(
-        runtime=Containerd(address=kubelet.address), criu=criu, store=store, node=node
-    )
-    storage = StorageActivities(
-        store=store,
-        layout=NodeLayout(tmp_path),
-        node=node,
-        criu=CriuInfo(version=criu.version(), options=DUMP_OPTIONS),
-    )
+    store = CheckpointStore(settings.checkpoint_root)
     target = client.service_client.config.target_host
 
     async def connect() -> Client:
         return await Client.connect(target, data_converter=pydantic_data_converter)
 
     def new_watcher() -> KopfThread:
-        settings = WatcherSettings(
+        watching = WatcherSettings(
             control_task_queue=queue,
             kube_server=cluster.url,
             kube_token=cluster.token,
@@ -210,34 +193,12 @@ async def running_stack(
             read_every_seconds=2,
             node_timeout_seconds=3,
         )
-        return KopfThread(build_registry(settings, connect))
+        return KopfThread(build_registry(watching, connect))
 
+    base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     async with (
-        Worker(
-            client,
-            task_queue=queue,
-            workflows=[CaptureWorkflow],
-            activities=[
-                control.claim_checkpoint_id,
-                control.publish_status,
-                control.create_capture_job,
-                control.read_capture_pod,
-                control.delete_capture_job,
-            ],
-            interceptors=[ErrorMapping()],
-        ),
-        Worker(
-            client,
-            task_queue=node_task_queue(node),
-            activities=[
-                pods.await_gms_saved,
-                pods.dump_container,
-                pods.commit_container,
-                pods.write_container_sentinel,
-                storage.discard_staging,
-            ],
-            interceptors=[ErrorMapping()],
-        ),
+        cluster_control_worker(client, settings, cluster.api),
+        node_worker(client, settings, base_env=base_env),
     ):
         stack = Stack(
             cluster=cluster, kubelet=kubelet, node=node, store=store, new_watcher=new_watcher
