@@ -36,8 +36,9 @@ from activities.contracts import (
     Heartbeat,
 )
 from activities.criu import CONTAINER_DUMP_OPTIONS, DUMP_OPTIONS, IMAGES_DIR, Criu, run_dump
+from activities.gpu import NodeGpus
 from activities.sentinels import wait_for_file
-from activities.storage import CheckpointStore, digest_tree, host_info, make_private
+from activities.storage import CheckpointStore, digest_tree, make_private, process_host_info
 from api.errors import DumpFailedError, InvalidSpecError, WorkloadExitedError, WorkloadNotReadyError
 from api.manifest import CriuInfo, Manifest, SourceInfo
 
@@ -256,9 +257,16 @@ class ContainerdActivities(ContainerActivities):
     """`ContainerActivities` for a node whose pods run in containerd."""
 
     def __init__(
-        self, *, runtime: Containerd, criu: Criu, store: CheckpointStore, node: str
+        self,
+        *,
+        runtime: Containerd,
+        criu: Criu,
+        store: CheckpointStore,
+        node: str,
+        gpus: NodeGpus | None = None,
     ) -> None:
         self._runtime = runtime
+        self._gpus = gpus or NodeGpus()
         self._criu = criu
         self._store = store
         self._node = node
@@ -351,7 +359,7 @@ class ContainerdActivities(ContainerActivities):
                 stdio=stdio(located.pid),
             ),
             criu=self._criu_info,
-            host=host_info(),
+            host=process_host_info(located.pid, self._gpus),
             files=digest_tree(staging),
         )
         committed = self._store.commit(staging, manifest)

@@ -11,26 +11,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import platform
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from temporalio import activity
 
+from activities.catalog import load_manifest
 from activities.contracts import Heartbeat, RestoredWorkload, RestoreInput
 from activities.criu import IMAGES_DIR, Criu
 from activities.files import write_atomically
+from activities.gpu import NodeGpus, local_target
 from activities.layout import NodeLayout, WorkloadPaths
 from activities.local import await_answer, prepare_restore_target
 from activities.processes import is_alive, start_ticks, terminate
+from activities.quarantine import NodeClass, Quarantine, QuarantineEntry, node_class
 from activities.sentinels import fall_back_to_cold_start, write_sentinel_file
-from activities.storage import WORKLOAD_LOG, CheckpointStore
+from activities.storage import WORKLOAD_LOG, CheckpointStore, host_info
+from api.compatibility import describe_mismatches, mismatches
 from api.contract import Contract
-from api.errors import AlreadyRunningError, IncompatibleError, WarmstartError
-from api.manifest import Manifest
-from api.reasons import Sentinel
+from api.errors import (
+    AlreadyRunningError,
+    IncompatibleError,
+    QuarantinedError,
+    WarmstartError,
+)
+from api.manifest import HostInfo, Manifest
+from api.reasons import Reason, Sentinel
+
+# Failures that say something about this node class rather than the checkpoint's bytes:
+# a restore failing so is quarantined there (activities.quarantine).
+QUARANTINED_REASONS = frozenset(
+    {Reason.RESTORE_FAILED, Reason.WORKLOAD_NOT_READY, Reason.WORKLOAD_EXITED}
+)
 
 
 class _Stages:
@@ -52,11 +67,59 @@ class _Stages:
             self._name = ""
 
 
+class NodeGate:
+    """The checks a restore passes before it reads any artifact: compatibility of the
+    manifest's host facts with the target's, then the quarantine of its node class."""
+
+    def __init__(self, *, criu_version: str, quarantine: Quarantine, node: str) -> None:
+        self.criu_version = criu_version
+        self.quarantine = quarantine
+        self.node = node
+
+    def check(self, manifest: Manifest, target: HostInfo) -> NodeClass:
+        found = mismatches(
+            captured=manifest.host,
+            captured_criu=manifest.criu.version,
+            node=target,
+            node_criu=self.criu_version,
+        )
+        if found:
+            raise IncompatibleError(describe_mismatches(manifest.checkpoint_id, found))
+        cls = node_class(target, criu=self.criu_version)
+        entry = self.quarantine.find(manifest.checkpoint_id, cls)
+        if entry is not None:
+            raise QuarantinedError(entry.describe())
+        return cls
+
+    def remember(self, checkpoint_id: str, cls: NodeClass, err: WarmstartError) -> None:
+        if err.reason in QUARANTINED_REASONS:
+            entry = QuarantineEntry(
+                checkpoint_id=checkpoint_id,
+                node_class=cls,
+                reason=err.reason,
+                message=str(err)[-2000:],
+                node=self.node,
+                since=datetime.now(UTC),
+            )
+            self.quarantine.record(entry)
+
+
 class RestoreActivities:
-    def __init__(self, *, criu: Criu, store: CheckpointStore, layout: NodeLayout) -> None:
+    def __init__(
+        self,
+        *,
+        criu: Criu,
+        store: CheckpointStore,
+        layout: NodeLayout,
+        node: str = "local",
+        gpus: NodeGpus | None = None,
+    ) -> None:
         self._criu = criu
         self._store = store
         self._layout = layout
+        self._gpus = gpus or NodeGpus()
+        quarantine = Quarantine(store.root)
+        self._gate = NodeGate(criu_version=criu.version(), quarantine=quarantine, node=node)
 
     @activity.defn
     async def restore_checkpoint(self, request: RestoreInput) -> RestoredWorkload:
@@ -71,15 +134,16 @@ class RestoreActivities:
         # Where the workload waits: its manifest says, once it has been read and checked;
         # before that (missing or damaged checkpoint) this node's own layout says.
         control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
-        version, pid = request.version, 0
+        version, pid, cls = request.version, 0, None
         try:
             stages.start("verify")
             version_dir = self._store.find(request.checkpoint_id, request.version)
+            claimed = load_manifest(version_dir)
+            cls = self._gate.check(claimed, self._target(claimed))
             manifest = await asyncio.to_thread(
                 self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
             )
             version = manifest.version
-            _require_compatible(manifest)
             stages.start("prepare")
             saved_output = version_dir / WORKLOAD_LOG
             state = self._layout.workloads
@@ -98,6 +162,8 @@ class RestoreActivities:
             shutil.rmtree(work_dir, ignore_errors=True)  # kept only when it failed: its log
         except WarmstartError as err:
             await _undo(pid, control_dir, f"{err.reason}: {err}")
+            if cls is not None:
+                self._gate.remember(request.checkpoint_id, cls, err)
             where = f"restore of {request.name} from checkpoint {request.checkpoint_id}"
             where += f" version {version}" if version else ""
             raise type(err)(f"{where} failed: {err}", reason=err.reason) from err
@@ -109,6 +175,12 @@ class RestoreActivities:
         write_atomically(paths.restored_record, record.model_dump_json().encode(), durable=False)
         activity.logger.info("restored %s as pid %d: %s", request.name, pid, stages.seconds)
         return RestoredWorkload(pid=pid, version=manifest.version, stage_seconds=stages.seconds)
+
+    def _target(self, manifest: Manifest) -> HostInfo:
+        """This node as the restored process will see it: the checkpoint's own GPUs when
+        they are all here, else as many of the node's."""
+        source = tuple(gpu.uuid for gpu in manifest.host.gpus)
+        return host_info(local_target(source, self._gpus.facts()))
 
 
 class Instance(Contract):
@@ -149,14 +221,6 @@ def _live_pid(record: Path) -> int:
         return 0
     alive = is_alive(instance.pid) and start_ticks(instance.pid) == instance.start_ticks
     return instance.pid if alive else 0
-
-
-def _require_compatible(manifest: Manifest) -> None:
-    if manifest.host.arch != platform.machine():
-        raise IncompatibleError(
-            f"checkpoint {manifest.checkpoint_id} was made on {manifest.host.arch}, "
-            f"this node is {platform.machine()}"
-        )
 
 
 async def _undo(pid: int, control_dir: Path, reason: str) -> None:

@@ -20,11 +20,11 @@ from temporalio import activity
 from activities.catalog import STAGING, committed_versions, load_manifest
 from activities.contracts import CommitInput, CommitResult, DiscardInput
 from activities.files import fsync_dir, sha256_file, write_atomically
-from activities.gpu import read_gpu_facts
+from activities.gpu import GpuFacts, NodeGpus, gpus_of_process, process_environment
 from activities.layout import NodeLayout
 from activities.verified import VerifiedFiles
 from api.errors import CheckpointNotFoundError, DigestMismatchError, DumpFailedError
-from api.manifest import CriuInfo, FileDigest, HostInfo, Manifest, SourceInfo
+from api.manifest import CriuInfo, FileDigest, GpuDevice, HostInfo, Manifest, SourceInfo
 from api.naming import MANIFEST_FILE, require_path_element
 
 WORKLOAD_LOG = "workload-output.log"
@@ -176,12 +176,19 @@ class StorageActivities:
     """Node activities: commit a staged dump as a checkpoint version, or discard it."""
 
     def __init__(
-        self, *, store: CheckpointStore, layout: NodeLayout, node: str, criu: CriuInfo
+        self,
+        *,
+        store: CheckpointStore,
+        layout: NodeLayout,
+        node: str,
+        criu: CriuInfo,
+        gpus: NodeGpus | None = None,
     ) -> None:
         self._store = store
         self._layout = layout
         self._node = node
         self._criu = criu
+        self._gpus = gpus or NodeGpus()
 
     @activity.defn
     async def commit_checkpoint(self, request: CommitInput) -> CommitResult:
@@ -216,12 +223,19 @@ class StorageActivities:
             created_at=datetime.now(UTC),
             source=self._source(request),
             criu=self._criu,
-            host=host_info(),
+            host=self._host(request),
             files=digest_tree(staging),
         )
         final = self._store.commit(staging, manifest)
         activity.logger.info("checkpoint %s committed at %s", request.checkpoint_id, final)
         return _result(final, manifest)
+
+    def _host(self, request: CommitInput) -> HostInfo:
+        """The GPUs the workload used: from its environment while it still runs (a
+        leave-running dump), else from the environment it was launched with."""
+        launch = self._layout.read_launch(request.name, request.checkpoint_id)
+        env = process_environment(launch.pid) or dict(launch.workload.env)
+        return host_info(gpus_of_process(env, self._gpus.facts()))
 
     def _source(self, request: CommitInput) -> SourceInfo:
         launch = self._layout.read_launch(request.name, request.checkpoint_id)
@@ -250,12 +264,18 @@ def _result(final: Path, manifest: Manifest) -> CommitResult:
     return CommitResult(storage_uri=final.as_uri(), size_bytes=manifest.size_bytes)
 
 
-def host_info() -> HostInfo:
-    gpu = read_gpu_facts()
+def host_info(gpu: GpuFacts) -> HostInfo:
+    """This node's facts a restore is checked against, with the GPUs of `gpu`."""
     return HostInfo(
         kernel=platform.release(),
         arch=platform.machine(),
         gpu_driver=gpu.driver,
         cuda_version=gpu.cuda,
-        gpus=gpu.devices,
+        gpus=tuple(GpuDevice(index=d.index, uuid=d.uuid, name=d.name) for d in gpu.devices),
+        gpu_source=gpu.source if gpu.devices else "",
     )
+
+
+def process_host_info(pid: int, gpus: NodeGpus) -> HostInfo:
+    """The facts of a capture: the GPUs process `pid` uses, by its own environment first."""
+    return host_info(gpus_of_process(process_environment(pid), gpus.facts()))

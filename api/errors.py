@@ -9,6 +9,7 @@ WarmstartError                      reason (api.reasons.Reason)      retried by 
 ├── CheckpointNotFoundError         CheckpointNotFound               no
 ├── DigestMismatchError             DigestMismatch                   no
 ├── IncompatibleError               Incompatible                     no
+├── QuarantinedError                Quarantined                      no   (failed here before)
 ├── WorkloadExitedError             WorkloadExited                   no
 ├── WorkloadNotReadyError           WorkloadNotReady                 no
 ├── AlreadyRunningError             AlreadyRunning                   no   (one live instance)
@@ -72,9 +73,17 @@ class DigestMismatchError(WarmstartError):
 
 
 class IncompatibleError(WarmstartError):
-    """The checkpoint cannot run on this node (today: another CPU architecture)."""
+    """The checkpoint cannot run on this node: the message names each mismatch (CPU
+    architecture, kernel, CRIU, GPU count, model or driver)."""
 
     default_reason = Reason.INCOMPATIBLE
+
+
+class QuarantinedError(WarmstartError):
+    """The checkpoint failed to restore on this node class before; it starts cold until
+    the quarantine is cleared."""
+
+    default_reason = Reason.QUARANTINED
 
 
 class WorkloadExitedError(WarmstartError):

@@ -79,6 +79,13 @@ class HostInfo(BaseModel):
     gpu_driver: str = ""
     cuda_version: str = ""
     gpus: tuple[GpuDevice, ...] = ()
+    # Where the GPU list came from (an environment variable of the process, or NVML).
+    gpu_source: str = ""
+
+    @property
+    def gpu_model(self) -> str:
+        """The GPU model(s), `+`-joined in device order when they differ."""
+        return "+".join(dict.fromkeys(gpu.name for gpu in self.gpus if gpu.name))
 
 
 class Manifest(BaseModel):

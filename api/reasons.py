@@ -34,6 +34,7 @@ class Reason(StrEnum):
     WORKLOAD_NOT_READY = "WorkloadNotReady"
     ALREADY_RUNNING = "AlreadyRunning"
     INCOMPATIBLE = "Incompatible"
+    QUARANTINED = "Quarantined"
     CHECKPOINT_NOT_FOUND = "CheckpointNotFound"
     CANCELLED = "Cancelled"
     STEP_TIMED_OUT = "StepTimedOut"

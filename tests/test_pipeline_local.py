@@ -17,6 +17,7 @@ from activities.layout import LaunchRecord, NodeLayout
 from activities.local import http_ok
 from activities.localstate import read_status
 from activities.processes import is_alive, terminate
+from activities.quarantine import Quarantine
 from activities.storage import CheckpointStore
 from api.errors import PipelineFailedError
 from api.identity import checkpoint_id
@@ -276,3 +277,46 @@ async def test_leave_running_keeps_serving_and_the_checkpoint_restores(
         assert await asyncio.to_thread(http_ok, url)
     finally:
         assert await terminate(restored.pid, grace_seconds=5)
+
+
+async def test_a_restore_failing_here_falls_back_then_is_quarantined_until_cleared(
+    client: Client, workers: Settings
+) -> None:
+    port = free_port()
+    script = f"exec python3 {PROGRAMS}/token_server.py {port}"
+    workload = shell_workload(
+        "quarantined",
+        script,
+        readiness=Readiness(kind="http", http_url=f"http://127.0.0.1:{port}/"),
+    )
+    result = await capture(client, capture_request(workers, workload))
+    version_dir = CheckpointStore(workers.checkpoint_root).find(result.checkpoint_id)
+    control = Path(json.loads((version_dir / "manifest.json").read_text())["source"]["control_dir"])
+
+    # Another process holds the port: CRIU cannot rebind the listening socket.
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    with squatter, pytest.raises(PipelineFailedError) as failed:
+        await restore(client, workers, "quarantined", result.checkpoint_id)
+    assert failed.value.reason == Reason.RESTORE_FAILED
+    assert "RestoreFailed" in (control / "restore-failed").read_text()  # the standby's signal
+    quarantine = Quarantine(workers.checkpoint_root)
+    assert [e.reason for e in quarantine.entries(result.checkpoint_id)] == ["RestoreFailed"]
+
+    # The port is free again, but this node class is quarantined: cold start at once.
+    with pytest.raises(PipelineFailedError) as refused:
+        await restore(client, workers, "quarantined", result.checkpoint_id)
+    assert refused.value.reason == Reason.QUARANTINED
+    assert "is quarantined on node class [no GPU, CRIU" in refused.value.message
+    status = read_status(workers.home, "restore", "local", "quarantined")
+    assert status is not None and status.phase == Phase.FELL_BACK
+
+    assert len(quarantine.clear(result.checkpoint_id)) == 1
+    restored = await restore(client, workers, "quarantined", result.checkpoint_id)
+    try:
+        token = (version_dir / "workload-output.log").read_text().split()[1]
+        assert await asyncio.to_thread(_http_text, f"http://127.0.0.1:{port}/") == token
+    finally:
+        await terminate(restored.pid, grace_seconds=1)

@@ -230,6 +230,40 @@ def list_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def quarantine(args: argparse.Namespace) -> int:
+    """Checkpoints that failed to restore on a node class and start cold there: list them,
+    or clear one checkpoint's entries so its next restore is tried again."""
+    import json
+
+    from activities.catalog import LocalCatalog
+    from activities.quarantine import Quarantine
+
+    settings = _settings()
+    store = Quarantine(settings.checkpoint_root)
+    if args.action == "clear":
+        if not args.ref:
+            from api.errors import InvalidSpecError
+
+            raise InvalidSpecError("quarantine clear needs REF (a checkpoint name or ID)")
+        checkpoint_id = LocalCatalog(settings.checkpoint_root).find(args.ref).checkpoint_id
+        removed = store.clear(checkpoint_id)
+        print(f"checkpoint {checkpoint_id}: {len(removed)} quarantine entr(ies) cleared")
+        return 0
+    checkpoint_id = (
+        LocalCatalog(settings.checkpoint_root).find(args.ref).checkpoint_id if args.ref else ""
+    )
+    entries = store.entries(checkpoint_id)
+    if args.output == "json":
+        print(json.dumps([entry.model_dump(mode="json") for entry in entries], indent=2))
+        return 0
+    for entry in entries:
+        print(entry.describe())
+        print(f"  {entry.message}")
+    if not entries:
+        print("no checkpoint is quarantined")
+    return 0
+
+
 def pipelines(args: argparse.Namespace) -> int:
     """Recent captures and restores as Temporal knows them: running, failed, completed."""
     from workers.describing import list_pipelines
@@ -346,6 +380,11 @@ def _parser() -> argparse.ArgumentParser:
     output(command(list_checkpoints, "list"))
     sub = command(crds)
     sub.add_argument("--write", metavar="DIR", help="write one file per CRD into DIR instead")
+
+    sub = command(quarantine)
+    sub.add_argument("action", choices=("list", "clear"), nargs="?", default="list")
+    sub.add_argument("ref", metavar="REF", nargs="?", default="", help="name or checkpoint ID")
+    output(sub)
 
     sub = command(pipelines)
     statuses = ("running", "failed", "completed")

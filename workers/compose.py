@@ -18,6 +18,7 @@ from temporalio.worker import Worker
 from activities.containerd import Containerd, ContainerdActivities
 from activities.criu import DUMP_OPTIONS, Criu, CriuActivities
 from activities.errors import ErrorMapping
+from activities.gpu import NodeGpus
 from activities.layout import NodeLayout
 from activities.local import LocalProcessActivities, inherited_env
 from activities.localstate import LocalControlActivities
@@ -99,20 +100,24 @@ def node_worker(
         base_env=inherited_env(os.environ) if base_env is None else base_env,
         secret_environ=os.environ,
     )
+    gpus = NodeGpus()  # read once, on first use
     storage = StorageActivities(
         store=store,
         layout=layout,
         node=settings.node.name,
         criu=CriuInfo(version=criu.version(), options=DUMP_OPTIONS),
+        gpus=gpus,
     )
     dumping = CriuActivities(criu=criu, store=store, layout=layout)
-    restoring = RestoreActivities(criu=criu, store=store, layout=layout)
+    restoring = RestoreActivities(
+        criu=criu, store=store, layout=layout, node=settings.node.name, gpus=gpus
+    )
     sentinels = SentinelActivities(layout=layout)
     containers: list[Callable[..., Any]] = []
     if settings.node.containerd_address:
         runtime = Containerd(address=settings.node.containerd_address)
         pods = ContainerdActivities(
-            runtime=runtime, criu=criu, store=store, node=settings.node.name
+            runtime=runtime, criu=criu, store=store, node=settings.node.name, gpus=gpus
         )
         containers = [
             pods.await_gms_saved,

@@ -13,14 +13,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import Heartbeat, RestoredWorkload, RestoreInput
 from activities.criu import Criu
+from activities.gpu import Gpu, GpuFacts, NodeGpus
 from activities.layout import NodeLayout
 from activities.processes import is_alive, terminate
+from activities.quarantine import Quarantine
 from activities.restore import RestoreActivities
 from activities.storage import WORKLOAD_LOG, CheckpointStore, digest_tree
 from api.errors import (
@@ -29,10 +32,11 @@ from api.errors import (
     DigestMismatchError,
     IncompatibleError,
     InvalidSpecError,
+    QuarantinedError,
     RestoreFailedError,
 )
 from api.identity import CheckpointIdentity
-from api.manifest import CriuInfo, HostInfo, Manifest, SourceInfo
+from api.manifest import CriuInfo, GpuDevice, HostInfo, Manifest, SourceInfo
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -72,6 +76,7 @@ class Node:
             textwrap.dedent(
                 f"""\
                 #!/bin/sh
+                [ "$1" = --version ] && echo "Version: 4.2.1" && exit 0
                 [ "$1" = restore ] || exit 64
                 shift
                 while [ $# -gt 0 ]; do
@@ -94,8 +99,9 @@ class Node:
         script.chmod(0o755)
         return Criu(str(script))
 
-    def activities(self, criu: Criu) -> RestoreActivities:
-        return RestoreActivities(criu=criu, store=self.store, layout=self.layout)
+    def activities(self, criu: Criu, gpus: GpuFacts | None = None) -> RestoreActivities:
+        node_gpus = NodeGpus(known=gpus or GpuFacts())
+        return RestoreActivities(criu=criu, store=self.store, layout=self.layout, gpus=node_gpus)
 
 
 def commit_checkpoint(
@@ -103,6 +109,7 @@ def commit_checkpoint(
     *,
     arch: str = platform.machine(),
     health_url: str | None = None,
+    host: dict[str, Any] | None = None,
     **source_paths: str,
 ) -> Node:
     layout = NodeLayout(tmp / "home")
@@ -133,7 +140,7 @@ def commit_checkpoint(
         created_at=datetime.now(UTC),
         source=source,
         criu=CriuInfo(version="4.2.1"),
-        host=HostInfo(kernel="k", arch=arch),
+        host=HostInfo(kernel=platform.release(), arch=arch, **(host or {})),
         files=digest_tree(staging),
     )
     return Node(tmp, layout, store, store.commit(staging, manifest), source)
@@ -317,18 +324,17 @@ async def test_a_checkpoint_from_another_architecture_is_incompatible(tmp_path: 
     with pytest.raises(IncompatibleError) as caught:
         await env.run(node.activities(node.criu("exit 0\n")).restore_checkpoint, request())
 
+    problem = (
+        f"checkpoint {CKPT} needs CPU architecture {OTHER_ARCH} (this node: {platform.machine()})"
+    )
     assert str(caught.value) == (
-        f"restore of llama from checkpoint {CKPT} version {VERSION} failed: "
-        f"checkpoint {CKPT} was made on {OTHER_ARCH}, this node is {platform.machine()}"
+        f"restore of llama from checkpoint {CKPT} version {VERSION} failed: {problem}"
     )
     assert caught.value.reason == "Incompatible"
     assert stages(beats) == ["verify"]
     assert not node.criu_calls.exists()
     assert sorted(os.listdir(node.control_dir)) == ["restore-failed"]
-    assert (node.control_dir / "restore-failed").read_text() == (
-        f"Incompatible: checkpoint {CKPT} was made on {OTHER_ARCH}, "
-        f"this node is {platform.machine()}\n"
-    )
+    assert (node.control_dir / "restore-failed").read_text() == f"Incompatible: {problem}\n"
 
 
 async def test_an_unknown_version_is_not_found(node: Node) -> None:
@@ -395,3 +401,97 @@ async def test_a_live_restored_instance_refuses_another_until_it_stops(
     assert await terminate(first.pid, grace_seconds=0.1)
     second = await ActivityEnvironment().run(activities.restore_checkpoint, request())
     assert second.pid != first.pid
+
+
+H100 = {
+    "gpu_driver": "570.86.15",
+    "cuda_version": "12.8",
+    "gpus": (
+        GpuDevice(index=0, uuid="GPU-11111111-1111-1111-1111-111111111111", name="NVIDIA H100"),
+        GpuDevice(index=1, uuid="GPU-22222222-2222-2222-2222-222222222222", name="NVIDIA H100"),
+    ),
+}
+
+
+def gpus(count: int, *, name: str = "NVIDIA H100", driver: str = "570.86.15") -> GpuFacts:
+    devices = tuple(Gpu(i, f"GPU-{i:08d}-0000-0000-0000-000000000000", name) for i in range(count))
+    return GpuFacts(driver=driver, cuda="12.8", devices=devices, source="NVML")
+
+
+@pytest.mark.parametrize(
+    ("here", "problem"),
+    [
+        (GpuFacts(), "2 GPU(s) NVIDIA H100 (this node: no GPU information)"),
+        (gpus(1), "2 GPU(s) (this target: 1)"),
+        (gpus(2, name="NVIDIA A100"), "GPU model NVIDIA H100 (this node: NVIDIA A100)"),
+        (
+            gpus(2, driver="580.1"),
+            "GPU driver 570.86.15 / CUDA 12.8 (this node: 580.1 / CUDA 12.8)",
+        ),
+    ],
+)
+async def test_a_gpu_checkpoint_is_refused_on_a_mismatched_node_before_any_byte_is_read(
+    tmp_path: Path, here: GpuFacts, problem: str
+) -> None:
+    node = commit_checkpoint(tmp_path, host=H100)
+    (node.version_dir / "criu" / "pages-1.img").write_bytes(b"damaged")  # never read
+
+    with pytest.raises(IncompatibleError) as caught:
+        await ActivityEnvironment().run(
+            node.activities(node.criu("exit 0\n"), here).restore_checkpoint, request()
+        )
+
+    assert str(caught.value).endswith(f": checkpoint {CKPT} needs {problem}")
+    assert not node.criu_calls.exists()
+    assert (node.control_dir / "restore-failed").read_text().startswith("Incompatible: ")
+
+
+async def test_a_gpu_checkpoint_restores_where_its_gpus_match(
+    tmp_path: Path, restored_pids: Path
+) -> None:
+    node = commit_checkpoint(tmp_path, host=H100)
+    run = node.activities(node.criu(restoring_a_sleeper(restored_pids)), gpus(8))
+
+    restored = await ActivityEnvironment().run(run.restore_checkpoint, request())
+
+    assert restored.pid == int(restored_pids.read_text())
+
+
+async def test_a_restore_that_failed_here_is_quarantined_until_cleared(
+    node: Node, restored_pids: Path
+) -> None:
+    with pytest.raises(RestoreFailedError):
+        await ActivityEnvironment().run(
+            node.activities(node.criu("exit 1\n")).restore_checkpoint, request()
+        )
+    quarantine = Quarantine(node.store.root)
+    [entry] = quarantine.entries(CKPT)
+    assert (entry.reason, entry.node_class.describe()) == ("RestoreFailed", "no GPU, CRIU 4.2.1")
+    (node.control_dir / "restore-failed").unlink()
+
+    # The next restore of this node class starts cold at once: CRIU is not even run.
+    working = node.activities(node.criu(restoring_a_sleeper(restored_pids)))
+    calls = node.criu_calls.read_text()
+    with pytest.raises(QuarantinedError) as caught:
+        await ActivityEnvironment().run(working.restore_checkpoint, request())
+    assert f"checkpoint {CKPT} is quarantined on node class [no GPU, CRIU 4.2.1]" in str(
+        caught.value
+    )
+    assert f"`warmstart quarantine clear {CKPT}`" in str(caught.value)
+    assert node.criu_calls.read_text() == calls
+    assert (node.control_dir / "restore-failed").read_text().startswith("Quarantined: ")
+
+    # Cleared, it restores again.
+    assert [e.checkpoint_id for e in quarantine.clear(CKPT)] == [CKPT]
+    restored = await ActivityEnvironment().run(working.restore_checkpoint, request())
+    assert restored.pid == int(restored_pids.read_text())
+    assert quarantine.entries() == []
+
+
+async def test_a_damaged_checkpoint_is_not_blamed_on_the_node(node: Node) -> None:
+    (node.version_dir / "criu" / "core-1.img").write_bytes(b"CORE")
+    with pytest.raises(DigestMismatchError):
+        await ActivityEnvironment().run(
+            node.activities(node.criu("exit 0\n")).restore_checkpoint, request()
+        )
+    assert Quarantine(node.store.root).entries() == []
