@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -21,7 +22,7 @@ import tarfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from temporalio import activity
 
@@ -30,18 +31,32 @@ from activities.contracts import (
     CommitResult,
     ContainerCommitInput,
     ContainerDumpInput,
+    ContainerRestoreInput,
     ContainerSentinelInput,
     ContainerTarget,
     GmsSavedInput,
     Heartbeat,
+    RestoredContainer,
 )
 from activities.criu import CONTAINER_DUMP_OPTIONS, DUMP_OPTIONS, IMAGES_DIR, Criu, run_dump
+from activities.cuda import CudaApi, cuda_processes, resume, suspend, tree_pids
 from activities.gpu import NodeGpus
 from activities.sentinels import wait_for_file
 from activities.storage import CheckpointStore, digest_tree, make_private, process_host_info
-from api.errors import DumpFailedError, InvalidSpecError, WorkloadExitedError, WorkloadNotReadyError
+from api.errors import (
+    DumpFailedError,
+    InvalidSpecError,
+    UnavailableError,
+    WorkloadExitedError,
+    WorkloadNotReadyError,
+)
 from api.manifest import CriuInfo, Manifest, SourceInfo
 
+if TYPE_CHECKING:
+    from activities.standby_restore import StandbyRestorer
+
+CUDA_FILE = "cuda.json"  # in a version: the dumped tree's CUDA processes (container PIDs)
+CUDA_LOCK_TIMEOUT_MS = 10_000
 CONTROL_DIR = "snapshot-control"  # at the container's root (api.jobs.CONTROL_DIR)
 ROOTFS_DIFF = "rootfs-diff.tar"
 DELETED_FILES = "deleted-files.json"
@@ -169,6 +184,55 @@ def container_mounts(pid: int) -> tuple[Path | None, list[str]]:
     return upper, points
 
 
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class _Mount:
+    device: str  # major:minor
+    root: str  # the directory of its filesystem that is mounted
+    point: str
+
+
+def _mount_table(mountinfo: str) -> list[_Mount]:
+    """Entries of a `/proc/<pid>/mountinfo` (octal escapes such as `\\040` decoded)."""
+    entries = []
+    for line in mountinfo.splitlines():
+        fields = line.split(" - ", 1)[0].split()
+        root, point = (_OCTAL.sub(lambda m: chr(int(m[1], 8)), field) for field in fields[3:5])
+        entries.append(_Mount(device=fields[2], root=root, point=point))
+    return entries
+
+
+def _reachable(mount: _Mount, here: list[_Mount]) -> Path | None:
+    """Where `mount`'s directory is in the mount table `here` (the mount of the same
+    filesystem whose root holds it most closely), if anywhere."""
+    holding = [
+        entry
+        for entry in here
+        if entry.device == mount.device
+        and (entry.root == "/" or f"{mount.root}/".startswith(f"{entry.root}/"))
+    ]
+    if not holding:
+        return None
+    best = max(holding, key=lambda entry: len(entry.root))
+    return Path(best.point) / os.path.relpath(mount.root, best.root)
+
+
+def node_mounts(pid: int) -> dict[str, Path]:
+    """The container's mounts that this process reaches in its own mount namespace (the
+    node's): mount point in the container → path here. Its root (the overlay the runtime
+    mounted) and bind mounts of node directories (volumes, the control directory) are;
+    filesystems of its own (proc, sysfs, its /dev and /run tmpfs) are not."""
+    here = _mount_table(Path("/proc/self/mountinfo").read_text())
+    found = {}
+    for mount in _mount_table(Path(f"/proc/{pid}/mountinfo").read_text()):
+        path = _reachable(mount, here)
+        if path is not None and os.path.lexists(path):
+            found[mount.point] = path
+    return found
+
+
 def rootfs_diff(upper: Path, staging: Path, *, mount_points: list[str]) -> int:
     """What the container changed in its image: `rootfs-diff.tar` (files and directories
     of the overlay's upper directory) and `deleted-files.json` (its whiteouts), leaving out
@@ -264,9 +328,15 @@ class ContainerdActivities(ContainerActivities):
         store: CheckpointStore,
         node: str,
         gpus: NodeGpus | None = None,
+        cuda: CudaApi | None = None,
+        restorer: StandbyRestorer | None = None,
     ) -> None:
+        """`cuda`: the driver's checkpoint API on a GPU node (None elsewhere); `restorer`:
+        restores into standby containers (a node that only captures has none)."""
         self._runtime = runtime
         self._gpus = gpus or NodeGpus()
+        self._cuda = cuda
+        self._restorer = restorer
         self._criu = criu
         self._store = store
         self._node = node
@@ -308,10 +378,17 @@ class ContainerdActivities(ContainerActivities):
         )
         activity.logger.info("%s", where)
         freezer = freezer_cgroup(located.pid)
+        binds = [point for point in node_mounts(located.pid) if point != "/"]
         command = self._criu.container_dump_command(
-            pid=located.pid, images_dir=images, netns_inode=netns, freezer=freezer
+            pid=located.pid,
+            images_dir=images,
+            netns_inode=netns,
+            freezer=freezer,
+            bind_mounts=binds,
         )
+        suspended: list[int] = []
         try:
+            suspended = await asyncio.to_thread(self._suspend_cuda, located.pid, staging)
             await run_dump(command, images, what=where)
             upper, mount_points = container_mounts(located.pid)
             if upper is not None:
@@ -323,6 +400,31 @@ class ContainerdActivities(ContainerActivities):
             thaw(located.pid, freezer)
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
+        finally:
+            if suspended and self._cuda is not None:  # the source goes on serving
+                await asyncio.to_thread(resume, self._cuda, suspended, pairs=(), quiet=True)
+
+    def _suspend_cuda(self, pid: int, staging: Path) -> list[int]:
+        """On a GPU node: lock and checkpoint the container's CUDA processes, so their GPU
+        memory is in host memory when CRIU dumps it, and record them (`cuda.json`, by
+        their PIDs in the container) for the restore. Returns their node PIDs."""
+        if self._cuda is None or not self._gpus.facts().devices:
+            return []
+        tree = tree_pids(pid)
+        using = set(cuda_processes(self._cuda, [host for host, _ in tree]))
+        if not using:
+            return []
+        pids = [host for host, _ in tree if host in using]
+        suspend(self._cuda, pids, timeout_ms=CUDA_LOCK_TIMEOUT_MS)
+        inner = [inner for host, inner in tree if host in using]
+        (staging / CUDA_FILE).write_text(json.dumps({"pids": inner}) + "\n")
+        return pids
+
+    @activity.defn
+    async def restore_container(self, request: ContainerRestoreInput) -> RestoredContainer:
+        if self._restorer is None:
+            raise UnavailableError(f"node {self._node} does not restore into containers")
+        return await self._restorer.restore(request)
 
     @activity.defn
     async def commit_container(self, request: ContainerCommitInput) -> CommitResult:
@@ -376,6 +478,7 @@ class ContainerdActivities(ContainerActivities):
                 f"directory /{CONTROL_DIR} in container {request.target.container}: {err}"
             ) from err
         try:
-            write_sentinel_at(directory, request.sentinel.value)
+            content = f"{request.content}\n".encode() if request.content else b"done\n"
+            write_sentinel_at(directory, request.sentinel.value, content)
         finally:
             os.close(directory)

@@ -16,8 +16,10 @@ from activities.contracts import (
     CommitResult,
     ContainerCommitInput,
     ContainerDumpInput,
+    ContainerRestoreInput,
     ContainerSentinelInput,
     GmsSavedInput,
+    RestoredContainer,
 )
 
 
@@ -43,3 +45,11 @@ class ContainerActivities(ABC):
     async def write_container_sentinel(self, request: ContainerSentinelInput) -> None:
         """Write a sentinel into the container's control directory (through its root,
         never following links planted there)."""
+
+    @activity.defn
+    @abstractmethod
+    async def restore_container(self, request: ContainerRestoreInput) -> RestoredContainer:
+        """Restore a checkpoint into the pod's standby container, phases by heartbeat:
+        verify (compatibility, quarantine, digests) → await the GMS loader → prepare the
+        container → CRIU restore into its namespaces → CUDA restore → `restore-complete`.
+        Any failure writes `restore-failed` (the standby starts cold) and raises."""

@@ -36,6 +36,15 @@ class ClaimInput(Contract):
     resource: ResourceRef | None = None
 
 
+class ContainerTarget(Contract):
+    """A container of a pod on this node: the node finds it through its container runtime."""
+
+    namespace: str
+    pod_name: str
+    pod_uid: str
+    container: str
+
+
 class StatusInput(Contract):
     """The status of a Checkpoint (cluster) or of a local capture/restore (local mode)."""
 
@@ -53,6 +62,8 @@ class StatusInput(Contract):
     step_seconds: dict[str, float] = Field(default_factory=dict)
     resource: ResourceRef | None = None
     job_name: str = ""
+    # A restore on a cluster: the restore-target pod (annotated and given an Event).
+    pod: ContainerTarget | None = None
 
 
 class JobInput(Contract):
@@ -169,15 +180,6 @@ class Heartbeat(Contract):
     waited_seconds: float | None = None
 
 
-class ContainerTarget(Contract):
-    """A container of a pod on this node: the node finds it through its container runtime."""
-
-    namespace: str
-    pod_name: str
-    pod_uid: str
-    container: str
-
-
 class GmsSavedInput(Contract):
     target: ContainerTarget
     timeout_seconds: ShortSeconds
@@ -201,3 +203,22 @@ class ContainerCommitInput(Contract):
 class ContainerSentinelInput(Contract):
     target: ContainerTarget
     sentinel: Sentinel
+    content: str = ""  # e.g. the reason of a restore-failed
+
+
+class ContainerRestoreInput(Contract):
+    """Restore a checkpoint into the standby (placeholder) container of a restore target."""
+
+    target: ContainerTarget
+    checkpoint_id: str
+    version: str = ""  # newest committed when empty
+    # The GMS loader's sentinel to await first ("" without GMS).
+    gms_sentinel: str = ""
+    gms_timeout_seconds: ShortSeconds = 600.0
+
+
+class RestoredContainer(Contract):
+    pid: int  # on the node
+    namespace_pid: int  # in the container's PID namespace (what restore-complete says)
+    version: str
+    stage_seconds: dict[str, float]

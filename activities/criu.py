@@ -13,7 +13,8 @@ import re
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from temporalio import activity
@@ -53,6 +54,19 @@ exec cp -- "$WARMSTART_OUTPUT" "$WARMSTART_OUTPUT_COPY"
 """
 # Default verbosity: -v4 logging costs tens of milliseconds on the latency-bound restore path.
 RESTORE_OPTIONS = ("--restore-detached",)
+# Into a placeholder container: cgroups are the placeholder's (CRIU runs in them), TCP
+# connections are closed (the pod's address differs), every bind mount is mapped explicitly
+# (no `--ext-mount-map auto`: a dump's autodetected mount names the source pod's directory,
+# so CRIU refuses it rather than bind that).
+CONTAINER_RESTORE_OPTIONS = (
+    *RESTORE_OPTIONS,
+    "--manage-cgroups=ignore",
+    "--tcp-close",
+    "--file-locks",
+    "--ext-unix-sk",
+    "--enable-external-sharing",
+    "--enable-external-masters",
+)
 _ERROR_LINE = re.compile(r"\b(Error|error|Fail|fail|Can't|can't|Unable|unable)\b")
 _HEARTBEAT_SECONDS = 1.0
 
@@ -62,6 +76,23 @@ def log_errors(log_path: Path, *, limit: int = 12) -> str:
     text = tail(log_path, lines=4000, max_bytes=1 << 20)
     errors = [line for line in text.splitlines() if _ERROR_LINE.search(line)]
     return "\n".join(errors[-limit:]) if errors else "\n".join(text.splitlines()[-limit:])
+
+
+@dataclass(frozen=True)
+class ContainerRestoreTarget:
+    """Where a container dump is restored to: the target container's root as mounted on the
+    node, its bind mounts by mount point (the keys the dump recorded) → node path, and the
+    descriptors CRIU is handed (external keys such as `extNetNs` or `pipe:[inode]`, and
+    namespaces to join: `uts`, `ipc`)."""
+
+    images_dir: Path
+    work_dir: Path
+    pidfile: Path
+    root: Path
+    bind_mounts: Mapping[str, Path] = field(default_factory=dict)
+    inherit_fds: Mapping[str, int] = field(default_factory=dict)
+    join_fds: Mapping[str, int] = field(default_factory=dict)
+    action_script: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -85,13 +116,24 @@ class Criu:
         return [self.path, "dump", "--tree", str(pid), *images, *DUMP_OPTIONS, *extra]
 
     def container_dump_command(
-        self, *, pid: int, images_dir: Path, netns_inode: int, freezer: Path | None = None
+        self,
+        *,
+        pid: int,
+        images_dir: Path,
+        netns_inode: int,
+        freezer: Path | None = None,
+        bind_mounts: Sequence[str] = (),
     ) -> list[str]:
         """A container's init: its root and mounts as the container sees them (mounts outside
         CRIU's view are external), its network namespace external (the pod keeps it), TCP
         connections kept, the whole container frozen through its freezer cgroup while it is
-        dumped, and the tree left running (the workload decides when to exit)."""
+        dumped, and the tree left running (the workload decides when to exit).
+
+        `bind_mounts`: the container's mount points of node directories, recorded under
+        their mount point as key, so that a restore binds the target pod's own directories
+        there (an autodetected mount is recorded with the source pod's node path)."""
         images = ["--images-dir", str(images_dir), "--log-file", DUMP_LOG]
+        keys = [arg for point in bind_mounts for arg in ("--ext-mount-map", f"{point}:{point}")]
         return [
             self.path,
             "dump",
@@ -100,11 +142,46 @@ class Criu:
             *images,
             *DUMP_OPTIONS,
             *CONTAINER_DUMP_OPTIONS,
+            *keys,
             "--root",
             f"/proc/{pid}/root",
             "--external",
             f"net[{netns_inode}]:extNetNs",
             *(["--freeze-cgroup", str(freezer)] if freezer is not None else []),
+        ]
+
+    def container_restore_command(self, target: ContainerRestoreTarget) -> list[str]:
+        """A container dump restored into another container (`ContainerRestoreTarget`)."""
+        dirs = ["--images-dir", str(target.images_dir), "--work-dir", str(target.work_dir)]
+        outputs = ["--log-file", RESTORE_LOG, "--pidfile", str(target.pidfile)]
+        mounts = [
+            arg
+            for point, path in target.bind_mounts.items()
+            for arg in ("--ext-mount-map", f"{point}:{path}")
+        ]
+        fds = [
+            arg
+            for key, fd in target.inherit_fds.items()
+            for arg in ("--inherit-fd", f"fd[{fd}]:{key}")
+        ]
+        joins = [
+            arg
+            for kind, fd in target.join_fds.items()
+            for arg in ("--join-ns", f"{kind}:/proc/self/fd/{fd}")
+        ]
+        script = ["--action-script", str(target.action_script)] if target.action_script else []
+        return [
+            self.path,
+            "restore",
+            *dirs,
+            *outputs,
+            *CONTAINER_RESTORE_OPTIONS,
+            "--root",
+            str(target.root),
+            *mounts,
+            *fds,
+            *joins,
+            *script,
         ]
 
     def restore_command(self, *, images_dir: Path, work_dir: Path, pidfile: Path) -> list[str]:
@@ -133,7 +210,9 @@ class Criu:
         return int(pidfile.read_text().strip())
 
 
-async def _spawn(cmd: list[str], env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+async def _spawn(
+    cmd: list[str], env: dict[str, str] | None = None, *, pass_fds: Collection[int] = ()
+) -> asyncio.subprocess.Process:
     """CRIU in its own process group, so that stopping it stops whatever it started too."""
     return await asyncio.create_subprocess_exec(
         *cmd,
@@ -142,6 +221,7 @@ async def _spawn(cmd: list[str], env: dict[str, str] | None = None) -> asyncio.s
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        pass_fds=pass_fds,
     )
 
 

@@ -15,6 +15,10 @@ import enum
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from activities.processes import children
 
 
 class CudaUnavailableError(RuntimeError):
@@ -145,3 +149,75 @@ class CudaCheckpoint:
             what=f"restore thread of pid {pid}",
         )
         return tid.value
+
+
+class CudaApi(Protocol):
+    """What the node asks of the driver's checkpoint API (CudaCheckpoint implements it)."""
+
+    def restore_thread(self, pid: int) -> int: ...
+    def lock(self, pid: int, *, timeout_ms: int = 10_000) -> None: ...
+    def checkpoint(self, pid: int) -> None: ...
+    def restore(self, pid: int, *, pairs: tuple[tuple[str, str], ...] = ()) -> None: ...
+    def unlock(self, pid: int) -> None: ...
+
+
+def cuda_processes(cuda: CudaApi, pids: list[int]) -> list[int]:
+    """Those of `pids` that use CUDA (a CUDA process has a restore thread)."""
+    found = []
+    for pid in pids:
+        try:
+            cuda.restore_thread(pid)
+        except CudaCheckpointError:
+            continue
+        found.append(pid)
+    return found
+
+
+def suspend(cuda: CudaApi, pids: list[int], *, timeout_ms: int) -> None:
+    """Before CRIU dumps them: lock every CUDA process (no new work), then move each one's
+    GPU memory into host memory, where CRIU sees it. A failure resumes what was done."""
+    done: list[int] = []
+    try:
+        for pid in pids:
+            cuda.lock(pid, timeout_ms=timeout_ms)
+            done.append(pid)
+        for pid in pids:
+            cuda.checkpoint(pid)
+    except CudaCheckpointError:
+        resume(cuda, done, pairs=(), quiet=True)
+        raise
+
+
+def resume(
+    cuda: CudaApi, pids: list[int], *, pairs: tuple[tuple[str, str], ...], quiet: bool = False
+) -> None:
+    """After CRIU restored them (or a leave-running dump ended): GPU memory back onto the
+    GPUs `pairs` names (old, new UUID; none: the same ones), then unlock each process."""
+    for pid in pids:
+        try:
+            cuda.restore(pid, pairs=pairs)
+        except CudaCheckpointError:
+            if not quiet:
+                raise
+    for pid in pids:
+        try:
+            cuda.unlock(pid)
+        except CudaCheckpointError:
+            if not quiet:
+                raise
+
+
+def tree_pids(root: int) -> list[tuple[int, int]]:
+    """Every process of the tree under `root` (itself included): (node PID, PID in the
+    tree's innermost PID namespace), parents first."""
+    found, pending = [], [root]
+    while pending:
+        pid = pending.pop(0)
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        nspid = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:")), [])
+        found.append((pid, int(nspid[-1]) if nspid else pid))
+        pending.extend(children(pid))
+    return found

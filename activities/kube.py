@@ -24,6 +24,7 @@ from urllib3.exceptions import HTTPError
 
 from activities.contracts import (
     ClaimInput,
+    ContainerTarget,
     JobInput,
     JobRef,
     PodObservation,
@@ -39,6 +40,7 @@ from api.errors import (
     UnavailableError,
 )
 from api.jobs import JobSettings, capture_job
+from api.reasons import Phase
 from api.resources import (
     GROUP,
     VERSION,
@@ -46,6 +48,7 @@ from api.resources import (
     Checkpoint,
     WorkflowLink,
 )
+from api.restore_pods import RESTORE_STATUS_ANNOTATION
 from api.status import Report, event_for, next_status
 
 T = TypeVar("T")
@@ -219,7 +222,10 @@ class KubeControlActivities(ClusterControlActivities):
     @activity.defn
     async def publish_status(self, request: StatusInput) -> None:
         """Patch the resource's status (read, compute, patch with the read resourceVersion;
-        a conflict reads again) and post an Event where the phase changed."""
+        a conflict reads again) and post an Event where the phase changed. A restore is
+        published on its pod: the `restore-status` annotation and an Event."""
+        if request.kind == "restore" and request.pod is not None:
+            return await self._publish_restore(request, request.pod)
         ref = _require_resource(request.resource, "publish status")
         info = activity.info()
         link = WorkflowLink(id=info.workflow_id, run_id=info.workflow_run_id, url=self._link(info))
@@ -269,6 +275,38 @@ class KubeControlActivities(ClusterControlActivities):
             return
         raise UnavailableError(f"status of {ref.namespace}/{ref.name} kept changing")
 
+    async def _publish_restore(self, request: StatusInput, pod: ContainerTarget) -> None:
+        restored = request.phase == Phase.RESTORED
+        value = "restored" if restored else f"fell-back: {request.reason}: {request.message}"
+        body = {"metadata": {"annotations": {RESTORE_STATUS_ANNOTATION: value[:1024]}}}
+        where = f"pod {pod.namespace}/{pod.pod_name}"
+        try:
+            obj = await call(
+                self._core.patch_namespaced_pod,
+                pod.pod_name,
+                pod.namespace,
+                body,
+                what=f"annotate {where}",
+            )
+        except ApiException as err:
+            if err.status == 404:  # deleted meanwhile: nobody to tell
+                activity.logger.info("%s is gone; restore status not published", where)
+                return
+            raise
+        meta = obj.metadata if obj is not None else None
+        regarding = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod.pod_name,
+                "namespace": pod.namespace,
+                "uid": (meta.uid if meta is not None else None) or pod.pod_uid,
+            },
+        }
+        event = ("Normal", "Restored") if restored else ("Warning", "RestoreFellBack")
+        note = request.message or value
+        await self._post_event(regarding, *event, note=note, action="Restore")
+
     def _link(self, info: activity.Info) -> str:
         if not self._ui_url:
             return ""
@@ -277,7 +315,9 @@ class KubeControlActivities(ClusterControlActivities):
             f"{quote(info.workflow_id or '', safe='')}/{info.workflow_run_id}/history"
         )
 
-    async def _post_event(self, obj: dict[str, Any], kind: str, reason: str, *, note: str) -> None:
+    async def _post_event(
+        self, obj: dict[str, Any], kind: str, reason: str, *, note: str, action: str = "Capture"
+    ) -> None:
         meta = obj["metadata"]
         now = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         event = {
@@ -290,7 +330,7 @@ class KubeControlActivities(ClusterControlActivities):
             "eventTime": now,
             "type": kind,
             "reason": reason,
-            "action": "Capture",
+            "action": action,
             "note": note[:1024],
             "reportingController": CONTROLLER,
             "reportingInstance": self._instance,

@@ -48,7 +48,7 @@ QUARANTINED_REASONS = frozenset(
 )
 
 
-class _Stages:
+class Stages:
     """Wall time per stage, reported by heartbeat as each one starts."""
 
     def __init__(self) -> None:
@@ -125,12 +125,12 @@ class RestoreActivities:
     async def restore_checkpoint(self, request: RestoreInput) -> RestoredWorkload:
         """Restore and hand over; on any failure nothing stays half-restored and the
         workload's control directory gets `restore-failed` (its standby then starts cold)."""
-        stages = _Stages()
+        stages = Stages()
         paths = self._layout.workload(request.name, request.checkpoint_id)
         with _one_live_instance(request.name, paths):
             return await self._restore(request, stages)
 
-    async def _restore(self, request: RestoreInput, stages: _Stages) -> RestoredWorkload:
+    async def _restore(self, request: RestoreInput, stages: Stages) -> RestoredWorkload:
         # Where the workload waits: its manifest says, once it has been read and checked;
         # before that (missing or damaged checkpoint) this node's own layout says.
         control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir

@@ -153,39 +153,13 @@ def add_gms(
     settings: JobSettings,
 ) -> None:
     """The GMS sidecar server, the saver and the volumes they share (in place)."""
-    image = settings.gms_image or target.get("image", "")
-    socket_env = {"name": "GMS_SOCKET_DIR", "value": GMS_SOCKET_DIR}
-    socket_mount = {"name": GMS_SOCKET_VOLUME, "mountPath": GMS_SOCKET_DIR}
-    pod["volumes"] = [
-        *pod["volumes"],
-        {"name": GMS_SOCKET_VOLUME, "emptyDir": {}},
-        {
-            "name": CHECKPOINTS_VOLUME,
-            "persistentVolumeClaim": {"claimName": settings.checkpoint_claim},
-        },
-    ]
-    target["env"] = _set_env(target["env"], "GMS_SOCKET_DIR", GMS_SOCKET_DIR)
-    target["volumeMounts"] = [*target["volumeMounts"], socket_mount]
-    server = {
-        "name": GMS_SERVER,
-        "image": image,
-        "command": list(settings.gms_server_command),
-        "restartPolicy": "Always",  # a native sidecar: starts first, lives with the pod
-        "env": [socket_env],
-        "volumeMounts": [socket_mount],
-        "startupProbe": {
-            "exec": {"command": ["sh", "-c", f"ls {GMS_SOCKET_DIR}/gms_*.sock"]},
-            "periodSeconds": 1,
-            "failureThreshold": 600,
-        },
-    }
-    pod["initContainers"] = [*(pod.get("initContainers") or []), server]
+    image = add_gms_server(pod, target, settings=settings)
     base = {
         "name": GMS_SAVER,
         "image": image,
         "command": list(settings.gms_saver_command),
         "env": [
-            socket_env,
+            gms_socket_env(),
             {"name": "GMS_CHECKPOINT_DIR", "value": gms_checkpoint_dir(ckpt, version)},
             {
                 "name": "GMS_POD_UID",
@@ -193,12 +167,52 @@ def add_gms(
             },
         ],
         "volumeMounts": [
-            socket_mount,
+            gms_socket_mount(),
             {"name": CHECKPOINTS_VOLUME, "mountPath": CHECKPOINTS_DIR},
             control_mount(target["name"]),  # gms-save-complete goes to the target's
         ],
     }
     pod["containers"] = [*pod["containers"], merge_override(base, saver)]
+
+
+def add_gms_server(pod: dict[str, Any], target: dict[str, Any], *, settings: JobSettings) -> str:
+    """The GMS sidecar server and the volumes GMS containers share (its socket directory,
+    the checkpoint PVC), with `target` joined to the socket (in place); returns the image
+    the GMS containers run. Shared by capture Jobs (saver) and restore pods (loader)."""
+    image = settings.gms_image or target.get("image", "")
+    pod["volumes"] = [
+        *(pod.get("volumes") or []),
+        {"name": GMS_SOCKET_VOLUME, "emptyDir": {}},
+        {
+            "name": CHECKPOINTS_VOLUME,
+            "persistentVolumeClaim": {"claimName": settings.checkpoint_claim},
+        },
+    ]
+    target["env"] = _set_env(target.get("env") or [], "GMS_SOCKET_DIR", GMS_SOCKET_DIR)
+    target["volumeMounts"] = [*(target.get("volumeMounts") or []), gms_socket_mount()]
+    server = {
+        "name": GMS_SERVER,
+        "image": image,
+        "command": list(settings.gms_server_command),
+        "restartPolicy": "Always",  # a native sidecar: starts first, lives with the pod
+        "env": [gms_socket_env()],
+        "volumeMounts": [gms_socket_mount()],
+        "startupProbe": {
+            "exec": {"command": ["sh", "-c", f"ls {GMS_SOCKET_DIR}/gms_*.sock"]},
+            "periodSeconds": 1,
+            "failureThreshold": 600,
+        },
+    }
+    pod["initContainers"] = [*(pod.get("initContainers") or []), server]
+    return image
+
+
+def gms_socket_env() -> dict[str, Any]:
+    return {"name": "GMS_SOCKET_DIR", "value": GMS_SOCKET_DIR}
+
+
+def gms_socket_mount() -> dict[str, Any]:
+    return {"name": GMS_SOCKET_VOLUME, "mountPath": GMS_SOCKET_DIR}
 
 
 def gms_checkpoint_dir(ckpt: str, version: str) -> str:

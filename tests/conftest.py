@@ -22,6 +22,9 @@ from workers.devserver import temporal_cli
 from workers.settings import CriuSettings, NodeSettings, Settings
 from workflows.visibility import ALL_KEYS
 
+# The cluster stack's fixtures (`cluster`, `kubelet`) for the end-to-end cluster tests.
+pytest_plugins = ["tests.cluster_stack"]
+
 
 @pytest_asyncio.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:

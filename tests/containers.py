@@ -147,11 +147,18 @@ class Kubelet:
         return ref
 
     def run(
-        self, pod_uid: str, container: str, command: list[str], *, image: str | None = None
+        self,
+        pod_uid: str,
+        container: str,
+        command: list[str],
+        *,
+        image: str | None = None,
+        log: Path | None = None,
     ) -> tuple[str, Path]:
         """Start `command` as container `container` of pod `pod_uid` (from `image`, or from
         a plain root directory); returns its ID and its control directory on the node (the
-        pod's emptyDir)."""
+        pod's emptyDir). With `log`, the container's stdout and stderr go to that file
+        through the runtime's shim (pipes, as under a kubelet: what `kubectl logs` reads)."""
         cid = f"c{uuid.uuid4().hex[:12]}"
         if image is None:
             rootfs = self.base / "rootfs" / cid
@@ -165,10 +172,12 @@ class Kubelet:
             source, root = [], image
         control = self.base / "controls" / cid
         control.mkdir(parents=True)
+        logging = ["--log-uri", log.absolute().as_uri()] if log is not None else []
         self.ctr(
             "run",
             "--detach",
             *source,
+            *logging,
             "--label",
             f"io.kubernetes.pod.uid={pod_uid}",
             "--label",

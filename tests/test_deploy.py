@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 from kubernetes.client import ApiClient
@@ -90,3 +91,47 @@ def test_the_node_worker_and_the_seccomp_profile() -> None:
     shipped = json.loads((REPO / "deploy" / "seccomp" / "block-io-uring.json").read_text())
     configured = json.loads(docs["ConfigMap"]["data"]["block-io-uring.json"])  # type: ignore[index]
     assert configured == shipped
+
+
+def test_the_webhook_is_served_and_registered_safely() -> None:
+    by_kind: dict[Any, Any] = {doc["kind"]: doc for doc in _kubernetes_docs()}
+    pod = by_kind["Deployment"]["spec"]["template"]  # the controller's
+    webhook = next(c for c in pod["spec"]["containers"] if c["name"] == "webhook")
+    assert webhook["args"] == ["webhook"]
+    env = {e["name"]: e["value"] for e in webhook["env"]}
+    [mount] = webhook["volumeMounts"]
+    assert env["WARMSTART_WEBHOOK__CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
+    assert env["WARMSTART_WEBHOOK__KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+    [volume] = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "warmstart-webhook-tls"
+    [port] = webhook["ports"]
+    assert str(port["containerPort"]) == env["WARMSTART_WEBHOOK__PORT"]
+    service = by_kind["Service"]
+    assert service["spec"]["selector"] == pod["metadata"]["labels"]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+
+    [validating] = by_kind["ValidatingWebhookConfiguration"]["webhooks"]
+    [mutating] = by_kind["MutatingWebhookConfiguration"]["webhooks"]
+    for hook, path in ((validating, "/validate"), (mutating, "/mutate")):
+        assert hook["admissionReviewVersions"] == ["v1"] and hook["sideEffects"] == "None"
+        assert hook["timeoutSeconds"] <= 5
+        assert hook["clientConfig"]["service"] == {
+            "namespace": service["metadata"]["namespace"],
+            "name": service["metadata"]["name"],
+            "path": path,
+            "port": service["spec"]["ports"][0]["port"],
+        }
+    # A webhook outage never blocks pod creation, nor anything in kube-system.
+    assert mutating["failurePolicy"] == "Ignore"
+    assert mutating["rules"] == [
+        {
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["CREATE"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    [excluded] = mutating["namespaceSelector"]["matchExpressions"]
+    assert excluded["operator"] == "NotIn" and "kube-system" in excluded["values"]
+    assert validating["rules"][0]["resources"] == ["checkpoints", "podsnapshots"]

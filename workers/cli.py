@@ -71,6 +71,18 @@ def controller(args: argparse.Namespace) -> int:
     return 0
 
 
+def webhook(args: argparse.Namespace) -> int:
+    """Run the admission webhook: validates Checkpoints and PodSnapshots, shapes restore pods.
+
+    Every replica serves it (no Lease); HTTPS with WARMSTART_WEBHOOK__CERT_FILE and
+    WARMSTART_WEBHOOK__KEY_FILE, or a self-signed certificate for development.
+    """
+    from workers.webhook import run_webhook
+
+    _run(run_webhook(_settings()))
+    return 0
+
+
 def _identity(args: argparse.Namespace) -> CheckpointIdentity:
     from api.errors import InvalidSpecError
     from api.identity import CheckpointIdentity
@@ -334,6 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     command(controller)
+    command(webhook)
 
     sub = command(capture)
     sub.add_argument("name", metavar="NAME", help="checkpoint name")

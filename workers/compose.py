@@ -15,7 +15,6 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.containerd import Containerd, ContainerdActivities
 from activities.criu import DUMP_OPTIONS, Criu, CriuActivities
 from activities.errors import ErrorMapping
 from activities.gpu import NodeGpus
@@ -115,16 +114,7 @@ def node_worker(
     sentinels = SentinelActivities(layout=layout)
     containers: list[Callable[..., Any]] = []
     if settings.node.containerd_address:
-        runtime = Containerd(address=settings.node.containerd_address)
-        pods = ContainerdActivities(
-            runtime=runtime, criu=criu, store=store, node=settings.node.name, gpus=gpus
-        )
-        containers = [
-            pods.await_gms_saved,
-            pods.dump_container,
-            pods.commit_container,
-            pods.write_container_sentinel,
-        ]
+        containers = _container_activities(settings, criu=criu, store=store, gpus=gpus)
     return Worker(
         client,
         task_queue=node_task_queue(settings.node.name),
@@ -144,3 +134,48 @@ def node_worker(
         max_concurrent_activities=settings.node.max_concurrent_activities,
         max_concurrent_activity_task_polls=settings.node.activity_pollers,
     )
+
+
+def _container_activities(
+    settings: Settings, *, criu: Criu, store: CheckpointStore, gpus: NodeGpus
+) -> list[Callable[..., Any]]:
+    """A cluster node's: capture from and restore into the pods' containers (containerd)."""
+    from activities.containerd import Containerd, ContainerdActivities
+    from activities.cuda import CudaCheckpoint
+    from activities.quarantine import Quarantine
+    from activities.restore import NodeGate
+    from activities.standby_restore import StandbyRestorer
+
+    assert settings.node.containerd_address
+    runtime = Containerd(address=settings.node.containerd_address)
+    cuda = CudaCheckpoint() if gpus.facts().devices else None
+    gate = NodeGate(
+        criu_version=criu.version(),
+        quarantine=Quarantine(store.root),
+        node=settings.node.name,
+    )
+    restorer = StandbyRestorer(
+        runtime=runtime,
+        criu=criu,
+        store=store,
+        gate=gate,
+        gpus=gpus,
+        work_root=settings.home / "restores" / "pods",
+        cuda=cuda,
+    )
+    pods = ContainerdActivities(
+        runtime=runtime,
+        criu=criu,
+        store=store,
+        node=settings.node.name,
+        gpus=gpus,
+        cuda=cuda,
+        restorer=restorer,
+    )
+    return [
+        pods.await_gms_saved,
+        pods.dump_container,
+        pods.commit_container,
+        pods.write_container_sentinel,
+        pods.restore_container,
+    ]

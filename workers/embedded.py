@@ -48,6 +48,10 @@ async def running_workers(
         if role in ("all", "node"):
             await tidy_node(client, NodeLayout(settings.home))
             await stack.enter_async_context(node_worker(client, settings))
+            if settings.node.containerd_address:  # a cluster node: it restores pods
+                from workers.restore_targets import watching_restore_targets
+
+                await stack.enter_async_context(watching_restore_targets(client, settings))
         yield
 
 

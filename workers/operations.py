@@ -143,16 +143,17 @@ async def start_capture(
 
 
 async def start_restore(
-    client: Client, request: RestoreRequest
+    client: Client, request: RestoreRequest, *, key: str = ""
 ) -> WorkflowHandle[RestoreWorkflow, RestoreResult]:
     """Start a restore on the node's own queue (the node worker runs it and its activity).
 
     Eager start is requested: when this client also runs the node worker (the node worker
     on a cluster, the demo locally) the first workflow task runs here without a matching hop;
-    otherwise the server schedules it as usual.
+    otherwise the server schedules it as usual. `key`: the pod's UID on a cluster (one
+    restore per pod, ever: a second start is refused); locally a fresh UUID.
     """
     workflow_id = restore_workflow_id(
-        namespace=request.namespace, name=request.name, key=str(uuid.uuid4())
+        namespace=request.namespace, name=request.name, key=key or str(uuid.uuid4())
     )
     return await client.start_workflow(
         RESTORE_WORKFLOW,
@@ -161,6 +162,7 @@ async def start_restore(
         id=workflow_id,
         task_queue=node_task_queue(request.node),
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         static_summary=f"restore {request.name} from {request.checkpoint_id}",
         search_attributes=visibility.start_attributes(
             namespace=request.namespace,

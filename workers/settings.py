@@ -55,8 +55,11 @@ class NodeSettings:
     # Pollers hold activity slots while they wait; eager dispatch needs a free one left over.
     max_concurrent_activities: int = 16
     activity_pollers: int = 2
-    # The node's containerd socket: set on cluster nodes, where pods' containers are dumped.
+    # The node's containerd socket: set on cluster nodes, where pods' containers are dumped
+    # and restore-target pods are watched (through `kube`) and restored.
     containerd_address: str | None = None
+    # A restore into a pod past this many seconds gives up: the pod starts cold.
+    restore_deadline_seconds: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,23 @@ class KubeSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """The admission webhook (`warmstart webhook`): AdmissionReview over HTTPS."""
+
+    host: str = "0.0.0.0"
+    port: int = 8443
+    # PEM certificate and key (a mounted Secret). Without them a self-signed certificate for
+    # `hosts` (comma-separated names and IPs) is made at start: for development only, since
+    # the API server must be given its CA.
+    cert_file: str = ""
+    key_file: str = ""
+    hosts: str = "localhost,127.0.0.1"
+    # How long a pod's admission waits to read its Checkpoint before admitting it cold
+    # (the webhook configuration gives the whole call at most 5 s).
+    read_timeout_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
 class TelemetrySettings:
     exporter: Literal["off", "console", "otlp"] = "off"
     otlp_endpoint: str | None = None
@@ -108,6 +128,7 @@ class Settings:
     node: NodeSettings = NodeSettings()
     criu: CriuSettings = CriuSettings()
     kube: KubeSettings = KubeSettings()
+    webhook: WebhookSettings = WebhookSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
 
     @classmethod

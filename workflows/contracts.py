@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from activities.contracts import ResourceRef
+from activities.contracts import ContainerTarget, ResourceRef
 from api.contract import Contract
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.limits import PathElement, ReadySeconds, ShortSeconds
@@ -101,6 +101,10 @@ class RestoreRequest(Contract):
     node: PathElement = LOCAL_NODE
     answer_timeout_seconds: ShortSeconds = 120.0
     control_task_queue: str = CONTROL_TASK_QUEUE
+    # On a cluster: the restore-target pod's standby container (name is the pod's name);
+    # `answer_timeout_seconds` is then the restore's deadline, past which it starts cold.
+    pod: ContainerTarget | None = None
+    gms_sentinel: str = ""
 
 
 class RestoreResult(Contract):

@@ -7,7 +7,7 @@ from typing import Protocol
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import PipelineKind, ResourceRef, StatusInput
+    from activities.contracts import ContainerTarget, PipelineKind, ResourceRef, StatusInput
     from activities.control import ControlActivities
     from api.reasons import Phase, Reason
     from workflows import policies
@@ -42,6 +42,7 @@ async def publish_status(
     size_bytes: int = 0,
     resource: ResourceRef | None = None,
     job_name: str = "",
+    pod: ContainerTarget | None = None,
 ) -> None:
     """Publish where the pipeline stands (the resource's status on a cluster); the version
     is named only where `committed` (a failed capture has none)."""
@@ -60,6 +61,7 @@ async def publish_status(
         step_seconds=dict(state.clock.seconds),
         resource=resource,
         job_name=job_name,
+        pod=pod,
     )
     await workflow.execute_activity_method(
         ControlActivities.publish_status,

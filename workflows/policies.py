@@ -70,6 +70,16 @@ def restore_options(answer_timeout_seconds: float) -> StepOptions:
     )
 
 
+def container_restore_options(deadline_seconds: float) -> StepOptions:
+    """A restore into a pod's standby: one attempt within the pod's restore deadline (past
+    it the pod starts cold rather than waiting on), heartbeats catching a lost worker."""
+    return StepOptions(
+        start_to_close=timedelta(seconds=deadline_seconds),
+        heartbeat=timedelta(seconds=120),
+        retry=RetryPolicy(maximum_attempts=1),
+    )
+
+
 def step_failure(err: ActivityError, *, node: str) -> PipelineFailedError:
     """Why a step failed, as the reason and message of the status and the workflow failure."""
     cause = err.cause

@@ -12,11 +12,17 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.contracts import RestoreInput
+    from activities.containers import ContainerActivities
+    from activities.contracts import (
+        ContainerRestoreInput,
+        ContainerSentinelInput,
+        RestoredWorkload,
+        RestoreInput,
+    )
     from activities.errors import application_error
     from activities.restore import RestoreActivities
     from api.naming import RESTORE_WORKFLOW, node_task_queue
-    from api.reasons import Phase, Reason
+    from api.reasons import Phase, Reason, Sentinel
     from workflows import policies, visibility
     from workflows.contracts import Progress, RestoreRequest, RestoreResult
     from workflows.control import publish_status
@@ -49,27 +55,13 @@ class RestoreWorkflow:
             namespace=request.namespace, checkpoint_id=request.checkpoint_id, node=request.node
         )
         clock.begin("restore", Phase.RESTORING)
-        opts = policies.restore_options(request.answer_timeout_seconds)
-        restore = RestoreInput(
-            checkpoint_id=request.checkpoint_id,
-            version=request.version,
-            name=request.name,
-            answer_timeout_seconds=request.answer_timeout_seconds,
-        )
         try:
-            restored = await workflow.execute_activity_method(
-                RestoreActivities.restore_checkpoint,
-                restore,
-                task_queue=node_task_queue(request.node),
-                start_to_close_timeout=opts.start_to_close,
-                heartbeat_timeout=opts.heartbeat,
-                schedule_to_start_timeout=policies.RESTORE_SCHEDULE_TO_START,
-                retry_policy=opts.retry,
-                summary=f"restore {request.checkpoint_id} on {request.node}",
-            )
+            restored = await (self._into_container() if request.pod else self._locally())
         except ActivityError as err:
             failure = policies.step_failure(err, node=request.node)
             state.failed(failure, Phase.FELL_BACK, "fell-back")
+            if request.pod is not None:
+                await self._fall_back(f"{failure.reason}: {failure.message}")
             await self._publish(Phase.FELL_BACK, failure.reason, message=failure.message)
             raise application_error(failure) from None
         except asyncio.CancelledError:
@@ -88,6 +80,81 @@ class RestoreWorkflow:
             step_seconds=dict(clock.seconds),
         )
 
+    async def _locally(self) -> RestoredWorkload:
+        request = self._request
+        assert request is not None
+        opts = policies.restore_options(request.answer_timeout_seconds)
+        restore = RestoreInput(
+            checkpoint_id=request.checkpoint_id,
+            version=request.version,
+            name=request.name,
+            answer_timeout_seconds=request.answer_timeout_seconds,
+        )
+        return await workflow.execute_activity_method(
+            RestoreActivities.restore_checkpoint,
+            restore,
+            task_queue=node_task_queue(request.node),
+            start_to_close_timeout=opts.start_to_close,
+            heartbeat_timeout=opts.heartbeat,
+            schedule_to_start_timeout=policies.RESTORE_SCHEDULE_TO_START,
+            retry_policy=opts.retry,
+            summary=f"restore {request.checkpoint_id} on {request.node}",
+        )
+
+    async def _into_container(self) -> RestoredWorkload:
+        """The pod's standby container takes the restored tree (same node queue, so the
+        activity is dispatched eagerly to the worker that started this workflow)."""
+        request = self._request
+        assert request is not None and request.pod is not None
+        opts = policies.container_restore_options(request.answer_timeout_seconds)
+        restore = ContainerRestoreInput(
+            target=request.pod,
+            checkpoint_id=request.checkpoint_id,
+            version=request.version,
+            gms_sentinel=request.gms_sentinel,
+        )
+        restored = await workflow.execute_activity_method(
+            ContainerActivities.restore_container,
+            restore,
+            task_queue=node_task_queue(request.node),
+            start_to_close_timeout=opts.start_to_close,
+            heartbeat_timeout=opts.heartbeat,
+            schedule_to_start_timeout=policies.RESTORE_SCHEDULE_TO_START,
+            retry_policy=opts.retry,
+            summary=f"restore {request.checkpoint_id} into {request.pod.pod_name}",
+        )
+        return RestoredWorkload(
+            pid=restored.pid, version=restored.version, stage_seconds=restored.stage_seconds
+        )
+
+    async def _fall_back(self, reason: str) -> None:
+        """`restore-failed` for the standby, also when the node activity could not write it
+        (timed out, its worker died): the standby then starts the workload cold."""
+        request = self._request
+        assert request is not None and request.pod is not None
+        try:
+            await workflow.execute_activity_method(
+                ContainerActivities.write_container_sentinel,
+                ContainerSentinelInput(
+                    target=request.pod, sentinel=Sentinel.RESTORE_FAILED, content=reason
+                ),
+                task_queue=node_task_queue(request.node),
+                start_to_close_timeout=policies.SENTINEL.start_to_close,
+                schedule_to_start_timeout=policies.RESTORE_SCHEDULE_TO_START,
+                retry_policy=policies.SENTINEL.retry,
+                summary="restore-failed: start cold",
+            )
+        except ActivityError as err:  # the pod or its node is gone: nothing waits
+            workflow.logger.warning("restore-failed not written: %s", err)
+
     async def _publish(self, phase: Phase, reason: Reason, *, message: str) -> None:
         assert self._request is not None
-        await publish_status("restore", self._request, self._state, phase, reason, message=message)
+        await publish_status(
+            "restore",
+            self._request,
+            self._state,
+            phase,
+            reason,
+            message=message,
+            pod=self._request.pod,
+        )

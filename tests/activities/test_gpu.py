@@ -58,8 +58,10 @@ def test_gpu_uuids_come_from_each_source_in_order(
 
 def test_a_process_environment_is_read_from_the_process_itself(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": f"{B},{A}", "ODD": "a=b"}
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    program = "import time; print('up', flush=True); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", program], env=env, stdout=subprocess.PIPE)
     try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"  # past its exec
         seen = process_environment(proc.pid)
         node = GpuFacts(
             "570.1", "12.8", (Gpu(0, A, "NVIDIA H100"), Gpu(1, B, "NVIDIA H100")), "NVML"
@@ -67,7 +69,7 @@ def test_a_process_environment_is_read_from_the_process_itself(tmp_path: Path) -
         facts = gpus_of_process(seen, node)
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()
     assert seen["ODD"] == "a=b"
     assert (facts.source, facts.uuids, facts.model) == (
         "CUDA_VISIBLE_DEVICES",

@@ -12,6 +12,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import (
     ClaimInput,
+    ContainerTarget,
     JobInput,
     JobRef,
     PodQuery,
@@ -330,3 +331,65 @@ async def test_a_pod_snapshot_of_a_pod_created_again_is_refused(
     assert (await env.run(control.read_capture_pod, gone)).failure == (
         "pod inference/no-such-pod no longer exists"
     )
+
+
+@pytest.mark.parametrize(
+    ("phase", "reason", "annotation", "event"),
+    [
+        (Phase.RESTORED, Reason.RESTORED, "restored", ("Normal", "Restored")),
+        (
+            Phase.FELL_BACK,
+            Reason.INCOMPATIBLE,
+            "fell-back: Incompatible: needs 2 GPU(s)",
+            ("Warning", "RestoreFellBack"),
+        ),
+    ],
+)
+async def test_a_restore_is_published_on_its_pod(
+    cluster: Cluster,
+    control: KubeControlActivities,
+    phase: Phase,
+    reason: Reason,
+    annotation: str,
+    event: tuple[str, str],
+) -> None:
+    body = pod("gpu-1", ready=False)
+    body["metadata"]["name"] = "llama-0"
+    await cluster.run(cluster.core.create_namespaced_pod, "inference", body)
+    created = await cluster.run(cluster.core.read_namespaced_pod, "llama-0", "inference")
+    target = ContainerTarget(
+        namespace="inference", pod_name="llama-0", pod_uid=created.metadata.uid, container="main"
+    )
+    message = "" if phase == Phase.RESTORED else "needs 2 GPU(s)"
+    report = StatusInput(
+        kind="restore",
+        namespace="inference",
+        name="llama-0",
+        phase=phase,
+        reason=reason,
+        message=message,
+        checkpoint_id=CKPT,
+        pod=target,
+    )
+
+    await ActivityEnvironment().run(control.publish_status, report)
+
+    after = await cluster.run(cluster.core.read_namespaced_pod, "llama-0", "inference")
+    assert after.metadata.annotations["warmstart.dev/restore-status"] == annotation
+    events = (await cluster.run(cluster.events.list_namespaced_event, "inference")).items
+    assert [(e.type, e.reason, e.regarding.uid) for e in events] == [(*event, created.metadata.uid)]
+
+
+async def test_the_restore_of_a_deleted_pod_is_not_published(
+    control: KubeControlActivities,
+) -> None:
+    gone = ContainerTarget(namespace="inference", pod_name="gone", pod_uid="u", container="main")
+    report = StatusInput(
+        kind="restore",
+        namespace="inference",
+        name="gone",
+        phase=Phase.RESTORED,
+        reason=Reason.RESTORED,
+        pod=gone,
+    )
+    await ActivityEnvironment().run(control.publish_status, report)

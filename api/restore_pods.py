@@ -1,0 +1,349 @@
+"""Shaping a pod that asks to be restored (`warmstart.dev/restore-from: <Checkpoint>`) into
+a restore target: pure functions from the pod and its Checkpoint to the pod to admit
+(plain dicts, as the Kubernetes API takes them). The admission webhook calls them.
+
+A pod whose Checkpoint is Ready gets:
+- the labels `warmstart.dev/restore-target: "true"` and `warmstart.dev/checkpoint-id`
+  (node workers watch the first), the annotation `warmstart.dev/checkpoint-version`;
+- in its main container (the Checkpoint's `targetContainerName`, else the first): the
+  control directory (`SNAPSHOT_CONTROL_DIR`), the downward-API pod info at `/etc/podinfo`,
+  a startup probe that waits out the restore, and the standby entrypoint: `STANDBY_SCRIPT`
+  runs in place of the container's command and waits for the node's `restore-complete`
+  (then lives as long as the restored process) or `restore-failed` (then starts the
+  original command cold);
+- the io_uring-blocking seccomp profile on the pod (as capture Jobs have it);
+- with the GPU Memory Service, intra-pod mode: the `gms-server` sidecar (as for capture)
+  and a `gms-loader` container that loads the checkpoint's GPU memory and writes
+  `gms-load-complete-<podUID>` into the main container's control directory; the pod's
+  `warmstart.dev/gms-loader` annotation overrides it by the saver's merge rules. Inter-pod
+  mode: GMS runs outside the pod, so no loader here; the main container gets
+  `GMS_LOAD_COMPLETE_FILE`, the shared completion sentinel the node waits for.
+
+A pod whose Checkpoint is missing or not Ready, or whose main container has no `command`
+(the standby must know what to start cold), is admitted unchanged but for the annotation
+`warmstart.dev/restore-status: cold: <why>`: it starts cold. What cannot be admitted
+(another namespace's Checkpoint, a malformed loader override) raises InvalidSpecError
+naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.errors import InvalidSpecError
+from api.jobs import (
+    CHECKPOINTS_DIR,
+    CHECKPOINTS_VOLUME,
+    CONTROL_DIR,
+    CONTROL_VOLUME,
+    SECCOMP_PROFILE,
+    JobSettings,
+    add_gms_server,
+    control_mount,
+    gms_checkpoint_dir,
+    gms_socket_env,
+    gms_socket_mount,
+    merge_override,
+)
+from api.reasons import Phase, Sentinel
+from api.resources import CHECKPOINT_ID_LABEL, GROUP, Checkpoint, ContainerOverride
+
+RESTORE_FROM_ANNOTATION = f"{GROUP}/restore-from"
+GMS_LOADER_ANNOTATION = f"{GROUP}/gms-loader"
+RESTORE_STATUS_ANNOTATION = f"{GROUP}/restore-status"
+CHECKPOINT_VERSION_ANNOTATION = f"{GROUP}/checkpoint-version"
+RESTORE_TARGET_LABEL = f"{GROUP}/restore-target"
+GMS_LOADER = "gms-loader"
+PODINFO_VOLUME, PODINFO_DIR = "podinfo", "/etc/podinfo"
+STANDBY_ENV = "WARMSTART_RESTORE_STANDBY"
+# Inter-pod GMS: the loader outside the pod writes this once the memory is loaded.
+GMS_LOAD_COMPLETE_FILE = f"{CONTROL_DIR}/gms-load-complete"
+# The startup probe of a restore target: every second, for up to 30 minutes (a cold start
+# after a failed restore included).
+STARTUP_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD = 1, 1800
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a DNS subdomain, as object names
+_COMPLETE, _FAILED = Sentinel.RESTORE_COMPLETE.value, Sentinel.RESTORE_FAILED.value
+
+# The standby entrypoint: `/bin/sh -c STANDBY_SCRIPT warmstart-standby CMD ARGS...`. POSIX sh
+# with builtins and `sleep` only (any image with /bin/sh). Restarted after a restore, it starts
+# cold; it waits for `restore-failed` (start CMD cold) or `restore-complete`, whose content is
+# the restored process's PID in this container's PID namespace. The standby is PID 1, so
+# the restored process is its child: it lives while that process lives (forwarding SIGTERM and
+# SIGINT to it) and exits with its status, read from the zombie's /proc/PID/stat (field 52,
+# exit_code), or 1 where that cannot be read (a shell reaps children it does not know while it
+# waits for `sleep`, and then the status is gone). No `$$` and no `$(NAME)`: Kubernetes
+# expands those in a container's command.
+STANDBY_SCRIPT = f"""\
+d="${{SNAPSHOT_CONTROL_DIR:-{CONTROL_DIR}}}"
+trap 'exit 143' TERM
+trap 'exit 130' INT
+if [ -e "$d/{_COMPLETE}" ]; then exec "$@"; fi
+while :; do
+  if [ -e "$d/{_FAILED}" ]; then exec "$@"; fi
+  if [ -e "$d/{_COMPLETE}" ]; then break; fi
+  sleep 0.05
+done
+pid=
+read -r pid < "$d/{_COMPLETE}" || :
+case "$pid" in ""|*[!0-9]*) exit 1 ;; esac
+trap 'kill -TERM "$pid" 2>/dev/null' TERM
+trap 'kill -INT "$pid" 2>/dev/null' INT
+while :; do
+  stat=
+  read -r stat 2>/dev/null < "/proc/$pid/stat" || exit 1
+  rest="${{stat##*) }}"
+  if [ "${{rest%% *}}" = Z ]; then break; fi
+  sleep 1
+done
+set -f
+set -- $rest
+if [ "$#" -lt 50 ]; then exit 1; fi
+shift 49
+case "$1" in ""|*[!0-9]*) exit 1 ;; esac
+if [ "$(( $1 & 127 ))" -ne 0 ]; then exit "$(( 128 + ($1 & 127) ))"; fi
+exit "$(( ($1 >> 8) & 255 ))"
+"""
+STANDBY_NAME = "warmstart-standby"  # the script's $0
+# The startup probe of a container without probes of its own: restored, or fallen back cold
+# (a cold start must pass it too, or the kubelet would kill it after the threshold).
+STARTUP_TEST = (
+    f'test -e "$SNAPSHOT_CONTROL_DIR/{_COMPLETE}" || test -e "$SNAPSHOT_CONTROL_DIR/{_FAILED}"'
+)
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    """What the operator decides for every restore target (controller settings)."""
+
+    jobs: JobSettings = field(default_factory=JobSettings)  # GMS image, server, checkpoint PVC
+    gms_loader_command: tuple[str, ...] = (
+        "python3",
+        "-m",
+        "gpu_memory_service.cli.snapshot.loader",
+    )
+    gms_load_workers: int = 8
+
+
+def restore_source(pod: Mapping[str, Any]) -> str | None:
+    """The name of the Checkpoint `pod` asks to restore from (same namespace), None when it
+    does not ask; InvalidSpecError for a name that is not one (another namespace's)."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    name = annotations.get(RESTORE_FROM_ANNOTATION)
+    if name is None:
+        return None
+    where = f"metadata.annotations[{RESTORE_FROM_ANNOTATION}]"
+    if "/" in name:
+        raise InvalidSpecError(
+            f"{where}: {name!r} names a Checkpoint in another namespace; a pod restores "
+            "only from a Checkpoint of its own namespace (give the name alone)"
+        )
+    if not _NAME.match(name) or len(name) > 253:
+        raise InvalidSpecError(f"{where}: {name!r} is not a Checkpoint name")
+    return str(name)
+
+
+def loader_override(pod: Mapping[str, Any]) -> ContainerOverride | None:
+    """The pod's `warmstart.dev/gms-loader` annotation as an override, None without one;
+    InvalidSpecError naming the annotation when it is not JSON or not a valid override."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    raw = annotations.get(GMS_LOADER_ANNOTATION)
+    if raw is None:
+        return None
+    where = f"metadata.annotations[{GMS_LOADER_ANNOTATION}]"
+    try:
+        data = json.loads(raw)
+    except ValueError as err:
+        raise InvalidSpecError(f"{where}: not JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise InvalidSpecError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    known = {f.alias or name for name, f in ContainerOverride.model_fields.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidSpecError(
+            f"{where}: unknown fields {unknown} (known: {', '.join(sorted(known))})"
+        )
+    try:
+        return ContainerOverride.model_validate(data)
+    except ValidationError as err:
+        raise InvalidSpecError(f"{where}: {validation_message(err)}") from None
+
+
+def restore_pod(
+    pod: Mapping[str, Any], *, checkpoint: Mapping[str, Any] | None, settings: RestoreSettings
+) -> dict[str, Any]:
+    """The pod to admit (a new dict): `pod` shaped as a restore target of `checkpoint` (the
+    Checkpoint its annotation names, as read from the pod's namespace; None: not found), or
+    `pod` with a `cold: <why>` status annotation. A pod that does not ask is returned as is.
+    """
+    shaped = copy.deepcopy(dict(pod))
+    name = restore_source(pod)
+    if name is None:
+        return shaped
+    loader = loader_override(pod)
+    if checkpoint is None:
+        return cold(shaped, f"checkpoint {name} not found")
+    phase = (checkpoint.get("status") or {}).get("phase") or Phase.PENDING.value
+    if phase != Phase.READY.value:
+        return cold(shaped, f"checkpoint {name} is not Ready (phase {phase})")
+    try:
+        resource = Checkpoint.model_validate(checkpoint)
+    except ValidationError as err:
+        return cold(shaped, f"checkpoint {name} is not valid: {validation_message(err)}")
+    status = resource.status
+    if status is None or not status.checkpoint_id or not status.version:
+        return cold(shaped, f"checkpoint {name} is Ready but has no checkpointID or version")
+    spec = shaped.setdefault("spec", {})
+    containers = spec.get("containers") or []
+    if not containers:
+        return cold(shaped, "the pod has no containers")
+    wanted = resource.spec.job.target_container_name
+    main = next((c for c in containers if c.get("name") == wanted), containers[0])
+    if not main.get("command"):
+        return cold(shaped, f"container {main.get('name')} has no command for the standby to start")
+
+    meta = shaped.setdefault("metadata", {})
+    meta["labels"] = {
+        **(meta.get("labels") or {}),
+        RESTORE_TARGET_LABEL: "true",
+        CHECKPOINT_ID_LABEL: status.checkpoint_id,
+    }
+    meta["annotations"] = {
+        **(meta.get("annotations") or {}),
+        CHECKPOINT_VERSION_ANNOTATION: status.version,
+    }
+    volumes = [
+        v
+        for v in spec.get("volumes") or []
+        if v.get("name") not in (CONTROL_VOLUME, PODINFO_VOLUME)
+    ]
+    spec["volumes"] = [*volumes, {"name": CONTROL_VOLUME, "emptyDir": {}}, podinfo_volume()]
+    security = spec.setdefault("securityContext", {})
+    security["seccompProfile"] = {"type": "Localhost", "localhostProfile": SECCOMP_PROFILE}
+    prepare_standby(main)
+    gms = resource.spec.gpu_memory_service
+    if gms.enabled and gms.mode == "intraPod":
+        add_gms_loader(
+            spec,
+            main,
+            ckpt=status.checkpoint_id,
+            version=status.version,
+            loader=loader,
+            settings=settings,
+        )
+    elif gms.enabled:
+        main["env"] = _set_env(main["env"], "GMS_LOAD_COMPLETE_FILE", GMS_LOAD_COMPLETE_FILE)
+    return shaped
+
+
+def cold(pod: dict[str, Any], why: str) -> dict[str, Any]:
+    """`pod` (in place) with the annotation saying it starts cold and why."""
+    meta = pod.setdefault("metadata", {})
+    meta["annotations"] = {
+        **(meta.get("annotations") or {}),
+        RESTORE_STATUS_ANNOTATION: f"cold: {why}",
+    }
+    return pod
+
+
+def prepare_standby(container: dict[str, Any]) -> None:
+    """The main container as a restore target (in place): the standby entrypoint in front of
+    its command, the control directory, pod info and the startup probe."""
+    argv = [*container.get("command", []), *container.get("args", [])]
+    container["command"] = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, *argv]
+    container.pop("args", None)
+    env = _set_env(container.get("env") or [], "SNAPSHOT_CONTROL_DIR", CONTROL_DIR)
+    container["env"] = _set_env(env, STANDBY_ENV, "1")
+    taken = (CONTROL_DIR, PODINFO_DIR)
+    mounts = [m for m in container.get("volumeMounts") or [] if m.get("mountPath") not in taken]
+    podinfo = {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True}
+    container["volumeMounts"] = [*mounts, control_mount(container["name"]), podinfo]
+    container["startupProbe"] = startup_probe(container)
+
+
+def startup_probe(container: Mapping[str, Any]) -> dict[str, Any]:
+    """A startup probe that waits out the restore: the container's own startup (else
+    readiness) probe, checked every second for up to 30 minutes; without one, the
+    `restore-complete` or `restore-failed` sentinel (a cold start must pass it too)."""
+    own = container.get("startupProbe") or container.get("readinessProbe")
+    if own:
+        probe = copy.deepcopy(dict(own))
+        probe.pop("successThreshold", None)  # a startup probe's must be 1
+        probe.pop("initialDelaySeconds", None)  # sized for a cold start, not a restore
+    else:
+        probe = {"exec": {"command": ["/bin/sh", "-c", STARTUP_TEST]}}
+    probe["periodSeconds"] = STARTUP_PERIOD_SECONDS
+    probe["failureThreshold"] = STARTUP_FAILURE_THRESHOLD
+    return probe
+
+
+def podinfo_volume() -> dict[str, Any]:
+    """The downward-API volume of pod facts the node and the workload read."""
+    fields = {
+        "pod_name": "metadata.name",
+        "pod_uid": "metadata.uid",
+        "pod_namespace": "metadata.namespace",
+        "labels": "metadata.labels",
+        "annotations": "metadata.annotations",
+    }
+    items = [{"path": path, "fieldRef": {"fieldPath": ref}} for path, ref in fields.items()]
+    return {"name": PODINFO_VOLUME, "downwardAPI": {"items": items}}
+
+
+def add_gms_loader(
+    spec: dict[str, Any],
+    main: dict[str, Any],
+    *,
+    ckpt: str,
+    version: str,
+    loader: ContainerOverride | None,
+    settings: RestoreSettings,
+) -> None:
+    """Intra-pod GMS (in place): the sidecar server and the loader of the checkpoint's GPU
+    memory, which reports `gms-load-complete-<podUID>` in the main container's control dir."""
+    image = add_gms_server(spec, main, settings=settings.jobs)
+    base = {
+        "name": GMS_LOADER,
+        "image": image,
+        "command": list(settings.gms_loader_command),
+        "env": [
+            gms_socket_env(),
+            {"name": "GMS_CHECKPOINT_DIR", "value": gms_checkpoint_dir(ckpt, version)},
+            {"name": "GMS_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+            {"name": "GMS_LOAD_WORKERS", "value": str(settings.gms_load_workers)},
+        ],
+        "volumeMounts": [
+            gms_socket_mount(),
+            {"name": CHECKPOINTS_VOLUME, "mountPath": CHECKPOINTS_DIR, "readOnly": True},
+            control_mount(main["name"]),
+        ],
+    }
+    spec["containers"] = [*spec["containers"], merge_override(base, loader)]
+
+
+def validation_message(err: ValidationError) -> str:
+    """A pydantic error as one line: each problem with its field, the rules' own messages
+    (which name their field) as written."""
+    parts = []
+    for problem in err.errors():
+        text = str(problem["ctx"]["error"]) if problem["type"] == "value_error" else problem["msg"]
+        where = ".".join(str(p) for p in problem["loc"])
+        parts.append(
+            text if text.startswith(("spec.", "metadata.")) or not where else f"{where}: {text}"
+        )
+    return "; ".join(parts)
+
+
+def _set_env(envs: list[dict[str, Any]], name: str, value: str) -> list[dict[str, Any]]:
+    """`envs` with `name` set to `value`: in place of an existing entry, else appended."""
+    entry = {"name": name, "value": value}
+    if any(e.get("name") == name for e in envs):
+        return [entry if e.get("name") == name else e for e in envs]
+    return [*envs, entry]

@@ -1,0 +1,355 @@
+"""Restoring a container's checkpoint into the placeholder container of another pod, against
+a real containerd and real CRIU (the tests play the kubelet, tests/containers.py), and the
+safe application of a root filesystem diff."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from temporalio.testing import ActivityEnvironment
+
+from activities.container_restore import (
+    RestoredProcess,
+    apply_rootfs_diff,
+    cgroup_procs_files,
+    restore_into_container,
+)
+from activities.containerd import Containerd, ContainerdActivities, Located
+from activities.contracts import (
+    ContainerCommitInput,
+    ContainerDumpInput,
+    ContainerTarget,
+)
+from activities.criu import Criu
+from activities.storage import CheckpointStore
+from api.errors import RestoreFailedError
+from api.identity import CheckpointIdentity, checkpoint_id
+from api.manifest import Manifest
+from tests.containers import Kubelet, needs_containerd, running_containerd
+from workers.settings import CriuSettings
+
+IDENTITY = CheckpointIdentity(model="m/restore-into", backend_framework="vllm")
+CKPT = checkpoint_id(IDENTITY)
+PORT = 8080
+SERVER = (Path(__file__).parents[1] / "programs" / "container_token_server.py").read_text()
+ARGV = ["python3", "-c", SERVER, str(PORT)]
+# The placeholder's standby (a local equivalent of the restore pods' entrypoint): waits for
+# restore-complete (then stays, as the restored process's reaper) or restore-failed (then
+# starts the original command cold).
+STANDBY = (
+    'd="$SNAPSHOT_CONTROL_DIR"\n'
+    "echo standby waiting\n"
+    "while :; do\n"
+    '  if [ -e "$d/restore-failed" ]; then echo standby cold; exec "$@"; fi\n'
+    '  if [ -e "$d/restore-complete" ]; then echo standby restored; exec sleep 100000; fi\n'
+    "  sleep 0.05\n"
+    "done\n"
+)
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason=f"chroot needs root (running as uid {os.geteuid()})"
+)
+
+
+@dataclass(frozen=True)
+class Pod:
+    target: ContainerTarget
+    cid: str
+    control: Path
+    log: Path
+
+
+@dataclass(frozen=True)
+class Captured:
+    source: Pod
+    token: str
+    version_dir: Path
+    manifest: Manifest
+
+
+@pytest.fixture
+def kubelet() -> Iterator[Kubelet]:
+    yield from running_containerd()
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def run_pod(kubelet: Kubelet, tmp_path: Path, name: str, command: list[str], image: str) -> Pod:
+    uid = str(uuid.uuid4())
+    log = tmp_path / f"{name}.log"
+    cid, control = kubelet.run(uid, "main", command, image=image, log=log)
+    target = ContainerTarget(namespace="inference", pod_name=name, pod_uid=uid, container="main")
+    return Pod(target=target, cid=cid, control=control, log=log)
+
+
+def criu() -> Criu:
+    path = CriuSettings().resolve()
+    assert path is not None
+    return Criu(path)
+
+
+async def capture(kubelet: Kubelet, tmp_path: Path, image: str) -> Captured:
+    """The source pod serving its token, dumped leave-running and committed."""
+    source = run_pod(kubelet, tmp_path, "llama-source", ARGV, image)
+    wait_for(lambda: (source.control / "ready-for-snapshot").exists(), "the source to be ready")
+    token = source.log.read_text().split()[1]
+    store = CheckpointStore(tmp_path / "checkpoints")
+    runtime = Containerd(address=kubelet.address)
+    node = ContainerdActivities(runtime=runtime, criu=criu(), store=store, node="gpu-1")
+    env, version = ActivityEnvironment(), "20261127T130000Z-abcdef"
+    await env.run(
+        node.dump_container,
+        ContainerDumpInput(checkpoint_id=CKPT, version=version, target=source.target),
+    )
+    commit = ContainerCommitInput(
+        checkpoint_id=CKPT,
+        version=version,
+        identity=IDENTITY,
+        target=source.target,
+        resource_name="llama",
+    )
+    await env.run(node.commit_container, commit)
+    final = store.version_dir(CKPT, version)
+    manifest = Manifest.model_validate_json((final / "manifest.json").read_bytes())
+    return Captured(source=source, token=token, version_dir=final, manifest=manifest)
+
+
+async def placeholder(kubelet: Kubelet, tmp_path: Path, image: str) -> tuple[Pod, Located]:
+    command = ["/bin/sh", "-c", STANDBY, "warmstart-standby", *ARGV]
+    pod = run_pod(kubelet, tmp_path, "llama-restored", command, image)
+    wait_for(lambda: "standby waiting" in pod.log.read_text(), "the standby to wait")
+    return pod, await Containerd(address=kubelet.address).locate(pod.target)
+
+
+def get_in_netns(pid: int) -> str:
+    """GET / on 127.0.0.1 from inside the network namespace of `pid`."""
+    fetch = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{PORT}').read().decode())"
+    done = subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "python3", "-c", fetch],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def ns(pid: int, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def ns_pids(pid: int) -> list[int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return [int(v) for v in status.split("NSpid:")[1].splitlines()[0].split()]
+
+
+def set_hostname(pid: int, name: str) -> None:
+    subprocess.run(["nsenter", f"--uts=/proc/{pid}/ns/uts", "hostname", name], check=True)
+
+
+def hostname(pid: int) -> str:
+    return subprocess.run(
+        ["nsenter", f"--uts=/proc/{pid}/ns/uts", "cat", "/proc/sys/kernel/hostname"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+async def restore(
+    captured: Captured,
+    pod: Pod,
+    located: Located,
+    tmp_path: Path,
+    before_complete: Callable[[RestoredProcess], Awaitable[None]] | None = None,
+) -> RestoredProcess:
+    return await restore_into_container(
+        criu=criu(),
+        target=pod.target,
+        placeholder=located,
+        version_dir=captured.version_dir,
+        manifest=captured.manifest,
+        work_dir=tmp_path / "restore-work",
+        before_complete=before_complete,
+    )
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_a_checkpoint_is_restored_into_the_placeholder_container(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    image = kubelet.import_image("local/workload:1")
+    captured = await capture(kubelet, tmp_path, image)
+    pod, located = await placeholder(kubelet, tmp_path, image)
+    set_hostname(located.pid, "llama-restored")  # as the kubelet names a pod's host
+
+    seen_before_complete: list[bool] = []
+
+    async def before_complete(restored: RestoredProcess) -> None:  # where CUDA resumes
+        seen_before_complete.append(not (pod.control / "restore-complete").exists())
+
+    restored = await restore(captured, pod, located, tmp_path, before_complete)
+
+    host, holder = restored.host_pid, located.pid
+    assert [ns(host, kind) for kind in ("net", "uts", "ipc")] == [
+        ns(holder, kind) for kind in ("net", "uts", "ipc")
+    ]
+    levels = ns_pids(host)  # a PID namespace nested under the placeholder's
+    assert len(levels) == len(ns_pids(holder)) + 1 and levels[-2] == restored.pid
+    assert Path(f"/proc/{holder}/root/proc/{restored.pid}").is_dir()
+    assert Path(f"/proc/{host}/cgroup").read_text() == Path(f"/proc/{holder}/cgroup").read_text()
+    assert cgroup_procs_files(host) == cgroup_procs_files(holder)
+    assert hostname(holder) == "llama-restored"  # CRIU's dumped hostname did not stay
+    assert (pod.control / "restore-complete").read_text() == f"{restored.pid}\n"
+    wait_for(lambda: "standby restored" in pod.log.read_text(), "the standby to see it")
+    # The restored process binds the placeholder's control directory, not the source's.
+    control = os.stat(f"/proc/{host}/root/snapshot-control")
+    assert (control.st_dev, control.st_ino) == (
+        pod.control.stat().st_dev,
+        pod.control.stat().st_ino,
+    )
+    # The root filesystem changes of the source are in the placeholder's root.
+    root = Path(f"/proc/{holder}/root")
+    assert (root / "var/lib/token").read_text() == f"{captured.token}\n"
+    assert not (root / "etc/warmstart-image").exists()
+
+    # It serves the source's token inside the pod's network, while the source serves on.
+    assert get_in_netns(holder) == captured.token
+    assert kubelet.status(captured.source.cid) == "RUNNING"
+    assert get_in_netns(kubelet.pid(captured.source.cid)) == captured.token
+    # Its output reaches the placeholder container's log (what `kubectl logs` reads).
+    wait_for(lambda: f"served 1 {captured.token}" in pod.log.read_text(), "the restored output")
+    assert restored.stage_seconds.keys() == {"prepare", "criu_restore"}
+    assert seen_before_complete == [True]
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_a_failed_restore_makes_the_standby_start_cold(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    image = kubelet.import_image("local/workload:1")
+    captured = await capture(kubelet, tmp_path, image)
+    (captured.version_dir / "criu" / "core-1.img").unlink()  # an image missing
+    pod, located = await placeholder(kubelet, tmp_path, image)
+
+    with pytest.raises(RestoreFailedError, match="criu restore exited with") as failed:
+        await restore(captured, pod, located, tmp_path)
+
+    assert "into container main of pod inference/llama-restored" in str(failed.value)
+    assert "Restoring FAILED" in str(failed.value)  # the lines of restore.log that say why
+    assert (pod.control / "restore-failed").read_text() == f"{failed.value}\n"
+    assert_started_cold(pod, located, captured)
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_a_restore_that_hangs_is_killed_at_its_deadline(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    image = kubelet.import_image("local/workload:1")
+    captured = await capture(kubelet, tmp_path, image)
+    for pages in (captured.version_dir / "criu").glob("pages-*.img"):
+        pages.write_bytes(b"")  # CRIU 4.2's restored task then spins for ever
+    pod, located = await placeholder(kubelet, tmp_path, image)
+
+    with pytest.raises(RestoreFailedError, match="did not finish within 3 s"):
+        await restore_into_container(
+            criu=criu(),
+            target=pod.target,
+            placeholder=located,
+            version_dir=captured.version_dir,
+            manifest=captured.manifest,
+            work_dir=tmp_path / "restore-work",
+            timeout_seconds=3,
+        )
+
+    assert "did not finish" in (pod.control / "restore-failed").read_text()
+    assert_started_cold(pod, located, captured)
+
+
+def assert_started_cold(pod: Pod, located: Located, captured: Captured) -> None:
+    """The standby ran the original command: a fresh token served, nothing restored left."""
+    assert not (pod.control / "restore-complete").exists()
+    wait_for(lambda: "standby cold" in pod.log.read_text(), "the standby to start cold")
+    wait_for(lambda: "token " in pod.log.read_text(), "the cold start to serve")
+    cold = pod.log.read_text().split("token ")[1].split()[0]
+    assert cold != captured.token  # a fresh start, not the checkpoint
+    assert get_in_netns(located.pid) == cold
+    assert _nested_children(located.pid) == []
+
+
+def _nested_children(pid: int) -> list[int]:
+    depth = len(ns_pids(pid))
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                levels = ns_pids(int(entry.name))
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and len(levels) > depth:
+                out.append(int(entry.name))
+    return out
+
+
+def _diff(path: Path, entries: dict[str, bytes], deleted: list[str]) -> Path:
+    with tarfile.open(path / "rootfs-diff.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (path / "deleted-files.json").write_text(json.dumps(deleted))
+    return path
+
+
+@needs_root
+async def test_links_planted_in_the_container_root_cannot_send_the_diff_onto_the_node(
+    tmp_path: Path,
+) -> None:
+    """The container links /var and /etc to absolute node paths: the diff's file and its
+    deletion resolve inside the container's root, and the node's files stay as they were."""
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    (node_dir / "victim").write_text("node file\n")
+    root = tmp_path / "root"
+    inside = root / node_dir.relative_to("/")  # the same path, within the container's root
+    inside.mkdir(parents=True)
+    (inside / "victim").write_text("container file\n")
+    (root / "var").symlink_to(node_dir)
+    (root / "etc").symlink_to(node_dir)
+    version = _diff(tmp_path, {"var/token": b"restored\n"}, ["/etc/victim"])
+
+    await apply_rootfs_diff(root=root, version_dir=version, where="test")
+
+    assert sorted(p.name for p in node_dir.iterdir()) == ["victim"]
+    assert (node_dir / "victim").read_text() == "node file\n"
+    assert (inside / "token").read_text() == "restored\n"
+    assert not (inside / "victim").exists()
+
+
+@needs_root
+async def test_a_diff_that_cannot_be_applied_names_the_restore(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "var").mkdir(parents=True)
+    (root / "var" / "token").mkdir()  # a directory where the diff has a file
+    (root / "var" / "token" / "keep").write_text("x")
+    version = _diff(tmp_path, {"var/token": b"restored\n"}, [])
+    with pytest.raises(RestoreFailedError, match=r"^pod x: applying rootfs-diff.tar failed"):
+        await apply_rootfs_diff(root=root, version_dir=version, where="pod x")

@@ -1,0 +1,146 @@
+"""The standby entrypoint of restore targets, run by the real /bin/sh; the test plays the
+node (it writes the sentinels) and the restored process (a process of its own, so that its
+zombie stays readable). The pod shaping itself is tested through the webhook
+(tests/workers/test_webhook.py)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api.restore_pods import STANDBY_NAME, STANDBY_SCRIPT
+
+pytestmark = pytest.mark.timeout(30)
+Started = list[subprocess.Popen[str]]
+COLD = ["/bin/sh", "-c", 'echo "cold:$#:$*"', "workload", "a b", "c"]
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+def started() -> Iterator[Started]:
+    procs: Started = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)  # reaps it and closes its pipe
+
+
+def standby(control: Path, started: Started) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, *COLD],
+        env={"SNAPSHOT_CONTROL_DIR": str(control), "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    started.append(proc)
+    return proc
+
+
+def workload(started: Started, script: str) -> subprocess.Popen[str]:
+    """The "restored process": ours, so that it stays a zombie until we reap it."""
+    proc = subprocess.Popen(["/bin/sh", "-c", script], text=True)
+    started.append(proc)
+    return proc
+
+
+def zombie(proc: subprocess.Popen[str]) -> None:
+    """Wait (without reaping) until `proc` has exited."""
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_text().rpartition(") ")[2][0] != "Z":
+        assert time.monotonic() < deadline, f"process {proc.pid} did not exit"
+        time.sleep(0.005)
+
+
+def sleeping(proc: subprocess.Popen[str], seconds: str) -> None:
+    """Wait until the standby runs `sleep <seconds>`: 0.05 while it waits for a sentinel, 1
+    while it watches the restored process."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 10
+    while True:
+        assert proc.poll() is None, "the standby exited"
+        assert time.monotonic() < deadline, f"the standby never ran sleep {seconds}"
+        for child in children.read_text().split():
+            try:
+                if Path(f"/proc/{child}/cmdline").read_bytes() == f"sleep\0{seconds}\0".encode():
+                    return
+            except FileNotFoundError:
+                pass
+        time.sleep(0.005)
+
+
+def publish(control: Path, name: str, text: str) -> None:
+    """Write a sentinel as the node does: to a temporary name, then rename."""
+    (control / f".{name}.tmp").write_text(text)
+    (control / f".{name}.tmp").rename(control / name)
+
+
+def test_restarted_after_a_restore_it_starts_cold(control: Path, started: Started) -> None:
+    publish(control, "restore-complete", "1\n")
+    proc = standby(control, started)
+    out, _ = proc.communicate(timeout=10)
+    assert (proc.returncode, out) == (0, "cold:2:a b c\n")
+
+
+def test_a_failed_restore_starts_the_original_command(control: Path, started: Started) -> None:
+    proc = standby(control, started)
+    sleeping(proc, "0.05")
+    publish(control, "restore-failed", "criu restore failed\n")
+    out, _ = proc.communicate(timeout=10)
+    assert (proc.returncode, out) == (0, "cold:2:a b c\n")
+
+
+def test_it_exits_with_the_restored_process_status(control: Path, started: Started) -> None:
+    restored = workload(started, "exit 7")
+    zombie(restored)
+    proc = standby(control, started)
+    sleeping(proc, "0.05")
+    publish(control, "restore-complete", f"{restored.pid}\n")
+    assert proc.wait(timeout=10) == 7
+    assert proc.stdout is not None and proc.stdout.read() == ""
+
+
+def test_it_lives_while_the_restored_process_lives(control: Path, started: Started) -> None:
+    restored = workload(started, "exec sleep 60")
+    proc = standby(control, started)
+    sleeping(proc, "0.05")
+    publish(control, "restore-complete", f"{restored.pid}\n")
+    sleeping(proc, "1")
+    restored.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=10) == 128 + signal.SIGKILL
+
+
+def test_sigterm_goes_to_the_restored_process(control: Path, started: Started) -> None:
+    restored = workload(started, "exec sleep 60")
+    proc = standby(control, started)
+    sleeping(proc, "0.05")
+    publish(control, "restore-complete", f"{restored.pid}\n")
+    sleeping(proc, "1")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert restored.wait(timeout=1) == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("content", ["", "abc\n", "-1\n"])
+def test_a_sentinel_without_a_pid_exits_1(control: Path, started: Started, content: str) -> None:
+    proc = standby(control, started)
+    sleeping(proc, "0.05")
+    publish(control, "restore-complete", content)
+    assert proc.wait(timeout=10) == 1
+
+
+def test_the_script_survives_kubernetes_command_expansion() -> None:
+    """Kubernetes turns `$$` into `$` and `$(NAME)` into NAME's value in a command."""
+    assert "$$" not in STANDBY_SCRIPT
+    assert not re.search(r"\$\([A-Za-z_]", STANDBY_SCRIPT)

@@ -1,0 +1,217 @@
+"""The cluster stack the end-to-end tests run (importable as `tests.cluster_stack`): the
+watcher (kopf), the control worker and a node worker as the composition roots build them,
+against kmock or a real kube-apiserver, with a real containerd; the test plays the Job
+controller, the scheduler and the kubelet through `Stack`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from activities.storage import CheckpointStore
+from tests.apiserver import APISERVER_SKIP, installed, running_apiserver
+from tests.containers import Kubelet, running_containerd
+from tests.kube import Cluster, checkpoint_body, start_cluster
+from workers.compose import cluster_control_worker, node_worker
+from workers.restore_targets import watching_restore_targets
+from workers.settings import KubeSettings, NodeSettings, Settings
+from workers.watcher import KopfThread, WatcherSettings, build_registry
+
+WORKLOAD = (
+    "import os, time\n"
+    "control = os.environ['SNAPSHOT_CONTROL_DIR']\n"
+    "weights = bytearray(os.urandom(4 << 20))\n"
+    "time.sleep(0.5)\n"
+    "open(control + '/ready-for-snapshot', 'w').close()\n"
+    "while not os.path.exists(control + '/snapshot-complete'):\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+@pytest.fixture
+def kubelet() -> Iterator[Kubelet]:
+    yield from running_containerd()
+
+
+@pytest_asyncio.fixture(params=["kmock", "kube-apiserver"])
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    """The emulated API server, and a real one where it was built (the integration tier)."""
+    if request.param == "kmock":
+        async for running in start_cluster():
+            yield running
+        return
+    if APISERVER_SKIP is not None:
+        pytest.skip(APISERVER_SKIP)
+    for server in running_apiserver():
+        kube = await installed(server, ("warmstart-system", "inference"))
+        yield kube
+        kube.close()
+
+
+async def eventually(probe: Any, what: str, timeout: float = 60) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        found = await probe()
+        if found:
+            return found
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+@dataclass
+class Stack:
+    """The watcher, the control worker and a node worker of node `node`, running; the test
+    plays the Job controller, the scheduler and the kubelet through its methods."""
+
+    cluster: Cluster
+    kubelet: Kubelet
+    node: str
+    store: CheckpointStore
+    new_watcher: Callable[[], KopfThread]
+    watcher: KopfThread | None = None
+
+    async def start_watcher(self) -> None:
+        self.watcher = self.new_watcher()  # a fresh registry: no memory of the last one
+        await asyncio.to_thread(self.watcher.start)
+
+    async def stop_watcher(self) -> None:
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop)
+            self.watcher = None
+
+    async def checkpoint(self, name: str, command: list[str]) -> dict[str, Any]:
+        template = {
+            "metadata": {"labels": {"app": name}},
+            "spec": {
+                "containers": [{"name": "main", "image": "local/workload", "command": command}]
+            },
+        }
+        return await self.cluster.create("checkpoints", checkpoint_body(name, template))
+
+    async def run_job_pod(
+        self, name: str, *, node: str = "", image: str | None = None
+    ) -> tuple[Any, Any, str, Path]:
+        """The Job controller and the scheduler (the Job's pod, bound to our node), and the
+        kubelet (its container in containerd): returns Job, pod, container ID, control dir."""
+        cluster = self.cluster
+
+        async def job() -> Any:
+            jobs = await cluster.run(cluster.batch.list_namespaced_job, "inference")
+            return next(
+                (
+                    j
+                    for j in jobs.items
+                    if j.metadata.labels.get("warmstart.dev/checkpoint") == name
+                ),
+                None,
+            )
+
+        created = await eventually(job, "the capture Job")
+        shaped = cluster.api.sanitize_for_serialization(created.spec.template)
+        pod_body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                **shaped["metadata"],
+                "name": f"{created.metadata.name}-x1",
+                "namespace": "inference",
+                "labels": {**shaped["metadata"]["labels"], "job-name": created.metadata.name},
+            },
+            "spec": {**shaped["spec"], "nodeName": node or self.node},
+        }
+        await cluster.run(cluster.core.create_namespaced_pod, "inference", pod_body)
+        pod = await cluster.run(
+            cluster.core.read_namespaced_pod, pod_body["metadata"]["name"], "inference"
+        )
+        main = shaped["spec"]["containers"][0]
+        cid, control_dir = self.kubelet.run(pod.metadata.uid, "main", main["command"], image=image)
+        return created, pod, cid, control_dir
+
+    async def report(self, pod: Any, state: dict[str, Any], *, ready: bool) -> None:
+        """The kubelet reports the target container's state on the pod."""
+        status = {
+            "name": "main",
+            "ready": ready,
+            "state": state,
+            "image": "local/workload",
+            "imageID": "",
+            "restartCount": 0,
+        }
+        await self.cluster.run(
+            self.cluster.core.patch_namespaced_pod_status,
+            pod.metadata.name,
+            "inference",
+            {"status": {"containerStatuses": [status]}},
+        )
+
+    async def outcome(self, name: str) -> dict[str, Any]:
+        async def status() -> Any:
+            obj = await self.cluster.get("checkpoints", "inference", name)
+            st = obj.get("status") or {}
+            return st if st.get("phase") in ("Ready", "Failed") else None
+
+        found: dict[str, Any] = await eventually(status, f"{name} to be Ready or Failed", 90)
+        return found
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    suffix = uuid.uuid4().hex[:8]
+    queue, node = f"control-{suffix}", f"gpu-{suffix}"
+    # The workers as `warmstart controller` and a cluster node's `warmstart worker` build them.
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.token or "")
+    settings = Settings(
+        home=tmp_path / "home",
+        node=NodeSettings(name=node, control_task_queue=queue, containerd_address=kubelet.address),
+        kube=KubeSettings(
+            server=cluster.url,
+            token_file=str(token_file) if cluster.token else "",
+            insecure_skip_tls_verify=cluster.token is not None,
+        ),
+    )
+    store = CheckpointStore(settings.checkpoint_root)
+    target = client.service_client.config.target_host
+
+    async def connect() -> Client:
+        return await Client.connect(target, data_converter=pydantic_data_converter)
+
+    def new_watcher() -> KopfThread:
+        watching = WatcherSettings(
+            control_task_queue=queue,
+            kube_server=cluster.url,
+            kube_token=cluster.token,
+            kube_insecure=cluster.token is not None,
+            read_every_seconds=2,
+            node_timeout_seconds=3,
+        )
+        return KopfThread(build_registry(watching, connect))
+
+    base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    async with (
+        cluster_control_worker(client, settings, cluster.api),
+        node_worker(client, settings, base_env=base_env),
+        watching_restore_targets(client, settings),
+    ):
+        stack = Stack(
+            cluster=cluster, kubelet=kubelet, node=node, store=store, new_watcher=new_watcher
+        )
+        await stack.start_watcher()
+        try:
+            yield stack
+        finally:
+            await stack.stop_watcher()

@@ -1,0 +1,657 @@
+"""The admission webhook, sent AdmissionReviews over HTTPS as an API server sends them; the
+Checkpoints it reads live in an emulated API server (tests/kube.py). Pod patches are
+applied to the pod as the API server would apply them."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import ssl
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from api.jobs import (
+    CONTROL_DIR,
+    GMS_SAVER,
+    GMS_SERVER,
+    SECCOMP_PROFILE,
+    JobSettings,
+    capture_job,
+)
+from api.resources import (
+    IDENTITY_IMMUTABLE,
+    LOADER_ON_CHECKPOINT,
+    SAVER_WITHOUT_GMS,
+    Checkpoint,
+)
+from api.restore_pods import GMS_LOADER, STANDBY_SCRIPT, STARTUP_TEST, RestoreSettings
+from tests.kube import Cluster, start_cluster
+from workers.settings import WebhookSettings
+from workers.webhook import (
+    admission_app,
+    checkpoint_reader,
+    review_pod,
+    self_signed_certificate,
+    server_ssl_context,
+    serving,
+)
+
+pytestmark = pytest.mark.timeout(60)
+NAMESPACE = "inference"
+IMAGE = "vllm/vllm-openai:v0.8.0"
+MAIN = {
+    "name": "main",
+    "image": IMAGE,
+    "command": ["vllm", "serve"],
+    "args": ["meta-llama/Llama-2-7b-hf", "--port", "8000"],
+    "env": [{"name": "HF_HOME", "value": "/models"}],
+}
+TEMPLATE = {"spec": {"containers": [{"name": "main", "image": IMAGE}]}}
+CKPT_ID, VERSION = "96429b2725761a09", "20261127T120000Z-abcdef"
+SETTINGS = RestoreSettings(jobs=JobSettings(checkpoint_claim="ckpts"))
+LOADER_ENV = [
+    {"name": "GMS_SOCKET_DIR", "value": "/gms-intrapod-control"},
+    {"name": "GMS_CHECKPOINT_DIR", "value": f"/checkpoints/gms/{CKPT_ID}/versions/{VERSION}"},
+    {"name": "GMS_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+    {"name": "GMS_LOAD_WORKERS", "value": "8"},
+]
+DEFAULT_LOADER = {
+    "name": "gms-loader",
+    "image": IMAGE,
+    "command": ["python3", "-m", "gpu_memory_service.cli.snapshot.loader"],
+    "env": LOADER_ENV,
+    "volumeMounts": [
+        {"name": "gms-intrapod-control", "mountPath": "/gms-intrapod-control"},
+        {"name": "checkpoint-storage", "mountPath": "/checkpoints", "readOnly": True},
+        {"name": "snapshot-control", "mountPath": CONTROL_DIR, "subPath": "main"},
+    ],
+}
+
+
+@dataclass
+class Webhook:
+    url: str
+    context: ssl.SSLContext
+    cluster: Cluster
+
+
+@pytest_asyncio.fixture(scope="module")
+async def webhook(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Webhook]:
+    base = tmp_path_factory.mktemp("webhook-tls")
+    cert, key = self_signed_certificate(hosts=["127.0.0.1"])
+    (base / "tls.crt").write_bytes(cert)
+    (base / "tls.key").write_bytes(key)
+    settings = WebhookSettings(
+        host="127.0.0.1", port=0, cert_file=str(base / "tls.crt"), key_file=str(base / "tls.key")
+    )
+    client_context = ssl.create_default_context(cafile=str(base / "tls.crt"))
+    async for cluster in start_cluster():
+        app = admission_app(
+            read=checkpoint_reader(cluster.custom, timeout_seconds=5), settings=SETTINGS
+        )
+        async with serving(app, settings=settings, context=server_ssl_context(settings)) as port:
+            yield Webhook(f"https://127.0.0.1:{port}", client_context, cluster)
+
+
+async def send(hook: Webhook, path: str, request: dict[str, Any]) -> dict[str, Any]:
+    """POST an AdmissionReview; the response, checked to answer this request."""
+    uid = str(uuid.uuid4())
+    body = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {"uid": uid, "dryRun": False, **request},
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{hook.url}{path}", json=body, ssl=hook.context) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+        review = await answer.json()
+    assert (review["apiVersion"], review["kind"]) == ("admission.k8s.io/v1", "AdmissionReview")
+    response: dict[str, Any] = review["response"]
+    assert response["uid"] == uid
+    return response
+
+
+def resource_request(
+    obj: dict[str, Any], *, old: dict[str, Any] | None = None, dry_run: bool = False
+) -> dict[str, Any]:
+    plural = "checkpoints" if obj["kind"] == "Checkpoint" else "podsnapshots"
+    return {
+        "kind": {"group": "warmstart.dev", "version": "v1alpha1", "kind": obj["kind"]},
+        "resource": {"group": "warmstart.dev", "version": "v1alpha1", "resource": plural},
+        "name": obj["metadata"]["name"],
+        "namespace": NAMESPACE,
+        "operation": "CREATE" if old is None else "UPDATE",
+        "object": obj,
+        "oldObject": old,
+        "dryRun": dry_run,
+    }
+
+
+def checkpoint(name: str = "llama", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "warmstart.dev/v1alpha1",
+        "kind": "Checkpoint",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "identity": {"model": "meta-llama/Llama-2-7b-hf", "backendFramework": "vllm"},
+            "job": {"podTemplateSpec": TEMPLATE},
+            **spec,
+        },
+    }
+
+
+def pod_snapshot(containers: list[str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "warmstart.dev/v1alpha1",
+        "kind": "PodSnapshot",
+        "metadata": {"name": "snap", "namespace": NAMESPACE},
+        "spec": {"source": {"podRef": {"name": "p", "uid": "u", "containers": containers}}},
+    }
+
+
+async def validate(hook: Webhook, obj: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    return await send(hook, "/validate", resource_request(obj, **kwargs))
+
+
+def refusal(response: dict[str, Any]) -> str:
+    assert response["allowed"] is False, response
+    message: str = response["status"]["message"]
+    return message
+
+
+async def test_a_valid_checkpoint_and_pod_snapshot_are_allowed(webhook: Webhook) -> None:
+    response = await validate(webhook, checkpoint())
+    assert response == {"uid": response["uid"], "allowed": True}
+    assert (await validate(webhook, pod_snapshot(["main"])))["allowed"] is True
+
+
+async def test_a_loader_on_a_checkpoint_is_refused_with_the_exact_message(
+    webhook: Webhook,
+) -> None:
+    body = checkpoint(gpuMemoryService={"enabled": True, "checkpoint": {"loader": {}}})
+    assert refusal(await validate(webhook, body)) == LOADER_ON_CHECKPOINT
+
+
+async def test_a_saver_without_gms_is_refused_with_the_exact_message(webhook: Webhook) -> None:
+    body = checkpoint(gpuMemoryService={"checkpoint": {"saver": {"image": "gms:1"}}})
+    assert refusal(await validate(webhook, body)) == SAVER_WITHOUT_GMS
+
+
+async def test_an_empty_gms_checkpoint_is_accepted(webhook: Webhook) -> None:
+    body = checkpoint(gpuMemoryService={"checkpoint": {}})
+    assert (await validate(webhook, body))["allowed"] is True
+
+
+async def test_the_models_other_rules_name_their_field(webhook: Webhook) -> None:
+    bad_backend = checkpoint()
+    bad_backend["spec"]["identity"]["backendFramework"] = "tgi"
+    assert refusal(await validate(webhook, bad_backend)).startswith(
+        "spec.identity.backendFramework: "
+    )
+    no_target = checkpoint()
+    no_target["spec"]["job"]["targetContainerName"] = "server"
+    message = refusal(await validate(webhook, no_target))
+    assert "targetContainerName 'server' is not a container of podTemplateSpec" in message
+    message = refusal(await validate(webhook, pod_snapshot(["a", "b"])))
+    assert message.startswith("spec.source.podRef.containers: ")
+
+
+async def test_dry_run_is_answered_the_same(webhook: Webhook) -> None:
+    bad = checkpoint(gpuMemoryService={"checkpoint": {"saver": {}}})
+    assert refusal(await validate(webhook, bad, dry_run=True)) == SAVER_WITHOUT_GMS
+    assert (await validate(webhook, checkpoint(), dry_run=True))["allowed"] is True
+
+
+async def test_an_update_may_not_change_the_identity(webhook: Webhook) -> None:
+    old = checkpoint()
+    new = copy.deepcopy(old)
+    new["spec"]["identity"]["model"] = "meta-llama/Llama-3-8b"
+    assert refusal(await validate(webhook, new, old=old)) == IDENTITY_IMMUTABLE
+    # Equal identities written differently (defaults spelt out) are no change.
+    same = copy.deepcopy(old)
+    same["spec"]["identity"]["tensorParallelSize"] = 1
+    assert (await validate(webhook, same, old=old))["allowed"] is True
+    # Other spec changes are validated like a create.
+    deadline = copy.deepcopy(old)
+    deadline["spec"]["job"]["activeDeadlineSeconds"] = 10
+    assert "activeDeadlineSeconds" in refusal(await validate(webhook, deadline, old=old))
+    # An identity the models would not even read is compared as written.
+    odd = copy.deepcopy(old)
+    odd["spec"]["identity"] = {"model": "m", "backendFramework": "tgi"}
+    assert refusal(await validate(webhook, new_identity(odd), old=odd)) == IDENTITY_IMMUTABLE
+
+
+def new_identity(body: dict[str, Any]) -> dict[str, Any]:
+    changed = copy.deepcopy(body)
+    changed["spec"]["identity"]["model"] = "another"
+    return changed
+
+
+async def test_an_update_that_keeps_an_old_invalid_spec_is_allowed(webhook: Webhook) -> None:
+    """A resource written before a rule existed can still get and lose finalizers."""
+    old = checkpoint(gpuMemoryService={"checkpoint": {"saver": {}}})
+    new = copy.deepcopy(old)
+    new["metadata"]["finalizers"] = ["warmstart.dev/cleanup"]
+    assert (await validate(webhook, new, old=old))["allowed"] is True
+
+
+async def test_what_is_not_an_admission_review_is_a_bad_request(webhook: Webhook) -> None:
+    async with aiohttp.ClientSession() as session:
+        for data in (b"not json", b'{"request": {}}'):
+            async with session.post(
+                f"{webhook.url}/validate", data=data, ssl=webhook.context
+            ) as answer:
+                assert answer.status == 400
+
+
+# --- pods ---------------------------------------------------------------------------------
+
+
+async def ready_checkpoint(hook: Webhook, name: str, **spec: Any) -> None:
+    body = checkpoint(name, **spec)
+    body["status"] = {"phase": "Ready", "checkpointID": CKPT_ID, "version": VERSION}
+    await hook.cluster.create("checkpoints", body)
+
+
+def pod(
+    *containers: dict[str, Any],
+    restore_from: str | None = "llama",
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    notes = dict(annotations or {})
+    if restore_from is not None:
+        notes["warmstart.dev/restore-from"] = restore_from
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "llama-", "labels": {"app": "llama"}, "annotations": notes},
+        "spec": {"containers": [copy.deepcopy(c) for c in containers or (MAIN,)]},
+    }
+
+
+async def admit(hook: Webhook, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The webhook's response to creating `body`, and the pod its patch makes."""
+    request = {
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "namespace": NAMESPACE,
+        "operation": "CREATE",
+        "object": body,
+    }
+    response = await send(hook, "/mutate", request)
+    if "patch" not in response:
+        return response, body
+    assert response["patchType"] == "JSONPatch"
+    return response, apply_patch(body, json.loads(base64.b64decode(response["patch"])))
+
+
+def apply_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 6902 add, replace and remove on object members and list indexes (what we send)."""
+    out = copy.deepcopy(doc)
+    for op in ops:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        *parents, last = parts
+        target: Any = out
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        key: Any = int(last) if isinstance(target, list) else last
+        if op["op"] == "remove":
+            del target[key]
+        elif op["op"] == "add" and isinstance(target, list):
+            target.insert(len(target) if last == "-" else key, op["value"])
+        else:
+            assert op["op"] in ("add", "replace"), op
+            if op["op"] == "replace":
+                assert key in target if isinstance(target, dict) else key < len(target), op
+            target[key] = op["value"]
+    return out
+
+
+def named(items: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(i for i in items if i["name"] == name)
+
+
+def env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+async def test_a_pod_without_the_annotation_passes_without_a_patch(webhook: Webhook) -> None:
+    response, _ = await admit(webhook, pod(restore_from=None))
+    assert response == {"uid": response["uid"], "allowed": True}
+
+
+async def test_a_pod_is_shaped_as_a_restore_target(webhook: Webhook) -> None:
+    await ready_checkpoint(webhook, "llama")
+    sidecar = {"name": "proxy", "image": "envoy:1"}
+    response, shaped = await admit(webhook, pod(sidecar, MAIN))
+    assert response["allowed"] is True
+    meta = shaped["metadata"]
+    assert meta["labels"] == {
+        "app": "llama",
+        "warmstart.dev/restore-target": "true",
+        "warmstart.dev/checkpoint-id": CKPT_ID,
+    }
+    assert meta["annotations"]["warmstart.dev/checkpoint-version"] == VERSION
+    assert "warmstart.dev/restore-status" not in meta["annotations"]
+    spec = shaped["spec"]
+    assert spec["securityContext"]["seccompProfile"] == {
+        "type": "Localhost",
+        "localhostProfile": SECCOMP_PROFILE,
+    }
+    assert named(spec["volumes"], "snapshot-control") == {
+        "name": "snapshot-control",
+        "emptyDir": {},
+    }
+    podinfo = named(spec["volumes"], "podinfo")["downwardAPI"]["items"]
+    assert {i["path"]: i["fieldRef"]["fieldPath"] for i in podinfo} == {
+        "pod_name": "metadata.name",
+        "pod_uid": "metadata.uid",
+        "pod_namespace": "metadata.namespace",
+        "labels": "metadata.labels",
+        "annotations": "metadata.annotations",
+    }
+    main = named(spec["containers"], "main")
+    assert main["command"] == [
+        "/bin/sh",
+        "-c",
+        STANDBY_SCRIPT,
+        "warmstart-standby",
+        "vllm",
+        "serve",
+        "meta-llama/Llama-2-7b-hf",
+        "--port",
+        "8000",
+    ]
+    assert "args" not in main
+    assert env(main) == {
+        "HF_HOME": "/models",
+        "SNAPSHOT_CONTROL_DIR": CONTROL_DIR,
+        "WARMSTART_RESTORE_STANDBY": "1",
+    }
+    assert main["volumeMounts"] == [
+        {"name": "snapshot-control", "mountPath": CONTROL_DIR, "subPath": "main"},
+        {"name": "podinfo", "mountPath": "/etc/podinfo", "readOnly": True},
+    ]
+    assert main["startupProbe"] == {
+        "exec": {"command": ["/bin/sh", "-c", STARTUP_TEST]},
+        "periodSeconds": 1,
+        "failureThreshold": 1800,
+    }
+    assert named(spec["containers"], "proxy") == sidecar  # only the main container
+    assert [c["name"] for c in spec["containers"]] == ["proxy", "main"]
+    # What the API server would store is a valid pod.
+    api = ApiClient()
+    parsed = api._ApiClient__deserialize(shaped, "V1Pod")  # type: ignore[attr-defined]
+    assert api.sanitize_for_serialization(parsed) == shaped
+
+
+async def test_the_first_container_when_none_has_the_target_name(webhook: Webhook) -> None:
+    await ready_checkpoint(webhook, "llama-server")
+    server = {**MAIN, "name": "server"}
+    _, shaped = await admit(
+        webhook, pod(server, {**MAIN, "name": "other"}, restore_from="llama-server")
+    )
+    first, second = shaped["spec"]["containers"]
+    assert first["command"][:4] == ["/bin/sh", "-c", STANDBY_SCRIPT, "warmstart-standby"]
+    assert second == {**MAIN, "name": "other"}
+    assert first["volumeMounts"][0]["subPath"] == "server"
+
+
+async def test_the_startup_probe_copies_the_containers_own(webhook: Webhook) -> None:
+    await ready_checkpoint(webhook, "llama-probes")
+    ready = {
+        "httpGet": {"path": "/health", "port": 8000},
+        "initialDelaySeconds": 60,
+        "periodSeconds": 10,
+        "successThreshold": 2,
+        "timeoutSeconds": 3,
+    }
+    main = {**MAIN, "readinessProbe": ready, "livenessProbe": {"tcpSocket": {"port": 8000}}}
+    _, shaped = await admit(webhook, pod(main, restore_from="llama-probes"))
+    [shaped_main] = shaped["spec"]["containers"]
+    assert shaped_main["startupProbe"] == {
+        "httpGet": {"path": "/health", "port": 8000},
+        "timeoutSeconds": 3,
+        "periodSeconds": 1,
+        "failureThreshold": 1800,
+    }
+    assert shaped_main["readinessProbe"] == ready  # kept: it gates traffic after startup
+    startup = {"exec": {"command": ["ready"]}, "failureThreshold": 3}
+    _, shaped = await admit(
+        webhook, pod({**main, "startupProbe": startup}, restore_from="llama-probes")
+    )
+    assert shaped["spec"]["containers"][0]["startupProbe"] == {
+        "exec": {"command": ["ready"]},
+        "failureThreshold": 1800,
+        "periodSeconds": 1,
+    }
+
+
+async def test_a_container_without_a_command_starts_cold(webhook: Webhook) -> None:
+    await ready_checkpoint(webhook, "llama-entrypoint")
+    main = {"name": "main", "image": IMAGE, "args": ["--port", "8000"]}
+    body = pod(main, restore_from="llama-entrypoint")
+    response, shaped = await admit(webhook, body)
+    assert response["allowed"] is True
+    assert shaped["metadata"]["annotations"]["warmstart.dev/restore-status"] == (
+        "cold: container main has no command for the standby to start"
+    )
+    del shaped["metadata"]["annotations"]["warmstart.dev/restore-status"]
+    assert shaped == body
+
+
+async def test_a_missing_or_unready_checkpoint_starts_cold(webhook: Webhook) -> None:
+    body = pod(restore_from="nowhere")
+    response, shaped = await admit(webhook, body)
+    assert response["allowed"] is True
+    assert shaped["metadata"]["annotations"]["warmstart.dev/restore-status"] == (
+        "cold: checkpoint nowhere not found"
+    )
+    capturing = checkpoint("capturing")
+    capturing["status"] = {"phase": "Capturing"}
+    await webhook.cluster.create("checkpoints", capturing)
+    _, shaped = await admit(webhook, pod(restore_from="capturing"))
+    assert shaped["metadata"]["annotations"]["warmstart.dev/restore-status"] == (
+        "cold: checkpoint capturing is not Ready (phase Capturing)"
+    )
+    del shaped["metadata"]["annotations"]["warmstart.dev/restore-status"]
+    assert shaped == pod(restore_from="capturing")
+
+
+async def test_a_checkpoint_of_another_namespace_is_refused(webhook: Webhook) -> None:
+    response, _ = await admit(webhook, pod(restore_from="other/ckpt"))
+    assert refusal(response).startswith(
+        "metadata.annotations[warmstart.dev/restore-from]: 'other/ckpt' names a Checkpoint "
+        "in another namespace"
+    )
+    response, _ = await admit(webhook, pod(restore_from="Not_A_Name"))
+    assert refusal(response) == (
+        "metadata.annotations[warmstart.dev/restore-from]: 'Not_A_Name' is not a Checkpoint name"
+    )
+
+
+@pytest.mark.parametrize(
+    ("annotation", "says"),
+    [
+        ("{not json", "not JSON"),
+        ('["image"]', "expected a JSON object"),
+        ('{"command": []}', "command"),
+        ('{"envs": [{"name": "A"}, {"name": "A"}]}', "env names must be unique"),
+        ('{"volumeMounts": [{"name": "v", "mountPath": "relative"}]}', "mountPath"),
+        ('{"imgae": "x"}', "unknown fields ['imgae']"),
+    ],
+)
+async def test_a_malformed_loader_override_is_refused(
+    webhook: Webhook, annotation: str, says: str
+) -> None:
+    await ready_checkpoint(webhook, f"gms-{uuid.uuid4().hex[:6]}")
+    body = pod(annotations={"warmstart.dev/gms-loader": annotation})
+    message = refusal((await admit(webhook, body))[0])
+    assert message.startswith("metadata.annotations[warmstart.dev/gms-loader]: ")
+    assert says in message
+
+
+GMS = {"gpuMemoryService": {"enabled": True}}
+
+
+async def gms_pod(hook: Webhook, override: str | None) -> dict[str, Any]:
+    name = f"gms-{uuid.uuid4().hex[:6]}"
+    await ready_checkpoint(hook, name, **GMS)
+    notes = {} if override is None else {"warmstart.dev/gms-loader": override}
+    response, shaped = await admit(hook, pod(restore_from=name, annotations=notes))
+    assert response["allowed"] is True, response
+    return shaped
+
+
+async def test_intra_pod_gms_adds_the_server_and_the_default_loader(webhook: Webhook) -> None:
+    shaped = await gms_pod(webhook, None)
+    spec = shaped["spec"]
+    server = named(spec["initContainers"], GMS_SERVER)
+    assert server["restartPolicy"] == "Always" and server["image"] == IMAGE
+    loader = named(spec["containers"], GMS_LOADER)
+    assert json.dumps(loader) == json.dumps(DEFAULT_LOADER)  # byte-identical defaults
+    assert {v["name"] for v in spec["volumes"]} == {
+        "snapshot-control",
+        "podinfo",
+        "gms-intrapod-control",
+        "checkpoint-storage",
+    }
+    assert named(spec["volumes"], "checkpoint-storage")["persistentVolumeClaim"] == {
+        "claimName": "ckpts"
+    }
+    main = named(spec["containers"], "main")
+    assert env(main)["GMS_SOCKET_DIR"] == "/gms-intrapod-control"
+    assert "GMS_LOAD_COMPLETE_FILE" not in env(main)
+
+
+async def test_an_empty_override_changes_nothing(webhook: Webhook) -> None:
+    loader = named((await gms_pod(webhook, "{}"))["spec"]["containers"], GMS_LOADER)
+    assert json.dumps(loader) == json.dumps(DEFAULT_LOADER)
+
+
+async def test_the_loader_override_merges_like_the_savers(webhook: Webhook) -> None:
+    override = {
+        "image": "gms-loader:2",
+        "command": ["gms-load", "--fast"],
+        "envs": [
+            {"name": "GMS_LOAD_WORKERS", "value": "32"},
+            {"name": "GMS_SOCKET_DIR", "value": "/elsewhere"},
+            {"name": "EXTRA", "value": "1"},
+        ],
+        "envFromSecret": "",
+        "volumeMounts": [{"name": "cache", "mountPath": "/cache", "readOnly": True}],
+    }
+    loader = named((await gms_pod(webhook, json.dumps(override)))["spec"]["containers"], GMS_LOADER)
+    assert loader["image"] == "gms-loader:2"
+    assert loader["command"] == ["gms-load", "--fast"] and "args" not in loader
+    assert loader["env"] == [
+        {"name": "GMS_SOCKET_DIR", "value": "/gms-intrapod-control"},  # the operator's
+        LOADER_ENV[1],
+        LOADER_ENV[2],
+        {"name": "GMS_LOAD_WORKERS", "value": "32"},  # the user's wins
+        {"name": "EXTRA", "value": "1"},
+    ]
+    assert "envFrom" not in loader  # an empty envFromSecret is ignored
+    assert loader["volumeMounts"] == [
+        *DEFAULT_LOADER["volumeMounts"],
+        {"name": "cache", "mountPath": "/cache", "readOnly": True},
+    ]
+    image_only = named(
+        (await gms_pod(webhook, '{"image": "gms:3"}'))["spec"]["containers"], GMS_LOADER
+    )
+    assert image_only == {**DEFAULT_LOADER, "image": "gms:3"}
+    secret = named(
+        (await gms_pod(webhook, '{"envFromSecret": "hf"}'))["spec"]["containers"], GMS_LOADER
+    )
+    assert secret["envFrom"] == [{"secretRef": {"name": "hf"}}]
+
+
+async def test_inter_pod_gms_adds_no_loader_but_the_shared_sentinel(webhook: Webhook) -> None:
+    await ready_checkpoint(webhook, "inter", gpuMemoryService={"enabled": True, "mode": "interPod"})
+    _, shaped = await admit(webhook, pod(restore_from="inter"))
+    spec = shaped["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["main"]
+    assert "initContainers" not in spec
+    assert env(spec["containers"][0])["GMS_LOAD_COMPLETE_FILE"] == (
+        "/snapshot-control/gms-load-complete"
+    )
+
+
+def test_a_capture_job_reads_only_the_saver() -> None:
+    """The loader annotation on a capture's pod template shapes nothing of the capture."""
+    template = {
+        "metadata": {"annotations": {"warmstart.dev/gms-loader": '{"image": "loader:9"}'}},
+        "spec": {"containers": [{"name": "main", "image": IMAGE}]},
+    }
+    body = checkpoint(
+        gpuMemoryService={"enabled": True, "checkpoint": {"saver": {"image": "saver:1"}}}
+    )
+    body["spec"]["job"]["podTemplateSpec"] = template
+    body["metadata"]["uid"] = "uid-1"
+    job = capture_job(Checkpoint.model_validate(body), version=VERSION, settings=JobSettings())
+    pod_spec = job["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod_spec["containers"]] == ["main", GMS_SAVER]
+    assert named(pod_spec["containers"], GMS_SAVER)["image"] == "saver:1"
+    assert "loader:9" not in json.dumps(job["spec"]["template"]["spec"])
+
+
+def test_the_certificate_names_its_hosts() -> None:
+    from cryptography import x509
+
+    cert, _ = self_signed_certificate(hosts=["127.0.0.1", "warmstart-webhook.svc"])
+    names = x509.load_pem_x509_certificate(cert).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert [str(n.value) for n in names.value] == ["127.0.0.1", "warmstart-webhook.svc"]
+    # Without certificate files the server makes its own (development).
+    assert (
+        server_ssl_context(WebhookSettings(hosts="localhost")).protocol == ssl.PROTOCOL_TLS_SERVER
+    )
+
+
+async def test_a_checkpoint_that_cannot_be_read_starts_the_pod_cold() -> None:
+    """The reader is injected: an API server that answers 500 stands in for any outage."""
+
+    async def failing(namespace: str, name: str) -> None:
+        raise ApiException(status=500, reason="Internal Server Error")
+
+    request = {
+        "uid": "u",
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "namespace": NAMESPACE,
+        "operation": "CREATE",
+        "object": pod(),
+    }
+    response = await review_pod(request, read=failing, settings=SETTINGS)
+    shaped = apply_patch(pod(), json.loads(base64.b64decode(response["patch"])))
+    assert shaped["metadata"]["annotations"]["warmstart.dev/restore-status"] == (
+        "cold: checkpoint llama could not be read (Internal Server Error)"
+    )
+
+
+async def test_a_slow_read_gives_up_within_its_timeout() -> None:
+    """Whatever the client's own retries, the admission does not wait past the timeout."""
+    release = threading.Event()
+
+    class Stuck:
+        def get_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> None:
+            release.wait(10)
+
+    read = checkpoint_reader(Stuck(), timeout_seconds=0.1)
+    try:
+        with pytest.raises(TimeoutError):
+            await read(NAMESPACE, "llama")
+    finally:
+        release.set()

@@ -1,0 +1,130 @@
+"""RestoreWorkflow for a restore-target pod, with stand-in activities: the node restores
+into the standby container, the pod is told after; any failure (a timed-out node step
+included) writes `restore-failed` so the standby starts cold."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from temporalio import activity
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
+
+from activities.contracts import (
+    ContainerRestoreInput,
+    ContainerSentinelInput,
+    ContainerTarget,
+    RestoredContainer,
+    StatusInput,
+)
+from api.naming import node_task_queue
+from api.reasons import Phase, Sentinel
+from workflows.contracts import RestoreRequest
+from workflows.policies import container_restore_options
+from workflows.restore import RestoreWorkflow
+
+CKPT = "96429b2725761a09"
+POD = ContainerTarget(namespace="inference", pod_name="llama-0", pod_uid="u-1", container="main")
+
+
+async def _run(
+    client: Client, restore_fn: object, *, deadline: float = 60
+) -> tuple[list[StatusInput], list[ContainerSentinelInput], object]:
+    statuses: list[StatusInput] = []
+    sentinels: list[ContainerSentinelInput] = []
+
+    @activity.defn(name="publish_status")
+    async def publish(request: StatusInput) -> None:
+        statuses.append(request)
+
+    @activity.defn(name="write_container_sentinel")
+    async def sentinel(request: ContainerSentinelInput) -> None:
+        sentinels.append(request)
+
+    suffix = uuid.uuid4().hex[:8]
+    node, control = f"node-{suffix}", f"control-{suffix}"
+    request = RestoreRequest(
+        namespace=POD.namespace,
+        name=POD.pod_name,
+        checkpoint_id=CKPT,
+        node=node,
+        control_task_queue=control,
+        answer_timeout_seconds=deadline,
+        pod=POD,
+        gms_sentinel="gms-load-complete-u-1",
+    )
+    async with (
+        Worker(client, task_queue=control, activities=[publish]),
+        Worker(
+            client,
+            task_queue=node_task_queue(node),
+            workflows=[RestoreWorkflow],
+            activities=[restore_fn, sentinel],
+        ),
+    ):
+        handle = await client.start_workflow(
+            RestoreWorkflow.run,
+            request,
+            id=f"restore/{POD.namespace}/{POD.pod_name}/{suffix}",
+            task_queue=node_task_queue(node),
+        )
+        try:
+            return statuses, sentinels, await handle.result()
+        except WorkflowFailureError as err:
+            return statuses, sentinels, err
+
+
+async def test_the_pod_is_told_after_the_workload_runs(client: Client) -> None:
+    seen: list[ContainerRestoreInput] = []
+
+    @activity.defn(name="restore_container")
+    async def restore(request: ContainerRestoreInput) -> RestoredContainer:
+        seen.append(request)
+        stages = {"verify": 0.001, "criu-restore": 0.05}
+        return RestoredContainer(pid=4242, namespace_pid=7, version="v1", stage_seconds=stages)
+
+    statuses, sentinels, result = await _run(client, restore)
+    assert getattr(result, "pid", None) == 4242
+    assert [(r.target, r.checkpoint_id, r.gms_sentinel) for r in seen] == [
+        (POD, CKPT, "gms-load-complete-u-1")
+    ]
+    [status] = statuses
+    assert (status.kind, status.phase, status.pod, status.version) == (
+        "restore",
+        Phase.RESTORED,
+        POD,
+        "v1",
+    )
+    assert sentinels == []  # the node wrote restore-complete itself
+
+
+async def test_a_failed_restore_falls_back_to_a_cold_start(client: Client) -> None:
+    @activity.defn(name="restore_container")
+    async def restore(request: ContainerRestoreInput) -> RestoredContainer:
+        message = "needs GPU model NVIDIA H100"
+        raise ApplicationError(message, type="Incompatible", non_retryable=True)
+
+    statuses, sentinels, err = await _run(client, restore)
+    assert isinstance(err, WorkflowFailureError)
+    assert isinstance(err.cause, ApplicationError) and err.cause.type == "Incompatible"
+    [sentinel] = sentinels
+    assert (sentinel.target, sentinel.sentinel) == (POD, Sentinel.RESTORE_FAILED)
+    assert sentinel.content == "Incompatible: needs GPU model NVIDIA H100"
+    [status] = statuses
+    assert (status.phase, status.reason, status.pod) == (Phase.FELL_BACK, "Incompatible", POD)
+
+
+async def test_a_node_step_past_its_deadline_still_starts_the_pod_cold(client: Client) -> None:
+    @activity.defn(name="restore_container")
+    async def restore(request: ContainerRestoreInput) -> RestoredContainer:
+        await activity.wait_for_worker_shutdown()  # hangs: the deadline ends it
+        raise AssertionError("unreachable")
+
+    assert container_restore_options(1).start_to_close == timedelta(seconds=1)
+    statuses, sentinels, err = await _run(client, restore, deadline=1)
+    assert isinstance(err, WorkflowFailureError)
+    [sentinel] = sentinels
+    assert sentinel.sentinel == Sentinel.RESTORE_FAILED
+    assert [s.phase for s in statuses] == [Phase.FELL_BACK]

@@ -1,0 +1,236 @@
+"""The node worker's watch of restore-target pods bound to its own node: as soon as a pod's
+standby container runs, the node starts `restore/<ns>/<pod>/<podUID>` itself, eagerly, on
+its own queue (the restore then runs here with no matching hop on its critical path).
+
+The watch asks the API server for this node's restore targets only (label selector
+`warmstart.dev/restore-target=true`, field selector `spec.nodeName=<node>`), never for a
+cluster-wide list; what arrives is checked again here, so an API without server-side
+selectors gives the same result. The blocking `kubernetes` watch runs in a thread and
+hands pods to the event loop. A restarted node worker sees every target again: the
+workflow ID (the pod's UID) and REJECT_DUPLICATE start one restore per pod, ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as kube
+from temporalio.client import Client
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from activities.contracts import ContainerTarget
+from api.resources import CHECKPOINT_ID_LABEL
+from api.restore_pods import (
+    CHECKPOINT_VERSION_ANNOTATION,
+    GMS_LOAD_COMPLETE_FILE,
+    GMS_LOADER,
+    RESTORE_STATUS_ANNOTATION,
+    RESTORE_TARGET_LABEL,
+    STANDBY_ENV,
+)
+from workers.operations import start_restore
+from workers.settings import Settings
+from workflows.contracts import RestoreRequest
+
+log = logging.getLogger(__name__)
+_WATCH_SECONDS = 60  # the server ends each watch; the next one lists again
+
+
+@dataclass(frozen=True)
+class RestoreTarget:
+    """What a restore-target pod asks of its node."""
+
+    container: ContainerTarget
+    checkpoint_id: str
+    version: str
+    gms_sentinel: str
+
+
+def restore_target(pod: Mapping[str, Any], *, node: str) -> RestoreTarget | None:
+    """The restore `pod` asks for once its standby container runs on `node`; None while
+    it is not (yet) one: not a target, elsewhere, already published, or not running."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
+    checkpoint_id = labels.get(CHECKPOINT_ID_LABEL, "")
+    if labels.get(RESTORE_TARGET_LABEL) != "true" or not checkpoint_id:
+        return None
+    if spec.get("nodeName") != node or RESTORE_STATUS_ANNOTATION in notes:
+        return None
+    standby = _standby_container(spec)
+    if standby is None or not _running(pod, standby["name"]):
+        return None
+    target = ContainerTarget(
+        namespace=meta.get("namespace", ""),
+        pod_name=meta.get("name", ""),
+        pod_uid=meta.get("uid", ""),
+        container=standby["name"],
+    )
+    return RestoreTarget(
+        container=target,
+        checkpoint_id=checkpoint_id,
+        version=notes.get(CHECKPOINT_VERSION_ANNOTATION, ""),
+        gms_sentinel=_gms_sentinel(spec, standby, target.pod_uid),
+    )
+
+
+def _standby_container(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    for container in spec.get("containers") or []:
+        env = {e.get("name"): e.get("value") for e in container.get("env") or []}
+        if env.get(STANDBY_ENV) == "1":
+            return dict(container)
+    return None
+
+
+def _running(pod: Mapping[str, Any], name: str) -> bool:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == name:
+            return (status.get("state") or {}).get("running") is not None
+    return False
+
+
+def _gms_sentinel(spec: Mapping[str, Any], standby: Mapping[str, Any], pod_uid: str) -> str:
+    """Intra-pod GMS: the pod's own loader writes `gms-load-complete-<podUID>`; inter-pod:
+    the shared `gms-load-complete` named by the standby's environment."""
+    if any(c.get("name") == GMS_LOADER for c in spec.get("containers") or []):
+        return f"gms-load-complete-{pod_uid}"
+    env = {e.get("name"): e.get("value") for e in standby.get("env") or []}
+    shared = env.get("GMS_LOAD_COMPLETE_FILE", "")
+    return shared.rsplit("/", 1)[-1] if shared == GMS_LOAD_COMPLETE_FILE else ""
+
+
+@contextlib.asynccontextmanager
+async def watching_restore_targets(client: Client, settings: Settings) -> AsyncIterator[None]:
+    """The node's watch of its restore targets, for as long as the context lasts."""
+    from workers.controller import kube_client
+
+    watcher = RestoreTargetWatch(
+        core=kube.CoreV1Api(kube_client(settings)),
+        client=client,
+        node=settings.node.name,
+        control_task_queue=settings.node.control_task_queue,
+        deadline_seconds=settings.node.restore_deadline_seconds,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.run(stop), name="restore-targets")
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+class RestoreTargetWatch:
+    """Starts one RestoreWorkflow per restore-target pod of this node."""
+
+    def __init__(
+        self,
+        *,
+        core: kube.CoreV1Api,
+        client: Client,
+        node: str,
+        control_task_queue: str,
+        deadline_seconds: float,
+    ) -> None:
+        self._core = core
+        self._client = client
+        self._node = node
+        self._control_task_queue = control_task_queue
+        self._deadline = deadline_seconds
+        self._started: set[str] = set()
+        self.considered = 0  # pods seen so far (the watch's progress, for whoever waits)
+        self._response: Any = None  # the watch being read (urllib3's response)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Watch until `stop` is set."""
+        loop = asyncio.get_running_loop()
+        pods: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        stopped = threading.Event()
+        thread = threading.Thread(
+            target=self._watch,
+            args=(lambda pod: loop.call_soon_threadsafe(pods.put_nowait, pod), stopped),
+            name=f"restore-targets-{self._node}",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            while not stop.is_set():
+                getting = asyncio.ensure_future(pods.get())
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not getting.done():
+                    getting.cancel()
+                    break
+                try:
+                    await self.consider(getting.result())
+                except Exception:  # one pod's trouble must not end the watch for all
+                    log.exception("node %s: a restore target was not started", self._node)
+        finally:
+            self._stop_watch(stopped)
+
+    async def consider(self, pod: Mapping[str, Any]) -> None:
+        self.considered += 1
+        target = restore_target(pod, node=self._node)
+        if target is None or target.container.pod_uid in self._started:
+            return
+        self._started.add(target.container.pod_uid)
+        request = RestoreRequest(
+            namespace=target.container.namespace,
+            name=target.container.pod_name,
+            checkpoint_id=target.checkpoint_id,
+            version=target.version,
+            node=self._node,
+            answer_timeout_seconds=self._deadline,
+            control_task_queue=self._control_task_queue,
+            pod=target.container,
+            gms_sentinel=target.gms_sentinel,
+        )
+        try:
+            handle = await start_restore(self._client, request, key=target.container.pod_uid)
+        except WorkflowAlreadyStartedError:
+            return  # restored (or fell back) before this worker started
+        log.info("restore of pod %s/%s started: %s", request.namespace, request.name, handle.id)
+
+    def _watch(self, emit: Callable[[dict[str, Any]], object], stopped: threading.Event) -> None:
+        """Watch (in this thread) until `stopped`; each watch the server ends is followed by
+        the next, which lists the current targets again."""
+        while not stopped.is_set():
+            try:
+                response: Any = self._core.list_pod_for_all_namespaces(
+                    label_selector=f"{RESTORE_TARGET_LABEL}=true",
+                    field_selector=f"spec.nodeName={self._node}",
+                    watch=True,
+                    timeout_seconds=_WATCH_SECONDS,
+                    _preload_content=False,
+                )
+            except Exception as err:  # the API is away: try again after a pause
+                log.warning("node %s: watch of restore targets failed: %s", self._node, err)
+                stopped.wait(1.0)
+                continue
+            self._response = response
+            try:
+                for line in response:
+                    if stopped.is_set():
+                        break
+                    event = json.loads(line) if line.strip() else {}
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        emit(event["object"])
+            except Exception as err:
+                if not stopped.is_set():
+                    log.warning("node %s: watch of restore targets ended: %s", self._node, err)
+            finally:
+                response.release_conn()
+
+    def _stop_watch(self, stopped: threading.Event) -> None:
+        """End the watch at once: its thread is blocked reading the server's stream."""
+        stopped.set()
+        if self._response is not None:
+            with contextlib.suppress(Exception):
+                self._response.shutdown()

@@ -1,0 +1,363 @@
+"""The admission webhook (`warmstart webhook`): AdmissionReview v1 over HTTPS.
+
+- `POST /validate` — Checkpoint and PodSnapshot: the `api.resources` models' validation
+  (the CRD's CEL rules included, with their messages); on UPDATE, `spec.identity` is
+  immutable, and an update that leaves the spec as it was is allowed (finalizers and
+  annotations of a resource written before a rule existed still move).
+- `POST /mutate` — pods annotated `warmstart.dev/restore-from`: shaped as restore targets
+  by `api.restore_pods` with a JSONPatch; the Checkpoint is read through the kubernetes
+  client (in a thread), and one that cannot be read makes the pod start cold.
+- `GET /healthz`.
+
+A plain aiohttp server rather than kopf's admission server: every replica serves it,
+whether or not it holds the watcher's Lease, with one certificate from a Secret, and the
+webhook configurations are deployed, not rewritten by each replica
+(docs/decisions/0013-admission-webhook.md). dryRun requests are answered like any other:
+reviews have no side effects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import datetime
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import ssl
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import urllib3
+from aiohttp import web
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from api.errors import InvalidSpecError
+from api.jobs import JobSettings
+from api.resources import (
+    GROUP,
+    IDENTITY_IMMUTABLE,
+    VERSION,
+    Checkpoint,
+    PodSnapshot,
+    ResourceIdentity,
+    identity_unchanged,
+)
+from api.restore_pods import (
+    RestoreSettings,
+    cold,
+    loader_override,
+    restore_pod,
+    restore_source,
+    validation_message,
+)
+from workers.settings import Settings, WebhookSettings
+
+logger = logging.getLogger(__name__)
+
+VALIDATE_PATH, MUTATE_PATH, HEALTH_PATH = "/validate", "/mutate", "/healthz"
+ADMISSION_API_VERSION = "admission.k8s.io/v1"
+_MODELS: dict[str, type[Checkpoint] | type[PodSnapshot]] = {
+    "Checkpoint": Checkpoint,
+    "PodSnapshot": PodSnapshot,
+}
+# A Checkpoint that could not be read (the API server slow or refusing): the pod starts cold.
+# TimeoutError is an OSError.
+_READ_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
+
+ReadCheckpoint = Callable[[str, str], Awaitable[Mapping[str, Any] | None]]
+Review = dict[str, Any]  # an AdmissionResponse without its uid
+
+
+def review_resource(request: Mapping[str, Any]) -> Review:
+    """The answer to a Checkpoint or PodSnapshot CREATE or UPDATE (anything else passes)."""
+    model = _MODELS.get((request.get("kind") or {}).get("kind", ""))
+    new, old = request.get("object"), request.get("oldObject")
+    if model is None or request.get("operation") not in ("CREATE", "UPDATE") or new is None:
+        return allowed()
+    if old is not None:
+        changed = _identity_change(old, new)
+        if changed is not None:
+            return denied(changed)
+        if (old.get("spec") or {}) == (new.get("spec") or {}):
+            return allowed()
+    try:
+        model.model_validate(new)
+    except ValidationError as err:
+        return denied(validation_message(err))
+    return allowed()
+
+
+def _identity_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """IDENTITY_IMMUTABLE when the update changes `spec.identity`, else None."""
+    raw_old = (old.get("spec") or {}).get("identity")
+    raw_new = (new.get("spec") or {}).get("identity")
+    try:
+        identity_unchanged(_identity(raw_old), _identity(raw_new))
+    except ValidationError:  # one of them is not an identity: compare them as written
+        if raw_old is not None and raw_old != raw_new:
+            return IDENTITY_IMMUTABLE
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _identity(raw: Any) -> ResourceIdentity | None:
+    return None if raw is None else ResourceIdentity.model_validate(raw)
+
+
+async def review_pod(
+    request: Mapping[str, Any], *, read: ReadCheckpoint, settings: RestoreSettings
+) -> Review:
+    """The answer to a pod CREATE: no patch unless it asks to be restored; then the patch
+    that shapes it as a restore target, or marks it cold; denied when it asks wrongly."""
+    pod = request.get("object") or {}
+    if (request.get("kind") or {}).get("kind") != "Pod" or request.get("operation") != "CREATE":
+        return allowed()
+    meta = pod.get("metadata") or {}
+    namespace = request.get("namespace") or meta.get("namespace") or "default"
+    who = f"pod {namespace}/{meta.get('name') or meta.get('generateName', '') + '*'}"
+    try:
+        name = restore_source(pod)
+        if name is None:
+            return allowed()
+        loader_override(pod)  # refused before anything is read
+    except InvalidSpecError as err:
+        logger.info("%s refused: %s", who, err)
+        return denied(str(err))
+    try:
+        checkpoint = await read(namespace, name)
+    except _READ_ERRORS as err:
+        reason = err.reason if isinstance(err, ApiException) else type(err).__name__
+        logger.warning("%s: checkpoint %s/%s could not be read: %s", who, namespace, name, err)
+        shaped = cold(copy.deepcopy(dict(pod)), f"checkpoint {name} could not be read ({reason})")
+    else:
+        try:
+            shaped = restore_pod(pod, checkpoint=checkpoint, settings=settings)
+        except InvalidSpecError as err:
+            return denied(str(err))
+    patch = json_patch(pod, shaped)
+    logger.info("%s from checkpoint %s: %d patch operations", who, name, len(patch))
+    return allowed(patch=patch)
+
+
+def allowed(*, patch: list[dict[str, Any]] | None = None) -> Review:
+    if not patch:
+        return {"allowed": True}
+    encoded = base64.b64encode(json.dumps(patch).encode()).decode()
+    return {"allowed": True, "patchType": "JSONPatch", "patch": encoded}
+
+
+def denied(message: str) -> Review:
+    return {"allowed": False, "status": {"code": 422, "reason": "Invalid", "message": message}}
+
+
+def json_patch(old: Any, new: Any, path: str = "") -> list[dict[str, Any]]:
+    """RFC 6902 operations turning `old` into `new`: objects member by member, anything
+    else (lists included) replaced whole."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        ops: list[dict[str, Any]] = []
+        for key in old:
+            if key not in new:
+                ops.append({"op": "remove", "path": f"{path}/{_pointer(key)}"})
+        for key, value in new.items():
+            where = f"{path}/{_pointer(key)}"
+            if key not in old:
+                ops.append({"op": "add", "path": where, "value": value})
+            elif old[key] != value:
+                ops.extend(json_patch(old[key], value, where))
+        return ops
+    return [] if old == new else [{"op": "replace", "path": path, "value": new}]
+
+
+def _pointer(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def checkpoint_reader(custom: Any, *, timeout_seconds: float) -> ReadCheckpoint:
+    """Reads a Checkpoint through `custom` (a kubernetes CustomObjectsApi) off the event
+    loop; None when there is none. Past `timeout_seconds` (the client's retries included)
+    it raises TimeoutError and leaves the call to finish in its thread."""
+
+    async def read(namespace: str, name: str) -> Mapping[str, Any] | None:
+        call = asyncio.to_thread(
+            custom.get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            "checkpoints",
+            name,
+            _request_timeout=timeout_seconds,
+        )
+        try:
+            found: Mapping[str, Any] = await asyncio.wait_for(call, timeout_seconds)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return found
+
+    return read
+
+
+def admission_app(*, read: ReadCheckpoint, settings: RestoreSettings) -> web.Application:
+    """The webhook's routes."""
+
+    async def resource(review: Mapping[str, Any]) -> Review:
+        return review_resource(review)
+
+    async def pod(review: Mapping[str, Any]) -> Review:
+        return await review_pod(review, read=read, settings=settings)
+
+    async def validate(request: web.Request) -> web.Response:
+        return await _answer(request, resource)
+
+    async def mutate(request: web.Request) -> web.Response:
+        return await _answer(request, pod)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post(VALIDATE_PATH, validate)
+    app.router.add_post(MUTATE_PATH, mutate)
+    app.router.add_get(HEALTH_PATH, health)
+    return app
+
+
+async def _answer(
+    request: web.Request, review: Callable[[Mapping[str, Any]], Awaitable[Review]]
+) -> web.Response:
+    """Unwrap an AdmissionReview, review it, wrap the response with the request's uid."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="expected an AdmissionReview (JSON)") from None
+    inner = body.get("request") if isinstance(body, dict) else None
+    if not isinstance(inner, dict) or not inner.get("uid"):
+        raise web.HTTPBadRequest(text="expected an AdmissionReview with request.uid")
+    response = {"uid": inner["uid"], **(await review(inner))}
+    return web.json_response(
+        {"apiVersion": ADMISSION_API_VERSION, "kind": "AdmissionReview", "response": response}
+    )
+
+
+def self_signed_certificate(*, hosts: list[str], days: int = 365) -> tuple[bytes, bytes]:
+    """A self-signed certificate (PEM) for `hosts` (DNS names and IP addresses, all in its
+    SANs) and its key (PEM): its own CA, so it is also the caBundle to give the API server."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    now = datetime.datetime.now(datetime.UTC)
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def server_ssl_context(settings: WebhookSettings) -> ssl.SSLContext:
+    """TLS with the configured certificate files, else with a self-signed certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.cert_file or settings.key_file:
+        if not (settings.cert_file and settings.key_file):
+            raise InvalidSpecError(
+                "WARMSTART_WEBHOOK__CERT_FILE and WARMSTART_WEBHOOK__KEY_FILE go together"
+            )
+        context.load_cert_chain(settings.cert_file, settings.key_file)
+        return context
+    hosts = [h.strip() for h in settings.hosts.split(",") if h.strip()] or ["localhost"]
+    cert, key = self_signed_certificate(hosts=hosts)
+    logger.warning("webhook: no certificate configured, serving a self-signed one for %s", hosts)
+    with tempfile.TemporaryDirectory() as scratch:  # load_cert_chain reads files only
+        (Path(scratch) / "tls.crt").write_bytes(cert)
+        (Path(scratch) / "tls.key").write_bytes(key)
+        context.load_cert_chain(Path(scratch) / "tls.crt", Path(scratch) / "tls.key")
+    return context
+
+
+@asynccontextmanager
+async def serving(
+    app: web.Application, *, settings: WebhookSettings, context: ssl.SSLContext
+) -> AsyncIterator[int]:
+    """`app` served over HTTPS on the settings' host and port; yields the bound port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.create_server((settings.host, settings.port))
+    try:
+        await web.SockSite(runner, sock, ssl_context=context).start()
+        yield int(sock.getsockname()[1])
+    finally:
+        await runner.cleanup()
+        sock.close()
+
+
+async def run_webhook(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Serve the webhook until `stop` is set (default: until SIGINT or SIGTERM)."""
+    from kubernetes import client
+
+    from workers.controller import kube_client
+
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    hook = settings.webhook
+    api = kube_client(settings)
+    try:
+        read = checkpoint_reader(
+            client.CustomObjectsApi(api), timeout_seconds=hook.read_timeout_seconds
+        )
+        restore = RestoreSettings(jobs=JobSettings(checkpoint_claim=settings.kube.checkpoint_claim))
+        app = admission_app(read=read, settings=restore)
+        async with serving(app, settings=hook, context=server_ssl_context(hook)) as port:
+            print(f"webhook: https on {hook.host}:{port}", flush=True)
+            await stop.wait()
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
