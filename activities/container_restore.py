@@ -156,10 +156,12 @@ async def restore_into_container(
             where=where,
             timeout_seconds=timeout_seconds,
         )
-        restored.stage_seconds.update(prepare=prepared - started)
-        restored.stage_seconds.update(criu_restore=time.monotonic() - prepared)
+        restored.stage_seconds["prepare"] = round(prepared - started, 4)
+        restored.stage_seconds["criu-restore"] = round(time.monotonic() - prepared, 4)
         if before_complete is not None:
+            resumed = time.monotonic()
             await before_complete(restored)
+            restored.stage_seconds["cuda-restore"] = round(time.monotonic() - resumed, 4)
         content = f"{restored.pid}\n".encode()
         await asyncio.to_thread(
             _write_sentinel, placeholder.pid, Sentinel.RESTORE_COMPLETE, content

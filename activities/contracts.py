@@ -43,6 +43,9 @@ class ContainerTarget(Contract):
     pod_name: str
     pod_uid: str
     container: str
+    # The runtime's ID of the container as the kubelet reports it (without `containerd://`),
+    # when known: the node then finds it without asking the runtime.
+    container_id: str = ""
 
 
 class StatusInput(Contract):

@@ -83,7 +83,7 @@ class StandbyRestorer:
             if request.gms_sentinel:
                 stages.start("await-gms-load")
                 await self._await_gms(placeholder, request)
-            stages.start("criu-restore")
+            stages.start("restore")  # prepare, criu-restore, cuda-restore inside
             restored = await restore_into_container(
                 criu=self._criu,
                 target=request.target,
@@ -94,6 +94,8 @@ class StandbyRestorer:
                 before_complete=self._cuda_resume(manifest, version_dir, gpus),
             )
             stages.finish()
+            del stages.seconds["restore"]
+            stages.seconds.update(restored.stage_seconds)
         except WarmstartError as err:
             await asyncio.to_thread(_restore_failed, placeholder.pid, f"{err.reason}: {err}")
             if cls is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities.storage import CheckpointStore
+from api.restore_pods import RestoreSettings, restore_pod
 from tests.apiserver import APISERVER_SKIP, installed, running_apiserver
 from tests.containers import Kubelet, running_containerd
 from tests.kube import Cluster, checkpoint_body, start_cluster
@@ -139,7 +141,9 @@ class Stack:
         cid, control_dir = self.kubelet.run(pod.metadata.uid, "main", main["command"], image=image)
         return created, pod, cid, control_dir
 
-    async def report(self, pod: Any, state: dict[str, Any], *, ready: bool) -> None:
+    async def report(
+        self, pod: Any, state: dict[str, Any], *, ready: bool, container_id: str = ""
+    ) -> None:
         """The kubelet reports the target container's state on the pod."""
         status = {
             "name": "main",
@@ -148,6 +152,7 @@ class Stack:
             "image": "local/workload",
             "imageID": "",
             "restartCount": 0,
+            **({"containerID": f"containerd://{container_id}"} if container_id else {}),
         }
         await self.cluster.run(
             self.cluster.core.patch_namespaced_pod_status,
@@ -177,7 +182,12 @@ async def running_stack(
     token_file.write_text(cluster.token or "")
     settings = Settings(
         home=tmp_path / "home",
-        node=NodeSettings(name=node, control_task_queue=queue, containerd_address=kubelet.address),
+        node=NodeSettings(
+            name=node,
+            control_task_queue=queue,
+            containerd_address=kubelet.address,
+            containerd_state=str(kubelet.base / "state"),
+        ),
         kube=KubeSettings(
             server=cluster.url,
             token_file=str(token_file) if cluster.token else "",
@@ -215,3 +225,132 @@ async def running_stack(
             yield stack
         finally:
             await stack.stop_watcher()
+
+
+PORT = 8000
+# Serves a token chosen at start; captured once warm; after `snapshot-complete` the capture
+# pod's process exits, after `restore-complete` the restored one goes on serving.
+SERVING = f"""\
+import http.server, os, secrets, sys, threading, time
+control = os.environ['SNAPSHOT_CONTROL_DIR']
+token = secrets.token_hex(8)
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(token.encode())
+    def log_message(self, *args): pass
+server = http.server.HTTPServer(('127.0.0.1', {PORT}), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+open(control + '/token', 'w').write(token)
+print('started', token, flush=True)
+open(control + '/ready-for-snapshot', 'w').close()
+while True:
+    if os.path.exists(control + '/restore-complete'):
+        break
+    if os.path.exists(control + '/snapshot-complete'):
+        sys.exit(0)
+    time.sleep(0.05)
+print('restored', token, flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def answer_in(pid: int) -> str:
+    """GET / from inside the network namespace of process `pid` (a pod's own network)."""
+    url = f"http://127.0.0.1:{PORT}/"
+    fetch = f"import urllib.request as u; print(u.urlopen('{url}', timeout=5).read().decode())"
+    done = subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "python3", "-c", fetch],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    return done.stdout.strip() if done.returncode == 0 else f"error: {done.stderr.strip()[-300:]}"
+
+
+async def captured(stack: Stack, image: str) -> tuple[dict[str, Any], str]:
+    """A Ready Checkpoint `llama` of SERVING, and the token its process served."""
+    await stack.checkpoint("llama", ["python3", "-c", SERVING])
+    _job, pod, _cid, control = await stack.run_job_pod("llama", image=image)
+    await eventually(
+        lambda: asyncio.sleep(0, (control / "ready-for-snapshot").exists()), "ready-for-snapshot"
+    )
+    await stack.report(pod, {"running": {}}, ready=True)
+    final = await stack.outcome("llama")
+    assert final["phase"] == "Ready", final
+    resource = await stack.cluster.get("checkpoints", "inference", "llama")
+    return resource, (control / "token").read_text()
+
+
+class Target:
+    """A restore-target pod: admitted as the webhook shapes it, bound to the stack's node,
+    its standby container run by the kubelet."""
+
+    def __init__(self, stack: Stack, name: str, image: str, log: Path) -> None:
+        self.stack, self.name, self.image, self.log = stack, name, image, log
+        self.uid, self.cid, self.control = "", "", Path()
+        self.pod: Any = None
+
+    async def start(self, resource: dict[str, Any]) -> None:
+        await self.admit(resource)
+        await self.report_running()
+
+    async def admit(self, resource: dict[str, Any]) -> None:
+        """The webhook, the scheduler and the kubelet: the standby container runs."""
+        asked = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": self.name,
+                "namespace": "inference",
+                "annotations": {"warmstart.dev/restore-from": "llama"},
+            },
+            "spec": {
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "local/workload",
+                        "command": ["python3", "-c", SERVING],
+                    }
+                ]
+            },
+        }
+        shaped = restore_pod(asked, checkpoint=resource, settings=RestoreSettings())
+        shaped["spec"]["nodeName"] = self.stack.node  # the scheduler
+        cluster = self.stack.cluster
+        await cluster.run(cluster.core.create_namespaced_pod, "inference", shaped)
+        pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, "inference")
+        self.uid = pod.metadata.uid
+        main = shaped["spec"]["containers"][0]
+        self.cid, self.control = self.stack.kubelet.run(
+            self.uid, "main", main["command"], image=self.image, log=self.log
+        )
+        self.pod = pod
+
+    async def report_running(self) -> None:
+        """The kubelet reports the standby container running: the node restores now."""
+        await self.stack.report(self.pod, {"running": {}}, ready=False, container_id=self.cid)
+
+    @property
+    def pid(self) -> int:
+        return self.stack.kubelet.pid(self.cid)
+
+    async def restore_status(self) -> str:
+        async def published() -> str | None:
+            cluster = self.stack.cluster
+            pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, "inference")
+            return (pod.metadata.annotations or {}).get("warmstart.dev/restore-status")
+
+        found: str = await eventually(published, f"restore status of {self.name}", 90)
+        return found
+
+    async def events(self) -> list[tuple[str, str]]:
+        cluster = self.stack.cluster
+        listed = await cluster.run(cluster.events.list_namespaced_event, "inference")
+        return [(e.type, e.reason) for e in listed.items if e.regarding.name == self.name]
+
+    async def served(self, token: str) -> None:
+        await eventually(
+            lambda: asyncio.to_thread(lambda: answer_in(self.pid) == token),
+            f"{self.name} serving {token}",
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,130 +16,12 @@ import pytest
 from temporalio.client import Client
 
 from activities.quarantine import Quarantine
-from api.restore_pods import RestoreSettings, restore_pod
-from tests.cluster_stack import Stack, eventually, running_stack
+from tests.cluster_stack import Target, answer_in, captured, eventually, running_stack
 from tests.containers import Kubelet, needs_containerd
 from tests.kube import Cluster
 from workflows.contracts import RestoreResult
 
 pytestmark = [needs_containerd, pytest.mark.timeout(240)]
-PORT = 8000
-# Serves a token chosen at start; captured once warm; after `snapshot-complete` the capture
-# pod's process exits, after `restore-complete` the restored one goes on serving.
-SERVING = f"""\
-import http.server, os, secrets, sys, threading, time
-control = os.environ['SNAPSHOT_CONTROL_DIR']
-token = secrets.token_hex(8)
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers(); self.wfile.write(token.encode())
-    def log_message(self, *args): pass
-server = http.server.HTTPServer(('127.0.0.1', {PORT}), Handler)
-threading.Thread(target=server.serve_forever, daemon=True).start()
-open(control + '/token', 'w').write(token)
-print('started', token, flush=True)
-open(control + '/ready-for-snapshot', 'w').close()
-while True:
-    if os.path.exists(control + '/restore-complete'):
-        break
-    if os.path.exists(control + '/snapshot-complete'):
-        sys.exit(0)
-    time.sleep(0.05)
-print('restored', token, flush=True)
-while True:
-    time.sleep(1)
-"""
-
-
-def answer_in(pid: int) -> str:
-    """GET / from inside the network namespace of process `pid` (a pod's own network)."""
-    url = f"http://127.0.0.1:{PORT}/"
-    fetch = f"import urllib.request as u; print(u.urlopen('{url}', timeout=5).read().decode())"
-    done = subprocess.run(
-        ["nsenter", f"--net=/proc/{pid}/ns/net", "python3", "-c", fetch],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-    return done.stdout.strip() if done.returncode == 0 else f"error: {done.stderr.strip()[-300:]}"
-
-
-async def captured(stack: Stack, image: str) -> tuple[dict[str, Any], str]:
-    """A Ready Checkpoint `llama` of SERVING, and the token its process served."""
-    await stack.checkpoint("llama", ["python3", "-c", SERVING])
-    _job, pod, _cid, control = await stack.run_job_pod("llama", image=image)
-    await eventually(
-        lambda: asyncio.sleep(0, (control / "ready-for-snapshot").exists()), "ready-for-snapshot"
-    )
-    await stack.report(pod, {"running": {}}, ready=True)
-    final = await stack.outcome("llama")
-    assert final["phase"] == "Ready", final
-    resource = await stack.cluster.get("checkpoints", "inference", "llama")
-    return resource, (control / "token").read_text()
-
-
-class Target:
-    """A restore-target pod: admitted as the webhook shapes it, bound to the stack's node,
-    its standby container run by the kubelet."""
-
-    def __init__(self, stack: Stack, name: str, image: str, log: Path) -> None:
-        self.stack, self.name, self.image, self.log = stack, name, image, log
-        self.uid, self.cid, self.control = "", "", Path()
-
-    async def start(self, resource: dict[str, Any]) -> None:
-        asked = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": self.name,
-                "namespace": "inference",
-                "annotations": {"warmstart.dev/restore-from": "llama"},
-            },
-            "spec": {
-                "containers": [
-                    {
-                        "name": "main",
-                        "image": "local/workload",
-                        "command": ["python3", "-c", SERVING],
-                    }
-                ]
-            },
-        }
-        shaped = restore_pod(asked, checkpoint=resource, settings=RestoreSettings())
-        shaped["spec"]["nodeName"] = self.stack.node  # the scheduler
-        cluster = self.stack.cluster
-        await cluster.run(cluster.core.create_namespaced_pod, "inference", shaped)
-        pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, "inference")
-        self.uid = pod.metadata.uid
-        main = shaped["spec"]["containers"][0]
-        self.cid, self.control = self.stack.kubelet.run(
-            self.uid, "main", main["command"], image=self.image, log=self.log
-        )
-        await self.stack.report(pod, {"running": {}}, ready=False)
-
-    @property
-    def pid(self) -> int:
-        return self.stack.kubelet.pid(self.cid)
-
-    async def restore_status(self) -> str:
-        async def published() -> str | None:
-            cluster = self.stack.cluster
-            pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, "inference")
-            return (pod.metadata.annotations or {}).get("warmstart.dev/restore-status")
-
-        found: str = await eventually(published, f"restore status of {self.name}", 90)
-        return found
-
-    async def events(self) -> list[tuple[str, str]]:
-        cluster = self.stack.cluster
-        listed = await cluster.run(cluster.events.list_namespaced_event, "inference")
-        return [(e.type, e.reason) for e in listed.items if e.regarding.name == self.name]
-
-    async def served(self, token: str) -> None:
-        await eventually(
-            lambda: asyncio.to_thread(lambda: answer_in(self.pid) == token),
-            f"{self.name} serving {token}",
-        )
 
 
 async def test_a_checkpoint_is_restored_into_a_new_pods_standby_container(
@@ -172,7 +53,7 @@ async def test_a_checkpoint_is_restored_into_a_new_pods_standby_container(
         lambda: asyncio.sleep(0, f"restored {token}" in target.log.read_text()), "the log line"
     )
     assert await target.events() == [("Normal", "Restored")]
-    assert set(result.stage_seconds) >= {"verify", "criu-restore"}
+    assert set(result.stage_seconds) == {"verify", "prepare", "criu-restore"}
     print(f"\nrestore phases ({cluster.url}): {json.dumps(result.stage_seconds)}")
     print(f"restore workflow steps: {json.dumps(result.step_seconds)}")
 

@@ -147,7 +147,9 @@ def _container_activities(
     from activities.standby_restore import StandbyRestorer
 
     assert settings.node.containerd_address
-    runtime = Containerd(address=settings.node.containerd_address)
+    runtime = Containerd(
+        address=settings.node.containerd_address, state=settings.node.containerd_state
+    )
     cuda = CudaCheckpoint() if gpus.facts().devices else None
     gate = NodeGate(
         criu_version=criu.version(),

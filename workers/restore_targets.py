@@ -64,13 +64,15 @@ def restore_target(pod: Mapping[str, Any], *, node: str) -> RestoreTarget | None
     if spec.get("nodeName") != node or RESTORE_STATUS_ANNOTATION in notes:
         return None
     standby = _standby_container(spec)
-    if standby is None or not _running(pod, standby["name"]):
+    status = _status(pod, standby["name"]) if standby is not None else None
+    if standby is None or status is None or (status.get("state") or {}).get("running") is None:
         return None
     target = ContainerTarget(
         namespace=meta.get("namespace", ""),
         pod_name=meta.get("name", ""),
         pod_uid=meta.get("uid", ""),
         container=standby["name"],
+        container_id=(status.get("containerID") or "").partition("://")[2],
     )
     return RestoreTarget(
         container=target,
@@ -88,11 +90,11 @@ def _standby_container(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _running(pod: Mapping[str, Any], name: str) -> bool:
+def _status(pod: Mapping[str, Any], name: str) -> dict[str, Any] | None:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         if status.get("name") == name:
-            return (status.get("state") or {}).get("running") is not None
-    return False
+            return dict(status)
+    return None
 
 
 def _gms_sentinel(spec: Mapping[str, Any], standby: Mapping[str, Any], pod_uid: str) -> str:
@@ -110,8 +112,9 @@ async def watching_restore_targets(client: Client, settings: Settings) -> AsyncI
     """The node's watch of its restore targets, for as long as the context lasts."""
     from workers.controller import kube_client
 
+    api = kube_client(settings)
     watcher = RestoreTargetWatch(
-        core=kube.CoreV1Api(kube_client(settings)),
+        core=kube.CoreV1Api(api),
         client=client,
         node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
@@ -124,6 +127,7 @@ async def watching_restore_targets(client: Client, settings: Settings) -> AsyncI
     finally:
         stop.set()
         await task
+        api.close()  # type: ignore[no-untyped-call]
 
 
 class RestoreTargetWatch:
@@ -174,6 +178,7 @@ class RestoreTargetWatch:
                     log.exception("node %s: a restore target was not started", self._node)
         finally:
             self._stop_watch(stopped)
+            await asyncio.to_thread(thread.join, 10.0)
 
     async def consider(self, pod: Mapping[str, Any]) -> None:
         self.considered += 1
@@ -214,8 +219,10 @@ class RestoreTargetWatch:
                 log.warning("node %s: watch of restore targets failed: %s", self._node, err)
                 stopped.wait(1.0)
                 continue
-            self._response = response
+            self._response = response  # before looking at `stopped`: see _stop_watch
             try:
+                if stopped.is_set():
+                    break
                 for line in response:
                     if stopped.is_set():
                         break
@@ -226,7 +233,7 @@ class RestoreTargetWatch:
                 if not stopped.is_set():
                     log.warning("node %s: watch of restore targets ended: %s", self._node, err)
             finally:
-                response.release_conn()
+                response.close()  # never back to the pool half-read
 
     def _stop_watch(self, stopped: threading.Event) -> None:
         """End the watch at once: its thread is blocked reading the server's stream."""

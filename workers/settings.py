@@ -58,6 +58,8 @@ class NodeSettings:
     # The node's containerd socket: set on cluster nodes, where pods' containers are dumped
     # and restore-target pods are watched (through `kube`) and restored.
     containerd_address: str | None = None
+    # containerd's state directory (its shims write each container's init PID there).
+    containerd_state: str = "/run/containerd"
     # A restore into a pod past this many seconds gives up: the pod starts cold.
     restore_deadline_seconds: float = 1800.0
 

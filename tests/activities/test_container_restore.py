@@ -234,7 +234,7 @@ async def test_a_checkpoint_is_restored_into_the_placeholder_container(
     assert get_in_netns(kubelet.pid(captured.source.cid)) == captured.token
     # Its output reaches the placeholder container's log (what `kubectl logs` reads).
     wait_for(lambda: f"served 1 {captured.token}" in pod.log.read_text(), "the restored output")
-    assert restored.stage_seconds.keys() == {"prepare", "criu_restore"}
+    assert restored.stage_seconds.keys() == {"prepare", "criu-restore", "cuda-restore"}
     assert seen_before_complete == [True]
 
 

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.containerd import Containerd, ContainerdActivities, freezer_cgroup, thaw
+from activities.containerd import (
+    Containerd,
+    ContainerdActivities,
+    freezer_cgroup,
+    init_pid_of,
+    thaw,
+)
 from activities.contracts import (
     ContainerCommitInput,
     ContainerDumpInput,
@@ -185,6 +191,7 @@ async def test_a_container_from_an_image_has_its_rootfs_diff_captured(
         "import os, time\n"
         "open('/tmp/state.txt', 'w').write('warm')\n"
         "os.remove('/etc/warmstart-image')\n"
+        "os.makedirs('/var/lib/model')\n"
         "open('/snapshot-control/ready-for-snapshot', 'w').close()\n"
         "time.sleep(120)\n"
     )
@@ -204,6 +211,9 @@ async def test_a_container_from_an_image_has_its_rootfs_diff_captured(
         state = tar.extractfile("tmp/state.txt")
         assert state is not None and state.read() == b"warm"
     assert "snapshot-control" not in names and not any(n.startswith("usr") for n in names)
+    # New directories travel; those the overlay only copied up (as in the image) do not.
+    assert {"var", "var/lib", "var/lib/model", "tmp/state.txt"} <= set(names)
+    assert "tmp" not in names and "etc" not in names
     assert json.loads((staging / "deleted-files.json").read_text()) == ["/etc/warmstart-image"]
 
 
@@ -224,3 +234,16 @@ def test_a_dump_that_fails_leaves_the_container_thawed(kubelet: Kubelet, tmp_pat
     thaw(pid, freezer)
     wait_for(lambda: (control / "beat").read_text() != before, "the container to run again")
     assert target.pod_uid
+
+
+async def test_a_container_the_kubelet_named_is_found_without_asking_the_runtime(
+    kubelet: Kubelet,
+) -> None:
+    target, cid, _control = start(kubelet)
+    runtime = Containerd(address=kubelet.address, state=str(kubelet.base / "state"))
+    asked = await runtime.locate(target)
+    named = await runtime.locate(target.model_copy(update={"container_id": cid}))
+    assert named.pid == asked.pid == kubelet.pid(cid) == runtime.init_pid(cid)
+    assert init_pid_of(cid) == asked.pid
+    assert init_pid_of("c000000000000") == 0
+    assert init_pid_of("../etc") == 0

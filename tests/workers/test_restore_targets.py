@@ -62,6 +62,7 @@ def target_pod(
                     "image": "vllm",
                     "imageID": "",
                     "restartCount": 0,
+                    "containerID": "containerd://abc123",
                 }
             ]
         },
@@ -72,6 +73,7 @@ def test_a_running_standby_on_this_node_asks_for_a_restore() -> None:
     found = restore_target(target_pod(), node="gpu-1")
     assert found is not None
     assert (found.container.pod_uid, found.container.container) == ("uid-llama-0", "main")
+    assert found.container.container_id == "abc123"
     assert (found.checkpoint_id, found.version, found.gms_sentinel) == (CKPT, "v1", "")
 
 

@@ -1,0 +1,168 @@
+"""Restore through the cluster path against raw `criu restore` of the same container image,
+both timed from the request to the restored process's first HTTP answer in the pod's own
+network namespace.
+
+- cluster: the kubelet reports the restore-target pod's standby container running (a pod
+  status write to the API server); the node worker's watch sees it, starts the
+  RestoreWorkflow eagerly on its own queue, the node activity checks the gate, verifies,
+  applies the rootfs diff and runs CRIU into the standby container, writes
+  `restore-complete`; the workload answers.
+- raw: the same `criu restore` into a fresh standby container of the same image (the
+  command line the node builds, namespaces and all), started directly: no API server, no
+  workflow, no gate, no digest check, no rootfs diff.
+
+Needs root, CRIU >= 4.2, containerd and runc (as `make test` installs them). It uses the
+test suite's API emulator (kmock) and its kubelet stand-in. From the repository root:
+`.venv/bin/python -m bench.cluster_restore [--runs N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client
+
+from activities.container_restore import run_restore
+from activities.containerd import Containerd
+from activities.contracts import ContainerTarget
+from activities.criu import Criu
+from activities.storage import CheckpointStore
+from api.restore_pods import STANDBY_NAME, STANDBY_SCRIPT
+from tests.cluster_stack import PORT, SERVING, Stack, Target, captured, running_stack
+from tests.containers import Kubelet, running_containerd
+from tests.kube import start_cluster
+from workers.client import connect
+from workers.devserver import DevServer
+from workers.ports import free_port
+from workers.settings import Settings, TemporalSettings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def answered_within(pid: int) -> asyncio.subprocess.Process:
+    """A poller in the network namespace of `pid`, ready: it prints when GET / answers."""
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter",
+        f"--net=/proc/{pid}/ns/net",
+        "python3",
+        "-m",
+        "bench.poller",
+        f"http://127.0.0.1:{PORT}/",
+        "60",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    await proc.stdout.readline()  # "ready"
+    return proc
+
+
+async def answered_at(poller: asyncio.subprocess.Process) -> float:
+    assert poller.stdout is not None
+    line = await poller.stdout.readline()
+    await poller.wait()
+    return float(line)
+
+
+async def cluster_run(stack: Stack, resource: dict[str, Any], image: str, log: Path) -> float:
+    target = Target(stack, f"bench-{uuid.uuid4().hex[:6]}", image, log)
+    await target.admit(resource)
+    poller = await answered_within(target.pid)
+    started = time.monotonic()
+    await target.report_running()
+    elapsed = await answered_at(poller) - started
+    assert await target.restore_status() == "restored"
+    return elapsed
+
+
+async def raw_run(
+    stack: Stack, criu: Criu, version_dir: Path, manifest: Any, image: str, log: Path
+) -> float:
+    uid = str(uuid.uuid4())  # a standby container of no pod: no node worker looks at it
+    standby = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, "python3", "-c", SERVING]
+    stack.kubelet.run(uid, "main", standby, image=image, log=log)
+    pod = ContainerTarget(namespace="inference", pod_name="raw", pod_uid=uid, container="main")
+    placeholder = await Containerd(address=stack.kubelet.address).locate(pod)
+    poller = await answered_within(placeholder.pid)
+    work = log.parent / f"raw-{uid}"
+    started = time.monotonic()
+    restored = await run_restore(
+        criu=criu,
+        placeholder=placeholder,
+        images_dir=version_dir / "criu",
+        manifest=manifest,
+        work_dir=work,
+        where="raw",
+    )
+    elapsed = await answered_at(poller) - started
+    assert restored.host_pid > 0
+    return elapsed
+
+
+def table(rows: dict[str, list[float]]) -> str:
+    lines = ["| path | p50 (ms) | mean (ms) | min (ms) | max (ms) |", "|---|---|---|---|---|"]
+    for label, values in rows.items():
+        ms = [v * 1000 for v in values]
+        lines.append(
+            f"| {label} | {statistics.median(ms):.0f} | {statistics.mean(ms):.0f} "
+            f"| {min(ms):.0f} | {max(ms):.0f} |"
+        )
+    added = statistics.median(rows["cluster"]) - statistics.median(rows["raw"])
+    lines.append(f"\nadded by the cluster path at p50: {added * 1000:+.0f} ms (budget +25 ms)")
+    return "\n".join(lines)
+
+
+async def main(runs: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="ws-bench-") as tmp:
+        port = free_port()
+        settings = Settings(home=Path(tmp), temporal=TemporalSettings(address=f"127.0.0.1:{port}"))
+        server = DevServer(
+            db_file=Path(tmp) / "t.db", port=port, ui_port=free_port(), headless=True
+        )
+        await server.start()
+        try:
+            client: Client = await connect(settings, wait_seconds=30)
+            kubelets = running_containerd()
+            kubelet: Kubelet = next(kubelets)
+            try:
+                async for cluster in start_cluster():
+                    rows = await _rounds(client, cluster, kubelet, Path(tmp), runs)
+                    print(table(rows))
+            finally:
+                kubelets.close()
+        finally:
+            await server.stop()
+
+
+async def _rounds(
+    client: Client, cluster: Any, kubelet: Kubelet, tmp: Path, runs: int
+) -> dict[str, list[float]]:
+    image = kubelet.import_image("local/workload:1")
+    rows: dict[str, list[float]] = {"raw": [], "cluster": []}
+    async with running_stack(client, cluster, kubelet, tmp) as stack:
+        resource, _token = await captured(stack, image)
+        store = CheckpointStore(stack.store.root)
+        version_dir = store.find(resource["status"]["checkpointID"])
+        manifest = store.verify(version_dir, checkpoint_id=resource["status"]["checkpointID"])
+        criu = Criu(Settings().criu.resolve() or "criu")
+        for i in range(runs):
+            log = tmp / f"run-{i}.log"
+            rows["raw"].append(await raw_run(stack, criu, version_dir, manifest, image, log))
+            rows["cluster"].append(await cluster_run(stack, resource, image, log))
+            print(f"run {i + 1}: raw {rows['raw'][-1]:.3f} s, cluster {rows['cluster'][-1]:.3f} s")
+            kubelet.remove_all()
+            kubelet.started.clear()
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=10)
+    asyncio.run(main(parser.parse_args().runs))
