@@ -10,13 +10,22 @@ Prints a table; exits non-zero when a step fails. Without a GPU it says so and e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from activities.cuda import CudaCheckpoint, ProcessState
-from activities.gpu import device_map, gpus_of_process, process_environment, read_gpu_facts
+from activities.cuda import CudaCheckpoint, ProcessState, resume, suspend
+from activities.gpu import (
+    device_map,
+    format_device_map,
+    gpus_of_process,
+    process_environment,
+    read_gpu_facts,
+)
 
 # A CUDA process: fills 256 MiB of GPU memory with a pattern, then checks it on each line
 # of its input (the driver API through ctypes: no compiler or CUDA toolkit needed).
@@ -42,6 +51,26 @@ for line in sys.stdin:
     rc = cuda.cuMemcpyDtoH_v2(host, ptr, ctypes.c_size_t(n))
     print("check", rc, rc == 0 and host.raw == expected, flush=True)
 """
+
+# The same CUDA process for the CRIU cycle: no pipes to its parent (CRIU restores it on its
+# own); it checks its GPU memory whenever the file `check` appears in its directory.
+CRIU_WORKLOAD = (
+    WORKLOAD.split('print("ready"')[0]
+    + r"""
+import os, time
+d = sys.argv[1]
+open(os.path.join(d, "ready"), "w").close()
+while True:
+    if os.path.exists(os.path.join(d, "check")):
+        os.unlink(os.path.join(d, "check"))
+        host = ctypes.create_string_buffer(n)
+        rc = cuda.cuMemcpyDtoH_v2(host, ptr, ctypes.c_size_t(n))
+        with open(os.path.join(d, "result.tmp"), "w") as out:
+            out.write(f"check {rc} {rc == 0 and host.raw == expected}")
+        os.rename(os.path.join(d, "result.tmp"), os.path.join(d, "result"))
+    time.sleep(0.02)
+"""
+)
 
 ROWS: list[tuple[str, str, str]] = []
 
@@ -101,6 +130,10 @@ def discovery(node_uuid: str, node: object) -> None:
         }
         proc = subprocess.Popen(["sleep", "30"], env={**clean, **env})
         try:
+            deadline = time.monotonic() + 5  # until its exec of sleep is done
+            while Path(f"/proc/{proc.pid}/cmdline").read_bytes() != b"sleep\x0030\x00":
+                assert time.monotonic() < deadline, "sleep did not start"
+                time.sleep(0.01)
             facts = gpus_of_process(process_environment(proc.pid), node)  # type: ignore[arg-type]
         finally:
             proc.kill()
@@ -123,9 +156,111 @@ def cycle(cuda: CudaCheckpoint, pid: int, pairs: tuple[tuple[str, str], ...], la
     row(f"{label}: state after unlock", cuda.state(pid).name)
 
 
+def ask(directory: str, step: str) -> None:
+    result = os.path.join(directory, "result")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(result)
+    open(os.path.join(directory, "check"), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(result):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{step}: no answer from the CUDA process")
+        time.sleep(0.02)
+    answer = Path(result).read_text()
+    row(step, answer)
+    if answer != "check 0 True":
+        raise SystemExit(f"{step}: GPU memory not intact: {answer!r}")
+
+
+def criu_cycle(criu: str, cuda: CudaCheckpoint, env: dict[str, str]) -> None:
+    """A real CUDA process through suspend → criu dump → criu restore → resume."""
+    work = tempfile.mkdtemp(prefix="ws-gpu-")
+    images, libdir = os.path.join(work, "img"), os.path.join(work, "no-plugins")
+    os.makedirs(images)
+    os.makedirs(libdir)
+    log = open(os.path.join(work, "workload.log"), "w")  # noqa: SIM115 (the workload's)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRIU_WORKLOAD, work],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    while not os.path.exists(os.path.join(work, "ready")):
+        if proc.poll() is not None:
+            raise SystemExit(f"CUDA workload ended: {Path(log.name).read_text()[-500:]}")
+        time.sleep(0.05)
+    ask(work, "criu cycle: memory before")
+    timed("criu cycle: cuda suspend (lock+checkpoint)", suspend, cuda, [proc.pid], timeout_ms=10000)
+    base = [criu, "--libdir", libdir, "-v4"]
+    dump = [
+        *base,
+        "dump",
+        "--tree",
+        str(proc.pid),
+        "--images-dir",
+        images,
+        "--log-file",
+        "dump.log",
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(dump, capture_output=True, text=True)
+    row("criu cycle: criu dump", f"rc {done.returncode}", time.perf_counter() - started)
+    if done.returncode != 0:
+        errors = [
+            line
+            for line in Path(os.path.join(images, "dump.log")).read_text().splitlines()
+            if "Error" in line
+        ]
+        raise SystemExit("criu dump failed: " + " | ".join(errors[-6:]))
+    proc.wait()
+    size = sum(os.path.getsize(os.path.join(images, f)) for f in os.listdir(images))
+    row("criu cycle: images", f"{size / 2**20:.0f} MiB")
+    pidfile = os.path.join(work, "restored.pid")
+    restore = [
+        *base,
+        "restore",
+        "--images-dir",
+        images,
+        "--log-file",
+        "restore.log",
+        "--restore-detached",
+        "--pidfile",
+        pidfile,
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(restore, capture_output=True, text=True)
+    row("criu cycle: criu restore", f"rc {done.returncode}", time.perf_counter() - started)
+    if done.returncode != 0:
+        errors = [
+            line
+            for line in Path(os.path.join(images, "restore.log")).read_text().splitlines()
+            if "Error" in line
+        ]
+        raise SystemExit("criu restore failed: " + " | ".join(errors[-6:]))
+    pid = int(Path(pidfile).read_text())
+    row("criu cycle: state after criu restore", cuda.state(pid).name)
+    pairs = device_map(
+        tuple(u for u in [env["CUDA_VISIBLE_DEVICES"]]), (env["CUDA_VISIBLE_DEVICES"],)
+    )
+    timed(
+        "criu cycle: cuda resume (restore+unlock)",
+        resume,
+        cuda,
+        [pid],
+        pairs=pairs if format_device_map(pairs) else (),
+    )
+    try:
+        ask(work, "criu cycle: memory after restore")
+    finally:
+        os.kill(pid, 9)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cuda-checkpoint", default="")
+    parser.add_argument("--criu", default="", help="also dump and restore it with this criu")
     args = parser.parse_args()
     node = timed("NVML facts", read_gpu_facts)
     if not node.devices:  # type: ignore[attr-defined]
@@ -162,6 +297,8 @@ def main() -> int:
     finally:
         proc.kill()
         proc.wait()
+    if args.criu:
+        criu_cycle(args.criu, CudaCheckpoint(), {"CUDA_VISIBLE_DEVICES": uuid})
     print("\n| step | result | time |\n|---|---|---|")
     for step, result, seconds in ROWS:
         print(f"| {step} | {result} | {seconds} |")

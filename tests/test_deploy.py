@@ -72,6 +72,7 @@ def test_the_controller_may_do_what_the_code_does() -> None:
         ("batch", "jobs", "delete"),
         ("", "pods", "watch"),
         ("", "pods", "list"),
+        ("", "pods", "patch"),  # activities.kube: the restore status annotation
         ("events.k8s.io", "events", "create"),
         ("coordination.k8s.io", "leases", "create"),
         ("coordination.k8s.io", "leases", "patch"),
@@ -88,6 +89,21 @@ def test_the_node_worker_and_the_seccomp_profile() -> None:
     assert node["securityContext"]["privileged"] is True
     env = {e["name"] for e in node["env"]}
     assert {"WARMSTART_NODE__NAME", "WARMSTART_NODE__CONTAINERD_ADDRESS"} <= env
+    # It watches its restore targets: pods, through its own service account.
+    account = pod["serviceAccountName"]
+    [binding] = [
+        d
+        for d in _kubernetes_docs()
+        if d["kind"] == "ClusterRoleBinding" and d["subjects"][0]["name"] == account
+    ]
+    [role] = [
+        d
+        for d in _kubernetes_docs()
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == binding["roleRef"]["name"]
+    ]
+    assert {"list", "watch"} <= set(role["rules"][0]["verbs"])
+    mounts = {m["mountPath"]: m.get("mountPropagation") for m in node["volumeMounts"]}
+    assert mounts["/run/containerd"] == mounts["/var/lib/kubelet"] == "HostToContainer"
     shipped = json.loads((REPO / "deploy" / "seccomp" / "block-io-uring.json").read_text())
     configured = json.loads(docs["ConfigMap"]["data"]["block-io-uring.json"])  # type: ignore[index]
     assert configured == shipped
