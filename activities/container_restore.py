@@ -59,6 +59,7 @@ from activities.criu import (
     _spawn,
     log_errors,
 )
+from activities.hook_mounts import MOUNTS_FILE, remapped
 from activities.processes import children
 from api.errors import RestoreFailedError, WarmstartError
 from api.manifest import Manifest
@@ -226,12 +227,17 @@ async def run_restore(
     mounts = node_mounts(pid)
     if "/" not in mounts:
         raise RestoreFailedError(f"{where}: the container's root is not mounted on this node")
+    root = mounts.pop("/")
+    mounts, moved = remapped(_dumped_mounts(images_dir.parent), mounts)
+    if moved:  # e.g. the NVIDIA hook's random path: bind the new one at the old point
+        dirs = {old: mounts[old].is_dir() for old in moved}
+        await _create_mount_points(pid=pid, points=dirs, where=where)
     with _handles(pid, manifest.source.stdio) as handles:
         target = ContainerRestoreTarget(
             images_dir=images_dir,
             work_dir=work_dir,
             pidfile=work_dir / "restored.pid",
-            root=mounts.pop("/"),
+            root=root,
             bind_mounts=mounts,
             inherit_fds=handles.inherit,
             join_fds=handles.join,
@@ -249,6 +255,37 @@ async def run_restore(
         )
     ns_pid = int(target.pidfile.read_text().strip())
     return _find_restored(pid, ns_pid, where)
+
+
+def _dumped_mounts(version_dir: Path) -> list[str]:
+    try:
+        return list(json.loads((version_dir / MOUNTS_FILE).read_text())["bind_mounts"])
+    except FileNotFoundError:
+        return []  # an older dump: its mount points are taken as they are
+
+
+_CREATE_POINTS = """
+import json, os, sys
+points = json.loads(sys.argv[2])
+os.chroot(sys.argv[1])
+for point, is_dir in points.items():
+    os.makedirs(point if is_dir else os.path.dirname(point), exist_ok=True)
+    if not is_dir and not os.path.lexists(point):
+        open(point, "x").close()
+"""
+
+
+async def _create_mount_points(*, pid: int, points: dict[str, bool], where: str) -> None:
+    """Old mount points created in the container's root (by a child chrooted there, so a
+    link in the root cannot send them onto the node) for CRIU to bind the moved mounts on."""
+    command = [sys.executable, "-I", "-S", "-c", _CREATE_POINTS, f"/proc/{pid}/root"]
+    proc = await asyncio.create_subprocess_exec(
+        *command, json.dumps(points), stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        detail = err.decode(errors="replace").strip().splitlines()[-1:]
+        raise RestoreFailedError(f"{where}: mount points for moved mounts: {' '.join(detail)}")
 
 
 @dataclass

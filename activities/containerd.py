@@ -41,6 +41,7 @@ from activities.contracts import (
 from activities.criu import CONTAINER_DUMP_OPTIONS, DUMP_OPTIONS, IMAGES_DIR, Criu, run_dump
 from activities.cuda import CudaApi, cuda_processes, resume, suspend, tree_pids
 from activities.gpu import NodeGpus
+from activities.hook_mounts import MOUNTS_FILE
 from activities.sentinels import wait_for_file
 from activities.storage import CheckpointStore, digest_tree, make_private, process_host_info
 from api.errors import (
@@ -469,6 +470,7 @@ class ContainerdActivities(ContainerActivities):
         try:
             suspended = await asyncio.to_thread(self._suspend_cuda, located.pid, staging)
             await run_dump(command, images, what=where)
+            (staging / MOUNTS_FILE).write_text(json.dumps({"bind_mounts": binds}) + "\n")
             upper, mount_points = container_mounts(located.pid)
             if upper is not None:
                 count = await asyncio.to_thread(

@@ -15,6 +15,7 @@ WarmstartError                      reason (api.reasons.Reason)      retried by 
 ├── AlreadyRunningError             AlreadyRunning                   no   (one live instance)
 ├── DumpFailedError                 DumpFailed                       no
 ├── RestoreFailedError              RestoreFailed                    no
+├── StorageError                    StorageFailed                    no   (bucket, credentials)
 ├── UnavailableError                Unavailable                      yes  (server, binary absent)
 └── PipelineFailedError             the failed step's reason         -    (a workflow's outcome)
 """
@@ -114,6 +115,13 @@ class RestoreFailedError(WarmstartError):
     """CRIU could not restore, or the restored process did not answer."""
 
     default_reason = Reason.RESTORE_FAILED
+
+
+class StorageError(WarmstartError):
+    """The checkpoint storage refused a request that retrying cannot fix: a bucket that
+    does not exist, rejected credentials, access denied; the message names bucket or object."""
+
+    default_reason = Reason.STORAGE_FAILED
 
 
 class UnavailableError(WarmstartError):

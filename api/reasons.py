@@ -38,6 +38,7 @@ class Reason(StrEnum):
     CHECKPOINT_NOT_FOUND = "CheckpointNotFound"
     CANCELLED = "Cancelled"
     STEP_TIMED_OUT = "StepTimedOut"
+    STORAGE_FAILED = "StorageFailed"
     UNAVAILABLE = "Unavailable"
     INTERNAL = "InternalError"
     CAPTURED = "Captured"

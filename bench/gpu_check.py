@@ -172,6 +172,15 @@ def ask(directory: str, step: str) -> None:
         raise SystemExit(f"{step}: GPU memory not intact: {answer!r}")
 
 
+def run_criu(command: list[str], log: str, step: str) -> None:
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    row(step, f"rc {done.returncode}", time.perf_counter() - started)
+    if done.returncode != 0:
+        errors = [line for line in Path(log).read_text().splitlines() if "Error" in line]
+        raise SystemExit(f"{step} failed: " + " | ".join(errors[-6:]))
+
+
 def criu_cycle(criu: str, cuda: CudaCheckpoint, env: dict[str, str]) -> None:
     """A real CUDA process through suspend → criu dump → criu restore → resume."""
     work = tempfile.mkdtemp(prefix="ws-gpu-")
@@ -204,16 +213,7 @@ def criu_cycle(criu: str, cuda: CudaCheckpoint, env: dict[str, str]) -> None:
         "--log-file",
         "dump.log",
     ]
-    started = time.perf_counter()
-    done = subprocess.run(dump, capture_output=True, text=True)
-    row("criu cycle: criu dump", f"rc {done.returncode}", time.perf_counter() - started)
-    if done.returncode != 0:
-        errors = [
-            line
-            for line in Path(os.path.join(images, "dump.log")).read_text().splitlines()
-            if "Error" in line
-        ]
-        raise SystemExit("criu dump failed: " + " | ".join(errors[-6:]))
+    run_criu(dump, os.path.join(images, "dump.log"), "criu cycle: criu dump")
     proc.wait()
     size = sum(os.path.getsize(os.path.join(images, f)) for f in os.listdir(images))
     row("criu cycle: images", f"{size / 2**20:.0f} MiB")
@@ -229,16 +229,7 @@ def criu_cycle(criu: str, cuda: CudaCheckpoint, env: dict[str, str]) -> None:
         "--pidfile",
         pidfile,
     ]
-    started = time.perf_counter()
-    done = subprocess.run(restore, capture_output=True, text=True)
-    row("criu cycle: criu restore", f"rc {done.returncode}", time.perf_counter() - started)
-    if done.returncode != 0:
-        errors = [
-            line
-            for line in Path(os.path.join(images, "restore.log")).read_text().splitlines()
-            if "Error" in line
-        ]
-        raise SystemExit("criu restore failed: " + " | ".join(errors[-6:]))
+    run_criu(restore, os.path.join(images, "restore.log"), "criu cycle: criu restore")
     pid = int(Path(pidfile).read_text())
     row("criu cycle: state after criu restore", cuda.state(pid).name)
     pairs = device_map(

@@ -154,11 +154,13 @@ class Kubelet:
         *,
         image: str | None = None,
         log: Path | None = None,
+        binds: dict[str, Path] | None = None,
     ) -> tuple[str, Path]:
         """Start `command` as container `container` of pod `pod_uid` (from `image`, or from
         a plain root directory); returns its ID and its control directory on the node (the
         pod's emptyDir). With `log`, the container's stdout and stderr go to that file
-        through the runtime's shim (pipes, as under a kubelet: what `kubectl logs` reads)."""
+        through the runtime's shim (pipes, as under a kubelet: what `kubectl logs` reads);
+        `binds`: more read-only bind mounts, container path → node path."""
         cid = f"c{uuid.uuid4().hex[:12]}"
         if image is None:
             rootfs = self.base / "rootfs" / cid
@@ -186,6 +188,11 @@ class Kubelet:
             "type=bind,src=/usr,dst=/usr,options=rbind:ro",
             "--mount",
             f"type=bind,src={control},dst=/snapshot-control,options=rbind:rw",
+            *(
+                arg
+                for dst, src in (binds or {}).items()
+                for arg in ("--mount", f"type=bind,src={src},dst={dst},options=rbind:ro")
+            ),
             "--env",
             "PATH=/usr/bin:/bin",
             "--env",

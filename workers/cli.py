@@ -1,4 +1,4 @@
-"""The `warmstart` CLI: dev server and workers, capture, restore, list, describe, demo.
+"""The `warmstart` CLI: dev server and workers, capture, restore, list, describe, gc, demo.
 
 Exit codes: 0 success, 1 the pipeline failed (or its server is unreachable), 2 usage.
 Start time matters (a restore takes a fraction of a second): this module imports only the
@@ -276,6 +276,35 @@ def quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def gc(args: argparse.Namespace) -> int:
+    """Apply the retention policy once and print what was deleted and kept (with --schedule:
+    create or update the `warmstart-retention` Schedule instead)."""
+    import json
+
+    from workers import retention
+    from workers.client import connect
+
+    if args.schedule and args.dry_run:
+        from api.errors import InvalidSpecError
+
+        raise InvalidSpecError("give at most one of --schedule and --dry-run")
+    settings = _settings()
+
+    async def run() -> list[str]:
+        client = await connect(settings)
+        if args.schedule:
+            handle = await retention.ensure_retention_schedule(client, settings=settings)
+            every = settings.retention.interval_seconds
+            return [f"schedule {handle.id}: retention every {every:g} s"]
+        summary = await retention.run_retention(client, settings=settings, dry_run=args.dry_run)
+        if args.output == "json":
+            return [json.dumps(summary.model_dump(mode="json"), indent=2)]
+        return retention.summary_lines(summary)
+
+    print("\n".join(_run(run())))
+    return 0
+
+
 def pipelines(args: argparse.Namespace) -> int:
     """Recent captures and restores as Temporal knows them: running, failed, completed."""
     from workers.describing import list_pipelines
@@ -397,6 +426,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = command(quarantine)
     sub.add_argument("action", choices=("list", "clear"), nargs="?", default="list")
     sub.add_argument("ref", metavar="REF", nargs="?", default="", help="name or checkpoint ID")
+    output(sub)
+
+    sub = command(gc)
+    sub.add_argument("--dry-run", action="store_true", help="report only; delete nothing")
+    sub.add_argument("--schedule", action="store_true", help="create or update the Schedule")
     output(sub)
 
     sub = command(pipelines)

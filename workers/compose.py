@@ -28,22 +28,29 @@ from activities.verified import VerifiedFiles
 from api.errors import UnavailableError
 from api.manifest import CriuInfo
 from api.naming import node_task_queue
+from workers.retention import retention_activities
 from workers.settings import Settings
 from workflows import policies
 from workflows.capture import CaptureWorkflow
 from workflows.restore import RestoreWorkflow
+from workflows.retention import RetentionWorkflow
 
 log = logging.getLogger(__name__)
 
 
 def control_worker(client: Client, settings: Settings) -> Worker:
-    """CaptureWorkflow and the API-side activities (local mode: the state directory)."""
+    """CaptureWorkflow and the API-side activities (local mode: the state directory), plus
+    RetentionWorkflow and its activities over the checkpoint root."""
     control = LocalControlActivities(state_dir=settings.home)
     return Worker(
         client,
         task_queue=settings.node.control_task_queue,
-        workflows=[CaptureWorkflow],
-        activities=[control.claim_checkpoint_id, control.publish_status],
+        workflows=[CaptureWorkflow, RetentionWorkflow],
+        activities=[
+            control.claim_checkpoint_id,
+            control.publish_status,
+            *retention_activities(client, settings=settings),
+        ],
         interceptors=[ErrorMapping()],
     )
 

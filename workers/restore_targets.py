@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+import ssl
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from kubernetes import client as kube
 from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -114,7 +115,7 @@ async def watching_restore_targets(client: Client, settings: Settings) -> AsyncI
 
     api = kube_client(settings)
     watcher = RestoreTargetWatch(
-        core=kube.CoreV1Api(api),
+        configuration=api.configuration,
         client=client,
         node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
@@ -136,49 +137,69 @@ class RestoreTargetWatch:
     def __init__(
         self,
         *,
-        core: kube.CoreV1Api,
+        configuration: kube.Configuration,
         client: Client,
         node: str,
         control_task_queue: str,
         deadline_seconds: float,
     ) -> None:
-        self._core = core
+        """`configuration`: the API server and credentials, as the `kubernetes` client
+        holds them (the watch itself is an aiohttp stream: cancelling it closes it)."""
+        self._api = configuration
         self._client = client
         self._node = node
         self._control_task_queue = control_task_queue
         self._deadline = deadline_seconds
         self._started: set[str] = set()
         self.considered = 0  # pods seen so far (the watch's progress, for whoever waits)
-        self._response: Any = None  # the watch being read (urllib3's response)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Watch until `stop` is set."""
-        loop = asyncio.get_running_loop()
-        pods: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        stopped = threading.Event()
-        thread = threading.Thread(
-            target=self._watch,
-            args=(lambda pod: loop.call_soon_threadsafe(pods.put_nowait, pod), stopped),
-            name=f"restore-targets-{self._node}",
-            daemon=True,
-        )
-        thread.start()
+        """Watch until `stop` is set; each watch the server ends is followed by the next,
+        which lists the current targets again."""
+        watching = asyncio.ensure_future(self._watch())
+        stopping = asyncio.ensure_future(stop.wait())
         try:
-            while not stop.is_set():
-                getting = asyncio.ensure_future(pods.get())
-                stopping = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                if not getting.done():
-                    getting.cancel()
-                    break
-                try:
-                    await self.consider(getting.result())
-                except Exception:  # one pod's trouble must not end the watch for all
-                    log.exception("node %s: a restore target was not started", self._node)
+            await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._stop_watch(stopped)
-            await asyncio.to_thread(thread.join, 10.0)
+            for task in (watching, stopping):
+                task.cancel()
+            await asyncio.gather(watching, stopping, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        query = {
+            "watch": "true",
+            "labelSelector": f"{RESTORE_TARGET_LABEL}=true",
+            "fieldSelector": f"spec.nodeName={self._node}",
+            "timeoutSeconds": str(_WATCH_SECONDS),
+        }
+        url = f"{self._api.host.rstrip('/')}/api/v1/pods"
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=_WATCH_SECONDS + 30)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    await self._watch_once(session, url, query)
+                except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+                    log.warning("node %s: watch of restore targets: %s", self._node, err)
+                    await asyncio.sleep(1.0)  # the API is away: watch again after a pause
+
+    async def _watch_once(
+        self, session: aiohttp.ClientSession, url: str, query: dict[str, str]
+    ) -> None:
+        headers = {"Accept": "application/json"}
+        token = self._api.get_api_key_with_prefix("authorization")
+        if token:
+            headers["Authorization"] = token
+        async with session.get(url, params=query, headers=headers, ssl=_ssl(self._api)) as reply:
+            reply.raise_for_status()
+            async for line in reply.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event.get("type") in ("ADDED", "MODIFIED"):
+                    try:
+                        await self.consider(event["object"])
+                    except Exception:  # one pod's trouble must not end the watch for all
+                        log.exception("node %s: a restore target was not started", self._node)
 
     async def consider(self, pod: Mapping[str, Any]) -> None:
         self.considered += 1
@@ -203,41 +224,11 @@ class RestoreTargetWatch:
             return  # restored (or fell back) before this worker started
         log.info("restore of pod %s/%s started: %s", request.namespace, request.name, handle.id)
 
-    def _watch(self, emit: Callable[[dict[str, Any]], object], stopped: threading.Event) -> None:
-        """Watch (in this thread) until `stopped`; each watch the server ends is followed by
-        the next, which lists the current targets again."""
-        while not stopped.is_set():
-            try:
-                response: Any = self._core.list_pod_for_all_namespaces(
-                    label_selector=f"{RESTORE_TARGET_LABEL}=true",
-                    field_selector=f"spec.nodeName={self._node}",
-                    watch=True,
-                    timeout_seconds=_WATCH_SECONDS,
-                    _preload_content=False,
-                )
-            except Exception as err:  # the API is away: try again after a pause
-                log.warning("node %s: watch of restore targets failed: %s", self._node, err)
-                stopped.wait(1.0)
-                continue
-            self._response = response  # before looking at `stopped`: see _stop_watch
-            try:
-                if stopped.is_set():
-                    break
-                for line in response:
-                    if stopped.is_set():
-                        break
-                    event = json.loads(line) if line.strip() else {}
-                    if event.get("type") in ("ADDED", "MODIFIED"):
-                        emit(event["object"])
-            except Exception as err:
-                if not stopped.is_set():
-                    log.warning("node %s: watch of restore targets ended: %s", self._node, err)
-            finally:
-                response.close()  # never back to the pool half-read
 
-    def _stop_watch(self, stopped: threading.Event) -> None:
-        """End the watch at once: its thread is blocked reading the server's stream."""
-        stopped.set()
-        if self._response is not None:
-            with contextlib.suppress(Exception):
-                self._response.shutdown()
+def _ssl(configuration: kube.Configuration) -> ssl.SSLContext | bool:
+    if not configuration.verify_ssl:
+        return False
+    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert or None)
+    if configuration.cert_file:
+        context.load_cert_chain(configuration.cert_file, configuration.key_file or None)
+    return context

@@ -124,6 +124,20 @@ class TelemetrySettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """Checkpoint retention (`warmstart gc`, the `warmstart-retention` Schedule): the
+    default policy of every namespace, and how often the Schedule runs it."""
+
+    interval_seconds: float = 3600.0
+    keep_newest_per_identity: int = 3
+    max_age_days: float | None = None
+    max_total_bytes: int | None = None
+    # A JSON file of per-namespace policies: {"<namespace>": {"keep_newest_per_identity":
+    # 2, "max_age_days": 30, "max_total_bytes": 107374182400}}.
+    policies_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path = field(default_factory=lambda: Path.home() / ".local" / "state" / "warmstart")
     temporal: TemporalSettings = TemporalSettings()
@@ -132,6 +146,7 @@ class Settings:
     kube: KubeSettings = KubeSettings()
     webhook: WebhookSettings = WebhookSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

@@ -88,10 +88,17 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 20) ->
         time.sleep(0.02)
 
 
-def run_pod(kubelet: Kubelet, tmp_path: Path, name: str, command: list[str], image: str) -> Pod:
+def run_pod(
+    kubelet: Kubelet,
+    tmp_path: Path,
+    name: str,
+    command: list[str],
+    image: str,
+    binds: dict[str, Path] | None = None,
+) -> Pod:
     uid = str(uuid.uuid4())
     log = tmp_path / f"{name}.log"
-    cid, control = kubelet.run(uid, "main", command, image=image, log=log)
+    cid, control = kubelet.run(uid, "main", command, image=image, log=log, binds=binds)
     target = ContainerTarget(namespace="inference", pod_name=name, pod_uid=uid, container="main")
     return Pod(target=target, cid=cid, control=control, log=log)
 
@@ -102,9 +109,11 @@ def criu() -> Criu:
     return Criu(path)
 
 
-async def capture(kubelet: Kubelet, tmp_path: Path, image: str) -> Captured:
+async def capture(
+    kubelet: Kubelet, tmp_path: Path, image: str, binds: dict[str, Path] | None = None
+) -> Captured:
     """The source pod serving its token, dumped leave-running and committed."""
-    source = run_pod(kubelet, tmp_path, "llama-source", ARGV, image)
+    source = run_pod(kubelet, tmp_path, "llama-source", ARGV, image, binds)
     wait_for(lambda: (source.control / "ready-for-snapshot").exists(), "the source to be ready")
     token = source.log.read_text().split()[1]
     store = CheckpointStore(tmp_path / "checkpoints")
@@ -128,9 +137,11 @@ async def capture(kubelet: Kubelet, tmp_path: Path, image: str) -> Captured:
     return Captured(source=source, token=token, version_dir=final, manifest=manifest)
 
 
-async def placeholder(kubelet: Kubelet, tmp_path: Path, image: str) -> tuple[Pod, Located]:
+async def placeholder(
+    kubelet: Kubelet, tmp_path: Path, image: str, binds: dict[str, Path] | None = None
+) -> tuple[Pod, Located]:
     command = ["/bin/sh", "-c", STANDBY, "warmstart-standby", *ARGV]
-    pod = run_pod(kubelet, tmp_path, "llama-restored", command, image)
+    pod = run_pod(kubelet, tmp_path, "llama-restored", command, image, binds)
     wait_for(lambda: "standby waiting" in pod.log.read_text(), "the standby to wait")
     return pod, await Containerd(address=kubelet.address).locate(pod.target)
 
@@ -353,3 +364,25 @@ async def test_a_diff_that_cannot_be_applied_names_the_restore(tmp_path: Path) -
     version = _diff(tmp_path, {"var/token": b"restored\n"}, [])
     with pytest.raises(RestoreFailedError, match=r"^pod x: applying rootfs-diff.tar failed"):
         await apply_rootfs_diff(root=root, version_dir=version, where="pod x")
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_a_hook_mount_at_another_random_path_is_remapped(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    """As the NVIDIA container toolkit mounts its hook: a per-container random path."""
+    image = kubelet.import_image("local/workload:1")
+    (tmp_path / "hook-a").write_text("hook of the source\n")
+    (tmp_path / "hook-b").write_text("hook of the target\n")
+    old, new = "/opt/nvidia-ctk-hook-3f9a2c1b", "/opt/nvidia-ctk-hook-77e01d5a"
+    captured = await capture(kubelet, tmp_path, image, {old: tmp_path / "hook-a"})
+    assert json.loads((captured.version_dir / "mounts.json").read_text())["bind_mounts"]
+    pod, located = await placeholder(kubelet, tmp_path, image, {new: tmp_path / "hook-b"})
+
+    restored = await restore(captured, pod, located, tmp_path)
+
+    assert get_in_netns(located.pid) == captured.token
+    # The dumped mount point now binds the target's hook.
+    root = Path(f"/proc/{restored.host_pid}/root")
+    assert (root / old.lstrip("/")).read_text() == "hook of the target\n"

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from kubernetes import client as kube
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
@@ -123,7 +122,7 @@ async def watching(
     cluster: Cluster, client: Client, node: str
 ) -> AsyncIterator[RestoreTargetWatch]:
     watch = RestoreTargetWatch(
-        core=kube.CoreV1Api(cluster.api),
+        configuration=cluster.api.configuration,
         client=client,
         node=node,
         control_task_queue=f"control-{node}",

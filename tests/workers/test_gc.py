@@ -1,0 +1,115 @@
+"""Retention from the outside: the `warmstart-retention` Schedule (created, then updated in
+place) and `warmstart gc` as a user runs it, against the dev server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleOverlapPolicy
+
+from activities.catalog import LocalCatalog
+from activities.storage import CheckpointStore
+from api.errors import InvalidSpecError
+from api.retention import RETENTION_SCHEDULE_ID, RETENTION_WORKFLOW, RetentionPolicy
+from tests.committing import commit_version
+from workers.compose import control_worker
+from workers.retention import ensure_retention_schedule, retention_policies
+from workers.settings import RetentionSettings, Settings
+
+pytestmark = pytest.mark.timeout(120)
+WARMSTART = str(Path(sys.executable).parent / "warmstart")
+T0 = datetime(2026, 11, 24, tzinfo=UTC)
+
+
+async def test_schedule_is_created_then_updated(client: Client, settings: Settings) -> None:
+    handle = await ensure_retention_schedule(client, settings=settings)
+    try:
+        faster = dataclasses.replace(settings, retention=RetentionSettings(interval_seconds=600))
+        again = await ensure_retention_schedule(client, settings=faster)
+        assert again.id == handle.id == RETENTION_SCHEDULE_ID
+        schedule = (await handle.describe()).schedule
+        [interval] = schedule.spec.intervals
+        assert interval.every == timedelta(minutes=10)
+        assert schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
+        action = schedule.action
+        assert isinstance(action, ScheduleActionStartWorkflow)
+        assert action.workflow == RETENTION_WORKFLOW
+        assert action.task_queue == settings.node.control_task_queue
+    finally:
+        await handle.delete()
+
+
+async def _gc(settings: Settings, address: str, *args: str) -> tuple[int, str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(settings.home),
+        "WARMSTART_HOME": str(settings.home),
+        "WARMSTART_TEMPORAL__ADDRESS": address,
+        "WARMSTART_NODE__CONTROL_TASK_QUEUE": settings.node.control_task_queue,
+        "WARMSTART_RETENTION__KEEP_NEWEST_PER_IDENTITY": "1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        WARMSTART,
+        "gc",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_gc_dry_run_then_for_real(client: Client, settings: Settings) -> None:
+    store = CheckpointStore(settings.checkpoint_root)
+    old = commit_version(store, model="m", created_at=T0)
+    new = commit_version(store, model="m", created_at=T0 + timedelta(hours=1), suffix="bbbbbb")
+    address = client.service_client.config.target_host
+    async with control_worker(client, settings):
+        code, out, err = await _gc(settings, address, "--dry-run", "--output", "json")
+        assert code == 0, err
+        summary = json.loads(out)
+        assert [d["version"] for d in summary["deleted"]] == [old.version]
+        assert len(LocalCatalog(store.root).checkpoints()) == 2
+
+        code, out, err = await _gc(settings, address)
+    assert code == 0, err
+    assert f"version {old.version}" in out and "deleted, beyond the 1 newest" in out
+    assert [e.version for e in LocalCatalog(store.root).checkpoints()] == [new.version]
+
+
+async def test_gc_flags_exclude_each_other(settings: Settings) -> None:
+    code, _out, err = await _gc(settings, "127.0.0.1:1", "--schedule", "--dry-run")
+    assert code == 2 and "at most one of --schedule and --dry-run" in err
+
+
+def test_policies_come_from_settings_and_a_per_namespace_file(tmp_path: Path) -> None:
+    policies_file = tmp_path / "policies.json"
+    policies_file.write_text(json.dumps({"dev": {"keep_newest_per_identity": 1}}))
+    settings = Settings.from_env(
+        {
+            "WARMSTART_RETENTION__MAX_AGE_DAYS": "30",
+            "WARMSTART_RETENTION__MAX_TOTAL_BYTES": str(100 << 30),
+            "WARMSTART_RETENTION__POLICIES_FILE": str(policies_file),
+        }
+    )
+    policies = retention_policies(settings)
+    assert policies.default == RetentionPolicy(max_age_days=30, max_total_bytes=100 << 30)
+    assert policies.for_namespace("dev") == RetentionPolicy(keep_newest_per_identity=1)
+    assert policies.for_namespace("prod") == policies.default
+
+
+def test_a_bad_policies_file_is_named(tmp_path: Path) -> None:
+    policies_file = tmp_path / "policies.json"
+    policies_file.write_text(json.dumps({"dev": {"keep_newest_per_identity": 0}}))
+    settings = Settings(retention=RetentionSettings(policies_file=str(policies_file)))
+    with pytest.raises(InvalidSpecError, match=r"retention policies file .*policies\.json"):
+        retention_policies(settings)

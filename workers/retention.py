@@ -1,0 +1,131 @@
+"""Checkpoint retention from the outside: the policies from settings, the
+`warmstart-retention` Schedule, one run on demand (`warmstart gc`), and its summary as text."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleHandle,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
+
+from activities.retention import RetentionActivities
+from activities.storage import CheckpointStore
+from api.errors import InvalidSpecError
+from api.retention import RETENTION_SCHEDULE_ID, RetentionPolicies, RetentionPolicy
+from workers.settings import Settings
+from workflows.retention import RetentionWorkflow
+from workflows.retention_contracts import RetentionRequest, RetentionSummary
+
+
+def retention_policies(settings: Settings) -> RetentionPolicies:
+    """The default policy from settings plus the per-namespace ones of `policies_file`."""
+    r = settings.retention
+    default = RetentionPolicy(
+        keep_newest_per_identity=r.keep_newest_per_identity,
+        max_age_days=r.max_age_days,
+        max_total_bytes=r.max_total_bytes,
+    )
+    if r.policies_file is None:
+        return RetentionPolicies(default=default)
+    try:
+        by_namespace = json.loads(Path(r.policies_file).read_text())
+        return RetentionPolicies(default=default, by_namespace=by_namespace)
+    except (OSError, ValueError, ValidationError) as err:
+        raise InvalidSpecError(f"retention policies file {r.policies_file}: {err}") from err
+
+
+def retention_request(settings: Settings, *, dry_run: bool = False) -> RetentionRequest:
+    return RetentionRequest(policies=retention_policies(settings), dry_run=dry_run)
+
+
+def retention_schedule(settings: Settings) -> Schedule:
+    """Every `interval_seconds`, a RetentionWorkflow on the control queue; a run still going
+    when the next is due makes that one skip."""
+    action = ScheduleActionStartWorkflow(
+        RetentionWorkflow.run,
+        retention_request(settings),
+        id=RETENTION_SCHEDULE_ID,
+        task_queue=settings.node.control_task_queue,
+    )
+    interval = timedelta(seconds=settings.retention.interval_seconds)
+    return Schedule(
+        action=action,
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=interval)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+
+
+async def ensure_retention_schedule(client: Client, *, settings: Settings) -> ScheduleHandle:
+    """Create the `warmstart-retention` Schedule, or update it to these settings."""
+    schedule = retention_schedule(settings)
+    try:
+        return await client.create_schedule(RETENTION_SCHEDULE_ID, schedule)
+    except ScheduleAlreadyRunningError:
+        handle = client.get_schedule_handle(RETENTION_SCHEDULE_ID)
+
+        def replace(_: ScheduleUpdateInput) -> ScheduleUpdate:
+            return ScheduleUpdate(schedule=schedule)
+
+        await handle.update(replace)
+        return handle
+
+
+async def run_retention(client: Client, *, settings: Settings, dry_run: bool) -> RetentionSummary:
+    """One RetentionWorkflow now, on the control queue; its summary."""
+    return await client.execute_workflow(
+        RetentionWorkflow.run,
+        retention_request(settings, dry_run=dry_run),
+        id=f"retention/manual/{uuid.uuid4()}",
+        task_queue=settings.node.control_task_queue,
+    )
+
+
+def summary_lines(summary: RetentionSummary) -> list[str]:
+    """The summary as a person reads it."""
+    verb = "would delete" if summary.dry_run else "deleted"
+    lines = [
+        f"checkpoint {d.checkpoint_id} version {d.version} ({d.namespace}, "
+        f"{d.size_bytes} bytes): {verb}, {d.reason}"
+        for d in summary.deleted
+    ]
+    swept = (
+        *summary.swept_staging,
+        *summary.swept_half_deleted,
+        *summary.swept_quarantine,
+    )
+    lines += [f"{'would sweep' if summary.dry_run else 'swept'} {path}" for path in swept]
+    lines.append(
+        f"{verb} {len(summary.deleted)} version(s), {summary.bytes_freed} bytes; "
+        f"kept {summary.kept}; {summary.protected} protected reference(s)"
+    )
+    return lines
+
+
+def retention_activities(client: Client, *, settings: Settings) -> list[Callable[..., Any]]:
+    """The control worker's retention activities over the local checkpoint root (a
+    cluster's control worker would mount the shared volume and pass a source of the
+    versions Ready Checkpoint resources reference)."""
+    retention = RetentionActivities(store=CheckpointStore(settings.checkpoint_root), client=client)
+    return [
+        retention.list_checkpoint_versions,
+        retention.protected_versions,
+        retention.delete_version,
+        retention.sweep_orphans,
+    ]

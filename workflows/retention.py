@@ -1,0 +1,109 @@
+"""RetentionWorkflow: list committed versions, find the protected ones, plan deletions with
+the pure `api.retention.plan_deletions`, delete, sweep orphans, report.
+
+It runs on the control queue (started by the `warmstart-retention` Schedule or by
+`warmstart gc`); its activities go to the same queue, whose worker mounts the store.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from activities.retention import (
+        DeleteVersionInput,
+        ListVersionsInput,
+        ProtectedInput,
+        RetentionActivities,
+        SweepInput,
+        SweepResult,
+    )
+    from api.retention import RETENTION_WORKFLOW, Deletion, plan_deletions
+    from workflows.retention_contracts import RetentionRequest, RetentionSummary
+
+# Listing and sweeping read every manifest; deleting removes a tree of up to ~160 GiB.
+STORE_STEP_TIMEOUT = timedelta(minutes=30)
+STORE_STEP_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=5,
+)
+
+
+@workflow.defn(name=RETENTION_WORKFLOW)
+class RetentionWorkflow:
+    @workflow.run
+    async def run(self, request: RetentionRequest) -> RetentionSummary:
+        listed = await workflow.execute_activity_method(
+            RetentionActivities.list_checkpoint_versions,
+            ListVersionsInput(),
+            start_to_close_timeout=STORE_STEP_TIMEOUT,
+            retry_policy=STORE_STEP_RETRY,
+            summary="list committed versions",
+        )
+        protected = await workflow.execute_activity_method(
+            RetentionActivities.protected_versions,
+            ProtectedInput(),
+            start_to_close_timeout=STORE_STEP_TIMEOUT,
+            retry_policy=STORE_STEP_RETRY,
+            summary="find live restores and Ready references",
+        )
+        plan = plan_deletions(
+            listed.versions, request.policies, now=workflow.now(), protected=protected.refs
+        )
+        if not request.dry_run:
+            await self._delete(plan)
+        swept = await workflow.execute_activity_method(
+            RetentionActivities.sweep_orphans,
+            SweepInput(
+                staging_older_than_seconds=request.staging_older_than_seconds,
+                dry_run=request.dry_run,
+            ),
+            start_to_close_timeout=STORE_STEP_TIMEOUT,
+            retry_policy=STORE_STEP_RETRY,
+            summary="sweep orphans" + (" (dry run)" if request.dry_run else ""),
+        )
+        return summarize(
+            request, plan, listed=len(listed.versions), protected=len(protected.refs), swept=swept
+        )
+
+    async def _delete(self, plan: list[Deletion]) -> None:
+        """One activity per version, in turn: each is retried on its own and shows in the UI."""
+        for deletion in plan:
+            workflow.logger.info(
+                "deleting checkpoint %s version %s: %s",
+                deletion.checkpoint_id,
+                deletion.version,
+                deletion.reason,
+            )
+            await workflow.execute_activity_method(
+                RetentionActivities.delete_version,
+                DeleteVersionInput(checkpoint_id=deletion.checkpoint_id, version=deletion.version),
+                start_to_close_timeout=STORE_STEP_TIMEOUT,
+                retry_policy=STORE_STEP_RETRY,
+                summary=f"delete {deletion.checkpoint_id}/{deletion.version}: {deletion.reason}",
+            )
+
+
+def summarize(
+    request: RetentionRequest,
+    plan: list[Deletion],
+    *,
+    listed: int,
+    protected: int,
+    swept: SweepResult,
+) -> RetentionSummary:
+    return RetentionSummary(
+        dry_run=request.dry_run,
+        deleted=tuple(plan),
+        bytes_freed=sum(d.size_bytes for d in plan),
+        kept=listed - len(plan),
+        protected=protected,
+        swept_staging=swept.staging,
+        swept_half_deleted=swept.half_deleted,
+        swept_quarantine=swept.quarantine,
+    )

@@ -1,0 +1,36 @@
+"""Request and summary contracts of RetentionWorkflow (apart from the workflow module so
+the CLI and the schedule can build and read them without importing activities)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from api.contract import Contract
+from api.retention import Deletion, RetentionPolicies
+
+# Staging untouched this long was left by a dump that cannot be running any more (the
+# longest dump may take 30 minutes; see workflows.policies.DUMP).
+DEFAULT_STAGING_AGE_SECONDS = 2 * 3600.0
+
+
+class RetentionRequest(Contract):
+    policies: RetentionPolicies = RetentionPolicies()
+    # Plan and report only: nothing is deleted or swept.
+    dry_run: bool = False
+    staging_older_than_seconds: float = Field(
+        default=DEFAULT_STAGING_AGE_SECONDS, gt=0, allow_inf_nan=False
+    )
+
+
+class RetentionSummary(Contract):
+    """What a run deleted (or, dry, would delete) and kept; swept paths are relative to
+    the checkpoint root."""
+
+    dry_run: bool
+    deleted: tuple[Deletion, ...]
+    bytes_freed: int
+    kept: int
+    protected: int
+    swept_staging: tuple[str, ...] = ()
+    swept_half_deleted: tuple[str, ...] = ()
+    swept_quarantine: tuple[str, ...] = ()
