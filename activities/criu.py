@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -190,11 +191,8 @@ class Criu:
         return [self.path, "restore", *dirs, *outputs, *RESTORE_OPTIONS]
 
     def version(self) -> str:
-        out = subprocess.run(
-            [self.path, "--version"], capture_output=True, text=True, check=False, timeout=10
-        ).stdout
-        match = re.search(r"Version:\s*(\S+)", out)
-        return match.group(1) if match else "unknown"
+        """Asked once per binary: every activity class of a node records or compares it."""
+        return _version(self.path)
 
     async def restore(self, *, images_dir: Path, work_dir: Path) -> int:
         """Restore detached; return the PID of the restored tree's root."""
@@ -208,6 +206,15 @@ class Criu:
             detail = detail.strip() or "(no log lines and no output)"
             raise RestoreFailedError(f"criu restore exited with {proc.returncode}:\n{detail}")
         return int(pidfile.read_text().strip())
+
+
+@functools.cache
+def _version(path: str) -> str:
+    out = subprocess.run(
+        [path, "--version"], capture_output=True, text=True, check=False, timeout=10
+    ).stdout
+    match = re.search(r"Version:\s*(\S+)", out)
+    return match.group(1) if match else "unknown"
 
 
 async def _spawn(

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from activities.catalog import LocalCatalog
-from activities.storage import CheckpointStore, digest_tree
+from activities.storage import CheckpointStore
 from api.errors import CheckpointNotFoundError, DigestMismatchError
-from api.identity import CheckpointIdentity
-from api.manifest import CriuInfo, HostInfo, Manifest, SourceInfo
+from tests.checkpoint_trees import manifest_for
 
 CKPT = "96429b2725761a09"
 
@@ -31,24 +29,11 @@ def _stage(store: CheckpointStore, version: str = VERSION) -> Path:
     return staging
 
 
-def _manifest(staging: Path, version: str = VERSION) -> Manifest:
-    return Manifest(
-        checkpoint_id=CKPT,
-        version=version,
-        identity=CheckpointIdentity(model="m", backend_framework="vllm"),
-        created_at=datetime.now(UTC),
-        source=SourceInfo(node="n", namespace="local", name="w"),
-        criu=CriuInfo(version="4.2.1"),
-        host=HostInfo(kernel="k", arch="x86_64"),
-        files=digest_tree(staging),
-    )
-
-
 @pytest.fixture
 def committed(tmp_path: Path) -> tuple[CheckpointStore, Path]:
     store = CheckpointStore(tmp_path)
     staging = _stage(store)
-    return store, store.commit(staging, _manifest(staging))
+    return store, store.commit(staging, manifest_for(staging))
 
 
 def test_commit_publishes_atomically(committed: tuple[CheckpointStore, Path]) -> None:
@@ -125,7 +110,7 @@ def test_verified_record_skips_rehashing_but_not_changes(tmp_path: Path) -> None
 
     store = CheckpointStore(tmp_path / "store", verified=VerifiedFiles(tmp_path / "cache"))
     staging = _stage(store)
-    version_dir = store.commit(staging, _manifest(staging))
+    version_dir = store.commit(staging, manifest_for(staging))
     assert list((tmp_path / "cache").iterdir())  # recorded at commit
     store.verify(version_dir, checkpoint_id=CKPT)
     pages = version_dir / "criu" / "pages-1.img"
