@@ -15,9 +15,11 @@ from api.contract import Contract
 from api.identity import CheckpointIdentity
 from api.limits import ShortSeconds
 from api.reasons import Phase, Reason, Sentinel
+from api.storage import RemoteStorage
 from api.workload import LocalWorkload
 
 PipelineKind = Literal["capture", "restore"]
+__all__ = ["RemoteStorage"]  # part of these contracts; defined beside the resources
 
 
 class ResourceRef(Contract):
@@ -165,6 +167,8 @@ class RestoreInput(Contract):
     version: str = ""  # newest committed when empty
     name: str
     answer_timeout_seconds: ShortSeconds
+    # Where the version is fetched from when this node does not hold it (into its cache).
+    storage: RemoteStorage | None = None
 
 
 class RestoredWorkload(Contract):
@@ -176,11 +180,44 @@ class RestoredWorkload(Contract):
 
 
 class Heartbeat(Contract):
-    """What long node activities report while they run (read by `warmstart` followers)."""
+    """What long node activities report while they run (read by `warmstart` followers);
+    a transfer adds its total and its rate (bytes per second)."""
 
     stage: str = ""
     bytes: int | None = None
     waited_seconds: float | None = None
+    bytes_total: int | None = None
+    rate: float | None = None
+
+
+class UploadInput(Contract):
+    """Publish a version committed on this node to `storage`."""
+
+    checkpoint_id: str
+    version: str
+    storage: RemoteStorage
+
+
+class UploadResult(Contract):
+    storage_uri: str
+    size_bytes: int
+    bytes_transferred: int  # what crossed the wire (a resumed upload sends only the rest)
+    seconds: float
+
+
+class PrefetchInput(Contract):
+    """Fill this node's cache with a version (newest when empty) before pods land."""
+
+    checkpoint_id: str
+    version: str = ""
+    storage: RemoteStorage
+
+
+class PrefetchResult(Contract):
+    version: str
+    size_bytes: int
+    downloaded: bool  # False: it was in the cache (or this node's store) already
+    seconds: float
 
 
 class GmsSavedInput(Contract):
@@ -218,6 +255,7 @@ class ContainerRestoreInput(Contract):
     # The GMS loader's sentinel to await first ("" without GMS).
     gms_sentinel: str = ""
     gms_timeout_seconds: ShortSeconds = 600.0
+    storage: RemoteStorage | None = None
 
 
 class RestoredContainer(Contract):

@@ -86,6 +86,11 @@ class NodeLayout:
     def verified_cache(self) -> Path:
         return self.home / "cache" / "verified"
 
+    @property
+    def checkpoint_cache(self) -> Path:
+        """Versions fetched from remote storage (`activities.objectstore.cache.NodeCache`)."""
+        return self.home / "cache" / "checkpoints"
+
     def workload(self, name: str, checkpoint_id: str) -> WorkloadPaths:
         return WorkloadPaths(
             self.workloads

@@ -14,6 +14,7 @@ import fcntl
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from activities.local import await_answer, prepare_restore_target
 from activities.processes import is_alive, start_ticks, terminate
 from activities.quarantine import NodeClass, Quarantine, QuarantineEntry, node_class
 from activities.sentinels import fall_back_to_cold_start, write_sentinel_file
+from activities.sources import CheckpointSource
 from activities.storage import WORKLOAD_LOG, CheckpointStore, host_info
 from api.compatibility import describe_mismatches, mismatches
 from api.contract import Contract
@@ -63,8 +65,13 @@ class Stages:
 
     def finish(self) -> None:
         if self._name:
-            self.seconds[self._name] = round(time.monotonic() - self._started, 4)
+            spent = self.seconds.get(self._name, 0.0) + time.monotonic() - self._started
+            self.seconds[self._name] = round(spent, 4)
             self._name = ""
+
+    @property
+    def current(self) -> str:
+        return self._name
 
 
 class NodeGate:
@@ -113,9 +120,11 @@ class RestoreActivities:
         layout: NodeLayout,
         node: str = "local",
         gpus: NodeGpus | None = None,
+        source: CheckpointSource | None = None,
     ) -> None:
         self._criu = criu
         self._store = store
+        self._source = source or CheckpointSource(store=store)
         self._layout = layout
         self._gpus = gpus or NodeGpus()
         quarantine = Quarantine(store.root)
@@ -135,9 +144,19 @@ class RestoreActivities:
         # before that (missing or damaged checkpoint) this node's own layout says.
         control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
         version, pid, cls = request.version, 0, None
+        held = AsyncExitStack()
         try:
             stages.start("verify")
-            version_dir = self._store.find(request.checkpoint_id, request.version)
+            version_dir = await held.enter_async_context(
+                self._source.version_dir(
+                    request.checkpoint_id,
+                    request.version,
+                    request.storage,
+                    on_fetch=lambda: stages.start("fetch"),
+                )
+            )
+            if stages.current == "fetch":
+                stages.start("verify")
             claimed = load_manifest(version_dir)
             cls = self._gate.check(claimed, self._target(claimed))
             manifest = await asyncio.to_thread(
@@ -170,6 +189,8 @@ class RestoreActivities:
         except BaseException:
             await _undo(pid, control_dir, "restore interrupted")
             raise
+        finally:
+            await held.aclose()  # the cache may evict the version again
         record = Instance(pid=pid, start_ticks=start_ticks(pid))
         paths = self._layout.workload(request.name, request.checkpoint_id)
         write_atomically(paths.restored_record, record.model_dump_json().encode(), durable=False)

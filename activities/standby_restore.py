@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 from temporalio import activity
@@ -39,6 +40,7 @@ from activities.gpu import (
 )
 from activities.restore import NodeGate, Stages
 from activities.sentinels import wait_for_file
+from activities.sources import CheckpointSource
 from activities.storage import CheckpointStore, host_info
 from api.errors import RestoreFailedError, WarmstartError, WorkloadNotReadyError
 from api.manifest import Manifest
@@ -58,10 +60,12 @@ class StandbyRestorer:
         gpus: NodeGpus,
         work_root: Path,
         cuda: CudaApi | None = None,
+        source: CheckpointSource | None = None,
     ) -> None:
         self._runtime = runtime
         self._criu = criu
         self._store = store
+        self._source = source or CheckpointSource(store=store)
         self._gate = gate
         self._gpus = gpus
         self._work_root = work_root
@@ -71,9 +75,19 @@ class StandbyRestorer:
         stages = Stages()
         placeholder = await self._runtime.locate(request.target)
         cls = None
+        held = AsyncExitStack()
         try:
             stages.start("verify")
-            version_dir = self._store.find(request.checkpoint_id, request.version)
+            version_dir = await held.enter_async_context(
+                self._source.version_dir(
+                    request.checkpoint_id,
+                    request.version,
+                    request.storage,
+                    on_fetch=lambda: stages.start("fetch"),
+                )
+            )
+            if stages.current == "fetch":
+                stages.start("verify")
             claimed = load_manifest(version_dir)
             gpus = gpus_of_process(process_environment(placeholder.pid), self._gpus.facts())
             cls = self._gate.check(claimed, host_info(gpus))
@@ -101,6 +115,8 @@ class StandbyRestorer:
             if cls is not None:
                 self._gate.remember(request.checkpoint_id, cls, err)
             raise
+        finally:
+            await held.aclose()  # the cache may evict the version again
         activity.logger.info(
             "restored %s into pod %s/%s: %s",
             request.checkpoint_id,

@@ -18,12 +18,18 @@ from pathlib import Path
 from temporalio import activity
 
 from activities.catalog import STAGING, committed_versions, load_manifest
-from activities.contracts import CommitInput, CommitResult, DiscardInput
+from activities.contracts import CommitInput, CommitResult, DiscardInput, UploadInput, UploadResult
 from activities.files import fsync_dir, sha256_file, write_atomically
 from activities.gpu import GpuFacts, NodeGpus, gpus_of_process, process_environment
 from activities.layout import NodeLayout
+from activities.remote import RemoteStores, in_thread
 from activities.verified import VerifiedFiles
-from api.errors import CheckpointNotFoundError, DigestMismatchError, DumpFailedError
+from api.errors import (
+    CheckpointNotFoundError,
+    DigestMismatchError,
+    DumpFailedError,
+    StorageError,
+)
 from api.manifest import CriuInfo, FileDigest, GpuDevice, HostInfo, Manifest, SourceInfo
 from api.naming import MANIFEST_FILE, require_path_element
 
@@ -183,12 +189,14 @@ class StorageActivities:
         node: str,
         criu: CriuInfo,
         gpus: NodeGpus | None = None,
+        remote: RemoteStores | None = None,
     ) -> None:
         self._store = store
         self._layout = layout
         self._node = node
         self._criu = criu
         self._gpus = gpus or NodeGpus()
+        self._remote = remote
 
     @activity.defn
     async def commit_checkpoint(self, request: CommitInput) -> CommitResult:
@@ -252,6 +260,40 @@ class StorageActivities:
             log_path=str(paths.output_log),
             readiness=workload.readiness,
             health_url=workload.health_url,
+        )
+
+    @activity.defn
+    async def upload_version(self, request: UploadInput) -> UploadResult:
+        """Publish a version committed here to the request's S3 location, heartbeating bytes
+        and rate. A retry resumes from the parts already stored; a version already there
+        (its manifest uploaded) is not sent again."""
+        if self._remote is None:
+            raise StorageError(f"node {self._node} has no remote storage configured")
+        local = self._store.find(request.checkpoint_id, request.version)
+        backend = self._remote.backend(request.storage)
+        report = await in_thread(
+            "upload",
+            lambda progress: backend.upload_version(
+                local,
+                checkpoint_id=request.checkpoint_id,
+                version=request.version,
+                progress=progress,
+            ),
+        )
+        location = backend.location
+        uri = location.uri(location.version_prefix(request.checkpoint_id, request.version))
+        activity.logger.info(
+            "uploaded %s: %d of %d bytes sent in %.2f s",
+            uri,
+            report.bytes_transferred,
+            report.bytes_total,
+            report.seconds,
+        )
+        return UploadResult(
+            storage_uri=uri,
+            size_bytes=report.bytes_total,
+            bytes_transferred=report.bytes_transferred,
+            seconds=round(report.seconds, 3),
         )
 
     @activity.defn

@@ -9,9 +9,10 @@ from api.errors import InvalidNameError
 
 CONTROL_TASK_QUEUE = "warmstart-control"
 NODE_TASK_QUEUE_PREFIX = "warmstart-node-"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = "manifest.json"  # a checkpoint version's commit marker, written last
 CAPTURE_WORKFLOW = "CaptureWorkflow"  # workflow type names, as registered and as listed
-RESTORE_WORKFLOW = "RestoreWorkflow"  # a checkpoint version's commit marker, written last
+RESTORE_WORKFLOW = "RestoreWorkflow"
+PREFETCH_WORKFLOW = "PrefetchWorkflow"
 LOCAL_NODE = "local"
 LOCAL_NAMESPACE = "local"
 

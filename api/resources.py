@@ -172,7 +172,15 @@ class S3Storage(Spec):
     prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_./-]*$")
     endpoint: str = ""
     region: str = ""
-    credentials_secret: str = Field(default="", description="Secret with AWS_* keys.")
+    credentials_secret: str = Field(
+        default="",
+        description="Secret in this namespace with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY "
+        "(and optionally AWS_SESSION_TOKEN); empty: the workers' own credentials.",
+    )
+    server_side_encryption: Literal["", "AES256", "aws:kms"] = Field(
+        default="", description="SSE-S3 (AES256) or SSE-KMS (aws:kms); empty: the bucket's."
+    )
+    kms_key_id: str = Field(default="", alias="kmsKeyID", description="The SSE-KMS key.")
 
 
 class Storage(Spec):

@@ -54,11 +54,15 @@ from api.jobs import (
 )
 from api.reasons import Phase, Sentinel
 from api.resources import CHECKPOINT_ID_LABEL, GROUP, Checkpoint, ContainerOverride
+from api.storage import resource_storage, stored_at
 
 RESTORE_FROM_ANNOTATION = f"{GROUP}/restore-from"
 GMS_LOADER_ANNOTATION = f"{GROUP}/gms-loader"
 RESTORE_STATUS_ANNOTATION = f"{GROUP}/restore-status"
 CHECKPOINT_VERSION_ANNOTATION = f"{GROUP}/checkpoint-version"
+# Where the node fetches the version when it does not hold it: api.storage.RemoteStorage
+# as JSON (no credentials: at most the name of a Secret in the pod's namespace).
+STORAGE_ANNOTATION = f"{GROUP}/storage"
 RESTORE_TARGET_LABEL = f"{GROUP}/restore-target"
 GMS_LOADER = "gms-loader"
 PODINFO_VOLUME, PODINFO_DIR = "podinfo", "/etc/podinfo"
@@ -219,6 +223,16 @@ def restore_pod(
         **(meta.get("annotations") or {}),
         CHECKPOINT_VERSION_ANNOTATION: status.version,
     }
+    stored = stored_at(
+        status.storage_uri,
+        checkpoint_id=status.checkpoint_id,
+        version=status.version,
+        spec=resource_storage(
+            resource.spec.storage, namespace=resource.metadata.namespace, default=None
+        ),
+    )
+    if stored is not None:
+        meta["annotations"][STORAGE_ANNOTATION] = stored.model_dump_json(exclude_defaults=True)
     volumes = [
         v
         for v in spec.get("volumes") or []

@@ -23,7 +23,7 @@ from workers.settings import CriuSettings, NodeSettings, Settings
 from workflows.visibility import ALL_KEYS
 
 # The cluster stack's fixtures (`cluster`, `kubelet`) for the end-to-end cluster tests.
-pytest_plugins = ["tests.cluster_stack"]
+pytest_plugins = ["tests.cluster_stack", "tests.s3server"]
 
 
 @pytest_asyncio.fixture(scope="session")

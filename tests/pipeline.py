@@ -10,6 +10,7 @@ from typing import Any
 
 from temporalio.client import Client
 
+from activities.contracts import RemoteStorage
 from api.identity import CheckpointIdentity
 from api.workload import LocalWorkload, Readiness
 from workers.operations import follow, local_capture_request, start_capture, start_restore
@@ -51,7 +52,13 @@ async def capture(client: Client, request: CaptureRequest) -> CaptureResult:
 
 
 async def restore(
-    client: Client, settings: Settings, name: str, ckpt: str, timeout: float = 30
+    client: Client,
+    settings: Settings,
+    name: str,
+    ckpt: str,
+    timeout: float = 30,
+    *,
+    storage: RemoteStorage | None = None,
 ) -> RestoreResult:
     request = RestoreRequest(
         name=name,
@@ -59,6 +66,7 @@ async def restore(
         node=settings.node.name,
         answer_timeout_seconds=timeout,
         control_task_queue=settings.node.control_task_queue,
+        storage=storage,
     )
     handle = await start_restore(client, request)
     return await follow(client, handle, lambda _s: None, every=0.2)

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
 
+    from activities.contracts import RemoteStorage
     from api.identity import CheckpointIdentity
     from api.workload import LocalWorkload
     from workers.settings import Settings
+    from workflows.contracts import PrefetchReport
 
 W = TypeVar("W")
 T = TypeVar("T")
@@ -170,26 +172,76 @@ def capture(args: argparse.Namespace) -> int:
 
 def restore(args: argparse.Namespace) -> int:
     """Restore the newest committed checkpoint named REF (or with ID REF) on this node."""
-    from activities.catalog import LocalCatalog
     from workers import display
-    from workers.operations import start_restore
+    from workers.operations import remote_storage, start_restore
     from workflows.contracts import RestoreRequest
 
     settings = _settings()
     _check_seconds("--timeout", args.timeout)  # before the lookup: bad input first
-    entry = LocalCatalog(settings.checkpoint_root).find(args.ref)
+    storage = remote_storage(settings)
+    name, checkpoint_id, version = _resolve(settings, args.ref, args.version, remote=storage)
     request = RestoreRequest(
-        name=entry.name,
-        checkpoint_id=entry.checkpoint_id,
-        version=args.version or entry.version,
+        name=name,
+        checkpoint_id=checkpoint_id,
+        version=version,
         node=settings.node.name,
         answer_timeout_seconds=args.timeout,
         control_task_queue=settings.node.control_task_queue,
+        storage=storage,
     )
     title = f"restore {request.name}"
     result = _run(_pipeline(settings, lambda c: start_restore(c, request), title, every=0.2))
     display.restore_result(result, args.output)
     return 0
+
+
+def _resolve(
+    settings: Settings, ref: str, version: str, *, remote: RemoteStorage | None
+) -> tuple[str, str, str]:
+    """Name, checkpoint ID and version of REF: from this node's catalog, else (with remote
+    storage) REF as a checkpoint ID only stored there, named after it, newest by default."""
+    from activities.catalog import LocalCatalog
+    from api.errors import CheckpointNotFoundError
+    from api.naming import is_checkpoint_id
+
+    try:
+        entry = LocalCatalog(settings.checkpoint_root).find(ref)
+    except CheckpointNotFoundError:
+        if remote is None or not is_checkpoint_id(ref):
+            raise
+        return ref, ref, version
+    return entry.name, entry.checkpoint_id, version or entry.version
+
+
+def prefetch(args: argparse.Namespace) -> int:
+    """Warm node caches with a checkpoint from remote storage before restores land there
+    (default: this node); one line per node."""
+    from api.errors import InvalidSpecError
+    from workers import display
+    from workers.client import connect
+    from workers.operations import prefetch as run_prefetch
+    from workers.operations import remote_storage
+    from workflows.contracts import PrefetchRequest
+
+    settings = _settings()
+    storage = remote_storage(settings)
+    if storage is None:
+        raise InvalidSpecError("prefetch needs remote storage: set WARMSTART_STORAGE__S3_BUCKET")
+    _name, checkpoint_id, _ = _resolve(settings, args.ref, args.version, remote=storage)
+    request = PrefetchRequest(
+        checkpoint_id=checkpoint_id,
+        version=args.version,
+        storage=storage,
+        nodes=args.node or [settings.node.name],
+        control_task_queue=settings.node.control_task_queue,
+    )
+
+    async def run() -> PrefetchReport:
+        return await run_prefetch(await connect(settings), request)
+
+    report = _run(run())
+    display.prefetch_report(report, args.output)
+    return 0 if all(node.result is not None for node in report.nodes) else 1
 
 
 def _check_seconds(flag: str, value: float) -> None:
@@ -417,6 +469,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("ref", metavar="REF", help="checkpoint name or 16-hex checkpoint ID")
     sub.add_argument("--version", default="", help="version (default: the newest)")
     sub.add_argument("--timeout", type=float, default=120.0, help="seconds to answer")
+    output(sub)
+
+    sub = command(prefetch)
+    sub.add_argument("ref", metavar="REF", help="checkpoint name or 16-hex checkpoint ID")
+    sub.add_argument("--version", default="", help="version (default: the newest stored)")
+    sub.add_argument(
+        "--node", action="append", default=[], metavar="NODE", help="a node to warm (repeat)"
+    )
     output(sub)
 
     output(command(list_checkpoints, "list"))

@@ -21,17 +21,22 @@ from activities.gpu import NodeGpus
 from activities.layout import NodeLayout
 from activities.local import LocalProcessActivities, inherited_env
 from activities.localstate import LocalControlActivities
+from activities.objectstore.cache import NodeCache
+from activities.objectstore.transfer import MiB, TransferSettings
+from activities.remote import RemoteStores, SecretReader
 from activities.restore import RestoreActivities
 from activities.sentinels import SentinelActivities
+from activities.sources import CheckpointSource, PrefetchActivities
 from activities.storage import CheckpointStore, StorageActivities
 from activities.verified import VerifiedFiles
-from api.errors import UnavailableError
+from api.errors import StorageError, UnavailableError
 from api.manifest import CriuInfo
 from api.naming import node_task_queue
 from workers.retention import retention_activities
 from workers.settings import Settings
 from workflows import policies
 from workflows.capture import CaptureWorkflow
+from workflows.prefetch import PrefetchWorkflow
 from workflows.restore import RestoreWorkflow
 from workflows.retention import RetentionWorkflow
 
@@ -45,7 +50,7 @@ def control_worker(client: Client, settings: Settings) -> Worker:
     return Worker(
         client,
         task_queue=settings.node.control_task_queue,
-        workflows=[CaptureWorkflow, RetentionWorkflow],
+        workflows=[CaptureWorkflow, RetentionWorkflow, PrefetchWorkflow],
         activities=[
             control.claim_checkpoint_id,
             control.publish_status,
@@ -71,7 +76,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
     return Worker(
         client,
         task_queue=settings.node.control_task_queue,
-        workflows=[CaptureWorkflow],
+        workflows=[CaptureWorkflow, PrefetchWorkflow],
         activities=[
             control.claim_checkpoint_id,
             control.publish_status,
@@ -96,7 +101,8 @@ def node_worker(
         raise UnavailableError("criu is not installed: run `make criu` (needs root)")
     criu = Criu(criu_path)
     layout = NodeLayout(settings.home)
-    store = CheckpointStore(layout.checkpoints, verified=VerifiedFiles(layout.verified_cache))
+    verified = VerifiedFiles(layout.verified_cache)
+    store = CheckpointStore(layout.checkpoints, verified=verified)
     # Staging older than the longest dump was left by a worker that died mid-dump.
     stale = policies.DUMP.start_to_close.total_seconds() + 60
     for orphan in store.sweep_staging(older_than_seconds=stale):
@@ -107,21 +113,35 @@ def node_worker(
         secret_environ=os.environ,
     )
     gpus = NodeGpus()  # read once, on first use
+    remote = RemoteStores(
+        transfer=transfer_settings(settings),
+        endpoint=settings.storage.s3_endpoint,
+        region=settings.storage.s3_region,
+        read_secret=_secret_reader(settings) if settings.node.containerd_address else None,
+    )
     storage = StorageActivities(
         store=store,
         layout=layout,
         node=settings.node.name,
         criu=CriuInfo(version=criu.version(), options=DUMP_OPTIONS),
         gpus=gpus,
+        remote=remote,
     )
+    cache = NodeCache(
+        layout.checkpoint_cache, max_bytes=settings.storage.cache_max_bytes, verified=verified
+    )
+    source = CheckpointSource(store=store, cache=cache, remote=remote)
+    prefetch = PrefetchActivities(source)
     dumping = CriuActivities(criu=criu, store=store, layout=layout)
     restoring = RestoreActivities(
-        criu=criu, store=store, layout=layout, node=settings.node.name, gpus=gpus
+        criu=criu, store=store, layout=layout, node=settings.node.name, gpus=gpus, source=source
     )
     sentinels = SentinelActivities(layout=layout)
     containers: list[Callable[..., Any]] = []
     if settings.node.containerd_address:
-        containers = _container_activities(settings, criu=criu, store=store, gpus=gpus)
+        containers = _container_activities(
+            settings, criu=criu, store=store, gpus=gpus, source=source
+        )
     return Worker(
         client,
         task_queue=node_task_queue(settings.node.name),
@@ -133,9 +153,11 @@ def node_worker(
             local.stop_workload,
             dumping.dump_checkpoint,
             storage.commit_checkpoint,
+            storage.upload_version,
             storage.discard_staging,
             sentinels.write_sentinel,
             restoring.restore_checkpoint,
+            prefetch.prefetch_version,
         ],
         interceptors=[ErrorMapping()],
         max_concurrent_activities=settings.node.max_concurrent_activities,
@@ -143,8 +165,48 @@ def node_worker(
     )
 
 
+def transfer_settings(settings: Settings) -> TransferSettings:
+    storage = settings.storage
+    return TransferSettings(
+        part_size=storage.part_size_mib * MiB,
+        concurrency=storage.concurrency,
+        sse=storage.sse,
+        kms_key_id=storage.kms_key_id,
+    )
+
+
+def _secret_reader(settings: Settings) -> SecretReader:
+    """Reads a Checkpoint's credentials Secret through the API server (a cluster node)."""
+    import base64
+
+    from kubernetes import client as kube
+
+    from workers.controller import kube_client
+
+    api: Any = None
+
+    def read(namespace: str, name: str) -> dict[str, str]:
+        nonlocal api
+        api = api or kube_client(settings)
+        try:
+            secret = kube.CoreV1Api(api).read_namespaced_secret(name, namespace)
+        except kube.ApiException as err:
+            raise StorageError(
+                f"Secret {namespace}/{name} (S3 credentials) cannot be read: "
+                f"{err.status} {err.reason}"
+            ) from err
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    return read
+
+
 def _container_activities(
-    settings: Settings, *, criu: Criu, store: CheckpointStore, gpus: NodeGpus
+    settings: Settings,
+    *,
+    criu: Criu,
+    store: CheckpointStore,
+    gpus: NodeGpus,
+    source: CheckpointSource,
 ) -> list[Callable[..., Any]]:
     """A cluster node's: capture from and restore into the pods' containers (containerd)."""
     from activities.containerd import Containerd, ContainerdActivities
@@ -171,6 +233,7 @@ def _container_activities(
         gpus=gpus,
         work_root=settings.home / "restores" / "pods",
         cuda=cuda,
+        source=source,
     )
     pods = ContainerdActivities(
         runtime=runtime,

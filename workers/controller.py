@@ -17,6 +17,7 @@ from temporalio.client import Client
 from workers.client import connect
 from workers.compose import cluster_control_worker
 from workers.leader import LeaseElector
+from workers.operations import remote_storage
 from workers.settings import Settings
 from workers.watcher import WatcherSettings, run_watcher
 
@@ -64,6 +65,7 @@ async def run_controller(settings: Settings, stop: asyncio.Event | None = None) 
         kube_insecure=kube.insecure_skip_tls_verify,
         read_every_seconds=kube.read_every_seconds,
         node_timeout_seconds=kube.node_timeout_seconds,
+        storage=remote_storage(settings),
     )
 
     async def watcher_client() -> Client:

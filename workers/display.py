@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from activities.catalog import CatalogEntry
     from api.manifest import Manifest
     from workers.operations import LiveProgress, PipelineRecord
-    from workflows.contracts import CaptureResult, RestoreResult
+    from workflows.contracts import CaptureResult, PrefetchReport, RestoreResult
 
 
 def human_bytes(n: float) -> str:
@@ -32,6 +32,10 @@ def describe_progress(live: LiveProgress) -> str:
     if beat is not None:
         if beat.bytes is not None:
             text += f" · {human_bytes(beat.bytes)}"
+            if beat.bytes_total:
+                text += f" of {human_bytes(beat.bytes_total)}"
+            if beat.rate:
+                text += f" at {human_bytes(beat.rate)}/s"
         if beat.stage:
             text += f" · {beat.stage}"
         if beat.waited_seconds is not None:
@@ -106,6 +110,23 @@ def restore_result(result: RestoreResult, output: str) -> None:
         "steps": steps(result.step_seconds),
     }
     _result(result, output, rows)
+
+
+def prefetch_report(report: PrefetchReport, output: str) -> None:
+    if output == "json":
+        print(report.model_dump_json(indent=2))
+        return
+    rows = []
+    for node in report.nodes:
+        done = node.result
+        if done is None:
+            rows.append((node.node, "failed", "", "", node.error))
+            continue
+        state = "downloaded" if done.downloaded else "already there"
+        rows.append(
+            (node.node, state, done.version, human_bytes(done.size_bytes), f"{done.seconds} s")
+        )
+    print_table(("NODE", "CACHE", "VERSION", "SIZE", "TIME OR ERROR"), rows)
 
 
 def checkpoint_table(entries: list[CatalogEntry], output: str) -> None:

@@ -31,10 +31,11 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.service import RPCError
 
-from activities.contracts import Heartbeat, PipelineKind
+from activities.contracts import Heartbeat, PipelineKind, RemoteStorage
 from api.errors import PipelineFailedError
 from api.naming import (
     CAPTURE_WORKFLOW,
+    PREFETCH_WORKFLOW,
     RESTORE_WORKFLOW,
     capture_workflow_id,
     node_task_queue,
@@ -45,6 +46,8 @@ from workflows import visibility
 from workflows.contracts import (
     CaptureRequest,
     CaptureResult,
+    PrefetchReport,
+    PrefetchRequest,
     Progress,
     RestoreRequest,
     RestoreResult,
@@ -94,6 +97,21 @@ class PipelineRecord:
     closed_at: datetime | None = None
 
 
+def remote_storage(settings: Settings) -> RemoteStorage | None:
+    """The S3 location the settings name, if any (else the node's root is the store)."""
+    storage = settings.storage
+    if not storage.s3_bucket:
+        return None
+    return RemoteStorage(
+        bucket=storage.s3_bucket,
+        prefix=storage.s3_prefix,
+        endpoint=storage.s3_endpoint,
+        region=storage.s3_region,
+        sse=storage.sse,
+        kms_key_id=storage.kms_key_id,
+    )
+
+
 def local_capture_request(
     settings: Settings,
     workload: LocalWorkload,
@@ -108,6 +126,7 @@ def local_capture_request(
         node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
         leave_running=leave_running,
+        storage=remote_storage(settings),
     )
 
 
@@ -140,6 +159,19 @@ async def start_capture(
             phase=Phase.PENDING,
         ),
     )
+
+
+async def prefetch(client: Client, request: PrefetchRequest) -> PrefetchReport:
+    """Warm the nodes' caches (PrefetchWorkflow on the control queue) and wait for them."""
+    report: PrefetchReport = await client.execute_workflow(
+        PREFETCH_WORKFLOW,
+        request,
+        result_type=PrefetchReport,
+        id=f"prefetch/{request.checkpoint_id}/{uuid.uuid4().hex[:12]}",
+        task_queue=request.control_task_queue,
+        static_summary=f"prefetch {request.checkpoint_id} on {', '.join(request.nodes)}",
+    )
+    return report
 
 
 async def start_restore(

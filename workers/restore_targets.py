@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 from kubernetes import client as kube
+from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
@@ -35,7 +36,9 @@ from api.restore_pods import (
     RESTORE_STATUS_ANNOTATION,
     RESTORE_TARGET_LABEL,
     STANDBY_ENV,
+    STORAGE_ANNOTATION,
 )
+from api.storage import RemoteStorage
 from workers.operations import start_restore
 from workers.settings import Settings
 from workflows.contracts import RestoreRequest
@@ -52,6 +55,7 @@ class RestoreTarget:
     checkpoint_id: str
     version: str
     gms_sentinel: str
+    storage: RemoteStorage | None = None
 
 
 def restore_target(pod: Mapping[str, Any], *, node: str) -> RestoreTarget | None:
@@ -80,7 +84,28 @@ def restore_target(pod: Mapping[str, Any], *, node: str) -> RestoreTarget | None
         checkpoint_id=checkpoint_id,
         version=notes.get(CHECKPOINT_VERSION_ANNOTATION, ""),
         gms_sentinel=_gms_sentinel(spec, standby, target.pod_uid),
+        storage=_storage(notes, target),
     )
+
+
+def _storage(notes: Mapping[str, str], target: ContainerTarget) -> RemoteStorage | None:
+    """Where to fetch the version from (the webhook's annotation). One that does not parse
+    is left out: a node without the version then fails the restore as not found, and the
+    pod starts cold with that reason."""
+    raw = notes.get(STORAGE_ANNOTATION)
+    if not raw:
+        return None
+    try:
+        return RemoteStorage.model_validate_json(raw)
+    except ValidationError as err:
+        log.warning(
+            "pod %s/%s: %s is not a storage location: %s",
+            target.namespace,
+            target.pod_name,
+            STORAGE_ANNOTATION,
+            err.errors()[0]["msg"],
+        )
+        return None
 
 
 def _standby_container(spec: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -217,6 +242,7 @@ class RestoreTargetWatch:
             control_task_queue=self._control_task_queue,
             pod=target.container,
             gms_sentinel=target.gms_sentinel,
+            storage=target.storage,
         )
         try:
             handle = await start_restore(self._client, request, key=target.container.pod_uid)

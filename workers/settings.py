@@ -138,6 +138,31 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    """Where versions are published beyond the node, and how they move.
+
+    Without `s3_bucket` the node's checkpoint root is the store (a PVC on a cluster). With
+    it, every capture uploads its committed version there and restores fetch what their
+    node lacks into the node cache. Credentials: boto3's standard chain (`AWS_*` variables,
+    a profile, an instance or pod role); on a cluster a Checkpoint may name a Secret.
+    """
+
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint: str = ""
+    s3_region: str = ""
+    # Server-side encryption of every object: "" (the bucket's default), AES256 (SSE-S3)
+    # or aws:kms (SSE-KMS, with `kms_key_id` or the account's default key).
+    sse: Literal["", "AES256", "aws:kms"] = ""
+    kms_key_id: str = ""
+    # Bytes in flight per transfer are at most part_size_mib * concurrency.
+    part_size_mib: int = 64
+    concurrency: int = 16
+    # The node cache of fetched versions: least recently used ones not in use go first.
+    cache_max_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path = field(default_factory=lambda: Path.home() / ".local" / "state" / "warmstart")
     temporal: TemporalSettings = TemporalSettings()
@@ -147,6 +172,7 @@ class Settings:
     webhook: WebhookSettings = WebhookSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     retention: RetentionSettings = RetentionSettings()
+    storage: StorageSettings = StorageSettings()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

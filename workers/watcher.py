@@ -39,6 +39,7 @@ from api.resources import (
     Checkpoint,
     PodSnapshot,
 )
+from api.storage import RemoteStorage, resource_storage
 from workers.operations import start_capture
 from workflows.contracts import CaptureRequest, ClusterTarget
 
@@ -57,6 +58,8 @@ class WatcherSettings:
     read_every_seconds: float = 30.0
     # How long a node step may wait for the pod's node worker before the node counts as lost.
     node_timeout_seconds: float = 120.0
+    # Where captures go when a resource names no storage (None: the nodes' checkpoint root).
+    storage: RemoteStorage | None = None
 
 
 def capture_request(
@@ -97,6 +100,9 @@ def capture_request(
         cluster=target,
         control_task_queue=settings.control_task_queue,
         node_timeout_seconds=settings.node_timeout_seconds,
+        storage=resource_storage(
+            resource.spec.storage, namespace=meta.namespace, default=settings.storage
+        ),
     )
 
 

@@ -31,8 +31,10 @@ with workflow.unsafe.imports_passed_through():
         LaunchResult,
         PodObservation,
         PodQuery,
+        RemoteStorage,
         SentinelInput,
         StopInput,
+        UploadInput,
     )
     from activities.control import ClusterControlActivities, ControlActivities
     from activities.criu import CriuActivities
@@ -109,6 +111,8 @@ class CaptureWorkflow:
                 commit = await self._local_steps(request, version)
             else:
                 commit = await self._cluster_steps(request, version)
+            if request.storage is not None:
+                commit = await self._upload(request.storage, version)
             self._clock.begin("publish")
             await self._publish(Phase.READY, Reason.CAPTURED, commit=commit)
             self._clock.settle(Phase.READY, "done")
@@ -312,6 +316,20 @@ class CaptureWorkflow:
             "write snapshot-complete",
         )
         return commit
+
+    async def _upload(self, storage: RemoteStorage, version: str) -> CommitResult:
+        """Publish the committed version to remote storage; it is Ready only once there (the
+        node's copy stays as its cache). Runs after `snapshot-complete`: the workload's GPUs
+        are free while the bytes move."""
+        self._clock.begin("upload", Phase.UPLOADING)
+        ckpt = self._require().checkpoint_id
+        uploaded = await self._node(
+            StorageActivities.upload_version,
+            UploadInput(checkpoint_id=ckpt, version=version, storage=storage),
+            policies.UPLOAD,
+            f"upload version {version} to {storage.uri}",
+        )
+        return CommitResult(storage_uri=uploaded.storage_uri, size_bytes=uploaded.size_bytes)
 
     async def _await_pod(
         self,

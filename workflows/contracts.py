@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from activities.contracts import ContainerTarget, ResourceRef
+from activities.contracts import ContainerTarget, PrefetchResult, RemoteStorage, ResourceRef
 from api.contract import Contract
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.limits import PathElement, ReadySeconds, ShortSeconds
@@ -46,6 +46,8 @@ class CaptureRequest(Contract):
     # Local mode: the workload keeps serving after the capture (no snapshot-complete, not
     # stopped); a cluster PodSnapshot always does.
     leave_running: bool = False
+    # Published there after the commit (the `upload` step); absent: the node's root is the store.
+    storage: RemoteStorage | None = None
 
     @model_validator(mode="after")
     def _one_mode(self) -> CaptureRequest:
@@ -71,6 +73,7 @@ class CaptureRequest(Contract):
         node: str = LOCAL_NODE,
         control_task_queue: str = CONTROL_TASK_QUEUE,
         leave_running: bool = False,
+        storage: RemoteStorage | None = None,
     ) -> CaptureRequest:
         """The capture of a local workload, named after it, with the ID of `identity`."""
         return cls(
@@ -81,6 +84,7 @@ class CaptureRequest(Contract):
             workload=workload,
             control_task_queue=control_task_queue,
             leave_running=leave_running,
+            storage=storage,
         )
 
 
@@ -105,6 +109,8 @@ class RestoreRequest(Contract):
     # `answer_timeout_seconds` is then the restore's deadline, past which it starts cold.
     pod: ContainerTarget | None = None
     gms_sentinel: str = ""
+    # Where the version is fetched from when the node does not hold it (its cache).
+    storage: RemoteStorage | None = None
 
 
 class RestoreResult(Contract):
@@ -126,3 +132,24 @@ class Progress(Contract):
     node: str = ""
     step_seconds: dict[str, float] = Field(default_factory=dict)
     error: str = ""
+
+
+class PrefetchRequest(Contract):
+    """Warm these nodes' caches with a version of a checkpoint (newest when empty)."""
+
+    checkpoint_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    version: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$")
+    storage: RemoteStorage
+    nodes: list[PathElement] = Field(min_length=1)
+    node_timeout_seconds: ShortSeconds = 120.0
+    control_task_queue: str = CONTROL_TASK_QUEUE
+
+
+class NodePrefetch(Contract):
+    node: str
+    result: PrefetchResult | None = None
+    error: str = ""  # why this node is not warmed (its reason first)
+
+
+class PrefetchReport(Contract):
+    nodes: list[NodePrefetch]

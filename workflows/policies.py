@@ -46,6 +46,12 @@ DUMP = StepOptions(
     heartbeat=timedelta(seconds=10),
     retry=_retry(2, initial_seconds=5),
 )
+# An upload heartbeats every second; a retry resumes from the parts already stored.
+UPLOAD = StepOptions(
+    start_to_close=timedelta(hours=6),
+    heartbeat=timedelta(seconds=30),
+    retry=_retry(5, initial_seconds=5),
+)
 COMMIT = StepOptions(start_to_close=timedelta(minutes=30), retry=_retry(3))
 CLEANUP = StepOptions(start_to_close=timedelta(seconds=60), retry=_retry(3))
 # The restore activity runs on the queue of the node worker that runs the workflow.

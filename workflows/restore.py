@@ -89,6 +89,7 @@ class RestoreWorkflow:
             version=request.version,
             name=request.name,
             answer_timeout_seconds=request.answer_timeout_seconds,
+            storage=request.storage,
         )
         return await workflow.execute_activity_method(
             RestoreActivities.restore_checkpoint,
@@ -112,6 +113,7 @@ class RestoreWorkflow:
             checkpoint_id=request.checkpoint_id,
             version=request.version,
             gms_sentinel=request.gms_sentinel,
+            storage=request.storage,
         )
         restored = await workflow.execute_activity_method(
             ContainerActivities.restore_container,

@@ -80,15 +80,7 @@ class FilesystemBackend:
     ) -> TransferReport:
         """Copy a committed version into `dest_dir` (its version directory), verified."""
         source = self.store.version_dir(checkpoint_id, version)
-        try:
-            raw = (source / MANIFEST_FILE).read_bytes()
-        except FileNotFoundError as err:
-            raise CheckpointNotFoundError(
-                f"{source / MANIFEST_FILE} does not exist: checkpoint {checkpoint_id} "
-                f"has no committed version {version}"
-            ) from err
-        where = str(source / MANIFEST_FILE)
-        manifest = check_manifest(raw, checkpoint_id=checkpoint_id, version=version, where=where)
+        manifest, raw = self._manifest(checkpoint_id, version)
         meter = Meter(total=manifest.size_bytes, callback=progress)
         if prepare_destination(dest_dir, raw):
             meter.add(done=manifest.size_bytes, transferred=0)
@@ -101,6 +93,26 @@ class FilesystemBackend:
     def list_versions(self, checkpoint_id: str) -> list[str]:
         """Committed versions (those with a manifest), oldest first."""
         return [path.name for path in self.store.versions(checkpoint_id)]
+
+    def read_manifest(self, checkpoint_id: str, version: str) -> Manifest:
+        """The committed manifest of a version, checked."""
+        return self._manifest(checkpoint_id, version)[0]
+
+    def _manifest(self, checkpoint_id: str, version: str) -> tuple[Manifest, bytes]:
+        path = self.store.version_dir(checkpoint_id, version) / MANIFEST_FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError as err:
+            raise CheckpointNotFoundError(
+                f"{path} does not exist: checkpoint {checkpoint_id} "
+                f"has no committed version {version}"
+            ) from err
+        where = str(path)
+        return check_manifest(raw, checkpoint_id=checkpoint_id, version=version, where=where), raw
+
+    def uri(self, checkpoint_id: str, version: str = "") -> str:
+        versions = self.store.checkpoint_dir(checkpoint_id) / "versions"
+        return f"{self.store.version_dir(checkpoint_id, version) if version else versions}/"
 
     def delete_version(self, *, checkpoint_id: str, version: str) -> None:
         """Uncommit first (the manifest goes), then remove the files."""

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from activities.objectstore.s3calls import S3Calls
-from activities.objectstore.s3download import VersionDownload
+from activities.objectstore.s3download import VersionDownload, read_manifest
 from activities.objectstore.s3keys import S3Location
 from activities.objectstore.s3upload import VersionUpload
 from activities.objectstore.transfer import ProgressCallback, TransferReport, TransferSettings
+from api.manifest import Manifest
 from api.naming import MANIFEST_FILE
 
 __all__ = ["S3Backend", "S3Location"]
@@ -94,6 +95,17 @@ class S3Backend:
             "list_objects_v2", Bucket=self.location.bucket, Prefix=key, MaxKeys=1
         )
         return any(item["Key"] == key for item in listed.get("Contents", []))
+
+    def read_manifest(self, checkpoint_id: str, version: str) -> Manifest:
+        """The committed manifest object of a version, checked."""
+        return read_manifest(self._s3, self.location, checkpoint_id=checkpoint_id, version=version)[
+            0
+        ]
+
+    def uri(self, checkpoint_id: str, version: str = "") -> str:
+        if version:
+            return self.location.uri(self.location.version_prefix(checkpoint_id, version))
+        return self.location.uri(self.location.versions_prefix(checkpoint_id))
 
     def delete_version(self, *, checkpoint_id: str, version: str) -> None:
         """Uncommit (manifest first), then remove every object and unfinished upload."""

@@ -36,7 +36,7 @@ from activities.objectstore.transfer import (
     TransferSettings,
 )
 from api.errors import CheckpointNotFoundError, DigestMismatchError
-from api.manifest import FileDigest
+from api.manifest import FileDigest, Manifest
 from api.naming import MANIFEST_FILE
 
 
@@ -50,6 +50,21 @@ class _Range:
     @property
     def last(self) -> bool:
         return self.offset + self.length == self.entry.size
+
+
+def read_manifest(
+    s3: S3Calls, location: S3Location, *, checkpoint_id: str, version: str
+) -> tuple[Manifest, bytes]:
+    """The committed manifest object of a version, checked, with its bytes as stored."""
+    key = location.key(checkpoint_id, version, MANIFEST_FILE)
+    uri = location.uri(key)
+    try:
+        raw = s3.read(Bucket=location.bucket, Key=key)
+    except CheckpointNotFoundError as err:
+        raise CheckpointNotFoundError(
+            f"{uri} does not exist: checkpoint {checkpoint_id} has no committed version {version}"
+        ) from err
+    return check_manifest(raw, checkpoint_id=checkpoint_id, version=version, where=uri), raw
 
 
 class VersionDownload:
@@ -79,12 +94,8 @@ class VersionDownload:
         return self._location.uri(self._key(path))
 
     def run(self, *, progress: ProgressCallback | None) -> TransferReport:
-        raw = self._read_manifest()
-        manifest = check_manifest(
-            raw,
-            checkpoint_id=self._checkpoint_id,
-            version=self._version,
-            where=self._uri(MANIFEST_FILE),
+        manifest, raw = read_manifest(
+            self._s3, self._location, checkpoint_id=self._checkpoint_id, version=self._version
         )
         meter = Meter(total=manifest.size_bytes, callback=progress)
         if prepare_destination(self._dest, raw):
@@ -110,16 +121,6 @@ class VersionDownload:
             results(small)
         commit_manifest(self._dest, raw, durable=self._settings.durable)
         return meter.report(manifest)
-
-    def _read_manifest(self) -> bytes:
-        key = self._key(MANIFEST_FILE)
-        try:
-            return self._s3.read(Bucket=self._bucket, Key=key)
-        except CheckpointNotFoundError as err:
-            raise CheckpointNotFoundError(
-                f"{self._location.uri(key)} does not exist: checkpoint {self._checkpoint_id} "
-                f"has no committed version {self._version}"
-            ) from err
 
     def _listing(self) -> dict[str, tuple[int, str]]:
         """Objects under the version: relative path → (size, ETag)."""

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import json
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.config import Config
-from moto.server import ThreadedMotoServer
 
 from activities.objectstore.s3 import S3Backend, S3Location
 from activities.objectstore.s3calls import client_config
@@ -36,29 +32,19 @@ from tests.checkpoint_trees import (
     final_names,
     tree_files,
 )
+from tests.s3server import new_bucket, s3_client
 
 SETTINGS = TransferSettings(part_size=5 * MiB, concurrency=4, sse="AES256")
 PREFIX = "team-a/checkpoints"
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+@pytest.fixture
+def endpoint(s3_endpoint: str) -> str:
+    return s3_endpoint
 
 
 def _client(endpoint: str, *, key: str = "testing", config: Config | None = None) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=key,
-        aws_secret_access_key="testing",
-        config=config or client_config(SETTINGS),
-    )
+    return s3_client(endpoint, key=key, config=config or client_config(SETTINGS))
 
 
 @pytest.fixture
@@ -68,9 +54,7 @@ def client(endpoint: str) -> Any:
 
 @pytest.fixture
 def bucket(client: Any) -> str:
-    name = f"ckpt-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    return name
+    return new_bucket(client)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,7 +16,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from api.naming import node_task_queue
-from api.restore_pods import STANDBY_ENV
+from api.restore_pods import STANDBY_ENV, STORAGE_ANNOTATION
 from tests.kube import Cluster, start_cluster
 from workers.restore_targets import RestoreTargetWatch, restore_target
 
@@ -90,6 +91,24 @@ def test_a_running_standby_on_this_node_asks_for_a_restore() -> None:
 )
 def test_other_pods_ask_for_nothing(pod: dict[str, Any]) -> None:
     assert restore_target(pod, node="gpu-1") is None
+
+
+def test_the_storage_annotation_says_where_to_fetch_from() -> None:
+    where = json.dumps(
+        {"bucket": "ckpts", "prefix": "fleet", "credentials_secret": "s3", "secret_namespace": "ns"}
+    )
+    found = restore_target(target_pod(annotations={STORAGE_ANNOTATION: where}), node="gpu-1")
+    assert found is not None and found.storage is not None
+    assert (found.storage.uri, found.storage.credentials_secret) == ("s3://ckpts/fleet/", "s3")
+
+
+def test_a_storage_annotation_that_does_not_parse_is_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pod = target_pod(annotations={STORAGE_ANNOTATION: '{"bucket": "X"}'})
+    found = restore_target(pod, node="gpu-1")
+    assert found is not None and found.storage is None
+    assert "warmstart.dev/storage is not a storage location" in caplog.text
 
 
 def test_gms_pods_wait_for_their_loader() -> None:

@@ -18,6 +18,7 @@ from temporalio.worker import Worker
 from activities.contracts import PodObservation
 from api.naming import CAPTURE_WORKFLOW
 from api.resources import IDENTITY_IMMUTABLE, SAVER_WITHOUT_GMS, Checkpoint, PodSnapshot
+from api.storage import RemoteStorage
 from tests.kube import Cluster, start_cluster
 from workers.leader import LeaseElector
 from workers.watcher import (
@@ -314,6 +315,27 @@ def test_requests_for_both_resources() -> None:
         "engine",
     )
     assert request.checkpoint_id == snap.checkpoint_id
+    assert request.storage is None  # no default: the nodes' checkpoint root
+
+
+def test_requests_carry_the_resources_storage_or_the_default() -> None:
+    default = RemoteStorage(bucket="fleet-ckpts")
+    settings = WatcherSettings(control_task_queue="q", storage=default)
+    meta = {"metadata": {"name": "llama", "namespace": "inference", "uid": "u1"}}
+    plain = Checkpoint.model_validate(checkpoint(job={"podTemplateSpec": TEMPLATE}) | meta)
+    assert capture_request(plain, settings).storage == default
+    s3 = {"type": "s3", "s3": {"bucket": "team-ckpts", "credentialsSecret": "keys"}}
+    own = Checkpoint.model_validate(
+        checkpoint(job={"podTemplateSpec": TEMPLATE}, storage=s3) | meta
+    )
+    assert capture_request(own, settings).storage == RemoteStorage(
+        bucket="team-ckpts", credentials_secret="keys", secret_namespace="inference"
+    )
+    pvc = {"type": "pvc", "pvc": {"claimName": "ckpts"}}
+    on_pvc = Checkpoint.model_validate(
+        checkpoint(job={"podTemplateSpec": TEMPLATE}, storage=pvc) | meta
+    )
+    assert capture_request(on_pvc, settings).storage is None
 
 
 async def test_a_changed_identity_is_refused_on_the_status(

@@ -259,9 +259,11 @@ async def test_what_is_not_an_admission_review_is_a_bad_request(webhook: Webhook
 # --- pods ---------------------------------------------------------------------------------
 
 
-async def ready_checkpoint(hook: Webhook, name: str, **spec: Any) -> None:
+async def ready_checkpoint(hook: Webhook, name: str, *, storage_uri: str = "", **spec: Any) -> None:
     body = checkpoint(name, **spec)
     body["status"] = {"phase": "Ready", "checkpointID": CKPT_ID, "version": VERSION}
+    if storage_uri:
+        body["status"]["storageURI"] = storage_uri
     await hook.cluster.create("checkpoints", body)
 
 
@@ -330,6 +332,23 @@ def env(container: dict[str, Any]) -> dict[str, Any]:
 async def test_a_pod_without_the_annotation_passes_without_a_patch(webhook: Webhook) -> None:
     response, _ = await admit(webhook, pod(restore_from=None))
     assert response == {"uid": response["uid"], "allowed": True}
+
+
+async def test_a_restore_target_of_an_s3_checkpoint_is_told_where_it_is(
+    webhook: Webhook,
+) -> None:
+    s3 = {"bucket": "team-ckpts", "endpoint": "http://s3.local", "credentialsSecret": "keys"}
+    uri = f"s3://team-ckpts/fleet/{CKPT_ID}/versions/{VERSION}/"
+    await ready_checkpoint(webhook, "llama-s3", storage_uri=uri, storage={"type": "s3", "s3": s3})
+    _, shaped = await admit(webhook, pod(MAIN, restore_from="llama-s3"))
+    where = json.loads(shaped["metadata"]["annotations"]["warmstart.dev/storage"])
+    assert where == {
+        "bucket": "team-ckpts",
+        "prefix": "fleet",
+        "endpoint": "http://s3.local",
+        "credentials_secret": "keys",
+        "secret_namespace": NAMESPACE,
+    }
 
 
 async def test_a_pod_is_shaped_as_a_restore_target(webhook: Webhook) -> None:
