@@ -213,6 +213,12 @@ class PrefetchInput(Contract):
     storage: RemoteStorage
 
 
+class NodeSelectorInput(Contract):
+    """Label maps; a node matches when its labels include all of one of them."""
+
+    selectors: list[dict[str, str]]
+
+
 class PrefetchResult(Contract):
     version: str
     size_bytes: int

@@ -16,6 +16,7 @@ from activities.contracts import (
     ClaimInput,
     JobInput,
     JobRef,
+    NodeSelectorInput,
     PodObservation,
     PodQuery,
     StatusInput,
@@ -51,3 +52,8 @@ class ClusterControlActivities(ControlActivities):
     @abstractmethod
     async def delete_capture_job(self, request: JobRef) -> None:
         """Delete the capture Job and its pod; one already gone is fine."""
+
+    @activity.defn
+    @abstractmethod
+    async def nodes_matching(self, request: NodeSelectorInput) -> list[str]:
+        """Names of the nodes whose labels include all of one of the selectors, sorted."""

@@ -27,6 +27,7 @@ from activities.contracts import (
     ContainerTarget,
     JobInput,
     JobRef,
+    NodeSelectorInput,
     PodObservation,
     PodQuery,
     ResourceRef,
@@ -395,6 +396,17 @@ class KubeControlActivities(ClusterControlActivities):
         except ApiException as err:
             if err.status != 404:
                 raise InvalidSpecError(f"delete Job {request.name}: {_api_message(err)}") from err
+
+    @activity.defn
+    async def nodes_matching(self, request: NodeSelectorInput) -> list[str]:
+        """Nodes selected by any label map (matched here: one list serves every map)."""
+        nodes = await call(self._core.list_node, what="list nodes")
+        return sorted(
+            str(node.metadata.name)
+            for node in nodes.items
+            if node.metadata is not None
+            and any(selector.items() <= _labels(node).items() for selector in request.selectors)
+        )
 
     @activity.defn
     async def read_capture_pod(self, request: PodQuery) -> PodObservation:

@@ -197,6 +197,15 @@ class Storage(Spec):
         return self
 
 
+class Prefetch(Spec):
+    """Nodes whose caches are warmed with each version once it is Ready (remote storage)."""
+
+    node_selectors: list[dict[str, str]] = Field(
+        default_factory=list,
+        description="Label maps; a node whose labels include all of one map is warmed.",
+    )
+
+
 class ResourceIdentity(CheckpointIdentity):
     """What makes two checkpoints interchangeable; its hash is the checkpoint ID. On a
     resource the parallel sizes are at least 1 (the hash, like Dynamo's, reads 0 as 1)."""
@@ -225,6 +234,7 @@ class CheckpointSpec(Spec):
         ),
     )
     storage: Storage | None = None
+    prefetch: Prefetch | None = None
 
     @model_validator(mode="after")
     def _no_loader(self) -> CheckpointSpec:

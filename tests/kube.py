@@ -61,14 +61,16 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-_CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition"}
+_CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "Node"}
 _VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 # Declared for discovery (kopf watches what discovery lists as watchable) and listed empty
 # before any object of theirs exists: (key, kind, subresources).
 RESOURCES = (
     ("v1/namespaces", "Namespace", {"status"}),
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", set()),
+    ("v1/nodes", "Node", {"status"}),
     ("v1/pods", "Pod", {"status"}),
+    ("v1/secrets", "Secret", set()),
     ("batch/v1/jobs", "Job", {"status"}),
     ("events.k8s.io/v1/events", "Event", set()),
     ("coordination.k8s.io/v1/leases", "Lease", set()),

@@ -83,6 +83,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
             control.create_capture_job,
             control.read_capture_pod,
             control.delete_capture_job,
+            control.nodes_matching,
         ],
         interceptors=[ErrorMapping()],
     )

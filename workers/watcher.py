@@ -71,6 +71,7 @@ def capture_request(
         {"kind": resource.kind, "namespace": meta.namespace, "name": meta.name, "uid": meta.uid}
     )
     gms = resource.spec.gpu_memory_service.enabled
+    prefetch = resource.spec.prefetch if isinstance(resource, Checkpoint) else None
     if isinstance(resource, Checkpoint):
         job = resource.spec.job
         target = ClusterTarget(
@@ -103,6 +104,7 @@ def capture_request(
         storage=resource_storage(
             resource.spec.storage, namespace=meta.namespace, default=settings.storage
         ),
+        prefetch_node_selectors=prefetch.node_selectors if prefetch is not None else [],
     )
 
 

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
-from temporalio.workflow import ActivityCancellationType
+from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
+from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from activities.containers import ContainerActivities
@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         JobRef,
         LaunchInput,
         LaunchResult,
+        NodeSelectorInput,
         PodObservation,
         PodQuery,
         RemoteStorage,
@@ -46,8 +47,9 @@ with workflow.unsafe.imports_passed_through():
     from api.naming import CAPTURE_WORKFLOW, checkpoint_version, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
     from workflows import policies, visibility
-    from workflows.contracts import CaptureRequest, CaptureResult, Progress
+    from workflows.contracts import CaptureRequest, CaptureResult, PrefetchRequest, Progress
     from workflows.control import publish_status
+    from workflows.prefetch import PrefetchWorkflow
     from workflows.visibility import PipelineState
 
 STOP_UNCONFIRMED_LAUNCH = "stop-unconfirmed-launch"
@@ -117,6 +119,8 @@ class CaptureWorkflow:
             await self._publish(Phase.READY, Reason.CAPTURED, commit=commit)
             self._clock.settle(Phase.READY, "done")
             self._succeeded = True
+            if request.storage is not None and request.prefetch_node_selectors:
+                await self._warm_nodes(request.storage, version)
         except ActivityError as err:
             failure = policies.step_failure(err, node=self._state.node)
             await self._fail(failure)
@@ -330,6 +334,37 @@ class CaptureWorkflow:
             f"upload version {version} to {storage.uri}",
         )
         return CommitResult(storage_uri=uploaded.storage_uri, size_bytes=uploaded.size_bytes)
+
+    async def _warm_nodes(self, storage: RemoteStorage, version: str) -> None:
+        """Start warming the caches of the nodes the resource selects (a PrefetchWorkflow
+        that outlives this run). The capture is Ready already: trouble here is only logged."""
+        req = self._require()
+        try:
+            nodes = await self._control(
+                ClusterControlActivities.nodes_matching,
+                NodeSelectorInput(selectors=req.prefetch_node_selectors),
+                "find nodes to prefetch on",
+            )
+            if not nodes:
+                workflow.logger.warning("prefetch: no node matches %s", req.prefetch_node_selectors)
+                return
+            await workflow.start_child_workflow(
+                PrefetchWorkflow.run,
+                PrefetchRequest(
+                    checkpoint_id=req.checkpoint_id,
+                    version=version,
+                    storage=storage,
+                    nodes=nodes,
+                    node_timeout_seconds=req.node_timeout_seconds,
+                    control_task_queue=req.control_task_queue,
+                ),
+                id=f"prefetch/{req.namespace}/{req.name}/{version}",
+                task_queue=req.control_task_queue,
+                parent_close_policy=ParentClosePolicy.ABANDON,
+                static_summary=f"prefetch {req.checkpoint_id} on {', '.join(nodes)}",
+            )
+        except (ActivityError, WorkflowAlreadyStartedError) as err:
+            workflow.logger.warning("prefetch not started: %s", err)
 
     async def _await_pod(
         self,

@@ -48,6 +48,8 @@ class CaptureRequest(Contract):
     leave_running: bool = False
     # Published there after the commit (the `upload` step); absent: the node's root is the store.
     storage: RemoteStorage | None = None
+    # With `storage`: once Ready, the caches of the nodes these label maps select are warmed.
+    prefetch_node_selectors: list[dict[str, str]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_mode(self) -> CaptureRequest:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from kubernetes import client
 from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import (
@@ -15,6 +16,7 @@ from activities.contracts import (
     ContainerTarget,
     JobInput,
     JobRef,
+    NodeSelectorInput,
     PodQuery,
     ResourceRef,
     StatusInput,
@@ -393,3 +395,24 @@ async def test_the_restore_of_a_deleted_pod_is_not_published(
         pod=gone,
     )
     await ActivityEnvironment().run(control.publish_status, report)
+
+
+async def test_nodes_matching_any_selector_are_found(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    nodes = {
+        "gpu-a": {"nvidia.com/gpu.product": "H100", "zone": "a"},
+        "gpu-b": {"nvidia.com/gpu.product": "H100", "zone": "b"},
+        "gpu-c": {"nvidia.com/gpu.product": "A100", "zone": "a"},
+        "cpu-1": {},
+    }
+    core = client.CoreV1Api(cluster.api)
+    for name, labels in nodes.items():
+        await cluster.run(core.create_node, {"metadata": {"name": name, "labels": labels}})
+    env = ActivityEnvironment()
+    h100_in_a = NodeSelectorInput(selectors=[{"nvidia.com/gpu.product": "H100", "zone": "a"}])
+    assert await env.run(control.nodes_matching, h100_in_a) == ["gpu-a"]
+    either = NodeSelectorInput(selectors=[{"zone": "b"}, {"nvidia.com/gpu.product": "A100"}])
+    assert await env.run(control.nodes_matching, either) == ["gpu-b", "gpu-c"]
+    none = NodeSelectorInput(selectors=[{"zone": "c"}])
+    assert await env.run(control.nodes_matching, none) == []

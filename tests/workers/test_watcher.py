@@ -331,6 +331,12 @@ def test_requests_carry_the_resources_storage_or_the_default() -> None:
     assert capture_request(own, settings).storage == RemoteStorage(
         bucket="team-ckpts", credentials_secret="keys", secret_namespace="inference"
     )
+    assert capture_request(own, settings).prefetch_node_selectors == []
+    warmed = Checkpoint.model_validate(
+        checkpoint(job={"podTemplateSpec": TEMPLATE}, prefetch={"nodeSelectors": [{"z": "a"}]})
+        | meta
+    )
+    assert capture_request(warmed, settings).prefetch_node_selectors == [{"z": "a"}]
     pvc = {"type": "pvc", "pvc": {"claimName": "ckpts"}}
     on_pvc = Checkpoint.model_validate(
         checkpoint(job={"podTemplateSpec": TEMPLATE}, storage=pvc) | meta

@@ -26,18 +26,25 @@ from activities.contracts import (
     GmsSavedInput,
     JobInput,
     JobRef,
+    NodeSelectorInput,
     PodObservation,
     PodQuery,
+    PrefetchInput,
+    PrefetchResult,
     ResourceRef,
     StatusInput,
+    UploadInput,
+    UploadResult,
 )
 from activities.errors import ErrorMapping
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.naming import node_task_queue
 from api.reasons import Phase
+from api.storage import RemoteStorage
 from tests.waiting import wait_until
 from workflows.capture import CaptureWorkflow
-from workflows.contracts import CaptureRequest, CaptureResult, ClusterTarget
+from workflows.contracts import CaptureRequest, CaptureResult, ClusterTarget, PrefetchReport
+from workflows.prefetch import PrefetchWorkflow
 from workflows.visibility import NODE
 
 IDENTITY = CheckpointIdentity(model="meta-llama/Llama-2-7b-hf", backend_framework="vllm")
@@ -53,6 +60,7 @@ class Cluster:
     queries: list[PodQuery] = field(default_factory=list)
     pod: PodObservation = field(default_factory=PodObservation)
     hold_dump: asyncio.Event | None = None
+    warm_nodes: list[str] = field(default_factory=list)
 
     def _record(self, name: str) -> None:
         self.calls.append((name, activity.info().task_queue))
@@ -106,6 +114,22 @@ class Cluster:
     @activity.defn(name="discard_staging")
     async def discard(self, request: DiscardInput) -> None:
         self._record("discard_staging")
+
+    @activity.defn(name="upload_version")
+    async def upload(self, request: UploadInput) -> UploadResult:
+        self._record("upload_version")
+        uri = f"{request.storage.uri}{request.checkpoint_id}/versions/{request.version}/"
+        return UploadResult(storage_uri=uri, size_bytes=7, bytes_transferred=7, seconds=0.1)
+
+    @activity.defn(name="nodes_matching")
+    async def nodes_matching(self, request: NodeSelectorInput) -> list[str]:
+        self._record("nodes_matching")
+        return self.warm_nodes
+
+    @activity.defn(name="prefetch_version")
+    async def prefetch(self, request: PrefetchInput) -> PrefetchResult:
+        self._record("prefetch_version")
+        return PrefetchResult(version=request.version, size_bytes=7, downloaded=True, seconds=0)
 
     def names(self) -> list[str]:
         return [name for name, _queue in self.calls]
@@ -164,13 +188,14 @@ async def harness(client: Client) -> AsyncIterator[Harness]:
         Worker(
             client,
             task_queue=control_queue,
-            workflows=[CaptureWorkflow],
+            workflows=[CaptureWorkflow, PrefetchWorkflow],
             activities=[
                 cluster.claim,
                 cluster.publish,
                 cluster.create_job,
                 cluster.read_pod,
                 cluster.delete_job,
+                cluster.nodes_matching,
             ],
             interceptors=[ErrorMapping()],
         ),
@@ -183,6 +208,7 @@ async def harness(client: Client) -> AsyncIterator[Harness]:
                 cluster.commit,
                 cluster.sentinel,
                 cluster.discard,
+                cluster.upload,
             ],
             interceptors=[ErrorMapping()],
         ),
@@ -226,6 +252,47 @@ async def test_a_checkpoint_is_captured_on_the_node_its_pod_runs_on(harness: Har
     )
     assert (await handle.describe()).typed_search_attributes.get(NODE) == harness.node
     assert "delete_capture_job" not in harness.cluster.names()  # it exits by itself
+
+
+async def test_with_remote_storage_it_uploads_then_warms_the_selected_nodes(
+    harness: Harness,
+) -> None:
+    warm = [f"warm-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    harness.cluster.warm_nodes = warm
+    storage = RemoteStorage(bucket="fleet-ckpts", prefix="llama")
+    request = harness.request().model_copy(
+        update={"storage": storage, "prefetch_node_selectors": [{"zone": "a"}]}
+    )
+    async with (
+        Worker(
+            harness.client,
+            task_queue=node_task_queue(warm[0]),
+            activities=[harness.cluster.prefetch],
+        ),
+        Worker(
+            harness.client,
+            task_queue=node_task_queue(warm[1]),
+            activities=[harness.cluster.prefetch],
+        ),
+    ):
+        handle = await harness.start(request)
+        await harness.called("create_capture_job")
+        await handle.signal(CaptureWorkflow.pod_scheduled, harness.seen(node_name=harness.node))
+        await handle.signal(CaptureWorkflow.container_ready, harness.seen(container_ready=True))
+        result = await handle.result()
+        prefetch = harness.client.get_workflow_handle(
+            f"prefetch/inference/llama/{result.version}", result_type=PrefetchReport
+        )
+        report = await prefetch.result()
+    uri = f"s3://fleet-ckpts/llama/{result.checkpoint_id}/versions/{result.version}/"
+    assert result.storage_uri == uri and "upload" in result.step_seconds
+    names = harness.cluster.names()
+    assert names.index("write_container_sentinel") < names.index("upload_version")
+    assert harness.cluster.statuses[-1].phase == Phase.READY
+    assert harness.cluster.statuses[-1].storage_uri == uri
+    assert sorted(n.node for n in report.nodes if n.result is not None) == sorted(warm)
+    queues = {queue for name, queue in harness.cluster.calls if name == "prefetch_version"}
+    assert queues == {node_task_queue(n) for n in warm}
 
 
 async def test_a_missed_signal_is_covered_by_reading_the_pod(harness: Harness) -> None:
