@@ -1,9 +1,10 @@
-"""Retention activities over the checkpoint store: list versions, find what is protected,
-delete versions, sweep orphans.
+"""Retention activities over the checkpoint stores: list versions, find what is protected,
+delete versions, sweep orphans; the same for the S3 location where one is configured.
 
 They run on the control queue: the store is one filesystem root shared by every node (the
 RWX volume on a cluster, the state directory locally), so one control-side worker that
-mounts it can judge and delete for all nodes; no node's own state is touched.
+mounts it can judge and delete for all nodes; no node's own state is touched. With remote
+storage, S3 is the durable store (captures publish there) and gets the same policy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,13 @@ from temporalio.common import SearchAttributeKey
 
 from activities.catalog import STAGING, LocalCatalog, committed_versions
 from activities.files import fsync_dir
+from activities.objectstore.s3 import S3Backend, S3Location
+from activities.objectstore.s3calls import S3Calls
+from activities.objectstore.transfer import TransferSettings
 from activities.quarantine import QUARANTINE_DIR, Quarantine
 from activities.storage import CheckpointStore
 from api.contract import Contract
+from api.errors import CheckpointNotFoundError, DigestMismatchError, InvalidSpecError
 from api.naming import MANIFEST_FILE, RESTORE_WORKFLOW, is_checkpoint_id
 from api.retention import CheckpointVersion, ProtectedRef
 
@@ -49,6 +55,7 @@ class ListVersionsInput(Contract):
 
 class CheckpointVersions(Contract):
     versions: tuple[CheckpointVersion, ...]
+    location: str = ""  # the S3 location listed (empty for the checkpoint root)
 
 
 class ProtectedInput(Contract):
@@ -84,6 +91,17 @@ class SweepResult(Contract):
     quarantine: tuple[str, ...] = ()
 
 
+class UploadSweepInput(Contract):
+    older_than_seconds: float
+    dry_run: bool = False
+
+
+class UploadSweepResult(Contract):
+    """Incomplete multipart uploads aborted (or, on a dry run, that would be), as URIs."""
+
+    aborted: tuple[str, ...] = ()
+
+
 class RetentionActivities:
     """Control-queue activities over the shared checkpoint store (see the module docstring)."""
 
@@ -93,10 +111,13 @@ class RetentionActivities:
         store: CheckpointStore,
         client: Client,
         ready_references: ReadyReferences = no_ready_references,
+        remote: RemoteVersions | None = None,
     ) -> None:
+        """`remote`: the configured S3 location, if any."""
         self._store = store
         self._client = client
         self._ready_references = ready_references
+        self._remote = remote
 
     @activity.defn
     async def list_checkpoint_versions(self, request: ListVersionsInput) -> CheckpointVersions:
@@ -141,6 +162,124 @@ class RetentionActivities:
         deletion that crashed and ran out of retries) untouched as long, quarantine entries
         of checkpoints with no version left."""
         return await asyncio.to_thread(sweep, self._store, request)
+
+    @activity.defn
+    async def list_remote_versions(self, request: ListVersionsInput) -> CheckpointVersions:
+        """Every committed version in S3, described by its manifest."""
+        remote = self._require_remote()
+        versions = await asyncio.to_thread(remote.versions)
+        return CheckpointVersions(versions=tuple(versions), location=remote.uri)
+
+    @activity.defn
+    async def delete_remote_version(self, request: DeleteVersionInput) -> DeleteVersionResult:
+        """Delete a version in S3: its manifest first, then its objects and uploads."""
+        existed = await asyncio.to_thread(
+            self._require_remote().delete, request.checkpoint_id, request.version
+        )
+        activity.logger.info(
+            "checkpoint %s version %s deleted in S3", request.checkpoint_id, request.version
+        )
+        return DeleteVersionResult(existed=existed)
+
+    @activity.defn
+    async def sweep_remote_uploads(self, request: UploadSweepInput) -> UploadSweepResult:
+        """Abort incomplete multipart uploads started longer ago than the threshold (an
+        uploader that crashed and was never retried leaves its parts, which cost storage)."""
+        remote = self._require_remote()
+        if request.dry_run:
+            stale = await asyncio.to_thread(remote.stale_uploads, request.older_than_seconds)
+        else:
+            stale = await asyncio.to_thread(remote.abort_stale_uploads, request.older_than_seconds)
+        return UploadSweepResult(aborted=tuple(stale))
+
+    def _require_remote(self) -> RemoteVersions:
+        if self._remote is None:
+            raise InvalidSpecError(
+                "retention: the request includes remote storage, but this worker has none "
+                "configured (WARMSTART_STORAGE__S3_BUCKET)"
+            )
+        return self._remote
+
+
+class RemoteVersions:
+    """The committed versions under one S3 location, as retention needs them: found across
+    checkpoints (S3Backend lists one checkpoint's), described by their manifests, deleted
+    through the backend, and the location's stale multipart uploads. Blocking: call it in
+    a thread."""
+
+    def __init__(
+        self, *, client: Any, location: S3Location, settings: TransferSettings | None = None
+    ) -> None:
+        self.backend = S3Backend(client=client, location=location, settings=settings)
+        self._s3 = S3Calls(client)
+        self._location = location
+
+    @property
+    def uri(self) -> str:
+        return self._location.uri(self._location.root)
+
+    def checkpoint_ids(self) -> list[str]:
+        root, found = self._location.root, []
+        pages = self._s3.pages(
+            "list_objects_v2", Bucket=self._location.bucket, Prefix=root, Delimiter="/"
+        )
+        for page in pages:
+            for common in page.get("CommonPrefixes", []):
+                name = str(common["Prefix"])[len(root) :].rstrip("/")
+                if is_checkpoint_id(name):
+                    found.append(name)
+        return sorted(found)
+
+    def versions(self) -> list[CheckpointVersion]:
+        """Every committed version whose manifest reads back; one that vanished meanwhile or
+        whose manifest is damaged is left out (never deleted unjudged), with a warning."""
+        found = []
+        for checkpoint_id in self.checkpoint_ids():
+            for version in self.backend.list_versions(checkpoint_id):
+                try:
+                    manifest = self.backend.read_manifest(checkpoint_id, version)
+                except (CheckpointNotFoundError, DigestMismatchError) as err:
+                    log.warning("checkpoint %s version %s skipped: %s", checkpoint_id, version, err)
+                    continue
+                found.append(
+                    CheckpointVersion(
+                        checkpoint_id=checkpoint_id,
+                        version=version,
+                        namespace=manifest.source.namespace,
+                        size_bytes=manifest.size_bytes,
+                        created_at=manifest.created_at,
+                    )
+                )
+        return found
+
+    def delete(self, checkpoint_id: str, version: str) -> bool:
+        """Delete a version (manifest first); returns whether it was still committed.
+        Idempotent: a retry after a crash finishes the removal."""
+        key = self._location.key(checkpoint_id, version, MANIFEST_FILE)
+        try:
+            self._s3.call("head_object", Bucket=self._location.bucket, Key=key)
+            existed = True
+        except CheckpointNotFoundError:
+            existed = False
+        self.backend.delete_version(checkpoint_id=checkpoint_id, version=version)
+        return existed
+
+    def stale_uploads(self, older_than_seconds: float) -> list[str]:
+        """What `abort_stale_uploads` would abort, aborting nothing."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_seconds)
+        pages = self._s3.pages(
+            "list_multipart_uploads", Bucket=self._location.bucket, Prefix=self._location.root
+        )
+        return [
+            self._location.uri(str(upload["Key"]))
+            for page in pages
+            for upload in page.get("Uploads", [])
+            if upload["Initiated"] < cutoff
+        ]
+
+    def abort_stale_uploads(self, older_than_seconds: float) -> list[str]:
+        aborted = self.backend.abort_stale_uploads(older_than_seconds=older_than_seconds)
+        return [self._location.uri(key) for key in aborted]
 
 
 def unpublish(version_dir: Path) -> bool:

@@ -1,5 +1,6 @@
 """Checkpoint retention from the outside: the policies from settings, the
-`warmstart-retention` Schedule, one run on demand (`warmstart gc`), and its summary as text."""
+`warmstart-retention` Schedule, one run on demand (`warmstart gc`), its summary as text, and
+the control worker's retention activities (with the S3 location, where configured)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
-from activities.retention import RetentionActivities
+from activities.objectstore.transfer import TransferSettings
+from activities.remote import RemoteStores
+from activities.retention import RemoteVersions, RetentionActivities
 from activities.storage import CheckpointStore
 from api.errors import InvalidSpecError
 from api.retention import RETENTION_SCHEDULE_ID, RetentionPolicies, RetentionPolicy
+from workers.operations import remote_storage
 from workers.settings import Settings
 from workflows.retention import RetentionWorkflow
-from workflows.retention_contracts import RetentionRequest, RetentionSummary
+from workflows.retention_contracts import RemoteSummary, RetentionRequest, RetentionSummary
 
 
 def retention_policies(settings: Settings) -> RetentionPolicies:
@@ -52,7 +56,12 @@ def retention_policies(settings: Settings) -> RetentionPolicies:
 
 
 def retention_request(settings: Settings, *, dry_run: bool = False) -> RetentionRequest:
-    return RetentionRequest(policies=retention_policies(settings), dry_run=dry_run)
+    """With remote storage configured, the run covers the S3 location too."""
+    return RetentionRequest(
+        policies=retention_policies(settings),
+        dry_run=dry_run,
+        remote=bool(settings.storage.s3_bucket),
+    )
 
 
 def retention_schedule(settings: Settings) -> Schedule:
@@ -115,17 +124,56 @@ def summary_lines(summary: RetentionSummary) -> list[str]:
         f"{verb} {len(summary.deleted)} version(s), {summary.bytes_freed} bytes; "
         f"kept {summary.kept}; {summary.protected} protected reference(s)"
     )
+    if summary.remote is not None:
+        lines += _remote_lines(summary.remote, dry_run=summary.dry_run)
+    return lines
+
+
+def _remote_lines(remote: RemoteSummary, *, dry_run: bool) -> list[str]:
+    verb = "would delete" if dry_run else "deleted"
+    lines = [
+        f"{remote.location}: checkpoint {d.checkpoint_id} version {d.version} ({d.namespace}, "
+        f"{d.size_bytes} bytes): {verb}, {d.reason}"
+        for d in remote.deleted
+    ]
+    abort = "would abort" if dry_run else "aborted"
+    lines += [f"{abort} incomplete upload {uri}" for uri in remote.aborted_uploads]
+    lines.append(
+        f"{remote.location}: {verb} {len(remote.deleted)} version(s), "
+        f"{remote.bytes_freed} bytes; kept {remote.kept}"
+    )
     return lines
 
 
 def retention_activities(client: Client, *, settings: Settings) -> list[Callable[..., Any]]:
-    """The control worker's retention activities over the local checkpoint root (a
-    cluster's control worker would mount the shared volume and pass a source of the
-    versions Ready Checkpoint resources reference)."""
-    retention = RetentionActivities(store=CheckpointStore(settings.checkpoint_root), client=client)
+    """The control worker's retention activities over the local checkpoint root and, where
+    configured, the S3 location (a cluster's control worker would mount the shared volume
+    and pass a source of the versions Ready Checkpoint resources reference)."""
+    retention = RetentionActivities(
+        store=CheckpointStore(settings.checkpoint_root),
+        client=client,
+        remote=remote_versions(settings),
+    )
     return [
         retention.list_checkpoint_versions,
         retention.protected_versions,
         retention.delete_version,
         retention.sweep_orphans,
+        retention.list_remote_versions,
+        retention.delete_remote_version,
+        retention.sweep_remote_uploads,
     ]
+
+
+def remote_versions(settings: Settings) -> RemoteVersions | None:
+    """The settings' S3 location (boto3's standard credential chain), or None without one."""
+    storage = remote_storage(settings)
+    if storage is None:
+        return None
+    stores = RemoteStores(
+        transfer=TransferSettings(),  # retention lists and deletes; it moves no file bytes
+        endpoint=settings.storage.s3_endpoint,
+        region=settings.storage.s3_region,
+    )
+    backend = stores.backend(storage)
+    return RemoteVersions(client=backend.client, location=backend.location)

@@ -1,5 +1,6 @@
 """RetentionWorkflow: list committed versions, find the protected ones, plan deletions with
-the pure `api.retention.plan_deletions`, delete, sweep orphans, report.
+the pure `api.retention.plan_deletions`, delete, sweep orphans; where the request includes
+remote storage, list, plan, delete and sweep incomplete uploads in S3 too; report.
 
 It runs on the control queue (started by the `warmstart-retention` Schedule or by
 `warmstart gc`); its activities go to the same queue, whose worker mounts the store.
@@ -7,6 +8,7 @@ It runs on the control queue (started by the `warmstart-retention` Schedule or b
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
 from temporalio import workflow
@@ -15,14 +17,16 @@ from temporalio.common import RetryPolicy
 with workflow.unsafe.imports_passed_through():
     from activities.retention import (
         DeleteVersionInput,
+        DeleteVersionResult,
         ListVersionsInput,
         ProtectedInput,
         RetentionActivities,
         SweepInput,
         SweepResult,
+        UploadSweepInput,
     )
-    from api.retention import RETENTION_WORKFLOW, Deletion, plan_deletions
-    from workflows.retention_contracts import RetentionRequest, RetentionSummary
+    from api.retention import RETENTION_WORKFLOW, Deletion, ProtectedRef, plan_deletions
+    from workflows.retention_contracts import RemoteSummary, RetentionRequest, RetentionSummary
 
 # Listing and sweeping read every manifest; deleting removes a tree of up to ~160 GiB.
 STORE_STEP_TIMEOUT = timedelta(minutes=30)
@@ -32,6 +36,7 @@ STORE_STEP_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=1),
     maximum_attempts=5,
 )
+DeleteStep = Callable[[RetentionActivities, DeleteVersionInput], Awaitable[DeleteVersionResult]]
 
 
 @workflow.defn(name=RETENTION_WORKFLOW)
@@ -56,7 +61,7 @@ class RetentionWorkflow:
             listed.versions, request.policies, now=workflow.now(), protected=protected.refs
         )
         if not request.dry_run:
-            await self._delete(plan)
+            await self._delete(plan, RetentionActivities.delete_version)
         swept = await workflow.execute_activity_method(
             RetentionActivities.sweep_orphans,
             SweepInput(
@@ -67,25 +72,68 @@ class RetentionWorkflow:
             retry_policy=STORE_STEP_RETRY,
             summary="sweep orphans" + (" (dry run)" if request.dry_run else ""),
         )
+        # Added steps only where asked, so that histories of runs without S3 still replay.
+        remote = await self._apply_remote(request, protected.refs) if request.remote else None
         return summarize(
-            request, plan, listed=len(listed.versions), protected=len(protected.refs), swept=swept
+            request,
+            plan,
+            listed=len(listed.versions),
+            protected=len(protected.refs),
+            swept=swept,
+            remote=remote,
         )
 
-    async def _delete(self, plan: list[Deletion]) -> None:
+    async def _apply_remote(
+        self, request: RetentionRequest, protected: Sequence[ProtectedRef]
+    ) -> RemoteSummary:
+        """The same policy and protected references over the versions in S3, then the
+        sweep of its incomplete uploads."""
+        listed = await workflow.execute_activity_method(
+            RetentionActivities.list_remote_versions,
+            ListVersionsInput(),
+            start_to_close_timeout=STORE_STEP_TIMEOUT,
+            retry_policy=STORE_STEP_RETRY,
+            summary="list committed versions in S3",
+        )
+        plan = plan_deletions(
+            listed.versions, request.policies, now=workflow.now(), protected=protected
+        )
+        if not request.dry_run:
+            await self._delete(plan, RetentionActivities.delete_remote_version, where=" in S3")
+        uploads = await workflow.execute_activity_method(
+            RetentionActivities.sweep_remote_uploads,
+            UploadSweepInput(
+                older_than_seconds=request.uploads_older_than_seconds, dry_run=request.dry_run
+            ),
+            start_to_close_timeout=STORE_STEP_TIMEOUT,
+            retry_policy=STORE_STEP_RETRY,
+            summary="abort stale uploads in S3" + (" (dry run)" if request.dry_run else ""),
+        )
+        return RemoteSummary(
+            location=listed.location,
+            deleted=tuple(plan),
+            bytes_freed=sum(d.size_bytes for d in plan),
+            kept=len(listed.versions) - len(plan),
+            aborted_uploads=uploads.aborted,
+        )
+
+    async def _delete(self, plan: list[Deletion], step: DeleteStep, *, where: str = "") -> None:
         """One activity per version, in turn: each is retried on its own and shows in the UI."""
         for deletion in plan:
             workflow.logger.info(
-                "deleting checkpoint %s version %s: %s",
+                "deleting checkpoint %s version %s%s: %s",
                 deletion.checkpoint_id,
                 deletion.version,
+                where,
                 deletion.reason,
             )
             await workflow.execute_activity_method(
-                RetentionActivities.delete_version,
+                step,
                 DeleteVersionInput(checkpoint_id=deletion.checkpoint_id, version=deletion.version),
                 start_to_close_timeout=STORE_STEP_TIMEOUT,
                 retry_policy=STORE_STEP_RETRY,
-                summary=f"delete {deletion.checkpoint_id}/{deletion.version}: {deletion.reason}",
+                summary=f"delete {deletion.checkpoint_id}/{deletion.version}{where}: "
+                f"{deletion.reason}",
             )
 
 
@@ -96,6 +144,7 @@ def summarize(
     listed: int,
     protected: int,
     swept: SweepResult,
+    remote: RemoteSummary | None = None,
 ) -> RetentionSummary:
     return RetentionSummary(
         dry_run=request.dry_run,
@@ -106,4 +155,5 @@ def summarize(
         swept_staging=swept.staging,
         swept_half_deleted=swept.half_deleted,
         swept_quarantine=swept.quarantine,
+        remote=remote,
     )

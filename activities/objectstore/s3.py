@@ -31,6 +31,7 @@ class S3Backend:
     def __init__(
         self, *, client: Any, location: S3Location, settings: TransferSettings | None = None
     ) -> None:
+        self.client = client
         self._s3 = S3Calls(client)
         self.location = location
         self.settings = settings or TransferSettings()

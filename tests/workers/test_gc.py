@@ -1,5 +1,6 @@
 """Retention from the outside: the `warmstart-retention` Schedule (created, then updated in
-place) and `warmstart gc` as a user runs it, against the dev server."""
+place) and `warmstart gc` as a user runs it, against the dev server (and, with remote
+storage configured, moto's S3 server)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import pytest
 from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleOverlapPolicy
 
 from activities.catalog import LocalCatalog
+from activities.objectstore.s3 import S3Location
+from activities.retention import RemoteVersions
 from activities.storage import CheckpointStore
 from api.errors import InvalidSpecError
 from api.retention import RETENTION_SCHEDULE_ID, RETENTION_WORKFLOW, RetentionPolicy
 from tests.committing import commit_version
+from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, new_bucket, s3_client
 from workers.compose import control_worker
-from workers.retention import ensure_retention_schedule, retention_policies
-from workers.settings import RetentionSettings, Settings
+from workers.retention import ensure_retention_schedule, retention_policies, retention_request
+from workers.settings import RetentionSettings, Settings, StorageSettings
 
 pytestmark = pytest.mark.timeout(120)
 WARMSTART = str(Path(sys.executable).parent / "warmstart")
@@ -46,7 +50,9 @@ async def test_schedule_is_created_then_updated(client: Client, settings: Settin
         await handle.delete()
 
 
-async def _gc(settings: Settings, address: str, *args: str) -> tuple[int, str, str]:
+async def _gc(
+    settings: Settings, address: str, *args: str, extra_env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(settings.home),
@@ -54,6 +60,7 @@ async def _gc(settings: Settings, address: str, *args: str) -> tuple[int, str, s
         "WARMSTART_TEMPORAL__ADDRESS": address,
         "WARMSTART_NODE__CONTROL_TASK_QUEUE": settings.node.control_task_queue,
         "WARMSTART_RETENTION__KEEP_NEWEST_PER_IDENTITY": "1",
+        **(extra_env or {}),
     }
     proc = await asyncio.create_subprocess_exec(
         WARMSTART,
@@ -84,6 +91,51 @@ async def test_gc_dry_run_then_for_real(client: Client, settings: Settings) -> N
     assert code == 0, err
     assert f"version {old.version}" in out and "deleted, beyond the 1 newest" in out
     assert [e.version for e in LocalCatalog(store.root).checkpoints()] == [new.version]
+
+
+async def test_gc_applies_the_policy_in_the_configured_bucket(
+    client: Client, settings: Settings, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3 = s3_client(s3_endpoint)
+    bucket = new_bucket(s3)
+    storage = StorageSettings(
+        s3_bucket=bucket, s3_prefix="fleet", s3_endpoint=s3_endpoint, s3_region=REGION
+    )
+    settings = dataclasses.replace(settings, storage=storage)
+    assert retention_request(settings).remote and not retention_request(Settings()).remote
+    node = CheckpointStore(settings.home / "node")
+    remote = RemoteVersions(client=s3, location=S3Location(bucket, "fleet"))
+    made = [
+        commit_version(node, model="m", created_at=T0 + timedelta(hours=h), suffix=f"{h}" * 6)
+        for h in (0, 1)
+    ]
+    for manifest in made:
+        version_dir = node.version_dir(manifest.checkpoint_id, manifest.version)
+        remote.backend.upload_version(
+            version_dir, checkpoint_id=manifest.checkpoint_id, version=manifest.version
+        )
+    # The control worker's client finds its keys by boto3's standard chain.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    address = client.service_client.config.target_host
+    env = {"WARMSTART_STORAGE__S3_BUCKET": bucket}
+    async with control_worker(client, settings):
+        code, out, err = await _gc(
+            settings, address, "--dry-run", "--output", "json", extra_env=env
+        )
+        assert code == 0, err
+        summary = json.loads(out)["remote"]
+        assert summary["location"] == f"s3://{bucket}/fleet/"
+        assert [d["version"] for d in summary["deleted"]] == [made[0].version]
+        assert len(remote.versions()) == 2
+
+        code, out, err = await _gc(settings, address, extra_env=env)
+    assert code == 0, err
+    assert (
+        f"s3://{bucket}/fleet/: checkpoint {made[0].checkpoint_id} version {made[0].version}" in out
+    )
+    assert "deleted, beyond the 1 newest" in out
+    assert [v.version for v in remote.versions()] == [made[1].version]
 
 
 async def test_gc_flags_exclude_each_other(settings: Settings) -> None:

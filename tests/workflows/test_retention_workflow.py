@@ -1,6 +1,7 @@
 """RetentionWorkflow on the time-skipping test server: a version ages past the policy only
-once a month of server time has passed; protected versions stay; orphans are swept; the
-history replays."""
+once a month of server time has passed; protected versions stay; orphans are swept; with
+remote storage the same policy applies in S3 (moto's server) and stale uploads are aborted;
+the histories replay, one recorded before remote storage among them."""
 
 from __future__ import annotations
 
@@ -16,22 +17,32 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from temporalio import activity
+from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
-from activities.retention import ProtectedInput, ProtectedVersions, RetentionActivities
+from activities.objectstore.s3 import S3Location
+from activities.retention import (
+    ProtectedInput,
+    ProtectedVersions,
+    RemoteVersions,
+    RetentionActivities,
+)
 from activities.storage import CheckpointStore
 from api.manifest import Manifest
 from api.naming import MANIFEST_FILE
 from api.retention import ProtectedRef, RetentionPolicies, RetentionPolicy
 from tests.committing import commit_version
+from tests.s3server import new_bucket, s3_client
 from workflows.retention import RetentionWorkflow
 from workflows.retention_contracts import RetentionRequest, RetentionSummary
 
 pytestmark = pytest.mark.timeout(60)
 TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
 POLICY = RetentionPolicies(default=RetentionPolicy(keep_newest_per_identity=3, max_age_days=30))
+# A run without remote storage recorded by the workflow as it was before remote storage.
+BEFORE_REMOTE = Path(__file__).parents[1] / "histories" / "retention" / "local-before-s3.json"
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -64,21 +75,34 @@ class Store:
 
 
 async def _run(
-    env: WorkflowEnvironment, store: Store, *, dry_run: bool, workflow_id: str = ""
+    env: WorkflowEnvironment,
+    store: Store,
+    *,
+    dry_run: bool,
+    workflow_id: str = "",
+    remote: RemoteVersions | None = None,
+    refs: tuple[ProtectedRef, ...] = (),
 ) -> RetentionSummary:
+    """One run over `store` (and `remote`, where given); protected: the newest version of
+    `store.pinned`, as a running restore would hold it, plus `refs`."""
+
     @activity.defn(name="protected_versions")
     async def protected(request: ProtectedInput) -> ProtectedVersions:
         ref = ProtectedRef(checkpoint_id=store.pinned.checkpoint_id, referrer="restore/x")
-        return ProtectedVersions(refs=(ref,))
+        return ProtectedVersions(refs=(ref, *refs))
 
-    real = RetentionActivities(store=store.store, client=env.client)
+    real = RetentionActivities(store=store.store, client=env.client, remote=remote)
     queue = f"retention-{uuid.uuid4().hex[:8]}"
     activities: list[Callable[..., Any]] = [
         real.list_checkpoint_versions,
         protected,
         real.delete_version,
         real.sweep_orphans,
+        real.list_remote_versions,
+        real.delete_remote_version,
+        real.sweep_remote_uploads,
     ]
+    request = RetentionRequest(policies=POLICY, dry_run=dry_run, remote=remote is not None)
     async with Worker(
         env.client, task_queue=queue, workflows=[RetentionWorkflow], activities=activities
     ):
@@ -87,7 +111,7 @@ async def _run(
         with env.auto_time_skipping_disabled():
             return await env.client.execute_workflow(
                 RetentionWorkflow.run,
-                RetentionRequest(policies=POLICY, dry_run=dry_run),
+                request,
                 id=workflow_id or f"retention/test/{queue}",
                 task_queue=queue,
             )
@@ -133,6 +157,90 @@ async def test_history_replays(skipping_env: WorkflowEnvironment, tmp_path: Path
     workflow_id = f"retention/test/replay-{uuid.uuid4().hex[:8]}"
     summary = await _run(skipping_env, store, dry_run=False, workflow_id=workflow_id)
     assert len(summary.deleted) == 3  # every aging version; the newest pinned one stays
+    history = await skipping_env.client.get_workflow_handle(workflow_id).fetch_history()
+    replayer = Replayer(workflows=[RetentionWorkflow], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)
+
+
+async def test_a_history_recorded_before_remote_storage_replays() -> None:
+    replayer = Replayer(workflows=[RetentionWorkflow], data_converter=pydantic_data_converter)
+    history = WorkflowHistory.from_json(BEFORE_REMOTE.stem, BEFORE_REMOTE.read_text())
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=True)
+    assert result.replay_failure is None
+
+
+class Remote:
+    """Checkpoint `kept` in S3 with five versions a day apart, the oldest held by a Ready
+    reference, and an upload that its uploader abandoned."""
+
+    def __init__(self, endpoint: str, root: Path, now: datetime) -> None:
+        self.client = s3_client(endpoint)
+        self.bucket = new_bucket(self.client)
+        self.versions = RemoteVersions(client=self.client, location=S3Location(self.bucket, "ws"))
+        node = CheckpointStore(root)
+        self.made = [
+            commit_version(
+                node, model="kept", created_at=now - timedelta(days=d), suffix=f"{d}" * 6
+            )
+            for d in (1, 2, 3, 4, 5)
+        ]
+        for manifest in self.made:
+            self.versions.backend.upload_version(
+                node.version_dir(manifest.checkpoint_id, manifest.version),
+                checkpoint_id=manifest.checkpoint_id,
+                version=manifest.version,
+            )
+        oldest = self.made[-1]
+        self.ready = ProtectedRef(
+            checkpoint_id=oldest.checkpoint_id, version=oldest.version, referrer="Checkpoint a/b"
+        )
+        key = f"ws/{oldest.checkpoint_id}/versions/{now:%Y%m%dT%H%M%SZ}-ffffff/criu/pages-1.img"
+        self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
+        self.upload = f"s3://{self.bucket}/{key}"
+
+    def objects(self, manifest: Manifest) -> list[str]:
+        prefix = f"ws/{manifest.checkpoint_id}/versions/{manifest.version}/"
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return [str(item["Key"]) for item in listed.get("Contents", [])]
+
+    def uploads(self) -> list[str]:
+        listed = self.client.list_multipart_uploads(Bucket=self.bucket)
+        return [str(u["Key"]) for u in listed.get("Uploads", [])]
+
+
+async def test_the_policy_applies_in_s3_and_stale_uploads_are_aborted(
+    skipping_env: WorkflowEnvironment, s3_endpoint: str, tmp_path: Path
+) -> None:
+    now = await skipping_env.get_current_time()
+    store = Store(tmp_path / "checkpoints", now)
+    remote = Remote(s3_endpoint, tmp_path / "node", now)
+    refs = (remote.ready,)
+
+    dry = await _run(skipping_env, store, dry_run=True, remote=remote.versions, refs=refs)
+    assert dry.remote is not None
+    assert [d.version for d in dry.remote.deleted] == [remote.made[3].version]
+    assert dry.remote.aborted_uploads == (remote.upload,)
+    assert all(remote.objects(m) for m in remote.made) and len(remote.uploads()) == 1
+
+    workflow_id = f"retention/test/s3-{uuid.uuid4().hex[:8]}"
+    summary = await _run(
+        skipping_env,
+        store,
+        dry_run=False,
+        workflow_id=workflow_id,
+        remote=remote.versions,
+        refs=refs,
+    )
+    assert summary.remote is not None and summary.remote.deleted == dry.remote.deleted
+    assert summary.remote.deleted[0].reason == "beyond the 3 newest"
+    assert (summary.remote.kept, summary.remote.bytes_freed) == (4, remote.made[3].size_bytes)
+    assert summary.remote.aborted_uploads == (remote.upload,) and remote.uploads() == []
+    assert remote.objects(remote.made[3]) == []  # manifest and files
+    assert all(remote.objects(m) for m in (*remote.made[:3], remote.made[4]))  # held by Ready
+    listed = {v.version for v in remote.versions.versions()}
+    assert listed == {m.version for m in remote.made} - {remote.made[3].version}
+    assert (summary.deleted, summary.kept) == ((), 4)  # the node root as before
+
     history = await skipping_env.client.get_workflow_handle(workflow_id).fetch_history()
     replayer = Replayer(workflows=[RetentionWorkflow], data_converter=pydantic_data_converter)
     await replayer.replay_workflow(history)
