@@ -53,7 +53,9 @@ class CheckpointSource:
             return
         if self._cache is None or self._remote is None:
             raise StorageError(f"{storage.uri}: this node has no cache for remote checkpoints")
-        cache, backend = self._cache, self._remote.backend(storage)
+        cache = self._cache
+        # Off the loop: building the client may read a credentials Secret from the API server.
+        backend = await asyncio.to_thread(self._remote.backend, storage)
         if not version:
             version = await asyncio.to_thread(
                 _newest, backend.list_versions, checkpoint_id, storage

@@ -270,7 +270,8 @@ class StorageActivities:
         if self._remote is None:
             raise StorageError(f"node {self._node} has no remote storage configured")
         local = self._store.find(request.checkpoint_id, request.version)
-        backend = self._remote.backend(request.storage)
+        # Off the loop: building the client may read a credentials Secret from the API server.
+        backend = await asyncio.to_thread(self._remote.backend, request.storage)
         report = await in_thread(
             "upload",
             lambda progress: backend.upload_version(

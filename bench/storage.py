@@ -1,7 +1,8 @@
 """Storage throughput: the filesystem backend against `cp -r`, and the S3 backend against a
 naive single stream (put_object/get_object file by file) and boto3's defaults
-(upload_file/download_file), all on one moto S3 server (a subprocess, whose CPU time is
-printed per transfer to show when the server is the bottleneck).
+(upload_file/download_file), all on one moto S3 server (a subprocess). The CPU time of
+the server and of this process (the client) is printed per transfer, to show which side
+is the bottleneck.
 
 Usage, from the repository root: `.venv/bin/python -m bench.storage [--sizes 1,4]`.
 """
@@ -48,6 +49,7 @@ class Row:
     seconds: float
     nbytes: int
     server_cpu: float | None = None
+    client_cpu: float = 0.0
 
     @property
     def mbps(self) -> float:
@@ -123,18 +125,31 @@ def cpu_seconds(pid: int) -> float:
 
 def timed(what: str, nbytes: int, run: Callable[[], object], *, server: int | None) -> Row:
     before = cpu_seconds(server) if server else 0.0
+    mine = _own_cpu()
     start = time.monotonic()
     run()
     seconds = time.monotonic() - start
     cpu = cpu_seconds(server) - before if server else None
-    row = Row(what, seconds, nbytes, cpu)
+    row = Row(what, seconds, nbytes, cpu, _own_cpu() - mine)
     _print_row(row)
     return row
 
 
+def _own_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_utime + used.ru_stime
+
+
 def _print_row(row: Row) -> None:
-    cpu = f"{row.server_cpu:6.1f} s ({row.server_cpu / row.seconds:4.0%})" if row.server_cpu else ""
-    print(f"  {row.what:<44} {row.seconds:7.2f} s {row.mbps:8.0f} MB/s  {cpu}", flush=True)
+    server = (
+        f"{row.server_cpu:6.1f} s ({row.server_cpu / row.seconds:4.0%})" if row.server_cpu else ""
+    )
+    client = f"{row.client_cpu:6.1f} s ({row.client_cpu / row.seconds:4.0%})"
+    print(
+        f"  {row.what:<44} {row.seconds:7.2f} s {row.mbps:8.0f} MB/s  client {client}  "
+        f"server {server}",
+        flush=True,
+    )
 
 
 def files_of(version_dir: Path) -> list[str]:

@@ -93,14 +93,15 @@ class Stack:
             await asyncio.to_thread(self.watcher.stop)
             self.watcher = None
 
-    async def checkpoint(self, name: str, command: list[str]) -> dict[str, Any]:
+    async def checkpoint(self, name: str, command: list[str], **spec: Any) -> dict[str, Any]:
+        """A Checkpoint of `command`, with `spec` beside the Job (`storage=...`)."""
         template = {
             "metadata": {"labels": {"app": name}},
             "spec": {
                 "containers": [{"name": "main", "image": "local/workload", "command": command}]
             },
         }
-        return await self.cluster.create("checkpoints", checkpoint_body(name, template))
+        return await self.cluster.create("checkpoints", checkpoint_body(name, template, **spec))
 
     async def run_job_pod(
         self, name: str, *, node: str = "", image: str | None = None
@@ -268,9 +269,9 @@ def answer_in(pid: int) -> str:
     return done.stdout.strip() if done.returncode == 0 else f"error: {done.stderr.strip()[-300:]}"
 
 
-async def captured(stack: Stack, image: str) -> tuple[dict[str, Any], str]:
-    """A Ready Checkpoint `llama` of SERVING, and the token its process served."""
-    await stack.checkpoint("llama", ["python3", "-c", SERVING])
+async def captured(stack: Stack, image: str, **spec: Any) -> tuple[dict[str, Any], str]:
+    """A Ready Checkpoint `llama` of SERVING (with `spec`), and the token its process served."""
+    await stack.checkpoint("llama", ["python3", "-c", SERVING], **spec)
     _job, pod, _cid, control = await stack.run_job_pod("llama", image=image)
     await eventually(
         lambda: asyncio.sleep(0, (control / "ready-for-snapshot").exists()), "ready-for-snapshot"
