@@ -83,21 +83,39 @@ def committed_versions(root: Path, checkpoint_id: str) -> list[Path]:
 def _entry(version_dir: Path) -> CatalogEntry | None:
     """The listing of one version, or None where its manifest is unreadable (restore says why)."""
     try:
-        doc = json.loads((version_dir / MANIFEST_FILE).read_bytes())
-        return CatalogEntry(
-            name=str(doc["source"]["name"]),
-            checkpoint_id=str(doc["checkpoint_id"]),
-            version=str(doc["version"]),
-            model=str(doc["identity"]["model"]),
-            backend=str(doc["identity"]["backend_framework"]),
-            size_bytes=sum(int(f["size"]) for f in doc["files"]),
-            node=str(doc["source"]["node"]),
-            created_at=datetime.fromisoformat(str(doc["created_at"])),
-            location=str(version_dir),
-            document=doc,
-        )
+        return entry_of(json.loads((version_dir / MANIFEST_FILE).read_bytes()), str(version_dir))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def find_entry(entries: list[CatalogEntry], ref: str, *, where: str) -> CatalogEntry:
+    """The newest of `entries` (newest first) with checkpoint ID `ref`, else named `ref`."""
+    # A 16-hex ref is an ID first; a workload may still be named like one.
+    matches = [e for e in entries if is_checkpoint_id(ref) and e.checkpoint_id == ref]
+    matches = matches or [e for e in entries if e.name == ref]
+    if not matches:
+        known = ", ".join(sorted({e.name for e in entries})) or "none"
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint named or with ID {ref!r} in {where} (known: {known})"
+        )
+    return matches[0]
+
+
+def entry_of(doc: dict[str, Any], location: str) -> CatalogEntry:
+    """The catalog entry of a manifest document (KeyError, ValueError, TypeError if it is
+    not one)."""
+    return CatalogEntry(
+        name=str(doc["source"]["name"]),
+        checkpoint_id=str(doc["checkpoint_id"]),
+        version=str(doc["version"]),
+        model=str(doc["identity"]["model"]),
+        backend=str(doc["identity"]["backend_framework"]),
+        size_bytes=sum(int(f["size"]) for f in doc["files"]),
+        node=str(doc["source"]["node"]),
+        created_at=datetime.fromisoformat(str(doc["created_at"])),
+        location=location,
+        document=doc,
+    )
 
 
 class LocalCatalog:
@@ -119,16 +137,7 @@ class LocalCatalog:
         return sorted(found, key=lambda e: e.created_at, reverse=True)
 
     def find(self, ref: str) -> CatalogEntry:
-        entries = self.checkpoints()
-        # A 16-hex ref is an ID first; a workload may still be named like one.
-        matches = [e for e in entries if is_checkpoint_id(ref) and e.checkpoint_id == ref]
-        matches = matches or [e for e in entries if e.name == ref]
-        if not matches:
-            known = ", ".join(sorted({e.name for e in entries})) or "none"
-            raise CheckpointNotFoundError(
-                f"no committed checkpoint named or with ID {ref!r} in {self.root} (known: {known})"
-            )
-        return matches[0]
+        return find_entry(self.checkpoints(), ref, where=str(self.root))
 
     def manifest(self, entry: CatalogEntry) -> Manifest:
         return load_manifest(Path(entry.location))

@@ -26,6 +26,7 @@ from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, new_bucket, s3_client
 from workers.compose import control_worker, node_worker
 from workers.operations import prefetch, remote_storage
 from workers.ports import free_port
+from workers.remote import checkpoint_catalog
 from workers.settings import Settings, StorageSettings
 from workflows.contracts import PrefetchRequest
 
@@ -132,23 +133,30 @@ async def test_an_upload_that_cannot_reach_its_bucket_fails_the_capture_naming_i
     assert CheckpointStore(settings.checkpoint_root).find(request.checkpoint_id)
 
 
-async def test_prefetch_warms_the_node_cache_once(
-    client: Client, s3_workers: Settings, s3: Any, tmp_path: Path
-) -> None:
+def publish(
+    settings: Settings, s3: Any, tmp_path: Path, version: str = VERSION
+) -> dict[str, bytes]:
+    """A version committed on another node and uploaded to the settings' bucket."""
     from activities.objectstore.s3calls import client_config
     from activities.objectstore.transfer import TransferSettings
 
-    bucket = s3_workers.storage.s3_bucket
-    settings = TransferSettings(part_size=5 << 20, concurrency=4)
+    transfer = TransferSettings(part_size=5 << 20, concurrency=4)
     backend = S3Backend(
-        client=s3_client(s3.meta.endpoint_url, config=client_config(settings)),
-        location=S3Location(bucket, PREFIX),
-        settings=settings,
+        client=s3_client(s3.meta.endpoint_url, config=client_config(transfer)),
+        location=S3Location(settings.storage.s3_bucket, PREFIX),
+        settings=transfer,
     )
     files = tree_files()
-    backend.upload_version(
-        committed_version(tmp_path / "elsewhere", files), checkpoint_id=CKPT, version=VERSION
-    )
+    local = committed_version(tmp_path / f"elsewhere-{version}", files, version=version)
+    backend.upload_version(local, checkpoint_id=CKPT, version=version)
+    return files
+
+
+async def test_prefetch_warms_the_node_cache_once(
+    client: Client, s3_workers: Settings, s3: Any, tmp_path: Path
+) -> None:
+    bucket = s3_workers.storage.s3_bucket
+    files = publish(s3_workers, s3, tmp_path)
     storage = remote_storage(s3_workers)
     assert storage is not None
     request = PrefetchRequest(
@@ -175,3 +183,26 @@ async def test_prefetch_warms_the_node_cache_once(
         lost.error.startswith(f"{Reason.CHECKPOINT_NOT_FOUND}: ")
         and f"s3://{bucket}/{PREFIX}/" in lost.error
     )
+
+
+def test_the_catalog_lists_what_only_the_remote_store_holds(
+    s3_settings: Settings, s3: Any, tmp_path: Path
+) -> None:
+    newer = "20261125T000000Z-bbbbbb"
+    publish(s3_settings, s3, tmp_path)
+    publish(s3_settings, s3, tmp_path, version=newer)
+    # This node holds the newer version too: it is listed once, as the node's.
+    committed_version(s3_settings.checkpoint_root, tree_files(), version=newer)
+    catalog = checkpoint_catalog(s3_settings)
+    listed = [(e.version, e.location) for e in catalog.checkpoints()]
+    bucket = s3_settings.storage.s3_bucket
+    assert listed == [
+        (newer, str(CheckpointStore(s3_settings.checkpoint_root).version_dir(CKPT, newer))),
+        (VERSION, f"s3://{bucket}/{PREFIX}/{CKPT}/versions/{VERSION}/"),
+    ]
+    assert catalog.find(CKPT).version == newer  # the node's, newest
+    remote_entry = catalog.checkpoints()[1]
+    assert catalog.manifest(remote_entry).version == VERSION
+    # A damaged manifest in the bucket: that version is not offered.
+    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{CKPT}/versions/{VERSION}/manifest.json", Body=b"{")
+    assert [e.version for e in checkpoint_catalog(s3_settings).checkpoints()] == [newer]

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
 
-    from activities.contracts import RemoteStorage
     from api.identity import CheckpointIdentity
     from api.workload import LocalWorkload
     from workers.settings import Settings
@@ -178,8 +177,7 @@ def restore(args: argparse.Namespace) -> int:
 
     settings = _settings()
     _check_seconds("--timeout", args.timeout)  # before the lookup: bad input first
-    storage = remote_storage(settings)
-    name, checkpoint_id, version = _resolve(settings, args.ref, args.version, remote=storage)
+    name, checkpoint_id, version = _resolve(settings, args.ref, args.version)
     request = RestoreRequest(
         name=name,
         checkpoint_id=checkpoint_id,
@@ -187,7 +185,7 @@ def restore(args: argparse.Namespace) -> int:
         node=settings.node.name,
         answer_timeout_seconds=args.timeout,
         control_task_queue=settings.node.control_task_queue,
-        storage=storage,
+        storage=remote_storage(settings),
     )
     title = f"restore {request.name}"
     result = _run(_pipeline(settings, lambda c: start_restore(c, request), title, every=0.2))
@@ -195,21 +193,12 @@ def restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve(
-    settings: Settings, ref: str, version: str, *, remote: RemoteStorage | None
-) -> tuple[str, str, str]:
+def _resolve(settings: Settings, ref: str, version: str) -> tuple[str, str, str]:
     """Name, checkpoint ID and version of REF: from this node's catalog, else (with remote
-    storage) REF as a checkpoint ID only stored there, named after it, newest by default."""
-    from activities.catalog import LocalCatalog
-    from api.errors import CheckpointNotFoundError
-    from api.naming import is_checkpoint_id
+    storage) from what the remote store holds; the newest version unless one is given."""
+    from workers.remote import checkpoint_catalog
 
-    try:
-        entry = LocalCatalog(settings.checkpoint_root).find(ref)
-    except CheckpointNotFoundError:
-        if remote is None or not is_checkpoint_id(ref):
-            raise
-        return ref, ref, version
+    entry = checkpoint_catalog(settings).find(ref)
     return entry.name, entry.checkpoint_id, version or entry.version
 
 
@@ -227,7 +216,7 @@ def prefetch(args: argparse.Namespace) -> int:
     storage = remote_storage(settings)
     if storage is None:
         raise InvalidSpecError("prefetch needs remote storage: set WARMSTART_STORAGE__S3_BUCKET")
-    _name, checkpoint_id, _ = _resolve(settings, args.ref, args.version, remote=storage)
+    _name, checkpoint_id, _ = _resolve(settings, args.ref, args.version)
     request = PrefetchRequest(
         checkpoint_id=checkpoint_id,
         version=args.version,
@@ -285,12 +274,13 @@ async def _pipeline(
 
 
 def list_checkpoints(args: argparse.Namespace) -> int:
-    """Committed checkpoints, newest first (from the catalog; needs no server)."""
-    from activities.catalog import LocalCatalog
+    """Committed checkpoints, newest first: this node's, then (with remote storage) those
+    only the remote store holds (from the catalogs; needs no server)."""
     from workers import display
+    from workers.remote import checkpoint_catalog
 
     settings = _settings()
-    display.checkpoint_table(LocalCatalog(settings.checkpoint_root).checkpoints(), args.output)
+    display.checkpoint_table(checkpoint_catalog(settings).checkpoints(), args.output)
     return 0
 
 

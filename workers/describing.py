@@ -3,20 +3,21 @@ from Temporal."""
 
 from __future__ import annotations
 
-from activities.catalog import Catalog, LocalCatalog
+from activities.catalog import Catalog
 from api.errors import CheckpointNotFoundError, UnavailableError
 from api.manifest import Manifest
 from api.naming import LOCAL_NAMESPACE
 from workers import display
 from workers.client import connect, workflow_ui_url
 from workers.operations import PipelineRecord, latest_pipeline, recent_pipelines
+from workers.remote import checkpoint_catalog
 from workers.settings import Settings
 
 
 async def describe_checkpoint(settings: Settings, ref: str, *, output: str) -> int:
     """Show `ref`; exit status 0 when a committed checkpoint exists, else 1."""
     manifest: Manifest | None = None
-    catalog: Catalog = LocalCatalog(settings.checkpoint_root)
+    catalog: Catalog = checkpoint_catalog(settings)
     try:
         manifest = catalog.manifest(catalog.find(ref))
     except CheckpointNotFoundError as err:

@@ -26,13 +26,11 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
-from activities.objectstore.transfer import TransferSettings
-from activities.remote import RemoteStores
-from activities.retention import RemoteVersions, RetentionActivities
+from activities.retention import RetentionActivities
 from activities.storage import CheckpointStore
 from api.errors import InvalidSpecError
 from api.retention import RETENTION_SCHEDULE_ID, RetentionPolicies, RetentionPolicy
-from workers.operations import remote_storage
+from workers.remote import remote_versions
 from workers.settings import Settings
 from workflows.retention import RetentionWorkflow
 from workflows.retention_contracts import RemoteSummary, RetentionRequest, RetentionSummary
@@ -163,17 +161,3 @@ def retention_activities(client: Client, *, settings: Settings) -> list[Callable
         retention.delete_remote_version,
         retention.sweep_remote_uploads,
     ]
-
-
-def remote_versions(settings: Settings) -> RemoteVersions | None:
-    """The settings' S3 location (boto3's standard credential chain), or None without one."""
-    storage = remote_storage(settings)
-    if storage is None:
-        return None
-    stores = RemoteStores(
-        transfer=TransferSettings(),  # retention lists and deletes; it moves no file bytes
-        endpoint=settings.storage.s3_endpoint,
-        region=settings.storage.s3_region,
-    )
-    backend = stores.backend(storage)
-    return RemoteVersions(client=backend.client, location=backend.location)
