@@ -21,7 +21,7 @@ from pathlib import Path
 from temporalio import activity
 
 from activities.catalog import load_manifest
-from activities.contracts import Heartbeat, RestoredWorkload, RestoreInput
+from activities.contracts import Heartbeat, RemoteStorage, RestoredWorkload, RestoreInput
 from activities.criu import IMAGES_DIR, Criu
 from activities.files import write_atomically
 from activities.gpu import NodeGpus, local_target
@@ -72,6 +72,24 @@ class Stages:
     @property
     def current(self) -> str:
         return self._name
+
+
+async def open_version(
+    held: AsyncExitStack,
+    source: CheckpointSource,
+    stages: Stages,
+    checkpoint_id: str,
+    version: str,
+    storage: RemoteStorage | None,
+) -> Path:
+    """The version directory to restore from, in use until `held` closes; a download of it
+    is the `fetch` stage, after which `verify` goes on."""
+    path = await held.enter_async_context(
+        source.version_dir(checkpoint_id, version, storage, on_fetch=lambda: stages.start("fetch"))
+    )
+    if stages.current == "fetch":
+        stages.start("verify")
+    return path
 
 
 class NodeGate:
@@ -147,16 +165,9 @@ class RestoreActivities:
         held = AsyncExitStack()
         try:
             stages.start("verify")
-            version_dir = await held.enter_async_context(
-                self._source.version_dir(
-                    request.checkpoint_id,
-                    request.version,
-                    request.storage,
-                    on_fetch=lambda: stages.start("fetch"),
-                )
+            version_dir = await open_version(
+                held, self._source, stages, request.checkpoint_id, request.version, request.storage
             )
-            if stages.current == "fetch":
-                stages.start("verify")
             claimed = load_manifest(version_dir)
             cls = self._gate.check(claimed, self._target(claimed))
             manifest = await asyncio.to_thread(

@@ -38,7 +38,7 @@ from activities.gpu import (
     gpus_of_process,
     process_environment,
 )
-from activities.restore import NodeGate, Stages
+from activities.restore import NodeGate, Stages, open_version
 from activities.sentinels import wait_for_file
 from activities.sources import CheckpointSource
 from activities.storage import CheckpointStore, host_info
@@ -78,16 +78,9 @@ class StandbyRestorer:
         held = AsyncExitStack()
         try:
             stages.start("verify")
-            version_dir = await held.enter_async_context(
-                self._source.version_dir(
-                    request.checkpoint_id,
-                    request.version,
-                    request.storage,
-                    on_fetch=lambda: stages.start("fetch"),
-                )
+            version_dir = await open_version(
+                held, self._source, stages, request.checkpoint_id, request.version, request.storage
             )
-            if stages.current == "fetch":
-                stages.start("verify")
             claimed = load_manifest(version_dir)
             gpus = gpus_of_process(process_environment(placeholder.pid), self._gpus.facts())
             cls = self._gate.check(claimed, host_info(gpus))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -36,6 +37,8 @@ STORE_STEP_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=1),
     maximum_attempts=5,
 )
+I = TypeVar("I")  # noqa: E741
+R = TypeVar("R")
 DeleteStep = Callable[[RetentionActivities, DeleteVersionInput], Awaitable[DeleteVersionResult]]
 
 
@@ -43,34 +46,28 @@ DeleteStep = Callable[[RetentionActivities, DeleteVersionInput], Awaitable[Delet
 class RetentionWorkflow:
     @workflow.run
     async def run(self, request: RetentionRequest) -> RetentionSummary:
-        listed = await workflow.execute_activity_method(
+        listed = await _store_step(
             RetentionActivities.list_checkpoint_versions,
             ListVersionsInput(),
-            start_to_close_timeout=STORE_STEP_TIMEOUT,
-            retry_policy=STORE_STEP_RETRY,
-            summary="list committed versions",
+            "list committed versions",
         )
-        protected = await workflow.execute_activity_method(
+        protected = await _store_step(
             RetentionActivities.protected_versions,
             ProtectedInput(),
-            start_to_close_timeout=STORE_STEP_TIMEOUT,
-            retry_policy=STORE_STEP_RETRY,
-            summary="find live restores and Ready references",
+            "find live restores and Ready references",
         )
         plan = plan_deletions(
             listed.versions, request.policies, now=workflow.now(), protected=protected.refs
         )
         if not request.dry_run:
             await self._delete(plan, RetentionActivities.delete_version)
-        swept = await workflow.execute_activity_method(
+        swept = await _store_step(
             RetentionActivities.sweep_orphans,
             SweepInput(
                 staging_older_than_seconds=request.staging_older_than_seconds,
                 dry_run=request.dry_run,
             ),
-            start_to_close_timeout=STORE_STEP_TIMEOUT,
-            retry_policy=STORE_STEP_RETRY,
-            summary="sweep orphans" + (" (dry run)" if request.dry_run else ""),
+            "sweep orphans" + (" (dry run)" if request.dry_run else ""),
         )
         # Added steps only where asked, so that histories of runs without S3 still replay.
         remote = await self._apply_remote(request, protected.refs) if request.remote else None
@@ -88,26 +85,22 @@ class RetentionWorkflow:
     ) -> RemoteSummary:
         """The same policy and protected references over the versions in S3, then the
         sweep of its incomplete uploads."""
-        listed = await workflow.execute_activity_method(
+        listed = await _store_step(
             RetentionActivities.list_remote_versions,
             ListVersionsInput(),
-            start_to_close_timeout=STORE_STEP_TIMEOUT,
-            retry_policy=STORE_STEP_RETRY,
-            summary="list committed versions in S3",
+            "list committed versions in S3",
         )
         plan = plan_deletions(
             listed.versions, request.policies, now=workflow.now(), protected=protected
         )
         if not request.dry_run:
             await self._delete(plan, RetentionActivities.delete_remote_version, where=" in S3")
-        uploads = await workflow.execute_activity_method(
+        uploads = await _store_step(
             RetentionActivities.sweep_remote_uploads,
             UploadSweepInput(
                 older_than_seconds=request.uploads_older_than_seconds, dry_run=request.dry_run
             ),
-            start_to_close_timeout=STORE_STEP_TIMEOUT,
-            retry_policy=STORE_STEP_RETRY,
-            summary="abort stale uploads in S3" + (" (dry run)" if request.dry_run else ""),
+            "abort stale uploads in S3" + (" (dry run)" if request.dry_run else ""),
         )
         return RemoteSummary(
             location=listed.location,
@@ -127,14 +120,23 @@ class RetentionWorkflow:
                 where,
                 deletion.reason,
             )
-            await workflow.execute_activity_method(
+            await _store_step(
                 step,
                 DeleteVersionInput(checkpoint_id=deletion.checkpoint_id, version=deletion.version),
-                start_to_close_timeout=STORE_STEP_TIMEOUT,
-                retry_policy=STORE_STEP_RETRY,
-                summary=f"delete {deletion.checkpoint_id}/{deletion.version}{where}: "
-                f"{deletion.reason}",
+                f"delete {deletion.checkpoint_id}/{deletion.version}{where}: {deletion.reason}",
             )
+
+
+async def _store_step(step: Callable[[Any, I], Awaitable[R]], arg: I, summary: str) -> R:
+    """A step over a store: listing and sweeping read every manifest, a deletion removes a
+    tree of up to ~160 GiB."""
+    return await workflow.execute_activity_method(
+        step,
+        arg,
+        start_to_close_timeout=STORE_STEP_TIMEOUT,
+        retry_policy=STORE_STEP_RETRY,
+        summary=summary,
+    )
 
 
 def summarize(
