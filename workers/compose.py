@@ -173,6 +173,7 @@ def transfer_settings(settings: Settings) -> TransferSettings:
         concurrency=storage.concurrency,
         sse=storage.sse,
         kms_key_id=storage.kms_key_id,
+        compression=storage.compression,
     )
 
 

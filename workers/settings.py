@@ -158,6 +158,7 @@ class StorageSettings:
     # Bytes in flight per transfer are at most part_size_mib * concurrency.
     part_size_mib: int = 64
     concurrency: int = 16
+    compression: Literal["off", "auto"] = "auto"  # zstd per file where a sample shows it pays
     # The node cache of fetched versions: least recently used ones not in use go first.
     cache_max_bytes: int | None = None
 

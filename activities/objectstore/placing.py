@@ -67,21 +67,40 @@ def _check_file_path(path: str, *, where: str) -> None:
 
 
 def check_listing(
-    manifest: Manifest, listing: Mapping[str, int], *, name: Callable[[str], str]
-) -> None:
-    """Compare what the backend holds (relative path → size) with the manifest before
-    fetching a byte: a missing, short or long file, or one not in the manifest, is refused."""
+    manifest: Manifest,
+    listing: Mapping[str, int],
+    *,
+    name: Callable[[str], str],
+    compressed: Callable[[str], str | None] | None = None,
+) -> dict[str, str]:
+    """Compare what the backend holds (relative name → size) with the manifest before
+    fetching a byte: a missing, short or long file, or one not in the manifest, is refused.
+    A file may instead be held compressed under the name `compressed(path)` gives (its size
+    is then checked as it is decompressed), but not both ways at once. Returns each file's
+    path → the name holding it."""
+    held: dict[str, str] = {}
     for entry in manifest.files:
+        packed = compressed(entry.path) if compressed is not None else None
         size = listing.get(entry.path)
+        if packed is not None and packed in listing:
+            if size is not None:
+                raise DigestMismatchError(
+                    f"{name(entry.path)} and {name(packed)} both hold {entry.path}; "
+                    "refused: one of them is not the version's"
+                )
+            held[entry.path] = packed
+            continue
         if size is None:
             raise DigestMismatchError(f"{name(entry.path)} is missing")
         if size != entry.size:
             raise DigestMismatchError(
                 f"{name(entry.path)} has {size} bytes, manifest says {entry.size}"
             )
-    extra = sorted(set(listing) - {f.path for f in manifest.files} - {MANIFEST_FILE})
+        held[entry.path] = entry.path
+    extra = sorted(set(listing) - set(held.values()) - {MANIFEST_FILE})
     if extra:
         raise DigestMismatchError(f"{name(extra[0])} is not in the manifest")
+    return held
 
 
 def already_committed(version_dir: Path, raw_manifest: bytes) -> bool:
@@ -151,7 +170,16 @@ class PartialFile:
         self._hash = hashlib.sha256()
         self._size = 0
 
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._size
+
     def write(self, data: bytes | memoryview) -> None:
+        if self._size + len(data) > self.entry.size:  # a damaged stream must not fill the disk
+            raise DigestMismatchError(
+                f"{self._where} has more than the {self.entry.size} bytes the manifest says"
+            )
         self._hash.update(data)
         self._size += len(data)
         view = memoryview(data)

@@ -1,7 +1,8 @@
 """Checkpoint versions in S3 (any S3-compatible endpoint), through a boto3 client the
 caller builds (`client_config` sizes its connection pool) and injects.
 
-Keys mirror the filesystem layout: `<prefix>/<checkpointID>/versions/<version>/<file>`.
+Keys mirror the filesystem layout: `<prefix>/<checkpointID>/versions/<version>/<file>`, or
+`<file>.zst` for a file stored zstd-compressed (where that pays, `settings.compression`).
 S3 has no rename, so there is no staging: every file is uploaded to its final key, and
 `manifest.json` is uploaded last, only after every file completed and matched its digest.
 A version without a manifest object does not exist for listing, describing or restoring;

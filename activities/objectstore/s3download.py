@@ -2,13 +2,15 @@
 
 The manifest object is read first and checked (this checkpoint and version, safe relative
 paths); the listing is compared with it before any file byte is fetched (missing, short,
-long and unlisted objects are refused by key). Files up to one part come with one GET
-each, in parallel; larger ones with ranged GETs sent ahead by a pool (all pinned to the
-listed ETag, so a changed object cannot mix in) and consumed here in part order, so each
-file's SHA-256 is computed incrementally as contiguous bytes arrive, never from a second
-read. Bytes land in a temp file beside the final name and are renamed into place only
-once size and digest match; `manifest.json` is written last, so the directory is a
-committed version for `CheckpointStore.verify`, and nothing unverified carries a final name.
+long and unlisted objects, and files stored both plain and as `<path>.zst`, are refused by
+key). Objects up to one part come with one GET each, in parallel; larger ones with ranged
+GETs sent ahead by a pool (all pinned to the listed ETag, so a changed object cannot mix
+in) and consumed here in part order, so each file's SHA-256 is computed incrementally as
+contiguous bytes arrive, never from a second read; a `.zst` object is decompressed as its
+bytes arrive, and the plain bytes are hashed. Bytes land in a temp file beside the final
+name and are renamed into place only once size and digest match; `manifest.json` is written
+last, so the directory is a committed version for `CheckpointStore.verify`, and nothing
+unverified carries a final name.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+from activities.objectstore.compression import DecompressingFile
 from activities.objectstore.parallel import FirstFailure, results, worker_pool
 from activities.objectstore.placing import (
     PartialFile,
@@ -28,7 +32,7 @@ from activities.objectstore.placing import (
     prepare_destination,
 )
 from activities.objectstore.s3calls import S3Calls
-from activities.objectstore.s3keys import S3Location
+from activities.objectstore.s3keys import S3Location, compressed_name
 from activities.objectstore.transfer import (
     Meter,
     ProgressCallback,
@@ -41,15 +45,40 @@ from api.naming import MANIFEST_FILE
 
 
 @dataclass(frozen=True)
-class _Range:
+class _Object:
+    """The object holding a file of the version: `name` is its path or, compressed,
+    `<path>.zst`; `size` and `etag` as listed."""
+
     entry: FileDigest
+    name: str
+    size: int
     etag: str
+
+    @property
+    def compressed(self) -> bool:
+        return self.name != self.entry.path
+
+
+@dataclass(frozen=True)
+class _Range:
+    held: _Object
     offset: int
     length: int
 
     @property
     def last(self) -> bool:
-        return self.offset + self.length == self.entry.size
+        return self.offset + self.length == self.held.size
+
+
+class _Sink(Protocol):
+    @property
+    def size(self) -> int:
+        """The file's bytes written so far."""
+        ...
+
+    def write(self, data: bytes) -> None: ...
+    def finish(self) -> None: ...
+    def discard(self) -> None: ...
 
 
 def read_manifest(
@@ -101,63 +130,71 @@ class VersionDownload:
         if prepare_destination(self._dest, raw):
             meter.add(done=manifest.size_bytes, transferred=0)
             return meter.report(manifest)
-        listing = self._listing()
-        sizes = {path: size for path, (size, _etag) in listing.items()}
-        check_listing(manifest, sizes, name=self._uri)
+        objects = self._objects(manifest)
         threshold = self._settings.part_size
         with (
             worker_pool(self._settings.concurrency, name="s3-files") as files,
             worker_pool(self._settings.concurrency, name="s3-parts") as parts,
         ):
             small = [
-                files.submit(self._get_small, entry, listing[entry.path][1], meter)
-                for entry in manifest.files
-                if entry.size <= threshold
+                files.submit(self._get_small, held, meter)
+                for held in objects
+                if held.size <= threshold
             ]
             for future in small:
                 self._failure.watch(future)
-            large = [(e, listing[e.path][1]) for e in manifest.files if e.size > threshold]
-            self._get_large(large, parts, meter)
+            self._get_large([held for held in objects if held.size > threshold], parts, meter)
             results(small)
         commit_manifest(self._dest, raw, durable=self._settings.durable)
         return meter.report(manifest)
 
-    def _listing(self) -> dict[str, tuple[int, str]]:
-        """Objects under the version: relative path → (size, ETag)."""
+    def _objects(self, manifest: Manifest) -> list[_Object]:
+        """The object holding each file, checked against the listing (`check_listing`)."""
         prefix = self._key("")
-        return {
+        listing = {
             str(item["Key"])[len(prefix) :]: (int(item["Size"]), str(item["ETag"]))
             for page in self._s3.pages("list_objects_v2", Bucket=self._bucket, Prefix=prefix)
             for item in page.get("Contents", [])
         }
+        paths = {entry.path for entry in manifest.files}
+        held = check_listing(
+            manifest,
+            {name: size for name, (size, _etag) in listing.items()},
+            name=self._uri,
+            compressed=lambda path: compressed_name(path, paths),
+        )
+        return [
+            _Object(entry, held[entry.path], *listing[held[entry.path]]) for entry in manifest.files
+        ]
 
-    def _partial(self, entry: FileDigest) -> PartialFile:
-        return PartialFile(self._dest, entry, where=self._uri(entry.path))
+    def _sink(self, held: _Object) -> _Sink:
+        """Where `held`'s bytes go, in order: its file's temp file, through zstd if compressed."""
+        where = self._uri(held.name)
+        partial = PartialFile(self._dest, held.entry, where=where)
+        return DecompressingFile(partial, where=where) if held.compressed else partial
 
-    def _get_small(self, entry: FileDigest, etag: str, meter: Meter) -> None:
-        data = self._s3.read(Bucket=self._bucket, Key=self._key(entry.path), IfMatch=etag)
-        partial = self._partial(entry)
+    def _get_small(self, held: _Object, meter: Meter) -> None:
+        data = self._s3.read(Bucket=self._bucket, Key=self._key(held.name), IfMatch=held.etag)
+        sink = self._sink(held)
         try:
-            partial.write(data)
+            sink.write(data)
+            sink.finish()
         except BaseException:
-            partial.discard()
+            sink.discard()
             raise
-        partial.finish()
-        meter.add(done=len(data), transferred=len(data))
+        meter.add(done=held.entry.size, transferred=len(data))
 
-    def _ranges(self, large: list[tuple[FileDigest, str]]) -> Iterator[_Range]:
-        for entry, etag in large:
-            part = self._settings.part_size_for(entry.size)
-            for offset in range(0, entry.size, part):
-                yield _Range(entry, etag, offset, min(part, entry.size - offset))
+    def _ranges(self, large: list[_Object]) -> Iterator[_Range]:
+        for held in large:
+            part = self._settings.part_size_for(held.size)
+            for offset in range(0, held.size, part):
+                yield _Range(held, offset, min(part, held.size - offset))
 
-    def _get_large(
-        self, large: list[tuple[FileDigest, str]], parts: ThreadPoolExecutor, meter: Meter
-    ) -> None:
+    def _get_large(self, large: list[_Object], parts: ThreadPoolExecutor, meter: Meter) -> None:
         """Ranged GETs run ahead in `parts`; here they are consumed in order, hashed, written."""
         ranges = self._ranges(large)
         ahead: deque[tuple[_Range, Future[bytes]]] = deque()
-        partial: PartialFile | None = None
+        sink: _Sink | None = None
         try:
             self._fill(ahead, ranges, parts)
             while ahead:
@@ -166,16 +203,17 @@ class VersionDownload:
                 data = future.result()
                 self._fill(ahead, ranges, parts)
                 if piece.offset == 0:
-                    partial = self._partial(piece.entry)
-                assert partial is not None
-                partial.write(data)
-                meter.add(done=len(data), transferred=len(data))
+                    sink = self._sink(piece.held)
+                assert sink is not None
+                written = sink.size
+                sink.write(data)
+                meter.add(done=sink.size - written, transferred=len(data))
                 if piece.last:
-                    partial.finish()
-                    partial = None
+                    sink.finish()
+                    sink = None
         except BaseException:
-            if partial is not None:
-                partial.discard()
+            if sink is not None:
+                sink.discard()
             for _piece, future in ahead:
                 future.cancel()
             raise
@@ -196,13 +234,13 @@ class VersionDownload:
         end = piece.offset + piece.length - 1
         data = self._s3.read(
             Bucket=self._bucket,
-            Key=self._key(piece.entry.path),
+            Key=self._key(piece.held.name),
             Range=f"bytes={piece.offset}-{end}",
-            IfMatch=piece.etag,
+            IfMatch=piece.held.etag,
         )
         if len(data) != piece.length:
             raise DigestMismatchError(
-                f"{self._uri(piece.entry.path)}: bytes {piece.offset}-{end} came back "
+                f"{self._uri(piece.held.name)}: bytes {piece.offset}-{end} came back "
                 f"with {len(data)} bytes"
             )
         return data

@@ -1,10 +1,22 @@
-"""Object keys of checkpoint versions: the filesystem layout under `s3://<bucket>/<prefix>/`."""
+"""Object keys of checkpoint versions: the filesystem layout under `s3://<bucket>/<prefix>/`,
+each file under its path, or zstd-compressed under `<path>.zst`."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from api.naming import require_path_element
+
+COMPRESSED_SUFFIX = ".zst"
+
+
+def compressed_name(path: str, paths: Collection[str]) -> str | None:
+    """The name under which the version's file `path` is stored compressed, or None where
+    that name is itself a file of the version (`paths`), which then keeps it: such a file
+    is always stored plain, so every object name means one thing."""
+    name = path + COMPRESSED_SUFFIX
+    return None if name in paths else name
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Publishing a committed local version to S3: parallel multipart upload, SHA-256 taken
-from the same read that feeds the upload, resumable, manifest last.
+from the same read that feeds the upload, zstd where it pays, resumable, manifest last.
 
 Each file is read once, sequentially; its SHA-256 is updated as each part is read and
 must equal the manifest's before the object is completed (a mismatch aborts the upload and
@@ -14,21 +14,37 @@ read and hashed (the SHA-256 must cover every byte, and S3 cannot hand back a pa
 SHA-256 unless it was uploaded with one), but a part whose size and ETag (the MD5 of its
 bytes, for unencrypted and SSE-S3 objects) match what is stored is not sent again. Under
 SSE-KMS ETags are not MD5s, so such parts are sent again.
+
+Compression (`settings.compression == "auto"`, see `compression`): a file worth it goes to
+`<path>.zst`, compressed as it is read; its digest and `sha256` metadata stay those of the
+plain bytes. Its frame goes up with one PUT if it fits one part, else as a multipart upload
+of fixed-size compressed parts, made the same on a retry, so resumed like any other. A
+retry counts a file done if either object of it is complete, and removes the other.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from activities.objectstore.compression import (
+    MIN_FILE_SIZE,
+    SAMPLE_SIZE,
+    FileReading,
+    Part,
+    compress_whole,
+    compressed_bound,
+    worth_compressing,
+)
 from activities.objectstore.parallel import FirstFailure, results, worker_pool
 from activities.objectstore.placing import read_local_manifest
 from activities.objectstore.s3calls import S3Calls
-from activities.objectstore.s3keys import S3Location
+from activities.objectstore.s3keys import S3Location, compressed_name
 from activities.objectstore.transfer import (
     Meter,
     ProgressCallback,
@@ -48,6 +64,7 @@ class _Stored:
 
 @dataclass
 class _Multipart:
+    key: str
     upload_id: str
     stored_parts: dict[int, _Stored]
     etags: dict[int, str]
@@ -72,12 +89,23 @@ class VersionUpload:
         self._checkpoint_id = checkpoint_id
         self._version = version
         self._bucket = location.bucket
+        self._paths: frozenset[str] = frozenset()
         # Parts read and not yet sent: the pool's, plus two so the reader keeps ahead.
         self._buffers = threading.BoundedSemaphore(settings.concurrency + 2)
         self._failure = FirstFailure()
 
     def _key(self, path: str) -> str:
         return self._location.key(self._checkpoint_id, self._version, path)
+
+    def _compressed_key(self, entry: FileDigest) -> str | None:
+        name = compressed_name(entry.path, self._paths)
+        return None if name is None else self._key(name)
+
+    def _compressing(self, entry: FileDigest) -> str | None:
+        """The key to compress `entry` to, if the settings and its size allow it."""
+        if self._settings.compression == "off" or entry.size < MIN_FILE_SIZE:
+            return None
+        return self._compressed_key(entry)
 
     def _sse(self) -> dict[str, str]:
         args: dict[str, str] = {}
@@ -91,6 +119,7 @@ class VersionUpload:
         manifest, raw = read_local_manifest(
             self._dir, checkpoint_id=self._checkpoint_id, version=self._version
         )
+        self._paths = frozenset(entry.path for entry in manifest.files)
         meter = Meter(total=manifest.size_bytes, callback=progress)
         if self._already_committed(raw):
             meter.add(done=manifest.size_bytes, transferred=0)
@@ -135,31 +164,52 @@ class VersionUpload:
             for item in page.get("Contents", [])
         }
 
-    def _is_complete(self, entry: FileDigest, stored: dict[str, int]) -> bool:
-        key = self._key(entry.path)
-        if stored.get(key) != entry.size:
-            return False
-        head = self._s3.call("head_object", Bucket=self._bucket, Key=key)
-        return bool(head.get("Metadata", {}).get("sha256") == entry.sha256)
+    def _skip_complete(self, entry: FileDigest, meter: Meter, stored: dict[str, int]) -> bool:
+        """True if an object of `entry` is already complete (plain: same size; either:
+        `sha256` metadata that was set only on objects whose bytes matched)."""
+        plain, packed = self._key(entry.path), self._compressed_key(entry)
+        for key in (plain, packed):
+            if key is None or key not in stored or (key == plain and stored[key] != entry.size):
+                continue
+            head = self._s3.call("head_object", Bucket=self._bucket, Key=key)
+            if head.get("Metadata", {}).get("sha256") == entry.sha256:
+                self._drop_other(entry, key, stored)
+                meter.add(done=entry.size, transferred=0)
+                return True
+        return False
+
+    def _drop_other(self, entry: FileDigest, key: str, stored: dict[str, int]) -> None:
+        """Remove the other object of `entry` than `key` (left by an attempt with other
+        settings, or damaged): downloads refuse a file stored both ways."""
+        for other in (self._key(entry.path), self._compressed_key(entry)):
+            if other is not None and other != key and other in stored:
+                self._s3.call("delete_object", Bucket=self._bucket, Key=other)
 
     def _put_small(self, entry: FileDigest, meter: Meter, stored: dict[str, int]) -> None:
-        if self._is_complete(entry, stored):
-            meter.add(done=entry.size, transferred=0)
+        if self._skip_complete(entry, meter, stored):
             return
         data = (self._dir / entry.path).read_bytes()
-        self._check_digest(entry, len(data), hashlib.sha256(data).hexdigest())
+        key = self._key(entry.path)
+        self._check_digest(entry, key, len(data), hashlib.sha256(data).hexdigest())
+        packed = self._compressing(entry)
+        if packed is not None and worth_compressing(memoryview(data)[:SAMPLE_SIZE]):
+            key, data = packed, compress_whole(data)
+        self._put_object(entry, key, data, stored)
+        meter.add(done=entry.size, transferred=len(data))
+
+    def _put_object(self, entry: FileDigest, key: str, data: bytes, stored: dict[str, int]) -> None:
+        self._drop_other(entry, key, stored)
         self._s3.call(
             "put_object",
             Bucket=self._bucket,
-            Key=self._key(entry.path),
+            Key=key,
             Body=data,
             Metadata={"sha256": entry.sha256},
             **self._sse(),
         )
-        meter.add(done=entry.size, transferred=entry.size)
 
-    def _check_digest(self, entry: FileDigest, size: int, sha256: str) -> None:
-        where = f"{self._dir / entry.path} (for {self._location.uri(self._key(entry.path))})"
+    def _check_digest(self, entry: FileDigest, key: str, size: int, sha256: str) -> None:
+        where = f"{self._dir / entry.path} (for {self._location.uri(key)})"
         if size != entry.size:
             raise DigestMismatchError(f"{where} has {size} bytes, manifest says {entry.size}")
         if sha256 != entry.sha256:
@@ -173,84 +223,115 @@ class VersionUpload:
         parts: ThreadPoolExecutor,
         files: ThreadPoolExecutor,
     ) -> Future[None]:
-        """Read and hash `entry` part by part here, sending parts through `parts`; the
-        completion waits for them in `files`. Returns that completion."""
+        """Read (compressing where it pays) and hash `entry` part by part here, sending
+        parts through `parts`; the completion waits for them in `files`. Returns that
+        completion."""
         done: Future[None] = Future()
-        if self._is_complete(entry, stored):
-            meter.add(done=entry.size, transferred=0)
+        if self._skip_complete(entry, meter, stored):
             done.set_result(None)
             return done
-        upload = self._multipart(entry)
-        digest = hashlib.sha256()
-        size = 0
-        for number, data in self._read_parts(entry):
-            digest.update(data)
-            size += len(data)
-            self._send_part(entry, upload, number, data, meter, parts)
+        packed = self._compressing(entry)
+        reading = FileReading(
+            self._dir / entry.path,
+            part_size=self._settings.part_size_for(entry.size),
+            # sized for the largest frame the file can make, to stay within S3's part count
+            packed_part_size=(
+                None
+                if packed is None
+                else self._settings.part_size_for(compressed_bound(entry.size))
+            ),
+        )
+        produced = reading.parts()
+        first, second = self._next_part(produced), self._next_part(produced)
+        key = packed if packed is not None and reading.compressed else self._key(entry.path)
+        if first is None or second is None:  # a compressed frame that fits one part
+            return self._put_whole(entry, key, reading, first, meter, stored, files)
+        upload = self._multipart(entry, key)
+        for part in itertools.chain((first, second), iter(lambda: self._next_part(produced), None)):
+            self._send_part(upload, part, meter, parts)
         try:
-            self._check_digest(entry, size, digest.hexdigest())
+            self._check_digest(entry, key, reading.size, reading.sha256)
         except DigestMismatchError:
-            self._abort(entry, upload)
+            self._abort(upload)
             raise
-        completion = files.submit(self._complete, entry, upload)
+        completion = files.submit(self._complete, entry, upload, stored)
         self._failure.watch(completion)
         return completion
 
-    def _read_parts(self, entry: FileDigest) -> Iterator[tuple[int, bytes]]:
-        part_size = self._settings.part_size_for(entry.size)
-        with (self._dir / entry.path).open("rb", buffering=0) as src:
-            number = 1
-            while True:
-                self._failure.check()
-                self._buffers.acquire()  # released once the part is sent or skipped
-                data = src.read(part_size)
-                if not data:
-                    self._buffers.release()
-                    return
-                yield number, data
-                number += 1
+    def _next_part(self, produced: Iterator[Part]) -> Part | None:
+        self._failure.check()
+        self._buffers.acquire()  # released once the part is sent or skipped
+        try:
+            part = next(produced, None)
+        except BaseException:
+            self._buffers.release()
+            raise
+        if part is None:
+            self._buffers.release()
+        return part
 
-    def _send_part(
+    def _put_whole(
         self,
         entry: FileDigest,
-        upload: _Multipart,
-        number: int,
-        data: bytes,
+        key: str,
+        reading: FileReading,
+        part: Part | None,
         meter: Meter,
-        parts: ThreadPoolExecutor,
-    ) -> None:
-        have = upload.stored_parts.get(number)
-        if have and have.size == len(data):
-            etag = f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"'
-            if etag == have.etag:
-                upload.etags[number] = have.etag
+        stored: dict[str, int],
+        files: ThreadPoolExecutor,
+    ) -> Future[None]:
+        """Send a file that came out as one part (or none) with one PUT, in `files`."""
+        try:
+            self._check_digest(entry, key, reading.size, reading.sha256)
+        except BaseException:
+            if part is not None:
                 self._buffers.release()
-                meter.add(done=len(data), transferred=0)
+            raise
+
+        def put() -> None:
+            try:
+                self._put_object(entry, key, part.data if part else b"", stored)
+            finally:
+                if part is not None:
+                    self._buffers.release()
+            meter.add(done=entry.size, transferred=len(part.data) if part else 0)
+
+        completion = files.submit(put)
+        self._failure.watch(completion)
+        return completion
+
+    def _send_part(
+        self, upload: _Multipart, part: Part, meter: Meter, parts: ThreadPoolExecutor
+    ) -> None:
+        have = upload.stored_parts.get(part.number)
+        if have and have.size == len(part.data):
+            etag = f'"{hashlib.md5(part.data, usedforsecurity=False).hexdigest()}"'
+            if etag == have.etag:
+                upload.etags[part.number] = have.etag
+                self._buffers.release()
+                meter.add(done=part.plain, transferred=0)
                 return
-        future = parts.submit(self._upload_part, entry, upload, number, data, meter)
+        future = parts.submit(self._upload_part, upload, part, meter)
         self._failure.watch(future)
         upload.sending.append(future)
 
-    def _upload_part(
-        self, entry: FileDigest, upload: _Multipart, number: int, data: bytes, meter: Meter
-    ) -> None:
+    def _upload_part(self, upload: _Multipart, part: Part, meter: Meter) -> None:
         try:
             sent = self._s3.call(
                 "upload_part",
                 Bucket=self._bucket,
-                Key=self._key(entry.path),
+                Key=upload.key,
                 UploadId=upload.upload_id,
-                PartNumber=number,
-                Body=data,
+                PartNumber=part.number,
+                Body=part.data,
             )
         finally:
             self._buffers.release()
-        upload.etags[number] = str(sent["ETag"])
-        meter.add(done=len(data), transferred=len(data))
+        upload.etags[part.number] = str(sent["ETag"])
+        meter.add(done=part.plain, transferred=len(part.data))
 
-    def _multipart(self, entry: FileDigest) -> _Multipart:
-        """The newest unfinished upload of this key with its stored parts, or a new one."""
-        key = self._key(entry.path)
+    def _multipart(self, entry: FileDigest, key: str) -> _Multipart:
+        """The newest unfinished upload of `key` with its stored parts, or a new one."""
         found = [
             upload
             for page in self._s3.pages("list_multipart_uploads", Bucket=self._bucket, Prefix=key)
@@ -260,7 +341,7 @@ class VersionUpload:
         if found:
             newest = max(found, key=lambda upload: upload["Initiated"])
             upload_id = str(newest["UploadId"])
-            return _Multipart(upload_id, self._stored_parts(key, upload_id), {}, [])
+            return _Multipart(key, upload_id, self._stored_parts(key, upload_id), {}, [])
         created = self._s3.call(
             "create_multipart_upload",
             Bucket=self._bucket,
@@ -268,7 +349,7 @@ class VersionUpload:
             Metadata={"sha256": entry.sha256},
             **self._sse(),
         )
-        return _Multipart(str(created["UploadId"]), {}, {}, [])
+        return _Multipart(key, str(created["UploadId"]), {}, {}, [])
 
     def _stored_parts(self, key: str, upload_id: str) -> dict[int, _Stored]:
         pages = self._s3.pages("list_parts", Bucket=self._bucket, Key=key, UploadId=upload_id)
@@ -278,23 +359,24 @@ class VersionUpload:
             for part in page.get("Parts", [])
         }
 
-    def _complete(self, entry: FileDigest, upload: _Multipart) -> None:
+    def _complete(self, entry: FileDigest, upload: _Multipart, stored: dict[str, int]) -> None:
         results(list(upload.sending))
+        self._drop_other(entry, upload.key, stored)
         parts = [{"PartNumber": n, "ETag": upload.etags[n]} for n in sorted(upload.etags)]
         self._s3.call(
             "complete_multipart_upload",
             Bucket=self._bucket,
-            Key=self._key(entry.path),
+            Key=upload.key,
             UploadId=upload.upload_id,
             MultipartUpload={"Parts": parts},
         )
 
-    def _abort(self, entry: FileDigest, upload: _Multipart) -> None:
+    def _abort(self, upload: _Multipart) -> None:
         results(list(upload.sending))
         self._s3.call(
             "abort_multipart_upload",
             Bucket=self._bucket,
-            Key=self._key(entry.path),
+            Key=upload.key,
             UploadId=upload.upload_id,
         )
 

@@ -19,7 +19,8 @@ MIN_PART_SIZE = 5 * MiB
 @dataclass(frozen=True)
 class TransferSettings:
     """How a version moves: part size and concurrency (bytes in flight are at most
-    `concurrency * part_size`), server-side encryption, and durability of local writes."""
+    `concurrency * part_size`), server-side encryption, durability of local writes, and
+    whether the S3 backend stores files zstd-compressed where that pays (`compression`)."""
 
     part_size: int = 64 * MiB
     concurrency: int = 16
@@ -27,6 +28,9 @@ class TransferSettings:
     kms_key_id: str = ""
     durable: bool = True  # written files reach the disk before the manifest commits them
     copy_buffer: int = 1 * MiB  # the filesystem backend's read/write size (cache-sized)
+    # "auto": a file whose sample compresses well is stored as `<path>.zst` (see
+    # objectstore.compression); "off": every file as it is. Downloads read either way.
+    compression: Literal["off", "auto"] = "auto"
 
     def part_size_for(self, size: int) -> int:
         """The part size for a file of `size` bytes: ours, grown to stay within 10 000 parts."""
