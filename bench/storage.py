@@ -4,7 +4,10 @@ naive single stream (put_object/get_object file by file) and boto3's defaults
 the server and of this process (the client) is printed per transfer, to show which side
 is the bottleneck.
 
-Usage, from the repository root: `.venv/bin/python -m bench.storage [--sizes 1,4]`.
+Usage, from the repository root: `.venv/bin/python -m bench.storage [--sizes 1,4]
+[--repeat 3] [--only filesystem|s3]`. The filesystem copies run `--repeat` times each,
+interleaved, and report their median: page cache and writeback drift between runs. A
+durable copy (fsync per file) is compared with `cp -r; sync`, a plain one with `cp -r`.
 """
 
 from __future__ import annotations
@@ -123,7 +126,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def timed(what: str, nbytes: int, run: Callable[[], object], *, server: int | None) -> Row:
+def timed(
+    what: str, nbytes: int, run: Callable[[], object], *, server: int | None, quiet: bool = False
+) -> Row:
     before = cpu_seconds(server) if server else 0.0
     mine = _own_cpu()
     start = time.monotonic()
@@ -131,7 +136,8 @@ def timed(what: str, nbytes: int, run: Callable[[], object], *, server: int | No
     seconds = time.monotonic() - start
     cpu = cpu_seconds(server) - before if server else None
     row = Row(what, seconds, nbytes, cpu, _own_cpu() - mine)
-    _print_row(row)
+    if not quiet:
+        _print_row(row)
     return row
 
 
@@ -140,14 +146,14 @@ def _own_cpu() -> float:
     return used.ru_utime + used.ru_stime
 
 
-def _print_row(row: Row) -> None:
+def _print_row(row: Row, *, note: str = "") -> None:
     server = (
         f"{row.server_cpu:6.1f} s ({row.server_cpu / row.seconds:4.0%})" if row.server_cpu else ""
     )
     client = f"{row.client_cpu:6.1f} s ({row.client_cpu / row.seconds:4.0%})"
     print(
         f"  {row.what:<44} {row.seconds:7.2f} s {row.mbps:8.0f} MB/s  client {client}  "
-        f"server {server}",
+        f"server {server}  {note}".rstrip(),
         flush=True,
     )
 
@@ -156,22 +162,32 @@ def files_of(version_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(version_dir)) for p in version_dir.rglob("*") if p.is_file())
 
 
-def bench_filesystem(version: Path, work: Path, size: int) -> list[Row]:
-    rows = []
-    for attempt in ("cp -r", "cp -r; sync", "ours, durable", "ours, not durable"):
-        target = work / "pvc"
-        shutil.rmtree(target, ignore_errors=True)
-        run: Callable[[], object]
-        if attempt.startswith("cp"):
-            command = f"cp -r {version} {target}" + ("; sync" if "sync" in attempt else "")
-            run = partial(subprocess.run, command, shell=True, check=True)
-        else:
-            settings = TransferSettings(durable="not durable" not in attempt)
-            backend = FilesystemBackend(root=target, settings=settings)
-            run = partial(backend.upload_version, version, checkpoint_id=CKPT, version=VERSION)
-        subprocess.run(["sync"], check=True)
-        rows.append(timed(f"filesystem {attempt}", size, run, server=None))
+def bench_filesystem(version: Path, work: Path, size: int, *, repeat: int) -> list[Row]:
+    """Each contender `repeat` times, interleaved (page cache and writeback state drift
+    between runs); the median run of each is reported."""
+    contenders = ("cp -r", "cp -r; sync", "ours, durable", "ours, not durable")
+    runs: dict[str, list[Row]] = {attempt: [] for attempt in contenders}
+    for _ in range(repeat):
+        for attempt in contenders:
+            target = work / "pvc"
+            shutil.rmtree(target, ignore_errors=True)
+            run: Callable[[], object]
+            if attempt.startswith("cp"):
+                command = f"cp -r {version} {target}" + ("; sync" if "sync" in attempt else "")
+                run = partial(subprocess.run, command, shell=True, check=True)
+            else:
+                settings = TransferSettings(durable="not durable" not in attempt)
+                backend = FilesystemBackend(root=target, settings=settings)
+                run = partial(backend.upload_version, version, checkpoint_id=CKPT, version=VERSION)
+            subprocess.run(["sync"], check=True)
+            runs[attempt].append(timed(f"filesystem {attempt}", size, run, server=None, quiet=True))
     shutil.rmtree(work / "pvc", ignore_errors=True)
+    rows = []
+    for measured in runs.values():
+        median = sorted(measured, key=lambda r: r.seconds)[len(measured) // 2]
+        spread = ", ".join(f"{r.seconds:.2f}" for r in measured)
+        _print_row(median, note=f"median of {len(measured)}: {spread} s")
+        rows.append(median)
     return rows
 
 
@@ -252,10 +268,14 @@ def _empty(client: Any, bucket: str) -> None:
 
 def summary(rows: list[Row]) -> None:
     by = {row.what: row for row in rows}
-    cp = by["filesystem cp -r"].seconds
-    for what in ("filesystem ours, durable", "filesystem ours, not durable"):
-        print(f"  {what}: {cp / by[what].seconds:.2f}x the speed of cp -r")
+    pairs = (("ours, durable", "cp -r; sync"), ("ours, not durable", "cp -r"))
+    for ours, theirs in pairs:
+        if f"filesystem {ours}" in by:
+            ratio = by[f"filesystem {theirs}"].seconds / by[f"filesystem {ours}"].seconds
+            print(f"  filesystem {ours}: {ratio:.2f}x the speed of {theirs}")
     for direction in ("upload", "download"):
+        if f"S3 {direction}: ours" not in by:
+            continue
         mine = by[f"S3 {direction}: ours"]
         for other in ("naive single stream", "boto3 defaults"):
             theirs = by[f"S3 {direction}: {other}"]
@@ -268,6 +288,8 @@ def main() -> None:
     parser.add_argument("--part-size-mib", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--dir", default=None, help="where to build the trees (default: TMPDIR)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each filesystem copy")
+    parser.add_argument("--only", choices=("filesystem", "s3"), help="one of the two parts")
     args = parser.parse_args()
     settings = TransferSettings(part_size=args.part_size_mib * MiB, concurrency=args.concurrency)
     print(f"settings: {settings}")
@@ -278,7 +300,11 @@ def main() -> None:
             work = Path(tmp)
             version = build_tree(work / "node", size)
             print(f"\n{text} GiB tree ({len(files_of(version))} files):")
-            rows = bench_filesystem(version, work, size) + bench_s3(version, work, size, settings)
+            rows = []
+            if args.only != "s3":
+                rows += bench_filesystem(version, work, size, repeat=args.repeat)
+            if args.only != "filesystem":
+                rows += bench_s3(version, work, size, settings)
             summary(rows)
         used = resource.getrusage(resource.RUSAGE_SELF)
         print(f"  (bench process CPU so far: {used.ru_utime + used.ru_stime:.1f} s)")

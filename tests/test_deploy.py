@@ -30,6 +30,17 @@ def test_compose_registers_every_search_attribute_and_builds_our_image() -> None
     assert services["warmstart"]["privileged"] is True
 
 
+def test_compose_worker_publishes_to_the_bucket_minio_is_given() -> None:
+    from workers.settings import Settings
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    env = {k: str(v) for k, v in services["warmstart"]["environment"].items()}
+    storage = Settings.from_env(env).storage
+    assert storage.s3_endpoint == "http://minio:9000"
+    assert f"local/{storage.s3_bucket}" in " ".join(services["minio-bucket"]["entrypoint"])
+    assert env["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
+
+
 def test_dockerfile_copies_every_package() -> None:
     text = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
     for package in ("api", "workflows", "activities", "workers"):
