@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
 from kubernetes import client
@@ -50,6 +50,7 @@ from api.resources import (
     WorkflowLink,
 )
 from api.restore_pods import RESTORE_STATUS_ANNOTATION
+from api.retention import ProtectedRef
 from api.status import Report, event_for, next_status
 
 T = TypeVar("T")
@@ -502,3 +503,30 @@ def _require_resource(resource: ResourceRef | None, what: str) -> ResourceRef:
     if resource is None:
         raise InvalidSpecError(f"{what}: a cluster capture needs the resource it works for")
     return resource
+
+
+def ready_references(api: Any) -> Callable[[], Awaitable[list[ProtectedRef]]]:
+    """Retention's source of the versions Ready Checkpoints and PodSnapshots reference (in
+    every namespace): restore targets are shaped from them, so they are never deleted."""
+    custom = client.CustomObjectsApi(api)
+
+    async def read() -> list[ProtectedRef]:
+        refs = []
+        for kind, plural in PLURALS.items():
+            listed = await call(
+                custom.list_cluster_custom_object, GROUP, VERSION, plural, what=f"list {plural}"
+            )
+            for obj in cast(dict[str, Any], listed).get("items", []):
+                status, meta = obj.get("status") or {}, obj.get("metadata") or {}
+                if status.get("phase") != Phase.READY.value or not status.get("checkpointID"):
+                    continue
+                refs.append(
+                    ProtectedRef(
+                        checkpoint_id=str(status["checkpointID"]),
+                        version=str(status.get("version") or ""),
+                        referrer=f"{kind} {meta.get('namespace')}/{meta.get('name')}",
+                    )
+                )
+        return refs
+
+    return read

@@ -61,8 +61,9 @@ def control_worker(client: Client, settings: Settings) -> Worker:
 
 
 def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Worker:
-    """CaptureWorkflow and the cluster's control activities (`api`: a kubernetes ApiClient)."""
-    from activities.kube import KubeControlActivities
+    """CaptureWorkflow, PrefetchWorkflow and RetentionWorkflow with the cluster's control
+    activities (`api`: a kubernetes ApiClient); retention keeps what Ready resources use."""
+    from activities.kube import KubeControlActivities, ready_references
     from api.jobs import JobSettings
 
     control = KubeControlActivities(
@@ -76,7 +77,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
     return Worker(
         client,
         task_queue=settings.node.control_task_queue,
-        workflows=[CaptureWorkflow, PrefetchWorkflow],
+        workflows=[CaptureWorkflow, PrefetchWorkflow, RetentionWorkflow],
         activities=[
             control.claim_checkpoint_id,
             control.publish_status,
@@ -84,6 +85,9 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
             control.read_capture_pod,
             control.delete_capture_job,
             control.nodes_matching,
+            *retention_activities(
+                client, settings=settings, ready_references=ready_references(api)
+            ),
         ],
         interceptors=[ErrorMapping()],
     )

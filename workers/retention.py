@@ -26,7 +26,7 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
-from activities.retention import RetentionActivities
+from activities.retention import ReadyReferences, RetentionActivities, no_ready_references
 from activities.storage import CheckpointStore
 from api.errors import InvalidSpecError
 from api.retention import RETENTION_SCHEDULE_ID, RetentionPolicies, RetentionPolicy
@@ -143,13 +143,16 @@ def _remote_lines(remote: RemoteSummary, *, dry_run: bool) -> list[str]:
     return lines
 
 
-def retention_activities(client: Client, *, settings: Settings) -> list[Callable[..., Any]]:
-    """The control worker's retention activities over the local checkpoint root and, where
-    configured, the S3 location (a cluster's control worker would mount the shared volume
-    and pass a source of the versions Ready Checkpoint resources reference)."""
+def retention_activities(
+    client: Client, *, settings: Settings, ready_references: ReadyReferences | None = None
+) -> list[Callable[..., Any]]:
+    """The control worker's retention activities over its checkpoint root (on a cluster the
+    checkpoints PVC, mounted there) and, where configured, the S3 location. On a cluster,
+    `ready_references` reads the versions Ready resources reference."""
     retention = RetentionActivities(
         store=CheckpointStore(settings.checkpoint_root),
         client=client,
+        ready_references=ready_references or no_ready_references,
         remote=remote_versions(settings),
     )
     return [

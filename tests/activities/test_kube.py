@@ -21,9 +21,10 @@ from activities.contracts import (
     ResourceRef,
     StatusInput,
 )
-from activities.kube import KubeControlActivities
+from activities.kube import KubeControlActivities, ready_references
 from api.errors import CheckpointNotFoundError, IdentityConflictError, InvalidSpecError
 from api.reasons import Phase, Reason
+from api.retention import ProtectedRef
 from tests.kube import Cluster, start_cluster
 
 CKPT = "96429b2725761a09"
@@ -416,3 +417,16 @@ async def test_nodes_matching_any_selector_are_found(
     assert await env.run(control.nodes_matching, either) == ["gpu-b", "gpu-c"]
     none = NodeSelectorInput(selectors=[{"zone": "c"}])
     assert await env.run(control.nodes_matching, none) == []
+
+
+async def test_retention_keeps_what_ready_resources_reference(cluster: Cluster) -> None:
+    ready = checkpoint("llama")
+    ready["status"] = {"phase": "Ready", "checkpointID": CKPT, "version": VERSION}
+    capturing = checkpoint("qwen", namespace="team-b")
+    capturing["status"] = {"phase": "Capturing", "checkpointID": "0123456789abcdef"}
+    for body in (ready, capturing):
+        await cluster.create("checkpoints", body)
+    refs = await ready_references(cluster.api)()
+    assert refs == [
+        ProtectedRef(checkpoint_id=CKPT, version=VERSION, referrer="Checkpoint inference/llama")
+    ]
