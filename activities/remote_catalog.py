@@ -4,6 +4,7 @@ node's `LocalCatalog`; and `FallbackCatalog`, which asks the node first."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from activities.catalog import Catalog, CatalogEntry, entry_of, find_entry
@@ -38,25 +39,38 @@ class RemoteCatalog:
 
 
 class FallbackCatalog:
-    """The node's catalog, then the remote store's for what the node does not hold."""
+    """The node's catalog, then the remote store's for what the node does not hold. The
+    remote one is made only when asked (a boto3 client costs start time that a name the
+    node holds does not need)."""
 
-    def __init__(self, local: Catalog, remote: Catalog) -> None:
+    def __init__(self, local: Catalog, remote: Callable[[], Catalog]) -> None:
         self._local = local
-        self._remote = remote
+        self._make_remote = remote
+        self._remote: Catalog | None = None
+
+    @property
+    def _remote_catalog(self) -> Catalog:
+        if self._remote is None:
+            self._remote = self._make_remote()
+        return self._remote
 
     def checkpoints(self) -> list[CatalogEntry]:
         local = self._local.checkpoints()
         held = {(e.checkpoint_id, e.version) for e in local}
-        remote = [e for e in self._remote.checkpoints() if (e.checkpoint_id, e.version) not in held]
+        remote = [
+            e
+            for e in self._remote_catalog.checkpoints()
+            if (e.checkpoint_id, e.version) not in held
+        ]
         return sorted([*local, *remote], key=lambda e: e.created_at, reverse=True)
 
     def find(self, ref: str) -> CatalogEntry:
         try:
             return self._local.find(ref)
         except CheckpointNotFoundError:
-            return self._remote.find(ref)
+            return self._remote_catalog.find(ref)
 
     def manifest(self, entry: CatalogEntry) -> Manifest:
         if entry.location.startswith("s3://"):
-            return self._remote.manifest(entry)
+            return self._remote_catalog.manifest(entry)
         return self._local.manifest(entry)

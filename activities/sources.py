@@ -23,6 +23,7 @@ from api.naming import MANIFEST_FILE
 
 if TYPE_CHECKING:
     from activities.objectstore.cache import NodeCache
+    from activities.objectstore.s3 import S3Backend
 
 
 class CheckpointSource:
@@ -53,13 +54,16 @@ class CheckpointSource:
             return
         if self._cache is None or self._remote is None:
             raise StorageError(f"{storage.uri}: this node has no cache for remote checkpoints")
-        cache = self._cache
-        # Off the loop: building the client may read a credentials Secret from the API server.
-        backend = await asyncio.to_thread(self._remote.backend, storage)
+        cache, remote = self._cache, self._remote
+
+        async def backend() -> S3Backend:
+            # Only when the bucket is needed: building the client may read a credentials
+            # Secret from the API server (off the loop), a round trip a held version skips.
+            return await asyncio.to_thread(remote.backend, storage)
+
         if not version:
-            version = await asyncio.to_thread(
-                _newest, backend.list_versions, checkpoint_id, storage
-            )
+            listing = (await backend()).list_versions
+            version = await asyncio.to_thread(_newest, listing, checkpoint_id, storage)
         local = self.store.version_dir(checkpoint_id, version)
         if (local / MANIFEST_FILE).is_file():
             yield local
@@ -70,10 +74,11 @@ class CheckpointSource:
                 yield cached
                 return
             on_fetch()
+            source = await backend()
             yield await heartbeating(
                 "fetch",
                 lambda progress: cache.fetch(
-                    backend, checkpoint_id=checkpoint_id, version=version, progress=progress
+                    source, checkpoint_id=checkpoint_id, version=version, progress=progress
                 ),
             )
 

@@ -37,9 +37,13 @@ def remote_versions(settings: Settings) -> RemoteVersions | None:
 def checkpoint_catalog(settings: Settings) -> Catalog:
     """This node's committed checkpoints, then (with remote storage) those only stored there."""
     local = LocalCatalog(settings.checkpoint_root)
-    remote = remote_versions(settings)
-    if remote is None:
+    if not settings.storage.s3_bucket:
         return local
     from activities.remote_catalog import FallbackCatalog, RemoteCatalog
 
-    return FallbackCatalog(local, RemoteCatalog(remote))
+    def remote() -> Catalog:
+        versions = remote_versions(settings)
+        assert versions is not None
+        return RemoteCatalog(versions)
+
+    return FallbackCatalog(local, remote)

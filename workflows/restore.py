@@ -7,6 +7,8 @@ publishing status is a control-queue step after the workload already runs.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -27,6 +29,11 @@ with workflow.unsafe.imports_passed_through():
     from workflows.contracts import Progress, RestoreRequest, RestoreResult
     from workflows.control import publish_status
     from workflows.visibility import PipelineState
+
+
+S = TypeVar("S")
+I = TypeVar("I")  # noqa: E741
+R = TypeVar("R")
 
 
 # Not sandboxed: the sandbox re-imports this module for every run, ~4 ms of a ~25 ms
@@ -91,15 +98,11 @@ class RestoreWorkflow:
             answer_timeout_seconds=request.answer_timeout_seconds,
             storage=request.storage,
         )
-        return await workflow.execute_activity_method(
+        return await self._on_node(
             RestoreActivities.restore_checkpoint,
             restore,
-            task_queue=node_task_queue(request.node),
-            start_to_close_timeout=opts.start_to_close,
-            heartbeat_timeout=opts.heartbeat,
-            schedule_to_start_timeout=policies.RESTORE_SCHEDULE_TO_START,
-            retry_policy=opts.retry,
-            summary=f"restore {request.checkpoint_id} on {request.node}",
+            opts,
+            f"restore {request.checkpoint_id} on {request.node}",
         )
 
     async def _into_container(self) -> RestoredWorkload:
@@ -115,18 +118,30 @@ class RestoreWorkflow:
             gms_sentinel=request.gms_sentinel,
             storage=request.storage,
         )
-        restored = await workflow.execute_activity_method(
+        restored = await self._on_node(
             ContainerActivities.restore_container,
             restore,
-            task_queue=node_task_queue(request.node),
+            opts,
+            f"restore {request.checkpoint_id} into {request.pod.pod_name}",
+        )
+        return RestoredWorkload(
+            pid=restored.pid, version=restored.version, stage_seconds=restored.stage_seconds
+        )
+
+    async def _on_node(
+        self, step: Callable[[S, I], Awaitable[R]], arg: I, opts: policies.StepOptions, summary: str
+    ) -> R:
+        """The restore activity, on the node's own queue (eagerly dispatched)."""
+        assert self._request is not None
+        return await workflow.execute_activity_method(
+            step,
+            arg,
+            task_queue=node_task_queue(self._request.node),
             start_to_close_timeout=opts.start_to_close,
             heartbeat_timeout=opts.heartbeat,
             schedule_to_start_timeout=policies.RESTORE_SCHEDULE_TO_START,
             retry_policy=opts.retry,
-            summary=f"restore {request.checkpoint_id} into {request.pod.pod_name}",
-        )
-        return RestoredWorkload(
-            pid=restored.pid, version=restored.version, stage_seconds=restored.stage_seconds
+            summary=summary,
         )
 
     async def _fall_back(self, reason: str) -> None:
