@@ -4,9 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup venv criu containerd kube-apiserver lint test demo clean-state
+.PHONY: setup venv dynamo criu containerd kube-apiserver lint test demo clean-state
 
-setup: venv criu containerd kube-apiserver
+setup: venv dynamo criu containerd kube-apiserver
 
 # uv installs the locked dependency set in seconds where pip takes many minutes. Bytecode is
 # compiled at install (and ours on every setup): where PYTHONDONTWRITEBYTECODE is set, every
@@ -15,6 +15,16 @@ venv: $(VENV)/.synced
 	@$(BIN)/python -m compileall -q api activities workflows workers examples >/dev/null
 $(VENV)/.synced: pyproject.toml uv.lock
 	@uv=$$(bash scripts/ensure-uv.sh $(PY)) && UV_COMPILE_BYTECODE=1 $$uv sync --frozen --quiet
+	@touch $@
+
+# Dynamo's published worker code (ai-dynamo, hash-pinned), for the tests only: installed
+# without its dependencies into a folder of the tests' own, never into the venv.
+DYNAMO := tests/.deps/ai-dynamo
+dynamo: $(DYNAMO)/.installed
+$(DYNAMO)/.installed: tests/requirements-dynamo.txt $(VENV)/.synced
+	@rm -rf $(DYNAMO)
+	@uv=$$(bash scripts/ensure-uv.sh $(PY)) && $$uv pip install --quiet --no-deps \
+		--require-hashes --python $(BIN)/python --target $(DYNAMO) -r $<
 	@touch $@
 
 # CRIU >= 4.2 when missing (built once, installed to /usr/local); skipped when not root.

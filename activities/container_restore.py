@@ -38,7 +38,7 @@ import signal
 import sys
 import tarfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,10 +57,13 @@ from activities.criu import (
     ContainerRestoreTarget,
     Criu,
     _spawn,
+    explain_log,
     log_errors,
 )
+from activities.gpu import process_environment
 from activities.hook_mounts import MOUNTS_FILE, remapped
 from activities.processes import children
+from api.dynamo import RESTORE_CONTEXT_FILE, restore_context
 from api.errors import RestoreFailedError, WarmstartError
 from api.manifest import Manifest
 from api.reasons import Sentinel
@@ -106,7 +109,6 @@ _STDIO_FLAGS = (os.O_RDONLY, os.O_WRONLY, os.O_WRONLY)
 _FAILURE_NOTE_BYTES = 4096
 # A damaged image can leave CRIU spinning for ever (an emptied pages image does, with 4.2).
 RESTORE_TIMEOUT_SECONDS = 300.0
-_HARMLESS = "Can't setup RLIMIT_NOFILE for self"  # CRIU says it on every run here
 
 
 @dataclass(frozen=True)
@@ -137,16 +139,21 @@ async def restore_into_container(
     work_dir: Path,
     timeout_seconds: float = RESTORE_TIMEOUT_SECONDS,
     before_complete: Callable[[RestoredProcess], Awaitable[None]] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> RestoredProcess:
     """Restore the committed `version_dir` into the running `placeholder` and write
     `restore-complete`, after `before_complete` (e.g. CUDA restore) has run on the restored
     tree; on any failure (or cancel) kill what was restored, write `restore-failed` with the
-    reason and raise (RestoreFailedError, or the error itself)."""
+    reason and raise (RestoreFailedError, or the error itself). `environ`: the standby's
+    environment as Kubernetes resolved it in this pod (read from the placeholder when None);
+    the restored process gets its restore-context names before it resumes."""
     where = describe(target, manifest)
     restored: RestoredProcess | None = None
     started = time.monotonic()
     try:
-        await prepare_target(pid=placeholder.pid, version_dir=version_dir, where=where)
+        await prepare_target(
+            pid=placeholder.pid, version_dir=version_dir, where=where, environ=environ
+        )
         prepared = time.monotonic()
         restored = await run_restore(
             criu=criu,
@@ -175,11 +182,16 @@ async def restore_into_container(
         raise
 
 
-async def prepare_target(*, pid: int, version_dir: Path, where: str) -> None:
+async def prepare_target(
+    *, pid: int, version_dir: Path, where: str, environ: Mapping[str, str] | None = None
+) -> None:
     """The checkpoint's root filesystem changes applied inside the container whose init is
-    `pid`, and stale restore sentinels removed from its control directory."""
+    `pid`, stale restore sentinels removed from its control directory and the restore
+    context written there, from `environ` (else the environment `pid` started with: what
+    Kubernetes resolved for this pod, downward API and Secrets included)."""
     await apply_rootfs_diff(root=Path(f"/proc/{pid}/root"), version_dir=version_dir, where=where)
-    await asyncio.to_thread(_remove_sentinels, pid)
+    context = restore_context(process_environment(pid) if environ is None else environ)
+    await asyncio.to_thread(_reset_control_dir, pid, context)
 
 
 async def apply_rootfs_diff(*, root: Path, version_dir: Path, where: str) -> None:
@@ -253,6 +265,7 @@ async def run_restore(
             work_dir=work_dir,
             timeout_seconds=timeout_seconds,
         )
+    explain_log(work_dir / RESTORE_LOG)
     ns_pid = int(target.pidfile.read_text().strip())
     return _find_restored(pid, ns_pid, where)
 
@@ -383,9 +396,8 @@ async def _run(
         raise
     if proc.returncode != 0:
         log = work_dir / RESTORE_LOG
-        lines = log_errors(log).splitlines() if log.exists() else []
-        detail = "\n".join(line for line in lines if _HARMLESS not in line)
-        detail = detail.strip() or stderr.decode(errors="replace").strip()[-4096:]
+        detail = log_errors(log).strip() if log.exists() else ""
+        detail = detail or stderr.decode(errors="replace").strip()[-4096:]
         raise RestoreFailedError(
             f"{where}: criu restore exited with {proc.returncode}:\n{detail or '(no output)'}"
         )
@@ -433,12 +445,15 @@ def _nested(pid: int) -> list[int]:
     return [child for child in _children(pid) if len(_ns_pids(child)) > depth]
 
 
-def _remove_sentinels(pid: int) -> None:
+def _reset_control_dir(pid: int, context: bytes) -> None:
+    """No stale restore sentinel, and this pod's restore context (replacing one an image's
+    own standby wrote from the same environment)."""
     directory = open_control_dir(pid)
     try:
         for sentinel in (Sentinel.RESTORE_COMPLETE, Sentinel.RESTORE_FAILED):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sentinel.value, dir_fd=directory)
+        write_sentinel_at(directory, RESTORE_CONTEXT_FILE, context)
     finally:
         os.close(directory)
 

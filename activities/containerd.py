@@ -553,6 +553,21 @@ class ContainerdActivities(ContainerActivities):
         return CommitResult(storage_uri=committed.as_uri(), size_bytes=manifest.size_bytes)
 
     @activity.defn
+    async def stop_standby(self, request: ContainerTarget) -> None:
+        try:
+            located = await self._runtime.locate(request)
+        except WorkloadExitedError:
+            return  # stopped or gone already: the kubelet restarts or replaces it
+        activity.logger.info(
+            "stopping the standby of pod %s/%s (pid %d): it restarts cold",
+            request.namespace,
+            request.pod_name,
+            located.pid,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(located.pid, signal.SIGKILL)
+
+    @activity.defn
     async def write_container_sentinel(self, request: ContainerSentinelInput) -> None:
         located = await self._runtime.locate(request.target)
         try:

@@ -18,6 +18,7 @@ from activities.contracts import (
     ContainerDumpInput,
     ContainerRestoreInput,
     ContainerSentinelInput,
+    ContainerTarget,
     GmsSavedInput,
     RestoredContainer,
 )
@@ -45,6 +46,12 @@ class ContainerActivities(ABC):
     async def write_container_sentinel(self, request: ContainerSentinelInput) -> None:
         """Write a sentinel into the container's control directory (through its root,
         never following links planted there)."""
+
+    @activity.defn
+    @abstractmethod
+    async def stop_standby(self, request: ContainerTarget) -> None:
+        """Stop the image's own standby of a restore target that fell back (SIGKILL to the
+        container's init): the kubelet restarts the container, which then starts cold."""
 
     @activity.defn
     @abstractmethod

@@ -48,6 +48,9 @@ class ContainerTarget(Contract):
     # The runtime's ID of the container as the kubelet reports it (without `containerd://`),
     # when known: the node then finds it without asking the runtime.
     container_id: str = ""
+    # A restore target's standby: warmstart's script ("warmstart"), or the image's own
+    # Dynamo standby ("image"), which a failed restore turns off and restarts cold.
+    standby: Literal["warmstart", "image"] = "warmstart"
 
 
 class StatusInput(Contract):
@@ -169,6 +172,9 @@ class RestoreInput(Contract):
     answer_timeout_seconds: ShortSeconds
     # Where the version is fetched from when this node does not hold it (into its cache).
     storage: RemoteStorage | None = None
+    # The restored process's new environment, as far as it re-reads one: the names of
+    # Dynamo's restore context (api.dynamo), handed over in `restore-context.json`.
+    env: dict[str, str] = Field(default_factory=dict)
 
 
 class RestoredWorkload(Contract):

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -72,11 +73,67 @@ _ERROR_LINE = re.compile(r"\b(Error|error|Fail|fail|Can't|can't|Unable|unable)\b
 _HEARTBEAT_SECONDS = 1.0
 
 
+# Error lines CRIU logs on runs that succeed, and why they are harmless: after a successful
+# run the explanation is appended to the log, and a failure's message leaves them out.
+_RLIMIT = "Can't setup RLIMIT_NOFILE for self"
+_UNLOCK = "tables-restore: line 3 failed: Bad rule"
+_EXITED = "exited, status=1"
+HARMLESS_LINES = {
+    _RLIMIT: (
+        "CRIU tries to raise its own open-files limit to fs.nr_open and this node does not "
+        "let it (no CAP_SYS_RESOURCE beyond the hard limit); it goes on with the limit it "
+        "has, which only a process tree holding more open files would exceed (CRIU would "
+        "then fail naming the file)"
+    ),
+    _UNLOCK: (
+        "at the end of a restore CRIU unlocks the network with the method the dump recorded "
+        "(iptables): it deletes the jumps to its CRIU chain that the dump added in the source "
+        "pod's network namespace, but the restored tree lives in the new pod's namespace "
+        "(external: CRIU neither restored nor locked it), which never had them; there is "
+        "nothing to unlock (TCP connections are closed, not repaired), and CRIU allows this "
+        "helper to fail (`--network-lock` cannot be changed at restore)"
+    ),
+    _EXITED: "the exit of the iptables-restore (or ip6tables-restore) helper above",
+}
+
+
 def log_errors(log_path: Path, *, limit: int = 12) -> str:
-    """The lines of a CRIU log that explain a failure (falls back to its tail)."""
+    """The lines of a CRIU log that explain a failure (falls back to its tail); the
+    harmless ones left out."""
     text = tail(log_path, lines=4000, max_bytes=1 << 20)
-    errors = [line for line in text.splitlines() if _ERROR_LINE.search(line)]
+    errors = [
+        line
+        for line in text.splitlines()
+        if _ERROR_LINE.search(line) and _RLIMIT not in line and _UNLOCK not in line
+    ]
     return "\n".join(errors[-limit:]) if errors else "\n".join(text.splitlines()[-limit:])
+
+
+def explain_log(log_path: Path) -> None:
+    """After a successful run: a line appended to its CRIU log for each harmless error line
+    in it, saying why (with this process's open-files limits, which CRIU inherited)."""
+    try:
+        text = tail(log_path, lines=4000, max_bytes=1 << 20)
+    except OSError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limits = {_RLIMIT: f" (here: soft {soft}, hard {hard}, fs.nr_open {_nr_open()})"}
+    notes = [
+        f"warmstart: harmless, the run succeeded: {known!r} above: {why}{limits.get(known, '')}\n"
+        for known, why in HARMLESS_LINES.items()
+        # a helper's exit is explained only beside the unlock that explains it
+        if known in text and (known != _EXITED or _UNLOCK in text)
+    ]
+    if notes:
+        with log_path.open("a") as log:
+            log.writelines(notes)
+
+
+def _nr_open() -> str:
+    try:
+        return Path("/proc/sys/fs/nr_open").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -205,6 +262,7 @@ class Criu:
             detail = log_errors(work_dir / RESTORE_LOG) or stderr.decode(errors="replace")[-4096:]
             detail = detail.strip() or "(no log lines and no output)"
             raise RestoreFailedError(f"criu restore exited with {proc.returncode}:\n{detail}")
+        explain_log(work_dir / RESTORE_LOG)
         return int(pidfile.read_text().strip())
 
 
@@ -348,3 +406,4 @@ async def run_dump(
         raise DumpFailedError(
             f"{what} failed with exit code {proc.returncode}; dump.log:\n{detail}"
         )
+    explain_log(images / DUMP_LOG)  # before the commit digests it

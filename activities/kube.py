@@ -49,7 +49,11 @@ from api.resources import (
     Checkpoint,
     WorkflowLink,
 )
-from api.restore_pods import RESTORE_STATUS_ANNOTATION
+from api.restore_pods import (
+    CONTROL_DIR_ANNOTATION,
+    RESTORE_STATUS_ANNOTATION,
+    STANDBY_ANNOTATION,
+)
 from api.retention import ProtectedRef
 from api.status import Report, event_for, next_status
 
@@ -280,7 +284,11 @@ class KubeControlActivities(ClusterControlActivities):
     async def _publish_restore(self, request: StatusInput, pod: ContainerTarget) -> None:
         restored = request.phase == Phase.RESTORED
         value = "restored" if restored else f"fell-back: {request.reason}: {request.message}"
-        body = {"metadata": {"annotations": {RESTORE_STATUS_ANNOTATION: value[:1024]}}}
+        notes = {RESTORE_STATUS_ANNOTATION: value[:1024]}
+        if not restored and pod.standby == "image":
+            # The image's own standby reads these at its next start: it then starts cold.
+            notes.update({STANDBY_ANNOTATION: "0", CONTROL_DIR_ANNOTATION: ""})
+        body = {"metadata": {"annotations": notes}}
         where = f"pod {pod.namespace}/{pod.pod_name}"
         try:
             obj = await call(

@@ -27,6 +27,7 @@ from activities.files import tail, write_atomically
 from activities.layout import LaunchRecord, NodeLayout, WorkloadPaths
 from activities.processes import find_descendant, is_alive, start_ticks, terminate
 from activities.sentinels import STALE_SENTINELS, clear_sentinels, wait_for_file
+from api.dynamo import control_dir_env
 from api.errors import (
     InvalidSpecError,
     RestoreFailedError,
@@ -113,7 +114,8 @@ class LocalProcessActivities:
     ) -> None:
         """`base_env`: all a workload inherits (see `inherited_env`); it gets that, the
         environment its spec names, its secrets resolved here (from `secret_environ` or
-        the layout's secrets directory), and `SNAPSHOT_CONTROL_DIR`."""
+        the layout's secrets directory), and its control directory in the variables of
+        `api.dynamo.control_dir_env`."""
         self._layout = layout
         self._base_env = dict(base_env)
         self._secret_environ = dict(secret_environ or {})
@@ -144,7 +146,7 @@ class LocalProcessActivities:
         paths.exit_status.unlink(missing_ok=True)
         secrets = resolve_secrets(workload, self._secret_environ, self._layout.secrets)
         env = {**self._base_env, **workload.env, **secrets}
-        env["SNAPSHOT_CONTROL_DIR"] = str(paths.control_dir)
+        env.update(control_dir_env(str(paths.control_dir)))
         activity.logger.info("launching workload %s: %s", workload.name, " ".join(workload.command))
         launcher = ("sh", "-c", _LAUNCHER, "warmstart-launch", str(paths.output_log))
         try:

@@ -29,7 +29,11 @@ from activities.layout import NodeLayout, WorkloadPaths
 from activities.local import await_answer, prepare_restore_target
 from activities.processes import is_alive, start_ticks, terminate
 from activities.quarantine import NodeClass, Quarantine, QuarantineEntry, node_class
-from activities.sentinels import fall_back_to_cold_start, write_sentinel_file
+from activities.sentinels import (
+    fall_back_to_cold_start,
+    write_restore_context,
+    write_sentinel_file,
+)
 from activities.sources import CheckpointSource
 from activities.storage import WORKLOAD_LOG, CheckpointStore, host_info
 from api.compatibility import describe_mismatches, mismatches
@@ -181,6 +185,7 @@ class RestoreActivities:
                 prepare_restore_target, manifest.source, saved_output, state=state
             )
             control_dir = Path(manifest.source.control_dir)
+            write_restore_context(control_dir, request.env)
             stages.start("criu-restore")
             work_dir = self._layout.restore_work_dir(request.name)
             pid = await self._criu.restore(images_dir=version_dir / IMAGES_DIR, work_dir=work_dir)

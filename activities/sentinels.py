@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from temporalio import activity
 from activities.contracts import SentinelInput
 from activities.files import write_atomically
 from activities.layout import NodeLayout
+from api.dynamo import RESTORE_CONTEXT_FILE, restore_context
 from api.reasons import Sentinel
 
 _POLL_FALLBACK_SECONDS = 0.5
@@ -22,6 +23,15 @@ def write_sentinel_file(control_dir: Path | str, sentinel: str, content: str = "
     path = Path(control_dir) / sentinel
     # The reader is a process on this host: atomic is required, crash-durable is not.
     write_atomically(path, content.encode(), durable=False)
+    return path
+
+
+def write_restore_context(control_dir: Path | str, environ: Mapping[str, str]) -> Path:
+    """`restore-context.json` for a process about to be restored with `control_dir`: the
+    names of Dynamo's restore context from `environ` (the restore's environment), null for
+    the others, so a restored Dynamo worker takes its new identity (api.dynamo)."""
+    path = Path(control_dir) / RESTORE_CONTEXT_FILE
+    write_atomically(path, restore_context(environ), durable=False)
     return path
 
 

@@ -82,7 +82,8 @@ class StandbyRestorer:
                 held, self._source, stages, request.checkpoint_id, request.version, request.storage
             )
             claimed = load_manifest(version_dir)
-            gpus = gpus_of_process(process_environment(placeholder.pid), self._gpus.facts())
+            environ = process_environment(placeholder.pid)
+            gpus = gpus_of_process(environ, self._gpus.facts())
             cls = self._gate.check(claimed, host_info(gpus))
             manifest = await asyncio.to_thread(
                 self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
@@ -99,6 +100,7 @@ class StandbyRestorer:
                 manifest=manifest,
                 work_dir=self._work_root / request.target.pod_uid,
                 before_complete=self._cuda_resume(manifest, version_dir, gpus),
+                environ=environ,
             )
             stages.finish()
             del stages.seconds["restore"]

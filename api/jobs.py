@@ -14,6 +14,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from api.dynamo import control_dir_env
 from api.reasons import Sentinel
 from api.resources import (
     API_VERSION,
@@ -120,7 +121,7 @@ def capture_job(resource: Checkpoint, *, version: str, settings: JobSettings) ->
 
 def prepare_target(container: dict[str, Any]) -> None:
     """The target container, shaped for a capture (in place)."""
-    container["env"] = _set_env(container.get("env") or [], "SNAPSHOT_CONTROL_DIR", CONTROL_DIR)
+    container["env"] = with_control_dir_env(container.get("env") or [])
     container["volumeMounts"] = [
         *(m for m in container.get("volumeMounts") or [] if m.get("mountPath") != CONTROL_DIR),
         control_mount(container["name"]),
@@ -136,6 +137,14 @@ def prepare_target(container: dict[str, Any]) -> None:
     }
     security = container.setdefault("securityContext", {})
     security["seccompProfile"] = {"type": "Localhost", "localhostProfile": SECCOMP_PROFILE}
+
+
+def with_control_dir_env(envs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`envs` with the control directory in both names workers read (Dynamo's
+    `DYN_SNAPSHOT_CONTROL_DIR` turns its snapshot mode on)."""
+    for name, value in control_dir_env(CONTROL_DIR).items():
+        envs = _set_env(envs, name, value)
+    return envs
 
 
 def control_mount(container: str) -> dict[str, Any]:
@@ -221,9 +230,10 @@ def gms_checkpoint_dir(ckpt: str, version: str) -> str:
 
 def merge_override(base: dict[str, Any], override: ContainerOverride | None) -> dict[str, Any]:
     """`base` with a GMS container override applied: image and command replace (the command
-    is the whole argv: no args are kept), envs merge by name with the override winning
-    except the operator's own, base order kept and new names appended; a non-empty
-    envFromSecret and the volumeMounts are appended; the name stays."""
+    is the whole argv: no args are kept), envs (whole EnvVars: `value` or `valueFrom` as
+    given) merge by name with the override winning except the operator's own, base order
+    kept and new names appended; a non-empty envFromSecret and the volumeMounts are
+    appended; the name stays."""
     merged = copy.deepcopy(base)
     if override is None:
         return merged
@@ -234,7 +244,8 @@ def merge_override(base: dict[str, Any], override: ContainerOverride | None) -> 
         merged.pop("args", None)
     for env in override.envs:
         if env.name not in _OPERATOR_ENVS:
-            merged["env"] = _set_env(merged.get("env") or [], env.name, env.value)
+            entry = env.model_dump(by_alias=True, exclude_none=True)
+            merged["env"] = _put_env(merged.get("env") or [], entry)
     if override.env_from_secret:
         source = {"secretRef": {"name": override.env_from_secret}}
         merged["envFrom"] = [*(merged.get("envFrom") or []), source]
@@ -256,7 +267,12 @@ def use_gms_load_format(container: dict[str, Any]) -> None:
 
 def _set_env(envs: list[dict[str, Any]], name: str, value: str) -> list[dict[str, Any]]:
     """`envs` with `name` set to `value`: in place of an existing entry, else appended."""
-    entry = {"name": name, "value": value}
+    return _put_env(envs, {"name": name, "value": value})
+
+
+def _put_env(envs: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """`envs` with the EnvVar `entry` in place of the entry of its name, else appended."""
+    name = entry["name"]
     if any(e.get("name") == name for e in envs):
         return [entry if e.get("name") == name else e for e in envs]
     return [*envs, entry]

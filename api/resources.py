@@ -39,6 +39,18 @@ LOADER_ON_CHECKPOINT = (
 )
 SAVER_WITHOUT_GMS = "spec.gpuMemoryService.checkpoint.saver requires gpuMemoryService.enabled=true"
 IDENTITY_IMMUTABLE = "spec.identity is immutable: create a new resource for another identity"
+# An override's env (Kubernetes' EnvVar): Kubernetes' own rules, with its words.
+ENV_VALUE_AND_SOURCE = "valueFrom may not be specified when `value` is not empty"
+ENV_ONE_SOURCE = (
+    "valueFrom must specify exactly one of `fieldRef`, `resourceFieldRef`, "
+    "`configMapKeyRef` or `secretKeyRef`"
+)
+# Secret and ConfigMap keys; a resource.Quantity (the pattern controller-gen gives it).
+_KEY = r"^[-._a-zA-Z0-9]+$"
+_QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?"
+    r"(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 
 
 def _cel(rule: str, message: str) -> dict[str, Any]:
@@ -58,11 +70,97 @@ class Spec(BaseModel):
     )
 
 
+class SecretKeySelector(Spec):
+    """A key of a Secret in the pod's namespace."""
+
+    name: str = Field(min_length=1, description="Name of the Secret.")
+    key: str = Field(min_length=1, pattern=_KEY, description="The key to select.")
+    optional: bool | None = Field(
+        default=None, description="Whether the Secret or its key may be missing."
+    )
+
+
+class ConfigMapKeySelector(Spec):
+    """A key of a ConfigMap in the pod's namespace."""
+
+    name: str = Field(min_length=1, description="Name of the ConfigMap.")
+    key: str = Field(min_length=1, pattern=_KEY, description="The key to select.")
+    optional: bool | None = Field(
+        default=None, description="Whether the ConfigMap or its key may be missing."
+    )
+
+
+class ObjectFieldSelector(Spec):
+    """A field of the pod (downward API)."""
+
+    field_path: str = Field(min_length=1, description="Path of the field, e.g. metadata.uid.")
+    api_version: str | None = Field(
+        default=None, description='Version of the schema the path is written in ("v1").'
+    )
+
+
+class ResourceFieldSelector(Spec):
+    """A resource limit or request of a container (downward API)."""
+
+    resource: str = Field(min_length=1, description="e.g. limits.cpu, requests.memory.")
+    container_name: str | None = Field(
+        default=None, description="The container; the one the variable is set in by default."
+    )
+    divisor: str | None = Field(
+        default=None,
+        pattern=_QUANTITY,
+        description='Output format of the resource: a quantity as a string, e.g. "1Mi".',
+    )
+
+    @field_validator("divisor", mode="before")
+    @classmethod
+    def _quantity_as_text(cls, value: Any) -> Any:
+        # Kubernetes takes a number too; the CRD's field is a string, but a JSON number in
+        # an annotation is read as its text.
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        return str(value) if is_number else value
+
+
+class EnvVarSource(Spec):
+    """Where a variable's value comes from: exactly one of the four sources."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    secret_key_ref: SecretKeySelector | None = None
+    config_map_key_ref: ConfigMapKeySelector | None = None
+    field_ref: ObjectFieldSelector | None = None
+    resource_field_ref: ResourceFieldSelector | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVarSource:
+        sources = (self.secret_key_ref, self.config_map_key_ref, self.field_ref)
+        if sum(s is not None for s in (*sources, self.resource_field_ref)) != 1:
+            raise ValueError(ENV_ONE_SOURCE)
+        return self
+
+
 class EnvVar(Spec):
-    """An environment variable with a literal value."""
+    """An environment variable, as Kubernetes' EnvVar: a literal `value`, or `valueFrom` a
+    Secret or ConfigMap key, a pod field or a container resource."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel(
+            "!has(self.valueFrom) || !has(self.value) || size(self.value) == 0",
+            ENV_VALUE_AND_SOURCE,
+        )
+    )
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-    value: str = ""
+    value: str | None = Field(default=None, description="A literal value.")
+    value_from: EnvVarSource | None = Field(
+        default=None, description="A source for the value; not with a non-empty value."
+    )
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> EnvVar:
+        if self.value and self.value_from is not None:
+            raise ValueError(ENV_VALUE_AND_SOURCE)
+        return self
 
 
 class VolumeMount(Spec):
@@ -76,8 +174,9 @@ class VolumeMount(Spec):
 
 class ContainerOverride(Spec):
     """Changes to a GMS container: image and command replace the defaults (the command is
-    the whole argv); envs merge by name with these winning (except GMS_SOCKET_DIR, which
-    the operator owns); envFromSecret and volumeMounts are appended."""
+    the whole argv); envs (Kubernetes EnvVars: a value or a valueFrom, passed on as given)
+    merge by name with these winning (except GMS_SOCKET_DIR, which the operator owns);
+    envFromSecret and volumeMounts are appended."""
 
     image: str | None = Field(default=None, min_length=1)
     command: list[str] | None = Field(default=None, min_length=1)

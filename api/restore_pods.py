@@ -7,10 +7,15 @@ A pod whose Checkpoint is Ready gets:
   (node workers watch the first), the annotation `warmstart.dev/checkpoint-version`;
 - in its main container (the Checkpoint's `targetContainerName`, else the first): the
   control directory (`SNAPSHOT_CONTROL_DIR`), the downward-API pod info at `/etc/podinfo`,
-  a startup probe that waits out the restore, and the standby entrypoint: `STANDBY_SCRIPT`
-  runs in place of the container's command and waits for the node's `restore-complete`
-  (then lives as long as the restored process) or `restore-failed` (then starts the
-  original command cold);
+  a startup probe that waits out the restore, and a standby, of one of two kinds
+  (docs/decisions/0018):
+  - warmstart's: `STANDBY_SCRIPT` runs in place of the container's command and waits for
+    the node's `restore-complete` (then lives as long as the restored process) or
+    `restore-failed` (then starts the original command cold);
+  - the image's own: a container whose spec declares `SNAPSHOT_RESTORE_STANDBY` runs
+    Dynamo's restore standby in its entrypoint; its command stays, and Dynamo's variables
+    are read from annotations the node turns off on a failed restore before it restarts
+    the container cold;
 - the io_uring-blocking seccomp profile on the pod (as capture Jobs have it);
 - with the GPU Memory Service, intra-pod mode: the `gms-server` sidecar (as for capture)
   and a `gms-loader` container that loads the checkpoint's GPU memory and writes
@@ -20,8 +25,9 @@ A pod whose Checkpoint is Ready gets:
   `GMS_LOAD_COMPLETE_FILE`, the shared completion sentinel the node waits for.
 
 A pod whose Checkpoint is missing or not Ready, or whose main container has no `command`
-(the standby must know what to start cold), is admitted unchanged but for the annotation
-`warmstart.dev/restore-status: cold: <why>`: it starts cold. What cannot be admitted
+and no standby of its own (warmstart's must know what to start cold), is admitted
+unchanged but for the annotation `warmstart.dev/restore-status: cold: <why>`: it starts
+cold. What cannot be admitted
 (another namespace's Checkpoint, a malformed loader override) raises InvalidSpecError
 naming the field.
 """
@@ -37,6 +43,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from api.dynamo import CONTROL_DIR_ENV, RESTORE_STANDBY_ENV
 from api.errors import InvalidSpecError
 from api.jobs import (
     CHECKPOINTS_DIR,
@@ -51,6 +58,7 @@ from api.jobs import (
     gms_socket_env,
     gms_socket_mount,
     merge_override,
+    with_control_dir_env,
 )
 from api.reasons import Phase, Sentinel
 from api.resources import CHECKPOINT_ID_LABEL, GROUP, Checkpoint, ContainerOverride
@@ -66,7 +74,15 @@ STORAGE_ANNOTATION = f"{GROUP}/storage"
 RESTORE_TARGET_LABEL = f"{GROUP}/restore-target"
 GMS_LOADER = "gms-loader"
 PODINFO_VOLUME, PODINFO_DIR = "podinfo", "/etc/podinfo"
+# Marks the standby container for the node: `1` warmstart's standby script wraps its command,
+# `image` its image's entrypoint is Dynamo's restore standby (IMAGE_STANDBY).
 STANDBY_ENV = "WARMSTART_RESTORE_STANDBY"
+OUR_STANDBY, IMAGE_STANDBY = "1", "image"
+# An image's own standby is switched by annotations its environment is read from (the
+# kubelet resolves them at each container start): on a failed restore the node turns both
+# off and stops the standby, and the restarted container starts cold.
+STANDBY_ANNOTATION = f"{GROUP}/standby"
+CONTROL_DIR_ANNOTATION = f"{GROUP}/control-dir"
 # Inter-pod GMS: the loader outside the pod writes this once the memory is loaded.
 GMS_LOAD_COMPLETE_FILE = f"{CONTROL_DIR}/gms-load-complete"
 # The startup probe of a restore target: every second, for up to 30 minutes (a cold start
@@ -78,20 +94,22 @@ _COMPLETE, _FAILED = Sentinel.RESTORE_COMPLETE.value, Sentinel.RESTORE_FAILED.va
 
 # The standby entrypoint: `/bin/sh -c STANDBY_SCRIPT warmstart-standby CMD ARGS...`. POSIX sh
 # with builtins and `sleep` only (any image with /bin/sh). Restarted after a restore, it starts
-# cold; it waits for `restore-failed` (start CMD cold) or `restore-complete`, whose content is
-# the restored process's PID in this container's PID namespace. The standby is PID 1, so
-# the restored process is its child: it lives while that process lives (forwarding SIGTERM and
-# SIGINT to it) and exits with its status, read from the zombie's /proc/PID/stat (field 52,
-# exit_code), or 1 where that cannot be read (a shell reaps children it does not know while it
-# waits for `sleep`, and then the status is gone). No `$$` and no `$(NAME)`: Kubernetes
-# expands those in a container's command.
+# cold, without Dynamo's snapshot variables (a Dynamo worker would otherwise wait for a
+# snapshot that never comes); it waits for `restore-failed` (start CMD cold) or
+# `restore-complete`, whose content is the restored process's PID in this container's PID
+# namespace. The standby is PID 1, so the restored process is its child: it lives while that
+# process lives (forwarding SIGTERM and SIGINT to it) and exits with its status, read from the
+# zombie's /proc/PID/stat (field 52, exit_code), or 1 where that cannot be read (a shell reaps
+# children it does not know while it waits for `sleep`, and then the status is gone). No `$$`
+# and no `$(NAME)`: Kubernetes expands those in a container's command.
 STANDBY_SCRIPT = f"""\
 d="${{SNAPSHOT_CONTROL_DIR:-{CONTROL_DIR}}}"
 trap 'exit 143' TERM
 trap 'exit 130' INT
-if [ -e "$d/{_COMPLETE}" ]; then exec "$@"; fi
+cold() {{ unset {CONTROL_DIR_ENV} {RESTORE_STANDBY_ENV}; exec "$@"; }}
+if [ -e "$d/{_COMPLETE}" ]; then cold "$@"; fi
 while :; do
-  if [ -e "$d/{_FAILED}" ]; then exec "$@"; fi
+  if [ -e "$d/{_FAILED}" ]; then cold "$@"; fi
   if [ -e "$d/{_COMPLETE}" ]; then break; fi
   sleep 0.05
 done
@@ -210,8 +228,13 @@ def restore_pod(
         return cold(shaped, "the pod has no containers")
     wanted = resource.spec.job.target_container_name
     main = next((c for c in containers if c.get("name") == wanted), containers[0])
-    if not main.get("command"):
-        return cold(shaped, f"container {main.get('name')} has no command for the standby to start")
+    own_standby = image_standby(main)
+    if not own_standby and not main.get("command"):
+        return cold(
+            shaped,
+            f"container {main.get('name')} has no command for the standby to start (an image "
+            f"whose entrypoint runs Dynamo's restore standby declares {RESTORE_STANDBY_ENV})",
+        )
 
     meta = shaped.setdefault("metadata", {})
     meta["labels"] = {
@@ -241,7 +264,11 @@ def restore_pod(
     spec["volumes"] = [*volumes, {"name": CONTROL_VOLUME, "emptyDir": {}}, podinfo_volume()]
     security = spec.setdefault("securityContext", {})
     security["seccompProfile"] = {"type": "Localhost", "localhostProfile": SECCOMP_PROFILE}
-    prepare_standby(main)
+    if own_standby:
+        prepare_image_standby(main)
+        meta["annotations"].update({STANDBY_ANNOTATION: "1", CONTROL_DIR_ANNOTATION: CONTROL_DIR})
+    else:
+        prepare_standby(main)
     gms = resource.spec.gpu_memory_service
     if gms.enabled and gms.mode == "intraPod":
         add_gms_loader(
@@ -267,14 +294,45 @@ def cold(pod: dict[str, Any], why: str) -> dict[str, Any]:
     return pod
 
 
+def image_standby(container: Mapping[str, Any]) -> bool:
+    """Whether the container's image runs Dynamo's restore standby itself: its spec declares
+    `SNAPSHOT_RESTORE_STANDBY` (with any value; warmstart sets it)."""
+    return any(e.get("name") == RESTORE_STANDBY_ENV for e in container.get("env") or [])
+
+
 def prepare_standby(container: dict[str, Any]) -> None:
     """The main container as a restore target (in place): the standby entrypoint in front of
     its command, the control directory, pod info and the startup probe."""
     argv = [*container.get("command", []), *container.get("args", [])]
     container["command"] = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, *argv]
     container.pop("args", None)
-    env = _set_env(container.get("env") or [], "SNAPSHOT_CONTROL_DIR", CONTROL_DIR)
-    container["env"] = _set_env(env, STANDBY_ENV, "1")
+    env = with_control_dir_env(container.get("env") or [])
+    container["env"] = _set_env(env, STANDBY_ENV, OUR_STANDBY)
+    _standby_mounts_and_probe(container)
+
+
+def prepare_image_standby(container: dict[str, Any]) -> None:
+    """The main container of an image that is its own restore standby (in place): command and
+    args kept; Dynamo's `SNAPSHOT_RESTORE_STANDBY` and `DYN_SNAPSHOT_CONTROL_DIR` read from
+    the pod's annotations (STANDBY_ANNOTATION, CONTROL_DIR_ANNOTATION), so that turning them
+    off and restarting the container starts it cold; the control directory, pod info and the
+    startup probe as for warmstart's standby."""
+    env = [
+        e
+        for e in with_control_dir_env(container.get("env") or [])
+        if e.get("name") not in (CONTROL_DIR_ENV, RESTORE_STANDBY_ENV)
+    ]
+    for name, annotation in (
+        (RESTORE_STANDBY_ENV, STANDBY_ANNOTATION),
+        (CONTROL_DIR_ENV, CONTROL_DIR_ANNOTATION),
+    ):
+        path = f"metadata.annotations['{annotation}']"
+        env.append({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}})
+    container["env"] = _set_env(env, STANDBY_ENV, IMAGE_STANDBY)
+    _standby_mounts_and_probe(container)
+
+
+def _standby_mounts_and_probe(container: dict[str, Any]) -> None:
     taken = (CONTROL_DIR, PODINFO_DIR)
     mounts = [m for m in container.get("volumeMounts") or [] if m.get("mountPath") not in taken]
     podinfo = {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": True}

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,29 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
         kube.close()
 
 
+def kubelet_env(pod: Mapping[str, Any], container: Mapping[str, Any]) -> dict[str, str]:
+    """The container's environment as a kubelet resolves it when it starts the container:
+    literal values, and the downward API fields the tests use (`metadata.name`, `.uid`,
+    `.namespace`, `metadata.annotations['KEY']`, `metadata.labels['KEY']`) read from `pod`
+    as it is now; a missing annotation or label gives ""."""
+    meta = pod.get("metadata") or {}
+    env: dict[str, str] = {}
+    for entry in container.get("env") or []:
+        source = (entry.get("valueFrom") or {}).get("fieldRef")
+        if source is None:
+            env[entry["name"]] = entry.get("value") or ""
+            continue
+        path = source["fieldPath"]
+        keyed = re.fullmatch(r"metadata\.(annotations|labels)\['([^']+)'\]", path)
+        if keyed:
+            env[entry["name"]] = (meta.get(keyed[1]) or {}).get(keyed[2], "")
+        else:
+            field = path.removeprefix("metadata.")
+            assert field in ("name", "uid", "namespace"), f"not played here: {path}"
+            env[entry["name"]] = meta.get(field) or ""
+    return env
+
+
 async def eventually(probe: Any, what: str, timeout: float = 60) -> Any:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -104,10 +128,17 @@ class Stack:
         return await self.cluster.create("checkpoints", checkpoint_body(name, template, **spec))
 
     async def run_job_pod(
-        self, name: str, *, node: str = "", image: str | None = None
+        self,
+        name: str,
+        *,
+        node: str = "",
+        image: str | None = None,
+        binds: dict[str, Path] | None = None,
+        log: Path | None = None,
     ) -> tuple[Any, Any, str, Path]:
         """The Job controller and the scheduler (the Job's pod, bound to our node), and the
-        kubelet (its container in containerd): returns Job, pod, container ID, control dir."""
+        kubelet (its container in containerd, with the environment the pod declares):
+        returns Job, pod, container ID, control dir."""
         cluster = self.cluster
 
         async def job() -> Any:
@@ -139,7 +170,10 @@ class Stack:
             cluster.core.read_namespaced_pod, pod_body["metadata"]["name"], "inference"
         )
         main = shaped["spec"]["containers"][0]
-        cid, control_dir = self.kubelet.run(pod.metadata.uid, "main", main["command"], image=image)
+        env = kubelet_env(cluster.api.sanitize_for_serialization(pod), main)
+        cid, control_dir = self.kubelet.run(
+            pod.metadata.uid, "main", main["command"], image=image, env=env, binds=binds, log=log
+        )
         return created, pod, cid, control_dir
 
     async def report(
@@ -287,10 +321,26 @@ class Target:
     """A restore-target pod: admitted as the webhook shapes it, bound to the stack's node,
     its standby container run by the kubelet."""
 
-    def __init__(self, stack: Stack, name: str, image: str, log: Path) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        name: str,
+        image: str,
+        log: Path,
+        *,
+        main: dict[str, Any] | None = None,
+        binds: dict[str, Path] | None = None,
+    ) -> None:
+        """`main`: the pod's main container as its owner asks for it (default: SERVING)."""
         self.stack, self.name, self.image, self.log = stack, name, image, log
         self.uid, self.cid, self.control = "", "", Path()
         self.pod: Any = None
+        self.main = main or {
+            "name": "main",
+            "image": "local/workload",
+            "command": ["python3", "-c", SERVING],
+        }
+        self.binds = binds
 
     async def start(self, resource: dict[str, Any]) -> None:
         await self.admit(resource)
@@ -306,15 +356,7 @@ class Target:
                 "namespace": "inference",
                 "annotations": {"warmstart.dev/restore-from": "llama"},
             },
-            "spec": {
-                "containers": [
-                    {
-                        "name": "main",
-                        "image": "local/workload",
-                        "command": ["python3", "-c", SERVING],
-                    }
-                ]
-            },
+            "spec": {"containers": [self.main]},
         }
         shaped = restore_pod(asked, checkpoint=resource, settings=RestoreSettings())
         shaped["spec"]["nodeName"] = self.stack.node  # the scheduler
@@ -322,11 +364,26 @@ class Target:
         await cluster.run(cluster.core.create_namespaced_pod, "inference", shaped)
         pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, "inference")
         self.uid = pod.metadata.uid
-        main = shaped["spec"]["containers"][0]
-        self.cid, self.control = self.stack.kubelet.run(
-            self.uid, "main", main["command"], image=self.image, log=self.log
-        )
         self.pod = pod
+        self.cid, self.control = await self.run_container()
+
+    async def run_container(self, control: Path | None = None) -> tuple[str, Path]:
+        """The kubelet starts (or, with the `control` directory of the last one, restarts)
+        the main container, its environment resolved from the pod as it is now."""
+        cluster = self.stack.cluster
+        pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, "inference")
+        spec = cluster.api.sanitize_for_serialization(pod)
+        main = spec["spec"]["containers"][0]
+        return self.stack.kubelet.run(
+            self.uid,
+            "main",
+            main["command"],
+            image=self.image,
+            log=self.log,
+            binds=self.binds,
+            env=kubelet_env(spec, main),
+            control=control,
+        )
 
     async def report_running(self) -> None:
         """The kubelet reports the standby container running: the node restores now."""

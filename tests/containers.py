@@ -18,7 +18,7 @@ import subprocess
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,12 +155,17 @@ class Kubelet:
         image: str | None = None,
         log: Path | None = None,
         binds: dict[str, Path] | None = None,
+        env: Mapping[str, str] | None = None,
+        control: Path | None = None,
     ) -> tuple[str, Path]:
         """Start `command` as container `container` of pod `pod_uid` (from `image`, or from
         a plain root directory); returns its ID and its control directory on the node (the
         pod's emptyDir). With `log`, the container's stdout and stderr go to that file
         through the runtime's shim (pipes, as under a kubelet: what `kubectl logs` reads);
-        `binds`: more read-only bind mounts, container path → node path."""
+        `binds`: more read-only bind mounts, container path → node path; `env`: the
+        container's environment as the kubelet resolved it from the pod (default: PATH and
+        SNAPSHOT_CONTROL_DIR only); `control`: the control directory of an earlier container
+        of the pod (a restart keeps its emptyDir)."""
         cid = f"c{uuid.uuid4().hex[:12]}"
         if image is None:
             rootfs = self.base / "rootfs" / cid
@@ -172,8 +177,13 @@ class Kubelet:
             root = str(rootfs)
         else:
             source, root = [], image
-        control = self.base / "controls" / cid
-        control.mkdir(parents=True)
+        if control is None:
+            control = self.base / "controls" / cid
+            control.mkdir(parents=True)
+        environ = {
+            "PATH": "/usr/bin:/bin",
+            **(env or {"SNAPSHOT_CONTROL_DIR": "/snapshot-control"}),
+        }
         logging = ["--log-uri", log.absolute().as_uri()] if log is not None else []
         self.ctr(
             "run",
@@ -193,10 +203,7 @@ class Kubelet:
                 for dst, src in (binds or {}).items()
                 for arg in ("--mount", f"type=bind,src={src},dst={dst},options=rbind:ro")
             ),
-            "--env",
-            "PATH=/usr/bin:/bin",
-            "--env",
-            "SNAPSHOT_CONTROL_DIR=/snapshot-control",
+            *(arg for name, value in environ.items() for arg in ("--env", f"{name}={value}")),
             root,
             cid,
             *command,

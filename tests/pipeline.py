@@ -59,8 +59,10 @@ async def restore(
     timeout: float = 30,
     *,
     storage: RemoteStorage | None = None,
+    env: dict[str, str] | None = None,
 ) -> RestoreResult:
     request = RestoreRequest(
+        env=env or {},
         name=name,
         checkpoint_id=ckpt,
         node=settings.node.name,

@@ -177,8 +177,10 @@ def restore(args: argparse.Namespace) -> int:
 
     settings = _settings()
     _check_seconds("--timeout", args.timeout)  # before the lookup: bad input first
+    env = _restore_env(args.env)
     name, checkpoint_id, version = _resolve(settings, args.ref, args.version)
     request = RestoreRequest(
+        env=env,
         name=name,
         checkpoint_id=checkpoint_id,
         version=version,
@@ -191,6 +193,23 @@ def restore(args: argparse.Namespace) -> int:
     result = _run(_pipeline(settings, lambda c: start_restore(c, request), title, every=0.2))
     display.restore_result(result, args.output)
     return 0
+
+
+def _restore_env(items: list[str]) -> dict[str, str]:
+    """`--env` of a restore: only names a restored process re-reads (Dynamo's restore
+    context); any other would be silently lost, so it is refused naming the known ones."""
+    from api.dynamo import RESTORE_CONTEXT_ENV_NAMES
+    from api.errors import InvalidSpecError
+
+    env = _pairs("--env", items)
+    unknown = sorted(set(env) - RESTORE_CONTEXT_ENV_NAMES)
+    if unknown:
+        raise InvalidSpecError(
+            f"--env {', '.join(unknown)}: a restored process keeps the environment it was "
+            "captured with; it re-reads only these names (Dynamo's restore context): "
+            + ", ".join(sorted(RESTORE_CONTEXT_ENV_NAMES))
+        )
+    return env
 
 
 def _resolve(settings: Settings, ref: str, version: str) -> tuple[str, str, str]:
@@ -459,6 +478,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("ref", metavar="REF", help="checkpoint name or 16-hex checkpoint ID")
     sub.add_argument("--version", default="", help="version (default: the newest)")
     sub.add_argument("--timeout", type=float, default=120.0, help="seconds to answer")
+    sub.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="the restored process's new value of a variable a Dynamo worker re-reads after a "
+        "restore (POD_NAME, DYN_NAMESPACE, ...); handed over in restore-context.json, every "
+        "other one of those names is cleared",
+    )
     output(sub)
 
     sub = command(prefetch)

@@ -255,5 +255,6 @@ def _container_activities(
         pods.dump_container,
         pods.commit_container,
         pods.write_container_sentinel,
+        pods.stop_standby,
         pods.restore_container,
     ]

@@ -33,6 +33,8 @@ from api.restore_pods import (
     CHECKPOINT_VERSION_ANNOTATION,
     GMS_LOAD_COMPLETE_FILE,
     GMS_LOADER,
+    IMAGE_STANDBY,
+    OUR_STANDBY,
     RESTORE_STATUS_ANNOTATION,
     RESTORE_TARGET_LABEL,
     STANDBY_ENV,
@@ -78,6 +80,7 @@ def restore_target(pod: Mapping[str, Any], *, node: str) -> RestoreTarget | None
         pod_uid=meta.get("uid", ""),
         container=standby["name"],
         container_id=(status.get("containerID") or "").partition("://")[2],
+        standby="image" if _env(standby).get(STANDBY_ENV) == IMAGE_STANDBY else "warmstart",
     )
     return RestoreTarget(
         container=target,
@@ -110,10 +113,14 @@ def _storage(notes: Mapping[str, str], target: ContainerTarget) -> RemoteStorage
 
 def _standby_container(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     for container in spec.get("containers") or []:
-        env = {e.get("name"): e.get("value") for e in container.get("env") or []}
-        if env.get(STANDBY_ENV) == "1":
+        if _env(container).get(STANDBY_ENV) in (OUR_STANDBY, IMAGE_STANDBY):
             return dict(container)
     return None
+
+
+def _env(container: Mapping[str, Any]) -> dict[str, Any]:
+    """The container's literal environment values by name."""
+    return {e.get("name"): e.get("value") for e in container.get("env") or []}
 
 
 def _status(pod: Mapping[str, Any], name: str) -> dict[str, Any] | None:
@@ -128,8 +135,7 @@ def _gms_sentinel(spec: Mapping[str, Any], standby: Mapping[str, Any], pod_uid: 
     the shared `gms-load-complete` named by the standby's environment."""
     if any(c.get("name") == GMS_LOADER for c in spec.get("containers") or []):
         return f"gms-load-complete-{pod_uid}"
-    env = {e.get("name"): e.get("value") for e in standby.get("env") or []}
-    shared = env.get("GMS_LOAD_COMPLETE_FILE", "")
+    shared = _env(standby).get("GMS_LOAD_COMPLETE_FILE", "")
     return shared.rsplit("/", 1)[-1] if shared == GMS_LOAD_COMPLETE_FILE else ""
 
 

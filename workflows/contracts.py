@@ -113,6 +113,9 @@ class RestoreRequest(Contract):
     gms_sentinel: str = ""
     # Where the version is fetched from when the node does not hold it (its cache).
     storage: RemoteStorage | None = None
+    # Local mode: the restored process's new environment (Dynamo's restore context names
+    # only; on a cluster the standby container's own environment is used).
+    env: dict[str, str] = Field(default_factory=dict)
 
 
 class RestoreResult(Contract):

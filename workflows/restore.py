@@ -70,6 +70,10 @@ class RestoreWorkflow:
             if request.pod is not None:
                 await self._fall_back(f"{failure.reason}: {failure.message}")
             await self._publish(Phase.FELL_BACK, failure.reason, message=failure.message)
+            if request.pod is not None and request.pod.standby == "image":
+                # No `patched` needed: recorded histories predate image standbys, so none
+                # of them takes this branch.
+                await self._stop_image_standby()
             raise application_error(failure) from None
         except asyncio.CancelledError:
             clock.settle(Phase.FELL_BACK, "cancelled")
@@ -97,6 +101,7 @@ class RestoreWorkflow:
             name=request.name,
             answer_timeout_seconds=request.answer_timeout_seconds,
             storage=request.storage,
+            env=request.env,
         )
         return await self._on_node(
             RestoreActivities.restore_checkpoint,
@@ -163,6 +168,24 @@ class RestoreWorkflow:
             )
         except ActivityError as err:  # the pod or its node is gone: nothing waits
             workflow.logger.warning("restore-failed not written: %s", err)
+
+    async def _stop_image_standby(self) -> None:
+        """After the pod's annotations turned the image's standby off (published above): stop
+        it, so that the kubelet restarts the container and it starts cold."""
+        request = self._request
+        assert request is not None and request.pod is not None
+        try:
+            await workflow.execute_activity_method(
+                ContainerActivities.stop_standby,
+                request.pod,
+                task_queue=node_task_queue(request.node),
+                start_to_close_timeout=policies.SENTINEL.start_to_close,
+                schedule_to_start_timeout=policies.RESTORE_SCHEDULE_TO_START,
+                retry_policy=policies.SENTINEL.retry,
+                summary="stop the image's standby: it restarts cold",
+            )
+        except ActivityError as err:  # the pod or its node is gone
+            workflow.logger.warning("standby not stopped: %s", err)
 
     async def _publish(self, phase: Phase, reason: Reason, *, message: str) -> None:
         assert self._request is not None

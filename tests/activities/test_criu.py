@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from activities.criu import Criu, log_errors
+from activities.criu import Criu, explain_log, log_errors
 
 
 def test_dump_command_targets_the_tree_and_logs_in_the_images() -> None:
@@ -34,3 +34,35 @@ def test_log_errors_falls_back_to_the_tail(tmp_path: Path) -> None:
     log = tmp_path / "dump.log"
     log.write_text("one\ntwo\n")
     assert log_errors(log) == "one\ntwo"
+
+
+# What CRIU 4.2 logs on every successful container restore here, word for word.
+RESTORE_LOG_OF_A_SUCCESS = """\
+Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted
+iptables-restore: line 3 failed: Bad rule (does a matching rule exist in that chain?).
+Error (criu/util.c:657): exited, status=1
+ip6tables-restore: line 3 failed: Bad rule (does a matching rule exist in that chain?).
+Error (criu/util.c:657): exited, status=1
+"""
+
+
+def test_a_successful_runs_harmless_error_lines_are_explained_in_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "restore.log"
+    log.write_text(RESTORE_LOG_OF_A_SUCCESS)
+    explain_log(log)
+    notes = log.read_text().removeprefix(RESTORE_LOG_OF_A_SUCCESS).splitlines()
+    assert len(notes) == 3
+    assert all(note.startswith("warmstart: harmless, the run succeeded: ") for note in notes)
+    assert "fs.nr_open" in notes[0] and "unlocks the network" in notes[1]
+    assert "iptables-restore (or ip6tables-restore) helper above" in notes[2]
+    # A failure's message names none of them.
+    log.write_text(RESTORE_LOG_OF_A_SUCCESS + "Error (criu/files.c:1): Can't open file\n")
+    assert "RLIMIT" not in log_errors(log) and "Bad rule" not in log_errors(log)
+    assert "Can't open file" in log_errors(log)
+
+
+def test_a_helper_failing_otherwise_is_not_explained(tmp_path: Path) -> None:
+    log = tmp_path / "restore.log"
+    log.write_text("Error (criu/util.c:657): exited, status=1\n")
+    explain_log(log)
+    assert log.read_text() == "Error (criu/util.c:657): exited, status=1\n"

@@ -212,7 +212,7 @@ async def test_restore_hands_over_a_live_process_and_reports_its_stages(
     assert list(result.stage_seconds) == ["verify", "prepare", "criu-restore", "await-answer"]
     assert all(seconds >= 0 for seconds in result.stage_seconds.values())
     assert stages(beats) == ["verify", "prepare", "criu-restore", "await-answer"]
-    assert sorted(os.listdir(node.control_dir)) == ["restore-complete"]
+    assert sorted(os.listdir(node.control_dir)) == ["restore-complete", "restore-context.json"]
     assert Path(node.source.log_path).read_text() == OUTPUT  # CRIU finds it at its dumped size
     assert not Path(node.source.cwd).exists()  # a manifest's cwd is never created
     assert node.criu_calls.read_text() == f"{node.version_dir / 'criu'}\n"
@@ -245,7 +245,7 @@ async def test_failing_criu_restore_falls_back_to_a_cold_start(node: Node) -> No
     assert RESTORE_ERROR in message
     assert caught.value.reason == "RestoreFailed"
     assert stages(beats) == ["verify", "prepare", "criu-restore"]
-    assert sorted(os.listdir(node.control_dir)) == ["restore-failed"]
+    assert sorted(os.listdir(node.control_dir)) == ["restore-context.json", "restore-failed"]
     reason = (node.control_dir / "restore-failed").read_text()
     assert reason.startswith("RestoreFailed: criu restore exited with 1:")
     assert RESTORE_ERROR in reason
@@ -264,7 +264,7 @@ async def test_a_restored_process_that_exits_is_not_handed_over(node: Node) -> N
         await ActivityEnvironment().run(node.activities(criu).restore_checkpoint, request())
 
     # restore-complete was written after criu restored; the fall-back takes it back.
-    assert sorted(os.listdir(node.control_dir)) == ["restore-failed"]
+    assert sorted(os.listdir(node.control_dir)) == ["restore-context.json", "restore-failed"]
     assert (node.control_dir / "restore-failed").read_text().startswith("RestoreFailed: ")
 
 
@@ -281,7 +281,7 @@ async def test_a_restored_process_that_does_not_answer_is_stopped(
         )
 
     assert not is_alive(int(restored_pids.read_text()))
-    assert sorted(os.listdir(node.control_dir)) == ["restore-failed"]
+    assert sorted(os.listdir(node.control_dir)) == ["restore-context.json", "restore-failed"]
 
 
 async def test_a_damaged_image_is_refused_by_name_and_falls_back_to_a_cold_start(
@@ -383,7 +383,7 @@ async def test_two_restores_of_one_workload_started_together_run_one(
     assert "another restore of it is in progress" in str(refused)
     assert restored.pid == int(restored_pids.read_text())
     # The refused one left the live instance's control directory alone.
-    assert sorted(os.listdir(node.control_dir)) == ["restore-complete"]
+    assert sorted(os.listdir(node.control_dir)) == ["restore-complete", "restore-context.json"]
 
 
 async def test_a_live_restored_instance_refuses_another_until_it_stops(
@@ -396,7 +396,7 @@ async def test_a_live_restored_instance_refuses_another_until_it_stops(
         AlreadyRunningError, match=f"already runs as pid {first.pid} \\(restored\\)"
     ):
         await ActivityEnvironment().run(activities.restore_checkpoint, request())
-    assert sorted(os.listdir(node.control_dir)) == ["restore-complete"]
+    assert sorted(os.listdir(node.control_dir)) == ["restore-complete", "restore-context.json"]
 
     assert await terminate(first.pid, grace_seconds=0.1)
     second = await ActivityEnvironment().run(activities.restore_checkpoint, request())

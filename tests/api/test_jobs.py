@@ -88,7 +88,12 @@ def test_the_target_waits_for_the_sentinel_and_keeps_no_probes_of_its_own() -> N
     main = container(job, "main")
     assert "livenessProbe" not in main and "startupProbe" not in main
     assert main["readinessProbe"]["exec"]["command"] == ["cat", f"{CONTROL_DIR}/ready-for-snapshot"]
-    assert env(main) == {"HF_HOME": "/models", "SNAPSHOT_CONTROL_DIR": CONTROL_DIR}
+    # Both names: Dynamo 1.6's worker code enters snapshot mode on DYN_SNAPSHOT_CONTROL_DIR.
+    assert env(main) == {
+        "HF_HOME": "/models",
+        "SNAPSHOT_CONTROL_DIR": CONTROL_DIR,
+        "DYN_SNAPSHOT_CONTROL_DIR": CONTROL_DIR,
+    }
     assert {"name": "snapshot-control", "mountPath": CONTROL_DIR, "subPath": "main"} in main[
         "volumeMounts"
     ]
@@ -191,6 +196,24 @@ BASE = {
                 ],
             },
         ),
+        (
+            {
+                "envs": [
+                    {"name": "B", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                    {"name": "GMS_SOCKET_DIR", "valueFrom": {"fieldRef": {"fieldPath": "x"}}},
+                    {"name": "C", "value": ""},
+                ]
+            },
+            {
+                **BASE,
+                "env": [
+                    {"name": "GMS_SOCKET_DIR", "value": "/gms"},  # still the operator's
+                    {"name": "B", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                    {"name": "A", "value": "base"},
+                    {"name": "C", "value": ""},
+                ],
+            },
+        ),
         ({"envFromSecret": ""}, BASE),
         ({"envFromSecret": "hf-token"}, {**BASE, "envFrom": [{"secretRef": {"name": "hf-token"}}]}),
         (
@@ -208,6 +231,44 @@ BASE = {
 def test_saver_override_merge(override: dict[str, Any] | None, expected: dict[str, Any]) -> None:
     parsed = None if override is None else ContainerOverride.model_validate(override)
     assert merge_override(BASE, parsed) == expected
+
+
+SOURCED_ENVS = [
+    {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+    {
+        "name": "GMS_CHUNK_MB",
+        "valueFrom": {"configMapKeyRef": {"name": "gms", "key": "chunk", "optional": True}},
+    },
+    {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName", "apiVersion": "v1"}}},
+    {
+        "name": "MEM_MB",
+        "valueFrom": {
+            "resourceFieldRef": {
+                "containerName": "main",
+                "resource": "limits.memory",
+                "divisor": "1Mi",
+            }
+        },
+    },
+    {"name": "GMS_POD_UID", "value": "fixed"},  # replaces the default's valueFrom entirely
+]
+
+
+def test_saver_envs_from_secrets_config_maps_and_fields_reach_the_job() -> None:
+    gms = {"enabled": True, "checkpoint": {"saver": {"envs": SOURCED_ENVS}}}
+    job = capture_job(resource(gpuMemoryService=gms), version=VERSION, settings=SETTINGS)
+    saver = container(job, GMS_SAVER)
+    assert saver["env"] == [
+        {"name": "GMS_SOCKET_DIR", "value": "/gms-intrapod-control"},
+        {
+            "name": "GMS_CHECKPOINT_DIR",
+            "value": f"/checkpoints/gms/96429b2725761a09/versions/{VERSION}",
+        },
+        {"name": "GMS_POD_UID", "value": "fixed"},
+        *SOURCED_ENVS[:4],
+    ]
+    parsed = ApiClient()._ApiClient__deserialize(job, "V1Job")  # type: ignore[attr-defined]
+    assert ApiClient().sanitize_for_serialization(parsed) == job  # nothing Kubernetes drops
 
 
 def test_jobs_are_valid_kubernetes_jobs() -> None:

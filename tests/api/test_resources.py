@@ -3,6 +3,7 @@ copies equal, structural, CEL rules evaluated with a CEL library since kmock run
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from pydantic import ValidationError
 
 from api.crds import all_crds, render
 from api.resources import (
+    ENV_ONE_SOURCE,
+    ENV_VALUE_AND_SOURCE,
     IDENTITY_IMMUTABLE,
     LOADER_ON_CHECKPOINT,
     SAVER_WITHOUT_GMS,
@@ -61,6 +64,12 @@ def test_a_pod_snapshot_without_identity_hashes_its_pod() -> None:
 
 
 GMS_ON = {"enabled": True, "checkpoint": {"saver": {"image": "gms:1"}}}
+SECRET = {"secretKeyRef": {"name": "hf", "key": "token"}}
+FIELD = {"fieldRef": {"fieldPath": "metadata.uid"}}
+
+
+def saver_envs(*envs: dict[str, Any]) -> dict[str, Any]:
+    return {"gpuMemoryService": {"enabled": True, "checkpoint": {"saver": {"envs": list(envs)}}}}
 
 
 @pytest.mark.parametrize(
@@ -121,6 +130,34 @@ GMS_ON = {"enabled": True, "checkpoint": {"saver": {"image": "gms:1"}}}
             {},
             "env names must be unique",
         ),
+        (
+            saver_envs({"name": "A", "value": "1", "valueFrom": SECRET}),
+            {},
+            f"gpuMemoryService.checkpoint.saver.envs.0\n  Value error, {ENV_VALUE_AND_SOURCE}",
+        ),
+        (
+            saver_envs({"name": "A", "valueFrom": {}}),
+            {},
+            f"saver.envs.0.valueFrom\n  Value error, {ENV_ONE_SOURCE}",
+        ),
+        (saver_envs({"name": "A", "valueFrom": {**SECRET, **FIELD}}), {}, ENV_ONE_SOURCE),
+        (
+            saver_envs({"name": "A", "valueFrom": {"secretKeyRef": {"name": "hf"}}}),
+            {},
+            "valueFrom.secretKeyRef.key\n  Field required",
+        ),
+        (
+            saver_envs({"name": "A", "valueFrom": {"resourceFieldRef": {"divisor": "1Mi"}}}),
+            {},
+            "valueFrom.resourceFieldRef.resource\n  Field required",
+        ),
+        (
+            saver_envs(
+                {"name": "A", "valueFrom": {"resourceFieldRef": {"resource": "x", "divisor": "MB"}}}
+            ),
+            {},
+            "resourceFieldRef.divisor\n  String should match pattern",
+        ),
     ],
 )
 def test_bad_checkpoints_are_refused_by_field(
@@ -134,6 +171,36 @@ def test_bad_checkpoints_are_refused_by_field(
 def test_gms_forms_that_are_accepted() -> None:
     for gms in ({"checkpoint": {}}, {}, GMS_ON, {"enabled": True, "mode": "interPod"}):
         Checkpoint.model_validate(checkpoint({"gpuMemoryService": gms}))
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"name": "A"},
+        {"name": "A", "value": ""},
+        {"name": "A", "valueFrom": SECRET},
+        {"name": "A", "value": "", "valueFrom": FIELD},  # Kubernetes allows an empty value
+        {
+            "name": "A",
+            "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k", "optional": True}},
+        },
+        {
+            "name": "A",
+            "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName", "apiVersion": "v1"}},
+        },
+        {
+            "name": "A",
+            "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1m"}},
+        },
+    ],
+)
+def test_override_envs_take_kubernetes_env_vars(env: dict[str, Any]) -> None:
+    resource = Checkpoint.model_validate(checkpoint(saver_envs(env)))
+    gms = resource.spec.gpu_memory_service.checkpoint
+    assert gms is not None and gms.saver is not None
+    [parsed] = gms.saver.envs
+    assert parsed.model_dump(by_alias=True, exclude_none=True) == env
+    assert cel_errors(_checkpoint_schema(), checkpoint(saver_envs(env))) == []
 
 
 def test_a_pod_snapshot_names_exactly_one_container() -> None:
@@ -230,6 +297,9 @@ def cel_errors(
         if isinstance(new, dict) and name in new:
             in_old = isinstance(old, dict) and name in old
             errors += cel_errors(sub, new[name], old.get(name) if in_old else None, has_old=in_old)
+    if "items" in node and isinstance(new, list):
+        for item in new:  # (no transition rules on list items: items have no old self here)
+            errors += cel_errors(node["items"], item)
     return errors
 
 
@@ -252,6 +322,39 @@ def _checkpoint_schema() -> dict[str, Any]:
 def test_cel_gms_rules(gms: dict[str, Any], errors: list[str]) -> None:
     resource = checkpoint({"gpuMemoryService": gms})
     assert cel_errors(_checkpoint_schema(), resource) == errors
+
+
+@pytest.mark.parametrize(
+    ("envs", "errors"),
+    [
+        ([{"name": "A", "value": "1"}, {"name": "B", "valueFrom": SECRET}], []),
+        ([{"name": "A", "value": "", "valueFrom": FIELD}], []),
+        ([{"name": "A", "value": "1", "valueFrom": SECRET}], [ENV_VALUE_AND_SOURCE]),
+        (
+            [{"name": "A", "value": "1"}, {"name": "B", "value": "2", "valueFrom": FIELD}],
+            [ENV_VALUE_AND_SOURCE],
+        ),
+    ],
+)
+def test_cel_env_value_or_value_from(envs: list[dict[str, Any]], errors: list[str]) -> None:
+    assert cel_errors(_checkpoint_schema(), checkpoint(saver_envs(*envs))) == errors
+    # The rule is the model's, with the same message.
+    if errors:
+        with pytest.raises(ValidationError, match=re.escape(errors[0])):
+            Checkpoint.model_validate(checkpoint(saver_envs(*envs)))
+
+
+def test_value_from_names_exactly_one_source_in_the_schema() -> None:
+    schema = all_crds()["checkpoints.warmstart.dev.yaml"]["spec"]["versions"][0]["schema"]
+    nodes = dict(_walk(schema["openAPIV3Schema"], ""))
+    source = nodes[".spec.gpuMemoryService.checkpoint.saver.envs[].valueFrom"]
+    assert (source["minProperties"], source["maxProperties"]) == (1, 1)
+    assert sorted(source["properties"]) == [
+        "configMapKeyRef",
+        "fieldRef",
+        "resourceFieldRef",
+        "secretKeyRef",
+    ]
 
 
 def test_cel_identity_is_immutable_on_update() -> None:

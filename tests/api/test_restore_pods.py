@@ -101,6 +101,31 @@ def test_a_failed_restore_starts_the_original_command(control: Path, started: St
     assert (proc.returncode, out) == (0, "cold:2:a b c\n")
 
 
+def test_a_cold_start_leaves_dynamos_snapshot_mode_off(control: Path, started: Started) -> None:
+    """A Dynamo worker started cold with DYN_SNAPSHOT_CONTROL_DIR set would wait for a
+    snapshot for ever, and with SNAPSHOT_RESTORE_STANDBY=1 it would only sleep."""
+    show = (
+        'echo "${DYN_SNAPSHOT_CONTROL_DIR-unset}:${SNAPSHOT_RESTORE_STANDBY-unset}:'
+        '$SNAPSHOT_CONTROL_DIR"'
+    )
+    env = {
+        "SNAPSHOT_CONTROL_DIR": str(control),
+        "DYN_SNAPSHOT_CONTROL_DIR": str(control),
+        "SNAPSHOT_RESTORE_STANDBY": "1",
+        "PATH": "/usr/bin:/bin",
+    }
+    publish(control, "restore-failed", "criu restore failed\n")
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, "/bin/sh", "-c", show],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    started.append(proc)
+    out, _ = proc.communicate(timeout=10)
+    assert (proc.returncode, out) == (0, f"unset:unset:{control}\n")
+
+
 def test_it_exits_with_the_restored_process_status(control: Path, started: Started) -> None:
     restored = workload(started, "exit 7")
     zombie(restored)

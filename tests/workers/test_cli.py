@@ -121,6 +121,11 @@ async def test_a_path_as_name_is_just_not_found(settings: Settings, address: str
         (["restore", "x", "--timeout", "1e300"], "--timeout 1e+300: Input should be less"),
         (["restore", "x", "--timeout", "nan"], "--timeout nan: Input should be a finite"),
         (["restore", "x", "--timeout", "0"], "--timeout 0: Input should be greater than 0"),
+        (
+            ["restore", "x", "--env", "POD_NAME=a", "--env", "HF_TOKEN=t"],
+            "--env HF_TOKEN: a restored process keeps the environment it was captured with; "
+            "it re-reads only these names (Dynamo's restore context): CONTAINER_NAME,",
+        ),
         (["prefetch", "x"], "prefetch needs remote storage: set WARMSTART_STORAGE__S3_BUCKET"),
     ],
 )

@@ -75,6 +75,14 @@ def test_a_running_standby_on_this_node_asks_for_a_restore() -> None:
     assert (found.container.pod_uid, found.container.container) == ("uid-llama-0", "main")
     assert found.container.container_id == "abc123"
     assert (found.checkpoint_id, found.version, found.gms_sentinel) == (CKPT, "v1", "")
+    assert found.container.standby == "warmstart"
+
+
+def test_an_image_that_is_its_own_standby_is_told_apart() -> None:
+    pod = target_pod()
+    pod["spec"]["containers"][0]["env"] = [{"name": STANDBY_ENV, "value": "image"}]
+    found = restore_target(pod, node="gpu-1")
+    assert found is not None and found.container.standby == "image"
 
 
 @pytest.mark.parametrize(

@@ -397,6 +397,7 @@ async def test_a_pod_is_shaped_as_a_restore_target(webhook: Webhook) -> None:
     assert env(main) == {
         "HF_HOME": "/models",
         "SNAPSHOT_CONTROL_DIR": CONTROL_DIR,
+        "DYN_SNAPSHOT_CONTROL_DIR": CONTROL_DIR,
         "WARMSTART_RESTORE_STANDBY": "1",
     }
     assert main["volumeMounts"] == [
@@ -465,10 +466,56 @@ async def test_a_container_without_a_command_starts_cold(webhook: Webhook) -> No
     response, shaped = await admit(webhook, body)
     assert response["allowed"] is True
     assert shaped["metadata"]["annotations"]["warmstart.dev/restore-status"] == (
-        "cold: container main has no command for the standby to start"
+        "cold: container main has no command for the standby to start (an image whose "
+        "entrypoint runs Dynamo's restore standby declares SNAPSHOT_RESTORE_STANDBY)"
     )
     del shaped["metadata"]["annotations"]["warmstart.dev/restore-status"]
     assert shaped == body
+
+
+async def test_an_image_that_is_its_own_dynamo_standby_keeps_its_entrypoint(
+    webhook: Webhook,
+) -> None:
+    """A container declaring SNAPSHOT_RESTORE_STANDBY runs Dynamo's standby in its image's
+    entrypoint: nothing wraps it, and Dynamo's variables come from annotations that a failed
+    restore turns off (the restarted container then starts cold)."""
+    await ready_checkpoint(webhook, "llama-dynamo")
+    main = {
+        "name": "main",
+        "image": IMAGE,
+        "args": ["--port", "8000"],
+        "env": [
+            {"name": "SNAPSHOT_RESTORE_STANDBY", "value": "1"},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
+    }
+    response, shaped = await admit(webhook, pod(main, restore_from="llama-dynamo"))
+    assert response["allowed"] is True
+    notes = shaped["metadata"]["annotations"]
+    assert "warmstart.dev/restore-status" not in notes
+    assert notes["warmstart.dev/standby"] == "1"
+    assert notes["warmstart.dev/control-dir"] == CONTROL_DIR
+    shaped_main = named(shaped["spec"]["containers"], "main")
+    assert "command" not in shaped_main and shaped_main["args"] == ["--port", "8000"]
+    by_name = {e["name"]: e for e in shaped_main["env"]}
+    assert by_name["POD_NAME"] == main["env"][1]
+    assert by_name["SNAPSHOT_RESTORE_STANDBY"] == {
+        "name": "SNAPSHOT_RESTORE_STANDBY",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['warmstart.dev/standby']"}},
+    }
+    assert by_name["DYN_SNAPSHOT_CONTROL_DIR"] == {
+        "name": "DYN_SNAPSHOT_CONTROL_DIR",
+        "valueFrom": {
+            "fieldRef": {"fieldPath": "metadata.annotations['warmstart.dev/control-dir']"}
+        },
+    }
+    assert by_name["SNAPSHOT_CONTROL_DIR"]["value"] == CONTROL_DIR
+    assert by_name["WARMSTART_RESTORE_STANDBY"]["value"] == "image"
+    assert shaped_main["startupProbe"] == {
+        "exec": {"command": ["/bin/sh", "-c", STARTUP_TEST]},
+        "periodSeconds": 1,
+        "failureThreshold": 1800,
+    }
 
 
 async def test_a_missing_or_unready_checkpoint_starts_cold(webhook: Webhook) -> None:

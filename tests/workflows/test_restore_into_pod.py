@@ -31,18 +31,32 @@ POD = ContainerTarget(namespace="inference", pod_name="llama-0", pod_uid="u-1", 
 
 
 async def _run(
-    client: Client, restore_fn: object, *, deadline: float = 60
+    client: Client,
+    restore_fn: object,
+    *,
+    deadline: float = 60,
+    pod: ContainerTarget = POD,
+    steps: list[str] | None = None,
 ) -> tuple[list[StatusInput], list[ContainerSentinelInput], object]:
+    """`steps`: gets each stand-in's name as it runs, in order."""
     statuses: list[StatusInput] = []
     sentinels: list[ContainerSentinelInput] = []
+    ran = steps if steps is not None else []
 
     @activity.defn(name="publish_status")
     async def publish(request: StatusInput) -> None:
+        ran.append("publish_status")
         statuses.append(request)
 
     @activity.defn(name="write_container_sentinel")
     async def sentinel(request: ContainerSentinelInput) -> None:
+        ran.append("write_container_sentinel")
         sentinels.append(request)
+
+    @activity.defn(name="stop_standby")
+    async def stop(request: ContainerTarget) -> None:
+        assert request == pod
+        ran.append("stop_standby")
 
     suffix = uuid.uuid4().hex[:8]
     node, control = f"node-{suffix}", f"control-{suffix}"
@@ -53,7 +67,7 @@ async def _run(
         node=node,
         control_task_queue=control,
         answer_timeout_seconds=deadline,
-        pod=POD,
+        pod=pod,
         gms_sentinel="gms-load-complete-u-1",
     )
     async with (
@@ -62,7 +76,7 @@ async def _run(
             client,
             task_queue=node_task_queue(node),
             workflows=[RestoreWorkflow],
-            activities=[restore_fn, sentinel],
+            activities=[restore_fn, sentinel, stop],
         ),
     ):
         handle = await client.start_workflow(
@@ -115,6 +129,28 @@ async def test_a_failed_restore_falls_back_to_a_cold_start(client: Client) -> No
     assert sentinel.content == "Incompatible: needs GPU model NVIDIA H100"
     [status] = statuses
     assert (status.phase, status.reason, status.pod) == (Phase.FELL_BACK, "Incompatible", POD)
+
+
+async def test_an_image_standby_is_turned_off_then_stopped_after_a_failure(
+    client: Client,
+) -> None:
+    """The image's own (Dynamo) standby cannot start cold in place: once the pod's
+    annotations turn it off (published with the status), the node stops it and the kubelet
+    restarts the container cold. warmstart's own standby is never stopped."""
+
+    @activity.defn(name="restore_container")
+    async def restore(request: ContainerRestoreInput) -> RestoredContainer:
+        raise ApplicationError("criu restore exited with 1", type="RestoreFailed")
+
+    image = POD.model_copy(update={"standby": "image"})
+    steps: list[str] = []
+    statuses, _, err = await _run(client, restore, pod=image, steps=steps)
+    assert isinstance(err, WorkflowFailureError)
+    assert steps == ["write_container_sentinel", "publish_status", "stop_standby"]
+    assert statuses[0].pod == image
+    ours: list[str] = []
+    await _run(client, restore, steps=ours)
+    assert ours == ["write_container_sentinel", "publish_status"]
 
 
 async def test_a_node_step_past_its_deadline_still_starts_the_pod_cold(client: Client) -> None:
