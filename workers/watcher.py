@@ -294,6 +294,9 @@ async def _cancel_and_wait(
     raise kopf.TemporaryError(f"capture {handle.id} is still cleaning up", delay=5)
 
 
+_TLS_SHUTDOWN_GRACE_SECONDS = 0.25  # aiohttp's own advice for a graceful client shutdown
+
+
 class KopfThread:
     """kopf in its own thread and loop (it cancels other tasks of a shared loop on exit)."""
 
@@ -304,15 +307,23 @@ class KopfThread:
         self._thread = threading.Thread(target=self._run, name="kopf", daemon=True)
 
     def _run(self) -> None:
-        asyncio.run(
-            kopf.operator(
+        asyncio.run(self._operate())
+
+    async def _operate(self) -> None:
+        try:
+            await kopf.operator(
                 registry=self._registry,
                 standalone=True,
                 clusterwide=True,
                 stop_flag=self._stop,
                 ready_flag=self._ready,
             )
-        )
+        finally:
+            # kopf closes its aiohttp sessions on the way out, but a TLS connection's socket
+            # closes only after its TLS shutdown, which needs the loop a moment longer:
+            # without it asyncio.run closes the loop first and each watch's socket leaks
+            # (seen against a real API server: one per watched resource at every stop).
+            await asyncio.sleep(_TLS_SHUTDOWN_GRACE_SECONDS)
 
     def start(self, timeout: float = 30.0) -> None:
         self._thread.start()
