@@ -51,6 +51,7 @@ from api.errors import (
     WorkloadExitedError,
     WorkloadNotReadyError,
 )
+from api.jobs import CONTROL_DIR as JOB_CONTROL_DIR
 from api.manifest import CriuInfo, Manifest, SourceInfo
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 
 CUDA_FILE = "cuda.json"  # in a version: the dumped tree's CUDA processes (container PIDs)
 CUDA_LOCK_TIMEOUT_MS = 10_000
-CONTROL_DIR = "snapshot-control"  # at the container's root (api.jobs.CONTROL_DIR)
+CONTROL_DIR = JOB_CONTROL_DIR.lstrip("/")  # the same directory, relative to the container's root
 ROOTFS_DIFF = "rootfs-diff.tar"
 DELETED_FILES = "deleted-files.json"
 # Never part of a root filesystem diff: kernel filesystems and caches that restore rebuilds.

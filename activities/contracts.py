@@ -15,6 +15,7 @@ from api.contract import Contract
 from api.identity import CheckpointIdentity
 from api.limits import ShortSeconds
 from api.reasons import Phase, Reason, Sentinel
+from api.retention import CheckpointVersion, ProtectedRef
 from api.storage import RemoteStorage
 from api.workload import LocalWorkload
 
@@ -275,3 +276,57 @@ class RestoredContainer(Contract):
     namespace_pid: int  # in the container's PID namespace (what restore-complete says)
     version: str
     stage_seconds: dict[str, float]
+
+
+# Retention (control queue): the store's versions, what protects them, deletions, sweeps.
+class ListVersionsInput(Contract):
+    pass
+
+
+class CheckpointVersions(Contract):
+    versions: tuple[CheckpointVersion, ...]
+    location: str = ""  # the S3 location listed (empty for the checkpoint root)
+
+
+class ProtectedInput(Contract):
+    pass
+
+
+class ProtectedVersions(Contract):
+    refs: tuple[ProtectedRef, ...]
+
+
+class DeleteVersionInput(Contract):
+    checkpoint_id: str
+    version: str
+
+
+class DeleteVersionResult(Contract):
+    """`existed`: whether the version was still committed (False on a retry after the
+    manifest went)."""
+
+    existed: bool
+
+
+class SweepInput(Contract):
+    staging_older_than_seconds: float
+    dry_run: bool = False
+
+
+class SweepResult(Contract):
+    """What was (or, on a dry run, would be) removed, as paths relative to the store root."""
+
+    staging: tuple[str, ...] = ()
+    half_deleted: tuple[str, ...] = ()
+    quarantine: tuple[str, ...] = ()
+
+
+class UploadSweepInput(Contract):
+    older_than_seconds: float
+    dry_run: bool = False
+
+
+class UploadSweepResult(Contract):
+    """Incomplete multipart uploads aborted (or, on a dry run, that would be), as URIs."""
+
+    aborted: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ from temporalio import activity
 from activities.contracts import DumpInput, Heartbeat
 from activities.files import tail, tree_size, write_atomically
 from activities.layout import NodeLayout
+from activities.steps import DumpSteps
 from activities.storage import WORKLOAD_LOG, CheckpointStore
 from api.errors import DumpFailedError, RestoreFailedError
 
@@ -323,7 +324,7 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
-class CriuActivities:
+class CriuActivities(DumpSteps):
     """Node activity: CRIU dump straight into the staging directory of a checkpoint version."""
 
     def __init__(

@@ -27,6 +27,7 @@ from activities.files import tail, write_atomically
 from activities.layout import LaunchRecord, NodeLayout, WorkloadPaths
 from activities.processes import find_descendant, is_alive, start_ticks, terminate
 from activities.sentinels import STALE_SENTINELS, clear_sentinels, wait_for_file
+from activities.steps import LocalProcessSteps
 from api.dynamo import control_dir_env
 from api.errors import (
     InvalidSpecError,
@@ -102,7 +103,7 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-class LocalProcessActivities:
+class LocalProcessActivities(LocalProcessSteps):
     """Node activities for workloads that run as local processes (the embedded default)."""
 
     def __init__(

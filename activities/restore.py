@@ -35,6 +35,7 @@ from activities.sentinels import (
     write_sentinel_file,
 )
 from activities.sources import CheckpointSource
+from activities.steps import RestoreSteps
 from activities.storage import WORKLOAD_LOG, CheckpointStore, host_info
 from api.compatibility import describe_mismatches, mismatches
 from api.contract import Contract
@@ -133,7 +134,7 @@ class NodeGate:
             self.quarantine.record(entry)
 
 
-class RestoreActivities:
+class RestoreActivities(RestoreSteps):
     def __init__(
         self,
         *,

@@ -24,13 +24,25 @@ from temporalio.client import Client, WorkflowExecution
 from temporalio.common import SearchAttributeKey
 
 from activities.catalog import STAGING, LocalCatalog, committed_versions
+from activities.contracts import (
+    CheckpointVersions,
+    DeleteVersionInput,
+    DeleteVersionResult,
+    ListVersionsInput,
+    ProtectedInput,
+    ProtectedVersions,
+    SweepInput,
+    SweepResult,
+    UploadSweepInput,
+    UploadSweepResult,
+)
 from activities.files import fsync_dir
 from activities.objectstore.s3 import S3Backend, S3Location
 from activities.objectstore.s3calls import S3Calls
 from activities.objectstore.transfer import TransferSettings
 from activities.quarantine import QUARANTINE_DIR, Quarantine
+from activities.steps import RetentionSteps
 from activities.storage import CheckpointStore
-from api.contract import Contract
 from api.errors import CheckpointNotFoundError, DigestMismatchError, InvalidSpecError
 from api.naming import MANIFEST_FILE, RESTORE_WORKFLOW, is_checkpoint_id
 from api.retention import CheckpointVersion, ProtectedRef
@@ -49,60 +61,7 @@ async def no_ready_references() -> Sequence[ProtectedRef]:
     return ()
 
 
-class ListVersionsInput(Contract):
-    pass
-
-
-class CheckpointVersions(Contract):
-    versions: tuple[CheckpointVersion, ...]
-    location: str = ""  # the S3 location listed (empty for the checkpoint root)
-
-
-class ProtectedInput(Contract):
-    pass
-
-
-class ProtectedVersions(Contract):
-    refs: tuple[ProtectedRef, ...]
-
-
-class DeleteVersionInput(Contract):
-    checkpoint_id: str
-    version: str
-
-
-class DeleteVersionResult(Contract):
-    """`existed`: whether the version was still committed (False on a retry after the
-    manifest went)."""
-
-    existed: bool
-
-
-class SweepInput(Contract):
-    staging_older_than_seconds: float
-    dry_run: bool = False
-
-
-class SweepResult(Contract):
-    """What was (or, on a dry run, would be) removed, as paths relative to the store root."""
-
-    staging: tuple[str, ...] = ()
-    half_deleted: tuple[str, ...] = ()
-    quarantine: tuple[str, ...] = ()
-
-
-class UploadSweepInput(Contract):
-    older_than_seconds: float
-    dry_run: bool = False
-
-
-class UploadSweepResult(Contract):
-    """Incomplete multipart uploads aborted (or, on a dry run, that would be), as URIs."""
-
-    aborted: tuple[str, ...] = ()
-
-
-class RetentionActivities:
+class RetentionActivities(RetentionSteps):
     """Control-queue activities over the shared checkpoint store (see the module docstring)."""
 
     def __init__(

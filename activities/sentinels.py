@@ -13,6 +13,7 @@ from temporalio import activity
 from activities.contracts import SentinelInput
 from activities.files import write_atomically
 from activities.layout import NodeLayout
+from activities.steps import SentinelSteps
 from api.dynamo import RESTORE_CONTEXT_FILE, restore_context
 from api.reasons import Sentinel
 
@@ -121,7 +122,7 @@ async def wait_for_file(
         watch.close()
 
 
-class SentinelActivities:
+class SentinelActivities(SentinelSteps):
     """Node activities of the sentinel protocol."""
 
     def __init__(self, *, layout: NodeLayout) -> None:

@@ -17,6 +17,7 @@ from temporalio import activity
 
 from activities.contracts import PrefetchInput, PrefetchResult, RemoteStorage
 from activities.remote import RemoteStores, heartbeating
+from activities.steps import PrefetchSteps
 from activities.storage import CheckpointStore
 from api.errors import CheckpointNotFoundError, StorageError
 from api.naming import MANIFEST_FILE
@@ -117,7 +118,7 @@ def _newest(
     return versions[-1]
 
 
-class PrefetchActivities:
+class PrefetchActivities(PrefetchSteps):
     """The node activity that warms this node's cache before pods land."""
 
     def __init__(self, source: CheckpointSource) -> None:

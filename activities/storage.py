@@ -23,6 +23,7 @@ from activities.files import fsync_dir, sha256_file, write_atomically
 from activities.gpu import GpuFacts, NodeGpus, gpus_of_process, process_environment
 from activities.layout import NodeLayout
 from activities.remote import RemoteStores, in_thread
+from activities.steps import StorageSteps
 from activities.verified import VerifiedFiles
 from api.errors import (
     CheckpointNotFoundError,
@@ -178,7 +179,7 @@ def digest_tree(root: Path) -> tuple[FileDigest, ...]:
     return tuple(sorted(entries, key=lambda e: e.path))
 
 
-class StorageActivities:
+class StorageActivities(StorageSteps):
     """Node activities: commit a staged dump as a checkpoint version, or discard it."""
 
     def __init__(

@@ -38,11 +38,8 @@ with workflow.unsafe.imports_passed_through():
         UploadInput,
     )
     from activities.control import ClusterControlActivities, ControlActivities
-    from activities.criu import CriuActivities
     from activities.errors import application_error
-    from activities.local import LocalProcessActivities
-    from activities.sentinels import SentinelActivities
-    from activities.storage import StorageActivities
+    from activities.steps import DumpSteps, LocalProcessSteps, SentinelSteps, StorageSteps
     from api.errors import PipelineFailedError
     from api.naming import CAPTURE_WORKFLOW, checkpoint_version, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
@@ -162,7 +159,7 @@ class CaptureWorkflow:
         self._clock.begin("launch")
         self._launched = True  # from here on a workload may run: cleanup stops it
         self._launch = launch = await self._node(
-            LocalProcessActivities.launch_workload,
+            LocalProcessSteps.launch_workload,
             LaunchInput(workload=workload, checkpoint_id=ckpt),
             policies.LAUNCH,
             f"launch {workload.name}",
@@ -172,7 +169,7 @@ class CaptureWorkflow:
 
         self._clock.begin("await-ready", Phase.CAPTURING)
         await self._node(
-            LocalProcessActivities.await_workload_ready,
+            LocalProcessSteps.await_workload_ready,
             AwaitReadyInput(workload=workload, checkpoint_id=ckpt, pid=launch.pid),
             policies.await_ready_options(workload.ready_timeout_seconds),
             f"await {workload.readiness.kind} readiness",
@@ -181,7 +178,7 @@ class CaptureWorkflow:
         self._clock.begin("dump")
         self._staged = True  # from here on a failure leaves staging to discard
         await self._node(
-            CriuActivities.dump_checkpoint,
+            DumpSteps.dump_checkpoint,
             DumpInput(
                 checkpoint_id=ckpt,
                 version=version,
@@ -196,7 +193,7 @@ class CaptureWorkflow:
         self._clock.begin("commit", Phase.UPLOADING)
         commit = await self._commit(
             self._start_node(
-                StorageActivities.commit_checkpoint,
+                StorageSteps.commit_checkpoint,
                 CommitInput(
                     checkpoint_id=ckpt,
                     version=version,
@@ -213,7 +210,7 @@ class CaptureWorkflow:
             return commit  # it keeps serving: no snapshot-complete to end it
         self._clock.begin("snapshot-complete")
         await self._node(
-            SentinelActivities.write_sentinel,
+            SentinelSteps.write_sentinel,
             SentinelInput(
                 checkpoint_id=ckpt, name=request.name, sentinel=Sentinel.SNAPSHOT_COMPLETE
             ),
@@ -328,7 +325,7 @@ class CaptureWorkflow:
         self._clock.begin("upload", Phase.UPLOADING)
         ckpt = self._require().checkpoint_id
         uploaded = await self._node(
-            StorageActivities.upload_version,
+            StorageSteps.upload_version,
             UploadInput(checkpoint_id=ckpt, version=version, storage=storage),
             policies.UPLOAD,
             f"upload version {version} to {storage.uri}",
@@ -498,7 +495,7 @@ class CaptureWorkflow:
         req = self._require()
         if self._staged and self._state.node:
             discard = DiscardInput(checkpoint_id=req.checkpoint_id, version=self._state.version)
-            await self._try_cleanup(StorageActivities.discard_staging, discard, "discard staging")
+            await self._try_cleanup(StorageSteps.discard_staging, discard, "discard staging")
         launch = self._launch
         keep = self._succeeded and req.leave_running  # captured and asked to keep serving
         # Runs recorded before this step existed stopped only launches whose result they saw.
@@ -511,7 +508,7 @@ class CaptureWorkflow:
                 pid=pid, start_ticks=ticks, name=req.name, checkpoint_id=req.checkpoint_id
             )
             summary = f"stop pid {pid}" if pid else f"stop {req.name} if launched"
-            await self._try_cleanup(LocalProcessActivities.stop_workload, stop, summary)
+            await self._try_cleanup(LocalProcessSteps.stop_workload, stop, summary)
         if self._job and not self._succeeded:
             # A failed or cancelled capture's Job and pod go; a captured one exits by itself.
             job = JobRef(namespace=req.namespace, name=self._job)

@@ -16,7 +16,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from activities.contracts import PrefetchInput, PrefetchResult
-    from activities.sources import PrefetchActivities
+    from activities.steps import PrefetchSteps
     from api.naming import PREFETCH_WORKFLOW, node_task_queue
     from workflows import policies
     from workflows.contracts import NodePrefetch, PrefetchReport, PrefetchRequest
@@ -39,7 +39,7 @@ class PrefetchWorkflow:
     async def _fetch(self, request: PrefetchRequest, node: str) -> NodePrefetch:
         try:
             result: PrefetchResult = await workflow.execute_activity_method(
-                PrefetchActivities.prefetch_version,
+                PrefetchSteps.prefetch_version,
                 PrefetchInput(
                     checkpoint_id=request.checkpoint_id,
                     version=request.version,

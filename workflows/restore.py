@@ -22,7 +22,7 @@ with workflow.unsafe.imports_passed_through():
         RestoreInput,
     )
     from activities.errors import application_error
-    from activities.restore import RestoreActivities
+    from activities.steps import RestoreSteps
     from api.naming import RESTORE_WORKFLOW, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
     from workflows import policies, visibility
@@ -104,7 +104,7 @@ class RestoreWorkflow:
             env=request.env,
         )
         return await self._on_node(
-            RestoreActivities.restore_checkpoint,
+            RestoreSteps.restore_checkpoint,
             restore,
             opts,
             f"restore {request.checkpoint_id} on {request.node}",

@@ -16,16 +16,16 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.retention import (
+    from activities.contracts import (
         DeleteVersionInput,
         DeleteVersionResult,
         ListVersionsInput,
         ProtectedInput,
-        RetentionActivities,
         SweepInput,
         SweepResult,
         UploadSweepInput,
     )
+    from activities.steps import RetentionSteps
     from api.retention import RETENTION_WORKFLOW, Deletion, ProtectedRef, plan_deletions
     from workflows.retention_contracts import RemoteSummary, RetentionRequest, RetentionSummary
 
@@ -39,7 +39,7 @@ STORE_STEP_RETRY = RetryPolicy(
 )
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
-DeleteStep = Callable[[RetentionActivities, DeleteVersionInput], Awaitable[DeleteVersionResult]]
+DeleteStep = Callable[[RetentionSteps, DeleteVersionInput], Awaitable[DeleteVersionResult]]
 
 
 @workflow.defn(name=RETENTION_WORKFLOW)
@@ -47,12 +47,12 @@ class RetentionWorkflow:
     @workflow.run
     async def run(self, request: RetentionRequest) -> RetentionSummary:
         listed = await _store_step(
-            RetentionActivities.list_checkpoint_versions,
+            RetentionSteps.list_checkpoint_versions,
             ListVersionsInput(),
             "list committed versions",
         )
         protected = await _store_step(
-            RetentionActivities.protected_versions,
+            RetentionSteps.protected_versions,
             ProtectedInput(),
             "find live restores and Ready references",
         )
@@ -60,9 +60,9 @@ class RetentionWorkflow:
             listed.versions, request.policies, now=workflow.now(), protected=protected.refs
         )
         if not request.dry_run:
-            await self._delete(plan, RetentionActivities.delete_version)
+            await self._delete(plan, RetentionSteps.delete_version)
         swept = await _store_step(
-            RetentionActivities.sweep_orphans,
+            RetentionSteps.sweep_orphans,
             SweepInput(
                 staging_older_than_seconds=request.staging_older_than_seconds,
                 dry_run=request.dry_run,
@@ -86,7 +86,7 @@ class RetentionWorkflow:
         """The same policy and protected references over the versions in S3, then the
         sweep of its incomplete uploads."""
         listed = await _store_step(
-            RetentionActivities.list_remote_versions,
+            RetentionSteps.list_remote_versions,
             ListVersionsInput(),
             "list committed versions in S3",
         )
@@ -94,9 +94,9 @@ class RetentionWorkflow:
             listed.versions, request.policies, now=workflow.now(), protected=protected
         )
         if not request.dry_run:
-            await self._delete(plan, RetentionActivities.delete_remote_version, where=" in S3")
+            await self._delete(plan, RetentionSteps.delete_remote_version, where=" in S3")
         uploads = await _store_step(
-            RetentionActivities.sweep_remote_uploads,
+            RetentionSteps.sweep_remote_uploads,
             UploadSweepInput(
                 older_than_seconds=request.uploads_older_than_seconds, dry_run=request.dry_run
             ),
