@@ -34,6 +34,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import urllib3
 from aiohttp import web
 from kubernetes.client.exceptions import ApiException
@@ -159,26 +160,11 @@ def denied(message: str) -> Review:
     return {"allowed": False, "status": {"code": 422, "reason": "Invalid", "message": message}}
 
 
-def json_patch(old: Any, new: Any, path: str = "") -> list[dict[str, Any]]:
-    """RFC 6902 operations turning `old` into `new`: objects member by member, anything
-    else (lists included) replaced whole."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        ops: list[dict[str, Any]] = []
-        for key in old:
-            if key not in new:
-                ops.append({"op": "remove", "path": f"{path}/{_pointer(key)}"})
-        for key, value in new.items():
-            where = f"{path}/{_pointer(key)}"
-            if key not in old:
-                ops.append({"op": "add", "path": where, "value": value})
-            elif old[key] != value:
-                ops.extend(json_patch(old[key], value, where))
-        return ops
-    return [] if old == new else [{"op": "replace", "path": path, "value": new}]
-
-
-def _pointer(key: str) -> str:
-    return key.replace("~", "~0").replace("/", "~1")
+def json_patch(old: Any, new: Any) -> list[dict[str, Any]]:
+    """RFC 6902 operations turning `old` into `new` (jsonpatch's diff: objects member by
+    member, lists element by element)."""
+    operations: list[dict[str, Any]] = jsonpatch.make_patch(old, new).patch
+    return operations
 
 
 def checkpoint_reader(custom: Any, *, timeout_seconds: float) -> ReadCheckpoint:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import jsonpatch
 import pytest
 import pytest_asyncio
 from kubernetes.client import ApiClient
@@ -300,25 +301,9 @@ async def admit(hook: Webhook, body: dict[str, Any]) -> tuple[dict[str, Any], di
 
 
 def apply_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
-    """RFC 6902 add, replace and remove on object members and list indexes (what we send)."""
-    out = copy.deepcopy(doc)
-    for op in ops:
-        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-        *parents, last = parts
-        target: Any = out
-        for part in parents:
-            target = target[int(part)] if isinstance(target, list) else target[part]
-        key: Any = int(last) if isinstance(target, list) else last
-        if op["op"] == "remove":
-            del target[key]
-        elif op["op"] == "add" and isinstance(target, list):
-            target.insert(len(target) if last == "-" else key, op["value"])
-        else:
-            assert op["op"] in ("add", "replace"), op
-            if op["op"] == "replace":
-                assert key in target if isinstance(target, dict) else key < len(target), op
-            target[key] = op["value"]
-    return out
+    """The patch applied as the API server applies it (RFC 6902, by jsonpatch)."""
+    patched: dict[str, Any] = jsonpatch.apply_patch(doc, ops)
+    return patched
 
 
 def named(items: list[dict[str, Any]], name: str) -> dict[str, Any]:
