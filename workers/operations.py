@@ -36,6 +36,7 @@ from api.errors import PipelineFailedError
 from api.naming import (
     CAPTURE_WORKFLOW,
     PREFETCH_WORKFLOW,
+    PROGRESS_QUERY,
     RESTORE_WORKFLOW,
     capture_workflow_id,
     node_task_queue,
@@ -206,9 +207,19 @@ async def start_restore(
     )
 
 
+async def query_progress(
+    handle: WorkflowHandle[W, T], *, rpc_timeout: timedelta | None = None
+) -> Progress:
+    """The pipeline's `progress` query (capture and restore answer it alike), typed."""
+    progress: Progress = await handle.query(
+        PROGRESS_QUERY, result_type=Progress, rpc_timeout=rpc_timeout
+    )
+    return progress
+
+
 async def observe(client: Client, handle: WorkflowHandle[W, T]) -> LiveProgress:
     """The current step (query) and the pending activity's last heartbeat (describe)."""
-    progress = await handle.query("progress", result_type=Progress)
+    progress = await query_progress(handle)
     description = await handle.describe()
     for pending in description.raw_description.pending_activities:
         heartbeat = None
@@ -320,7 +331,7 @@ async def _with_outcome(
     the current step of a running one (from its `progress` query, when a worker answers)."""
     if status == WorkflowExecutionStatus.RUNNING:
         with contextlib.suppress(RPCError, WorkflowQueryFailedError):
-            now = await handle.query("progress", result_type=Progress, rpc_timeout=_QUERY_TIMEOUT)
+            now = await query_progress(handle, rpc_timeout=_QUERY_TIMEOUT)
             return replace(record, step=now.step, step_seconds=dict(now.step_seconds))
         return record
     if status == WorkflowExecutionStatus.COMPLETED:

@@ -41,10 +41,21 @@ from api.resources import (
 )
 from api.storage import RemoteStorage, resource_storage
 from workers.operations import start_capture
+from workflows.capture import CaptureWorkflow
 from workflows.contracts import CaptureRequest, ClusterTarget
 
 # Signals of the capture workflow (its @workflow.signal names).
-POD_SCHEDULED, CONTAINER_READY, POD_FAILED = "pod_scheduled", "container_ready", "pod_failed"
+# The capture's pod signals, sent by reference to CaptureWorkflow's methods; their names are
+# what `signals_for` lists and what the watcher remembers having sent.
+_SIGNALS = {
+    method.__name__: method
+    for method in (
+        CaptureWorkflow.pod_scheduled,
+        CaptureWorkflow.container_ready,
+        CaptureWorkflow.pod_failed,
+    )
+}
+POD_SCHEDULED, CONTAINER_READY, POD_FAILED = _SIGNALS
 _FINISHED = {Phase.READY.value, Phase.FAILED.value}
 _CANCEL_WAIT_SECONDS = 30.0
 
@@ -254,11 +265,11 @@ def build_registry(
             name=labels.get(CHECKPOINT_LABEL, ""),
             key=labels[CHECKPOINT_UID_LABEL],
         )
-        handle = memo["temporal"].get_workflow_handle(workflow_id)
+        handle = memo["temporal"].get_workflow_handle_for(CaptureWorkflow.run, workflow_id)
         for signal in wanted:
             if signal not in signalled.get(seen.pod_uid, ()):
                 try:
-                    await handle.signal(signal, seen)
+                    await handle.signal(_SIGNALS[signal], seen)
                 except RPCError as err:
                     if err.status != RPCStatusCode.NOT_FOUND:
                         raise

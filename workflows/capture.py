@@ -41,7 +41,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.errors import application_error
     from activities.steps import DumpSteps, LocalProcessSteps, SentinelSteps, StorageSteps
     from api.errors import PipelineFailedError
-    from api.naming import CAPTURE_WORKFLOW, checkpoint_version, node_task_queue
+    from api.naming import CAPTURE_WORKFLOW, PROGRESS_QUERY, checkpoint_version, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
     from workflows import policies, visibility
     from workflows.contracts import CaptureRequest, CaptureResult, PrefetchRequest, Progress
@@ -67,7 +67,7 @@ class CaptureWorkflow:
         self._job = ""
         self._dropped = False
 
-    @workflow.query
+    @workflow.query(name=PROGRESS_QUERY)
     def progress(self) -> Progress:
         return self._state.progress()
 

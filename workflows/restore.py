@@ -23,7 +23,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.errors import application_error
     from activities.steps import RestoreSteps
-    from api.naming import RESTORE_WORKFLOW, node_task_queue
+    from api.naming import PROGRESS_QUERY, RESTORE_WORKFLOW, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
     from workflows import policies, visibility
     from workflows.contracts import Progress, RestoreRequest, RestoreResult
@@ -45,7 +45,7 @@ class RestoreWorkflow:
         self._state = PipelineState()
         self._request: RestoreRequest | None = None
 
-    @workflow.query
+    @workflow.query(name=PROGRESS_QUERY)
     def progress(self) -> Progress:
         return self._state.progress()
 
