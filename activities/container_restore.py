@@ -35,13 +35,13 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import tarfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from activities import chrooted
 from activities.containerd import (
     DELETED_FILES,
     ROOTFS_DIFF,
@@ -87,20 +87,6 @@ esac
 """
 # Run in a child that has chrooted into the container's root first: links in that root then
 # resolve inside it, so no entry of the diff can land on the node.
-_APPLY_DIFF = """
-import json, os, shutil, stat, sys, tarfile
-root, deleted = sys.argv[1], json.load(os.fdopen(int(sys.argv[2])))
-os.chroot(root)
-os.chdir("/")
-for path in deleted:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        continue
-    shutil.rmtree(path) if stat.S_ISDIR(info.st_mode) else os.unlink(path)
-with tarfile.open(fileobj=sys.stdin.buffer, mode="r:") as tar:
-    tar.extractall("/", numeric_owner=True, filter="tar")
-"""
 # Moves itself into the cgroups named before `--`, then becomes the command after it.
 _ENTER_CGROUPS = (
     'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
@@ -201,7 +187,7 @@ async def apply_rootfs_diff(*, root: Path, version_dir: Path, where: str) -> Non
     if not tar_path.is_file() or _unchanged(tar_path, deleted_path):
         return  # nothing to apply: spare the child (tens of milliseconds)
     with tar_path.open("rb") as tar, deleted_path.open("rb") as deleted:
-        command = [sys.executable, "-I", "-S", "-c", _APPLY_DIFF, str(root), str(deleted.fileno())]
+        command = chrooted.command("apply-diff", str(root), str(deleted.fileno()))
         proc = await asyncio.create_subprocess_exec(
             *command,
             stdin=tar,
@@ -277,24 +263,11 @@ def _dumped_mounts(version_dir: Path) -> list[str]:
         return []  # an older dump: its mount points are taken as they are
 
 
-_CREATE_POINTS = """
-import json, os, sys
-points = json.loads(sys.argv[2])
-os.chroot(sys.argv[1])
-for point, is_dir in points.items():
-    os.makedirs(point if is_dir else os.path.dirname(point), exist_ok=True)
-    if not is_dir and not os.path.lexists(point):
-        open(point, "x").close()
-"""
-
-
 async def _create_mount_points(*, pid: int, points: dict[str, bool], where: str) -> None:
     """Old mount points created in the container's root (by a child chrooted there, so a
     link in the root cannot send them onto the node) for CRIU to bind the moved mounts on."""
-    command = [sys.executable, "-I", "-S", "-c", _CREATE_POINTS, f"/proc/{pid}/root"]
-    proc = await asyncio.create_subprocess_exec(
-        *command, json.dumps(points), stderr=asyncio.subprocess.PIPE
-    )
+    command = chrooted.command("mount-points", f"/proc/{pid}/root", json.dumps(points))
+    proc = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
     if proc.returncode != 0:
         detail = err.decode(errors="replace").strip().splitlines()[-1:]

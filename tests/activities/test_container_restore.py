@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from temporalio.testing import ActivityEnvironment
 
+from activities import chrooted
 from activities.container_restore import (
     RestoredProcess,
     apply_rootfs_diff,
@@ -353,6 +354,28 @@ async def test_links_planted_in_the_container_root_cannot_send_the_diff_onto_the
     assert (node_dir / "victim").read_text() == "node file\n"
     assert (inside / "token").read_text() == "restored\n"
     assert not (inside / "victim").exists()
+
+
+@needs_root
+def test_mount_points_are_made_inside_the_root_whatever_links_it_holds(tmp_path: Path) -> None:
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    root = tmp_path / "root"
+    inside = root / node_dir.relative_to("/")  # the same path, within the container's root
+    inside.mkdir(parents=True)
+    (root / "usr").symlink_to(node_dir)  # an absolute link to a node path
+    points = {"/usr/bin/hook": False, "/run/hook.d": True}
+    done = subprocess.run(
+        chrooted.command("mount-points", str(root), json.dumps(points)),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert list(node_dir.iterdir()) == []
+    assert (inside / "bin" / "hook").is_file() and (root / "run" / "hook.d").is_dir()
+    usage = subprocess.run(chrooted.command("nothing"), capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: activities.chrooted" in usage.stderr
 
 
 @needs_root
