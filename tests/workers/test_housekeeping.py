@@ -3,6 +3,7 @@ without cleaning up, and leaves those of running captures alone."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import uuid
 from pathlib import Path
@@ -72,6 +73,13 @@ async def test_removes_staging_no_running_capture_writes(client: Client, tmp_pat
     try:
         ckpt = (await running.describe()).typed_search_attributes.get(CHECKPOINT_ID)
         assert ckpt is not None
+        # The sweep asks visibility, which lists a started capture a moment later.
+        query = f"{CHECKPOINT_ID.name} = '{ckpt}' AND ExecutionStatus = 'Running'"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while not [run async for run in client.list_workflows(query, limit=1)]:
+            assert loop.time() < deadline, "the running capture never became visible"
+            await asyncio.sleep(0.2)
         live = store.fresh_staging(ckpt, "v1")
         orphan = store.fresh_staging("0123456789abcdef", "v1")
         (orphan / "pages-1.img").write_bytes(b"x" * 4096)
@@ -80,4 +88,9 @@ async def test_removes_staging_no_running_capture_writes(client: Client, tmp_pat
         assert live.is_dir() and not orphan.exists()
     finally:
         await running.terminate("the test is done with it")
-    assert await sweep_orphaned_staging(client, store) == [live]
+    # Visibility (what the sweep asks) shows the termination a moment after it happened.
+    deadline = loop.time() + 20
+    while not (removed := await sweep_orphaned_staging(client, store)):
+        assert loop.time() < deadline, "the ended capture never left the running list"
+        await asyncio.sleep(0.2)
+    assert removed == [live]
