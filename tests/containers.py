@@ -8,6 +8,7 @@ python3 and a shell are there without an image or a registry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -125,6 +126,7 @@ class Kubelet:
     base: Path
     address: str
     started: list[str] = field(default_factory=list)
+    shims: list[int] = field(default_factory=list)  # the runtime shim of each container
 
     def ctr(self, *args: str, check: bool = True) -> str:
         done = subprocess.run(
@@ -209,6 +211,7 @@ class Kubelet:
             *command,
         )
         self.started.append(cid)
+        self.shims.append(_parent(self.pid(cid)))  # its init's parent: the shim
         return cid, control
 
     def status(self, cid: str) -> str:
@@ -271,6 +274,24 @@ def running_containerd() -> Iterator[Kubelet]:
             daemon.kill()
             daemon.wait()
         log.close()
-        subprocess.run(["pkill", "-KILL", "-f", f"containerd-shim.*{base}"], check=False)
+        _stop_shims(kubelet.shims, base)
         subprocess.run(["umount", "-R", "-l", str(base / "root")], capture_output=True, check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2].split()[1])
+
+
+def _stop_shims(shims: list[int], base: Path) -> None:
+    """Shims this containerd left behind (a task it could not delete), stopped by the PID
+    recorded when each container started, once that PID is checked to still be a shim of
+    this containerd (not a PID reused since)."""
+    for pid in shims:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone already
+        if b"containerd-shim" in argv and str(base).encode() in argv:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
