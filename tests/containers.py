@@ -211,7 +211,11 @@ class Kubelet:
             *command,
         )
         self.started.append(cid)
-        self.shims.append(_parent(self.pid(cid)))  # its init's parent: the shim
+        shim = None
+        with contextlib.suppress(LookupError):
+            shim = _parent(self.pid(cid))  # its init's parent: the shim
+        if shim is not None:  # None: the container already exited (its task is deleted later)
+            self.shims.append(shim)
         return cid, control
 
     def status(self, cid: str) -> str:
@@ -279,8 +283,11 @@ def running_containerd() -> Iterator[Kubelet]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2].split()[1])
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _stop_shims(shims: list[int], base: Path) -> None:
