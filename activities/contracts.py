@@ -2,7 +2,7 @@
 
 They carry what the workflow decides and what it uses, nothing a node can derive itself:
 node-local paths (control directory, output file, staging) are derived on the node from
-the workload's name and checkpoint ID (`activities.layout`).
+the workload's name and checkpoint ID (`activities.host.layout`).
 """
 
 from __future__ import annotations

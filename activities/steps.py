@@ -1,6 +1,6 @@
-"""Declarations of the activities the workflows schedule on node and control queues (beside
-`activities.containers.ContainerActivities` and `activities.control.ControlActivities`):
-abstract classes whose `@activity.defn` methods give each activity its name and contract.
+"""Declarations of the activities the workflows schedule on node and control queues, all in
+one place: abstract classes whose `@activity.defn` methods give each activity its name and
+contract.
 
 Workflows import these and `activities.contracts` only, never an implementation: importing a
 workflow module then loads no storage, CRIU, Kubernetes or compression library (a test
@@ -17,22 +17,36 @@ from temporalio import activity
 from activities.contracts import (
     AwaitReadyInput,
     CheckpointVersions,
+    ClaimInput,
     CommitInput,
     CommitResult,
+    ContainerCommitInput,
+    ContainerDumpInput,
+    ContainerRestoreInput,
+    ContainerSentinelInput,
+    ContainerTarget,
     DeleteVersionInput,
     DeleteVersionResult,
     DiscardInput,
     DumpInput,
+    GmsSavedInput,
+    JobInput,
+    JobRef,
     LaunchInput,
     LaunchResult,
     ListVersionsInput,
+    NodeSelectorInput,
+    PodObservation,
+    PodQuery,
     PrefetchInput,
     PrefetchResult,
     ProtectedInput,
     ProtectedVersions,
+    RestoredContainer,
     RestoredWorkload,
     RestoreInput,
     SentinelInput,
+    StatusInput,
     StopInput,
     SweepInput,
     SweepResult,
@@ -44,7 +58,7 @@ from activities.contracts import (
 
 
 class LocalProcessSteps(ABC):
-    """A workload run as a local process (local mode): `activities.local`."""
+    """A workload run as a local process (local mode): `activities.local.process`."""
 
     @activity.defn
     @abstractmethod
@@ -63,7 +77,7 @@ class LocalProcessSteps(ABC):
 
 
 class DumpSteps(ABC):
-    """CRIU dumps of local processes: `activities.criu`."""
+    """CRIU dumps of local processes: `activities.criu.command`."""
 
     @activity.defn
     @abstractmethod
@@ -72,7 +86,7 @@ class DumpSteps(ABC):
 
 
 class SentinelSteps(ABC):
-    """The sentinel protocol on the node: `activities.sentinels`."""
+    """The sentinel protocol on the node: `activities.host.sentinels`."""
 
     @activity.defn
     @abstractmethod
@@ -81,7 +95,7 @@ class SentinelSteps(ABC):
 
 
 class StorageSteps(ABC):
-    """Committing, publishing and discarding versions on the node: `activities.storage`."""
+    """Committing, publishing and discarding versions on the node: `activities.storage.store`."""
 
     @activity.defn
     @abstractmethod
@@ -100,7 +114,7 @@ class StorageSteps(ABC):
 
 
 class RestoreSteps(ABC):
-    """The local restore as one activity: `activities.restore`."""
+    """The local restore as one activity: `activities.local.restore`."""
 
     @activity.defn
     @abstractmethod
@@ -109,7 +123,7 @@ class RestoreSteps(ABC):
 
 
 class PrefetchSteps(ABC):
-    """Warming a node's cache: `activities.sources`."""
+    """Warming a node's cache: `activities.storage.sources`."""
 
     @activity.defn
     @abstractmethod
@@ -118,7 +132,7 @@ class PrefetchSteps(ABC):
 
 
 class RetentionSteps(ABC):
-    """Retention over the shared store and its remote location: `activities.retention`."""
+    """Retention over the shared store and its remote location: `activities.storage.retention`."""
 
     @activity.defn
     @abstractmethod
@@ -154,3 +168,77 @@ class RetentionSteps(ABC):
     @abstractmethod
     async def sweep_remote_uploads(self, request: UploadSweepInput) -> UploadSweepResult:
         """Abort incomplete multipart uploads older than the limit."""
+
+
+class ControlSteps(ABC):
+    @activity.defn
+    @abstractmethod
+    async def claim_checkpoint_id(self, request: ClaimInput) -> None:
+        """Claim the checkpoint ID for this resource; IdentityConflictError if another owns it."""
+
+    @activity.defn
+    @abstractmethod
+    async def publish_status(self, request: StatusInput) -> None:
+        """Publish the pipeline's phase, reason and figures where users look for them."""
+
+
+class ClusterControlSteps(ControlSteps):
+    """The control activities only a cluster has: the capture Job and its pod."""
+
+    @activity.defn
+    @abstractmethod
+    async def create_capture_job(self, request: JobInput) -> str:
+        """Create (or adopt) the capture Job of a Checkpoint; returns its name."""
+
+    @activity.defn
+    @abstractmethod
+    async def read_capture_pod(self, request: PodQuery) -> PodObservation:
+        """The capture pod as the API server has it (the fallback for missed signals)."""
+
+    @activity.defn
+    @abstractmethod
+    async def delete_capture_job(self, request: JobRef) -> None:
+        """Delete the capture Job and its pod; one already gone is fine."""
+
+    @activity.defn
+    @abstractmethod
+    async def nodes_matching(self, request: NodeSelectorInput) -> list[str]:
+        """Names of the nodes whose labels include all of one of the selectors, sorted."""
+
+
+class ContainerSteps(ABC):
+    @activity.defn
+    @abstractmethod
+    async def await_gms_saved(self, request: GmsSavedInput) -> None:
+        """Wait for `gms-save-complete-<podUID>` in the container's control directory."""
+
+    @activity.defn
+    @abstractmethod
+    async def dump_container(self, request: ContainerDumpInput) -> None:
+        """CRIU-dump the container's process tree (with its rootfs diff) into staging; a
+        leave-running dump never leaves the source frozen."""
+
+    @activity.defn
+    @abstractmethod
+    async def commit_container(self, request: ContainerCommitInput) -> CommitResult:
+        """Write the manifest last and publish the staged version atomically."""
+
+    @activity.defn
+    @abstractmethod
+    async def write_container_sentinel(self, request: ContainerSentinelInput) -> None:
+        """Write a sentinel into the container's control directory (through its root,
+        never following links planted there)."""
+
+    @activity.defn
+    @abstractmethod
+    async def stop_standby(self, request: ContainerTarget) -> None:
+        """Stop the image's own standby of a restore target that fell back (SIGKILL to the
+        container's init): the kubelet restarts the container, which then starts cold."""
+
+    @activity.defn
+    @abstractmethod
+    async def restore_container(self, request: ContainerRestoreInput) -> RestoredContainer:
+        """Restore a checkpoint into the pod's standby container, phases by heartbeat:
+        verify (compatibility, quarantine, digests) → await the GMS loader → prepare the
+        container → CRIU restore into its namespaces → CUDA restore → `restore-complete`.
+        Any failure writes `restore-failed` (the standby starts cold) and raises."""

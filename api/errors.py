@@ -16,6 +16,8 @@ WarmstartError                      reason (api.reasons.Reason)      retried by 
 ├── DumpFailedError                 DumpFailed                       no
 ├── RestoreFailedError              RestoreFailed                    no
 ├── StorageError                    StorageFailed                    no   (bucket, credentials)
+├── GpuError                        InternalError                    no   (mapped where raised:
+│                                                                     DumpFailed, RestoreFailed)
 ├── UnavailableError                Unavailable                      yes  (server, binary absent)
 └── PipelineFailedError             the failed step's reason         -    (a workflow's outcome)
 """
@@ -122,6 +124,12 @@ class StorageError(WarmstartError):
     does not exist, rejected credentials, access denied; the message names bucket or object."""
 
     default_reason = Reason.STORAGE_FAILED
+
+
+class GpuError(WarmstartError):
+    """The GPU driver refused a call (CUDA's checkpoint API) or has none. Raised by
+    `activities.gpu` and mapped at its boundary: a dump step raises DumpFailedError, a
+    restore step RestoreFailedError (which the quarantine sees), from this one."""
 
 
 class UnavailableError(WarmstartError):

@@ -84,7 +84,7 @@ def capture_job(resource: Checkpoint, *, version: str, settings: JobSettings) ->
     containers = pod["containers"]
     for container in containers:
         if container["name"] == target_name:
-            prepare_target(container)
+            shape_capture_container(container)
     gms = resource.spec.gpu_memory_service
     if gms.enabled:
         saver = gms.checkpoint.saver if gms.checkpoint is not None else None
@@ -119,7 +119,7 @@ def capture_job(resource: Checkpoint, *, version: str, settings: JobSettings) ->
     }
 
 
-def prepare_target(container: dict[str, Any]) -> None:
+def shape_capture_container(container: dict[str, Any]) -> None:
     """The target container, shaped for a capture (in place)."""
     container["env"] = with_control_dir_env(container.get("env") or [])
     container["volumeMounts"] = [

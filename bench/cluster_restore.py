@@ -29,11 +29,11 @@ from typing import Any
 
 from temporalio.client import Client
 
-from activities.container_restore import run_restore
-from activities.containerd import Containerd
 from activities.contracts import ContainerTarget
-from activities.criu import Criu
-from activities.storage import CheckpointStore
+from activities.criu.command import Criu
+from activities.runtime.containerd import Containerd
+from activities.runtime.restore import run_restore
+from activities.storage.store import CheckpointStore
 from api.restore_pods import STANDBY_NAME, STANDBY_SCRIPT
 from tests.cluster_stack import PORT, SERVING, Stack, Target, captured, running_stack
 from tests.containers import Kubelet, running_containerd
@@ -95,7 +95,7 @@ async def raw_run(
     started = time.monotonic()
     restored = await run_restore(
         criu=criu,
-        placeholder=placeholder,
+        standby=placeholder,
         images_dir=version_dir / "criu",
         manifest=manifest,
         work_dir=work,

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from activities.cuda import CudaCheckpoint, ProcessState, resume, suspend
-from activities.gpu import (
+from activities.gpu.cuda import CudaCheckpoint, ProcessState, resume, suspend
+from activities.gpu.nvml import (
     device_map,
     format_device_map,
     gpus_of_process,

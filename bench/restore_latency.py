@@ -19,9 +19,9 @@ from pathlib import Path
 
 from temporalio.client import Client
 
-from activities.processes import terminate
-from activities.sentinels import STALE_SENTINELS, clear_sentinels
-from activities.storage import WORKLOAD_LOG, CheckpointStore
+from activities.host.processes import terminate
+from activities.host.sentinels import STALE_SENTINELS, clear_sentinels
+from activities.storage.store import WORKLOAD_LOG, CheckpointStore
 from api.identity import CheckpointIdentity
 from api.manifest import Manifest
 from api.workload import LocalWorkload, Readiness

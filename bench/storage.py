@@ -30,11 +30,11 @@ from typing import Any
 
 import boto3
 
-from activities.objectstore.filesystem import FilesystemBackend
-from activities.objectstore.s3 import S3Backend, S3Location
-from activities.objectstore.s3calls import client_config
-from activities.objectstore.transfer import TransferSettings
-from activities.storage import CheckpointStore, digest_tree
+from activities.storage.objectstore.filesystem import FilesystemBackend
+from activities.storage.objectstore.s3 import S3Backend, S3Location
+from activities.storage.objectstore.s3calls import client_config
+from activities.storage.objectstore.transfer import TransferSettings
+from activities.storage.store import CheckpointStore, digest_tree
 from api.identity import CheckpointIdentity
 from api.manifest import CriuInfo, HostInfo, Manifest, SourceInfo
 from workers.ports import free_port, port_open

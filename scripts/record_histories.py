@@ -25,7 +25,7 @@ from typing import Any
 
 from temporalio.client import Client
 
-from activities.processes import terminate
+from activities.host.processes import terminate
 from api.errors import PipelineFailedError
 from api.identity import CheckpointIdentity
 from api.naming import node_task_queue, restore_workflow_id

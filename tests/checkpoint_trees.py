@@ -6,7 +6,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from activities.storage import CheckpointStore, digest_tree
+from activities.storage.store import CheckpointStore, digest_tree
 from api.identity import CheckpointIdentity
 from api.manifest import CriuInfo, HostInfo, Manifest, SourceInfo
 

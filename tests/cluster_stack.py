@@ -21,7 +21,7 @@ import pytest_asyncio
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from activities.storage import CheckpointStore
+from activities.storage.store import CheckpointStore
 from api.restore_pods import RestoreSettings, restore_pod
 from tests.apiserver import APISERVER_SKIP, installed, running_apiserver
 from tests.containers import Kubelet, running_containerd
@@ -220,8 +220,9 @@ async def running_stack(
         node=NodeSettings(
             name=node,
             control_task_queue=queue,
-            containerd_address=kubelet.address,
-            containerd_state=str(kubelet.base / "state"),
+            cluster=True,
+            runtime_endpoint=kubelet.address,
+            runtime_state=str(kubelet.base / "state"),
         ),
         kube=KubeSettings(
             server=cluster.url,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from activities.storage import CheckpointStore, digest_tree
+from activities.storage.store import CheckpointStore, digest_tree
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.manifest import CriuInfo, HostInfo, Manifest, SourceInfo
 from api.naming import checkpoint_version

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from activities.quarantine import Quarantine
+from activities.storage.quarantine import Quarantine
 from tests.cluster_stack import Target, answer_in, captured, eventually, running_stack
 from tests.containers import Kubelet, needs_containerd
 from tests.kube import Cluster

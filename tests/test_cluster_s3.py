@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from activities.layout import NodeLayout
-from activities.storage import CheckpointStore
+from activities.host.layout import NodeLayout
+from activities.storage.store import CheckpointStore
 from tests.cluster_stack import Target, answer_in, captured, running_stack
 from tests.containers import Kubelet, needs_containerd
 from tests.kube import Cluster

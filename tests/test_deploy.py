@@ -76,14 +76,14 @@ def test_the_controller_may_do_what_the_code_does() -> None:
     needed = [
         ("warmstart.dev", "checkpoints", "watch"),
         ("warmstart.dev", "checkpoints", "patch"),  # kopf: finalizer, annotations
-        ("warmstart.dev", "checkpoints/status", "patch"),  # activities.kube.publish_status
+        ("warmstart.dev", "checkpoints/status", "patch"),  # activities.kube.control.publish_status
         ("warmstart.dev", "podsnapshots/status", "patch"),
         ("batch", "jobs", "create"),
         ("batch", "jobs", "get"),
         ("batch", "jobs", "delete"),
         ("", "pods", "watch"),
         ("", "pods", "list"),
-        ("", "pods", "patch"),  # activities.kube: the restore status annotation
+        ("", "pods", "patch"),  # activities.kube.control: the restore status annotation
         ("events.k8s.io", "events", "create"),
         ("coordination.k8s.io", "leases", "create"),
         ("coordination.k8s.io", "leases", "patch"),
@@ -99,7 +99,11 @@ def test_the_node_worker_and_the_seccomp_profile() -> None:
     [node] = pod["containers"]
     assert node["securityContext"]["privileged"] is True
     env = {e["name"] for e in node["env"]}
-    assert {"WARMSTART_NODE__NAME", "WARMSTART_NODE__CONTAINERD_ADDRESS"} <= env
+    assert {
+        "WARMSTART_NODE__NAME",
+        "WARMSTART_NODE__CLUSTER",
+        "WARMSTART_NODE__RUNTIME_ENDPOINT",
+    } <= env
     # It watches its restore targets: pods, through its own service account.
     account = pod["serviceAccountName"]
     [binding] = [

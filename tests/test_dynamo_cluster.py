@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from activities.criu import HARMLESS_LINES
+from activities.criu.command import HARMLESS_LINES
 from tests.cluster_stack import Stack, Target, answer_in, eventually, running_stack
 from tests.containers import Kubelet, needs_containerd
 from tests.dynamo import WORKER, dynamo_path

@@ -11,8 +11,8 @@ import sys
 
 from temporalio.client import Client
 
-from activities.processes import terminate
-from activities.storage import CheckpointStore
+from activities.host.processes import terminate
+from activities.storage.store import CheckpointStore
 from api.dynamo import RESTORE_CONTEXT_FILE
 from api.workload import LocalWorkload
 from tests.conftest import needs_criu

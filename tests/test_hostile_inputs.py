@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from activities.layout import NodeLayout
-from activities.local import confined
-from activities.storage import CheckpointStore
+from activities.host.layout import NodeLayout
+from activities.local.process import confined
+from activities.storage.store import CheckpointStore
 from api.errors import InvalidSpecError
 from api.identity import CheckpointIdentity
 from api.manifest import Manifest

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.catalog import LocalCatalog
-from activities.layout import NodeLayout
-from activities.localstate import read_status
-from activities.processes import children, is_alive, start_ticks
-from activities.storage import CheckpointStore
+from activities.host.layout import NodeLayout
+from activities.host.processes import children, is_alive, start_ticks
+from activities.local.state import read_status
+from activities.storage.catalog import LocalCatalog
+from activities.storage.store import CheckpointStore
 from api.errors import PipelineFailedError
 from api.reasons import Phase, Reason
 from tests.conftest import needs_criu

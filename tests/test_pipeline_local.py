@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from activities.catalog import LocalCatalog
-from activities.layout import LaunchRecord, NodeLayout
-from activities.local import http_ok
-from activities.localstate import read_status
-from activities.processes import is_alive, terminate
-from activities.quarantine import Quarantine
-from activities.storage import CheckpointStore
+from activities.host.layout import LaunchRecord, NodeLayout
+from activities.host.processes import is_alive, terminate
+from activities.local.process import http_ok
+from activities.local.state import read_status
+from activities.storage.catalog import LocalCatalog
+from activities.storage.quarantine import Quarantine
+from activities.storage.store import CheckpointStore
 from api.errors import PipelineFailedError
 from api.identity import checkpoint_id
 from api.reasons import Phase, Reason

@@ -15,8 +15,8 @@ import pytest
 import pytest_asyncio
 from temporalio.client import Client
 
-from activities.objectstore.s3 import S3Backend, S3Location
-from activities.storage import CheckpointStore
+from activities.storage.objectstore.s3 import S3Backend, S3Location
+from activities.storage.store import CheckpointStore
 from api.errors import PipelineFailedError
 from api.reasons import Reason
 from tests.checkpoint_trees import CKPT, VERSION, committed_version, tree_files
@@ -104,14 +104,14 @@ async def test_capture_uploads_and_a_node_without_it_fetches_it(
             "await-answer",
         }
     finally:
-        from activities.processes import terminate
+        from activities.host.processes import terminate
 
         assert await terminate(restored.pid, grace_seconds=5)
     cached = CheckpointStore(s3_workers.home / "cache" / "checkpoints")
     assert cached.find(ckpt).name == result.version
 
     again = await restore(client, s3_workers, "s3trip", ckpt, storage=storage)
-    from activities.processes import terminate
+    from activities.host.processes import terminate
 
     assert await terminate(again.pid, grace_seconds=5)
     assert "fetch" not in again.stage_seconds  # the cache had it
@@ -137,8 +137,8 @@ def publish(
     settings: Settings, s3: Any, tmp_path: Path, version: str = VERSION
 ) -> dict[str, bytes]:
     """A version committed on another node and uploaded to the settings' bucket."""
-    from activities.objectstore.s3calls import client_config
-    from activities.objectstore.transfer import TransferSettings
+    from activities.storage.objectstore.s3calls import client_config
+    from activities.storage.objectstore.transfer import TransferSettings
 
     transfer = TransferSettings(part_size=5 << 20, concurrency=4)
     backend = S3Backend(

@@ -308,8 +308,8 @@ def quarantine(args: argparse.Namespace) -> int:
     or clear one checkpoint's entries so its next restore is tried again."""
     import json
 
-    from activities.catalog import LocalCatalog
-    from activities.quarantine import Quarantine
+    from activities.storage.catalog import LocalCatalog
+    from activities.storage.quarantine import Quarantine
 
     settings = _settings()
     store = Quarantine(settings.checkpoint_root)

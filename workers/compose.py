@@ -15,20 +15,20 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.criu import DUMP_OPTIONS, Criu, CriuActivities
+from activities.criu.command import DUMP_OPTIONS, Criu
 from activities.errors import ErrorMapping
-from activities.gpu import NodeGpus
-from activities.layout import NodeLayout
-from activities.local import LocalProcessActivities, inherited_env
-from activities.localstate import LocalControlActivities
-from activities.objectstore.cache import NodeCache
-from activities.objectstore.transfer import MiB, TransferSettings
-from activities.remote import RemoteStores, SecretReader
-from activities.restore import RestoreActivities
-from activities.sentinels import SentinelActivities
-from activities.sources import CheckpointSource, PrefetchActivities
-from activities.storage import CheckpointStore, StorageActivities
-from activities.verified import VerifiedFiles
+from activities.gpu.nvml import NodeGpus
+from activities.host.layout import NodeLayout
+from activities.local.dump import CriuActivities
+from activities.local.process import LocalProcessActivities, SentinelActivities, inherited_env
+from activities.local.restore import RestoreActivities
+from activities.local.state import LocalControlActivities
+from activities.storage.objectstore.cache import NodeCache
+from activities.storage.objectstore.transfer import MiB, TransferSettings
+from activities.storage.remote import RemoteStores, SecretReader
+from activities.storage.sources import CheckpointSource, PrefetchActivities
+from activities.storage.store import CheckpointStore, StorageActivities
+from activities.storage.verified import VerifiedFiles
 from api.errors import StorageError, UnavailableError
 from api.manifest import CriuInfo
 from api.naming import node_task_queue
@@ -63,7 +63,7 @@ def control_worker(client: Client, settings: Settings) -> Worker:
 def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Worker:
     """CaptureWorkflow, PrefetchWorkflow and RetentionWorkflow with the cluster's control
     activities (`api`: a kubernetes ApiClient); retention keeps what Ready resources use."""
-    from activities.kube import KubeControlActivities, ready_references
+    from activities.kube.control import KubeControlActivities, ready_references
     from api.jobs import JobSettings
 
     control = KubeControlActivities(
@@ -99,7 +99,7 @@ def node_worker(
     """RestoreWorkflow and node-side activities on `warmstart-node-<node>`.
 
     `base_env` is the environment workloads start from (default: the harmless part of
-    this process's, `activities.local.inherited_env`).
+    this process's, `activities.local.process.inherited_env`).
     """
     criu_path = settings.criu.resolve()
     if criu_path is None:
@@ -122,7 +122,7 @@ def node_worker(
         transfer=transfer_settings(settings),
         endpoint=settings.storage.s3_endpoint,
         region=settings.storage.s3_region,
-        read_secret=_secret_reader(settings) if settings.node.containerd_address else None,
+        read_secret=_secret_reader(settings) if settings.node.cluster else None,
     )
     storage = StorageActivities(
         store=store,
@@ -143,7 +143,7 @@ def node_worker(
     )
     sentinels = SentinelActivities(layout=layout)
     containers: list[Callable[..., Any]] = []
-    if settings.node.containerd_address:
+    if settings.node.cluster:
         containers = _container_activities(
             settings, criu=criu, store=store, gpus=gpus, source=source
         )
@@ -187,13 +187,13 @@ def _secret_reader(settings: Settings) -> SecretReader:
 
     from kubernetes import client as kube
 
-    from workers.controller import kube_client
+    from activities.kube.client import api_client
 
     api: Any = None
 
     def read(namespace: str, name: str) -> dict[str, str]:
         nonlocal api
-        api = api or kube_client(settings)
+        api = api or api_client(settings.kube)
         try:
             secret = kube.CoreV1Api(api).read_namespaced_secret(name, namespace)
         except kube.ApiException as err:
@@ -214,17 +214,17 @@ def _container_activities(
     gpus: NodeGpus,
     source: CheckpointSource,
 ) -> list[Callable[..., Any]]:
-    """A cluster node's: capture from and restore into the pods' containers (containerd)."""
-    from activities.containerd import Containerd, ContainerdActivities
-    from activities.cuda import CudaCheckpoint
-    from activities.quarantine import Quarantine
-    from activities.restore import NodeGate
-    from activities.standby_restore import StandbyRestorer
+    """A cluster node's: capture from and restore into the pods' containers (through the
+    runtime its settings name)."""
+    from activities.gpu.cuda import CudaCheckpoint
+    from activities.pipeline import NodeGate
+    from activities.runtime.pods import PodActivities
+    from activities.runtime.registry import runtime_for
+    from activities.runtime.standby import StandbyRestorer
+    from activities.storage.quarantine import Quarantine
 
-    assert settings.node.containerd_address
-    runtime = Containerd(
-        address=settings.node.containerd_address, state=settings.node.containerd_state
-    )
+    node = settings.node
+    runtime = runtime_for(node.runtime, endpoint=node.runtime_endpoint, state=node.runtime_state)
     cuda = CudaCheckpoint() if gpus.facts().devices else None
     gate = NodeGate(
         criu_version=criu.version(),
@@ -241,7 +241,7 @@ def _container_activities(
         cuda=cuda,
         source=source,
     )
-    pods = ContainerdActivities(
+    pods = PodActivities(
         runtime=runtime,
         criu=criu,
         store=store,

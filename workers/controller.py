@@ -11,34 +11,15 @@ import signal
 import socket
 from pathlib import Path
 
-from kubernetes import client, config
 from temporalio.client import Client
 
+from activities.kube.client import api_client
 from workers.client import connect
 from workers.compose import cluster_control_worker
 from workers.leader import LeaseElector
 from workers.operations import remote_storage
 from workers.settings import Settings
 from workers.watcher import WatcherSettings, run_watcher
-
-
-def kube_client(settings: Settings) -> client.ApiClient:
-    """The API server of `settings.kube.server`, else the pod's service account, else the
-    kubeconfig."""
-    kube = settings.kube
-    if kube.server:
-        configuration = client.Configuration()
-        configuration.host = kube.server
-        configuration.verify_ssl = not kube.insecure_skip_tls_verify
-        if kube.token_file:
-            token = Path(kube.token_file).read_text().strip()
-            configuration.api_key = {"authorization": f"Bearer {token}"}
-        return client.ApiClient(configuration)
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
 
 
 async def run_controller(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -49,7 +30,7 @@ async def run_controller(settings: Settings, stop: asyncio.Event | None = None) 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     temporal = await connect(settings)
-    api = kube_client(settings)
+    api = api_client(settings.kube)
     identity = settings.kube.identity or os.environ.get("HOSTNAME") or socket.gethostname()
     elector = LeaseElector(
         api,

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from temporalio.client import Client
 
-from activities.processes import terminate
+from activities.host.processes import terminate
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.workload import LocalWorkload
 from workers import display

@@ -3,7 +3,7 @@ from Temporal."""
 
 from __future__ import annotations
 
-from activities.catalog import Catalog
+from activities.storage.catalog import Catalog
 from api.errors import CheckpointNotFoundError, UnavailableError
 from api.manifest import Manifest
 from api.naming import LOCAL_NAMESPACE

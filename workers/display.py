@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from activities.catalog import CatalogEntry
+    from activities.storage.catalog import CatalogEntry
     from api.manifest import Manifest
     from workers.operations import LiveProgress, PipelineRecord
     from workflows.contracts import CaptureResult, PrefetchReport, RestoreResult

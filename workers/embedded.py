@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from temporalio.client import Client
 
-from activities.layout import NodeLayout
+from activities.host.layout import NodeLayout
 from api.naming import node_task_queue
 from workers.client import connect
 from workers.compose import control_worker, node_worker
@@ -48,7 +48,7 @@ async def running_workers(
         if role in ("all", "node"):
             await tidy_node(client, NodeLayout(settings.home))
             await stack.enter_async_context(node_worker(client, settings))
-            if settings.node.containerd_address:  # a cluster node: it restores pods
+            if settings.node.cluster:  # it restores pods
                 from workers.restore_targets import watching_restore_targets
 
                 await stack.enter_async_context(watching_restore_targets(client, settings))

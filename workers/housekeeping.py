@@ -17,9 +17,9 @@ from pathlib import Path
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.layout import LaunchRecord, NodeLayout
-from activities.processes import start_ticks, terminate
-from activities.storage import CheckpointStore
+from activities.host.layout import LaunchRecord, NodeLayout
+from activities.host.processes import start_ticks, terminate
+from activities.storage.store import CheckpointStore
 from api.naming import CAPTURE_WORKFLOW
 from workflows.visibility import CHECKPOINT_ID
 

@@ -2,7 +2,7 @@
 
 Everything here talks to Temporal only (typed workflow handles, visibility with the
 registered search attributes, queries, results); checkpoints themselves come from the
-catalog (`activities.catalog`), since histories expire and checkpoints do not.
+catalog (`activities.storage.catalog`), since histories expire and checkpoints do not.
 
 Workflows are started by their registered type names, with the handles typed by the
 workflow classes: importing the workflow modules would import every activity module

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from activities.catalog import Catalog, LocalCatalog
+from activities.storage.catalog import Catalog, LocalCatalog
 from workers.settings import Settings
 
 if TYPE_CHECKING:
-    from activities.retention import RemoteVersions
+    from activities.storage.retention import RemoteVersions
 
 
 def remote_versions(settings: Settings) -> RemoteVersions | None:
     """The settings' S3 location (boto3's standard credential chain), or None without one."""
     if not settings.storage.s3_bucket:
         return None
-    from activities.objectstore.transfer import TransferSettings
-    from activities.remote import RemoteStores
-    from activities.retention import RemoteVersions
+    from activities.storage.objectstore.transfer import TransferSettings
+    from activities.storage.remote import RemoteStores
+    from activities.storage.retention import RemoteVersions
     from workers.operations import remote_storage
 
     storage = remote_storage(settings)
@@ -39,7 +39,7 @@ def checkpoint_catalog(settings: Settings) -> Catalog:
     local = LocalCatalog(settings.checkpoint_root)
     if not settings.storage.s3_bucket:
         return local
-    from activities.remote_catalog import FallbackCatalog, RemoteCatalog
+    from activities.storage.remote_catalog import FallbackCatalog, RemoteCatalog
 
     def remote() -> Catalog:
         versions = remote_versions(settings)

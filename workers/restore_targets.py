@@ -142,9 +142,9 @@ def _gms_sentinel(spec: Mapping[str, Any], standby: Mapping[str, Any], pod_uid: 
 @contextlib.asynccontextmanager
 async def watching_restore_targets(client: Client, settings: Settings) -> AsyncIterator[None]:
     """The node's watch of its restore targets, for as long as the context lasts."""
-    from workers.controller import kube_client
+    from activities.kube.client import api_client
 
-    api = kube_client(settings)
+    api = api_client(settings.kube)
     watcher = RestoreTargetWatch(
         configuration=api.configuration,
         client=client,

@@ -26,8 +26,8 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
-from activities.retention import ReadyReferences, RetentionActivities, no_ready_references
-from activities.storage import CheckpointStore
+from activities.storage.retention import ReadyReferences, RetentionActivities, no_ready_references
+from activities.storage.store import CheckpointStore
 from api.errors import InvalidSpecError
 from api.retention import RETENTION_SCHEDULE_ID, RetentionPolicies, RetentionPolicy
 from workers.remote import remote_versions

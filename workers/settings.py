@@ -55,11 +55,14 @@ class NodeSettings:
     # Pollers hold activity slots while they wait; eager dispatch needs a free one left over.
     max_concurrent_activities: int = 16
     activity_pollers: int = 2
-    # The node's containerd socket: set on cluster nodes, where pods' containers are dumped
-    # and restore-target pods are watched (through `kube`) and restored.
-    containerd_address: str | None = None
-    # containerd's state directory (its shims write each container's init PID there).
-    containerd_state: str = "/run/containerd"
+    # A cluster node: pods' containers on it are captured and restored through its container
+    # runtime, its restore-target pods watched and Checkpoint Secrets read (through `kube`).
+    cluster: bool = False
+    # The node's container runtime (a name in `activities.runtime.registry`), its socket and
+    # its state directory (containerd's shims write each container's init PID there).
+    runtime: str = "containerd"
+    runtime_endpoint: str = "/run/containerd/containerd.sock"
+    runtime_state: str = "/run/containerd"
     # A restore into a pod past this many seconds gives up: the pod starts cold.
     restore_deadline_seconds: float = 1800.0
 

@@ -327,7 +327,7 @@ async def run_webhook(settings: Settings, stop: asyncio.Event | None = None) -> 
     """Serve the webhook until `stop` is set (default: until SIGINT or SIGTERM)."""
     from kubernetes import client
 
-    from workers.controller import kube_client
+    from activities.kube.client import api_client
 
     if stop is None:
         stop = asyncio.Event()
@@ -335,7 +335,7 @@ async def run_webhook(settings: Settings, stop: asyncio.Event | None = None) -> 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     hook = settings.webhook
-    api = kube_client(settings)
+    api = api_client(settings.kube)
     try:
         read = checkpoint_reader(
             client.CustomObjectsApi(api), timeout_seconds=hook.read_timeout_seconds

@@ -12,7 +12,6 @@ from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
 from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.containers import ContainerActivities
     from activities.contracts import (
         AwaitReadyInput,
         ClaimInput,
@@ -37,9 +36,16 @@ with workflow.unsafe.imports_passed_through():
         StopInput,
         UploadInput,
     )
-    from activities.control import ClusterControlActivities, ControlActivities
     from activities.errors import application_error
-    from activities.steps import DumpSteps, LocalProcessSteps, SentinelSteps, StorageSteps
+    from activities.steps import (
+        ClusterControlSteps,
+        ContainerSteps,
+        ControlSteps,
+        DumpSteps,
+        LocalProcessSteps,
+        SentinelSteps,
+        StorageSteps,
+    )
     from api.errors import PipelineFailedError
     from api.naming import CAPTURE_WORKFLOW, PROGRESS_QUERY, checkpoint_version, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
@@ -154,7 +160,7 @@ class CaptureWorkflow:
         workload, ckpt = request.workload, request.checkpoint_id
         self._clock.begin("claim", Phase.CREATING)
         claim = ClaimInput(checkpoint_id=ckpt, namespace=request.namespace, name=request.name)
-        await self._control(ControlActivities.claim_checkpoint_id, claim, "claim checkpoint ID")
+        await self._control(ControlSteps.claim_checkpoint_id, claim, "claim checkpoint ID")
 
         self._clock.begin("launch")
         self._launched = True  # from here on a workload may run: cleanup stops it
@@ -229,13 +235,13 @@ class CaptureWorkflow:
         claim = ClaimInput(
             checkpoint_id=ckpt, namespace=request.namespace, name=request.name, resource=ref
         )
-        await self._control(ControlActivities.claim_checkpoint_id, claim, "claim checkpoint ID")
+        await self._control(ControlSteps.claim_checkpoint_id, claim, "claim checkpoint ID")
         await self._publish(Phase.CREATING, Reason.IN_PROGRESS)
 
         if ref.kind == "Checkpoint":
             self._clock.begin("create-job")
             self._job = await self._control(
-                ClusterControlActivities.create_capture_job,
+                ClusterControlSteps.create_capture_job,
                 JobInput(resource=ref, version=version),
                 "create capture Job",
             )
@@ -271,7 +277,7 @@ class CaptureWorkflow:
             self._clock.begin("await-gms-save")
             left = max(1.0, min(3600.0, (deadline - workflow.now()).total_seconds()))
             await self._node(
-                ContainerActivities.await_gms_saved,
+                ContainerSteps.await_gms_saved,
                 GmsSavedInput(target=container, timeout_seconds=left),
                 policies.await_ready_options(left),
                 "await gms-save-complete",
@@ -280,7 +286,7 @@ class CaptureWorkflow:
         self._clock.begin("dump")
         self._staged = True
         await self._node(
-            ContainerActivities.dump_container,
+            ContainerSteps.dump_container,
             ContainerDumpInput(
                 checkpoint_id=ckpt,
                 version=version,
@@ -294,7 +300,7 @@ class CaptureWorkflow:
         self._clock.begin("commit", Phase.UPLOADING)
         commit = await self._commit(
             self._start_node(
-                ContainerActivities.commit_container,
+                ContainerSteps.commit_container,
                 ContainerCommitInput(
                     checkpoint_id=ckpt,
                     version=version,
@@ -311,7 +317,7 @@ class CaptureWorkflow:
             return commit  # the source keeps serving: no snapshot-complete to end it
         self._clock.begin("snapshot-complete")
         await self._node(
-            ContainerActivities.write_container_sentinel,
+            ContainerSteps.write_container_sentinel,
             ContainerSentinelInput(target=container, sentinel=Sentinel.SNAPSHOT_COMPLETE),
             policies.SENTINEL,
             "write snapshot-complete",
@@ -338,7 +344,7 @@ class CaptureWorkflow:
         req = self._require()
         try:
             nodes = await self._control(
-                ClusterControlActivities.nodes_matching,
+                ClusterControlSteps.nodes_matching,
                 NodeSelectorInput(selectors=req.prefetch_node_selectors),
                 "find nodes to prefetch on",
             )
@@ -376,7 +382,7 @@ class CaptureWorkflow:
         if query.pod_name and not self._seen.pod_name:
             self._observe(
                 await self._control(
-                    ClusterControlActivities.read_capture_pod, query, f"read pod {query.pod_name}"
+                    ClusterControlSteps.read_capture_pod, query, f"read pod {query.pod_name}"
                 )
             )
         while True:
@@ -399,7 +405,7 @@ class CaptureWorkflow:
             except TimeoutError:
                 self._observe(
                     await self._control(
-                        ClusterControlActivities.read_capture_pod, query, f"read pod ({what}?)"
+                        ClusterControlSteps.read_capture_pod, query, f"read pod ({what}?)"
                     )
                 )
 
@@ -514,7 +520,7 @@ class CaptureWorkflow:
             job = JobRef(namespace=req.namespace, name=self._job)
             try:
                 await self._control(
-                    ClusterControlActivities.delete_capture_job, job, f"delete Job {self._job}"
+                    ClusterControlSteps.delete_capture_job, job, f"delete Job {self._job}"
                 )
             except ActivityError as err:
                 workflow.logger.warning("cleanup: Job %s not deleted: %s", self._job, err.cause)

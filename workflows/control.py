@@ -8,7 +8,7 @@ from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
     from activities.contracts import ContainerTarget, PipelineKind, ResourceRef, StatusInput
-    from activities.control import ControlActivities
+    from activities.steps import ControlSteps
     from api.reasons import Phase, Reason
     from workflows import policies
     from workflows.visibility import PipelineState
@@ -64,7 +64,7 @@ async def publish_status(
         pod=pod,
     )
     await workflow.execute_activity_method(
-        ControlActivities.publish_status,
+        ControlSteps.publish_status,
         status,
         task_queue=request.control_task_queue,
         start_to_close_timeout=policies.CONTROL.start_to_close,

@@ -14,7 +14,6 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from activities.containers import ContainerActivities
     from activities.contracts import (
         ContainerRestoreInput,
         ContainerSentinelInput,
@@ -22,7 +21,7 @@ with workflow.unsafe.imports_passed_through():
         RestoreInput,
     )
     from activities.errors import application_error
-    from activities.steps import RestoreSteps
+    from activities.steps import ContainerSteps, RestoreSteps
     from api.naming import PROGRESS_QUERY, RESTORE_WORKFLOW, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
     from workflows import policies, visibility
@@ -124,7 +123,7 @@ class RestoreWorkflow:
             storage=request.storage,
         )
         restored = await self._on_node(
-            ContainerActivities.restore_container,
+            ContainerSteps.restore_container,
             restore,
             opts,
             f"restore {request.checkpoint_id} into {request.pod.pod_name}",
@@ -156,7 +155,7 @@ class RestoreWorkflow:
         assert request is not None and request.pod is not None
         try:
             await workflow.execute_activity_method(
-                ContainerActivities.write_container_sentinel,
+                ContainerSteps.write_container_sentinel,
                 ContainerSentinelInput(
                     target=request.pod, sentinel=Sentinel.RESTORE_FAILED, content=reason
                 ),
@@ -176,7 +175,7 @@ class RestoreWorkflow:
         assert request is not None and request.pod is not None
         try:
             await workflow.execute_activity_method(
-                ContainerActivities.stop_standby,
+                ContainerSteps.stop_standby,
                 request.pod,
                 task_queue=node_task_queue(request.node),
                 start_to_close_timeout=policies.SENTINEL.start_to_close,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from activities.catalog import LocalCatalog
-from activities.storage import CheckpointStore, digest_tree
+from activities.storage.catalog import LocalCatalog
+from activities.storage.store import CheckpointStore, digest_tree
 from api.errors import CheckpointNotFoundError
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.manifest import CriuInfo, HostInfo, Manifest, SourceInfo

@@ -1,4 +1,4 @@
-"""Restoring a container's checkpoint into the placeholder container of another pod, against
+"""Restoring a container's checkpoint into the standby container of another pod, against
 a real containerd and real CRIU (the tests play the kubelet, tests/containers.py), and the
 safe application of a root filesystem diff."""
 
@@ -18,21 +18,24 @@ from pathlib import Path
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities import chrooted
-from activities.container_restore import (
-    RestoredProcess,
-    apply_rootfs_diff,
-    cgroup_procs_files,
-    restore_into_container,
-)
-from activities.containerd import Containerd, ContainerdActivities, Located
 from activities.contracts import (
     ContainerCommitInput,
     ContainerDumpInput,
     ContainerTarget,
 )
-from activities.criu import Criu
-from activities.storage import CheckpointStore
+from activities.criu.command import Criu
+from activities.pipeline import Stages, as_restore_failure, failure_note
+from activities.runtime import chrooted, control
+from activities.runtime.base import Located
+from activities.runtime.containerd import Containerd
+from activities.runtime.pods import PodActivities
+from activities.runtime.restore import (
+    RestoredProcess,
+    cgroup_procs_files,
+    restore_into_container,
+)
+from activities.runtime.rootfs import apply_rootfs_diff
+from activities.storage.store import CheckpointStore
 from api.errors import RestoreFailedError
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.manifest import Manifest
@@ -44,7 +47,7 @@ CKPT = checkpoint_id(IDENTITY)
 PORT = 8080
 SERVER = (Path(__file__).parents[1] / "programs" / "container_token_server.py").read_text()
 ARGV = ["python3", "-c", SERVER, str(PORT)]
-# The placeholder's standby (a local equivalent of the restore pods' entrypoint): waits for
+# The standby's standby (a local equivalent of the restore pods' entrypoint): waits for
 # restore-complete (then stays, as the restored process's reaper) or restore-failed (then
 # starts the original command cold).
 STANDBY = (
@@ -119,7 +122,7 @@ async def capture(
     token = source.log.read_text().split()[1]
     store = CheckpointStore(tmp_path / "checkpoints")
     runtime = Containerd(address=kubelet.address)
-    node = ContainerdActivities(runtime=runtime, criu=criu(), store=store, node="gpu-1")
+    node = PodActivities(runtime=runtime, criu=criu(), store=store, node="gpu-1")
     env, version = ActivityEnvironment(), "20261127T130000Z-abcdef"
     await env.run(
         node.dump_container,
@@ -138,7 +141,7 @@ async def capture(
     return Captured(source=source, token=token, version_dir=final, manifest=manifest)
 
 
-async def placeholder(
+async def standby(
     kubelet: Kubelet, tmp_path: Path, image: str, binds: dict[str, Path] | None = None
 ) -> tuple[Pod, Located]:
     command = ["/bin/sh", "-c", STANDBY, "warmstart-standby", *ARGV]
@@ -188,26 +191,38 @@ async def restore(
     located: Located,
     tmp_path: Path,
     before_complete: Callable[[RestoredProcess], Awaitable[None]] | None = None,
+    *,
+    stages: Stages | None = None,
+    timeout_seconds: float = 300.0,
 ) -> RestoredProcess:
-    return await restore_into_container(
-        criu=criu(),
-        target=pod.target,
-        placeholder=located,
-        version_dir=captured.version_dir,
-        manifest=captured.manifest,
-        work_dir=tmp_path / "restore-work",
-        before_complete=before_complete,
-    )
+    """`restore_into_container`, and on failure the restore's one failure path (as the
+    node activity takes it): `restore-failed` with the reason."""
+    try:
+        return await restore_into_container(
+            criu=criu(),
+            target=pod.target,
+            standby=located,
+            version_dir=captured.version_dir,
+            manifest=captured.manifest,
+            work_dir=tmp_path / "restore-work",
+            stages=stages or Stages(),
+            before_complete=before_complete,
+            timeout_seconds=timeout_seconds,
+        )
+    except BaseException as err:
+        failure = as_restore_failure(err, "restore")
+        control.restore_failed(located.pid, failure_note(failure))
+        raise
 
 
 @needs_containerd
 @pytest.mark.timeout(120)
-async def test_a_checkpoint_is_restored_into_the_placeholder_container(
+async def test_a_checkpoint_is_restored_into_the_standby_container(
     kubelet: Kubelet, tmp_path: Path
 ) -> None:
     image = kubelet.import_image("local/workload:1")
     captured = await capture(kubelet, tmp_path, image)
-    pod, located = await placeholder(kubelet, tmp_path, image)
+    pod, located = await standby(kubelet, tmp_path, image)
     set_hostname(located.pid, "llama-restored")  # as the kubelet names a pod's host
 
     seen_before_complete: list[bool] = []
@@ -215,13 +230,14 @@ async def test_a_checkpoint_is_restored_into_the_placeholder_container(
     async def before_complete(restored: RestoredProcess) -> None:  # where CUDA resumes
         seen_before_complete.append(not (pod.control / "restore-complete").exists())
 
-    restored = await restore(captured, pod, located, tmp_path, before_complete)
+    stages = Stages()
+    restored = await restore(captured, pod, located, tmp_path, before_complete, stages=stages)
 
     host, holder = restored.host_pid, located.pid
     assert [ns(host, kind) for kind in ("net", "uts", "ipc")] == [
         ns(holder, kind) for kind in ("net", "uts", "ipc")
     ]
-    levels = ns_pids(host)  # a PID namespace nested under the placeholder's
+    levels = ns_pids(host)  # a PID namespace nested under the standby's
     assert len(levels) == len(ns_pids(holder)) + 1 and levels[-2] == restored.pid
     assert Path(f"/proc/{holder}/root/proc/{restored.pid}").is_dir()
     assert Path(f"/proc/{host}/cgroup").read_text() == Path(f"/proc/{holder}/cgroup").read_text()
@@ -229,13 +245,13 @@ async def test_a_checkpoint_is_restored_into_the_placeholder_container(
     assert hostname(holder) == "llama-restored"  # CRIU's dumped hostname did not stay
     assert (pod.control / "restore-complete").read_text() == f"{restored.pid}\n"
     wait_for(lambda: "standby restored" in pod.log.read_text(), "the standby to see it")
-    # The restored process binds the placeholder's control directory, not the source's.
+    # The restored process binds the standby's control directory, not the source's.
     control = os.stat(f"/proc/{host}/root/snapshot-control")
     assert (control.st_dev, control.st_ino) == (
         pod.control.stat().st_dev,
         pod.control.stat().st_ino,
     )
-    # The root filesystem changes of the source are in the placeholder's root.
+    # The root filesystem changes of the source are in the standby's root.
     root = Path(f"/proc/{holder}/root")
     assert (root / "var/lib/token").read_text() == f"{captured.token}\n"
     assert not (root / "etc/warmstart-image").exists()
@@ -244,9 +260,10 @@ async def test_a_checkpoint_is_restored_into_the_placeholder_container(
     assert get_in_netns(holder) == captured.token
     assert kubelet.status(captured.source.cid) == "RUNNING"
     assert get_in_netns(kubelet.pid(captured.source.cid)) == captured.token
-    # Its output reaches the placeholder container's log (what `kubectl logs` reads).
+    # Its output reaches the standby container's log (what `kubectl logs` reads).
     wait_for(lambda: f"served 1 {captured.token}" in pod.log.read_text(), "the restored output")
-    assert restored.stage_seconds.keys() == {"prepare", "criu-restore", "cuda-restore"}
+    stages.finish()
+    assert stages.seconds.keys() == {"prepare", "criu-restore", "cuda-restore"}
     assert seen_before_complete == [True]
 
 
@@ -258,14 +275,15 @@ async def test_a_failed_restore_makes_the_standby_start_cold(
     image = kubelet.import_image("local/workload:1")
     captured = await capture(kubelet, tmp_path, image)
     (captured.version_dir / "criu" / "core-1.img").unlink()  # an image missing
-    pod, located = await placeholder(kubelet, tmp_path, image)
+    pod, located = await standby(kubelet, tmp_path, image)
 
     with pytest.raises(RestoreFailedError, match="criu restore exited with") as failed:
         await restore(captured, pod, located, tmp_path)
 
     assert "into container main of pod inference/llama-restored" in str(failed.value)
     assert "Restoring FAILED" in str(failed.value)  # the lines of restore.log that say why
-    assert (pod.control / "restore-failed").read_text() == f"{failed.value}\n"
+    note = f"RestoreFailed: {failed.value}\n"
+    assert (pod.control / "restore-failed").read_text() == note
     assert_started_cold(pod, located, captured)
 
 
@@ -278,18 +296,10 @@ async def test_a_restore_that_hangs_is_killed_at_its_deadline(
     captured = await capture(kubelet, tmp_path, image)
     for pages in (captured.version_dir / "criu").glob("pages-*.img"):
         pages.write_bytes(b"")  # CRIU 4.2's restored task then spins for ever
-    pod, located = await placeholder(kubelet, tmp_path, image)
+    pod, located = await standby(kubelet, tmp_path, image)
 
     with pytest.raises(RestoreFailedError, match="did not finish within 3 s"):
-        await restore_into_container(
-            criu=criu(),
-            target=pod.target,
-            placeholder=located,
-            version_dir=captured.version_dir,
-            manifest=captured.manifest,
-            work_dir=tmp_path / "restore-work",
-            timeout_seconds=3,
-        )
+        await restore(captured, pod, located, tmp_path, timeout_seconds=3)
 
     assert "did not finish" in (pod.control / "restore-failed").read_text()
     assert_started_cold(pod, located, captured)
@@ -375,7 +385,7 @@ def test_mount_points_are_made_inside_the_root_whatever_links_it_holds(tmp_path:
     assert list(node_dir.iterdir()) == []
     assert (inside / "bin" / "hook").is_file() and (root / "run" / "hook.d").is_dir()
     usage = subprocess.run(chrooted.command("nothing"), capture_output=True, text=True)
-    assert usage.returncode == 2 and "usage: activities.chrooted" in usage.stderr
+    assert usage.returncode == 2 and "usage: activities.runtime.chrooted" in usage.stderr
 
 
 @needs_root
@@ -401,7 +411,7 @@ async def test_a_hook_mount_at_another_random_path_is_remapped(
     old, new = "/opt/nvidia-ctk-hook-3f9a2c1b", "/opt/nvidia-ctk-hook-77e01d5a"
     captured = await capture(kubelet, tmp_path, image, {old: tmp_path / "hook-a"})
     assert json.loads((captured.version_dir / "mounts.json").read_text())["bind_mounts"]
-    pod, located = await placeholder(kubelet, tmp_path, image, {new: tmp_path / "hook-b"})
+    pod, located = await standby(kubelet, tmp_path, image, {new: tmp_path / "hook-b"})
 
     restored = await restore(captured, pod, located, tmp_path)
 

@@ -13,13 +13,6 @@ from pathlib import Path
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.containerd import (
-    Containerd,
-    ContainerdActivities,
-    freezer_cgroup,
-    init_pid_of,
-    thaw,
-)
 from activities.contracts import (
     ContainerCommitInput,
     ContainerDumpInput,
@@ -27,8 +20,12 @@ from activities.contracts import (
     ContainerTarget,
     GmsSavedInput,
 )
-from activities.criu import Criu
-from activities.storage import CheckpointStore
+from activities.criu.command import Criu
+from activities.runtime.base import init_pid_of
+from activities.runtime.containerd import Containerd
+from activities.runtime.pods import PodActivities
+from activities.runtime.rootfs import freezer_cgroup, thaw
+from activities.storage.store import CheckpointStore
 from api.errors import WorkloadExitedError, WorkloadNotReadyError
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.reasons import Sentinel
@@ -65,12 +62,12 @@ def wait_for(condition: object, what: str, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-def node(kubelet: Kubelet, tmp_path: Path) -> tuple[ContainerdActivities, CheckpointStore]:
+def node(kubelet: Kubelet, tmp_path: Path) -> tuple[PodActivities, CheckpointStore]:
     path = CriuSettings().resolve()
     assert path is not None
     store = CheckpointStore(tmp_path / "checkpoints")
     runtime = Containerd(address=kubelet.address)
-    return ContainerdActivities(runtime=runtime, criu=Criu(path), store=store, node="gpu-1"), store
+    return PodActivities(runtime=runtime, criu=Criu(path), store=store, node="gpu-1"), store
 
 
 def start(kubelet: Kubelet) -> tuple[ContainerTarget, str, Path]:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from activities.criu import Criu, explain_log, log_errors
+from activities.criu.command import Criu, explain_log, log_errors
 
 
 def test_dump_command_targets_the_tree_and_logs_in_the_images() -> None:

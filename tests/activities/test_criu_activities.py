@@ -17,9 +17,10 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import DumpInput, Heartbeat
-from activities.criu import Criu, CriuActivities
-from activities.processes import is_alive
-from activities.storage import CheckpointStore
+from activities.criu.command import Criu
+from activities.host.processes import is_alive
+from activities.local.dump import CriuActivities
+from activities.storage.store import CheckpointStore
 from api.errors import DumpFailedError
 from tests.waiting import DEADLINE_S, wait_until
 
@@ -279,8 +280,9 @@ import asyncio, sys
 from pathlib import Path
 from temporalio.testing import ActivityEnvironment
 from activities.contracts import DumpInput
-from activities.criu import Criu, CriuActivities
-from activities.storage import CheckpointStore
+from activities.criu.command import Criu
+from activities.local.dump import CriuActivities
+from activities.storage.store import CheckpointStore
 from api.errors import DumpFailedError
 
 criu, root, checkpoint_id, version = sys.argv[1:]

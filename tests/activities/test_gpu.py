@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from activities.cuda import CudaCheckpoint, CudaUnavailableError, uuid_bytes
-from activities.gpu import (
+from activities.gpu.cuda import (
+    CudaCheckpoint,
+    CudaCheckpointError,
+    CudaUnavailableError,
+    uuid_bytes,
+)
+from activities.gpu.nvml import (
     NO_GPU_INFORMATION,
     Gpu,
     GpuFacts,
@@ -22,6 +27,8 @@ from activities.gpu import (
     read_gpu_facts,
     uuids_from_environment,
 )
+from activities.pipeline import QUARANTINED_REASONS, as_restore_failure, failure_note
+from api.errors import GpuError, IncompatibleError, RestoreFailedError
 
 A, B, C = (f"GPU-{n * 8}-0000-0000-0000-000000000000" for n in "abc")
 MIG = "MIG-5c8f2a7e-0000-0000-0000-000000000000"
@@ -97,7 +104,9 @@ def test_the_device_map_keeps_same_gpus_and_pairs_the_rest_by_position() -> None
     assert format_device_map(device_map((A, B), (B, A))) == ""
     assert device_map((A, B), (C, B)) == ((A, C), (B, B))
     assert format_device_map(device_map((A, B), (C, MIG))) == f"{A}={C},{B}={MIG}"
-    with pytest.raises(ValueError, match=r"the checkpoint used 2 GPU\(s\), the target has 1"):
+    with pytest.raises(
+        IncompatibleError, match=r"the checkpoint used 2 GPU\(s\), the target has 1"
+    ):
         device_map((A, B), (C,))
 
 
@@ -111,7 +120,7 @@ def test_gpu_uuids_become_cuda_uuid_bytes() -> None:
     assert uuid_bytes("GPU-73823c32-1417-b306-5320-7bb33a5257b2").hex() == (
         "73823c321417b30653207bb33a5257b2"
     )
-    with pytest.raises(ValueError, match="'GPU-nope' is not a GPU UUID"):
+    with pytest.raises(GpuError, match="'GPU-nope' is not a GPU UUID"):
         uuid_bytes("GPU-nope")
 
 
@@ -119,3 +128,12 @@ def test_without_a_cuda_driver_the_checkpoint_api_says_so() -> None:
     cuda = CudaCheckpoint(library="libcuda-absent.so.1")
     with pytest.raises(CudaUnavailableError, match=r"no CUDA driver library \(libcuda-absent"):
         cuda.lock(1)
+
+
+def test_a_cuda_failure_in_a_restore_is_restore_failed_for_the_quarantine() -> None:
+    cause = CudaCheckpointError("cuCheckpointProcessRestore(pid 7) failed: CUDA_ERROR (999)")
+    failure = as_restore_failure(cause, "restore of checkpoint 0123456789abcdef")
+    assert isinstance(failure, RestoreFailedError)
+    assert failure.reason in QUARANTINED_REASONS
+    assert str(failure) == f"restore of checkpoint 0123456789abcdef: CudaCheckpointError: {cause}"
+    assert failure_note(failure).startswith("RestoreFailed: restore of checkpoint")

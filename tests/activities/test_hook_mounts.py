@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from activities.hook_mounts import moved_mounts, remapped
+from activities.runtime.hook_mounts import moved_mounts, remapped
 
 HOOK_A, HOOK_B = "/usr/bin/nvidia-ctk-hook-3f9a2c1b", "/usr/bin/nvidia-ctk-hook-77e01d5a"
 

@@ -21,7 +21,7 @@ from activities.contracts import (
     ResourceRef,
     StatusInput,
 )
-from activities.kube import KubeControlActivities, ready_references
+from activities.kube.control import KubeControlActivities, ready_references
 from api.errors import CheckpointNotFoundError, IdentityConflictError, InvalidSpecError
 from api.reasons import Phase, Reason
 from api.retention import ProtectedRef

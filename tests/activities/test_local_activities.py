@@ -18,9 +18,9 @@ from pydantic import ValidationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import AwaitReadyInput, Heartbeat, LaunchInput, StopInput
-from activities.layout import NodeLayout, WorkloadPaths
-from activities.local import LocalProcessActivities, inherited_env, resolve_secrets
-from activities.processes import is_alive, start_ticks
+from activities.host.layout import NodeLayout, WorkloadPaths
+from activities.host.processes import is_alive, start_ticks
+from activities.local.process import LocalProcessActivities, inherited_env, resolve_secrets
 from api.errors import InvalidSpecError, WorkloadExitedError, WorkloadNotReadyError
 from api.workload import LocalWorkload, Readiness
 from tests.waiting import DEADLINE_S, wait_until

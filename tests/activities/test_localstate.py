@@ -9,7 +9,7 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import ClaimInput
-from activities.localstate import LocalControlActivities
+from activities.local.state import LocalControlActivities
 from api.errors import IdentityConflictError
 
 CKPT = "96429b2725761a09"

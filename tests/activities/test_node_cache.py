@@ -14,13 +14,17 @@ from typing import Any
 
 import pytest
 
-from activities.objectstore.cache import LOCKS, NodeCache
-from activities.objectstore.filesystem import FilesystemBackend
-from activities.objectstore.s3 import S3Backend, S3Location
-from activities.objectstore.s3calls import client_config
-from activities.objectstore.transfer import TransferProgress, TransferReport, TransferSettings
-from activities.storage import CheckpointStore
-from activities.verified import VerifiedFiles
+from activities.storage.objectstore.cache import LOCKS, NodeCache
+from activities.storage.objectstore.filesystem import FilesystemBackend
+from activities.storage.objectstore.s3 import S3Backend, S3Location
+from activities.storage.objectstore.s3calls import client_config
+from activities.storage.objectstore.transfer import (
+    TransferProgress,
+    TransferReport,
+    TransferSettings,
+)
+from activities.storage.store import CheckpointStore
+from activities.storage.verified import VerifiedFiles
 from api.errors import CheckpointNotFoundError, DigestMismatchError, StorageError
 from tests.checkpoint_trees import (
     CKPT,
@@ -106,7 +110,7 @@ async def test_a_fetched_version_verifies_without_hashing_again(
     def no_hashing(path: Path) -> str:
         raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr("activities.storage.sha256_file", no_hashing)
+    monkeypatch.setattr("activities.storage.store.sha256_file", no_hashing)
     assert store.verify(path, checkpoint_id=CKPT).version == VERSION
     for private in (root, root / CKPT, root / CKPT / "versions", root / LOCKS):
         assert private.stat().st_mode & 0o777 == 0o700

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from activities.objectstore.filesystem import FilesystemBackend
-from activities.objectstore.transfer import TransferProgress, TransferSettings
-from activities.storage import CheckpointStore
+from activities.storage.objectstore.filesystem import FilesystemBackend
+from activities.storage.objectstore.transfer import TransferProgress, TransferSettings
+from activities.storage.store import CheckpointStore
 from api.errors import CheckpointNotFoundError, DigestMismatchError
 from tests.checkpoint_trees import (
     CKPT,

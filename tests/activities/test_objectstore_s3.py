@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from botocore.config import Config
 
-from activities.objectstore.s3 import S3Backend, S3Location
-from activities.objectstore.s3calls import client_config
-from activities.objectstore.transfer import TransferProgress, TransferSettings
-from activities.storage import CheckpointStore
+from activities.storage.objectstore.s3 import S3Backend, S3Location
+from activities.storage.objectstore.s3calls import client_config
+from activities.storage.objectstore.transfer import TransferProgress, TransferSettings
+from activities.storage.store import CheckpointStore
 from api.errors import (
     CheckpointNotFoundError,
     DigestMismatchError,

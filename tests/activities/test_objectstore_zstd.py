@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import zstandard
 
-from activities.objectstore.compression import worth_compressing
-from activities.objectstore.s3 import S3Backend, S3Location
-from activities.objectstore.s3calls import client_config
-from activities.objectstore.transfer import TransferProgress, TransferSettings
-from activities.storage import CheckpointStore
+from activities.storage.objectstore.compression import worth_compressing
+from activities.storage.objectstore.s3 import S3Backend, S3Location
+from activities.storage.objectstore.s3calls import client_config
+from activities.storage.objectstore.transfer import TransferProgress, TransferSettings
+from activities.storage.store import CheckpointStore
 from api.errors import DigestMismatchError
 from tests.checkpoint_trees import CKPT, VERSION, MiB, committed_version, final_names
 from tests.s3server import new_bucket, s3_client

@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 
-from activities.processes import children, is_alive, start_ticks, terminate
+from activities.host.processes import children, is_alive, start_ticks, terminate
 
 
 async def test_terminate_escalates_to_sigkill_for_a_process_ignoring_sigterm() -> None:

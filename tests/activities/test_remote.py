@@ -12,8 +12,12 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import Heartbeat
-from activities.objectstore.transfer import ProgressCallback, TransferProgress, TransferSettings
-from activities.remote import RemoteStores, in_thread
+from activities.storage.objectstore.transfer import (
+    ProgressCallback,
+    TransferProgress,
+    TransferSettings,
+)
+from activities.storage.remote import RemoteStores, in_thread
 from api.errors import InvalidSpecError, StorageError
 from api.storage import RemoteStorage
 

@@ -19,13 +19,13 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import Heartbeat, RestoredWorkload, RestoreInput
-from activities.criu import Criu
-from activities.gpu import Gpu, GpuFacts, NodeGpus
-from activities.layout import NodeLayout
-from activities.processes import is_alive, terminate
-from activities.quarantine import Quarantine
-from activities.restore import RestoreActivities
-from activities.storage import WORKLOAD_LOG, CheckpointStore, digest_tree
+from activities.criu.command import Criu
+from activities.gpu.nvml import Gpu, GpuFacts, NodeGpus
+from activities.host.layout import NodeLayout
+from activities.host.processes import is_alive, terminate
+from activities.local.restore import RestoreActivities
+from activities.storage.quarantine import Quarantine
+from activities.storage.store import WORKLOAD_LOG, CheckpointStore, digest_tree
 from api.errors import (
     AlreadyRunningError,
     CheckpointNotFoundError,

@@ -20,9 +20,9 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
-from activities.catalog import LocalCatalog
-from activities.quarantine import NodeClass, Quarantine, QuarantineEntry
-from activities.retention import (
+from activities.storage.catalog import LocalCatalog
+from activities.storage.quarantine import NodeClass, Quarantine, QuarantineEntry
+from activities.storage.retention import (
     CHECKPOINT_ID_KEY,
     DeleteVersionInput,
     ListVersionsInput,
@@ -30,7 +30,7 @@ from activities.retention import (
     RetentionActivities,
     SweepInput,
 )
-from activities.storage import CheckpointStore
+from activities.storage.store import CheckpointStore
 from api.manifest import Manifest
 from api.naming import MANIFEST_FILE, RESTORE_WORKFLOW
 from api.retention import ProtectedRef

@@ -12,15 +12,15 @@ import pytest
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
-from activities.objectstore.s3 import S3Location
-from activities.retention import (
+from activities.storage.objectstore.s3 import S3Location
+from activities.storage.retention import (
     DeleteVersionInput,
     ListVersionsInput,
     RemoteVersions,
     RetentionActivities,
     UploadSweepInput,
 )
-from activities.storage import CheckpointStore
+from activities.storage.store import CheckpointStore
 from api.errors import InvalidSpecError
 from api.manifest import Manifest
 from tests.committing import commit_version

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from activities.catalog import LocalCatalog
-from activities.storage import CheckpointStore
+from activities.storage.catalog import LocalCatalog
+from activities.storage.store import CheckpointStore
 from api.errors import CheckpointNotFoundError, DigestMismatchError
 from tests.checkpoint_trees import manifest_for
 
@@ -106,7 +106,7 @@ def test_commit_is_idempotent(committed: tuple[CheckpointStore, Path]) -> None:
 
 
 def test_verified_record_skips_rehashing_but_not_changes(tmp_path: Path) -> None:
-    from activities.verified import VerifiedFiles
+    from activities.storage.verified import VerifiedFiles
 
     store = CheckpointStore(tmp_path / "store", verified=VerifiedFiles(tmp_path / "cache"))
     staging = _stage(store)
@@ -150,7 +150,7 @@ def test_a_crafted_manifest_is_refused_by_name(
 
 
 def test_checkpoints_are_private(tmp_path: Path) -> None:
-    from activities.storage import make_private
+    from activities.storage.store import make_private
 
     store = CheckpointStore(tmp_path / "root")
     staging = _stage(store)

@@ -8,8 +8,8 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import CommitInput
-from activities.layout import LaunchRecord, NodeLayout
-from activities.storage import WORKLOAD_LOG, CheckpointStore, StorageActivities
+from activities.host.layout import LaunchRecord, NodeLayout
+from activities.storage.store import WORKLOAD_LOG, CheckpointStore, StorageActivities
 from api.errors import DumpFailedError
 from api.identity import CheckpointIdentity
 from api.manifest import CriuInfo

@@ -61,7 +61,7 @@ def test_the_restore_context_is_byte_for_byte_what_dynamos_standby_writes(
 
 
 def test_dynamos_worker_code_reads_the_context_warmstart_writes(tmp_path: Path) -> None:
-    from activities.sentinels import write_restore_context
+    from activities.host.sentinels import write_restore_context
 
     write_restore_context(tmp_path, {"POD_NAME": "llama-1", "POD_UID": "u-1"})
     applied = run_dynamo(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from activities.processes import terminate
+from activities.host.processes import terminate
 from tests.conftest import needs_criu
 from workers.ports import free_port
 from workers.settings import Settings

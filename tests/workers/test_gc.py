@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleOverlapPolicy
 
-from activities.catalog import LocalCatalog
-from activities.objectstore.s3 import S3Location
-from activities.retention import RemoteVersions
-from activities.storage import CheckpointStore
+from activities.storage.catalog import LocalCatalog
+from activities.storage.objectstore.s3 import S3Location
+from activities.storage.retention import RemoteVersions
+from activities.storage.store import CheckpointStore
 from api.errors import InvalidSpecError
 from api.retention import RETENTION_SCHEDULE_ID, RETENTION_WORKFLOW, RetentionPolicy
 from tests.committing import commit_version

@@ -11,10 +11,10 @@ from typing import Any
 
 from temporalio.client import Client, WorkflowHandle
 
-from activities.files import write_atomically
-from activities.layout import LaunchRecord, NodeLayout
-from activities.processes import is_alive, start_ticks
-from activities.storage import CheckpointStore
+from activities.host.files import write_atomically
+from activities.host.layout import LaunchRecord, NodeLayout
+from activities.host.processes import is_alive, start_ticks
+from activities.storage.store import CheckpointStore
 from api.identity import CheckpointIdentity
 from api.workload import LocalWorkload
 from workers.housekeeping import stop_orphaned_workloads, sweep_orphaned_staging

@@ -1,5 +1,5 @@
-"""Workflows import declarations and contracts only (activities.steps, activities.containers,
-activities.control, activities.contracts): loading any workflow module in a fresh
+"""Workflows import declarations and contracts only (activities.steps and
+activities.contracts): loading any workflow module in a fresh
 interpreter loads no storage, compression, Kubernetes or HTTP library."""
 
 from __future__ import annotations

@@ -22,14 +22,14 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
-from activities.objectstore.s3 import S3Location
-from activities.retention import (
+from activities.storage.objectstore.s3 import S3Location
+from activities.storage.retention import (
     ProtectedInput,
     ProtectedVersions,
     RemoteVersions,
     RetentionActivities,
 )
-from activities.storage import CheckpointStore
+from activities.storage.store import CheckpointStore
 from api.manifest import Manifest
 from api.naming import MANIFEST_FILE
 from api.retention import ProtectedRef, RetentionPolicies, RetentionPolicy

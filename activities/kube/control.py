@@ -1,0 +1,540 @@
+"""Control activities on a cluster, through the official `kubernetes` client: checkpoint ID
+claims, the capture Job, the Job's pod, status and Events on the resource.
+
+The client is synchronous; each call runs in a thread. API errors become warmstart errors
+here: 5xx, 429 and connection failures are `Unavailable` (retried by the step's policy),
+a resource that is gone is `CheckpointNotFound`, anything else the API refuses is
+`InvalidSpec` with the API's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
+from urllib.parse import quote
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from temporalio import activity
+from urllib3.exceptions import HTTPError
+
+from activities.contracts import (
+    ClaimInput,
+    ContainerTarget,
+    JobInput,
+    JobRef,
+    NodeSelectorInput,
+    PodObservation,
+    PodQuery,
+    ResourceRef,
+    StatusInput,
+)
+from activities.steps import ClusterControlSteps
+from api.errors import (
+    CheckpointNotFoundError,
+    IdentityConflictError,
+    InvalidSpecError,
+    UnavailableError,
+)
+from api.jobs import JobSettings, capture_job
+from api.reasons import Phase
+from api.resources import (
+    GROUP,
+    VERSION,
+    CaptureStatus,
+    Checkpoint,
+    WorkflowLink,
+)
+from api.restore_pods import (
+    CONTROL_DIR_ANNOTATION,
+    RESTORE_STATUS_ANNOTATION,
+    STANDBY_ANNOTATION,
+)
+from api.retention import ProtectedRef
+from api.status import Report, event_for, next_status
+
+T = TypeVar("T")
+PLURALS = {"Checkpoint": "checkpoints", "PodSnapshot": "podsnapshots"}
+CONTROLLER = f"{GROUP}/controller"
+_CONFLICT_RETRIES = 8
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def call(fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` in a thread, with API failures mapped (see the module)."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except ApiException as err:
+        if err.status in (409, 404):
+            raise  # the caller decides what these mean
+        if err.status is None or err.status >= 500 or err.status == 429:
+            raise UnavailableError(f"{what}: API server answered {err.status}") from err
+        raise InvalidSpecError(f"{what}: {err.status} {_api_message(err)}") from err
+    except (HTTPError, OSError) as err:
+        raise UnavailableError(f"{what}: API server unreachable: {err}") from err
+
+
+def _api_message(err: ApiException) -> str:
+    try:
+        return str(json.loads(err.body or "{}").get("message") or err.reason)
+    except ValueError:
+        return str(err.reason)
+
+
+class KubeControlActivities(ClusterControlSteps):
+    """Control activities of the cluster mode (the control worker registers these)."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        claims_namespace: str,
+        job_settings: JobSettings | None = None,
+        ui_url: str = "",
+        temporal_namespace: str = "default",
+        instance: str = "",
+    ) -> None:
+        self._custom = client.CustomObjectsApi(api)
+        self._batch = client.BatchV1Api(api)
+        self._core = client.CoreV1Api(api)
+        self._leases = client.CoordinationV1Api(api)
+        self._events = client.EventsV1Api(api)
+        self._claims_namespace = claims_namespace
+        self._job_settings = job_settings or JobSettings()
+        self._ui_url = ui_url.rstrip("/")
+        self._temporal_namespace = temporal_namespace
+        self._instance = instance or f"warmstart-{uuid.uuid4().hex[:8]}"
+
+    # --- the resource ----------------------------------------------------------------
+
+    async def _resource(self, ref: ResourceRef) -> dict[str, Any]:
+        """The resource `ref` names, if it is still the same object (same UID)."""
+        where = f"{ref.kind} {ref.namespace}/{ref.name}"
+        try:
+            raw: object = await call(
+                self._custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                ref.namespace,
+                PLURALS[ref.kind],
+                ref.name,
+                what=f"read {where}",
+            )
+        except ApiException as err:
+            raise CheckpointNotFoundError(f"{where} no longer exists") from err
+        if not isinstance(raw, dict):
+            raise CheckpointNotFoundError(f"{where}: the API server answered no object")
+        obj: dict[str, Any] = raw
+        if ref.uid and obj.get("metadata", {}).get("uid") != ref.uid:
+            raise CheckpointNotFoundError(f"{where} was deleted and created again (new UID)")
+        return obj
+
+    # --- checkpoint ID ownership -----------------------------------------------------
+
+    @activity.defn
+    async def claim_checkpoint_id(self, request: ClaimInput) -> None:
+        """One resource owns a checkpoint ID: a Lease `checkpoint-<id>` in the controller's
+        namespace names it. The API server's create is the lock; a holder whose resource
+        is gone or being deleted no longer owns the ID."""
+        ref = _require_resource(request.resource, "claim")
+        holder = f"{ref.kind}/{ref.namespace}/{ref.name}/{ref.uid}"
+        name = f"checkpoint-{request.checkpoint_id}"
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": self._claims_namespace},
+            "spec": {"holderIdentity": holder},
+        }
+        for _ in range(_CONFLICT_RETRIES):
+            try:
+                await call(
+                    self._leases.create_namespaced_lease,
+                    self._claims_namespace,
+                    lease,
+                    what=f"claim {request.checkpoint_id}",
+                )
+                return
+            except ApiException as err:
+                if err.status != 409:
+                    raise InvalidSpecError(f"claim {request.checkpoint_id}: {err}") from err
+            current = await self._read_lease(name)
+            if current is None:
+                continue  # released in between: try again
+            owner = (current.spec.holder_identity if current.spec else None) or ""
+            if owner == holder:
+                return
+            if await self._holder_alive(owner):
+                kind, ns, owner_name = [*owner.split("/"), "", "", ""][:3]
+                raise IdentityConflictError(
+                    f"checkpoint ID {request.checkpoint_id} is already owned by "
+                    f"{kind} {ns}/{owner_name}"
+                )
+            version = current.metadata.resource_version if current.metadata else None
+            takeover = {
+                "metadata": {"resourceVersion": version},
+                "spec": {"holderIdentity": holder},
+            }
+            try:
+                await call(
+                    self._leases.patch_namespaced_lease,
+                    name,
+                    self._claims_namespace,
+                    takeover,
+                    what=f"claim {request.checkpoint_id}",
+                )
+                return
+            except ApiException as err:
+                if err.status not in (409, 404):
+                    raise
+        raise UnavailableError(f"claim {request.checkpoint_id}: the claim kept changing")
+
+    async def _read_lease(self, name: str) -> client.V1Lease | None:
+        try:
+            lease: client.V1Lease = await call(
+                self._leases.read_namespaced_lease,
+                name,
+                self._claims_namespace,
+                what=f"read claim {name}",
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return lease
+
+    async def _holder_alive(self, holder: str) -> bool:
+        parts = holder.split("/")
+        if len(parts) != 4 or parts[0] not in PLURALS:
+            return False
+        kind, namespace, name, uid = parts
+        ref = ResourceRef.model_validate(
+            {"kind": kind, "namespace": namespace, "name": name, "uid": uid}
+        )
+        try:
+            obj = await self._resource(ref)
+        except CheckpointNotFoundError:
+            return False
+        return not obj.get("metadata", {}).get("deletionTimestamp")
+
+    # --- status and Events -----------------------------------------------------------
+
+    @activity.defn
+    async def publish_status(self, request: StatusInput) -> None:
+        """Patch the resource's status (read, compute, patch with the read resourceVersion;
+        a conflict reads again) and post an Event where the phase changed. A restore is
+        published on its pod: the `restore-status` annotation and an Event."""
+        if request.kind == "restore" and request.pod is not None:
+            return await self._publish_restore(request, request.pod)
+        ref = _require_resource(request.resource, "publish status")
+        info = activity.info()
+        link = WorkflowLink(id=info.workflow_id, run_id=info.workflow_run_id, url=self._link(info))
+        for _ in range(_CONFLICT_RETRIES):
+            obj = await self._resource(ref)
+            raw = obj.get("status")
+            previous = CaptureStatus.model_validate(raw) if raw else None
+            report = Report(
+                phase=request.phase,
+                reason=request.reason,
+                message=request.message,
+                checkpoint_id=request.checkpoint_id,
+                node_name=request.node,
+                job_name=request.job_name,
+                version=request.version,
+                size_bytes=request.size_bytes,
+                storage_uri=request.storage_uri,
+                step_seconds=request.step_seconds,
+                workflow=link,
+                generation=int(obj.get("metadata", {}).get("generation") or 0),
+            )
+            status = next_status(previous, report, now=_now())
+            body = {
+                "metadata": {"resourceVersion": obj["metadata"].get("resourceVersion")},
+                "status": status_patch(status),
+            }
+            try:
+                await call(
+                    self._custom.patch_namespaced_custom_object_status,
+                    GROUP,
+                    VERSION,
+                    ref.namespace,
+                    PLURALS[ref.kind],
+                    ref.name,
+                    body,
+                    what=f"patch status of {ref.kind} {ref.namespace}/{ref.name}",
+                )
+            except ApiException as err:
+                if err.status == 409:
+                    continue
+                raise CheckpointNotFoundError(
+                    f"{ref.kind} {ref.namespace}/{ref.name}: gone"
+                ) from err
+            event = event_for(previous, status)
+            if event is not None:
+                await self._post_event(obj, *event, note=request.message or status.phase.value)
+            return
+        raise UnavailableError(f"status of {ref.namespace}/{ref.name} kept changing")
+
+    async def _publish_restore(self, request: StatusInput, pod: ContainerTarget) -> None:
+        restored = request.phase == Phase.RESTORED
+        value = "restored" if restored else f"fell-back: {request.reason}: {request.message}"
+        notes = {RESTORE_STATUS_ANNOTATION: value[:1024]}
+        if not restored and pod.standby == "image":
+            # The image's own standby reads these at its next start: it then starts cold.
+            notes.update({STANDBY_ANNOTATION: "0", CONTROL_DIR_ANNOTATION: ""})
+        body = {"metadata": {"annotations": notes}}
+        where = f"pod {pod.namespace}/{pod.pod_name}"
+        try:
+            obj = await call(
+                self._core.patch_namespaced_pod,
+                pod.pod_name,
+                pod.namespace,
+                body,
+                what=f"annotate {where}",
+            )
+        except ApiException as err:
+            if err.status == 404:  # deleted meanwhile: nobody to tell
+                activity.logger.info("%s is gone; restore status not published", where)
+                return
+            raise
+        meta = obj.metadata if obj is not None else None
+        regarding = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod.pod_name,
+                "namespace": pod.namespace,
+                "uid": (meta.uid if meta is not None else None) or pod.pod_uid,
+            },
+        }
+        event = ("Normal", "Restored") if restored else ("Warning", "RestoreFellBack")
+        note = request.message or value
+        await self._post_event(regarding, *event, note=note, action="Restore")
+
+    def _link(self, info: activity.Info) -> str:
+        if not self._ui_url:
+            return ""
+        return (
+            f"{self._ui_url}/namespaces/{quote(self._temporal_namespace)}/workflows/"
+            f"{quote(info.workflow_id or '', safe='')}/{info.workflow_run_id}/history"
+        )
+
+    async def _post_event(
+        self, obj: dict[str, Any], kind: str, reason: str, *, note: str, action: str = "Capture"
+    ) -> None:
+        meta = obj["metadata"]
+        now = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        event = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{meta['name']}.{uuid.uuid4().hex[:12]}",
+                "namespace": meta["namespace"],
+            },
+            "eventTime": now,
+            "type": kind,
+            "reason": reason,
+            "action": action,
+            "note": note[:1024],
+            "reportingController": CONTROLLER,
+            "reportingInstance": self._instance,
+            "regarding": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+        }
+        try:
+            await call(
+                self._events.create_namespaced_event,
+                meta["namespace"],
+                event,
+                what=f"event {reason}",
+            )
+        except (ApiException, InvalidSpecError) as err:
+            activity.logger.warning("event %s on %s not posted: %s", reason, meta["name"], err)
+
+    # --- the capture Job and its pod -------------------------------------------------
+
+    @activity.defn
+    async def create_capture_job(self, request: JobInput) -> str:
+        """Create the capture Job of the Checkpoint; one that exists and is ours is adopted.
+        Returns the Job's name."""
+        obj = await self._resource(request.resource)
+        resource = Checkpoint.model_validate(obj)
+        job = capture_job(resource, version=request.version, settings=self._job_settings)
+        name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+        try:
+            await call(self._batch.create_namespaced_job, namespace, job, what=f"create Job {name}")
+            activity.logger.info("created Job %s/%s", namespace, name)
+            return str(name)
+        except ApiException as err:
+            if err.status != 409:
+                raise InvalidSpecError(f"create Job {name}: {_api_message(err)}") from err
+        existing = await call(
+            self._batch.read_namespaced_job, name, namespace, what=f"read Job {name}"
+        )
+        meta = existing.metadata
+        owners = [o.uid for o in (meta.owner_references if meta else None) or []]
+        if request.resource.uid not in owners:
+            raise InvalidSpecError(
+                f"Job {namespace}/{name} exists and is not this Checkpoint's (owners {owners})"
+            )
+        activity.logger.info("adopted Job %s/%s", namespace, name)
+        return str(name)
+
+    @activity.defn
+    async def delete_capture_job(self, request: JobRef) -> None:
+        """Delete the capture Job and its pod; one already gone is fine."""
+        try:
+            await call(
+                self._batch.delete_namespaced_job,
+                request.name,
+                request.namespace,
+                propagation_policy="Background",
+                what=f"delete Job {request.name}",
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise InvalidSpecError(f"delete Job {request.name}: {_api_message(err)}") from err
+
+    @activity.defn
+    async def nodes_matching(self, request: NodeSelectorInput) -> list[str]:
+        """Nodes selected by any label map (matched here: one list serves every map)."""
+        nodes = await call(self._core.list_node, what="list nodes")
+        return sorted(
+            str(node.metadata.name)
+            for node in nodes.items
+            if node.metadata is not None
+            and any(selector.items() <= _labels(node).items() for selector in request.selectors)
+        )
+
+    @activity.defn
+    async def read_capture_pod(self, request: PodQuery) -> PodObservation:
+        """The capture pod as the API server has it (the fallback for missed signals)."""
+        if not request.job_name:
+            return await self._read_named_pod(request)
+        job = await call(
+            self._batch.read_namespaced_job,
+            request.job_name,
+            request.namespace,
+            what=f"read Job {request.job_name}",
+        )
+        failed = (
+            [c for c in (job.status.conditions or []) if c.type == "Failed" and c.status == "True"]
+            if job.status
+            else []
+        )
+        pods = await call(
+            self._core.list_namespaced_pod,
+            request.namespace,
+            label_selector=f"job-name={request.job_name}",
+            what=f"list pods of Job {request.job_name}",
+        )
+        # The selector is the API server's job; checking again costs nothing.
+        mine = [p for p in pods.items if _labels(p).get("job-name") == request.job_name]
+        observation = observe_pod(mine[-1], request.container) if mine else PodObservation()
+        if failed and not observation.failure:
+            why = failed[0]
+            observation = observation.model_copy(
+                update={"failure": f"Job {request.job_name} failed: {why.reason}: {why.message}"}
+            )
+        return observation
+
+    async def _read_named_pod(self, request: PodQuery) -> PodObservation:
+        where = f"pod {request.namespace}/{request.pod_name}"
+        try:
+            pod = await call(
+                self._core.read_namespaced_pod,
+                request.pod_name,
+                request.namespace,
+                what=f"read {where}",
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            return PodObservation(failure=f"{where} no longer exists")
+        uid = pod.metadata.uid if pod.metadata else None
+        if request.pod_uid and uid != request.pod_uid:
+            return PodObservation(failure=f"{where} was created again (UID {uid})")
+        return observe_pod(pod, request.container)
+
+
+def status_patch(status: CaptureStatus) -> dict[str, Any]:
+    """The status as a merge patch: fields at their zero value are left out (the client
+    sends an empty string as null, which a structural schema refuses), the phase always in."""
+    body = status.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    body["phase"] = status.phase.value
+    return body
+
+
+def observe_pod(pod: Any, container: str) -> PodObservation:
+    """What a capture pod says: node, target readiness, a container that failed."""
+    failure = ""
+    statuses = (
+        [*(pod.status.init_container_statuses or []), *(pod.status.container_statuses or [])]
+        if pod.status
+        else []
+    )
+    ready = False
+    for status in statuses:
+        if status.name == container:
+            ready = bool(status.ready)
+        terminated = status.state.terminated if status.state else None
+        if terminated is not None and terminated.exit_code not in (None, 0):
+            failure = (
+                f"container {status.name} exited with code {terminated.exit_code}"
+                f" ({terminated.reason or 'Error'})"
+            )
+    return PodObservation(
+        pod_name=pod.metadata.name,
+        pod_uid=pod.metadata.uid or "",
+        node_name=(pod.spec.node_name if pod.spec else None) or "",
+        container_ready=ready,
+        failure=failure,
+    )
+
+
+def _labels(obj: Any) -> dict[str, str]:
+    return dict((obj.metadata.labels if obj.metadata else None) or {})
+
+
+def _require_resource(resource: ResourceRef | None, what: str) -> ResourceRef:
+    if resource is None:
+        raise InvalidSpecError(f"{what}: a cluster capture needs the resource it works for")
+    return resource
+
+
+def ready_references(api: Any) -> Callable[[], Awaitable[list[ProtectedRef]]]:
+    """Retention's source of the versions Ready Checkpoints and PodSnapshots reference (in
+    every namespace): restore targets are shaped from them, so they are never deleted."""
+    custom = client.CustomObjectsApi(api)
+
+    async def read() -> list[ProtectedRef]:
+        refs = []
+        for kind, plural in PLURALS.items():
+            listed = await call(
+                custom.list_cluster_custom_object, GROUP, VERSION, plural, what=f"list {plural}"
+            )
+            for obj in cast(dict[str, Any], listed).get("items", []):
+                status, meta = obj.get("status") or {}, obj.get("metadata") or {}
+                if status.get("phase") != Phase.READY.value or not status.get("checkpointID"):
+                    continue
+                refs.append(
+                    ProtectedRef(
+                        checkpoint_id=str(status["checkpointID"]),
+                        version=str(status.get("version") or ""),
+                        referrer=f"{kind} {meta.get('namespace')}/{meta.get('name')}",
+                    )
+                )
+        return refs
+
+    return read

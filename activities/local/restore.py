@@ -1,0 +1,185 @@
+"""The restore critical path as one node activity: verify, prepare, CRIU restore, hand over.
+
+One activity (not several) because every matching hop costs tens of milliseconds on a
+path where each 100 ms shows up in time-to-serve. Each stage is the job of one module:
+the store verifies (storage), the target is prepared and probed (local), CRIU restores
+(criu), the workload is told (sentinels); stages are reported by heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import shutil
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from temporalio import activity
+
+from activities.contracts import RestoredWorkload, RestoreInput
+from activities.criu.command import IMAGES_DIR, Criu
+from activities.gpu.nvml import NodeGpus, local_target
+from activities.host.files import write_atomically
+from activities.host.layout import NodeLayout, WorkloadPaths
+from activities.host.processes import is_alive, start_ticks, terminate
+from activities.host.sentinels import (
+    RESTORE_SENTINELS,
+    clear_sentinels,
+    fall_back_to_cold_start,
+    write_restore_context,
+    write_sentinel_file,
+)
+from activities.local.process import await_answer, prepare_restore_target
+from activities.pipeline import NodeGate, Stages, failure_note, open_version
+from activities.steps import RestoreSteps
+from activities.storage.catalog import load_manifest
+from activities.storage.quarantine import Quarantine
+from activities.storage.sources import CheckpointSource
+from activities.storage.store import WORKLOAD_LOG, CheckpointStore, host_info
+from api.contract import Contract
+from api.errors import (
+    AlreadyRunningError,
+    WarmstartError,
+)
+from api.manifest import HostInfo, Manifest
+from api.reasons import Sentinel
+
+# Failures that say something about this node class rather than the checkpoint's bytes:
+# a restore failing so is quarantined there (activities.storage.quarantine).
+
+
+class RestoreActivities(RestoreSteps):
+    def __init__(
+        self,
+        *,
+        criu: Criu,
+        store: CheckpointStore,
+        layout: NodeLayout,
+        node: str = "local",
+        gpus: NodeGpus | None = None,
+        source: CheckpointSource | None = None,
+    ) -> None:
+        self._criu = criu
+        self._store = store
+        self._source = source or CheckpointSource(store=store)
+        self._layout = layout
+        self._gpus = gpus or NodeGpus()
+        quarantine = Quarantine(store.root)
+        self._gate = NodeGate(criu_version=criu.version(), quarantine=quarantine, node=node)
+
+    @activity.defn
+    async def restore_checkpoint(self, request: RestoreInput) -> RestoredWorkload:
+        """Restore and hand over; on any failure nothing stays half-restored and the
+        workload's control directory gets `restore-failed` (its standby then starts cold)."""
+        stages = Stages()
+        paths = self._layout.workload(request.name, request.checkpoint_id)
+        with _one_live_instance(request.name, paths):
+            return await self._restore(request, stages)
+
+    async def _restore(self, request: RestoreInput, stages: Stages) -> RestoredWorkload:
+        # Where the workload waits: its manifest says, once it has been read and checked;
+        # before that (missing or damaged checkpoint) this node's own layout says.
+        control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
+        version, pid, cls = request.version, 0, None
+        held = AsyncExitStack()
+        clear_sentinels(control_dir, RESTORE_SENTINELS)  # this restore's outcome only
+        try:
+            stages.start("verify")
+            version_dir = await open_version(
+                held, self._source, stages, request.checkpoint_id, request.version, request.storage
+            )
+            claimed = load_manifest(version_dir)
+            cls = self._gate.check(claimed, self._target(claimed))
+            manifest = await asyncio.to_thread(
+                self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
+            )
+            version = manifest.version
+            stages.start("prepare")
+            saved_output = version_dir / WORKLOAD_LOG
+            state = self._layout.workloads
+            await asyncio.to_thread(
+                prepare_restore_target, manifest.source, saved_output, state=state
+            )
+            control_dir = Path(manifest.source.control_dir)
+            write_restore_context(control_dir, request.env)
+            stages.start("criu-restore")
+            work_dir = self._layout.restore_work_dir(request.name)
+            pid = await self._criu.restore(images_dir=version_dir / IMAGES_DIR, work_dir=work_dir)
+            write_sentinel_file(control_dir, Sentinel.RESTORE_COMPLETE)
+            stages.start("await-answer")
+            url = manifest.source.health_url or manifest.source.readiness.http_url
+            await await_answer(pid, url, timeout=request.answer_timeout_seconds)
+            stages.finish()
+            shutil.rmtree(work_dir, ignore_errors=True)  # kept only when it failed: its log
+        except WarmstartError as err:
+            await _undo(pid, control_dir, failure_note(err))
+            if cls is not None:
+                self._gate.remember(request.checkpoint_id, cls, err)
+            where = f"restore of {request.name} from checkpoint {request.checkpoint_id}"
+            where += f" version {version}" if version else ""
+            raise type(err)(f"{where} failed: {err}", reason=err.reason) from err
+        except BaseException as err:
+            await _undo(pid, control_dir, failure_note(err))
+            raise
+        finally:
+            await held.aclose()  # the cache may evict the version again
+        record = Instance(pid=pid, start_ticks=start_ticks(pid))
+        paths = self._layout.workload(request.name, request.checkpoint_id)
+        write_atomically(paths.restored_record, record.model_dump_json().encode(), durable=False)
+        activity.logger.info("restored %s as pid %d: %s", request.name, pid, stages.seconds)
+        return RestoredWorkload(pid=pid, version=manifest.version, stage_seconds=stages.seconds)
+
+    def _target(self, manifest: Manifest) -> HostInfo:
+        """This node as the restored process will see it: the checkpoint's own GPUs when
+        they are all here, else as many of the node's."""
+        source = tuple(gpu.uuid for gpu in manifest.host.gpus)
+        return host_info(local_target(source, self._gpus.facts()))
+
+
+class Instance(Contract):
+    pid: int
+    start_ticks: int
+
+
+@contextlib.contextmanager
+def _one_live_instance(name: str, paths: WorkloadPaths) -> Iterator[None]:
+    """Refuse a restore while another restore of the same workload runs, or while the
+    instance it restored (or the one launched for capture) is alive: they would share
+    the control directory and output file. Refusing touches neither."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with paths.restore_lock.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunningError(
+                f"workload {name}: another restore of it is in progress"
+            ) from None
+        for record, what in (
+            (paths.restored_record, "restored"),
+            (paths.launch_record, "launched"),
+        ):
+            live = _live_pid(record)
+            if live:
+                raise AlreadyRunningError(
+                    f"workload {name} already runs as pid {live} ({what}); stop it first"
+                )
+        yield
+
+
+def _live_pid(record: Path) -> int:
+    """The pid in `record` if that very process (same start time) is still alive, else 0."""
+    try:
+        instance = Instance.model_validate_json(record.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return 0
+    alive = is_alive(instance.pid) and start_ticks(instance.pid) == instance.start_ticks
+    return instance.pid if alive else 0
+
+
+async def _undo(pid: int, control_dir: Path, reason: str) -> None:
+    """Leave nothing half-restored; tell a standby entrypoint to start cold."""
+    if pid and is_alive(pid):
+        await terminate(pid, grace_seconds=1.0)
+    fall_back_to_cold_start(control_dir, reason)

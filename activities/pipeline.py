@@ -1,0 +1,128 @@
+"""What both restore paths share (local mode, `activities.local.restore`; containers,
+`activities.runtime.standby`): the stage timer, the gate a restore passes before it reads
+any artifact, and opening the version to restore from."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+
+from temporalio import activity
+
+from activities.contracts import Heartbeat, RemoteStorage
+from activities.storage.quarantine import NodeClass, Quarantine, QuarantineEntry, node_class
+from activities.storage.sources import CheckpointSource
+from api.compatibility import describe_mismatches, mismatches
+from api.errors import (
+    GpuError,
+    IncompatibleError,
+    QuarantinedError,
+    RestoreFailedError,
+    WarmstartError,
+)
+from api.manifest import HostInfo, Manifest
+from api.reasons import Reason
+
+QUARANTINED_REASONS = frozenset(
+    {Reason.RESTORE_FAILED, Reason.WORKLOAD_NOT_READY, Reason.WORKLOAD_EXITED}
+)
+
+
+class Stages:
+    """Wall time per stage, reported by heartbeat as each one starts."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._name = ""
+        self._started = time.monotonic()
+
+    def start(self, name: str) -> None:
+        self.finish()
+        self._name, self._started = name, time.monotonic()
+        if activity.in_activity():
+            activity.heartbeat(Heartbeat(stage=name))
+
+    def finish(self) -> None:
+        if self._name:
+            spent = self.seconds.get(self._name, 0.0) + time.monotonic() - self._started
+            self.seconds[self._name] = round(spent, 4)
+            self._name = ""
+
+    @property
+    def current(self) -> str:
+        return self._name
+
+
+async def open_version(
+    held: AsyncExitStack,
+    source: CheckpointSource,
+    stages: Stages,
+    checkpoint_id: str,
+    version: str,
+    storage: RemoteStorage | None,
+) -> Path:
+    """The version directory to restore from, in use until `held` closes; a download of it
+    is the `fetch` stage, after which `verify` goes on."""
+    path = await held.enter_async_context(
+        source.version_dir(checkpoint_id, version, storage, on_fetch=lambda: stages.start("fetch"))
+    )
+    if stages.current == "fetch":
+        stages.start("verify")
+    return path
+
+
+class NodeGate:
+    """The checks a restore passes before it reads any artifact: compatibility of the
+    manifest's host facts with the target's, then the quarantine of its node class."""
+
+    def __init__(self, *, criu_version: str, quarantine: Quarantine, node: str) -> None:
+        self.criu_version = criu_version
+        self.quarantine = quarantine
+        self.node = node
+
+    def check(self, manifest: Manifest, target: HostInfo) -> NodeClass:
+        found = mismatches(
+            captured=manifest.host,
+            captured_criu=manifest.criu.version,
+            node=target,
+            node_criu=self.criu_version,
+        )
+        if found:
+            raise IncompatibleError(describe_mismatches(manifest.checkpoint_id, found))
+        cls = node_class(target, criu=self.criu_version)
+        entry = self.quarantine.find(manifest.checkpoint_id, cls)
+        if entry is not None:
+            raise QuarantinedError(entry.describe())
+        return cls
+
+    def remember(self, checkpoint_id: str, cls: NodeClass, err: WarmstartError) -> None:
+        if err.reason in QUARANTINED_REASONS:
+            entry = QuarantineEntry(
+                checkpoint_id=checkpoint_id,
+                node_class=cls,
+                reason=err.reason,
+                message=str(err)[-2000:],
+                node=self.node,
+                since=datetime.now(UTC),
+            )
+            self.quarantine.record(entry)
+
+
+def as_restore_failure(err: BaseException, where: str) -> BaseException:
+    """What a failed restore raises: warmstart's errors and a cancel as they are, an OSError
+    or a GPU error as RestoreFailedError (so that the quarantine sees it)."""
+    if isinstance(err, GpuError | OSError):
+        return RestoreFailedError(f"{where}: {type(err).__name__}: {err}")
+    return err
+
+
+def failure_note(err: BaseException) -> str:
+    """What `restore-failed` says: the reason, then the message."""
+    if isinstance(err, WarmstartError):
+        return f"{err.reason}: {err}"
+    if isinstance(err, asyncio.CancelledError):
+        return f"{Reason.CANCELLED}: the restore was cancelled"
+    return f"{Reason.INTERNAL}: {type(err).__name__}: {err}"

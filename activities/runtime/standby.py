@@ -1,0 +1,165 @@
+"""The node activity of a cluster restore, stage by stage (reported by heartbeat): verify
+(the gate first: compatibility with the standby's GPUs, quarantine; then digests) → await
+the GMS loader's sentinel → prepare the container and CRIU-restore into it
+(`activities.runtime.restore`) → CUDA restore onto the device map, then unlock →
+`restore-complete`. Any failure writes `restore-failed` so the standby starts cold, and a
+failure of this node class is quarantined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from temporalio import activity
+
+from activities.contracts import ContainerRestoreInput, RestoredContainer
+from activities.criu.command import Criu
+from activities.gpu.cuda import CUDA_FILE, CudaApi, resume, tree_pids
+from activities.gpu.nvml import (
+    GpuFacts,
+    NodeGpus,
+    device_map,
+    format_device_map,
+    gpus_of_process,
+    process_environment,
+)
+from activities.pipeline import NodeGate, Stages, as_restore_failure, failure_note, open_version
+from activities.runtime import control
+from activities.runtime.base import ContainerRuntime
+from activities.runtime.restore import RestoredProcess, restore_into_container
+from activities.storage.catalog import load_manifest
+from activities.storage.sources import CheckpointSource
+from activities.storage.store import CheckpointStore, host_info
+from api.errors import GpuError, RestoreFailedError, WarmstartError, WorkloadNotReadyError
+from api.manifest import Manifest
+
+
+class StandbyRestorer:
+    """Restores checkpoints into the standby containers of this node's restore targets."""
+
+    def __init__(
+        self,
+        *,
+        runtime: ContainerRuntime,
+        criu: Criu,
+        store: CheckpointStore,
+        gate: NodeGate,
+        gpus: NodeGpus,
+        work_root: Path,
+        cuda: CudaApi | None = None,
+        source: CheckpointSource | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._criu = criu
+        self._store = store
+        self._source = source or CheckpointSource(store=store)
+        self._gate = gate
+        self._gpus = gpus
+        self._work_root = work_root
+        self._cuda = cuda
+
+    async def restore(self, request: ContainerRestoreInput) -> RestoredContainer:
+        stages = Stages()
+        target = request.target
+        standby = await self._runtime.locate(target)
+        where = (
+            f"restore of checkpoint {request.checkpoint_id} into container {target.container} "
+            f"of pod {target.namespace}/{target.pod_name}"
+        )
+        cls = None
+        held = AsyncExitStack()
+        try:
+            await asyncio.to_thread(control.reset_for_restore, standby.pid)
+            stages.start("verify")
+            version_dir = await open_version(
+                held, self._source, stages, request.checkpoint_id, request.version, request.storage
+            )
+            claimed = load_manifest(version_dir)
+            environ = process_environment(standby.pid)
+            gpus = gpus_of_process(environ, self._gpus.facts())
+            cls = self._gate.check(claimed, host_info(gpus))
+            manifest = await asyncio.to_thread(
+                self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
+            )
+            if request.gms_sentinel:
+                stages.start("await-gms-load")
+                sentinel, timeout = request.gms_sentinel, request.gms_timeout_seconds
+                if not await control.await_file(standby.pid, sentinel, timeout=timeout):
+                    raise WorkloadNotReadyError(
+                        f"pod {target.namespace}/{target.pod_name}: no {sentinel} from the "
+                        f"GMS loader within {timeout:g} s"
+                    )
+            restored = await restore_into_container(
+                criu=self._criu,
+                target=target,
+                standby=standby,
+                version_dir=version_dir,
+                manifest=manifest,
+                work_dir=self._work_root / target.pod_uid,
+                stages=stages,
+                before_complete=self._cuda_resume(manifest, version_dir, gpus),
+                environ=environ,
+            )
+            stages.finish()
+        except BaseException as err:
+            # The one failure path: `restore-failed` once, the node class remembered.
+            failure = as_restore_failure(err, where)
+            await asyncio.to_thread(control.restore_failed, standby.pid, failure_note(failure))
+            if cls is not None and isinstance(failure, WarmstartError):
+                self._gate.remember(request.checkpoint_id, cls, failure)
+            if failure is err:
+                raise
+            raise failure from err
+        finally:
+            await held.aclose()  # the cache may evict the version again
+        activity.logger.info(
+            "restored %s into pod %s/%s: %s",
+            request.checkpoint_id,
+            target.namespace,
+            target.pod_name,
+            stages.seconds,
+        )
+        return RestoredContainer(
+            pid=restored.host_pid,
+            namespace_pid=restored.pid,
+            version=manifest.version,
+            stage_seconds=stages.seconds,
+        )
+
+    def _cuda_resume(
+        self, manifest: Manifest, version_dir: Path, gpus: GpuFacts
+    ) -> Callable[[RestoredProcess], Awaitable[None]] | None:
+        """What runs between CRIU and `restore-complete` for a GPU checkpoint: its CUDA
+        processes' memory back onto the device map, then unlocked; None for a CPU one."""
+        dumped = version_dir / CUDA_FILE
+        if not manifest.host.gpus or not dumped.is_file():
+            return None
+        container_pids = json.loads(dumped.read_text())["pids"]
+        source = tuple(gpu.uuid for gpu in manifest.host.gpus)
+        pairs = device_map(source, gpus.uuids)
+        remap = pairs if format_device_map(pairs) else ()
+        cuda = self._cuda
+
+        async def resume_cuda(restored: RestoredProcess) -> None:
+            if cuda is None:
+                raise RestoreFailedError("a GPU checkpoint, and no CUDA driver on this node")
+            pids = [_host_pid(restored.host_pid, pid) for pid in container_pids]
+            try:
+                await asyncio.to_thread(resume, cuda, pids, pairs=remap)
+            except GpuError as err:
+                raise RestoreFailedError(f"CUDA restore of pids {pids}: {err}") from err
+
+        return resume_cuda
+
+
+def _host_pid(root: int, container_pid: int) -> int:
+    """The node's PID of the restored process that is `container_pid` in the tree's own
+    PID namespace."""
+    for host, inner in tree_pids(root):
+        if inner == container_pid:
+            return host
+    raise RestoreFailedError(f"CUDA process {container_pid} of the checkpoint was not restored")

@@ -1,0 +1,294 @@
+"""The node cache of remote checkpoint versions: a bounded, least-recently-used directory
+that restores read from, with one download per version however many restores of it arrive.
+
+Versions are laid out and committed as `CheckpointStore` does (`<root>/<checkpointID>/
+versions/<version>/`, manifest last, staged under `versions/tmp/<version>` and renamed into
+place), so `CheckpointStore(root).find/verify` read the cache. Beside them, per version,
+`<root>/.locks/<checkpointID>-<version>`:
+
+- `.fetch`: held exclusively (flock) by whoever downloads or evicts the version, so across
+  processes the second fetcher waits and then finds it committed;
+- `.use`: held shared by every restore reading the version (`using`); eviction takes it
+  exclusively without waiting and skips versions it cannot lock. Its mtime is the
+  version's LRU stamp.
+
+Lock files are never removed: one unlinked while another process holds it open would let
+two processes each hold "the" lock, on different inodes. The byte bound counts committed
+versions and this process's downloads in flight; a download in flight in another process
+is not counted (a node runs one node worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import shutil
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from activities.host.files import fsync_dir
+from activities.storage.catalog import load_manifest
+from activities.storage.objectstore import Backend
+from activities.storage.objectstore.placing import make_private_dirs
+from activities.storage.objectstore.transfer import ProgressCallback, TransferProgress
+from activities.storage.store import CheckpointStore
+from activities.storage.verified import VerifiedFiles
+from api.errors import CheckpointNotFoundError, StorageError
+from api.naming import MANIFEST_FILE, require_path_element
+
+LOCKS = ".locks"
+_FETCH = "fetch"
+_USE = "use"
+# A full disk or quota under the cache: retrying on this node cannot help.
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+@dataclass(frozen=True)
+class CachedVersion:
+    checkpoint_id: str
+    version: str
+    size_bytes: int
+    last_used: datetime
+    in_use: bool
+
+
+class _Flight:
+    """One download and everyone waiting for it: each waiter's progress callback gets every
+    report, so each waiting restore keeps heartbeating its own activity."""
+
+    def __init__(self, start: Callable[[ProgressCallback], Awaitable[Path]]) -> None:
+        self.listeners: list[ProgressCallback] = []
+        self.task = asyncio.ensure_future(start(self.report))
+
+    def report(self, progress: TransferProgress) -> None:
+        for listener in list(self.listeners):
+            listener(progress)
+
+
+class NodeCache:
+    """The cache under `root`, holding at most `max_bytes` of versions (None: no bound);
+    downloads are recorded in `verified`, the record the restore's verify consults."""
+
+    def __init__(
+        self, root: Path, *, max_bytes: int | None = None, verified: VerifiedFiles | None = None
+    ) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self._store = CheckpointStore(root)
+        self._verified = verified
+        self._flights: dict[tuple[str, str], _Flight] = {}
+        self._space = threading.Lock()  # eviction and reservations of this process's downloads
+        self._reserved: dict[tuple[str, str], int] = {}
+
+    async def fetch(
+        self,
+        backend: Backend,
+        *,
+        checkpoint_id: str,
+        version: str = "",
+        progress: ProgressCallback | None = None,
+    ) -> Path:
+        """The committed version directory in the cache, downloaded first unless already
+        there; "" is the backend's newest version. Hold `using` around the fetch and the
+        restore, so no eviction can come between them. A version that cannot fit, or a
+        full disk, is StorageError naming the version and the cache."""
+        if not version:
+            version = await asyncio.to_thread(_newest, backend, checkpoint_id)
+        key = (checkpoint_id, version)
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = _Flight(
+                lambda report: asyncio.to_thread(self._fetch, backend, key, report)
+            )
+            flight.task.add_done_callback(lambda task: self._landed(key, task))
+        if progress is not None:
+            flight.listeners.append(progress)
+        try:
+            # One waiter cancelled (its activity was) must not fail the others' download.
+            return await asyncio.shield(flight.task)
+        finally:
+            if progress is not None:
+                flight.listeners.remove(progress)
+
+    def _landed(self, key: tuple[str, str], task: asyncio.Future[Path]) -> None:
+        del self._flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have been cancelled
+
+    @contextmanager
+    def using(self, checkpoint_id: str, version: str) -> Iterator[None]:
+        """Hold a version in use while a restore reads it (eviction skips it), whether or
+        not it is cached yet. The shared lock waits only while an eviction of this very
+        version removes its manifest."""
+        with self._flock(checkpoint_id, version, _USE, fcntl.LOCK_SH) as fd:
+            _touch(fd)
+            yield
+
+    def entries(self) -> list[CachedVersion]:
+        """Committed versions in the cache, by checkpoint ID and version."""
+        found = []
+        for manifest_path in sorted(self.root.glob(f"*/versions/*/{MANIFEST_FILE}")):
+            version_dir = manifest_path.parent
+            checkpoint_id, version = version_dir.parents[1].name, version_dir.name
+            try:
+                size = load_manifest(version_dir).size_bytes
+                used = self._last_used(checkpoint_id, version, manifest_path)
+            except (CheckpointNotFoundError, FileNotFoundError):
+                continue  # evicted while we looked
+            in_use = self._in_use(checkpoint_id, version)
+            found.append(CachedVersion(checkpoint_id, version, size, used, in_use))
+        return found
+
+    def evict(self, checkpoint_id: str, version: str) -> bool:
+        """Remove a cached version (its manifest first, so it is never found half-removed);
+        False if it is in use, being fetched, or not cached."""
+        final = self._store.version_dir(checkpoint_id, version)
+        try:
+            with self._flock(checkpoint_id, version, _FETCH, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                with self._flock(checkpoint_id, version, _USE, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                    if not (final / MANIFEST_FILE).is_file():
+                        return False
+                    (final / MANIFEST_FILE).unlink()
+                    fsync_dir(final)
+                # Restores may pin it again now; a fetch of it waits for the removal.
+                shutil.rmtree(final, ignore_errors=True)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _fetch(self, backend: Backend, key: tuple[str, str], progress: ProgressCallback) -> Path:
+        checkpoint_id, version = key
+        final = self._store.version_dir(checkpoint_id, version)
+        with self._flock(checkpoint_id, version, _FETCH, fcntl.LOCK_EX):
+            if not (final / MANIFEST_FILE).is_file():
+                self._download(backend, key, progress)
+            # Stamped before the fetch lock goes: a version just fetched is never the LRU one.
+            with self._flock(checkpoint_id, version, _USE, fcntl.LOCK_SH) as fd:
+                _touch(fd)
+        return final
+
+    def _download(self, backend: Backend, key: tuple[str, str], progress: ProgressCallback) -> None:
+        """Into staging, renamed into place once complete; on any failure the staging goes."""
+        checkpoint_id, version = key
+        where = backend.uri(checkpoint_id, version)
+        manifest = backend.read_manifest(checkpoint_id, version)
+        final = self._store.version_dir(checkpoint_id, version)
+        staging = self._store.staging_dir(checkpoint_id, version)
+        with self._room(key, manifest.size_bytes, where=where):
+            try:
+                self._store.fresh_staging(checkpoint_id, version)
+                report = backend.download_version(
+                    checkpoint_id=checkpoint_id,
+                    version=version,
+                    dest_dir=staging,
+                    progress=progress,
+                )
+                shutil.rmtree(final, ignore_errors=True)  # what an interrupted eviction left
+                os.rename(staging, final)
+                fsync_dir(final.parent)
+            except BaseException as err:
+                shutil.rmtree(staging, ignore_errors=True)
+                if isinstance(err, OSError) and err.errno in _FULL:
+                    raise StorageError(
+                        f"{where}: cannot land in the node cache at {self.root}: {err.strerror}"
+                    ) from err
+                raise
+        if self._verified is not None:
+            # Every byte was hashed as it arrived: the restore's verify need not read them again.
+            digests = {f.path: f.sha256 for f in report.manifest.files}
+            self._verified.remember(checkpoint_id, version, final, digests)
+
+    @contextmanager
+    def _room(self, key: tuple[str, str], size: int, *, where: str) -> Iterator[None]:
+        """Reserve `size` bytes for a download while it runs, evicting least-recently-used
+        versions not in use to make them fit."""
+        if self.max_bytes is None:
+            yield
+            return
+        with self._space:
+            self._make_room(size, self.max_bytes, where=where)
+            self._reserved[key] = size
+        try:
+            yield
+        finally:
+            with self._space:
+                del self._reserved[key]
+
+    def _make_room(self, size: int, max_bytes: int, *, where: str) -> None:
+        cached = sorted(self.entries(), key=lambda entry: entry.last_used)
+        evictable = [entry for entry in cached if not entry.in_use]
+        held = sum(self._reserved.values()) + sum(entry.size_bytes for entry in cached)
+        in_use = held - sum(entry.size_bytes for entry in evictable)
+        if in_use + size > max_bytes:  # checked first: never evict for nothing
+            raise self._cannot_fit(in_use, size, max_bytes, where=where)
+        for entry in evictable:
+            if held + size <= max_bytes:
+                return
+            if self.evict(entry.checkpoint_id, entry.version):
+                held -= entry.size_bytes
+        if held + size > max_bytes:  # some came into use meanwhile
+            raise self._cannot_fit(held, size, max_bytes, where=where)
+
+    def _cannot_fit(self, held: int, size: int, max_bytes: int, *, where: str) -> StorageError:
+        return StorageError(
+            f"cache at {self.root} holds {held} bytes in use, max {max_bytes}: "
+            f"cannot fit {where} ({size} bytes)"
+        )
+
+    def _in_use(self, checkpoint_id: str, version: str) -> bool:
+        if not self._lock_file(checkpoint_id, version, _USE).exists():
+            return False  # never used; not created here, its mtime would read as a use
+        try:
+            with self._flock(checkpoint_id, version, _USE, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                return False
+        except BlockingIOError:
+            return True
+
+    def _last_used(self, checkpoint_id: str, version: str, manifest_path: Path) -> datetime:
+        """The `.use` file's mtime; the commit's for a version no one has touched yet."""
+        try:
+            stamp = self._lock_file(checkpoint_id, version, _USE).stat().st_mtime_ns
+        except FileNotFoundError:
+            stamp = manifest_path.stat().st_mtime_ns
+        return datetime.fromtimestamp(stamp / 1e9, UTC)
+
+    def _lock_file(self, checkpoint_id: str, version: str, kind: str) -> Path:
+        require_path_element(checkpoint_id, what="checkpoint ID")
+        require_path_element(version, what="version")
+        return self.root / LOCKS / f"{checkpoint_id}-{version}.{kind}"
+
+    @contextmanager
+    def _flock(self, checkpoint_id: str, version: str, kind: str, operation: int) -> Iterator[int]:
+        """Hold flock `operation` on a lock file (created private); a LOCK_NB that cannot be
+        had raises BlockingIOError."""
+        path = self._lock_file(checkpoint_id, version, kind)
+        make_private_dirs(path.parent)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, operation)
+            yield fd
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _touch(fd: int) -> None:
+    """Stamp now, to the nanosecond: the kernel's own stamps are a clock tick coarse, and
+    two uses within one tick would tie."""
+    now = time.time_ns()
+    os.utime(fd, ns=(now, now))
+
+
+def _newest(backend: Backend, checkpoint_id: str) -> str:
+    versions = backend.list_versions(checkpoint_id)
+    if not versions:
+        raise CheckpointNotFoundError(
+            f"no committed version of checkpoint {checkpoint_id} in {backend.uri(checkpoint_id)}"
+        )
+    return versions[-1]

@@ -1,0 +1,102 @@
+"""Quarantine: which checkpoints failed to restore on which node class, so the next
+restore there starts cold at once instead of failing the same way again.
+
+A node class is what decides whether a restore can work: GPU model, GPU driver and CRIU
+version. Entries live beside the checkpoint in the store (`<root>/<checkpointID>/
+quarantine/<class key>.json`), so every node sharing the store (the RWX volume on a
+cluster, the state directory locally) sees them; `warmstart quarantine` lists and
+clears them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+
+from activities.host.files import write_atomically
+from api.contract import Contract
+from api.manifest import HostInfo
+from api.naming import require_path_element
+
+QUARANTINE_DIR = "quarantine"
+
+
+class NodeClass(Contract):
+    gpu_model: str
+    gpu_driver: str
+    criu: str
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(self.model_dump(), sort_keys=True).encode()
+        return hashlib.sha256(text).hexdigest()[:16]
+
+    def describe(self) -> str:
+        gpus = f"{self.gpu_model}, driver {self.gpu_driver}" if self.gpu_model else "no GPU"
+        return f"{gpus}, CRIU {self.criu}"
+
+
+def node_class(host: HostInfo, *, criu: str) -> NodeClass:
+    return NodeClass(gpu_model=host.gpu_model, gpu_driver=host.gpu_driver, criu=criu)
+
+
+class QuarantineEntry(Contract):
+    checkpoint_id: str
+    node_class: NodeClass
+    reason: str
+    message: str
+    node: str
+    since: datetime
+
+    def describe(self) -> str:
+        return (
+            f"checkpoint {self.checkpoint_id} is quarantined on node class "
+            f"[{self.node_class.describe()}] since {self.since:%Y-%m-%d %H:%M:%S}Z after "
+            f"{self.reason} on node {self.node}; clear it with "
+            f"`warmstart quarantine clear {self.checkpoint_id}`"
+        )
+
+
+class Quarantine:
+    """The quarantine entries of a checkpoint store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _dir(self, checkpoint_id: str) -> Path:
+        checked = require_path_element(checkpoint_id, what="checkpoint ID")
+        return self.root / checked / QUARANTINE_DIR
+
+    def find(self, checkpoint_id: str, cls: NodeClass) -> QuarantineEntry | None:
+        try:
+            data = (self._dir(checkpoint_id) / f"{cls.key}.json").read_bytes()
+        except FileNotFoundError:
+            return None
+        return QuarantineEntry.model_validate_json(data)
+
+    def record(self, entry: QuarantineEntry) -> Path:
+        directory = self._dir(entry.checkpoint_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{entry.node_class.key}.json"
+        write_atomically(path, entry.model_dump_json(indent=2).encode())
+        return path
+
+    def entries(self, checkpoint_id: str = "") -> list[QuarantineEntry]:
+        """The entries of one checkpoint, or of all; oldest first."""
+        pattern = f"{checkpoint_id or '*'}/{QUARANTINE_DIR}/*.json"
+        found = []
+        for path in sorted(self.root.glob(pattern)):
+            try:
+                found.append(QuarantineEntry.model_validate_json(path.read_bytes()))
+            except (OSError, ValueError):
+                continue
+        return sorted(found, key=lambda entry: entry.since)
+
+    def clear(self, checkpoint_id: str) -> list[QuarantineEntry]:
+        """Remove every entry of `checkpoint_id`; returns what was removed."""
+        removed = self.entries(checkpoint_id)
+        for entry in removed:
+            (self._dir(checkpoint_id) / f"{entry.node_class.key}.json").unlink(missing_ok=True)
+        return removed

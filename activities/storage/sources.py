@@ -1,0 +1,140 @@
+"""Where a restore reads its version: this node's store (captured here, or the PVC every
+node mounts), else the node cache, filled from the remote storage the request names.
+
+With remote storage an empty version means the newest one *there* (the node's copy may be
+older). A version found in neither place is CheckpointNotFoundError naming both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from temporalio import activity
+
+from activities.contracts import PrefetchInput, PrefetchResult, RemoteStorage
+from activities.steps import PrefetchSteps
+from activities.storage.remote import RemoteStores, heartbeating
+from activities.storage.store import CheckpointStore
+from api.errors import CheckpointNotFoundError, StorageError
+from api.naming import MANIFEST_FILE
+
+if TYPE_CHECKING:
+    from activities.storage.objectstore.cache import NodeCache
+    from activities.storage.objectstore.s3 import S3Backend
+
+
+class CheckpointSource:
+    def __init__(
+        self,
+        *,
+        store: CheckpointStore,
+        cache: NodeCache | None = None,
+        remote: RemoteStores | None = None,
+    ) -> None:
+        self.store = store
+        self._cache = cache
+        self._remote = remote
+
+    @asynccontextmanager
+    async def version_dir(
+        self,
+        checkpoint_id: str,
+        version: str,
+        storage: RemoteStorage | None,
+        *,
+        on_fetch: Callable[[], None] = lambda: None,
+    ) -> AsyncIterator[Path]:
+        """The committed version directory to restore from, held in use (the cache does not
+        evict it) until the block ends. `on_fetch` is called before a download starts."""
+        if storage is None:
+            yield self.store.find(checkpoint_id, version)
+            return
+        if self._cache is None or self._remote is None:
+            raise StorageError(f"{storage.uri}: this node has no cache for remote checkpoints")
+        cache, remote = self._cache, self._remote
+
+        async def backend() -> S3Backend:
+            # Only when the bucket is needed: building the client may read a credentials
+            # Secret from the API server (off the loop), a round trip a held version skips.
+            return await asyncio.to_thread(remote.backend, storage)
+
+        if not version:
+            listing = (await backend()).list_versions
+            version = await asyncio.to_thread(_newest, listing, checkpoint_id, storage)
+        local = self.store.version_dir(checkpoint_id, version)
+        if (local / MANIFEST_FILE).is_file():
+            yield local
+            return
+        with cache.using(checkpoint_id, version):
+            cached = CheckpointStore(cache.root).version_dir(checkpoint_id, version)
+            if (cached / MANIFEST_FILE).is_file():  # the cache keeps the store's layout
+                yield cached
+                return
+            on_fetch()
+            source = await backend()
+            yield await heartbeating(
+                "fetch",
+                lambda progress: cache.fetch(
+                    source, checkpoint_id=checkpoint_id, version=version, progress=progress
+                ),
+            )
+
+    async def prefetch(
+        self, checkpoint_id: str, version: str, storage: RemoteStorage
+    ) -> PrefetchResult:
+        """Fill the cache with a version (newest when empty) unless this node has it."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        fetched = False
+
+        def fetching() -> None:
+            nonlocal fetched
+            fetched = True
+
+        async with self.version_dir(
+            checkpoint_id, version, storage, on_fetch=fetching
+        ) as version_dir:
+            manifest = await asyncio.to_thread(
+                self.store.verify, version_dir, checkpoint_id=checkpoint_id
+            )
+        return PrefetchResult(
+            version=manifest.version,
+            size_bytes=sum(f.size for f in manifest.files),
+            downloaded=fetched,
+            seconds=round(loop.time() - started, 3),
+        )
+
+
+def _newest(
+    list_versions: Callable[[str], list[str]], checkpoint_id: str, storage: RemoteStorage
+) -> str:
+    versions = list_versions(checkpoint_id)
+    if not versions:
+        raise CheckpointNotFoundError(f"no committed checkpoint {checkpoint_id} in {storage.uri}")
+    return versions[-1]
+
+
+class PrefetchActivities(PrefetchSteps):
+    """The node activity that warms this node's cache before pods land."""
+
+    def __init__(self, source: CheckpointSource) -> None:
+        self._source = source
+
+    @activity.defn
+    async def prefetch_version(self, request: PrefetchInput) -> PrefetchResult:
+        result = await self._source.prefetch(
+            request.checkpoint_id, request.version, request.storage
+        )
+        activity.logger.info(
+            "prefetched %s version %s (%d bytes, %s) in %.2f s",
+            request.checkpoint_id,
+            result.version,
+            result.size_bytes,
+            "downloaded" if result.downloaded else "already here",
+            result.seconds,
+        )
+        return result
