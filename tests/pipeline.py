@@ -41,9 +41,11 @@ def shell_workload(name: str, script: str, *, readiness: Readiness | None = None
     )
 
 
-def capture_request(settings: Settings, workload: LocalWorkload) -> CaptureRequest:
+def capture_request(
+    settings: Settings, workload: LocalWorkload, *, leave_running: bool = False
+) -> CaptureRequest:
     identity = CheckpointIdentity(model=f"test/{workload.name}", backend_framework="vllm")
-    return local_capture_request(settings, workload, identity)
+    return local_capture_request(settings, workload, identity, leave_running=leave_running)
 
 
 async def capture(client: Client, request: CaptureRequest) -> CaptureResult:

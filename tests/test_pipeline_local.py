@@ -263,7 +263,7 @@ async def test_leave_running_keeps_serving_and_the_checkpoint_restores(
     workload = shell_workload(
         "keeps-serving", script, readiness=Readiness(kind="http", http_url=url)
     )
-    request = capture_request(workers, workload).model_copy(update={"leave_running": True})
+    request = capture_request(workers, workload, leave_running=True)
     result = await capture(client, request)
 
     record = NodeLayout(workers.home).read_launch("keeps-serving", result.checkpoint_id)

@@ -244,7 +244,7 @@ class RestoreTargetWatch:
             checkpoint_id=target.checkpoint_id,
             version=target.version,
             node=self._node,
-            answer_timeout_seconds=self._deadline,
+            deadline_seconds=self._deadline,
             control_task_queue=self._control_task_queue,
             pod=target.container,
             gms_sentinel=target.gms_sentinel,

@@ -42,7 +42,7 @@ from api.resources import (
 from api.storage import RemoteStorage, resource_storage
 from workers.operations import start_capture
 from workflows.capture import CaptureWorkflow
-from workflows.contracts import CaptureRequest, ClusterTarget
+from workflows.contracts import CaptureRequest, ClusterCapture, ClusterTarget
 
 # Signals of the capture workflow (its @workflow.signal names).
 # The capture's pod signals, sent by reference to CaptureWorkflow's methods; their names are
@@ -108,8 +108,7 @@ def capture_request(
         identity=identity,
         checkpoint_id=resource.checkpoint_id,
         node="",
-        resource=ref,
-        cluster=target,
+        source=ClusterCapture(resource=ref, target=target),
         control_task_queue=settings.control_task_queue,
         node_timeout_seconds=settings.node_timeout_seconds,
         storage=resource_storage(

@@ -1,11 +1,14 @@
-"""CaptureWorkflow: make a checkpoint of a warmed-up workload (local process now, pods later)."""
+"""CaptureWorkflow: make a checkpoint of a warmed-up workload, a local process or a pod's
+container (the request's `source`, one type per mode); both end with the same dump → commit
+→ `snapshot-complete` steps."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, WorkflowAlreadyStartedError
@@ -50,7 +53,14 @@ with workflow.unsafe.imports_passed_through():
     from api.naming import CAPTURE_WORKFLOW, PROGRESS_QUERY, checkpoint_version, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
     from workflows import policies, visibility
-    from workflows.contracts import CaptureRequest, CaptureResult, PrefetchRequest, Progress
+    from workflows.contracts import (
+        CaptureRequest,
+        CaptureResult,
+        ClusterCapture,
+        LocalCapture,
+        PrefetchRequest,
+        Progress,
+    )
     from workflows.control import publish_status
     from workflows.prefetch import PrefetchWorkflow
     from workflows.visibility import PipelineState
@@ -59,6 +69,25 @@ STOP_UNCONFIRMED_LAUNCH = "stop-unconfirmed-launch"
 S = TypeVar("S")
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class _Call(Generic[I, R]):
+    """One node step of a capture mode: its declaration, its input and its summary."""
+
+    step: Callable[[Any, I], Awaitable[R]]
+    arg: I
+    summary: str
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """How a capture mode dumps, commits and ends its workload (`complete` None: the
+    source keeps serving)."""
+
+    dump: _Call[Any, None]
+    commit: _Call[Any, CommitResult]
+    complete: _Call[Any, None] | None
 
 
 @workflow.defn(name=CAPTURE_WORKFLOW)
@@ -112,10 +141,12 @@ class CaptureWorkflow:
         version = checkpoint_version(workflow.now(), workflow.uuid4().hex)
         self._state.version = version
         try:
-            if request.resource is None:
-                commit = await self._local_steps(request, version)
+            source = request.source
+            if isinstance(source, LocalCapture):
+                finish = await self._local_steps(request, source, version)
             else:
-                commit = await self._cluster_steps(request, version)
+                finish = await self._cluster_steps(request, source, version)
+            commit = await self._dump_commit_complete(finish)
             if request.storage is not None:
                 commit = await self._upload(request.storage, version)
             self._clock.begin("publish")
@@ -154,10 +185,12 @@ class CaptureWorkflow:
             step_seconds=dict(self._clock.seconds),
         )
 
-    async def _local_steps(self, request: CaptureRequest, version: str) -> CommitResult:
-        """Launch the workload on this host's node worker, await it, dump, commit."""
-        assert request.workload is not None
-        workload, ckpt = request.workload, request.checkpoint_id
+    async def _local_steps(
+        self, request: CaptureRequest, source: LocalCapture, version: str
+    ) -> _Finish:
+        """Launch the workload on this host's node worker and await it; then its dump,
+        commit and `snapshot-complete` by PID and workload name."""
+        workload, ckpt = source.workload, request.checkpoint_id
         self._clock.begin("claim", Phase.CREATING)
         claim = ClaimInput(checkpoint_id=ckpt, namespace=request.namespace, name=request.name)
         await self._control(ControlSteps.claim_checkpoint_id, claim, "claim checkpoint ID")
@@ -180,25 +213,22 @@ class CaptureWorkflow:
             policies.await_ready_options(workload.ready_timeout_seconds),
             f"await {workload.readiness.kind} readiness",
         )
-
-        self._clock.begin("dump")
-        self._staged = True  # from here on a failure leaves staging to discard
-        await self._node(
-            DumpSteps.dump_checkpoint,
-            DumpInput(
-                checkpoint_id=ckpt,
-                version=version,
-                name=request.name,
-                pid=launch.pid,
-                leave_running=request.leave_running,
-            ),
-            policies.DUMP,
-            f"criu dump pid {launch.pid}",
+        complete = SentinelInput(
+            checkpoint_id=ckpt, name=request.name, sentinel=Sentinel.SNAPSHOT_COMPLETE
         )
-
-        self._clock.begin("commit", Phase.UPLOADING)
-        commit = await self._commit(
-            self._start_node(
+        return _Finish(
+            dump=_Call(
+                DumpSteps.dump_checkpoint,
+                DumpInput(
+                    checkpoint_id=ckpt,
+                    version=version,
+                    name=request.name,
+                    pid=launch.pid,
+                    leave_running=source.leave_running,
+                ),
+                f"criu dump pid {launch.pid}",
+            ),
+            commit=_Call(
                 StorageSteps.commit_checkpoint,
                 CommitInput(
                     checkpoint_id=ckpt,
@@ -207,29 +237,19 @@ class CaptureWorkflow:
                     namespace=request.namespace,
                     name=request.name,
                 ),
-                policies.COMMIT,
                 f"commit version {version}",
-            )
-        )
-
-        if request.leave_running:
-            return commit  # it keeps serving: no snapshot-complete to end it
-        self._clock.begin("snapshot-complete")
-        await self._node(
-            SentinelSteps.write_sentinel,
-            SentinelInput(
-                checkpoint_id=ckpt, name=request.name, sentinel=Sentinel.SNAPSHOT_COMPLETE
             ),
-            policies.SENTINEL,
-            "write snapshot-complete",
+            complete=None
+            if source.keeps_serving
+            else _Call(SentinelSteps.write_sentinel, complete, "write snapshot-complete"),
         )
-        return commit
 
-    async def _cluster_steps(self, request: CaptureRequest, version: str) -> CommitResult:
-        """Job (Checkpoint) → pod scheduled → container ready → GMS save → dump on the pod's
-        node → commit → `snapshot-complete` (the Job's workload then exits)."""
-        assert request.resource is not None and request.cluster is not None
-        ref, target, ckpt = request.resource, request.cluster, request.checkpoint_id
+    async def _cluster_steps(
+        self, request: CaptureRequest, source: ClusterCapture, version: str
+    ) -> _Finish:
+        """Job (Checkpoint) → pod scheduled → container ready → GMS save; then its dump,
+        commit and `snapshot-complete` (the Job's workload then exits) on the pod's node."""
+        ref, target, ckpt = source.resource, source.target, request.checkpoint_id
         deadline = workflow.now() + timedelta(seconds=target.deadline_seconds)
         self._clock.begin("claim", Phase.CREATING)
         claim = ClaimInput(
@@ -283,23 +303,18 @@ class CaptureWorkflow:
                 "await gms-save-complete",
             )
 
-        self._clock.begin("dump")
-        self._staged = True
-        await self._node(
-            ContainerSteps.dump_container,
-            ContainerDumpInput(
-                checkpoint_id=ckpt,
-                version=version,
-                target=container,
-                leave_running=ref.kind == "PodSnapshot",
+        return _Finish(
+            dump=_Call(
+                ContainerSteps.dump_container,
+                ContainerDumpInput(
+                    checkpoint_id=ckpt,
+                    version=version,
+                    target=container,
+                    leave_running=source.keeps_serving,
+                ),
+                f"criu dump {where}",
             ),
-            policies.DUMP,
-            f"criu dump {where}",
-        )
-
-        self._clock.begin("commit", Phase.UPLOADING)
-        commit = await self._commit(
-            self._start_node(
+            commit=_Call(
                 ContainerSteps.commit_container,
                 ContainerCommitInput(
                     checkpoint_id=ckpt,
@@ -308,21 +323,36 @@ class CaptureWorkflow:
                     target=container,
                     resource_name=request.name,
                 ),
-                policies.COMMIT,
                 f"commit version {version}",
-            )
+            ),
+            complete=None
+            if source.keeps_serving
+            else _Call(
+                ContainerSteps.write_container_sentinel,
+                ContainerSentinelInput(target=container, sentinel=Sentinel.SNAPSHOT_COMPLETE),
+                "write snapshot-complete",
+            ),
         )
 
-        if ref.kind == "PodSnapshot":
-            return commit  # the source keeps serving: no snapshot-complete to end it
-        self._clock.begin("snapshot-complete")
-        await self._node(
-            ContainerSteps.write_container_sentinel,
-            ContainerSentinelInput(target=container, sentinel=Sentinel.SNAPSHOT_COMPLETE),
-            policies.SENTINEL,
-            "write snapshot-complete",
+    async def _dump_commit_complete(self, finish: _Finish) -> CommitResult:
+        """The end of every capture, whatever its mode: dump into staging, commit (manifest
+        last), then `snapshot-complete` unless the source keeps serving."""
+        self._clock.begin("dump")
+        self._staged = True  # from here on a failure leaves staging to discard
+        dump = finish.dump
+        await self._node(dump.step, dump.arg, policies.DUMP, dump.summary)
+
+        self._clock.begin("commit", Phase.UPLOADING)
+        commit = finish.commit
+        committed = await self._commit(
+            self._start_node(commit.step, commit.arg, policies.COMMIT, commit.summary)
         )
-        return commit
+        if finish.complete is None:
+            return committed  # it keeps serving: no snapshot-complete to end it
+        self._clock.begin("snapshot-complete")
+        complete = finish.complete
+        await self._node(complete.step, complete.arg, policies.SENTINEL, complete.summary)
+        return committed
 
     async def _upload(self, storage: RemoteStorage, version: str) -> CommitResult:
         """Publish the committed version to remote storage; it is Ready only once there (the
@@ -392,9 +422,9 @@ class CaptureWorkflow:
                 return self._seen
             left = (deadline - workflow.now()).total_seconds()
             if left <= 0:
-                budget = self._require().cluster
+                budget = self._cluster().target.deadline_seconds
                 raise PipelineFailedError(
-                    f"capture pod not {what} within {budget.deadline_seconds if budget else 0:g} s",
+                    f"capture pod not {what} within {budget:g} s",
                     reason=Reason.WORKLOAD_NOT_READY,
                 )
             try:
@@ -410,8 +440,12 @@ class CaptureWorkflow:
                 )
 
     def _read_every(self) -> float:
-        cluster = self._require().cluster
-        return cluster.read_every_seconds if cluster is not None else 30.0
+        return self._cluster().target.read_every_seconds
+
+    def _cluster(self) -> ClusterCapture:
+        source = self._require().source
+        assert isinstance(source, ClusterCapture)
+        return source
 
     async def _commit(self, commit_step: workflow.ActivityHandle[CommitResult]) -> CommitResult:
         """The commit cannot be taken back halfway: it decides. A version it committed is
@@ -503,7 +537,7 @@ class CaptureWorkflow:
             discard = DiscardInput(checkpoint_id=req.checkpoint_id, version=self._state.version)
             await self._try_cleanup(StorageSteps.discard_staging, discard, "discard staging")
         launch = self._launch
-        keep = self._succeeded and req.leave_running  # captured and asked to keep serving
+        keep = self._succeeded and req.source.keeps_serving  # captured, and it serves on
         # Runs recorded before this step existed stopped only launches whose result they saw.
         if not keep and (
             launch is not None or (self._launched and workflow.patched(STOP_UNCONFIRMED_LAUNCH))

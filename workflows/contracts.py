@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any, Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from activities.contracts import ContainerTarget, PrefetchResult, RemoteStorage, ResourceRef
@@ -27,37 +29,71 @@ class ClusterTarget(Contract):
     read_every_seconds: ShortSeconds = 30.0
 
 
+class LocalCapture(Contract):
+    """Local mode: a workload this node's worker launches, awaits and dumps by PID."""
+
+    mode: Literal["local"] = "local"
+    workload: LocalWorkload
+    # The workload keeps serving after the capture (no snapshot-complete, not stopped).
+    leave_running: bool = False
+
+    @property
+    def keeps_serving(self) -> bool:
+        return self.leave_running
+
+
+class ClusterCapture(Contract):
+    """On a cluster: the container of the capture Job's pod (a Checkpoint) or of a running
+    pod (a PodSnapshot, which keeps serving); the node is learned from the pod."""
+
+    mode: Literal["cluster"] = "cluster"
+    resource: ResourceRef
+    target: ClusterTarget
+
+    @property
+    def keeps_serving(self) -> bool:
+        return self.resource.kind == "PodSnapshot"
+
+
+CaptureSource = Annotated[LocalCapture | ClusterCapture, Field(discriminator="mode")]
+
+
 class CaptureRequest(Contract):
-    """Capture a checkpoint. Local mode: `workload` is launched on `node` by its node worker.
-    On a cluster: `resource` is the Checkpoint or PodSnapshot, `cluster` what to dump, and
-    the node is the one the pod runs on (learned, so `node` is empty)."""
+    """Capture a checkpoint of `source` (its mode is its type)."""
 
     namespace: PathElement = LOCAL_NAMESPACE
     name: PathElement
     identity: CheckpointIdentity
     checkpoint_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-    node: str = LOCAL_NODE
-    workload: LocalWorkload | None = None
-    resource: ResourceRef | None = None
-    cluster: ClusterTarget | None = None
+    node: str = LOCAL_NODE  # local mode's node; empty on a cluster until the pod's is learned
+    source: CaptureSource
     control_task_queue: str = CONTROL_TASK_QUEUE
     # How long a node step may wait for the node's worker before the node counts as lost.
     node_timeout_seconds: ShortSeconds = 120.0
-    # Local mode: the workload keeps serving after the capture (no snapshot-complete, not
-    # stopped); a cluster PodSnapshot always does.
-    leave_running: bool = False
     # Published there after the commit (the `upload` step); absent: the node's root is the store.
     storage: RemoteStorage | None = None
     # With `storage`: once Ready, the caches of the nodes these label maps select are warmed.
     prefetch_node_selectors: list[dict[str, str]] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recorded_shape(cls, data: Any) -> Any:
+        """Runs recorded before the modes were types carry `workload` and `leave_running`, or
+        `resource` and `cluster`, beside the other fields: read them as `source`."""
+        if not isinstance(data, dict) or "source" in data:
+            return data
+        data = dict(data)
+        workload, leave = data.pop("workload", None), data.pop("leave_running", False)
+        resource, cluster = data.pop("resource", None), data.pop("cluster", None)
+        if workload is not None:
+            data["source"] = {"mode": "local", "workload": workload, "leave_running": leave}
+        elif resource is not None:
+            data["source"] = {"mode": "cluster", "resource": resource, "target": cluster}
+        return data
+
     @model_validator(mode="after")
-    def _one_mode(self) -> CaptureRequest:
-        if (self.workload is None) == (self.resource is None):
-            raise ValueError("a capture has either a local workload or a cluster resource")
-        if self.resource is not None and self.cluster is None:
-            raise ValueError("a cluster capture needs its target (cluster)")
-        if self.workload is not None and not self.node:
+    def _local_node(self) -> CaptureRequest:
+        if isinstance(self.source, LocalCapture) and not self.node:
             raise ValueError("a local capture names its node")
         return self
 
@@ -65,6 +101,11 @@ class CaptureRequest(Contract):
     @classmethod
     def _node_name(cls, value: str) -> str:
         return require_path_element(value, what="node") if value else value
+
+    @property
+    def resource(self) -> ResourceRef | None:
+        """The cluster resource captured, if any (what status is published on)."""
+        return self.source.resource if isinstance(self.source, ClusterCapture) else None
 
     @classmethod
     def local(
@@ -83,9 +124,8 @@ class CaptureRequest(Contract):
             identity=identity,
             checkpoint_id=checkpoint_id(identity),
             node=node,
-            workload=workload,
+            source=LocalCapture(workload=workload, leave_running=leave_running),
             control_task_queue=control_task_queue,
-            leave_running=leave_running,
             storage=storage,
         )
 
@@ -105,17 +145,28 @@ class RestoreRequest(Contract):
     checkpoint_id: str = Field(pattern=r"^[0-9a-f]{16}$")
     version: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$")  # newest when empty
     node: PathElement = LOCAL_NODE
+    # Local mode: how long the restored workload may take to answer.
     answer_timeout_seconds: ShortSeconds = 120.0
     control_task_queue: str = CONTROL_TASK_QUEUE
-    # On a cluster: the restore-target pod's standby container (name is the pod's name);
-    # `answer_timeout_seconds` is then the restore's deadline, past which it starts cold.
+    # On a cluster: the restore-target pod's standby container (name is the pod's name),
+    # and the restore's deadline, past which the pod starts cold.
     pod: ContainerTarget | None = None
+    deadline_seconds: ShortSeconds = 1800.0
     gms_sentinel: str = ""
     # Where the version is fetched from when the node does not hold it (its cache).
     storage: RemoteStorage | None = None
     # Local mode: the restored process's new environment (Dynamo's restore context names
     # only; on a cluster the standby container's own environment is used).
     env: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recorded_deadline(cls, data: Any) -> Any:
+        """Pod restores recorded before the deadline had its own field used
+        `answer_timeout_seconds` for it."""
+        if isinstance(data, dict) and data.get("pod") and "deadline_seconds" not in data:
+            data = {**data, "deadline_seconds": data.get("answer_timeout_seconds", 120.0)}
+        return data
 
 
 class RestoreResult(Contract):

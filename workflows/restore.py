@@ -114,7 +114,7 @@ class RestoreWorkflow:
         activity is dispatched eagerly to the worker that started this workflow)."""
         request = self._request
         assert request is not None and request.pod is not None
-        opts = policies.container_restore_options(request.answer_timeout_seconds)
+        opts = policies.container_restore_options(request.deadline_seconds)
         restore = ContainerRestoreInput(
             target=request.pod,
             checkpoint_id=request.checkpoint_id,

@@ -169,7 +169,7 @@ async def test_a_checkpoint_gets_one_capture_fed_by_pod_signals_and_cancelled_on
         await asyncio.sleep(0.05)
     assert await started(), "the watcher started no capture"
     request = await handle.query(StandInCapture.request_of)
-    assert request.resource.uid == uid and request.cluster.container == "main"
+    assert request.resource.uid == uid and request.source.target.container == "main"
 
     await cluster.run(
         cluster.core.create_namespaced_pod, "inference", capture_pod(uid, node="gpu-1")
@@ -299,7 +299,7 @@ def test_requests_for_both_resources() -> None:
         "",
         "Checkpoint",
     )
-    assert (request.cluster.deadline_seconds, request.cluster.read_every_seconds) == (900, 5)
+    assert (request.source.target.deadline_seconds, request.source.target.read_every_seconds) == (900, 5)
     snap = PodSnapshot.model_validate(
         {
             "metadata": {"name": "snap", "namespace": "inference", "uid": "u2"},
@@ -309,7 +309,7 @@ def test_requests_for_both_resources() -> None:
         }
     )
     request = capture_request(snap, settings)
-    assert (request.cluster.pod_name, request.cluster.pod_uid, request.cluster.container) == (
+    assert (request.source.target.pod_name, request.source.target.pod_uid, request.source.target.container) == (
         "llama-0",
         "p1",
         "engine",

@@ -43,7 +43,13 @@ from api.reasons import Phase
 from api.storage import RemoteStorage
 from tests.waiting import wait_until
 from workflows.capture import CaptureWorkflow
-from workflows.contracts import CaptureRequest, CaptureResult, ClusterTarget, PrefetchReport
+from workflows.contracts import (
+    CaptureRequest,
+    CaptureResult,
+    ClusterCapture,
+    ClusterTarget,
+    PrefetchReport,
+)
 from workflows.prefetch import PrefetchWorkflow
 from workflows.visibility import NODE
 
@@ -152,8 +158,9 @@ class Harness:
             identity=IDENTITY,
             checkpoint_id=checkpoint_id(IDENTITY),
             node="",
-            resource=ref,
-            cluster=ClusterTarget(**({"read_every_seconds": 600} | target)),
+            source=ClusterCapture(
+                resource=ref, target=ClusterTarget(**({"read_every_seconds": 600} | target))
+            ),
             control_task_queue=self.control_queue,
             node_timeout_seconds=2,
         )

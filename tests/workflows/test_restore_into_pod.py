@@ -66,7 +66,7 @@ async def _run(
         checkpoint_id=CKPT,
         node=node,
         control_task_queue=control,
-        answer_timeout_seconds=deadline,
+        deadline_seconds=deadline,
         pod=pod,
         gms_sentinel="gms-load-complete-u-1",
     )
