@@ -299,7 +299,8 @@ def test_requests_for_both_resources() -> None:
         "",
         "Checkpoint",
     )
-    assert (request.source.target.deadline_seconds, request.source.target.read_every_seconds) == (900, 5)
+    target = request.source.target
+    assert (target.deadline_seconds, target.read_every_seconds) == (900, 5)
     snap = PodSnapshot.model_validate(
         {
             "metadata": {"name": "snap", "namespace": "inference", "uid": "u2"},
@@ -309,7 +310,8 @@ def test_requests_for_both_resources() -> None:
         }
     )
     request = capture_request(snap, settings)
-    assert (request.source.target.pod_name, request.source.target.pod_uid, request.source.target.container) == (
+    target = request.source.target
+    assert (target.pod_name, target.pod_uid, target.container) == (
         "llama-0",
         "p1",
         "engine",
