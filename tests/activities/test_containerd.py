@@ -21,12 +21,13 @@ from activities.contracts import (
     GmsSavedInput,
 )
 from activities.criu.command import Criu
-from activities.runtime.base import init_pid_of
+from activities.runtime.base import ContainerRuntime, Located, init_pid_of
 from activities.runtime.containerd import Containerd
 from activities.runtime.pods import PodActivities
+from activities.runtime.registry import RUNTIMES, runtime_for
 from activities.runtime.rootfs import freezer_cgroup, thaw
 from activities.storage.store import CheckpointStore
-from api.errors import WorkloadExitedError, WorkloadNotReadyError
+from api.errors import InvalidSpecError, WorkloadExitedError, WorkloadNotReadyError
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.reasons import Sentinel
 from tests.containers import Kubelet, needs_containerd, running_containerd
@@ -244,3 +245,50 @@ async def test_a_container_the_kubelet_named_is_found_without_asking_the_runtime
     assert init_pid_of(cid) == asked.pid
     assert init_pid_of("c000000000000") == 0
     assert init_pid_of("../etc") == 0
+
+
+class CgroupOnly(ContainerRuntime):
+    """A second runtime behind the seam, as a CRI-O module would be: it finds a container by
+    its ID in the node's cgroups alone, with no call to containerd (the pods' container IDs
+    given, as CRI-O's state would give them)."""
+
+    def __init__(self, ids: dict[str, str]) -> None:
+        self.ids = ids
+
+    async def locate(self, target: ContainerTarget) -> Located:
+        container_id = self.ids.get(target.pod_uid, "")
+        pid = init_pid_of(container_id)
+        if not pid:
+            raise WorkloadExitedError(f"pod {target.pod_uid} is not on this node")
+        return Located(container_id=container_id, pid=pid, command=("from-cgroups",))
+
+
+async def test_a_second_runtime_is_one_class_and_its_registration(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    target, cid, _control = start(kubelet)
+    RUNTIMES["cgroup-only"] = lambda _endpoint, _state: CgroupOnly({target.pod_uid: cid})
+    try:
+        runtime = runtime_for("cgroup-only", endpoint="", state="")
+    finally:
+        del RUNTIMES["cgroup-only"]
+    path = CriuSettings().resolve()
+    assert path is not None
+    store = CheckpointStore(tmp_path / "checkpoints")
+    pods = PodActivities(runtime=runtime, criu=Criu(path), store=store, node="gpu-2")
+    env, version = ActivityEnvironment(), "20261206T050000Z-abcdef"
+
+    await env.run(
+        pods.dump_container,
+        ContainerDumpInput(checkpoint_id=CKPT, version=version, target=target, leave_running=True),
+    )
+    commit = ContainerCommitInput(
+        checkpoint_id=CKPT, version=version, identity=IDENTITY, target=target, resource_name="x"
+    )
+    await env.run(pods.commit_container, commit)
+    manifest = store.verify(store.version_dir(CKPT, version), checkpoint_id=CKPT)
+    assert manifest.source.command == ("from-cgroups",)  # what this runtime said
+    assert manifest.source.pid == kubelet.pid(cid)
+    assert kubelet.status(cid) == "RUNNING"
+    with pytest.raises(InvalidSpecError, match="'cri-x': not a known container runtime"):
+        runtime_for("cri-x", endpoint="", state="")
