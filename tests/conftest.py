@@ -88,12 +88,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     is never mistaken for a full one."""
     from tests.apiserver import APISERVER_SKIP
     from tests.containers import CONTAINERD_SKIP
+    from tests.tls import NGINX_SKIP
 
     skipped = terminalreporter.stats.get("skipped", [])
     tiers = (
         ("real-CRIU tests", CRIU_SKIP, "root, CRIU >= 4.2"),
         ("real-containerd tests", CONTAINERD_SKIP, "root, containerd, runc, iptables"),
         ("kube-apiserver tests", APISERVER_SKIP, "root, kube-apiserver, etcd"),
+        ("Temporal TLS tests", NGINX_SKIP, "nginx as the TLS terminator"),
     )
     for tier, reason, needs in tiers:
         if reason is None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 from urllib.parse import quote
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
+from temporalio.service import TLSConfig
 
-from api.errors import UnavailableError
+from api.errors import InvalidSpecError, UnavailableError
 from workers.settings import Settings
 
 
@@ -34,10 +36,50 @@ def data_converter(settings: Settings) -> DataConverter:
     return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
 
 
+def tls_config(settings: Settings) -> TLSConfig | bool:
+    """TLS to the frontend from settings (False: plaintext, as the dev server speaks). A
+    client certificate needs its key and the other way round; a file that cannot be read
+    is an InvalidSpecError naming its setting."""
+    temporal = settings.temporal
+    if not temporal.uses_tls:
+        return False
+    if (temporal.tls_cert_file is None) != (temporal.tls_key_file is None):
+        raise InvalidSpecError(
+            "WARMSTART_TEMPORAL__TLS_CERT_FILE and WARMSTART_TEMPORAL__TLS_KEY_FILE go together"
+        )
+    return TLSConfig(
+        server_root_ca_cert=_read("TLS_CA_FILE", temporal.tls_ca_file),
+        client_cert=_read("TLS_CERT_FILE", temporal.tls_cert_file),
+        client_private_key=_read("TLS_KEY_FILE", temporal.tls_key_file),
+        domain=temporal.tls_server_name,
+    )
+
+
+def _read(setting: str, path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise InvalidSpecError(f"WARMSTART_TEMPORAL__{setting}={path}: {err.strerror}") from err
+
+
+def _api_key(settings: Settings) -> str | None:
+    path = settings.temporal.api_key_file
+    key = _read("API_KEY_FILE", path)
+    if key is None:
+        return None
+    text = key.decode(errors="replace").strip()
+    if not text:
+        raise InvalidSpecError(f"WARMSTART_TEMPORAL__API_KEY_FILE={path}: the file is empty")
+    return text
+
+
 async def connect(settings: Settings, *, wait_seconds: float = 0.0) -> Client:
     """A client with the pydantic converter; `wait_seconds` retries while a server that was
     just started is not yet healthy."""
     temporal = settings.temporal
+    tls, api_key = tls_config(settings), _api_key(settings)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
     while True:
@@ -48,13 +90,17 @@ async def connect(settings: Settings, *, wait_seconds: float = 0.0) -> Client:
                 data_converter=data_converter(settings),
                 interceptors=_interceptors(settings),
                 identity=temporal.identity,
+                tls=tls,
+                api_key=api_key,
             )
         except RuntimeError as err:
             if loop.time() < deadline:
                 await asyncio.sleep(0.1)
                 continue
+            how = " over TLS" if tls else ""
             raise UnavailableError(
-                f"no Temporal server at {temporal.address} ({err}); start one with `warmstart dev`"
+                f"no Temporal server at {temporal.address}{how} ({err}); start one with "
+                "`warmstart dev`, or check the WARMSTART_TEMPORAL__* settings"
             ) from err
 
 

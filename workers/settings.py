@@ -32,6 +32,22 @@ class TemporalSettings:
     identity: str | None = None
     # AES-GCM key for every payload (workers/codec.py); off when unset.
     codec_key_file: str | None = None
+    # TLS to the frontend: on with `tls`, or when any file below is set. `tls_ca_file`: the
+    # CA that signed the server's certificate (default: the system's roots); a client
+    # certificate and key for mutual TLS; the name the server's certificate must carry
+    # (default: the address's host).
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_server_name: str | None = None
+    # A file holding an API key, sent as a bearer token (Temporal Cloud); implies TLS.
+    api_key_file: str | None = None
+
+    @property
+    def uses_tls(self) -> bool:
+        files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file, self.api_key_file)
+        return self.tls or any(files)
 
     @property
     def port(self) -> int:
