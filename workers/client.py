@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.service import TLSConfig
 
 from api.errors import InvalidSpecError, UnavailableError
@@ -27,13 +27,19 @@ def _interceptors(settings: Settings) -> list[Interceptor]:
 
 
 def data_converter(settings: Settings) -> DataConverter:
-    """The pydantic converter, with the encryption codec when a key file is configured."""
+    """The pydantic converter, with the encryption codec when a key file is configured. The
+    codec then covers failures too: their messages and stack traces travel as encoded
+    attributes (a payload the codec seals), since an error can quote what a secret became."""
     if settings.temporal.codec_key_file is None:
         return pydantic_data_converter
     from workers.codec import EncryptionCodec, load_key
 
     codec = EncryptionCodec(load_key(settings.temporal.codec_key_file))
-    return dataclasses.replace(pydantic_data_converter, payload_codec=codec)
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=codec,
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
 
 
 def tls_config(settings: Settings) -> TLSConfig | bool:
