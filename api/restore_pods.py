@@ -92,12 +92,21 @@ STARTUP_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD = 1, 1800
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a DNS subdomain, as object names
 _COMPLETE, _FAILED = Sentinel.RESTORE_COMPLETE.value, Sentinel.RESTORE_FAILED.value
 
+STANDBY_NAME = "warmstart-standby"  # the script's $0
+# The standby's own deadline: past it, with neither sentinel written (no node worker acted,
+# or one died mid-restore), it starts cold by itself. Longer than the node's restore
+# deadline (`WARMSTART_NODE__RESTORE_DEADLINE_SECONDS`, 1800 s by default), which decides
+# first whenever a node acts.
+STANDBY_DEADLINE_ENV = "WARMSTART_STANDBY_DEADLINE_SECONDS"
+STANDBY_DEADLINE_SECONDS = 2100
 # The standby entrypoint: `/bin/sh -c STANDBY_SCRIPT warmstart-standby CMD ARGS...`. POSIX sh
 # with builtins and `sleep` only (any image with /bin/sh). Restarted after a restore, it starts
 # cold, without Dynamo's snapshot variables (a Dynamo worker would otherwise wait for a
 # snapshot that never comes); it waits for `restore-failed` (start CMD cold) or
 # `restore-complete`, whose content is the restored process's PID in this container's PID
-# namespace. The standby is PID 1, so the restored process is its child: it lives while that
+# namespace, or its own deadline (then it starts cold). Before a cold start it kills its
+# children (a tree a restore left half-done when its node worker died), so the cold start
+# never runs beside one. The standby is PID 1, so the restored process is its child: it lives while that
 # process lives (forwarding SIGTERM and SIGINT to it) and exits with its status, read from the
 # zombie's /proc/PID/stat (field 52, exit_code), or 1 where that cannot be read (a shell reaps
 # children it does not know while it waits for `sleep`, and then the status is gone). No `$$`
@@ -106,11 +115,29 @@ STANDBY_SCRIPT = f"""\
 d="${{SNAPSHOT_CONTROL_DIR:-{CONTROL_DIR}}}"
 trap 'exit 143' TERM
 trap 'exit 130' INT
-cold() {{ unset {CONTROL_DIR_ENV} {RESTORE_STANDBY_ENV}; exec "$@"; }}
+reap() {{
+  read -r me rest < /proc/self/stat || return 0
+  for f in /proc/[0-9]*/stat; do
+    read -r line 2>/dev/null < "$f" || continue
+    set -f
+    set -- ${{line##*) }}
+    set +f
+    if [ "$2" = "$me" ]; then p="${{f#/proc/}}"; kill -KILL "${{p%/stat}}" 2>/dev/null; fi
+  done
+}}
+cold() {{ reap; unset {CONTROL_DIR_ENV} {RESTORE_STANDBY_ENV}; exec "$@"; }}
+limit="${{{STANDBY_DEADLINE_ENV}:-{STANDBY_DEADLINE_SECONDS}}}"
+case "$limit" in ""|*[!0-9]*) limit={STANDBY_DEADLINE_SECONDS} ;; esac
+ticks=0
 if [ -e "$d/{_COMPLETE}" ]; then cold "$@"; fi
 while :; do
   if [ -e "$d/{_FAILED}" ]; then cold "$@"; fi
   if [ -e "$d/{_COMPLETE}" ]; then break; fi
+  ticks=$(( ticks + 1 ))
+  if [ "$ticks" -gt "$(( limit * 20 ))" ]; then
+    echo "{STANDBY_NAME}: no restore within $limit s; starting cold" >&2
+    cold "$@"
+  fi
   sleep 0.05
 done
 pid=
@@ -133,7 +160,6 @@ case "$1" in ""|*[!0-9]*) exit 1 ;; esac
 if [ "$(( $1 & 127 ))" -ne 0 ]; then exit "$(( 128 + ($1 & 127) ))"; fi
 exit "$(( ($1 >> 8) & 255 ))"
 """
-STANDBY_NAME = "warmstart-standby"  # the script's $0
 # The startup probe of a container without probes of its own: restored, or fallen back cold
 # (a cold start must pass it too, or the kubelet would kill it after the threshold).
 STARTUP_TEST = (
@@ -152,6 +178,8 @@ class RestoreSettings:
         "gpu_memory_service.cli.snapshot.loader",
     )
     gms_load_workers: int = 8
+    # Seconds a restore target's standby waits for the node before it starts cold alone.
+    standby_deadline_seconds: int = STANDBY_DEADLINE_SECONDS
 
 
 def restore_source(pod: Mapping[str, Any]) -> str | None:
@@ -268,7 +296,7 @@ def restore_pod(
         prepare_image_standby(main)
         meta["annotations"].update({STANDBY_ANNOTATION: "1", CONTROL_DIR_ANNOTATION: CONTROL_DIR})
     else:
-        prepare_standby(main)
+        prepare_standby(main, deadline_seconds=settings.standby_deadline_seconds)
     gms = resource.spec.gpu_memory_service
     if gms.enabled and gms.mode == "intraPod":
         add_gms_loader(
@@ -300,14 +328,18 @@ def image_standby(container: Mapping[str, Any]) -> bool:
     return any(e.get("name") == RESTORE_STANDBY_ENV for e in container.get("env") or [])
 
 
-def prepare_standby(container: dict[str, Any]) -> None:
+def prepare_standby(
+    container: dict[str, Any], *, deadline_seconds: int = STANDBY_DEADLINE_SECONDS
+) -> None:
     """The main container as a restore target (in place): the standby entrypoint in front of
-    its command, the control directory, pod info and the startup probe."""
+    its command with its own deadline, the control directory, pod info and the startup
+    probe."""
     argv = [*container.get("command", []), *container.get("args", [])]
     container["command"] = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, *argv]
     container.pop("args", None)
     env = with_control_dir_env(container.get("env") or [])
-    container["env"] = _set_env(env, STANDBY_ENV, OUR_STANDBY)
+    env = _set_env(env, STANDBY_ENV, OUR_STANDBY)
+    container["env"] = _set_env(env, STANDBY_DEADLINE_ENV, str(deadline_seconds))
     _standby_mounts_and_probe(container)
 
 

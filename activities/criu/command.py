@@ -289,9 +289,10 @@ async def spawn(
     )
 
 
-def _dies_with_worker(cmd: list[str]) -> list[str]:
-    """`cmd` run so that it is killed if the node worker dies (util-linux `setpriv
-    --pdeathsig`): a dump must not go on writing staging for a worker that is gone."""
+def dies_with_worker(cmd: list[str]) -> list[str]:
+    """`cmd` run so that it is killed when its parent dies (util-linux `setpriv
+    --pdeathsig`): a dump must not go on writing staging for a worker that is gone, nor a
+    restore go on into a standby that nobody will tell."""
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "KILL", *cmd] if setpriv else cmd
 
@@ -327,7 +328,7 @@ async def run_dump(
 ) -> None:
     """Run a CRIU dump into `images`, heartbeating the bytes written; it dies with the node
     worker, a cancel kills it and what it started, a failure is DumpFailed with dump.log."""
-    proc = await _spawn_uncancelled(_dies_with_worker(command), env)
+    proc = await _spawn_uncancelled(dies_with_worker(command), env)
     # Read stderr while CRIU runs: a full pipe would block CRIU, and with it the dump.
     errors = asyncio.ensure_future(_tail(proc.stderr))
     try:

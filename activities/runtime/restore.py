@@ -45,6 +45,7 @@ from activities.criu.command import (
     RESTORE_LOG,
     ContainerRestoreTarget,
     Criu,
+    dies_with_worker,
     explain_log,
     log_errors,
     spawn,
@@ -273,7 +274,12 @@ def _in_standby(pid: int, pid_ns_fd: int, criu: list[str]) -> list[str]:
     namespace in a mount namespace of its own (see the module docstring)."""
     cgroups = [str(path) for path in cgroup_procs_files(pid)]
     enter = ["nsenter", f"--pid=/proc/self/fd/{pid_ns_fd}", "--", "unshare", "--mount-proc"]
-    return ["/bin/sh", "-c", _ENTER_CGROUPS, "sh", *cgroups, "--", *enter, *criu]
+    # Both hops die with their parent: nsenter with the node worker, and CRIU (a child of
+    # nsenter, in the standby's namespace) with nsenter. A worker killed mid-restore then
+    # leaves no CRIU behind; what it restored so far is the standby's child, which the
+    # standby kills before it starts cold.
+    inner = [*enter, *dies_with_worker(criu)]
+    return dies_with_worker(["/bin/sh", "-c", _ENTER_CGROUPS, "sh", *cgroups, "--", *inner])
 
 
 def cgroup_procs_files(pid: int) -> list[Path]:

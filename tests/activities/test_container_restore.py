@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
+import sys
 import tarfile
 import time
 import uuid
@@ -39,6 +41,7 @@ from activities.storage.store import CheckpointStore
 from api.errors import RestoreFailedError
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.manifest import Manifest
+from api.restore_pods import STANDBY_NAME, STANDBY_SCRIPT
 from tests.containers import Kubelet, needs_containerd, running_containerd
 from workers.settings import CriuSettings
 
@@ -419,3 +422,70 @@ async def test_a_hook_mount_at_another_random_path_is_remapped(
     # The dumped mount point now binds the target's hook.
     root = Path(f"/proc/{restored.host_pid}/root")
     assert (root / old.lstrip("/")).read_text() == "hook of the target\n"
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_a_node_worker_killed_mid_restore_leaves_nothing_half_done(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    """The worker is SIGKILLed while its CRIU restores into the standby (warmstart's own
+    standby script): CRIU dies with it, and when the standby is told to fall back (the
+    workflow's fallback, through the next worker) it kills what was half restored before
+    it starts cold: one copy of the workload, cold."""
+    image = kubelet.import_image("local/workload:1")
+    captured = await capture(kubelet, tmp_path, image)
+    command = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, *ARGV]
+    pod = run_pod(kubelet, tmp_path, "llama-restored", command, image)
+    located = await Containerd(address=kubelet.address).locate(pod.target)
+    work_dir = tmp_path / "killed-restore"
+    worker = restore_worker(captured.version_dir, located.pid, work_dir)
+    try:
+        restoring = criu_of(work_dir, timeout=30)
+        os.kill(restoring, signal.SIGSTOP)  # held mid-restore, so the kill lands there
+        worker.kill()
+    finally:
+        worker.wait(timeout=10)
+        assert worker.stdout is not None
+        out = worker.stdout.read()
+        worker.stdout.close()
+    assert "restored" not in out
+    wait_for(lambda: not Path(f"/proc/{restoring}").exists(), "CRIU to die with its worker", 10)
+
+    control.restore_failed(located.pid, "NodeLost: the node worker died mid-restore")
+    wait_for(lambda: "token " in pod.log.read_text(), "the cold start to serve")
+    cold = pod.log.read_text().split("token ")[1].split()[0]
+    assert cold != captured.token
+    assert get_in_netns(located.pid) == cold
+    assert _nested_children(located.pid) == []  # no half-restored tree beside it
+
+
+def restore_worker(version_dir: Path, standby_pid: int, work_dir: Path) -> subprocess.Popen[str]:
+    """A node worker process restoring `version_dir` into the standby (its own process, to
+    be killed)."""
+    argv = [str(version_dir), str(standby_pid), str(work_dir)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.programs.restore_worker", criu().path, *argv],
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def criu_of(work_dir: Path, *, timeout: float) -> int:
+    """The CRIU process restoring with `work_dir` (looked for every millisecond)."""
+    deadline = time.monotonic() + timeout
+    marker = str(work_dir).encode()
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (entry / "comm").read_text().strip() == "criu" and marker in (
+                    entry / "cmdline"
+                ).read_bytes():
+                    return int(entry.name)
+            except OSError:
+                continue
+        time.sleep(0.001)
+    raise AssertionError(f"no CRIU restoring into {work_dir} within {timeout:g} s")

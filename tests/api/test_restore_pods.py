@@ -5,6 +5,7 @@ zombie stays readable). The pod shaping itself is tested through the webhook
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from api.restore_pods import STANDBY_NAME, STANDBY_SCRIPT
+from api.restore_pods import STANDBY_DEADLINE_ENV, STANDBY_NAME, STANDBY_SCRIPT
 
 pytestmark = pytest.mark.timeout(30)
 Started = list[subprocess.Popen[str]]
@@ -169,3 +170,85 @@ def test_the_script_survives_kubernetes_command_expansion() -> None:
     """Kubernetes turns `$$` into `$` and `$(NAME)` into NAME's value in a command."""
     assert "$$" not in STANDBY_SCRIPT
     assert not re.search(r"\$\([A-Za-z_]", STANDBY_SCRIPT)
+
+
+def test_with_no_node_acting_it_starts_cold_at_its_own_deadline(
+    control: Path, started: Started
+) -> None:
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, *COLD],
+        env={
+            "SNAPSHOT_CONTROL_DIR": str(control),
+            "PATH": "/usr/bin:/bin",
+            STANDBY_DEADLINE_ENV: "1",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started.append(proc)
+    begun = time.monotonic()
+    out, err = proc.communicate(timeout=10)
+    assert (proc.returncode, out) == (0, "cold:2:a b c\n")
+    assert "no restore within 1 s; starting cold" in err
+    assert 1.0 <= time.monotonic() - begun < 5
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a PID namespace of its own needs root")
+def test_a_cold_start_first_kills_what_a_dead_restore_left(control: Path, started: Started) -> None:
+    """As in a pod: the standby is PID 1 of its PID namespace, and a tree whose restore
+    died with its node worker is reparented to it (CRIU runs in that namespace, so its
+    children go to the namespace's init when it dies; here a shell entered into the
+    namespace plays CRIU and is killed). The cold start never runs beside that tree."""
+    serving = ["/bin/sh", "-c", "echo cold; exec sleep 60"]  # lives on, as a workload does
+    standby_argv = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, *serving]
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", *standby_argv],
+        env={"SNAPSHOT_CONTROL_DIR": str(control), "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    started.append(proc)
+    init = wait_for_child(proc.pid)  # the standby, PID 1 of the new namespace
+    entering = subprocess.Popen(
+        ["nsenter", "--target", str(init), "--pid", "--", "/bin/sh", "-c", "sleep 60 & wait"]
+    )
+    restorer = wait_for_child(entering.pid)  # in the standby's namespace
+    left = wait_for_child(restorer)
+    os.kill(restorer, signal.SIGKILL)
+    entering.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while parent(left) != init:  # reparented to the namespace's init, the standby
+        assert time.monotonic() < deadline, "the left-over tree was not reparented"
+        time.sleep(0.01)
+    publish(control, "restore-failed", "node worker lost\n")
+    assert proc.stdout is not None and proc.stdout.readline() == "cold\n"
+    assert state(left) in ("Z", "")  # killed before the cold start began
+    assert proc.poll() is None  # the cold start runs on
+    os.kill(init, signal.SIGKILL)  # the namespace's init: all of it goes
+    assert proc.wait(timeout=10) != 0
+
+
+def wait_for_child(pid: int) -> int:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + 10
+    while not children.read_text().split():
+        assert time.monotonic() < deadline, f"process {pid} started no child"
+        time.sleep(0.005)
+    return int(children.read_text().split()[0])
+
+
+def parent(pid: int) -> int:
+    """Its parent's PID; 0 when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2].split()[1])
+    except FileNotFoundError:
+        return 0
+
+
+def state(pid: int) -> str:
+    """Its state letter (Z: dead, not yet reaped); "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(") ")[2].split()[0]
+    except FileNotFoundError:
+        return ""
