@@ -106,9 +106,9 @@ STANDBY_DEADLINE_SECONDS = 2100
 # `restore-complete`, whose content is the restored process's PID in this container's PID
 # namespace, or its own deadline (then it starts cold). Before a cold start it kills its
 # children (a tree a restore left half-done when its node worker died), so the cold start
-# never runs beside one. The standby is PID 1, so the restored process is its child: it lives while that
-# process lives (forwarding SIGTERM and SIGINT to it) and exits with its status, read from the
-# zombie's /proc/PID/stat (field 52, exit_code), or 1 where that cannot be read (a shell reaps
+# never runs beside one. The standby is PID 1, so the restored process is its child: it lives
+# while that process lives (forwarding SIGTERM and SIGINT to it) and exits with its status,
+# read from the zombie's /proc/PID/stat (field 52, exit_code), or 1 where that cannot be read (a shell reaps
 # children it does not know while it waits for `sleep`, and then the status is gone). No `$$`
 # and no `$(NAME)`: Kubernetes expands those in a container's command.
 STANDBY_SCRIPT = f"""\
