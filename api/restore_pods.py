@@ -108,9 +108,9 @@ STANDBY_DEADLINE_SECONDS = 2100
 # children (a tree a restore left half-done when its node worker died), so the cold start
 # never runs beside one. The standby is PID 1, so the restored process is its child: it lives
 # while that process lives (forwarding SIGTERM and SIGINT to it) and exits with its status,
-# read from the zombie's /proc/PID/stat (field 52, exit_code), or 1 where that cannot be read (a shell reaps
-# children it does not know while it waits for `sleep`, and then the status is gone). No `$$`
-# and no `$(NAME)`: Kubernetes expands those in a container's command.
+# read from the zombie's /proc/PID/stat (field 52, exit_code), or 1 where that cannot be read
+# (a shell reaps children it does not know while it waits for `sleep`, and then the status is
+# gone). No `$$` and no `$(NAME)`: Kubernetes expands those in a container's command.
 STANDBY_SCRIPT = f"""\
 d="${{SNAPSHOT_CONTROL_DIR:-{CONTROL_DIR}}}"
 trap 'exit 143' TERM
