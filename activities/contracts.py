@@ -260,7 +260,7 @@ class ContainerSentinelInput(Contract):
 
 
 class ContainerRestoreInput(Contract):
-    """Restore a checkpoint into the standby (placeholder) container of a restore target."""
+    """Restore a checkpoint into the standby container of a restore target."""
 
     target: ContainerTarget
     checkpoint_id: str

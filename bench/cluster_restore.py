@@ -86,16 +86,16 @@ async def raw_run(
     stack: Stack, criu: Criu, version_dir: Path, manifest: Any, image: str, log: Path
 ) -> float:
     uid = str(uuid.uuid4())  # a standby container of no pod: no node worker looks at it
-    standby = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, "python3", "-c", SERVING]
-    stack.kubelet.run(uid, "main", standby, image=image, log=log)
+    command = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, "python3", "-c", SERVING]
+    stack.kubelet.run(uid, "main", command, image=image, log=log)
     pod = ContainerTarget(namespace="inference", pod_name="raw", pod_uid=uid, container="main")
-    placeholder = await Containerd(address=stack.kubelet.address).locate(pod)
-    poller = await answered_within(placeholder.pid)
+    standby = await Containerd(address=stack.kubelet.address).locate(pod)
+    poller = await answered_within(standby.pid)
     work = log.parent / f"raw-{uid}"
     started = time.monotonic()
     restored = await run_restore(
         criu=criu,
-        standby=placeholder,
+        standby=standby,
         images_dir=version_dir / "criu",
         manifest=manifest,
         work_dir=work,

@@ -55,7 +55,7 @@ exec cp -- "$WARMSTART_OUTPUT" "$WARMSTART_OUTPUT_COPY"
 """
 # Default verbosity: -v4 logging costs tens of milliseconds on the latency-bound restore path.
 RESTORE_OPTIONS = ("--restore-detached",)
-# Into a placeholder container: cgroups are the placeholder's (CRIU runs in them), TCP
+# Into a standby container: cgroups are the standby's (CRIU runs in them), TCP
 # connections are closed (the pod's address differs), every bind mount is mapped explicitly
 # (no `--ext-mount-map auto`: a dump's autodetected mount names the source pod's directory,
 # so CRIU refuses it rather than bind that).
