@@ -112,10 +112,11 @@ def node_worker(
     stale = policies.DUMP.start_to_close.total_seconds() + 60
     for orphan in store.sweep_staging(older_than_seconds=stale):
         log.warning("removed orphaned staging %s (older than %.0f s)", orphan, stale)
+    offered = [name.strip() for name in settings.node.secret_env.split(",") if name.strip()]
     local = LocalProcessActivities(
         layout=layout,
         base_env=inherited_env(os.environ) if base_env is None else base_env,
-        secret_environ=os.environ,
+        secret_environ={name: os.environ[name] for name in offered if name in os.environ},
     )
     gpus = NodeGpus()  # read once, on first use
     remote = RemoteStores(
@@ -142,26 +143,28 @@ def node_worker(
         criu=criu, store=store, layout=layout, node=settings.node.name, gpus=gpus, source=source
     )
     sentinels = SentinelActivities(layout=layout)
-    containers: list[Callable[..., Any]] = []
     if settings.node.cluster:
-        containers = _container_activities(
-            settings, criu=criu, store=store, gpus=gpus, source=source
-        )
-    return Worker(
-        client,
-        task_queue=node_task_queue(settings.node.name),
-        workflows=[RestoreWorkflow],
-        activities=[
-            *containers,
+        # Pods' containers only: nothing here runs a command a workflow names or dumps a
+        # PID a request gives; local-mode steps sent here find no worker (NodeLost).
+        mode = _container_activities(settings, criu=criu, store=store, gpus=gpus, source=source)
+    else:
+        mode = [
             local.launch_workload,
             local.await_workload_ready,
             local.stop_workload,
             dumping.dump_checkpoint,
             storage.commit_checkpoint,
-            storage.upload_version,
-            storage.discard_staging,
             sentinels.write_sentinel,
             restoring.restore_checkpoint,
+        ]
+    return Worker(
+        client,
+        task_queue=node_task_queue(settings.node.name),
+        workflows=[RestoreWorkflow],
+        activities=[
+            *mode,
+            storage.upload_version,
+            storage.discard_staging,
             prefetch.prefetch_version,
         ],
         interceptors=[ErrorMapping()],

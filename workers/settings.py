@@ -79,6 +79,10 @@ class NodeSettings:
     runtime: str = "containerd"
     runtime_endpoint: str = "/run/containerd/containerd.sock"
     runtime_state: str = "/run/containerd"
+    # Local mode: the worker's own variables a workload may take as secrets
+    # (`--env-secret NAME=env:VAR`), comma-separated; any other is refused, so a request can
+    # never copy the worker's credentials into a workload.
+    secret_env: str = ""
     # A restore into a pod past this many seconds gives up: the pod starts cold.
     restore_deadline_seconds: float = 1800.0
 

@@ -77,9 +77,16 @@ def resolve_secrets(
         else:
             path = directory / str(ref.file)
             value = path.read_text().rstrip("\n") if path.is_file() else None
+        if value is None and ref.env is not None:
+            raise InvalidSpecError(
+                f"workload {workload.name}: secret {name} ({ref}): the node worker offers no "
+                f"variable {ref.env} to workloads (WARMSTART_NODE__SECRET_ENV names those it "
+                "offers)"
+            )
         if value is None:
-            where = f"{directory}/{ref.file}" if ref.file else f"the node worker's {ref.env}"
-            raise InvalidSpecError(f"workload {workload.name}: secret {name} ({ref}): no {where}")
+            raise InvalidSpecError(
+                f"workload {workload.name}: secret {name} ({ref}): no {directory}/{ref.file}"
+            )
         values[name] = value
     return values
 

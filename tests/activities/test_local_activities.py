@@ -433,7 +433,7 @@ def test_secrets_are_resolved_on_the_node(tmp_path: Path) -> None:
     ("ref", "message"),
     [
         ({"file": "absent"}, r"secret S \(file:absent\): no .*/secrets/absent"),
-        ({"env": "ABSENT"}, r"secret S \(env:ABSENT\): no the node worker's ABSENT"),
+        ({"env": "ABSENT"}, r"secret S \(env:ABSENT\): the node worker offers no variable ABSENT"),
     ],
 )
 def test_a_missing_secret_is_named(tmp_path: Path, ref: dict[str, str], message: str) -> None:
