@@ -6,10 +6,12 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import pytest_asyncio
 from temporalio import activity
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
@@ -301,7 +303,7 @@ async def test_a_cancel_during_commit_lets_the_commit_decide(harness: Harness) -
     handle = await harness.start(harness.request())
     await harness.started("commit_checkpoint")
     await handle.cancel()
-    await asyncio.sleep(0.5)  # the cancel reaches the workflow while the commit runs
+    await cancel_processed(handle)  # the workflow has seen the cancel; the commit still runs
     harness.stand_ins.hold_commit.set()
 
     result = await handle.result()  # committed: the capture ends Ready, not Cancelled
@@ -309,3 +311,18 @@ async def test_a_cancel_during_commit_lets_the_commit_decide(harness: Harness) -
     assert harness.stand_ins.discarded == []
     assert [(s.phase, s.reason) for s in harness.stand_ins.statuses] == [(Phase.READY, "Captured")]
     assert harness.stand_ins.names()[-3:] == ["write_sentinel", "publish_status", "stop_workload"]
+
+
+async def cancel_processed(handle: WorkflowHandle[Any, Any]) -> None:
+    """Until the history shows the cancel request and a workflow task completed after it:
+    the workflow code has run with the cancel delivered."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        events = [event.event_type for event in (await handle.fetch_history()).events]
+        requested = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED
+        if requested in events:
+            after = events[events.index(requested) :]
+            if EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in after:
+                return
+        assert asyncio.get_running_loop().time() < deadline, "the cancel was never processed"
+        await asyncio.sleep(0.02)
