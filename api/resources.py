@@ -11,7 +11,7 @@ an API server without CEL (or an object written before a rule existed) lets thro
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -299,9 +299,13 @@ class Storage(Spec):
 class Prefetch(Spec):
     """Nodes whose caches are warmed with each version once it is Ready (remote storage)."""
 
-    node_selectors: list[dict[str, str]] = Field(
+    node_selectors: list[Annotated[dict[str, str], Field(min_length=1, max_length=16)]] = Field(
         default_factory=list,
-        description="Label maps; a node whose labels include all of one map is warmed.",
+        max_length=16,
+        description=(
+            "Label maps; a node whose labels include all of one map is warmed. Each map "
+            "names at least one label: an empty one would select every node of the cluster."
+        ),
     )
 
 

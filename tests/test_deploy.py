@@ -63,6 +63,23 @@ def test_kubernetes_manifests_are_valid_objects() -> None:
         assert api.sanitize_for_serialization(parsed) == doc, doc["kind"]
 
 
+def test_every_container_is_bounded() -> None:
+    """Requests and limits of CPU and memory on every container and init container, so no
+    warmstart pod can starve a GPU node's workloads."""
+    found = []
+    for doc in _kubernetes_docs():
+        if doc["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            resources = container.get("resources", {})
+            where = f"{doc['kind']} {doc['metadata']['name']}: {container['name']}"
+            for bound in ("requests", "limits"):
+                assert set(resources.get(bound, {})) == {"cpu", "memory"}, f"{where} {bound}"
+            found.append(where)
+    assert len(found) >= 4  # controller, webhook, the node's init container and worker
+
+
 def test_the_controller_may_do_what_the_code_does() -> None:
     rules = [
         (group, resource, verb)

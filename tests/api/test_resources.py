@@ -158,6 +158,12 @@ def saver_envs(*envs: dict[str, Any]) -> dict[str, Any]:
             {},
             "resourceFieldRef.divisor\n  String should match pattern",
         ),
+        (
+            # An empty label map selects every node: a prefetch to the whole cluster.
+            {"prefetch": {"nodeSelectors": [{"zone": "a"}, {}]}},
+            {},
+            "prefetch.nodeSelectors.1\n  Dictionary should have at least 1 item",
+        ),
     ],
 )
 def test_bad_checkpoints_are_refused_by_field(
