@@ -215,9 +215,9 @@ def _restore_env(items: list[str]) -> dict[str, str]:
 def _resolve(settings: Settings, ref: str, version: str) -> tuple[str, str, str]:
     """Name, checkpoint ID and version of REF: from this node's catalog, else (with remote
     storage) from what the remote store holds; the newest version unless one is given."""
-    from workers.remote import checkpoint_catalog
+    from workers.remote import store_catalog
 
-    entry = checkpoint_catalog(settings).find(ref)
+    entry = store_catalog(settings).find(ref)
     return entry.name, entry.checkpoint_id, version or entry.version
 
 
@@ -296,10 +296,10 @@ def list_checkpoints(args: argparse.Namespace) -> int:
     """Committed checkpoints, newest first: this node's, then (with remote storage) those
     only the remote store holds (from the catalogs; needs no server)."""
     from workers import display
-    from workers.remote import checkpoint_catalog
+    from workers.remote import store_catalog
 
     settings = _settings()
-    display.checkpoint_table(checkpoint_catalog(settings).checkpoints(), args.output)
+    display.checkpoint_table(store_catalog(settings).checkpoints(), args.output)
     return 0
 
 

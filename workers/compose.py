@@ -120,8 +120,7 @@ def node_worker(
     gpus = NodeGpus()  # read once, on first use
     remote = RemoteStores(
         transfer=transfer_settings(settings),
-        endpoint=settings.storage.s3_endpoint,
-        region=settings.storage.s3_region,
+        own_endpoints=settings.storage.own_endpoints(),
         read_secret=_secret_reader(settings) if settings.node.cluster else None,
     )
     storage = StorageActivities(

@@ -10,14 +10,14 @@ from api.naming import LOCAL_NAMESPACE
 from workers import display
 from workers.client import connect, workflow_ui_url
 from workers.operations import PipelineRecord, latest_pipeline, recent_pipelines
-from workers.remote import checkpoint_catalog
+from workers.remote import store_catalog
 from workers.settings import Settings
 
 
 async def describe_checkpoint(settings: Settings, ref: str, *, output: str) -> int:
     """Show `ref`; exit status 0 when a committed checkpoint exists, else 1."""
     manifest: Manifest | None = None
-    catalog: Catalog = checkpoint_catalog(settings)
+    catalog: Catalog = store_catalog(settings)
     try:
         manifest = catalog.manifest(catalog.find(ref))
     except CheckpointNotFoundError as err:

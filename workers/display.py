@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from activities.storage.catalog import CatalogEntry
+    from api.catalog import CatalogEntry
     from api.manifest import Manifest
     from workers.operations import LiveProgress, PipelineRecord
     from workflows.contracts import CaptureResult, PrefetchReport, RestoreResult
@@ -131,7 +131,7 @@ def prefetch_report(report: PrefetchReport, output: str) -> None:
 
 def checkpoint_table(entries: list[CatalogEntry], output: str) -> None:
     if output == "json":
-        print_json([e.document for e in entries])
+        print_json([e.summary() for e in entries])
         return
     headers = ("NAME", "CHECKPOINT ID", "VERSION", "MODEL", "BACKEND", "SIZE", "NODE", "CREATED")
     rows = [

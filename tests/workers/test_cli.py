@@ -67,9 +67,10 @@ async def test_capture_list_describe_restore(workers: Settings, address: str) ->
     code, out, _ = await cli(workers, address, "list", "--output", "json")
     assert code == 0
     [listed] = json.loads(out)
-    assert (listed["checkpoint_id"], listed["source"]["name"]) == (
+    assert (listed["checkpoint_id"], listed["name"], listed["version"]) == (
         captured["checkpoint_id"],
         "tokens",
+        captured["version"],
     )
 
     code, out, err = await cli(workers, address, "restore", "tokens", "--output", "json")
