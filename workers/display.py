@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from api.catalog import CatalogEntry
     from api.manifest import Manifest
+    from api.quarantine import QuarantineEntry
     from workers.operations import LiveProgress, PipelineRecord
     from workflows.contracts import CaptureResult, PrefetchReport, RestoreResult
 
@@ -148,6 +149,17 @@ def checkpoint_table(entries: list[CatalogEntry], output: str) -> None:
         for e in entries
     ]
     print_table(headers, rows)
+
+
+def quarantine_entries(entries: list[QuarantineEntry], output: str) -> None:
+    if output == "json":
+        print_json([entry.model_dump(mode="json") for entry in entries])
+        return
+    for entry in entries:
+        print(entry.describe())
+        print(f"  {entry.message}")
+    if not entries:
+        print("no checkpoint is quarantined")
 
 
 def manifest_rows(manifest: Manifest | None) -> dict[str, object]:
