@@ -93,6 +93,6 @@ class Backend(Protocol):
     def uri(self, checkpoint_id: str = "", version: str = "") -> str:
         """Where the store (no checkpoint ID), a checkpoint's versions
         (`.../<checkpointID>/versions/`) or one version (`.../versions/<version>/`) live:
-        what messages and `storageURI` name. For a `RemoteStorage` it starts with its
-        `uri`."""
+        what messages and `storageURI` name. An object store's start with the location's
+        `RemoteStorage.uri`, which `api.storage.stored_at` reads back."""
         ...
