@@ -11,9 +11,12 @@ from typing import Literal
 
 from pydantic import Field
 
+from api.catalog import CatalogEntry
 from api.contract import Contract
 from api.identity import CheckpointIdentity
 from api.limits import ShortSeconds
+from api.manifest import Manifest
+from api.quarantine import QuarantineEntry
 from api.reasons import Phase, Reason, Sentinel
 from api.retention import CheckpointVersion, ProtectedRef
 from api.storage import RemoteStorage
@@ -330,3 +333,23 @@ class UploadSweepResult(Contract):
     """Incomplete multipart uploads aborted (or, on a dry run, that would be), as URIs."""
 
     aborted: tuple[str, ...] = ()
+
+
+# The catalog and the quarantine of the store the control worker mounts, for the CLI
+# wherever it runs (`warmstart list`, `describe`, `quarantine` without the node's disk).
+CatalogAction = Literal["list", "find", "describe", "quarantine", "clear-quarantine"]
+
+
+class CatalogQuery(Contract):
+    """`list` every version; `find` or `describe` (with its manifest) the newest named or
+    with ID `ref`; `quarantine` entries (of `ref`, or all); `clear-quarantine` of `ref`."""
+
+    action: CatalogAction
+    ref: str = ""
+
+
+class CatalogAnswer(Contract):
+    entries: tuple[CatalogEntry, ...] = ()
+    manifest: Manifest | None = None
+    quarantine: tuple[QuarantineEntry, ...] = ()
+    checkpoint_id: str = ""  # what `ref` resolved to (quarantine)

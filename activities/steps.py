@@ -16,6 +16,8 @@ from temporalio import activity
 
 from activities.contracts import (
     AwaitReadyInput,
+    CatalogAnswer,
+    CatalogQuery,
     CheckpointVersions,
     ClaimInput,
     CommitInput,
@@ -168,6 +170,16 @@ class RetentionSteps(ABC):
     @abstractmethod
     async def sweep_remote_uploads(self, request: UploadSweepInput) -> UploadSweepResult:
         """Abort incomplete multipart uploads older than the limit."""
+
+
+class CatalogSteps(ABC):
+    """Control queue: the catalog and quarantine of the store the control worker mounts
+    (`activities.storage.queries`), answered for the CLI."""
+
+    @activity.defn
+    @abstractmethod
+    async def answer_catalog(self, request: CatalogQuery) -> CatalogAnswer:
+        """List, find or describe committed versions; list or clear quarantine entries."""
 
 
 class ControlSteps(ABC):

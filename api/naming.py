@@ -13,6 +13,7 @@ MANIFEST_FILE = "manifest.json"  # a checkpoint version's commit marker, written
 CAPTURE_WORKFLOW = "CaptureWorkflow"  # workflow type names, as registered and as listed
 RESTORE_WORKFLOW = "RestoreWorkflow"
 PREFETCH_WORKFLOW = "PrefetchWorkflow"
+CATALOG_WORKFLOW = "CatalogWorkflow"
 # The query both pipelines answer with their `Progress` (the client asks it by this name,
 # through `workers.operations.query_progress`, without importing the workflow modules).
 PROGRESS_QUERY = "progress"

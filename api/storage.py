@@ -1,5 +1,6 @@
-"""Where checkpoint versions are published beyond the node: an S3 location, as requests
-carry it, and how a resource's `spec.storage` and `status.storageURI` map onto one."""
+"""Where checkpoint versions are published beyond the node: a location in a remote object
+store (S3 by default), as requests carry it, and how a resource's `spec.storage` and
+`status.storageURI` map onto one."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ from api.resources import Storage
 
 
 class RemoteStorage(Contract):
-    """An S3 location (any S3-compatible endpoint) versions are published to beyond the
-    node; without one, the node's checkpoint root (the PVC on a cluster) is the store.
-    Credentials never travel in a request: the worker moving the bytes uses boto3's standard
-    chain, or reads `credentials_secret` (keys `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-    optionally `AWS_SESSION_TOKEN`) from `secret_namespace`."""
+    """A location in a remote store versions are published to beyond the node; without
+    one, the node's checkpoint root (the PVC on a cluster) is the store.
 
-    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$")
+    `kind` names the backend that serves it (`activities.storage.backends`; "s3", any
+    S3-compatible endpoint, by default: requests recorded before there were kinds decode as
+    S3); each kind reads the fields it needs and refuses what it cannot honour. Credentials
+    never travel in a request: the worker moving the bytes uses its kind's standard chain
+    (boto3's for S3), or reads `credentials_secret` from `secret_namespace` (for S3 the keys
+    `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, optionally `AWS_SESSION_TOKEN`)."""
+
+    kind: str = Field(default="s3", pattern=r"^[a-z][a-z0-9-]*$")
+    bucket: str = Field(min_length=3, max_length=222, pattern=r"^[a-z0-9][a-z0-9._-]+[a-z0-9]$")
     prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_./-]*$")
     endpoint: str = ""
     region: str = ""
@@ -29,8 +35,10 @@ class RemoteStorage(Contract):
 
     @property
     def uri(self) -> str:
+        """`<kind>://<bucket>/<prefix>/`: every URI a backend gives under it starts so."""
         prefix = self.prefix.strip("/")
-        return f"s3://{self.bucket}/{prefix}/" if prefix else f"s3://{self.bucket}/"
+        root = f"{self.kind}://{self.bucket}/"
+        return f"{root}{prefix}/" if prefix else root
 
 
 def resource_storage(
@@ -58,16 +66,18 @@ def resource_storage(
 def stored_at(
     uri: str, *, checkpoint_id: str, version: str, spec: RemoteStorage | None
 ) -> RemoteStorage | None:
-    """The S3 location a capture published a version to, from its `storageURI`
-    (`s3://<bucket>/<prefix>/<id>/versions/<version>/`), with the endpoint, region,
-    encryption and credentials of `spec` when it names that bucket. None: not in S3."""
-    if not uri.startswith("s3://"):
+    """The remote location a capture published a version to, from its `storageURI`
+    (`<kind>://<bucket>/<prefix>/<id>/versions/<version>/`), with the endpoint, region,
+    encryption and credentials of `spec` when it names that store. None: not in a remote
+    store (a `file:` URI or a path: the node's root)."""
+    kind, sep, rest = uri.partition("://")
+    if not sep or kind == "file":
         return None
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    bucket, _, key = rest.partition("/")
     tail = f"{checkpoint_id}/versions/{version}/"
     if not key.endswith(tail):
         return None
     prefix = key.removesuffix(tail).strip("/")
-    if spec is not None and spec.bucket == bucket:
+    if spec is not None and (spec.kind, spec.bucket) == (kind, bucket):
         return spec.model_copy(update={"prefix": prefix})
-    return RemoteStorage(bucket=bucket, prefix=prefix)
+    return RemoteStorage(kind=kind, bucket=bucket, prefix=prefix)

@@ -17,7 +17,7 @@ from temporalio.client import Client
 
 from activities.storage.objectstore.s3 import S3Backend, S3Location
 from activities.storage.store import CheckpointStore
-from api.errors import PipelineFailedError
+from api.errors import DigestMismatchError, PipelineFailedError
 from api.reasons import Reason
 from tests.checkpoint_trees import CKPT, VERSION, committed_version, tree_files
 from tests.conftest import needs_criu
@@ -26,7 +26,7 @@ from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, new_bucket, s3_client
 from workers.compose import control_worker, node_worker
 from workers.operations import prefetch, remote_storage
 from workers.ports import free_port
-from workers.remote import checkpoint_catalog
+from workers.remote import store_catalog
 from workers.settings import Settings, StorageSettings
 from workflows.contracts import PrefetchRequest
 
@@ -193,7 +193,7 @@ def test_the_catalog_lists_what_only_the_remote_store_holds(
     publish(s3_settings, s3, tmp_path, version=newer)
     # This node holds the newer version too: it is listed once, as the node's.
     committed_version(s3_settings.checkpoint_root, tree_files(), version=newer)
-    catalog = checkpoint_catalog(s3_settings)
+    catalog = store_catalog(s3_settings)
     listed = [(e.version, e.location) for e in catalog.checkpoints()]
     bucket = s3_settings.storage.s3_bucket
     assert listed == [
@@ -203,6 +203,10 @@ def test_the_catalog_lists_what_only_the_remote_store_holds(
     assert catalog.find(CKPT).version == newer  # the node's, newest
     remote_entry = catalog.checkpoints()[1]
     assert catalog.manifest(remote_entry).version == VERSION
-    # A damaged manifest in the bucket: that version is not offered.
+    # A manifest damaged after its commit: the index still lists the version (listing reads
+    # no manifest), describing it says what is wrong.
     s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{CKPT}/versions/{VERSION}/manifest.json", Body=b"{")
-    assert [e.version for e in checkpoint_catalog(s3_settings).checkpoints()] == [newer]
+    catalog = store_catalog(s3_settings)
+    assert [e.version for e in catalog.checkpoints()] == [newer, VERSION]
+    with pytest.raises(DigestMismatchError, match=r"manifest\.json is not a valid manifest"):
+        catalog.manifest(catalog.checkpoints()[1])

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
 
+    from api.catalog import CatalogEntry
     from api.identity import CheckpointIdentity
     from api.workload import LocalWorkload
     from workers.settings import Settings
@@ -213,11 +214,13 @@ def _restore_env(items: list[str]) -> dict[str, str]:
 
 
 def _resolve(settings: Settings, ref: str, version: str) -> tuple[str, str, str]:
-    """Name, checkpoint ID and version of REF: from this node's catalog, else (with remote
-    storage) from what the remote store holds; the newest version unless one is given."""
-    from workers.remote import checkpoint_catalog
+    """Name, checkpoint ID and version of REF for a restore on this node: from this node's
+    store first (what it restores is here or comes into its cache; no round trip on the
+    restore path), else (with remote storage) from what the remote store holds; the newest
+    version unless one is given."""
+    from workers.remote import store_catalog
 
-    entry = checkpoint_catalog(settings).find(ref)
+    entry = store_catalog(settings).find(ref)
     return entry.name, entry.checkpoint_id, version or entry.version
 
 
@@ -226,6 +229,7 @@ def prefetch(args: argparse.Namespace) -> int:
     (default: this node); one line per node."""
     from api.errors import InvalidSpecError
     from workers import display
+    from workers.catalogs import cli_catalog
     from workers.client import connect
     from workers.operations import prefetch as run_prefetch
     from workers.operations import remote_storage
@@ -235,16 +239,16 @@ def prefetch(args: argparse.Namespace) -> int:
     storage = remote_storage(settings)
     if storage is None:
         raise InvalidSpecError("prefetch needs remote storage: set WARMSTART_STORAGE__S3_BUCKET")
-    _name, checkpoint_id, _ = _resolve(settings, args.ref, args.version)
-    request = PrefetchRequest(
-        checkpoint_id=checkpoint_id,
-        version=args.version,
-        storage=storage,
-        nodes=args.node or [settings.node.name],
-        control_task_queue=settings.node.control_task_queue,
-    )
 
     async def run() -> PrefetchReport:
+        entry = await cli_catalog(settings).find(args.ref)
+        request = PrefetchRequest(
+            checkpoint_id=entry.checkpoint_id,
+            version=args.version,
+            storage=storage,
+            nodes=args.node or [settings.node.name],
+            control_task_queue=settings.node.control_task_queue,
+        )
         return await run_prefetch(await connect(settings), request)
 
     report = _run(run())
@@ -293,47 +297,33 @@ async def _pipeline(
 
 
 def list_checkpoints(args: argparse.Namespace) -> int:
-    """Committed checkpoints, newest first: this node's, then (with remote storage) those
-    only the remote store holds (from the catalogs; needs no server)."""
+    """Committed checkpoints, newest first: the remote store's (from its index) where one
+    is configured, else those of the store the control worker mounts."""
     from workers import display
-    from workers.remote import checkpoint_catalog
+    from workers.catalogs import cli_catalog
 
     settings = _settings()
-    display.checkpoint_table(checkpoint_catalog(settings).checkpoints(), args.output)
+
+    async def run() -> list[CatalogEntry]:
+        return await cli_catalog(settings).checkpoints()
+
+    display.checkpoint_table(_run(run()), args.output)
     return 0
 
 
 def quarantine(args: argparse.Namespace) -> int:
     """Checkpoints that failed to restore on a node class and start cold there: list them,
-    or clear one checkpoint's entries so its next restore is tried again."""
-    import json
+    or clear one checkpoint's entries so its next restore is tried again (through the
+    control worker, which mounts the store the nodes record them in)."""
+    from workers import display
+    from workers.catalogs import ControlSide
 
-    from activities.storage.catalog import LocalCatalog
-    from activities.storage.quarantine import Quarantine
-
-    settings = _settings()
-    store = Quarantine(settings.checkpoint_root)
+    side = ControlSide(_settings())
     if args.action == "clear":
-        if not args.ref:
-            from api.errors import InvalidSpecError
-
-            raise InvalidSpecError("quarantine clear needs REF (a checkpoint name or ID)")
-        checkpoint_id = LocalCatalog(settings.checkpoint_root).find(args.ref).checkpoint_id
-        removed = store.clear(checkpoint_id)
+        checkpoint_id, removed = _run(side.clear_quarantine(args.ref))
         print(f"checkpoint {checkpoint_id}: {len(removed)} quarantine entr(ies) cleared")
         return 0
-    checkpoint_id = (
-        LocalCatalog(settings.checkpoint_root).find(args.ref).checkpoint_id if args.ref else ""
-    )
-    entries = store.entries(checkpoint_id)
-    if args.output == "json":
-        print(json.dumps([entry.model_dump(mode="json") for entry in entries], indent=2))
-        return 0
-    for entry in entries:
-        print(entry.describe())
-        print(f"  {entry.message}")
-    if not entries:
-        print("no checkpoint is quarantined")
+    display.quarantine_entries(_run(side.quarantine(args.ref)), args.output)
     return 0
 
 

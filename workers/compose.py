@@ -25,6 +25,8 @@ from activities.local.restore import RestoreActivities
 from activities.local.state import LocalControlActivities
 from activities.storage.objectstore.cache import NodeCache
 from activities.storage.objectstore.transfer import MiB, TransferSettings
+from activities.storage.quarantine import Quarantine
+from activities.storage.queries import CatalogActivities
 from activities.storage.remote import RemoteStores, SecretReader
 from activities.storage.sources import CheckpointSource, PrefetchActivities
 from activities.storage.store import CheckpointStore, StorageActivities
@@ -32,10 +34,12 @@ from activities.storage.verified import VerifiedFiles
 from api.errors import StorageError, UnavailableError
 from api.manifest import CriuInfo
 from api.naming import node_task_queue
+from workers.remote import store_catalog
 from workers.retention import retention_activities
 from workers.settings import Settings
 from workflows import policies
 from workflows.capture import CaptureWorkflow
+from workflows.catalog import CatalogWorkflow
 from workflows.prefetch import PrefetchWorkflow
 from workflows.restore import RestoreWorkflow
 from workflows.retention import RetentionWorkflow
@@ -43,18 +47,27 @@ from workflows.retention import RetentionWorkflow
 log = logging.getLogger(__name__)
 
 
+def catalog_activities(settings: Settings) -> CatalogActivities:
+    """The control side's answers to the CLI: the catalog of the store it mounts (then the
+    remote store) and the quarantine entries nodes record there."""
+    return CatalogActivities(
+        catalog=store_catalog(settings), quarantine=Quarantine(settings.checkpoint_root)
+    )
+
+
 def control_worker(client: Client, settings: Settings) -> Worker:
     """CaptureWorkflow and the API-side activities (local mode: the state directory), plus
-    RetentionWorkflow and its activities over the checkpoint root."""
+    RetentionWorkflow and its activities over the checkpoint root, and CatalogWorkflow."""
     control = LocalControlActivities(state_dir=settings.home)
     return Worker(
         client,
         task_queue=settings.node.control_task_queue,
-        workflows=[CaptureWorkflow, RetentionWorkflow, PrefetchWorkflow],
+        workflows=[CaptureWorkflow, RetentionWorkflow, PrefetchWorkflow, CatalogWorkflow],
         activities=[
             control.claim_checkpoint_id,
             control.publish_status,
             *retention_activities(client, settings=settings),
+            catalog_activities(settings).answer_catalog,
         ],
         interceptors=[ErrorMapping()],
     )
@@ -77,7 +90,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
     return Worker(
         client,
         task_queue=settings.node.control_task_queue,
-        workflows=[CaptureWorkflow, PrefetchWorkflow, RetentionWorkflow],
+        workflows=[CaptureWorkflow, PrefetchWorkflow, RetentionWorkflow, CatalogWorkflow],
         activities=[
             control.claim_checkpoint_id,
             control.publish_status,
@@ -88,6 +101,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
             *retention_activities(
                 client, settings=settings, ready_references=ready_references(api)
             ),
+            catalog_activities(settings).answer_catalog,
         ],
         interceptors=[ErrorMapping()],
     )
@@ -121,8 +135,7 @@ def node_worker(
     gpus = NodeGpus()  # read once, on first use
     remote = RemoteStores(
         transfer=transfer_settings(settings),
-        endpoint=settings.storage.s3_endpoint,
-        region=settings.storage.s3_region,
+        own_endpoints=settings.storage.own_endpoints(),
         read_secret=_secret_reader(settings) if settings.node.cluster else None,
     )
     storage = StorageActivities(
@@ -224,7 +237,6 @@ def _container_activities(
     from activities.runtime.pods import PodActivities
     from activities.runtime.registry import runtime_for
     from activities.runtime.standby import StandbyRestorer
-    from activities.storage.quarantine import Quarantine
 
     node = settings.node
     runtime = runtime_for(node.runtime, endpoint=node.runtime_endpoint, state=node.runtime_state)

@@ -1,25 +1,24 @@
-"""`warmstart describe` and `warmstart pipelines`: checkpoints from the catalog, pipelines
-from Temporal."""
+"""`warmstart describe` and `warmstart pipelines`: checkpoints from the catalog
+(`workers.catalogs`), pipelines from Temporal."""
 
 from __future__ import annotations
 
-from activities.storage.catalog import Catalog
 from api.errors import CheckpointNotFoundError, UnavailableError
 from api.manifest import Manifest
 from api.naming import LOCAL_NAMESPACE
 from workers import display
+from workers.catalogs import cli_catalog
 from workers.client import connect, workflow_ui_url
 from workers.operations import PipelineRecord, latest_pipeline, recent_pipelines
-from workers.remote import checkpoint_catalog
 from workers.settings import Settings
 
 
 async def describe_checkpoint(settings: Settings, ref: str, *, output: str) -> int:
-    """Show `ref`; exit status 0 when a committed checkpoint exists, else 1."""
+    """Show `ref` (its manifest from the catalog: the remote store's, else the control
+    side's); exit status 0 when a committed checkpoint exists, else 1."""
     manifest: Manifest | None = None
-    catalog: Catalog = checkpoint_catalog(settings)
     try:
-        manifest = catalog.manifest(catalog.find(ref))
+        _entry, manifest = await cli_catalog(settings).describe(ref)
     except CheckpointNotFoundError as err:
         not_found = err
     name = manifest.source.name if manifest else ref

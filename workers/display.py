@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from activities.storage.catalog import CatalogEntry
+    from api.catalog import CatalogEntry
     from api.manifest import Manifest
+    from api.quarantine import QuarantineEntry
     from workers.operations import LiveProgress, PipelineRecord
     from workflows.contracts import CaptureResult, PrefetchReport, RestoreResult
 
@@ -131,7 +132,7 @@ def prefetch_report(report: PrefetchReport, output: str) -> None:
 
 def checkpoint_table(entries: list[CatalogEntry], output: str) -> None:
     if output == "json":
-        print_json([e.document for e in entries])
+        print_json([e.summary() for e in entries])
         return
     headers = ("NAME", "CHECKPOINT ID", "VERSION", "MODEL", "BACKEND", "SIZE", "NODE", "CREATED")
     rows = [
@@ -148,6 +149,17 @@ def checkpoint_table(entries: list[CatalogEntry], output: str) -> None:
         for e in entries
     ]
     print_table(headers, rows)
+
+
+def quarantine_entries(entries: list[QuarantineEntry], output: str) -> None:
+    if output == "json":
+        print_json([entry.model_dump(mode="json") for entry in entries])
+        return
+    for entry in entries:
+        print(entry.describe())
+        print(f"  {entry.message}")
+    if not entries:
+        print("no checkpoint is quarantined")
 
 
 def manifest_rows(manifest: Manifest | None) -> dict[str, object]:

@@ -99,18 +99,8 @@ class PipelineRecord:
 
 
 def remote_storage(settings: Settings) -> RemoteStorage | None:
-    """The S3 location the settings name, if any (else the node's root is the store)."""
-    storage = settings.storage
-    if not storage.s3_bucket:
-        return None
-    return RemoteStorage(
-        bucket=storage.s3_bucket,
-        prefix=storage.s3_prefix,
-        endpoint=storage.s3_endpoint,
-        region=storage.s3_region,
-        sse=storage.sse,
-        kms_key_id=storage.kms_key_id,
-    )
+    """The remote store the settings name, if any (else the node's root is the store)."""
+    return settings.storage.location()
 
 
 def local_capture_request(

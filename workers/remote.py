@@ -1,7 +1,7 @@
-"""The remote store as the CLI and the control worker see it: the settings' S3 location
-(boto3's standard credential chain) for retention, and the catalog that lists what it holds
-after what this node holds. Without remote storage nothing of it is imported: `warmstart
-list` starts fast (decision 0007)."""
+"""The stores as a worker that mounts them sees them: the configured remote store (its
+kind's standard credentials) for retention and the catalog, and the catalog of this
+machine's checkpoint root with the remote store behind it. Without remote storage nothing
+of a backend is imported."""
 
 from __future__ import annotations
 
@@ -11,39 +11,46 @@ from activities.storage.catalog import Catalog, LocalCatalog
 from workers.settings import Settings
 
 if TYPE_CHECKING:
+    from activities.storage.objectstore import Backend
     from activities.storage.retention import RemoteVersions
 
 
-def remote_versions(settings: Settings) -> RemoteVersions | None:
-    """The settings' S3 location (boto3's standard credential chain), or None without one."""
-    if not settings.storage.s3_bucket:
+def remote_backend(settings: Settings) -> Backend | None:
+    """The settings' remote store, or None without one."""
+    storage = settings.storage.location()
+    if storage is None:
         return None
     from activities.storage.objectstore.transfer import TransferSettings
     from activities.storage.remote import RemoteStores
-    from activities.storage.retention import RemoteVersions
-    from workers.operations import remote_storage
 
-    storage = remote_storage(settings)
-    assert storage is not None
     stores = RemoteStores(
         transfer=TransferSettings(),  # listing and deleting move no file bytes
-        endpoint=settings.storage.s3_endpoint,
-        region=settings.storage.s3_region,
+        own_endpoints=settings.storage.own_endpoints(),
     )
-    backend = stores.backend(storage)
-    return RemoteVersions(client=backend.client, location=backend.location)
+    return stores.backend(storage)
 
 
-def checkpoint_catalog(settings: Settings) -> Catalog:
-    """This node's committed checkpoints, then (with remote storage) those only stored there."""
+def remote_versions(settings: Settings) -> RemoteVersions | None:
+    backend = remote_backend(settings)
+    if backend is None:
+        return None
+    from activities.storage.retention import RemoteVersions
+
+    return RemoteVersions(backend)
+
+
+def store_catalog(settings: Settings) -> Catalog:
+    """The committed checkpoints of this machine's checkpoint root, then (with remote
+    storage) those only the remote store holds: what the control worker answers the CLI
+    from, and where a local restore looks up what it restores on this node."""
     local = LocalCatalog(settings.checkpoint_root)
-    if not settings.storage.s3_bucket:
+    if not settings.storage.configured:
         return local
     from activities.storage.remote_catalog import FallbackCatalog, RemoteCatalog
 
     def remote() -> Catalog:
-        versions = remote_versions(settings)
-        assert versions is not None
-        return RemoteCatalog(versions)
+        backend = remote_backend(settings)
+        assert backend is not None
+        return RemoteCatalog(backend)
 
     return FallbackCatalog(local, remote)

@@ -54,11 +54,11 @@ def retention_policies(settings: Settings) -> RetentionPolicies:
 
 
 def retention_request(settings: Settings, *, dry_run: bool = False) -> RetentionRequest:
-    """With remote storage configured, the run covers the S3 location too."""
+    """With remote storage configured, the run covers the remote store too."""
     return RetentionRequest(
         policies=retention_policies(settings),
         dry_run=dry_run,
-        remote=bool(settings.storage.s3_bucket),
+        remote=settings.storage.configured,
     )
 
 

@@ -15,10 +15,13 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from api.errors import InvalidSpecError
 from api.naming import CONTROL_TASK_QUEUE, LOCAL_NODE
+
+if TYPE_CHECKING:
+    from api.storage import RemoteStorage
 
 ENV_PREFIX = "WARMSTART_"
 
@@ -164,10 +167,12 @@ class RetentionSettings:
 class StorageSettings:
     """Where versions are published beyond the node, and how they move.
 
-    Without `s3_bucket` the node's checkpoint root is the store (a PVC on a cluster). With
-    it, every capture uploads its committed version there and restores fetch what their
-    node lacks into the node cache. Credentials: boto3's standard chain (`AWS_*` variables,
-    a profile, an instance or pod role); on a cluster a Checkpoint may name a Secret.
+    Without a remote store (`s3_bucket`) the node's checkpoint root is the store (a PVC on
+    a cluster). With one, every capture uploads its committed version there and restores
+    fetch what their node lacks into the node cache. S3 credentials: boto3's standard chain
+    (`AWS_*` variables, a profile, an instance or pod role); on a cluster a Checkpoint may
+    name a Secret. A kind of remote store (`activities.storage.backends`) adds its fields
+    here and its lines to `configured`, `location` and `own_endpoints`.
     """
 
     s3_bucket: str = ""
@@ -184,6 +189,32 @@ class StorageSettings:
     compression: Literal["off", "auto"] = "auto"  # zstd per file where a sample shows it pays
     # The node cache of fetched versions: least recently used ones not in use go first.
     cache_max_bytes: int | None = None
+
+    @property
+    def configured(self) -> bool:
+        """Whether a remote store is configured (read without importing pydantic)."""
+        return bool(self.s3_bucket)
+
+    def location(self) -> RemoteStorage | None:
+        """The configured remote store, as requests carry it; None: the node's root."""
+        from api.storage import RemoteStorage
+
+        if self.s3_bucket:
+            return RemoteStorage(
+                kind="s3",
+                bucket=self.s3_bucket,
+                prefix=self.s3_prefix,
+                endpoint=self.s3_endpoint,
+                region=self.s3_region,
+                sse=self.sse,
+                kms_key_id=self.kms_key_id,
+            )
+        return None
+
+    def own_endpoints(self) -> dict[str, tuple[str, str]]:
+        """Kind → this worker's (endpoint, region), for locations that name none (a
+        Checkpoint's bucket on a cluster is reached through the node's endpoint)."""
+        return {"s3": (self.s3_endpoint, self.s3_region)}
 
 
 @dataclass(frozen=True)

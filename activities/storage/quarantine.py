@@ -5,58 +5,19 @@ A node class is what decides whether a restore can work: GPU model, GPU driver a
 version. Entries live beside the checkpoint in the store (`<root>/<checkpointID>/
 quarantine/<class key>.json`), so every node sharing the store (the RWX volume on a
 cluster, the state directory locally) sees them; `warmstart quarantine` lists and
-clears them.
+clears them through the control worker, which mounts that store (`queries`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from datetime import datetime
 from pathlib import Path
 
 from activities.host.files import write_atomically
-from api.contract import Contract
-from api.manifest import HostInfo
 from api.naming import require_path_element
+from api.quarantine import NodeClass, QuarantineEntry, node_class
 
+__all__ = ["QUARANTINE_DIR", "NodeClass", "Quarantine", "QuarantineEntry", "node_class"]
 QUARANTINE_DIR = "quarantine"
-
-
-class NodeClass(Contract):
-    gpu_model: str
-    gpu_driver: str
-    criu: str
-
-    @property
-    def key(self) -> str:
-        text = json.dumps(self.model_dump(), sort_keys=True).encode()
-        return hashlib.sha256(text).hexdigest()[:16]
-
-    def describe(self) -> str:
-        gpus = f"{self.gpu_model}, driver {self.gpu_driver}" if self.gpu_model else "no GPU"
-        return f"{gpus}, CRIU {self.criu}"
-
-
-def node_class(host: HostInfo, *, criu: str) -> NodeClass:
-    return NodeClass(gpu_model=host.gpu_model, gpu_driver=host.gpu_driver, criu=criu)
-
-
-class QuarantineEntry(Contract):
-    checkpoint_id: str
-    node_class: NodeClass
-    reason: str
-    message: str
-    node: str
-    since: datetime
-
-    def describe(self) -> str:
-        return (
-            f"checkpoint {self.checkpoint_id} is quarantined on node class "
-            f"[{self.node_class.describe()}] since {self.since:%Y-%m-%d %H:%M:%S}Z after "
-            f"{self.reason} on node {self.node}; clear it with "
-            f"`warmstart quarantine clear {self.checkpoint_id}`"
-        )
 
 
 class Quarantine:

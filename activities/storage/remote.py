@@ -1,9 +1,9 @@
-"""The node's side of remote storage: a backend for the S3 location a request names, and
-transfers run in a thread while the activity heartbeats their progress.
+"""The node's side of remote storage: a backend for the location a request names (of its
+kind, `backends`), and transfers run in a thread while the activity heartbeats progress.
 
-Clients are built once per endpoint, region and credentials and kept (a boto3 client
-takes tens of milliseconds to build, and its connection pool is what keeps parallel parts
-fast). Credentials never come with a request: boto3's standard chain, or a Secret the
+Each kind is opened once per worker and keeps what its backends share (an S3 client takes
+tens of milliseconds to build, and its connection pool is what keeps parallel parts
+fast). Credentials never come with a request: the kind's standard chain, or a Secret the
 request names, read through `SecretReader` (the kube API on a cluster node).
 """
 
@@ -12,105 +12,53 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from temporalio import activity
 
 from activities.contracts import Heartbeat, RemoteStorage
-from activities.storage.objectstore.s3 import S3Backend, S3Location
-from activities.storage.objectstore.s3calls import client_config
+from activities.storage.backends import BackendKind, KindContext, SecretReader, kind_factory
+from activities.storage.objectstore import Backend
 from activities.storage.objectstore.transfer import (
     ProgressCallback,
     TransferProgress,
     TransferSettings,
 )
-from api.errors import InvalidSpecError, StorageError, WarmstartError
+from api.errors import WarmstartError
 from api.reasons import Reason
 
+__all__ = ["RemoteStores", "SecretReader", "heartbeating", "in_thread"]
 T = TypeVar("T")
-# (namespace, name) -> the Secret's data, decoded.
-SecretReader = Callable[[str, str], Mapping[str, str]]
 HEARTBEAT_EVERY_SECONDS = 1.0
 
 
 class RemoteStores:
-    """Backends for the S3 locations requests name, sharing clients."""
+    """Backends for the locations requests name, of whichever kind they are."""
 
     def __init__(
         self,
         *,
         transfer: TransferSettings,
-        endpoint: str = "",
-        region: str = "",
+        own_endpoints: Mapping[str, tuple[str, str]] | None = None,
         read_secret: SecretReader | None = None,
     ) -> None:
-        """`endpoint` and `region`: this worker's, for locations that name none."""
-        self._transfer = transfer
-        self._endpoint = endpoint
-        self._region = region
-        self._read_secret = read_secret
-        self._clients: dict[tuple[str, ...], Any] = {}
+        """`own_endpoints`: kind → this worker's (endpoint, region), for locations of that
+        kind that name none."""
+        self._context = KindContext(transfer=transfer, read_secret=read_secret)
+        self._own = dict(own_endpoints or {})
+        self._kinds: dict[str, BackendKind] = {}
         self._lock = threading.Lock()
 
-    def backend(self, storage: RemoteStorage) -> S3Backend:
-        settings = self._transfer
-        if storage.sse:
-            settings = TransferSettings(
-                part_size=settings.part_size,
-                concurrency=settings.concurrency,
-                sse=storage.sse,
-                kms_key_id=storage.kms_key_id,
-                durable=settings.durable,
-                copy_buffer=settings.copy_buffer,
-            )
-        return S3Backend(
-            client=self._client(storage),
-            location=S3Location(storage.bucket, storage.prefix),
-            settings=settings,
-        )
-
-    def _client(self, storage: RemoteStorage) -> Any:
-        keys = self._credentials(storage)
-        endpoint = storage.endpoint or self._endpoint
-        region = storage.region or self._region
-        cache_key = (endpoint, region, *sorted(f"{k}={v}" for k, v in keys.items()))
+    def backend(self, storage: RemoteStorage) -> Backend:
+        endpoint, region = self._own.get(storage.kind, ("", ""))
+        if (endpoint and not storage.endpoint) or (region and not storage.region):
+            update = {"endpoint": storage.endpoint or endpoint, "region": storage.region or region}
+            storage = storage.model_copy(update=update)
         with self._lock:
-            client = self._clients.get(cache_key)
-            if client is None:
-                import boto3  # its import is slow; only nodes that move bytes pay it
-
-                client = boto3.session.Session().client(
-                    "s3",
-                    endpoint_url=endpoint or None,
-                    region_name=region or None,
-                    config=client_config(self._transfer),
-                    aws_access_key_id=keys.get("aws_access_key_id"),
-                    aws_secret_access_key=keys.get("aws_secret_access_key"),
-                    aws_session_token=keys.get("aws_session_token"),
-                )
-                self._clients[cache_key] = client
-        return client
-
-    def _credentials(self, storage: RemoteStorage) -> dict[str, str]:
-        if not storage.credentials_secret:
-            return {}  # boto3's standard chain
-        where = f"Secret {storage.secret_namespace}/{storage.credentials_secret}"
-        if self._read_secret is None:
-            raise InvalidSpecError(
-                f"{storage.uri}: credentials {where} are named, but this worker has no API "
-                "access to read Secrets (use boto3's standard chain on it)"
-            )
-        data = self._read_secret(storage.secret_namespace, storage.credentials_secret)
-        missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not data.get(k)]
-        if missing:
-            raise StorageError(f"{storage.uri}: credentials {where} lack {', '.join(missing)}")
-        keys = {
-            "aws_access_key_id": data["AWS_ACCESS_KEY_ID"],
-            "aws_secret_access_key": data["AWS_SECRET_ACCESS_KEY"],
-        }
-        if data.get("AWS_SESSION_TOKEN"):
-            keys["aws_session_token"] = data["AWS_SESSION_TOKEN"]
-        return keys
+            kind = self._kinds.get(storage.kind)
+            if kind is None:
+                kind = self._kinds[storage.kind] = kind_factory(storage.kind)(self._context)
+        return kind.open(storage)
 
 
 class TransferStopped(WarmstartError):

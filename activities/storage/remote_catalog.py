@@ -1,47 +1,39 @@
-"""The catalog of the remote store: committed versions in an S3 location, listed from
-their manifests (a version without one does not exist), behind the same interface as the
-node's `LocalCatalog`; and `FallbackCatalog`, which asks the node first."""
+"""The catalog of a remote store: the versions its backend's index lists (no manifest is
+read to list them; one is read to describe a version), behind the same interface as the
+node's `LocalCatalog`; and `FallbackCatalog`, which asks a local catalog first."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from activities.storage.catalog import Catalog, CatalogEntry, entry_of, find_entry
-from api.errors import CheckpointNotFoundError, DigestMismatchError
-from api.manifest import Manifest
+from activities.storage.catalog import Catalog, CatalogEntry, find_entry
+from api.catalog import newest_first
+from api.errors import CheckpointNotFoundError
 
 if TYPE_CHECKING:
-    from activities.storage.retention import RemoteVersions
+    from activities.storage.objectstore import Backend
+    from api.manifest import Manifest
 
 
 class RemoteCatalog:
-    def __init__(self, remote: RemoteVersions) -> None:
-        self._remote = remote
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
 
     def checkpoints(self) -> list[CatalogEntry]:
-        backend, found = self._remote.backend, []
-        for checkpoint_id in self._remote.checkpoint_ids():
-            for version in backend.list_versions(checkpoint_id):
-                try:
-                    manifest = backend.read_manifest(checkpoint_id, version)
-                except (CheckpointNotFoundError, DigestMismatchError):
-                    continue  # deleted meanwhile, or damaged: not a version to offer
-                doc = manifest.model_dump(mode="json")
-                found.append(entry_of(doc, backend.uri(checkpoint_id, version)))
-        return sorted(found, key=lambda e: e.created_at, reverse=True)
+        return self._backend.listed()
 
     def find(self, ref: str) -> CatalogEntry:
-        return find_entry(self.checkpoints(), ref, where=self._remote.uri)
+        return find_entry(self.checkpoints(), ref, where=self._backend.uri())
 
     def manifest(self, entry: CatalogEntry) -> Manifest:
-        return Manifest.model_validate(entry.document)  # read and checked when listed
+        return self._backend.read_manifest(entry.checkpoint_id, entry.version)
 
 
 class FallbackCatalog:
-    """The node's catalog, then the remote store's for what the node does not hold. The
-    remote one is made only when asked (a boto3 client costs start time that a name the
-    node holds does not need)."""
+    """A local catalog (a node's root, the control side's PVC), then a remote store's for
+    what it does not hold. The remote one is made only when asked (a client costs start
+    time that a name held locally does not need)."""
 
     def __init__(self, local: Catalog, remote: Callable[[], Catalog]) -> None:
         self._local = local
@@ -62,7 +54,7 @@ class FallbackCatalog:
             for e in self._remote_catalog.checkpoints()
             if (e.checkpoint_id, e.version) not in held
         ]
-        return sorted([*local, *remote], key=lambda e: e.created_at, reverse=True)
+        return newest_first([*local, *remote])
 
     def find(self, ref: str) -> CatalogEntry:
         try:
@@ -71,6 +63,8 @@ class FallbackCatalog:
             return self._remote_catalog.find(ref)
 
     def manifest(self, entry: CatalogEntry) -> Manifest:
-        if entry.location.startswith("s3://"):
+        """The local copy's manifest where there is one, else the remote store's."""
+        try:
+            return self._local.manifest(entry)
+        except CheckpointNotFoundError:
             return self._remote_catalog.manifest(entry)
-        return self._local.manifest(entry)

@@ -1,10 +1,11 @@
 """Retention activities over the checkpoint stores: list versions, find what is protected,
-delete versions, sweep orphans; the same for the S3 location where one is configured.
+delete versions, sweep orphans; the same for the remote store where one is configured.
 
 They run on the control queue: the store is one filesystem root shared by every node (the
 RWX volume on a cluster, the state directory locally), so one control-side worker that
 mounts it can judge and delete for all nodes; no node's own state is touched. With remote
-storage, S3 is the durable store (captures publish there) and gets the same policy.
+storage, the remote store is the durable one (captures publish there) and gets the same
+policy, through its backend.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,8 @@ from activities.contracts import (
 )
 from activities.host.files import fsync_dir
 from activities.steps import RetentionSteps
-from activities.storage.catalog import STAGING, LocalCatalog, committed_versions
-from activities.storage.objectstore.s3 import S3Backend, S3Location
-from activities.storage.objectstore.s3calls import S3Calls
-from activities.storage.objectstore.transfer import TransferSettings
+from activities.storage.catalog import STAGING, LocalCatalog, committed_versions, entry_of
+from activities.storage.objectstore import Backend
 from activities.storage.quarantine import QUARANTINE_DIR, Quarantine
 from activities.storage.store import CheckpointStore
 from api.errors import (
@@ -77,7 +75,7 @@ class RetentionActivities(RetentionSteps):
         ready_references: ReadyReferences = no_ready_references,
         remote: RemoteVersions | None = None,
     ) -> None:
-        """`remote`: the configured S3 location, if any."""
+        """`remote`: the configured remote store, if any."""
         self._store = store
         self._client = client
         self._ready_references = ready_references
@@ -93,7 +91,7 @@ class RetentionActivities(RetentionSteps):
             CheckpointVersion(
                 checkpoint_id=entry.checkpoint_id,
                 version=entry.version,
-                namespace=str(entry.document["source"]["namespace"]),
+                namespace=entry.namespace,
                 size_bytes=entry.size_bytes,
                 created_at=entry.created_at,
             )
@@ -129,19 +127,22 @@ class RetentionActivities(RetentionSteps):
 
     @activity.defn
     async def list_remote_versions(self, request: ListVersionsInput) -> CheckpointVersions:
-        """Every committed version in S3, described by its manifest."""
+        """Every committed version in the remote store, as its index describes it."""
         remote = self._require_remote()
         versions = await asyncio.to_thread(remote.versions)
         return CheckpointVersions(versions=tuple(versions), location=remote.uri)
 
     @activity.defn
     async def delete_remote_version(self, request: DeleteVersionInput) -> DeleteVersionResult:
-        """Delete a version in S3: its manifest first, then its objects and uploads."""
+        """Delete a version in the remote store: its manifest first, then everything else."""
         existed = await asyncio.to_thread(
             self._require_remote().delete, request.checkpoint_id, request.version
         )
         activity.logger.info(
-            "checkpoint %s version %s deleted in S3", request.checkpoint_id, request.version
+            "checkpoint %s version %s deleted in %s",
+            request.checkpoint_id,
+            request.version,
+            self._require_remote().uri,
         )
         return DeleteVersionResult(existed=existed)
 
@@ -160,58 +161,50 @@ class RetentionActivities(RetentionSteps):
         if self._remote is None:
             raise InvalidSpecError(
                 "retention: the request includes remote storage, but this worker has none "
-                "configured (WARMSTART_STORAGE__S3_BUCKET)"
+                "configured (WARMSTART_STORAGE__S3_BUCKET or another kind's settings)"
             )
         return self._remote
 
 
 class RemoteVersions:
-    """The committed versions under one S3 location, as retention needs them: found across
-    checkpoints (S3Backend lists one checkpoint's), described by their manifests, deleted
-    through the backend, and the location's stale multipart uploads. Blocking: call it in
-    a thread."""
+    """The committed versions of one remote store, as retention needs them: found across
+    checkpoints, described by the index (a manifest is read only for a version the index
+    lacks, which is then indexed: versions committed before there was one), deleted, and
+    the store's abandoned transfers. Blocking: call it in a thread."""
 
-    def __init__(
-        self, *, client: Any, location: S3Location, settings: TransferSettings | None = None
-    ) -> None:
-        self.backend = S3Backend(client=client, location=location, settings=settings)
-        self._s3 = S3Calls(client)
-        self._location = location
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
 
     @property
     def uri(self) -> str:
-        return self._location.uri(self._location.root)
-
-    def checkpoint_ids(self) -> list[str]:
-        root, found = self._location.root, []
-        pages = self._s3.pages(
-            "list_objects_v2", Bucket=self._location.bucket, Prefix=root, Delimiter="/"
-        )
-        for page in pages:
-            for common in page.get("CommonPrefixes", []):
-                name = str(common["Prefix"])[len(root) :].rstrip("/")
-                if is_checkpoint_id(name):
-                    found.append(name)
-        return sorted(found)
+        return self.backend.uri()
 
     def versions(self) -> list[CheckpointVersion]:
-        """Every committed version whose manifest reads back; one that vanished meanwhile or
-        whose manifest is damaged is left out (never deleted unjudged), with a warning."""
+        """Every committed version; one that vanished meanwhile or whose manifest is
+        damaged is left out (never deleted unjudged), with a warning."""
+        backend = self.backend
+        indexed = {(e.checkpoint_id, e.version): e for e in backend.listed()}
         found = []
-        for checkpoint_id in self.checkpoint_ids():
-            for version in self.backend.list_versions(checkpoint_id):
-                try:
-                    manifest = self.backend.read_manifest(checkpoint_id, version)
-                except (CheckpointNotFoundError, DigestMismatchError) as err:
-                    log.warning("checkpoint %s version %s skipped: %s", checkpoint_id, version, err)
-                    continue
+        for checkpoint_id in backend.checkpoint_ids():
+            for version in backend.list_versions(checkpoint_id):
+                entry = indexed.get((checkpoint_id, version))
+                if entry is None:
+                    try:
+                        manifest = backend.read_manifest(checkpoint_id, version)
+                    except (CheckpointNotFoundError, DigestMismatchError) as err:
+                        log.warning(
+                            "checkpoint %s version %s skipped: %s", checkpoint_id, version, err
+                        )
+                        continue
+                    backend.index(manifest)
+                    entry = entry_of(manifest.model_dump(mode="json"), backend.uri())
                 found.append(
                     CheckpointVersion(
                         checkpoint_id=checkpoint_id,
                         version=version,
-                        namespace=manifest.source.namespace,
-                        size_bytes=manifest.size_bytes,
-                        created_at=manifest.created_at,
+                        namespace=entry.namespace,
+                        size_bytes=entry.size_bytes,
+                        created_at=entry.created_at,
                     )
                 )
         return found
@@ -219,31 +212,14 @@ class RemoteVersions:
     def delete(self, checkpoint_id: str, version: str) -> bool:
         """Delete a version (manifest first); returns whether it was still committed.
         Idempotent: a retry after a crash finishes the removal."""
-        key = self._location.key(checkpoint_id, version, MANIFEST_FILE)
-        try:
-            self._s3.call("head_object", Bucket=self._location.bucket, Key=key)
-            existed = True
-        except CheckpointNotFoundError:
-            existed = False
-        self.backend.delete_version(checkpoint_id=checkpoint_id, version=version)
-        return existed
+        return self.backend.delete_version(checkpoint_id=checkpoint_id, version=version)
 
     def stale_uploads(self, older_than_seconds: float) -> list[str]:
         """What `abort_stale_uploads` would abort, aborting nothing."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_seconds)
-        pages = self._s3.pages(
-            "list_multipart_uploads", Bucket=self._location.bucket, Prefix=self._location.root
-        )
-        return [
-            self._location.uri(str(upload["Key"]))
-            for page in pages
-            for upload in page.get("Uploads", [])
-            if upload["Initiated"] < cutoff
-        ]
+        return self.backend.sweep_incomplete(older_than_seconds=older_than_seconds, dry_run=True)
 
     def abort_stale_uploads(self, older_than_seconds: float) -> list[str]:
-        aborted = self.backend.abort_stale_uploads(older_than_seconds=older_than_seconds)
-        return [self._location.uri(key) for key in aborted]
+        return self.backend.sweep_incomplete(older_than_seconds=older_than_seconds, dry_run=False)
 
 
 def unpublish(version_dir: Path) -> bool:

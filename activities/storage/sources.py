@@ -23,8 +23,8 @@ from api.errors import CheckpointNotFoundError, StorageError
 from api.naming import MANIFEST_FILE
 
 if TYPE_CHECKING:
+    from activities.storage.objectstore import Backend
     from activities.storage.objectstore.cache import NodeCache
-    from activities.storage.objectstore.s3 import S3Backend
 
 
 class CheckpointSource:
@@ -57,7 +57,7 @@ class CheckpointSource:
             raise StorageError(f"{storage.uri}: this node has no cache for remote checkpoints")
         cache, remote = self._cache, self._remote
 
-        async def backend() -> S3Backend:
+        async def backend() -> Backend:
             # Only when the bucket is needed: building the client may read a credentials
             # Secret from the API server (off the loop), a round trip a held version skips.
             return await asyncio.to_thread(remote.backend, storage)

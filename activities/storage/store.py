@@ -265,8 +265,8 @@ class StorageActivities(StorageSteps):
 
     @activity.defn
     async def upload_version(self, request: UploadInput) -> UploadResult:
-        """Publish a version committed here to the request's S3 location, heartbeating bytes
-        and rate. A retry resumes from the parts already stored; a version already there
+        """Publish a version committed here to the request's remote store, heartbeating
+        bytes and rate. A retry resumes from what is already stored; a version already there
         (its manifest uploaded) is not sent again."""
         if self._remote is None:
             raise StorageError(f"node {self._node} has no remote storage configured")
@@ -282,8 +282,7 @@ class StorageActivities(StorageSteps):
                 progress=progress,
             ),
         )
-        location = backend.location
-        uri = location.uri(location.version_prefix(request.checkpoint_id, request.version))
+        uri = backend.uri(request.checkpoint_id, request.version)
         activity.logger.info(
             "uploaded %s: %d of %d bytes sent in %.2f s",
             uri,

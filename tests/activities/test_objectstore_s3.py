@@ -91,7 +91,9 @@ def test_round_trip_keeps_layout_digests_and_commit(
     sent = backend.upload_version(local, checkpoint_id=CKPT, version=VERSION)
     assert sent.bytes_transferred == sent.bytes_total == sum(map(len, files.values()))
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
-    assert keys == {_key(path) for path in [*files, "manifest.json"]}
+    [indexed] = keys - {_key(path) for path in [*files, "manifest.json"]}
+    assert indexed.startswith(f"{PREFIX}/index/{CKPT}/{VERSION}/")  # the index's object
+    assert client.head_object(Bucket=bucket, Key=indexed)["ContentLength"] == 0
     head = client.head_object(Bucket=bucket, Key=_key(LARGE))
     assert head["ServerSideEncryption"] == "AES256"
     assert backend.list_versions(CKPT) == [VERSION]
@@ -278,12 +280,14 @@ def test_delete_and_stale_upload_sweep(
     backend.upload_version(local, checkpoint_id=CKPT, version=VERSION)
     client.create_multipart_upload(Bucket=bucket, Key=f"{PREFIX}/{CKPT}/versions/v2/criu/x.img")
     # moto reports every upload as initiated on 2010-11-10, so only "stale" can be seen here.
-    assert backend.abort_stale_uploads(older_than_seconds=0) == [
-        f"{PREFIX}/{CKPT}/versions/v2/criu/x.img"
-    ]
-    backend.delete_version(checkpoint_id=CKPT, version=VERSION)
-    assert backend.list_versions(CKPT) == []
+    stale = f"s3://{bucket}/{PREFIX}/{CKPT}/versions/v2/criu/x.img"
+    assert backend.sweep_incomplete(older_than_seconds=0, dry_run=True) == [stale]
+    assert backend.sweep_incomplete(older_than_seconds=0, dry_run=False) == [stale]
+    assert backend.sweep_incomplete(older_than_seconds=0, dry_run=True) == []
+    assert backend.delete_version(checkpoint_id=CKPT, version=VERSION)
+    assert backend.list_versions(CKPT) == [] and backend.listed() == []
     assert "Contents" not in client.list_objects_v2(Bucket=bucket)
+    assert not backend.delete_version(checkpoint_id=CKPT, version=VERSION)
 
 
 def test_a_bucket_that_does_not_exist_is_named(client: Any, local: Path, tmp_path: Path) -> None:

@@ -82,7 +82,8 @@ def _key(path: str) -> str:
 
 
 def _objects(client: Any, bucket: str) -> dict[str, int]:
-    listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+    """The objects of the checkpoint's versions (not the index's)."""
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/{CKPT}/").get("Contents", [])
     return {str(item["Key"]): int(item["Size"]) for item in listed}
 
 
@@ -304,11 +305,12 @@ def test_delete_and_sweep_cover_compressed_objects_and_uploads(
     sent.refuse_from = 2
     with pytest.raises(_Interrupted):
         backend.upload_version(local, checkpoint_id=CKPT, version=VERSION)
-    assert backend.abort_stale_uploads(older_than_seconds=0) == [_key(HEX + ".zst")]
+    stale = f"s3://{bucket}/{_key(HEX + '.zst')}"
+    assert backend.sweep_incomplete(older_than_seconds=0, dry_run=False) == [stale]
 
     sent.refuse_from = None
     backend.upload_version(local, checkpoint_id=CKPT, version=VERSION)
     assert _key(HEX + ".zst") in _objects(client, bucket)
     backend.delete_version(checkpoint_id=CKPT, version=VERSION)
-    assert _objects(client, bucket) == {}
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket)
     assert backend.list_versions(CKPT) == []

@@ -12,7 +12,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
-from activities.storage.objectstore.s3 import S3Location
+from activities.storage.objectstore.s3 import S3Backend, S3Location
 from activities.storage.retention import (
     DeleteVersionInput,
     ListVersionsInput,
@@ -40,7 +40,9 @@ class Bucket:
     def __init__(self, endpoint: str, tmp_path: Path) -> None:
         self.client = s3_client(endpoint)
         self.name = new_bucket(self.client)
-        self.remote = RemoteVersions(client=self.client, location=S3Location(self.name, PREFIX))
+        self.remote = RemoteVersions(
+            S3Backend(client=self.client, location=S3Location(self.name, PREFIX))
+        )
         self.node = CheckpointStore(tmp_path / "node")
 
     def publish(self, **kwargs: Any) -> Manifest:

@@ -56,10 +56,23 @@ def test_stored_at_reads_bucket_and_prefix_from_the_uri() -> None:
     assert other == RemoteStorage(bucket="fleet-default", prefix="a/b")
 
 
+def test_stored_at_reads_the_kind_of_store_from_the_scheme() -> None:
+    uri = f"gs://fleet-default/a/{CKPT}/versions/v1/"
+    found = stored_at(uri, checkpoint_id=CKPT, version="v1", spec=DEFAULT)
+    assert found == RemoteStorage(kind="gs", bucket="fleet-default", prefix="a")  # not DEFAULT's
+    assert found.uri == "gs://fleet-default/a/"
+    assert RemoteStorage(bucket="b-x").uri == "s3://b-x/"  # requests without a kind are S3
+
+
 @pytest.mark.parametrize(
     "uri",
-    [f"/checkpoints/{CKPT}/versions/v1", f"s3://b-x/{CKPT}/versions/v2/", ""],
-    ids=["filesystem", "other-version", "empty"],
+    [
+        f"/checkpoints/{CKPT}/versions/v1",
+        f"file:///checkpoints/{CKPT}/versions/v1/",
+        f"s3://b-x/{CKPT}/versions/v2/",
+        "",
+    ],
+    ids=["filesystem", "file-uri", "other-version", "empty"],
 )
 def test_stored_at_is_none_off_s3_or_for_another_version(uri: str) -> None:
     assert stored_at(uri, checkpoint_id=CKPT, version="v1", spec=None) is None
@@ -69,6 +82,7 @@ def test_stored_at_is_none_off_s3_or_for_another_version(uri: str) -> None:
     ("field", "value", "message"),
     [
         ("bucket", "UPPER", "String should match pattern"),
+        ("kind", "S3", "String should match pattern"),
         ("prefix", "a b", "String should match pattern"),
         ("sse", "rot13", "Input should be '', 'AES256' or 'aws:kms'"),
     ],

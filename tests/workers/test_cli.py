@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from activities.host.processes import terminate
+from activities.storage.objectstore.s3 import S3Backend, S3Location
+from activities.storage.quarantine import NodeClass, Quarantine, QuarantineEntry
+from activities.storage.store import CheckpointStore
+from tests.committing import commit_version
 from tests.conftest import needs_criu
+from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, new_bucket, s3_client
+from workers.compose import control_worker
 from workers.ports import free_port
 from workers.settings import Settings
 
@@ -20,7 +32,10 @@ WARMSTART = str(Path(sys.executable).parent / "warmstart")
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
 
 
-async def cli(settings: Settings, address: str, *args: str) -> tuple[int, str, str]:
+async def cli(
+    settings: Settings, address: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    given = env or {}
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(settings.home),
@@ -29,6 +44,7 @@ async def cli(settings: Settings, address: str, *args: str) -> tuple[int, str, s
         "WARMSTART_NODE__NAME": settings.node.name,
         "WARMSTART_NODE__CONTROL_TASK_QUEUE": settings.node.control_task_queue,
         "COLUMNS": "200",
+        **given,
     }
     proc = await asyncio.create_subprocess_exec(
         WARMSTART, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -41,6 +57,13 @@ async def cli(settings: Settings, address: str, *args: str) -> tuple[int, str, s
 @pytest.fixture
 def address(temporal_env: WorkflowEnvironment) -> str:
     return temporal_env.client.service_client.config.target_host
+
+
+@pytest_asyncio.fixture
+async def control(client: Client, settings: Settings) -> AsyncIterator[Settings]:
+    """The control worker alone: what the catalog and quarantine commands ask."""
+    async with control_worker(client, settings):
+        yield settings
 
 
 @needs_criu
@@ -67,9 +90,10 @@ async def test_capture_list_describe_restore(workers: Settings, address: str) ->
     code, out, _ = await cli(workers, address, "list", "--output", "json")
     assert code == 0
     [listed] = json.loads(out)
-    assert (listed["checkpoint_id"], listed["source"]["name"]) == (
+    assert (listed["checkpoint_id"], listed["name"], listed["version"]) == (
         captured["checkpoint_id"],
         "tokens",
+        captured["version"],
     )
 
     code, out, err = await cli(workers, address, "restore", "tokens", "--output", "json")
@@ -92,7 +116,8 @@ async def test_restore_of_unknown_name_exits_1(settings: Settings, address: str)
     assert "no committed checkpoint named or with ID 'nosuch'" in err
 
 
-async def test_a_path_as_name_is_just_not_found(settings: Settings, address: str) -> None:
+async def test_a_path_as_name_is_just_not_found(control: Settings, address: str) -> None:
+    settings = control
     code, _, err = await cli(settings, address, "describe", "../x")
     assert code == 1
     assert "[CheckpointNotFound] no committed checkpoint named or with ID '../x'" in err
@@ -165,3 +190,119 @@ async def test_no_server_exits_1_and_says_how_to_start_one(settings: Settings) -
     code, _, err = await cli(settings, f"127.0.0.1:{free_port()}", "capture", "x", "--", "true")
     assert code == 1
     assert "warmstart dev" in err
+
+
+T0 = datetime(2026, 11, 24, tzinfo=UTC)
+
+
+def _quarantined(checkpoint_id: str, gpu: str) -> QuarantineEntry:
+    return QuarantineEntry(
+        checkpoint_id=checkpoint_id,
+        node_class=NodeClass(gpu_model=gpu, gpu_driver="560", criu="4.2.1"),
+        reason="RestoreFailed",
+        message="criu restore failed",
+        node="gpu-1",
+        since=T0,
+    )
+
+
+async def test_list_describe_and_quarantine_ask_the_control_side_not_this_disk(
+    control: Settings, address: str, tmp_path: Path
+) -> None:
+    store = CheckpointStore(control.checkpoint_root)  # the store the control worker mounts
+    made = commit_version(store, model="llama", created_at=T0)
+    quarantine = Quarantine(store.root)
+    for gpu in ("H100", "A100"):
+        quarantine.record(_quarantined(made.checkpoint_id, gpu))
+    # Another machine: its own state holds something else, which the CLI must not show.
+    laptop = replace(control, home=tmp_path / "laptop")
+    decoy = commit_version(CheckpointStore(laptop.checkpoint_root), model="decoy", created_at=T0)
+    Quarantine(laptop.checkpoint_root).record(_quarantined(decoy.checkpoint_id, "L4"))
+
+    code, out, err = await cli(laptop, address, "list", "-o", "json")
+    assert code == 0, err
+    [listed] = json.loads(out)
+    assert (listed["name"], listed["version"], listed["location"]) == (
+        "llama",
+        made.version,
+        str(store.version_dir(made.checkpoint_id, made.version)),
+    )
+    code, out, err = await cli(laptop, address, "describe", "llama", "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)["manifest"]["version"] == made.version
+    code, _, err = await cli(laptop, address, "describe", "decoy")
+    assert code == 1 and "no committed checkpoint named or with ID 'decoy'" in err
+
+    code, out, err = await cli(laptop, address, "quarantine", "list", "llama", "-o", "json")
+    assert code == 0, err
+    assert sorted(e["node_class"]["gpu_model"] for e in json.loads(out)) == ["A100", "H100"]
+    code, out, _ = await cli(laptop, address, "quarantine")
+    assert "A100" in out and "L4" not in out
+    code, out, err = await cli(laptop, address, "quarantine", "clear", "llama")
+    assert code == 0, err
+    assert f"checkpoint {made.checkpoint_id}: 2 quarantine entr(ies) cleared" in out
+    assert quarantine.entries() == []
+    assert len(Quarantine(laptop.checkpoint_root).entries()) == 1  # untouched
+    code, out, _ = await cli(laptop, address, "quarantine", "list")
+    assert "no checkpoint is quarantined" in out
+    code, _, err = await cli(laptop, address, "quarantine", "clear", "nosuch")
+    assert code == 1 and "[CheckpointNotFound] no committed checkpoint named" in err
+    code, _, err = await cli(laptop, address, "quarantine", "clear")
+    assert code == 2 and "quarantine clear needs REF" in err
+
+
+async def test_list_and_describe_read_the_bucket_and_listing_gets_no_manifest(
+    settings: Settings,
+    address: str,
+    s3_endpoint: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = s3_client(s3_endpoint)
+    bucket = new_bucket(client)
+    backend = S3Backend(client=client, location=S3Location(bucket, "fleet"))
+    node = CheckpointStore(tmp_path / "elsewhere")  # the node that captured them
+    made = [
+        commit_version(node, model=model, created_at=T0 + timedelta(hours=hours))
+        for hours, model in enumerate(("llama", "qwen", "llama"))
+    ]
+    for manifest in made:
+        backend.upload_version(
+            node.version_dir(manifest.checkpoint_id, manifest.version),
+            checkpoint_id=manifest.checkpoint_id,
+            version=manifest.version,
+        )
+    storage = {
+        "WARMSTART_STORAGE__S3_BUCKET": bucket,
+        "WARMSTART_STORAGE__S3_PREFIX": "fleet",
+        "WARMSTART_STORAGE__S3_ENDPOINT": s3_endpoint,
+        "WARMSTART_STORAGE__S3_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    }
+    caplog.set_level(logging.INFO, logger="werkzeug")  # the S3 server's request log
+
+    def requests() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if f"/{bucket}" in r.getMessage()]
+        caplog.clear()
+        return lines
+
+    requests()
+    code, out, err = await cli(settings, address, "list", "-o", "json", env=storage)
+    assert code == 0, err
+    listed = json.loads(out)
+    assert [(e["name"], e["version"]) for e in listed] == [
+        (m.source.name, m.version) for m in reversed(made)
+    ]
+    assert listed[0]["location"] == (
+        f"s3://{bucket}/fleet/{made[2].checkpoint_id}/versions/{made[2].version}/"
+    )
+    sent = requests()
+    assert len(sent) == 1 and "list-type=2" in sent[0] and "/index/" in sent[0]
+    assert not settings.checkpoint_root.exists()
+
+    code, out, err = await cli(settings, address, "describe", "qwen", "-o", "json", env=storage)
+    assert code == 0, err
+    assert json.loads(out)["manifest"]["version"] == made[1].version
+    manifests = [line for line in requests() if "manifest.json" in line]
+    assert len(manifests) == 1 and made[1].version in manifests[0]

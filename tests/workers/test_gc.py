@@ -16,7 +16,7 @@ import pytest
 from temporalio.client import Client, ScheduleActionStartWorkflow, ScheduleOverlapPolicy
 
 from activities.storage.catalog import LocalCatalog
-from activities.storage.objectstore.s3 import S3Location
+from activities.storage.objectstore.s3 import S3Backend, S3Location
 from activities.storage.retention import RemoteVersions
 from activities.storage.store import CheckpointStore
 from api.errors import InvalidSpecError
@@ -104,7 +104,7 @@ async def test_gc_applies_the_policy_in_the_configured_bucket(
     settings = dataclasses.replace(settings, storage=storage)
     assert retention_request(settings).remote and not retention_request(Settings()).remote
     node = CheckpointStore(settings.home / "node")
-    remote = RemoteVersions(client=s3, location=S3Location(bucket, "fleet"))
+    remote = RemoteVersions(S3Backend(client=s3, location=S3Location(bucket, "fleet")))
     made = [
         commit_version(node, model="m", created_at=T0 + timedelta(hours=h), suffix=f"{h}" * 6)
         for h in (0, 1)

@@ -55,3 +55,25 @@ def test_bad_variables_name_themselves(env: dict[str, str], message: str) -> Non
 def test_other_ports() -> None:
     moved = TemporalSettings(address="127.0.0.1:7233").on_ports(port=7300, ui_port=None)
     assert (moved.address, moved.ui_port) == ("127.0.0.1:7300", 8233)
+
+
+def test_the_storage_settings_name_one_remote_store_and_the_workers_endpoints() -> None:
+    assert not Settings().storage.configured and Settings().storage.location() is None
+    storage = Settings.from_env(
+        {
+            "WARMSTART_STORAGE__S3_BUCKET": "fleet",
+            "WARMSTART_STORAGE__S3_PREFIX": "a/b",
+            "WARMSTART_STORAGE__S3_ENDPOINT": "http://minio:9000",
+            "WARMSTART_STORAGE__SSE": "AES256",
+        }
+    ).storage
+    assert storage.configured
+    location = storage.location()
+    assert location is not None
+    assert (location.kind, location.uri, location.endpoint, location.sse) == (
+        "s3",
+        "s3://fleet/a/b/",
+        "http://minio:9000",
+        "AES256",
+    )
+    assert storage.own_endpoints() == {"s3": ("http://minio:9000", "")}

@@ -22,7 +22,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
-from activities.storage.objectstore.s3 import S3Location
+from activities.storage.objectstore.s3 import S3Backend, S3Location
 from activities.storage.retention import (
     ProtectedInput,
     ProtectedVersions,
@@ -176,7 +176,9 @@ class Remote:
     def __init__(self, endpoint: str, root: Path, now: datetime) -> None:
         self.client = s3_client(endpoint)
         self.bucket = new_bucket(self.client)
-        self.versions = RemoteVersions(client=self.client, location=S3Location(self.bucket, "ws"))
+        self.versions = RemoteVersions(
+            S3Backend(client=self.client, location=S3Location(self.bucket, "ws"))
+        )
         node = CheckpointStore(root)
         self.made = [
             commit_version(

@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 
 from activities.host.files import fsync_dir
+from activities.storage.catalog import LocalCatalog
 from activities.storage.objectstore.parallel import results, worker_pool
 from activities.storage.objectstore.placing import (
     PartialFile,
@@ -28,9 +31,10 @@ from activities.storage.objectstore.transfer import (
     TransferSettings,
 )
 from activities.storage.store import CheckpointStore
+from api.catalog import CatalogEntry
 from api.errors import CheckpointNotFoundError, DigestMismatchError
 from api.manifest import FileDigest, Manifest
-from api.naming import MANIFEST_FILE
+from api.naming import MANIFEST_FILE, is_checkpoint_id
 
 # Copies at once: enough to overlap one file's hashing with another's I/O.
 _COPIES = 4
@@ -90,9 +94,25 @@ class FilesystemBackend:
         commit_manifest(dest_dir, raw, durable=self.settings.durable)
         return meter.report(manifest)
 
+    def checkpoint_ids(self) -> list[str]:
+        root = self.store.root
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and is_checkpoint_id(p.name))
+
     def list_versions(self, checkpoint_id: str) -> list[str]:
         """Committed versions (those with a manifest), oldest first."""
         return [path.name for path in self.store.versions(checkpoint_id)]
+
+    def listed(self) -> list[CatalogEntry]:
+        """Read from the manifests themselves: local files, no index needed."""
+        return [
+            replace(entry, location=self.uri(entry.checkpoint_id, entry.version))
+            for entry in LocalCatalog(self.store.root).checkpoints()
+        ]
+
+    def index(self, manifest: Manifest) -> None:
+        """Nothing to do: the committed manifest lists the version here."""
 
     def read_manifest(self, checkpoint_id: str, version: str) -> Manifest:
         """The committed manifest of a version, checked."""
@@ -110,17 +130,33 @@ class FilesystemBackend:
         where = str(path)
         return check_manifest(raw, checkpoint_id=checkpoint_id, version=version, where=where), raw
 
-    def uri(self, checkpoint_id: str, version: str = "") -> str:
+    def uri(self, checkpoint_id: str = "", version: str = "") -> str:
+        if not checkpoint_id:
+            return f"{self.store.root}/"
         versions = self.store.checkpoint_dir(checkpoint_id) / "versions"
         return f"{self.store.version_dir(checkpoint_id, version) if version else versions}/"
 
-    def delete_version(self, *, checkpoint_id: str, version: str) -> None:
+    def delete_version(self, *, checkpoint_id: str, version: str) -> bool:
         """Uncommit first (the manifest goes), then remove the files."""
         final = self.store.version_dir(checkpoint_id, version)
-        (final / MANIFEST_FILE).unlink(missing_ok=True)
+        try:
+            (final / MANIFEST_FILE).unlink()
+            existed = True
+        except FileNotFoundError:
+            existed = False
         if final.is_dir():
             fsync_dir(final)
         shutil.rmtree(final, ignore_errors=True)
+        return existed
+
+    def sweep_incomplete(self, *, older_than_seconds: float, dry_run: bool) -> list[str]:
+        """Staging directories untouched for that long (a copy that crashed)."""
+        if dry_run:
+            cutoff = time.time() - older_than_seconds
+            stale = [p for _id, p in self.store.staged() if p.stat().st_mtime < cutoff]
+        else:
+            stale = self.store.sweep_staging(older_than_seconds=older_than_seconds)
+        return [f"{path}/" for path in stale]
 
     def _copy_all(self, manifest: Manifest, source: Path, dest: Path, meter: Meter) -> None:
         biggest_first = sorted(manifest.files, key=lambda entry: -entry.size)

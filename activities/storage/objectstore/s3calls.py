@@ -9,8 +9,8 @@ project's error tree, naming the bucket or object:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from botocore.config import Config
 from botocore.exceptions import (
@@ -30,6 +30,23 @@ from api.errors import (
     UnavailableError,
     WarmstartError,
 )
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import (
+        GetObjectRequestTypeDef,
+        ListMultipartUploadsOutputTypeDef,
+        ListMultipartUploadsRequestPaginateTypeDef,
+        ListObjectsV2OutputTypeDef,
+        ListObjectsV2RequestPaginateTypeDef,
+        ListPartsOutputTypeDef,
+        ListPartsRequestPaginateTypeDef,
+    )
+    from typing_extensions import Unpack
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
 
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
 _REFUSED_CREDENTIALS = {
@@ -54,36 +71,57 @@ def client_config(settings: TransferSettings) -> Config:
 
 
 class S3Calls:
-    """A boto3 S3 client (built by the caller) whose errors come out mapped."""
+    """A boto3 S3 client (built by the caller) whose errors come out mapped. Calls are
+    typed by the client's own methods: `s3.call(s3.client.head_object, Bucket=b, Key=k)`."""
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
+    def __init__(self, client: S3Client) -> None:
+        self.client = client
 
-    def call(self, operation: str, /, **kwargs: Any) -> Any:
+    def call(self, operation: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """`operation(**kwargs)`, a method of `client`, with its failure mapped."""
         try:
-            return getattr(self._client, operation)(**kwargs)
+            return operation(*args, **kwargs)
         except (ClientError, BotoCoreError) as err:
-            raise mapped(err, operation=operation, **kwargs) from err
+            raise mapped(err, operation=operation.__name__, **kwargs) from err
 
-    def read(self, **kwargs: Any) -> bytes:
+    def read(self, **kwargs: Unpack[GetObjectRequestTypeDef]) -> bytes:
         """get_object's body, read whole (its streaming errors mapped too)."""
         try:
-            body: bytes = self._client.get_object(**kwargs)["Body"].read()
+            return self.client.get_object(**kwargs)["Body"].read()
         except (ClientError, BotoCoreError) as err:
             raise mapped(err, operation="get_object", **kwargs) from err
-        return body
 
-    def read_if_present(self, **kwargs: Any) -> bytes | None:
+    def read_if_present(self, **kwargs: Unpack[GetObjectRequestTypeDef]) -> bytes | None:
         try:
             return self.read(**kwargs)
         except CheckpointNotFoundError:
             return None
 
-    def pages(self, operation: str, /, **kwargs: Any) -> Iterator[dict[str, Any]]:
-        try:
-            yield from self._client.get_paginator(operation).paginate(**kwargs)
-        except (ClientError, BotoCoreError) as err:
-            raise mapped(err, operation=operation, **kwargs) from err
+    def list_objects(
+        self, **kwargs: Unpack[ListObjectsV2RequestPaginateTypeDef]
+    ) -> Iterator[ListObjectsV2OutputTypeDef]:
+        """Pages of ListObjectsV2 (keys, sizes and ETags; no object is read)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        return _mapped_pages("list_objects_v2", paginator.paginate(**kwargs), kwargs)
+
+    def list_uploads(
+        self, **kwargs: Unpack[ListMultipartUploadsRequestPaginateTypeDef]
+    ) -> Iterator[ListMultipartUploadsOutputTypeDef]:
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        return _mapped_pages("list_multipart_uploads", paginator.paginate(**kwargs), kwargs)
+
+    def list_parts(
+        self, **kwargs: Unpack[ListPartsRequestPaginateTypeDef]
+    ) -> Iterator[ListPartsOutputTypeDef]:
+        paginator = self.client.get_paginator("list_parts")
+        return _mapped_pages("list_parts", paginator.paginate(**kwargs), kwargs)
+
+
+def _mapped_pages(operation: str, pages: Iterable[T], where: Mapping[str, Any]) -> Iterator[T]:
+    try:
+        yield from pages
+    except (ClientError, BotoCoreError) as err:
+        raise mapped(err, operation=operation, **where) from err
 
 
 def mapped(err: Exception, *, operation: str, **kwargs: Any) -> WarmstartError:

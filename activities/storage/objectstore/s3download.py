@@ -153,7 +153,7 @@ class VersionDownload:
         prefix = self._key("")
         listing = {
             str(item["Key"])[len(prefix) :]: (int(item["Size"]), str(item["ETag"]))
-            for page in self._s3.pages("list_objects_v2", Bucket=self._bucket, Prefix=prefix)
+            for page in self._s3.list_objects(Bucket=self._bucket, Prefix=prefix)
             for item in page.get("Contents", [])
         }
         paths = {entry.path for entry in manifest.files}

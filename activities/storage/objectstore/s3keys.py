@@ -1,5 +1,11 @@
 """Object keys of checkpoint versions: the filesystem layout under `s3://<bucket>/<prefix>/`,
-each file under its path, or zstd-compressed under `<path>.zst`."""
+each file under its path, or zstd-compressed under `<path>.zst`; and the index.
+
+The index is one empty object per committed version,
+`<prefix>/index/<checkpointID>/<version>/<token>`, whose last element packs what a listing
+shows (`api.catalog.entry_token`): one ListObjectsV2 request per thousand versions answers
+`warmstart list`, and no manifest is read until one version is described. It is written
+after the manifest and removed before it, so it never lists an uncommitted version."""
 
 from __future__ import annotations
 
@@ -9,6 +15,10 @@ from dataclasses import dataclass
 from api.naming import require_path_element
 
 COMPRESSED_SUFFIX = ".zst"
+INDEX = "index"  # never a checkpoint ID (16 hex digits)
+# The token of an index object whose listing would not fit in a key: the manifest is read.
+NO_SUMMARY = "manifest"
+MAX_KEY_BYTES = 1024
 
 
 def compressed_name(path: str, paths: Collection[str]) -> str | None:
@@ -44,6 +54,28 @@ class S3Location:
 
     def key(self, checkpoint_id: str, version: str, path: str) -> str:
         return self.version_prefix(checkpoint_id, version) + path
+
+    @property
+    def index_root(self) -> str:
+        return f"{self.root}{INDEX}/"
+
+    def index_prefix(self, checkpoint_id: str, version: str) -> str:
+        checkpoint_id = require_path_element(checkpoint_id, what="checkpoint ID")
+        version = require_path_element(version, what="version")
+        return f"{self.index_root}{checkpoint_id}/{version}/"
+
+    def index_key(self, checkpoint_id: str, version: str, token: str) -> str:
+        key = self.index_prefix(checkpoint_id, version) + token
+        if len(key.encode()) > MAX_KEY_BYTES:
+            return self.index_prefix(checkpoint_id, version) + NO_SUMMARY
+        return key
+
+    def indexed(self, key: str) -> tuple[str, str, str] | None:
+        """(checkpoint ID, version, token) of an index object's key, else None."""
+        parts = key.removeprefix(self.index_root).split("/")
+        if not key.startswith(self.index_root) or len(parts) != 3 or not all(parts):
+            return None
+        return parts[0], parts[1], parts[2]
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

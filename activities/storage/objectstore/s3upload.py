@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 from activities.storage.objectstore.compression import (
     MIN_FILE_SIZE,
@@ -54,6 +55,27 @@ from activities.storage.objectstore.transfer import (
 from api.errors import DigestMismatchError
 from api.manifest import FileDigest, Manifest
 from api.naming import MANIFEST_FILE
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.literals import ServerSideEncryptionType
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+
+class Encryption(TypedDict, total=False):
+    """The server-side encryption arguments of an object's PUT or multipart upload."""
+
+    ServerSideEncryption: ServerSideEncryptionType
+    SSEKMSKeyId: str
+
+
+def sse_args(settings: TransferSettings) -> Encryption:
+    """The server-side encryption arguments of every object written with `settings`."""
+    args = Encryption()
+    if settings.sse:
+        args["ServerSideEncryption"] = settings.sse
+    if settings.kms_key_id:
+        args["SSEKMSKeyId"] = settings.kms_key_id
+    return args
 
 
 @dataclass(frozen=True)
@@ -107,14 +129,6 @@ class VersionUpload:
             return None
         return self._compressed_key(entry)
 
-    def _sse(self) -> dict[str, str]:
-        args: dict[str, str] = {}
-        if self._settings.sse:
-            args["ServerSideEncryption"] = self._settings.sse
-        if self._settings.kms_key_id:
-            args["SSEKMSKeyId"] = self._settings.kms_key_id
-        return args
-
     def run(self, *, progress: ProgressCallback | None) -> TransferReport:
         manifest, raw = read_local_manifest(
             self._dir, checkpoint_id=self._checkpoint_id, version=self._version
@@ -160,7 +174,7 @@ class VersionUpload:
         prefix = self._key("")
         return {
             str(item["Key"]): int(item["Size"])
-            for page in self._s3.pages("list_objects_v2", Bucket=self._bucket, Prefix=prefix)
+            for page in self._s3.list_objects(Bucket=self._bucket, Prefix=prefix)
             for item in page.get("Contents", [])
         }
 
@@ -171,7 +185,7 @@ class VersionUpload:
         for key in (plain, packed):
             if key is None or key not in stored or (key == plain and stored[key] != entry.size):
                 continue
-            head = self._s3.call("head_object", Bucket=self._bucket, Key=key)
+            head = self._s3.call(self._s3.client.head_object, Bucket=self._bucket, Key=key)
             if head.get("Metadata", {}).get("sha256") == entry.sha256:
                 self._drop_other(entry, key, stored)
                 meter.add(done=entry.size, transferred=0)
@@ -183,7 +197,7 @@ class VersionUpload:
         settings, or damaged): downloads refuse a file stored both ways."""
         for other in (self._key(entry.path), self._compressed_key(entry)):
             if other is not None and other != key and other in stored:
-                self._s3.call("delete_object", Bucket=self._bucket, Key=other)
+                self._s3.call(self._s3.client.delete_object, Bucket=self._bucket, Key=other)
 
     def _put_small(self, entry: FileDigest, meter: Meter, stored: dict[str, int]) -> None:
         if self._skip_complete(entry, meter, stored):
@@ -200,12 +214,12 @@ class VersionUpload:
     def _put_object(self, entry: FileDigest, key: str, data: bytes, stored: dict[str, int]) -> None:
         self._drop_other(entry, key, stored)
         self._s3.call(
-            "put_object",
+            self._s3.client.put_object,
             Bucket=self._bucket,
             Key=key,
             Body=data,
             Metadata={"sha256": entry.sha256},
-            **self._sse(),
+            **sse_args(self._settings),
         )
 
     def _check_digest(self, entry: FileDigest, key: str, size: int, sha256: str) -> None:
@@ -318,7 +332,7 @@ class VersionUpload:
     def _upload_part(self, upload: _Multipart, part: Part, meter: Meter) -> None:
         try:
             sent = self._s3.call(
-                "upload_part",
+                self._s3.client.upload_part,
                 Bucket=self._bucket,
                 Key=upload.key,
                 UploadId=upload.upload_id,
@@ -334,7 +348,7 @@ class VersionUpload:
         """The newest unfinished upload of `key` with its stored parts, or a new one."""
         found = [
             upload
-            for page in self._s3.pages("list_multipart_uploads", Bucket=self._bucket, Prefix=key)
+            for page in self._s3.list_uploads(Bucket=self._bucket, Prefix=key)
             for upload in page.get("Uploads", [])
             if upload["Key"] == key
         ]
@@ -343,16 +357,16 @@ class VersionUpload:
             upload_id = str(newest["UploadId"])
             return _Multipart(key, upload_id, self._stored_parts(key, upload_id), {}, [])
         created = self._s3.call(
-            "create_multipart_upload",
+            self._s3.client.create_multipart_upload,
             Bucket=self._bucket,
             Key=key,
             Metadata={"sha256": entry.sha256},
-            **self._sse(),
+            **sse_args(self._settings),
         )
         return _Multipart(key, str(created["UploadId"]), {}, {}, [])
 
     def _stored_parts(self, key: str, upload_id: str) -> dict[int, _Stored]:
-        pages = self._s3.pages("list_parts", Bucket=self._bucket, Key=key, UploadId=upload_id)
+        pages = self._s3.list_parts(Bucket=self._bucket, Key=key, UploadId=upload_id)
         return {
             int(part["PartNumber"]): _Stored(int(part["Size"]), str(part["ETag"]))
             for page in pages
@@ -362,9 +376,11 @@ class VersionUpload:
     def _complete(self, entry: FileDigest, upload: _Multipart, stored: dict[str, int]) -> None:
         results(list(upload.sending))
         self._drop_other(entry, upload.key, stored)
-        parts = [{"PartNumber": n, "ETag": upload.etags[n]} for n in sorted(upload.etags)]
+        parts: list[CompletedPartTypeDef] = [
+            {"PartNumber": n, "ETag": upload.etags[n]} for n in sorted(upload.etags)
+        ]
         self._s3.call(
-            "complete_multipart_upload",
+            self._s3.client.complete_multipart_upload,
             Bucket=self._bucket,
             Key=upload.key,
             UploadId=upload.upload_id,
@@ -374,7 +390,7 @@ class VersionUpload:
     def _abort(self, upload: _Multipart) -> None:
         results(list(upload.sending))
         self._s3.call(
-            "abort_multipart_upload",
+            self._s3.client.abort_multipart_upload,
             Bucket=self._bucket,
             Key=upload.key,
             UploadId=upload.upload_id,
@@ -382,10 +398,10 @@ class VersionUpload:
 
     def _put_manifest(self, raw: bytes, manifest: Manifest) -> None:
         self._s3.call(
-            "put_object",
+            self._s3.client.put_object,
             Bucket=self._bucket,
             Key=self._key(MANIFEST_FILE),
             Body=raw,
             ContentType="application/json",
-            **self._sse(),
+            **sse_args(self._settings),
         )
