@@ -79,6 +79,13 @@ def configuration(login: Login) -> client.Configuration:
     return configuration
 
 
+def authorization(configuration: client.Configuration) -> str:
+    """The Authorization header of the login ("Bearer <token>"), "" without a token. A
+    service account's token is read again when it is due (the client's refresh hook)."""
+    value = configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
+    return str(value or "")
+
+
 def api_client(login: Login) -> client.ApiClient:
     """A `kubernetes` client of the one login (close it when done)."""
     return client.ApiClient(configuration(login))

@@ -33,7 +33,13 @@ from typing import Any
 import aiohttp
 from kubernetes import client as kube
 
-from activities.kube.client import TRANSPORT_ERRORS, ApiCall, api_error, transport_error
+from activities.kube.client import (
+    TRANSPORT_ERRORS,
+    ApiCall,
+    api_error,
+    authorization,
+    transport_error,
+)
 from api.errors import ExpiredError, UnavailableError, WarmstartError
 
 log = logging.getLogger(__name__)
@@ -283,7 +289,7 @@ class Watch:
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json"}
-        token = self._configuration.get_api_key_with_prefix("authorization")
+        token = authorization(self._configuration)
         if token:
             headers["Authorization"] = token
         return headers

@@ -14,7 +14,14 @@ import pytest
 import pytest_asyncio
 from kubernetes import client
 
-from activities.kube.client import ApiCall, api_client, call, call_sync, configuration
+from activities.kube.client import (
+    ApiCall,
+    api_client,
+    authorization,
+    call,
+    call_sync,
+    configuration,
+)
 from api.errors import (
     ConflictError,
     ExpiredError,
@@ -238,3 +245,13 @@ async def test_a_real_api_server_refuses_as_mapped(apiserver: ApiServer, tmp_pat
     finally:
         api.close()  # type: ignore[no-untyped-call]
     assert "unauthorized (401)" in rejected.value.message
+
+
+def test_the_authorization_header_is_the_logins_whichever_key_holds_it() -> None:
+    ours = configuration(KubeSettings(server="https://kube:6443"))
+    assert authorization(ours) == ""
+    ours.api_key = {"authorization": "Bearer abc"}
+    assert authorization(ours) == "Bearer abc"
+    in_cluster = client.Configuration()  # as the service account's loader fills it in
+    in_cluster.api_key = {"BearerToken": "bearer sa-token"}
+    assert authorization(in_cluster) == "bearer sa-token"
