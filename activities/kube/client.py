@@ -105,10 +105,10 @@ class ApiCall:
     def where(self) -> str:
         if self.name:
             return f"{self.namespace}/{self.name}" if self.namespace else self.name
-        return f"in {self.namespace}" if self.namespace else "cluster-wide"
+        return f"in {self.namespace}" if self.namespace else ""
 
     def __str__(self) -> str:
-        return f"{self.verb} {self.kind} {self.where}"
+        return f"{self.verb} {self.kind} {self.where}".rstrip()
 
 
 async def call(
@@ -154,8 +154,7 @@ def api_error(on: ApiCall, status: int | None, body: Any, reason: str | None) ->
         return ForbiddenError(f"{on}: unauthorized (401): the API server rejected our credentials")
     if status == 403:
         return ForbiddenError(
-            f"forbidden (403): this worker may not {on.verb} {on.kind} {on.where} "
-            "(the RBAC rules of its service account)"
+            f"forbidden (403): this worker may not {on} (the RBAC rules of its service account)"
         )
     if status == 410:
         return ExpiredError(f"{on}: expired ({answer.get('message') or why or 'Gone'})")
