@@ -238,14 +238,23 @@ class Watch:
         ) as reply:
             if reply.status != 200:
                 raise api_error(self._on, reply.status, await reply.text(), reply.reason)
-            self._answered()
-            pending = b""
-            async for chunk in reply.content.iter_any():
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        received += 1
-                        await self._receive(json.loads(line))
+            # Answered: once an event arrives, or the stream has stayed open a while (a
+            # server that ends each watch at once is still failing).
+            settled = loop.call_later(_AT_ONCE_SECONDS, self._answered)
+            try:
+                pending = b""
+                async for chunk in reply.content.iter_any():
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            received += 1
+                            self._answered()
+                            await self._receive(json.loads(line))
+                if pending.strip():  # the last line, without its newline
+                    received += 1
+                    await self._receive(json.loads(pending))
+            finally:
+                settled.cancel()
         if not received and loop.time() - began < _AT_ONCE_SECONDS:
             raise UnavailableError(f"{self._on}: the API server ended the watch at once")
 

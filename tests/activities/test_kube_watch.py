@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import kmock
 import pytest
 import pytest_asyncio
 
@@ -344,3 +345,23 @@ async def test_a_failing_handler_does_not_end_the_watch(
         await eventually(lambda: seen.events == [("ADDED", "good")], "the next event")
         assert watch.health.healthy
     assert f"watch pods in {namespace}: ADDED {namespace}/bad not handled" in caplog.text
+
+
+async def test_a_server_that_ends_each_watch_at_once_is_a_failure_that_grows(
+    kmock_cluster: Cluster,
+) -> None:
+    """An empty watch, ended at once, again and again, is not health: the failures count up
+    (and so does the backoff) until the watch stays open."""
+    cluster = kmock_cluster
+    assert cluster.emulator is not None
+    namespace = await fresh_namespace(cluster)
+    path = f"/api/v1/namespaces/{namespace}/pods"
+    ending = cluster.emulator[kmock.action.WATCH, path] << b""
+    seen = Seen()
+    async with watching(cluster, namespace, seen) as (watch, _):
+        await eventually(lambda: watch.health.failures >= 3, "failures")
+        assert watch.health.last_error == (
+            f"watch pods in {namespace}: the API server ended the watch at once"
+        )
+        cluster.emulator._payloads.remove(ending)
+        await eventually(lambda: watch.health.healthy, "a watch that stays open")
