@@ -16,9 +16,13 @@ WarmstartError                      reason (api.reasons.Reason)      retried by 
 ├── DumpFailedError                 DumpFailed                       no
 ├── RestoreFailedError              RestoreFailed                    no
 ├── StorageError                    StorageFailed                    no   (bucket, credentials)
+├── NotFoundError                   InvalidSpec                      no   (a Kubernetes object: 404)
+├── ForbiddenError                  Forbidden                        no   (401, 403: token, RBAC)
+├── ConflictError                   Unavailable                      yes  (409: read again, retry)
 ├── GpuError                        InternalError                    no   (mapped where raised:
 │                                                                     DumpFailed, RestoreFailed)
 ├── UnavailableError                Unavailable                      yes  (server, binary absent)
+│   └── ExpiredError                Unavailable                      yes  (410: a watch lists again)
 └── PipelineFailedError             the failed step's reason         -    (a workflow's outcome)
 """
 
@@ -126,6 +130,33 @@ class StorageError(WarmstartError):
     default_reason = Reason.STORAGE_FAILED
 
 
+class NotFoundError(WarmstartError):
+    """The Kubernetes object a call names does not exist (404); the message names it. Callers
+    that expect it (a resource deleted meanwhile, a Job already gone) map it to what it means
+    there."""
+
+    default_reason = Reason.INVALID_SPEC
+
+
+class ForbiddenError(WarmstartError):
+    """The API server refused our credentials (401) or their rights (403); the message names
+    the verb, the kind and the namespace. Retrying cannot help until the deployment is fixed."""
+
+    default_reason = Reason.FORBIDDEN
+
+
+class ConflictError(WarmstartError):
+    """The object changed meanwhile or already exists (409). Callers read it again and retry
+    (or adopt what exists); `exists` tells an AlreadyExists apart from a stale write."""
+
+    default_reason = Reason.UNAVAILABLE
+    retryable = True
+
+    def __init__(self, message: str, *, exists: bool = False) -> None:
+        super().__init__(message)
+        self.exists = exists
+
+
 class GpuError(WarmstartError):
     """The GPU driver refused a call (CUDA's checkpoint API) or has none. Raised by
     `activities.gpu` and mapped at its boundary: a dump step raises DumpFailedError, a
@@ -137,6 +168,11 @@ class UnavailableError(WarmstartError):
 
     default_reason = Reason.UNAVAILABLE
     retryable = True
+
+
+class ExpiredError(UnavailableError):
+    """A watch's resourceVersion (or a list's continue token) is too old for the API server
+    (410 Gone): the watch lists again."""
 
 
 class PipelineFailedError(WarmstartError):

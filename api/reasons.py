@@ -39,6 +39,7 @@ class Reason(StrEnum):
     CANCELLED = "Cancelled"
     STEP_TIMED_OUT = "StepTimedOut"
     STORAGE_FAILED = "StorageFailed"
+    FORBIDDEN = "Forbidden"
     UNAVAILABLE = "Unavailable"
     INTERNAL = "InternalError"
     CAPTURED = "Captured"

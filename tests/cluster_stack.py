@@ -239,9 +239,7 @@ async def running_stack(
     def new_watcher() -> KopfThread:
         watching = WatcherSettings(
             control_task_queue=queue,
-            kube_server=cluster.url,
-            kube_token=cluster.token,
-            kube_insecure=cluster.token is not None,
+            kube=settings.kube,  # the one login, as the workers have it
             read_every_seconds=2,
             node_timeout_seconds=3,
         )

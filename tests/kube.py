@@ -5,34 +5,102 @@ Added: `uid`, `resourceVersion`, `generation` and `creationTimestamp` on create,
 namespace from the URL, a new `resourceVersion` on every change, and optimistic
 concurrency: a patch carrying a stale `metadata.resourceVersion` gets 409 Conflict, as
 from a real API server.
+
+Lists and watches as an API server's: a list answers the resourceVersion it shows; a watch
+from a resourceVersion sends every change after it (also those made before the watch began),
+each event with a resourceVersion of its own (a deletion too); `allowWatchBookmarks` gets
+the bookmarks `bookmark()` sends; `timeoutSeconds` ends the watch; after `compact()`, a watch
+from an older resourceVersion gets the ERROR event 410 Gone ("too old resource version").
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import collections
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aiohttp.web
+import attrs
 import kmock
-from kmock._internal import enums, rendering
+from kmock._internal import aiobus, enums, rendering
 from kmock._internal.k8s import KubernetesObjectConflictError
 from kubernetes import client
 
 T = TypeVar("T")
-_versions = itertools.count(1000)
+
+
+class _Clock:
+    """The resourceVersions: one counter for every object, as etcd's revision."""
+
+    last = 999
+
+    @classmethod
+    def tick(cls) -> str:
+        cls.last += 1
+        return str(cls.last)
+
+
+_SERIAL = (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE, enums.action.LIST)
+_CHANGES = ("ADDED", "MODIFIED", "DELETED")
+
+
+@attrs.mutable(weakref_slot=True)
+class _HistoryBus(aiobus.Bus[Any]):
+    """A resource's event bus that stamps each change with a resourceVersion of its own and
+    keeps them all, for watches from a resourceVersion."""
+
+    history: list[tuple[int, Any]] = attrs.field(factory=list)
+
+    async def put(self, *items: Any) -> None:
+        stamped = []
+        for item in items:
+            if isinstance(item, dict) and item.get("type") in _CHANGES:
+                item = _stamped(item, after=self.history[-1][0] if self.history else 0)
+                self.history.append((_version_of(item), item))
+            stamped.append(item)
+        await super().put(*stamped)
+
+
+def _stamped(event: dict[str, Any], *, after: int) -> dict[str, Any]:
+    """`event` with a resourceVersion newer than `after`: kmock keeps the old one for a
+    deletion and for the finalizers' soft deletion. Set in place: the event's metadata is
+    that of the stored object, which so gets the new resourceVersion too, as from an API
+    server."""
+    if _version_of(event) <= after:
+        event["object"].setdefault("metadata", {})["resourceVersion"] = _Clock.tick()
+    return event
+
+
+def _version_of(event: Mapping[str, Any]) -> int:
+    version = (event.get("object") or {}).get("metadata", {}).get("resourceVersion") or 0
+    return int(version) if str(version).isdigit() else 0
 
 
 class Emulator(kmock.KubernetesEmulator):
     """`conflicts`: how many of the next patches to answer 409 whatever they carry (a
-    concurrent writer, deterministically)."""
+    concurrent writer, deterministically). `compacted`: the oldest resourceVersion a watch
+    may start from."""
 
     conflicts = 0
+    compacted = 0
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._buses = collections.defaultdict(_HistoryBus)
+        # Writes and lists one at a time: a list's resourceVersion then covers every change
+        # it shows, and none it does not.
+        self._serial = asyncio.Lock()
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if request.action not in _SERIAL:
+            return await self._handle_one(request)
+        async with self._serial:
+            return await self._handle_one(request)
+
+    async def _handle_one(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         data = request.data if isinstance(request.data, dict) else None
         if request.action == enums.action.UPDATE and self.conflicts > 0:
             self.conflicts -= 1
@@ -45,7 +113,7 @@ class Emulator(kmock.KubernetesEmulator):
                 meta.setdefault("creationTimestamp", _now())
                 if request.namespace and not meta.get("namespace"):
                     meta["namespace"] = request.namespace
-                meta["resourceVersion"] = str(next(_versions))
+                meta["resourceVersion"] = _Clock.tick()
             elif request.action == enums.action.UPDATE and request.name is not None:
                 key = (request.resource, request.namespace, request.name)
                 stored = self.objects[key] if key in self.objects else None  # noqa: SIM401
@@ -53,8 +121,91 @@ class Emulator(kmock.KubernetesEmulator):
                 wanted = meta.get("resourceVersion")
                 if wanted and current and wanted != current.get("resourceVersion"):
                     raise KubernetesObjectConflictError()
-                meta["resourceVersion"] = str(next(_versions))
+                meta["resourceVersion"] = _Clock.tick()
         return await super()._handle(request)
+
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        listed = await super()._serve_list(request)
+        assert isinstance(listed, dict)
+        return {**listed, "metadata": {"resourceVersion": str(_Clock.last)}}
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
+        yield b""  # the headers: streaming has begun
+        params = request.params
+        since = params.get("resourceVersion") or ""
+        if since not in ("", "0") and int(since) < self.compacted:
+            yield _gone(since, self.compacted)
+            return
+        assert request.resource is not None
+        bus = self._buses[request.resource]
+        mark = await bus.mark()  # before the backlog is read: nothing falls in between
+        try:
+            if since in ("", "0"):  # no list before it: every object, as added
+                backlog, floor = await self._current(request), 0
+            else:
+                floor = int(since)
+                backlog = [event for version, event in bus.history if version > floor]
+                floor = max([floor, *(_version_of(event) for event in backlog)])
+            for event in backlog:
+                if _matches(request, event):
+                    yield event
+            bookmarks = params.get("allowWatchBookmarks") == "true"
+            timeout = float(params.get("timeoutSeconds") or 0) or None
+            async for event in _until(bus.stream(since=mark), timeout):
+                if event.get("type") == "BOOKMARK":
+                    if bookmarks:
+                        yield event
+                elif _version_of(event) > floor and _matches(request, event):
+                    yield event
+        finally:
+            await bus.unmark(mark)
+
+    async def _current(self, request: rendering.Request) -> list[dict[str, Any]]:
+        async with self._lock:
+            return [
+                {"type": "ADDED", "object": obj.raw}
+                for (resource, _, _), obj in self.objects.items()
+                if resource == request.resource and not obj.deleted
+            ]
+
+    async def bookmark(self, plural: str) -> str:
+        """A bookmark to every watch of `plural` that asked for them; its resourceVersion."""
+        version = _Clock.tick()
+        event = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": version}}}
+        for resource, bus in list(self._buses.items()):
+            if resource.plural == plural:
+                await bus.put(event)
+        return version
+
+    def compact(self) -> None:
+        """Forget the history so far: a watch from an older resourceVersion gets 410."""
+        self.compacted = _Clock.last
+
+
+def _gone(since: str, compacted: int) -> dict[str, Any]:
+    message = f"too old resource version: {since} ({compacted})"
+    status = {"status": "Failure", "message": message, "reason": "Expired", "code": 410}
+    return {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", **status}}
+
+
+def _matches(request: rendering.Request, event: Mapping[str, Any]) -> bool:
+    meta = (event.get("object") or {}).get("metadata") or {}
+    namespace_ok = request.namespace is None or meta.get("namespace") == request.namespace
+    return namespace_ok and (request.name is None or meta.get("name") == request.name)
+
+
+async def _until(stream: AsyncIterator[Any], timeout: float | None) -> AsyncIterator[Any]:
+    """The items of `stream` until `timeout` seconds have passed (None: for ever)."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        left = None if deadline is None else deadline - loop.time()
+        if left is not None and left <= 0:
+            return
+        try:
+            yield await asyncio.wait_for(anext(stream), left)
+        except (TimeoutError, StopAsyncIteration):
+            return
 
 
 def _now() -> str:

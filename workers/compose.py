@@ -136,7 +136,7 @@ def node_worker(
     remote = RemoteStores(
         transfer=transfer_settings(settings),
         own_endpoints=settings.storage.own_endpoints(),
-        read_secret=_secret_reader(settings) if settings.node.cluster else None,
+        read_secret=secret_reader(settings) if settings.node.cluster else None,
     )
     storage = StorageActivities(
         store=store,
@@ -197,26 +197,28 @@ def transfer_settings(settings: Settings) -> TransferSettings:
     )
 
 
-def _secret_reader(settings: Settings) -> SecretReader:
-    """Reads a Checkpoint's credentials Secret through the API server (a cluster node)."""
+def secret_reader(settings: Settings) -> SecretReader:
+    """Reads a Checkpoint's credentials Secret through the API server (a cluster node), with
+    the one login and error mapping: a Secret that is not there or not this worker's to read
+    is a StorageError naming it (retrying cannot help); an API server away is Unavailable
+    (the step retries). Called from the transfer's thread: the call is synchronous."""
     import base64
 
     from kubernetes import client as kube
 
-    from activities.kube.client import api_client
+    from activities.kube.client import ApiCall, api_client, call_sync
+    from api.errors import ForbiddenError, InvalidSpecError, NotFoundError
 
     api: Any = None
 
     def read(namespace: str, name: str) -> dict[str, str]:
         nonlocal api
         api = api or api_client(settings.kube)
+        on = ApiCall("read", "Secret", namespace, name)
         try:
-            secret = kube.CoreV1Api(api).read_namespaced_secret(name, namespace)
-        except kube.ApiException as err:
-            raise StorageError(
-                f"Secret {namespace}/{name} (S3 credentials) cannot be read: "
-                f"{err.status} {err.reason}"
-            ) from err
+            secret = call_sync(kube.CoreV1Api(api).read_namespaced_secret, name, namespace, on=on)
+        except (NotFoundError, ForbiddenError, InvalidSpecError) as err:
+            raise StorageError(f"S3 credentials cannot be read: {err}") from err
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
     return read

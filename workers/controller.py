@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import socket
-from pathlib import Path
 
 from temporalio.client import Client
 
@@ -41,9 +40,7 @@ async def run_controller(settings: Settings, stop: asyncio.Event | None = None) 
     kube = settings.kube
     watcher = WatcherSettings(
         control_task_queue=settings.node.control_task_queue,
-        kube_server=kube.server or None,
-        kube_token=Path(kube.token_file).read_text().strip() if kube.token_file else None,
-        kube_insecure=kube.insecure_skip_tls_verify,
+        kube=kube,
         read_every_seconds=kube.read_every_seconds,
         node_timeout_seconds=kube.node_timeout_seconds,
         storage=remote_storage(settings),

@@ -5,6 +5,11 @@ standalone under this elector: a replica acquires the Lease (create, or take ove
 holder stopped renewing), renews it every third of its duration, and stops kopf as soon as
 a renewal fails or another holder appears. Writes carry the read `resourceVersion`, so two
 replicas taking over at once cannot both win.
+
+Its calls go through the one stack (`activities.kube.client.call`): a conflict or a Lease
+gone means another replica moved first; an API server away while waiting for the Lease is
+waited out (logged), while holding it ends the hold; a forbidden call is raised, naming the
+Lease.
 """
 
 from __future__ import annotations
@@ -16,13 +21,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
+
+from activities.kube.client import ApiCall, call
+from api.errors import ConflictError, NotFoundError, UnavailableError, WarmstartError
 
 log = logging.getLogger(__name__)
 
 
 def _micro(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _version(lease: client.V1Lease) -> str | None:
+    """The read resourceVersion a write carries (optimistic concurrency)."""
+    return lease.metadata.resource_version if lease.metadata else None
 
 
 class LeaseElector:
@@ -39,8 +51,23 @@ class LeaseElector:
         self.namespace, self.name, self.identity = namespace, name, identity
         self.duration = duration_seconds
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.to_thread(fn, *args)
+    def _on(self, verb: str) -> ApiCall:
+        return ApiCall(verb, "Lease", self.namespace, self.name)
+
+    async def _read(self) -> client.V1Lease:
+        lease: client.V1Lease = await call(
+            self._leases.read_namespaced_lease, self.name, self.namespace, on=self._on("read")
+        )
+        return lease
+
+    async def _patch(self, body: dict[str, Any], verb: str) -> None:
+        await call(
+            self._leases.patch_namespaced_lease,
+            self.name,
+            self.namespace,
+            body,
+            on=self._on(verb),
+        )
 
     def _spec(self, now: datetime, *, transitions: int, acquired: datetime) -> dict[str, Any]:
         return {
@@ -61,12 +88,16 @@ class LeaseElector:
             "spec": self._spec(now, transitions=0, acquired=now),
         }
         try:
-            await self._call(self._leases.create_namespaced_lease, self.namespace, body)
+            await call(
+                self._leases.create_namespaced_lease, self.namespace, body, on=self._on("create")
+            )
             return True
-        except ApiException as err:
-            if err.status != 409:
-                raise
-        lease = await self._call(self._leases.read_namespaced_lease, self.name, self.namespace)
+        except ConflictError:
+            pass  # there already: held, or free to take over?
+        try:
+            lease = await self._read()
+        except NotFoundError:
+            return False  # released and deleted meanwhile: the next attempt creates it
         spec = lease.spec
         holder = spec.holder_identity if spec else None
         renewed: datetime | None = spec.renew_time if spec else None
@@ -76,42 +107,44 @@ class LeaseElector:
             return False  # held, and renewed recently
         transitions = ((spec.lease_transitions if spec else None) or 0) + (holder != self.identity)
         take = {
-            "metadata": {"resourceVersion": lease.metadata.resource_version},
+            "metadata": {"resourceVersion": _version(lease)},
             "spec": self._spec(now, transitions=transitions, acquired=now),
         }
         try:
-            await self._call(self._leases.patch_namespaced_lease, self.name, self.namespace, take)
-        except ApiException as err:
-            if err.status in (404, 409):
-                return False  # someone else moved first
-            raise
+            await self._patch(take, "take over")
+        except (ConflictError, NotFoundError):
+            return False  # someone else moved first
         log.info("%s took the lease %s over from %s", self.identity, self.name, holder)
         return True
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this replica holds the Lease (True) or `stop` is set (False)."""
         while not stop.is_set():
-            if await self.try_acquire():
-                return True
+            try:
+                if await self.try_acquire():
+                    return True
+            except UnavailableError as err:  # the API server is away: wait it out
+                log.warning("%s waits for the lease: %s", self.identity, err)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.duration / 3)
         return False
 
     async def renew(self) -> bool:
         """Renew the Lease; False if it is no longer ours."""
-        lease = await self._call(self._leases.read_namespaced_lease, self.name, self.namespace)
+        try:
+            lease = await self._read()
+        except NotFoundError:
+            return False
         if lease.spec is None or lease.spec.holder_identity != self.identity:
             return False
         body = {
-            "metadata": {"resourceVersion": lease.metadata.resource_version},
+            "metadata": {"resourceVersion": _version(lease)},
             "spec": {"renewTime": _micro(datetime.now(UTC))},
         }
         try:
-            await self._call(self._leases.patch_namespaced_lease, self.name, self.namespace, body)
-        except ApiException as err:
-            if err.status in (404, 409):
-                return False
-            raise
+            await self._patch(body, "renew")
+        except (ConflictError, NotFoundError):
+            return False
         return True
 
     async def hold(self, stop: asyncio.Event) -> None:
@@ -126,20 +159,20 @@ class LeaseElector:
                 if not await self.renew():
                     log.warning("%s lost the lease %s", self.identity, self.name)
                     return
-            except (ApiException, OSError) as err:
+            except WarmstartError as err:
                 log.warning("%s could not renew the lease: %s", self.identity, err)
                 return
 
     async def release(self) -> None:
         """Give the Lease up so another replica need not wait for it to expire."""
         try:
-            lease = await self._call(self._leases.read_namespaced_lease, self.name, self.namespace)
+            lease = await self._read()
             if lease.spec is None or lease.spec.holder_identity != self.identity:
                 return
             body = {
-                "metadata": {"resourceVersion": lease.metadata.resource_version},
+                "metadata": {"resourceVersion": _version(lease)},
                 "spec": {"holderIdentity": None, "renewTime": None, "acquireTime": None},
             }
-            await self._call(self._leases.patch_namespaced_lease, self.name, self.namespace, body)
-        except (ApiException, OSError) as err:
+            await self._patch(body, "release")
+        except WarmstartError as err:  # it expires by itself
             log.warning("%s could not release the lease: %s", self.identity, err)

@@ -2,32 +2,33 @@
 standby container runs, the node starts `restore/<ns>/<pod>/<podUID>` itself, eagerly, on
 its own queue (the restore then runs here with no matching hop on its critical path).
 
-The watch asks the API server for this node's restore targets only (label selector
-`warmstart.dev/restore-target=true`, field selector `spec.nodeName=<node>`), never for a
-cluster-wide list; what arrives is checked again here, so an API without server-side
-selectors gives the same result. The blocking `kubernetes` watch runs in a thread and
-hands pods to the event loop. A restarted node worker sees every target again: the
-workflow ID (the pod's UID) and REJECT_DUPLICATE start one restore per pod, ever.
+The watch is the one watch of `activities.kube.watch` (list, then watch from the list's
+resourceVersion with bookmarks, 410 lists again, failures backed off and logged, its
+`health` for whoever checks). It asks the API server for this node's restore targets only
+(label selector `warmstart.dev/restore-target=true`, field selector
+`spec.nodeName=<node>`), never for a cluster-wide list; what arrives is checked again here,
+so an API without server-side selectors gives the same result. Each event is considered as
+it arrives: no call of its own on the way to the restore. A restarted node worker sees
+every target again: the workflow ID (the pod's UID) and REJECT_DUPLICATE start one restore
+per pod, ever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from kubernetes import client as kube
 from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.contracts import ContainerTarget
+from activities.kube.watch import Backoff, Watch, WatchEvent, WatchHealth
 from api.resources import CHECKPOINT_ID_LABEL
 from api.restore_pods import (
     CHECKPOINT_VERSION_ANNOTATION,
@@ -46,7 +47,7 @@ from workers.settings import Settings
 from workflows.contracts import RestoreRequest
 
 log = logging.getLogger(__name__)
-_WATCH_SECONDS = 60  # the server ends each watch; the next one lists again
+_WATCH_SECONDS = 60  # the server ends each watch; the next goes on from its resourceVersion
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,10 @@ def _gms_sentinel(spec: Mapping[str, Any], standby: Mapping[str, Any], pod_uid: 
 @contextlib.asynccontextmanager
 async def watching_restore_targets(client: Client, settings: Settings) -> AsyncIterator[None]:
     """The node's watch of its restore targets, for as long as the context lasts."""
-    from activities.kube.client import api_client
+    from activities.kube.client import configuration
 
-    api = api_client(settings.kube)
     watcher = RestoreTargetWatch(
-        configuration=api.configuration,
+        configuration=configuration(settings.kube),
         client=client,
         node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
@@ -159,7 +159,6 @@ async def watching_restore_targets(client: Client, settings: Settings) -> AsyncI
     finally:
         stop.set()
         await task
-        api.close()  # type: ignore[no-untyped-call]
 
 
 class RestoreTargetWatch:
@@ -173,64 +172,38 @@ class RestoreTargetWatch:
         node: str,
         control_task_queue: str,
         deadline_seconds: float,
+        backoff: Backoff | None = None,
     ) -> None:
-        """`configuration`: the API server and credentials, as the `kubernetes` client
-        holds them (the watch itself is an aiohttp stream: cancelling it closes it)."""
-        self._api = configuration
+        """`configuration`: the API server and credentials of the one login
+        (`activities.kube.client.configuration`)."""
         self._client = client
         self._node = node
         self._control_task_queue = control_task_queue
         self._deadline = deadline_seconds
         self._started: set[str] = set()
         self.considered = 0  # pods seen so far (the watch's progress, for whoever waits)
+        self.watch = Watch(
+            configuration,
+            path="/api/v1/pods",
+            kind=f"pods on node {node} (all namespaces)",
+            handler=self._changed,
+            label_selector=f"{RESTORE_TARGET_LABEL}=true",
+            field_selector=f"spec.nodeName={node}",
+            timeout_seconds=_WATCH_SECONDS,
+            backoff=backoff,
+        )
+
+    @property
+    def health(self) -> WatchHealth:
+        return self.watch.health
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Watch until `stop` is set; each watch the server ends is followed by the next,
-        which lists the current targets again."""
-        watching = asyncio.ensure_future(self._watch())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (watching, stopping):
-                task.cancel()
-            await asyncio.gather(watching, stopping, return_exceptions=True)
+        """Watch until `stop` is set (the watch retries every failure itself)."""
+        await self.watch.run(stop)
 
-    async def _watch(self) -> None:
-        query = {
-            "watch": "true",
-            "labelSelector": f"{RESTORE_TARGET_LABEL}=true",
-            "fieldSelector": f"spec.nodeName={self._node}",
-            "timeoutSeconds": str(_WATCH_SECONDS),
-        }
-        url = f"{self._api.host.rstrip('/')}/api/v1/pods"
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=_WATCH_SECONDS + 30)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while True:
-                try:
-                    await self._watch_once(session, url, query)
-                except (aiohttp.ClientError, TimeoutError, ValueError) as err:
-                    log.warning("node %s: watch of restore targets: %s", self._node, err)
-                    await asyncio.sleep(1.0)  # the API is away: watch again after a pause
-
-    async def _watch_once(
-        self, session: aiohttp.ClientSession, url: str, query: dict[str, str]
-    ) -> None:
-        headers = {"Accept": "application/json"}
-        token = self._api.get_api_key_with_prefix("authorization")
-        if token:
-            headers["Authorization"] = token
-        async with session.get(url, params=query, headers=headers, ssl=_ssl(self._api)) as reply:
-            reply.raise_for_status()
-            async for line in reply.content:
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                if event.get("type") in ("ADDED", "MODIFIED"):
-                    try:
-                        await self.consider(event["object"])
-                    except Exception:  # one pod's trouble must not end the watch for all
-                        log.exception("node %s: a restore target was not started", self._node)
+    async def _changed(self, event: WatchEvent) -> None:
+        if event.type in ("ADDED", "MODIFIED"):
+            await self.consider(event.object)
 
     async def consider(self, pod: Mapping[str, Any]) -> None:
         self.considered += 1
@@ -255,12 +228,3 @@ class RestoreTargetWatch:
         except WorkflowAlreadyStartedError:
             return  # restored (or fell back) before this worker started
         log.info("restore of pod %s/%s started: %s", request.namespace, request.name, handle.id)
-
-
-def _ssl(configuration: kube.Configuration) -> ssl.SSLContext | bool:
-    if not configuration.verify_ssl:
-        return False
-    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert or None)
-    if configuration.cert_file:
-        context.load_cert_chain(configuration.cert_file, configuration.key_file or None)
-    return context

@@ -8,7 +8,10 @@ resource with the finalizer `warmstart.dev/cleanup` until the workflow has clean
 Everything else — the Job, status, Events, the dump — is the workflow's.
 
 kopf runs standalone (no kopf peering) in its own thread and event loop, under the Lease
-elector of `workers.leader`, so one replica is active.
+elector of `workers.leader`, so one replica is active. It logs in with the one login of
+every other Kubernetes call (`activities.kube.client.configuration`): its login handler
+builds kopf's ConnectionInfo from the same settings and credentials, afresh each time kopf
+asks (after a 401: a rotated token is read again).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -26,6 +29,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.contracts import PodObservation, ResourceRef
+from activities.kube.client import Login, authorization, configuration
 from api.naming import capture_workflow_id
 from api.reasons import Phase
 from api.resources import (
@@ -41,6 +45,7 @@ from api.resources import (
 )
 from api.storage import RemoteStorage, resource_storage
 from workers.operations import start_capture
+from workers.settings import KubeSettings
 from workflows.capture import CaptureWorkflow
 from workflows.contracts import CaptureRequest, ClusterCapture, ClusterTarget
 
@@ -63,14 +68,29 @@ _CANCEL_WAIT_SECONDS = 30.0
 @dataclass(frozen=True)
 class WatcherSettings:
     control_task_queue: str
-    kube_server: str | None = None  # None: in-cluster service account or kubeconfig
-    kube_token: str | None = None
-    kube_insecure: bool = False
+    # The one login (API server, token file, TLS); no server: the service account, else
+    # the kubeconfig.
+    kube: Login = field(default_factory=KubeSettings)
     read_every_seconds: float = 30.0
     # How long a node step may wait for the pod's node worker before the node counts as lost.
     node_timeout_seconds: float = 120.0
     # Where captures go when a resource names no storage (None: the nodes' checkpoint root).
     storage: RemoteStorage | None = None
+
+
+def connection_info(login: Login) -> kopf.ConnectionInfo:
+    """kopf's credentials: those of the one login, as the `kubernetes` client has them."""
+    kube = configuration(login)
+    scheme, _, token = authorization(kube).partition(" ")
+    return kopf.ConnectionInfo(
+        server=kube.host,
+        ca_path=kube.ssl_ca_cert or None,
+        insecure=not kube.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=kube.cert_file or None,
+        private_key_path=kube.key_file or None,
+    )
 
 
 def capture_request(
@@ -185,12 +205,9 @@ def build_registry(
         settings.posting.enabled = False  # Events are the workflow's
         memo["temporal"] = await connect()
 
-    if settings.kube_server is not None:
-        server, token, insecure = settings.kube_server, settings.kube_token, settings.kube_insecure
-
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=server, token=token, insecure=insecure)
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return connection_info(settings.kube)
 
     async def capture(
         model: type[Checkpoint] | type[PodSnapshot],

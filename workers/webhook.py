@@ -5,8 +5,9 @@
   immutable, and an update that leaves the spec as it was is allowed (finalizers and
   annotations of a resource written before a rule existed still move).
 - `POST /mutate` — pods annotated `warmstart.dev/restore-from`: shaped as restore targets
-  by `api.restore_pods` with a JSONPatch; the Checkpoint is read through the kubernetes
-  client (in a thread), and one that cannot be read makes the pod start cold.
+  by `api.restore_pods` with a JSONPatch; the Checkpoint is read through the one
+  Kubernetes stack (`activities.kube.client.call`), and one that cannot be read (the API
+  server away, slow or refusing) makes the pod start cold, with the reason.
 - `GET /healthz`.
 
 A plain aiohttp server rather than kopf's admission server: every replica serves it,
@@ -35,12 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonpatch
-import urllib3
 from aiohttp import web
-from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from api.errors import InvalidSpecError
+from activities.kube.client import ApiCall, call
+from api.errors import InvalidSpecError, NotFoundError, WarmstartError
 from api.jobs import JobSettings
 from api.resources import (
     GROUP,
@@ -69,10 +69,6 @@ _MODELS: dict[str, type[Checkpoint] | type[PodSnapshot]] = {
     "Checkpoint": Checkpoint,
     "PodSnapshot": PodSnapshot,
 }
-# A Checkpoint that could not be read (the API server slow or refusing): the pod starts cold.
-# TimeoutError is an OSError.
-_READ_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
-
 ReadCheckpoint = Callable[[str, str], Awaitable[Mapping[str, Any] | None]]
 Review = dict[str, Any]  # an AdmissionResponse without its uid
 
@@ -135,10 +131,11 @@ async def review_pod(
         return denied(str(err))
     try:
         checkpoint = await read(namespace, name)
-    except _READ_ERRORS as err:
-        reason = err.reason if isinstance(err, ApiException) else type(err).__name__
-        logger.warning("%s: checkpoint %s/%s could not be read: %s", who, namespace, name, err)
-        shaped = cold(copy.deepcopy(dict(pod)), f"checkpoint {name} could not be read ({reason})")
+    except WarmstartError as err:  # the API server slow, away or refusing: the pod starts cold
+        logger.warning("%s: %s", who, err)
+        shaped = cold(
+            copy.deepcopy(dict(pod)), f"checkpoint {name} could not be read ({err.reason})"
+        )
     else:
         try:
             shaped = restore_pod(pod, checkpoint=checkpoint, settings=settings)
@@ -168,26 +165,24 @@ def json_patch(old: Any, new: Any) -> list[dict[str, Any]]:
 
 
 def checkpoint_reader(custom: Any, *, timeout_seconds: float) -> ReadCheckpoint:
-    """Reads a Checkpoint through `custom` (a kubernetes CustomObjectsApi) off the event
-    loop; None when there is none. Past `timeout_seconds` (the client's retries included)
-    it raises TimeoutError and leaves the call to finish in its thread."""
+    """Reads a Checkpoint through `custom` (a kubernetes CustomObjectsApi) and the one
+    stack; None when there is none. Past `timeout_seconds` (the client's retries included)
+    it raises UnavailableError and leaves the call to finish in its thread."""
 
     async def read(namespace: str, name: str) -> Mapping[str, Any] | None:
-        call = asyncio.to_thread(
-            custom.get_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            namespace,
-            "checkpoints",
-            name,
-            _request_timeout=timeout_seconds,
-        )
         try:
-            found: Mapping[str, Any] = await asyncio.wait_for(call, timeout_seconds)
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
+            found: Mapping[str, Any] = await call(
+                custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                "checkpoints",
+                name,
+                on=ApiCall("read", "Checkpoint", namespace, name),
+                timeout=timeout_seconds,
+            )
+        except NotFoundError:
+            return None
         return found
 
     return read

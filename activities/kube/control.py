@@ -1,26 +1,23 @@
 """Control activities on a cluster, through the official `kubernetes` client: checkpoint ID
 claims, the capture Job, the Job's pod, status and Events on the resource.
 
-The client is synchronous; each call runs in a thread. API errors become warmstart errors
-here: 5xx, 429 and connection failures are `Unavailable` (retried by the step's policy),
-a resource that is gone is `CheckpointNotFound`, anything else the API refuses is
-`InvalidSpec` with the API's message.
+Every call goes through `activities.kube.client.call` (in a thread, its failures mapped
+once: 5xx, 429 and connection failures are `Unavailable`, retried by the step's policy;
+401/403 `Forbidden`; other refusals `InvalidSpec`). Here a resource that is gone becomes
+`CheckpointNotFound`, a conflict is read again, a Job or pod that is gone is an observation.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 from urllib.parse import quote
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 from temporalio import activity
-from urllib3.exceptions import HTTPError
 
 from activities.contracts import (
     ClaimInput,
@@ -33,12 +30,16 @@ from activities.contracts import (
     ResourceRef,
     StatusInput,
 )
+from activities.kube.client import ApiCall, call
 from activities.steps import ClusterControlSteps
 from api.errors import (
     CheckpointNotFoundError,
+    ConflictError,
     IdentityConflictError,
     InvalidSpecError,
+    NotFoundError,
     UnavailableError,
+    WarmstartError,
 )
 from api.jobs import JobSettings, capture_job
 from api.reasons import Phase
@@ -57,7 +58,6 @@ from api.restore_pods import (
 from api.retention import ProtectedRef
 from api.status import Report, event_for, next_status
 
-T = TypeVar("T")
 PLURALS = {"Checkpoint": "checkpoints", "PodSnapshot": "podsnapshots"}
 CONTROLLER = f"{GROUP}/controller"
 _CONFLICT_RETRIES = 8
@@ -65,27 +65,6 @@ _CONFLICT_RETRIES = 8
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-async def call(fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)` in a thread, with API failures mapped (see the module)."""
-    try:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    except ApiException as err:
-        if err.status in (409, 404):
-            raise  # the caller decides what these mean
-        if err.status is None or err.status >= 500 or err.status == 429:
-            raise UnavailableError(f"{what}: API server answered {err.status}") from err
-        raise InvalidSpecError(f"{what}: {err.status} {_api_message(err)}") from err
-    except (HTTPError, OSError) as err:
-        raise UnavailableError(f"{what}: API server unreachable: {err}") from err
-
-
-def _api_message(err: ApiException) -> str:
-    try:
-        return str(json.loads(err.body or "{}").get("message") or err.reason)
-    except ValueError:
-        return str(err.reason)
 
 
 class KubeControlActivities(ClusterControlSteps):
@@ -125,9 +104,9 @@ class KubeControlActivities(ClusterControlSteps):
                 ref.namespace,
                 PLURALS[ref.kind],
                 ref.name,
-                what=f"read {where}",
+                on=ApiCall("read", ref.kind, ref.namespace, ref.name),
             )
-        except ApiException as err:
+        except NotFoundError as err:
             raise CheckpointNotFoundError(f"{where} no longer exists") from err
         if not isinstance(raw, dict):
             raise CheckpointNotFoundError(f"{where}: the API server answered no object")
@@ -152,18 +131,15 @@ class KubeControlActivities(ClusterControlSteps):
             "metadata": {"name": name, "namespace": self._claims_namespace},
             "spec": {"holderIdentity": holder},
         }
+        claim = ApiCall("create", "Lease", self._claims_namespace, name)
         for _ in range(_CONFLICT_RETRIES):
             try:
                 await call(
-                    self._leases.create_namespaced_lease,
-                    self._claims_namespace,
-                    lease,
-                    what=f"claim {request.checkpoint_id}",
+                    self._leases.create_namespaced_lease, self._claims_namespace, lease, on=claim
                 )
                 return
-            except ApiException as err:
-                if err.status != 409:
-                    raise InvalidSpecError(f"claim {request.checkpoint_id}: {err}") from err
+            except ConflictError:
+                pass  # held already: by whom?
             current = await self._read_lease(name)
             if current is None:
                 continue  # released in between: try again
@@ -187,12 +163,11 @@ class KubeControlActivities(ClusterControlSteps):
                     name,
                     self._claims_namespace,
                     takeover,
-                    what=f"claim {request.checkpoint_id}",
+                    on=ApiCall("take over", "Lease", self._claims_namespace, name),
                 )
                 return
-            except ApiException as err:
-                if err.status not in (409, 404):
-                    raise
+            except (ConflictError, NotFoundError):
+                pass  # another claim moved first: look again
         raise UnavailableError(f"claim {request.checkpoint_id}: the claim kept changing")
 
     async def _read_lease(self, name: str) -> client.V1Lease | None:
@@ -201,12 +176,10 @@ class KubeControlActivities(ClusterControlSteps):
                 self._leases.read_namespaced_lease,
                 name,
                 self._claims_namespace,
-                what=f"read claim {name}",
+                on=ApiCall("read", "Lease", self._claims_namespace, name),
             )
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
+        except NotFoundError:
+            return None
         return lease
 
     async def _holder_alive(self, holder: str) -> bool:
@@ -267,13 +240,13 @@ class KubeControlActivities(ClusterControlSteps):
                     PLURALS[ref.kind],
                     ref.name,
                     body,
-                    what=f"patch status of {ref.kind} {ref.namespace}/{ref.name}",
+                    on=ApiCall("patch the status of", ref.kind, ref.namespace, ref.name),
                 )
-            except ApiException as err:
-                if err.status == 409:
-                    continue
+            except ConflictError:
+                continue  # written meanwhile: read again
+            except NotFoundError as err:
                 raise CheckpointNotFoundError(
-                    f"{ref.kind} {ref.namespace}/{ref.name}: gone"
+                    f"{ref.kind} {ref.namespace}/{ref.name} no longer exists"
                 ) from err
             event = event_for(previous, status)
             if event is not None:
@@ -296,13 +269,11 @@ class KubeControlActivities(ClusterControlSteps):
                 pod.pod_name,
                 pod.namespace,
                 body,
-                what=f"annotate {where}",
+                on=ApiCall("annotate", "Pod", pod.namespace, pod.pod_name),
             )
-        except ApiException as err:
-            if err.status == 404:  # deleted meanwhile: nobody to tell
-                activity.logger.info("%s is gone; restore status not published", where)
-                return
-            raise
+        except NotFoundError:  # deleted meanwhile: nobody to tell
+            activity.logger.info("%s is gone; restore status not published", where)
+            return
         meta = obj.metadata if obj is not None else None
         regarding = {
             "apiVersion": "v1",
@@ -330,11 +301,12 @@ class KubeControlActivities(ClusterControlSteps):
     ) -> None:
         meta = obj["metadata"]
         now = _now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        name = f"{meta['name']}.{uuid.uuid4().hex[:12]}"
         event = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
             "metadata": {
-                "name": f"{meta['name']}.{uuid.uuid4().hex[:12]}",
+                "name": name,
                 "namespace": meta["namespace"],
             },
             "eventTime": now,
@@ -357,9 +329,9 @@ class KubeControlActivities(ClusterControlSteps):
                 self._events.create_namespaced_event,
                 meta["namespace"],
                 event,
-                what=f"event {reason}",
+                on=ApiCall("create", "Event", meta["namespace"], name),
             )
-        except (ApiException, InvalidSpecError) as err:
+        except WarmstartError as err:  # a courtesy: the status is written already
             activity.logger.warning("event %s on %s not posted: %s", reason, meta["name"], err)
 
     # --- the capture Job and its pod -------------------------------------------------
@@ -373,14 +345,21 @@ class KubeControlActivities(ClusterControlSteps):
         job = capture_job(resource, version=request.version, settings=self._job_settings)
         name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
         try:
-            await call(self._batch.create_namespaced_job, namespace, job, what=f"create Job {name}")
+            await call(
+                self._batch.create_namespaced_job,
+                namespace,
+                job,
+                on=ApiCall("create", "Job", namespace, name),
+            )
             activity.logger.info("created Job %s/%s", namespace, name)
             return str(name)
-        except ApiException as err:
-            if err.status != 409:
-                raise InvalidSpecError(f"create Job {name}: {_api_message(err)}") from err
+        except ConflictError:
+            pass  # there already: ours to adopt?
         existing = await call(
-            self._batch.read_namespaced_job, name, namespace, what=f"read Job {name}"
+            self._batch.read_namespaced_job,
+            name,
+            namespace,
+            on=ApiCall("read", "Job", namespace, name),
         )
         meta = existing.metadata
         owners = [o.uid for o in (meta.owner_references if meta else None) or []]
@@ -394,22 +373,19 @@ class KubeControlActivities(ClusterControlSteps):
     @activity.defn
     async def delete_capture_job(self, request: JobRef) -> None:
         """Delete the capture Job and its pod; one already gone is fine."""
-        try:
+        with contextlib.suppress(NotFoundError):  # gone already
             await call(
                 self._batch.delete_namespaced_job,
                 request.name,
                 request.namespace,
                 propagation_policy="Background",
-                what=f"delete Job {request.name}",
+                on=ApiCall("delete", "Job", request.namespace, request.name),
             )
-        except ApiException as err:
-            if err.status != 404:
-                raise InvalidSpecError(f"delete Job {request.name}: {_api_message(err)}") from err
 
     @activity.defn
     async def nodes_matching(self, request: NodeSelectorInput) -> list[str]:
         """Nodes selected by any label map (matched here: one list serves every map)."""
-        nodes = await call(self._core.list_node, what="list nodes")
+        nodes = await call(self._core.list_node, on=ApiCall("list", "nodes"))
         return sorted(
             str(node.metadata.name)
             for node in nodes.items
@@ -422,12 +398,16 @@ class KubeControlActivities(ClusterControlSteps):
         """The capture pod as the API server has it (the fallback for missed signals)."""
         if not request.job_name:
             return await self._read_named_pod(request)
-        job = await call(
-            self._batch.read_namespaced_job,
-            request.job_name,
-            request.namespace,
-            what=f"read Job {request.job_name}",
-        )
+        try:
+            job = await call(
+                self._batch.read_namespaced_job,
+                request.job_name,
+                request.namespace,
+                on=ApiCall("read", "Job", request.namespace, request.job_name),
+            )
+        except NotFoundError:
+            where = f"Job {request.namespace}/{request.job_name}"
+            return PodObservation(failure=f"{where} no longer exists")
         failed = (
             [c for c in (job.status.conditions or []) if c.type == "Failed" and c.status == "True"]
             if job.status
@@ -437,7 +417,7 @@ class KubeControlActivities(ClusterControlSteps):
             self._core.list_namespaced_pod,
             request.namespace,
             label_selector=f"job-name={request.job_name}",
-            what=f"list pods of Job {request.job_name}",
+            on=ApiCall("list", "pods", request.namespace),
         )
         # The selector is the API server's job; checking again costs nothing.
         mine = [p for p in pods.items if _labels(p).get("job-name") == request.job_name]
@@ -456,11 +436,9 @@ class KubeControlActivities(ClusterControlSteps):
                 self._core.read_namespaced_pod,
                 request.pod_name,
                 request.namespace,
-                what=f"read {where}",
+                on=ApiCall("read", "Pod", request.namespace, request.pod_name),
             )
-        except ApiException as err:
-            if err.status != 404:
-                raise
+        except NotFoundError:
             return PodObservation(failure=f"{where} no longer exists")
         uid = pod.metadata.uid if pod.metadata else None
         if request.pod_uid and uid != request.pod_uid:
@@ -522,7 +500,11 @@ def ready_references(api: Any) -> Callable[[], Awaitable[list[ProtectedRef]]]:
         refs = []
         for kind, plural in PLURALS.items():
             listed = await call(
-                custom.list_cluster_custom_object, GROUP, VERSION, plural, what=f"list {plural}"
+                custom.list_cluster_custom_object,
+                GROUP,
+                VERSION,
+                plural,
+                on=ApiCall("list", plural),
             )
             for obj in cast(dict[str, Any], listed).get("items", []):
                 status, meta = obj.get("status") or {}, obj.get("metadata") or {}

@@ -22,7 +22,13 @@ from activities.contracts import (
     StatusInput,
 )
 from activities.kube.control import KubeControlActivities, ready_references
-from api.errors import CheckpointNotFoundError, IdentityConflictError, InvalidSpecError
+from api.errors import (
+    CheckpointNotFoundError,
+    ForbiddenError,
+    IdentityConflictError,
+    InvalidSpecError,
+    UnavailableError,
+)
 from api.reasons import Phase, Reason
 from api.retention import ProtectedRef
 from tests.kube import Cluster, start_cluster
@@ -430,3 +436,61 @@ async def test_retention_keeps_what_ready_resources_reference(cluster: Cluster) 
     assert refs == [
         ProtectedRef(checkpoint_id=CKPT, version=VERSION, referrer="Checkpoint inference/llama")
     ]
+
+
+def refuse(cluster: Cluster, request: str, status: int, *, times: int | None = None) -> None:
+    """The API server answers `request` ("verb /path") with `status` (the next `times`)."""
+    assert cluster.emulator is not None
+    body = {"kind": "Status", "apiVersion": "v1", "code": status, "reason": f"Status{status}"}
+    view = cluster.emulator[request]
+    (view if times is None else view[:times]) << status << body
+
+
+async def test_a_forbidden_job_says_what_was_forbidden_and_is_not_retried(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    ref = await created(cluster)
+    refuse(cluster, "post /apis/batch/v1/namespaces/inference/jobs", 403)
+    with pytest.raises(ForbiddenError) as raised:
+        await ActivityEnvironment().run(
+            control.create_capture_job, JobInput(resource=ref, version=VERSION)
+        )
+    assert not raised.value.retryable and raised.value.reason == Reason.FORBIDDEN
+    assert raised.value.message.startswith(
+        "forbidden (403): this worker may not create Job inference/llama-96429b2725761a09"
+    )
+
+
+async def test_an_api_server_away_is_retried_by_the_steps_policy(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    ref = await created(cluster)
+    refuse(cluster, "get /apis/warmstart.dev/v1alpha1/namespaces/inference/checkpoints/llama", 503)
+    with pytest.raises(UnavailableError) as raised:
+        await ActivityEnvironment().run(
+            control.publish_status, status(ref, Phase.CAPTURING, Reason.CAPTURED)
+        )
+    assert raised.value.retryable
+    assert raised.value.message == (
+        "read Checkpoint inference/llama: API server answered 503 Status503"
+    )
+
+
+async def test_an_event_the_api_server_refuses_does_not_fail_the_status(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    ref = await created(cluster)
+    refuse(cluster, "post /apis/events.k8s.io/v1/namespaces/inference/events", 503)
+    await ActivityEnvironment().run(
+        control.publish_status, status(ref, Phase.CAPTURING, Reason.CAPTURED)
+    )
+    st = (await cluster.get("checkpoints", "inference", "llama"))["status"]
+    assert st["phase"] == "Capturing"
+
+
+async def test_a_capture_job_that_is_gone_is_an_observation(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    query = PodQuery(namespace="inference", job_name="deleted-job", container="main")
+    seen = await ActivityEnvironment().run(control.read_capture_pod, query)
+    assert seen.failure == "Job inference/deleted-job no longer exists"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,9 +16,11 @@ import pytest_asyncio
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
+from activities.kube.watch import Backoff
 from api.naming import node_task_queue
 from api.restore_pods import STANDBY_ENV, STORAGE_ANNOTATION
 from tests.kube import Cluster, start_cluster
+from tests.proxy import proxied
 from workers.restore_targets import RestoreTargetWatch, restore_target
 
 CKPT = "96429b2725761a09"
@@ -204,3 +207,68 @@ async def test_each_target_pod_gets_one_restore_on_its_node_queue(
     other = f"restore/inference/{elsewhere['metadata']['name']}/"
     listed = [w.id async for w in client.list_workflows(f"WorkflowId STARTS_WITH '{other}'")]
     assert listed == []
+
+
+async def test_the_node_watch_rides_out_a_broken_stream_without_listing_again(
+    cluster: Cluster, client: Client
+) -> None:
+    """Cut off from the API server, the node's watch backs off (its health says so); once
+    back, it goes on from its resourceVersion and a pod that became a target meanwhile gets
+    its restore, with no list again."""
+    assert cluster.emulator is not None
+    node = f"gpu-{uuid.uuid4().hex[:6]}"
+    async with proxied(cluster.url) as proxy:
+        configuration = copy.deepcopy(cluster.api.configuration)
+        configuration.host = proxy.url
+        watch = RestoreTargetWatch(
+            configuration=configuration,
+            client=client,
+            node=node,
+            control_task_queue=f"control-{node}",
+            deadline_seconds=60,
+            backoff=Backoff(initial=0.05, cap=0.2),
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(watch.run(stop))
+        try:
+            await eventually(_async(lambda: watch.health.state == "watching"), "the watch")
+            proxy.cut()
+            await eventually(_async(lambda: watch.health.failures >= 2), "failures")
+            assert not watch.health.healthy
+            body = target_pod(f"llama-{uuid.uuid4().hex[:6]}", node=node)
+            body["metadata"].pop("uid")
+            await cluster.run(cluster.core.create_namespaced_pod, "inference", body)
+            created = await cluster.run(
+                cluster.core.read_namespaced_pod, body["metadata"]["name"], "inference"
+            )
+            handle = client.get_workflow_handle(
+                f"restore/inference/{body['metadata']['name']}/{created.metadata.uid}"
+            )
+
+            async def started() -> bool:
+                with contextlib.suppress(RPCError):
+                    return (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+                return False
+
+            proxy.mend()
+            await eventually(started, "the restore")
+            assert watch.health.healthy
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    await handle.terminate("test over")
+    mine = [r for r in cluster.emulator if r.params.get("fieldSelector") == f"spec.nodeName={node}"]
+    lists = [r for r in mine if r.params.get("watch") != "true"]
+    watches = [r for r in mine if r.params.get("watch") == "true"]
+    assert len(lists) == 1 and len(watches) >= 2
+    assert {r.params.get("labelSelector") for r in mine} == {"warmstart.dev/restore-target=true"}
+    assert all(r.params.get("allowWatchBookmarks") == "true" for r in watches)
+    listed_at = watches[0].params["resourceVersion"]
+    assert {r.params["resourceVersion"] for r in watches} == {listed_at}  # nothing came between
+
+
+def _async(probe: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return probe()
+
+    return check

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,16 +17,19 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from activities.contracts import PodObservation
+from api.errors import ForbiddenError
 from api.naming import CAPTURE_WORKFLOW
 from api.resources import IDENTITY_IMMUTABLE, SAVER_WITHOUT_GMS, Checkpoint, PodSnapshot
 from api.storage import RemoteStorage
 from tests.kube import Cluster, start_cluster
 from workers.leader import LeaseElector
+from workers.settings import KubeSettings
 from workers.watcher import (
     KopfThread,
     WatcherSettings,
     build_registry,
     capture_request,
+    connection_info,
     observe,
     signals_for,
 )
@@ -93,7 +97,8 @@ def watcher(client: Client, cluster: Cluster, queue: str) -> KopfThread:
     async def connect() -> Client:
         return await Client.connect(target, data_converter=pydantic_data_converter)
 
-    settings = WatcherSettings(control_task_queue=queue, kube_server=cluster.api.configuration.host)
+    login = KubeSettings(server=cluster.url)
+    settings = WatcherSettings(control_task_queue=queue, kube=login)
     return KopfThread(build_registry(settings, connect))
 
 
@@ -285,6 +290,88 @@ async def test_one_replica_holds_the_lease_until_it_stops_renewing(cluster: Clus
     assert (lease.spec.holder_identity, lease.spec.lease_transitions) == ("b", 1)
     await b.release()
     assert await a.try_acquire()  # released: no need to wait for expiry
+
+
+async def test_kopf_logs_in_with_the_one_login(
+    client: Client, cluster: Cluster, queue: str, running: list[KopfThread], tmp_path: Path
+) -> None:
+    """kopf's requests carry the token the settings' token file holds, as every other
+    Kubernetes call's do; kopf reads it again when it logs in again."""
+    token = tmp_path / "token"
+    token.write_text(f"token-{uuid.uuid4().hex}\n")
+    login = KubeSettings(server=cluster.url, token_file=str(token))
+    assert connection_info(login).token == token.read_text().strip()
+    target = client.service_client.config.target_host
+
+    async def connect() -> Client:
+        return await Client.connect(target, data_converter=pydantic_data_converter)
+
+    settings = WatcherSettings(control_task_queue=queue, kube=login)
+    operator = KopfThread(build_registry(settings, connect))
+    running.append(operator)
+    await asyncio.to_thread(operator.start)
+    assert cluster.emulator is not None
+
+    def watches() -> list[Any]:
+        return [r for r in cluster.emulator if r.params.get("watch") == "true"]  # type: ignore[union-attr]
+
+    for _ in range(200):
+        if any("/checkpoints" in str(r.url) for r in watches()):
+            break
+        await asyncio.sleep(0.05)
+    kopf_requests = watches()
+    assert any("/checkpoints" in str(r.url) for r in kopf_requests)
+    assert {r.headers.get("Authorization") for r in kopf_requests} == {
+        f"Bearer {token.read_text().strip()}"
+    }
+
+
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/warmstart-system/leases"
+
+
+def refuse(cluster: Cluster, request: str, status: int, *, times: int | None = None) -> None:
+    """The API server answers `request` ("verb /path") with `status` (the next `times`)."""
+    assert cluster.emulator is not None
+    body = {"kind": "Status", "apiVersion": "v1", "code": status, "reason": f"Status{status}"}
+    view = cluster.emulator[request]
+    (view if times is None else view[:times]) << status << body
+
+
+async def test_the_elector_waits_out_an_api_server_that_is_away(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    refuse(cluster, f"post {LEASES}", 503, times=1)
+    elector = LeaseElector(
+        cluster.api, namespace="warmstart-system", identity="a", duration_seconds=1
+    )
+    assert await asyncio.wait_for(elector.acquire(asyncio.Event()), 10)
+    waits = [r.getMessage() for r in caplog.records if "waits for the lease" in r.getMessage()]
+    assert waits == [
+        "a waits for the lease: create Lease warmstart-system/warmstart-watcher: "
+        "API server answered 503 Status503"
+    ]
+
+
+async def test_a_forbidden_elector_says_which_lease(cluster: Cluster) -> None:
+    refuse(cluster, f"post {LEASES}", 403)
+    elector = LeaseElector(cluster.api, namespace="warmstart-system", identity="a")
+    with pytest.raises(ForbiddenError, match="may not create Lease warmstart-system/warmstart-"):
+        await asyncio.wait_for(elector.acquire(asyncio.Event()), 10)
+
+
+async def test_a_renewal_the_api_server_refuses_ends_the_hold(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    elector = LeaseElector(
+        cluster.api, namespace="warmstart-system", identity="a", duration_seconds=1
+    )
+    assert await elector.try_acquire()
+    refuse(cluster, f"get {LEASES}/warmstart-watcher", 500)
+    await asyncio.wait_for(elector.hold(asyncio.Event()), 5)
+    assert (
+        "a could not renew the lease: read Lease warmstart-system/warmstart-watcher: "
+        "API server answered 500 Status500"
+    ) in caplog.text
 
 
 def test_requests_for_both_resources() -> None:

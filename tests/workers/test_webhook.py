@@ -4,11 +4,12 @@ applied to the pod as the API server would apply them."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
+import socket
 import ssl
-import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ import aiohttp
 import jsonpatch
 import pytest
 import pytest_asyncio
+from kubernetes import client
 from kubernetes.client import ApiClient
-from kubernetes.client.exceptions import ApiException
 
+from activities.kube.client import api_client
 from api.jobs import (
     CONTROL_DIR,
     GMS_SAVER,
@@ -37,7 +39,7 @@ from api.resources import (
 )
 from api.restore_pods import GMS_LOADER, STANDBY_SCRIPT, STARTUP_TEST, RestoreSettings
 from tests.kube import Cluster, start_cluster
-from workers.settings import WebhookSettings
+from workers.settings import KubeSettings, WebhookSettings
 from workers.webhook import (
     admission_app,
     checkpoint_reader,
@@ -673,12 +675,31 @@ def test_the_certificate_names_its_hosts() -> None:
     )
 
 
-async def test_a_checkpoint_that_cannot_be_read_starts_the_pod_cold() -> None:
-    """The reader is injected: an API server that answers 500 stands in for any outage."""
+@pytest.mark.parametrize(
+    ("status", "reason"), [(500, "Unavailable"), (503, "Unavailable"), (403, "Forbidden")]
+)
+async def test_a_checkpoint_that_cannot_be_read_starts_the_pod_cold(
+    webhook: Webhook, caplog: pytest.LogCaptureFixture, status: int, reason: str
+) -> None:
+    """The API server refuses the read: the pod is admitted cold, with the reason."""
+    name = f"unreadable-{status}"
+    assert webhook.cluster.emulator is not None
+    path = f"/apis/warmstart.dev/v1alpha1/namespaces/{NAMESPACE}/checkpoints/{name}"
+    webhook.cluster.emulator[f"get {path}"] << status << {"kind": "Status", "code": status}
+    response, shaped = await admit(webhook, pod(restore_from=name))
+    assert response["allowed"] is True
+    assert shaped["metadata"]["annotations"]["warmstart.dev/restore-status"] == (
+        f"cold: checkpoint {name} could not be read ({reason})"
+    )
+    assert f"read Checkpoint {NAMESPACE}/{name}" in caplog.text
 
-    async def failing(namespace: str, name: str) -> None:
-        raise ApiException(status=500, reason="Internal Server Error")
 
+async def test_a_slow_read_gives_up_within_its_timeout() -> None:
+    """An API server that never answers: the admission does not wait past the timeout,
+    whatever the client's own retries, and the pod starts cold."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    api = api_client(KubeSettings(server=f"http://127.0.0.1:{silent.getsockname()[1]}"))
+    read = checkpoint_reader(client.CustomObjectsApi(api), timeout_seconds=0.3)
     request = {
         "uid": "u",
         "kind": {"group": "", "version": "v1", "kind": "Pod"},
@@ -686,24 +707,15 @@ async def test_a_checkpoint_that_cannot_be_read_starts_the_pod_cold() -> None:
         "operation": "CREATE",
         "object": pod(),
     }
-    response = await review_pod(request, read=failing, settings=SETTINGS)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    try:
+        response = await review_pod(request, read=read, settings=SETTINGS)
+    finally:
+        silent.close()
+        api.close()  # type: ignore[no-untyped-call]
+    assert loop.time() - began < 2
     shaped = apply_patch(pod(), json.loads(base64.b64decode(response["patch"])))
     assert shaped["metadata"]["annotations"]["warmstart.dev/restore-status"] == (
-        "cold: checkpoint llama could not be read (Internal Server Error)"
+        "cold: checkpoint llama could not be read (Unavailable)"
     )
-
-
-async def test_a_slow_read_gives_up_within_its_timeout() -> None:
-    """Whatever the client's own retries, the admission does not wait past the timeout."""
-    release = threading.Event()
-
-    class Stuck:
-        def get_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> None:
-            release.wait(10)
-
-    read = checkpoint_reader(Stuck(), timeout_seconds=0.1)
-    try:
-        with pytest.raises(TimeoutError):
-            await read(NAMESPACE, "llama")
-    finally:
-        release.set()
