@@ -115,6 +115,16 @@ async def test_a_watcher_restarted_mid_capture_finishes_it_once(
         await stack.start_watcher()
         final = await stack.outcome("restarted")
     assert final["phase"] == "Ready", final
+    # Once: the one run (its ID admits no other) dumped and committed once, fed by the
+    # restarted watcher's reading of the pod it had missed.
     workflow_id = f"capture/inference/restarted/{resource['metadata']['uid']}"
-    runs = [run async for run in client.list_workflows(f"WorkflowId = '{workflow_id}'")]
-    assert len(runs) == 1
+    handle = client.get_workflow_handle(workflow_id)
+    history = await handle.fetch_history()
+    scheduled = [
+        event.activity_task_scheduled_event_attributes.activity_type.name
+        for event in history.events
+        if event.HasField("activity_task_scheduled_event_attributes")
+    ]
+    assert scheduled.count("dump_container") == 1, scheduled
+    assert scheduled.count("commit_container") == 1, scheduled
+    assert (await handle.result())["version"] == final["version"]
