@@ -90,7 +90,7 @@ class _Finish:
     complete: _Call[Any, None] | None
 
 
-@workflow.defn(name=CAPTURE_WORKFLOW)
+@workflow.defn(name=CAPTURE_WORKFLOW, failure_exception_types=policies.FAILING_EXCEPTIONS)
 class CaptureWorkflow:
     def __init__(self) -> None:
         self._state = PipelineState()

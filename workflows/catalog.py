@@ -19,7 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import policies
 
 
-@workflow.defn(name=CATALOG_WORKFLOW)
+@workflow.defn(name=CATALOG_WORKFLOW, failure_exception_types=policies.FAILING_EXCEPTIONS)
 class CatalogWorkflow:
     @workflow.run
     async def run(self, request: CatalogQuery) -> CatalogAnswer:

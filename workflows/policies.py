@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from pydantic import ValidationError
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
@@ -108,3 +109,9 @@ def step_failure(err: ActivityError, *, node: str) -> PipelineFailedError:
     return PipelineFailedError(
         f"{err.activity_type} failed: {cause or err}", reason=Reason.INTERNAL
     )
+
+
+# A workflow whose input (or a contract it builds) does not validate fails at once with the
+# validation message naming each field, instead of retrying its task for ever: a hostile or
+# malformed start request is refused, and nothing was touched.
+FAILING_EXCEPTIONS: tuple[type[BaseException], ...] = (ValidationError,)

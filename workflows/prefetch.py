@@ -29,7 +29,7 @@ FETCH_RETRY = RetryPolicy(
 )
 
 
-@workflow.defn(name=PREFETCH_WORKFLOW)
+@workflow.defn(name=PREFETCH_WORKFLOW, failure_exception_types=policies.FAILING_EXCEPTIONS)
 class PrefetchWorkflow:
     @workflow.run
     async def run(self, request: PrefetchRequest) -> PrefetchReport:

@@ -38,7 +38,9 @@ R = TypeVar("R")
 # Not sandboxed: the sandbox re-imports this module for every run, ~4 ms of a ~25 ms
 # budget on the restore critical path. Determinism is kept by this module doing nothing
 # but orchestration and is checked by the replay tests (docs/decisions/0006).
-@workflow.defn(name=RESTORE_WORKFLOW, sandboxed=False)
+@workflow.defn(
+    name=RESTORE_WORKFLOW, sandboxed=False, failure_exception_types=policies.FAILING_EXCEPTIONS
+)
 class RestoreWorkflow:
     def __init__(self) -> None:
         self._state = PipelineState()

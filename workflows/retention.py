@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.steps import RetentionSteps
     from api.retention import RETENTION_WORKFLOW, Deletion, ProtectedRef, plan_deletions
+    from workflows import policies
     from workflows.retention_contracts import RemoteSummary, RetentionRequest, RetentionSummary
 
 # Listing and sweeping read every manifest; deleting removes a tree of up to ~160 GiB.
@@ -42,7 +43,7 @@ R = TypeVar("R")
 DeleteStep = Callable[[RetentionSteps, DeleteVersionInput], Awaitable[DeleteVersionResult]]
 
 
-@workflow.defn(name=RETENTION_WORKFLOW)
+@workflow.defn(name=RETENTION_WORKFLOW, failure_exception_types=policies.FAILING_EXCEPTIONS)
 class RetentionWorkflow:
     @workflow.run
     async def run(self, request: RetentionRequest) -> RetentionSummary:
