@@ -180,6 +180,9 @@ class RestoreSettings:
     gms_load_workers: int = 8
     # Seconds a restore target's standby waits for the node before it starts cold alone.
     standby_deadline_seconds: int = STANDBY_DEADLINE_SECONDS
+    # The labels of the nodes that run a node worker (the DaemonSet's nodeSelector): a
+    # restore target is only scheduled there, so no pod waits on a node that never acts.
+    node_labels: tuple[tuple[str, str], ...] = (("nvidia.com/gpu.present", "true"),)
 
 
 def restore_source(pod: Mapping[str, Any]) -> str | None:
@@ -292,6 +295,7 @@ def restore_pod(
     spec["volumes"] = [*volumes, {"name": CONTROL_VOLUME, "emptyDir": {}}, podinfo_volume()]
     security = spec.setdefault("securityContext", {})
     security["seccompProfile"] = {"type": "Localhost", "localhostProfile": SECCOMP_PROFILE}
+    require_node_labels(spec, settings.node_labels)
     if own_standby:
         prepare_image_standby(main)
         meta["annotations"].update({STANDBY_ANNOTATION: "1", CONTROL_DIR_ANNOTATION: CONTROL_DIR})
@@ -320,6 +324,25 @@ def cold(pod: dict[str, Any], why: str) -> dict[str, Any]:
         RESTORE_STATUS_ANNOTATION: f"cold: {why}",
     }
     return pod
+
+
+def require_node_labels(spec: dict[str, Any], labels: tuple[tuple[str, str], ...]) -> None:
+    """The pod (in place) schedulable only on nodes carrying every one of `labels`: each of
+    its own required node-selector terms (they are alternatives) gets the labels as match
+    expressions (which must all hold), or one term holds them alone."""
+    if not labels:
+        return
+    ours = [{"key": key, "operator": "In", "values": [value]} for key, value in labels]
+    node_affinity = spec.setdefault("affinity", {}).setdefault("nodeAffinity", {})
+    required = node_affinity.setdefault(
+        "requiredDuringSchedulingIgnoredDuringExecution", {"nodeSelectorTerms": []}
+    )
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if not terms:
+        terms.append({"matchExpressions": ours})
+        return
+    for term in terms:
+        term["matchExpressions"] = [*(term.get("matchExpressions") or []), *ours]
 
 
 def image_standby(container: Mapping[str, Any]) -> bool:

@@ -190,6 +190,13 @@ async def test_a_pod_created_through_the_api_server_comes_back_shaped(webhook: W
     assert main.startup_probe.failure_threshold == 1800
     assert created.spec.security_context.seccomp_profile.type == "Localhost"
     assert {v.name for v in created.spec.volumes} >= {"snapshot-control", "podinfo"}
+    # Only nodes that run a node worker can take it (the API server kept the affinity).
+    node_affinity = created.spec.affinity.node_affinity
+    required = node_affinity.required_during_scheduling_ignored_during_execution
+    [term] = required.node_selector_terms
+    assert [(e.key, e.operator, e.values) for e in term.match_expressions] == [
+        ("nvidia.com/gpu.present", "In", ["true"])
+    ]
 
 
 async def test_a_pod_whose_checkpoint_is_missing_comes_back_cold(webhook: Webhook) -> None:

@@ -140,6 +140,23 @@ class WebhookSettings:
     # How long a pod's admission waits to read its Checkpoint before admitting it cold
     # (the webhook configuration gives the whole call at most 5 s).
     read_timeout_seconds: float = 2.0
+    # The labels of the nodes that run a node worker (`key=value`, comma-separated; the node
+    # DaemonSet's nodeSelector): restore targets are scheduled only there.
+    node_labels: str = "nvidia.com/gpu.present=true"
+
+    def node_label_pairs(self) -> tuple[tuple[str, str], ...]:
+        """`node_labels` as pairs; InvalidSpecError naming the setting for a bad entry."""
+        pairs = []
+        for entry in (part.strip() for part in self.node_labels.split(",")):
+            if not entry:
+                continue
+            key, sep, value = entry.partition("=")
+            if not sep or not key.strip():
+                raise InvalidSpecError(
+                    f"WARMSTART_WEBHOOK__NODE_LABELS: {entry!r} is not key=value"
+                )
+            pairs.append((key.strip(), value.strip()))
+        return tuple(pairs)
 
 
 @dataclass(frozen=True)

@@ -335,7 +335,10 @@ async def run_webhook(settings: Settings, stop: asyncio.Event | None = None) -> 
         read = checkpoint_reader(
             client.CustomObjectsApi(api), timeout_seconds=hook.read_timeout_seconds
         )
-        restore = RestoreSettings(jobs=JobSettings(checkpoint_claim=settings.kube.checkpoint_claim))
+        restore = RestoreSettings(
+            jobs=JobSettings(checkpoint_claim=settings.kube.checkpoint_claim),
+            node_labels=hook.node_label_pairs(),
+        )
         app = admission_app(read=read, settings=restore)
         async with serving(app, settings=hook, context=server_ssl_context(hook)) as port:
             print(f"webhook: https on {hook.host}:{port}", flush=True)
