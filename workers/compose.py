@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
@@ -47,11 +48,20 @@ from workflows.retention import RetentionWorkflow
 log = logging.getLogger(__name__)
 
 
-def catalog_activities(settings: Settings) -> CatalogActivities:
+def quarantine(settings: Settings, root: Path | None = None) -> Quarantine:
+    """The quarantine records of the store at `root` (default: the checkpoint root), judged
+    by the settings' policy: every node's gate and the control side judge alike."""
+    return Quarantine(root or settings.checkpoint_root, policy=settings.quarantine.policy())
+
+
+def catalog_activities(
+    settings: Settings, *, on_cleared: Callable[[str], Awaitable[None]] | None = None
+) -> CatalogActivities:
     """The control side's answers to the CLI: the catalog of the store it mounts (then the
-    remote store) and the quarantine entries nodes record there."""
+    remote store) and the quarantine entries nodes record there; `on_cleared` is told of
+    each checkpoint whose quarantine the CLI cleared."""
     return CatalogActivities(
-        catalog=store_catalog(settings), quarantine=Quarantine(settings.checkpoint_root)
+        catalog=store_catalog(settings), quarantine=quarantine(settings), on_cleared=on_cleared
     )
 
 
@@ -86,6 +96,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
         ui_url=settings.temporal.ui_url,
         temporal_namespace=settings.temporal.namespace,
         instance=os.environ.get("HOSTNAME", ""),
+        quarantine=quarantine(settings),
     )
     return Worker(
         client,
@@ -101,7 +112,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
             *retention_activities(
                 client, settings=settings, ready_references=ready_references(api)
             ),
-            catalog_activities(settings).answer_catalog,
+            catalog_activities(settings, on_cleared=control.publish_quarantine).answer_catalog,
         ],
         interceptors=[ErrorMapping()],
     )
@@ -153,7 +164,13 @@ def node_worker(
     prefetch = PrefetchActivities(source)
     dumping = CriuActivities(criu=criu, store=store, layout=layout)
     restoring = RestoreActivities(
-        criu=criu, store=store, layout=layout, node=settings.node.name, gpus=gpus, source=source
+        criu=criu,
+        store=store,
+        layout=layout,
+        node=settings.node.name,
+        gpus=gpus,
+        source=source,
+        quarantine=quarantine(settings, store.root),
     )
     sentinels = SentinelActivities(layout=layout)
     if settings.node.cluster:
@@ -245,7 +262,7 @@ def _container_activities(
     cuda = CudaCheckpoint() if gpus.facts().devices else None
     gate = NodeGate(
         criu_version=criu.version(),
-        quarantine=Quarantine(store.root),
+        quarantine=quarantine(settings, store.root),
         node=settings.node.name,
     )
     restorer = StandbyRestorer(

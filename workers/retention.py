@@ -26,6 +26,7 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
+from activities.storage.quarantine import Quarantine
 from activities.storage.retention import ReadyReferences, RetentionActivities, no_ready_references
 from activities.storage.store import CheckpointStore
 from api.errors import InvalidSpecError
@@ -154,6 +155,7 @@ def retention_activities(
         client=client,
         ready_references=ready_references or no_ready_references,
         remote=remote_versions(settings),
+        quarantine=Quarantine(settings.checkpoint_root, policy=settings.quarantine.policy()),
     )
     return [
         retention.list_checkpoint_versions,

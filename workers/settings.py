@@ -21,6 +21,7 @@ from api.errors import InvalidSpecError
 from api.naming import CONTROL_TASK_QUEUE, LOCAL_NODE
 
 if TYPE_CHECKING:
+    from api.quarantine import QuarantinePolicy
     from api.storage import RemoteStorage
 
 ENV_PREFIX = "WARMSTART_"
@@ -164,6 +165,31 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class QuarantineSettings:
+    """When failed restores quarantine a checkpoint version on a node class (the restore
+    gate of every node and the control side's answers read the same records)."""
+
+    # Distinct nodes whose restores of the version failed on the class; fewer is pending
+    # evidence that refuses nothing.
+    min_nodes: int = 2
+    # A node's evidence lapses this long after its latest failure (and the quarantine with
+    # it, once fewer than `min_nodes` nodes' evidence holds).
+    expiry_seconds: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if self.min_nodes < 1:
+            raise InvalidSpecError(
+                f"WARMSTART_QUARANTINE__MIN_NODES={self.min_nodes}: expected 1 or more"
+            )
+
+    def policy(self) -> QuarantinePolicy:
+        """These settings as the quarantine judges by them (imported here on first use)."""
+        from api.quarantine import QuarantinePolicy
+
+        return QuarantinePolicy(min_nodes=self.min_nodes, expiry_seconds=self.expiry_seconds)
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     """Where versions are published beyond the node, and how they move.
 
@@ -228,6 +254,7 @@ class Settings:
     telemetry: TelemetrySettings = TelemetrySettings()
     retention: RetentionSettings = RetentionSettings()
     storage: StorageSettings = StorageSettings()
+    quarantine: QuarantineSettings = QuarantineSettings()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
