@@ -85,8 +85,9 @@ def control_worker(client: Client, settings: Settings) -> Worker:
 
 def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Worker:
     """CaptureWorkflow, PrefetchWorkflow and RetentionWorkflow with the cluster's control
-    activities (`api`: a kubernetes ApiClient); retention keeps what Ready resources use."""
-    from activities.kube.control import KubeControlActivities, ready_references
+    activities (`api`: a kubernetes ApiClient); retention keeps what Ready resources and
+    waiting restore-target pods use."""
+    from activities.kube.control import KubeControlActivities, in_use_references
     from api.jobs import JobSettings
 
     control = KubeControlActivities(
@@ -110,7 +111,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
             control.delete_capture_job,
             control.nodes_matching,
             *retention_activities(
-                client, settings=settings, ready_references=ready_references(api)
+                client, settings=settings, ready_references=in_use_references(api)
             ),
             catalog_activities(settings, on_cleared=control.publish_quarantine).answer_catalog,
         ],

@@ -149,7 +149,8 @@ def retention_activities(
 ) -> list[Callable[..., Any]]:
     """The control worker's retention activities over its checkpoint root (on a cluster the
     checkpoints PVC, mounted there) and, where configured, the S3 location. On a cluster,
-    `ready_references` reads the versions Ready resources reference."""
+    `ready_references` reads the versions in use there (those Ready resources reference and
+    those admitted restore-target pods wait for)."""
     retention = RetentionActivities(
         store=CheckpointStore(settings.checkpoint_root),
         client=client,

@@ -1,6 +1,7 @@
 """Control activities on a cluster, through the official `kubernetes` client: checkpoint ID
 claims, the capture Job, the Job's pod, status and Events on the resource (with the
-quarantines of its checkpoint in effect, read from the store the controller mounts).
+quarantines of its checkpoint in effect, read from the store the controller mounts), and
+what retention must keep.
 
 Every call goes through `activities.kube.client.call` (in a thread, its failures mapped
 once: 5xx, 429 and connection failures are `Unavailable`, retried by the step's policy;
@@ -47,6 +48,7 @@ from api.errors import (
 from api.jobs import JobSettings, capture_job
 from api.reasons import Phase
 from api.resources import (
+    CHECKPOINT_ID_LABEL,
     GROUP,
     VERSION,
     CaptureStatus,
@@ -55,8 +57,10 @@ from api.resources import (
     WorkflowLink,
 )
 from api.restore_pods import (
+    CHECKPOINT_VERSION_ANNOTATION,
     CONTROL_DIR_ANNOTATION,
     RESTORE_STATUS_ANNOTATION,
+    RESTORE_TARGET_LABEL,
     STANDBY_ANNOTATION,
 )
 from api.retention import ProtectedRef
@@ -562,6 +566,56 @@ def _require_resource(resource: ResourceRef | None, what: str) -> ResourceRef:
     if resource is None:
         raise InvalidSpecError(f"{what}: a cluster capture needs the resource it works for")
     return resource
+
+
+def in_use_references(api: Any) -> Callable[[], Awaitable[list[ProtectedRef]]]:
+    """Retention's source on a cluster: the versions Ready resources reference and those
+    admitted restore-target pods still wait for."""
+    ready, waiting = ready_references(api), restore_target_references(api)
+
+    async def read() -> list[ProtectedRef]:
+        return [*await ready(), *await waiting()]
+
+    return read
+
+
+def restore_target_references(api: Any) -> Callable[[], Awaitable[list[ProtectedRef]]]:
+    """The versions restore-target pods (in every namespace) still wait for: admitted by
+    the webhook (its label and the checkpoint ID and version it set), not yet told how their
+    restore went (no `restore-status`), and not finished. Such a pod may wait before its
+    RestoreWorkflow starts (unscheduled, image pulling), where no running restore protects
+    the version yet."""
+    core = client.CoreV1Api(api)
+
+    async def read() -> list[ProtectedRef]:
+        listed = await call(
+            core.list_pod_for_all_namespaces,
+            label_selector=f"{RESTORE_TARGET_LABEL}=true",
+            on=ApiCall("list", "pods"),
+        )
+        refs = []
+        for pod in listed.items or []:
+            meta, status = pod.metadata, pod.status
+            if meta is None:
+                continue
+            labels, notes = (meta.labels or {}), (meta.annotations or {})
+            checkpoint_id = labels.get(CHECKPOINT_ID_LABEL, "")
+            if labels.get(RESTORE_TARGET_LABEL) != "true" or not checkpoint_id:
+                continue  # the selector, checked again
+            if RESTORE_STATUS_ANNOTATION in notes:
+                continue  # restored or fell back: it waits no more
+            if status is not None and status.phase in ("Succeeded", "Failed"):
+                continue
+            refs.append(
+                ProtectedRef(
+                    checkpoint_id=checkpoint_id,
+                    version=notes.get(CHECKPOINT_VERSION_ANNOTATION, ""),
+                    referrer=f"restore-target pod {meta.namespace}/{meta.name}",
+                )
+            )
+        return refs
+
+    return read
 
 
 def ready_references(api: Any) -> Callable[[], Awaitable[list[ProtectedRef]]]:

@@ -24,7 +24,7 @@ from activities.contracts import (
     ResourceRef,
     StatusInput,
 )
-from activities.kube.control import KubeControlActivities, ready_references
+from activities.kube.control import KubeControlActivities, in_use_references, ready_references
 from activities.storage.catalog import LocalCatalog
 from activities.storage.quarantine import NodeClass, Quarantine, QuarantineEvidence
 from activities.storage.queries import CatalogActivities
@@ -441,6 +441,39 @@ async def test_retention_keeps_what_ready_resources_reference(cluster: Cluster) 
     refs = await ready_references(cluster.api)()
     assert refs == [
         ProtectedRef(checkpoint_id=CKPT, version=VERSION, referrer="Checkpoint inference/llama")
+    ]
+
+
+async def test_retention_keeps_what_admitted_restore_targets_wait_for(cluster: Cluster) -> None:
+    def target(name: str, version: str, **notes: str) -> dict[str, Any]:
+        """A pod as the webhook admitted it to restore `version` (tests/kube.py: no phase)."""
+        return {
+            "metadata": {
+                "name": name,
+                "namespace": "inference",
+                "labels": {
+                    "warmstart.dev/restore-target": "true",
+                    "warmstart.dev/checkpoint-id": CKPT,
+                },
+                "annotations": {"warmstart.dev/checkpoint-version": version, **notes},
+            },
+            "spec": {"containers": [{"name": "main", "image": "vllm/vllm-openai:v0.8.0"}]},
+        }
+
+    older = "20261120T120000Z-000000"
+    waiting = target("llama-0", older)  # not scheduled yet: no restore has started
+    done = target("llama-1", VERSION, **{"warmstart.dev/restore-status": "restored"})
+    plain = {
+        "metadata": {"name": "web", "namespace": "inference"},
+        "spec": {"containers": [{"name": "main", "image": "nginx"}]},
+    }
+    for pod in (waiting, done, plain):
+        await cluster.run(cluster.core.create_namespaced_pod, "inference", pod)
+
+    assert await in_use_references(cluster.api)() == [
+        ProtectedRef(
+            checkpoint_id=CKPT, version=older, referrer="restore-target pod inference/llama-0"
+        )
     ]
 
 
