@@ -24,7 +24,7 @@ from activities.local.dump import CriuActivities
 from activities.local.process import LocalProcessActivities, SentinelActivities, inherited_env
 from activities.local.restore import RestoreActivities
 from activities.local.state import LocalControlActivities
-from activities.storage.objectstore.cache import NodeCache
+from activities.storage.objectstore.cache import NodeCache, share_of_disk
 from activities.storage.objectstore.transfer import MiB, TransferSettings
 from activities.storage.quarantine import Quarantine
 from activities.storage.queries import CatalogActivities
@@ -63,6 +63,16 @@ def catalog_activities(
     return CatalogActivities(
         catalog=store_catalog(settings), quarantine=quarantine(settings), on_cleared=on_cleared
     )
+
+
+def node_cache(settings: Settings, layout: NodeLayout, verified: VerifiedFiles) -> NodeCache:
+    """The node cache, bounded by `cache_max_bytes`, else by `cache_max_share` of the
+    filesystem that holds it (reckoned now)."""
+    storage = settings.storage
+    bound = storage.cache_max_bytes
+    if bound is None:
+        bound = share_of_disk(layout.checkpoint_cache, storage.cache_max_share)
+    return NodeCache(layout.checkpoint_cache, max_bytes=bound, verified=verified)
 
 
 def control_worker(client: Client, settings: Settings) -> Worker:
@@ -158,9 +168,7 @@ def node_worker(
         gpus=gpus,
         remote=remote,
     )
-    cache = NodeCache(
-        layout.checkpoint_cache, max_bytes=settings.storage.cache_max_bytes, verified=verified
-    )
+    cache = node_cache(settings, layout, verified)
     source = CheckpointSource(store=store, cache=cache, remote=remote)
     prefetch = PrefetchActivities(source)
     dumping = CriuActivities(criu=criu, store=store, layout=layout)

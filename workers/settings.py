@@ -213,8 +213,18 @@ class StorageSettings:
     part_size_mib: int = 64
     concurrency: int = 16
     compression: Literal["off", "auto"] = "auto"  # zstd per file where a sample shows it pays
-    # The node cache of fetched versions: least recently used ones not in use go first.
+    # The node cache of fetched versions: least recently used ones not in use go first. At
+    # most `cache_max_bytes`; unset, `cache_max_share` of the size of the filesystem that
+    # holds the cache (reckoned when the node worker starts).
     cache_max_bytes: int | None = None
+    cache_max_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.cache_max_share <= 1:
+            raise InvalidSpecError(
+                f"WARMSTART_STORAGE__CACHE_MAX_SHARE={self.cache_max_share}: expected a share "
+                "of the disk above 0 and at most 1"
+            )
 
     @property
     def configured(self) -> bool:
