@@ -13,7 +13,13 @@ from pathlib import Path
 from temporalio import activity
 
 from activities.contracts import Heartbeat, RemoteStorage
-from activities.storage.quarantine import NodeClass, Quarantine, QuarantineEntry, node_class
+from activities.storage.quarantine import (
+    NodeClass,
+    Quarantine,
+    QuarantineEntry,
+    QuarantineEvidence,
+    node_class,
+)
 from activities.storage.sources import CheckpointSource
 from api.compatibility import describe_mismatches, mismatches
 from api.errors import (
@@ -26,9 +32,12 @@ from api.errors import (
 from api.manifest import HostInfo, Manifest
 from api.reasons import Reason
 
-QUARANTINED_REASONS = frozenset(
-    {Reason.RESTORE_FAILED, Reason.WORKLOAD_NOT_READY, Reason.WORKLOAD_EXITED}
-)
+# The failures that count as evidence against a version on a node class. Not the others:
+# a digest mismatch is the bytes' fault, not the class's; in a restore WorkloadExited means
+# the standby vanished (its pod deleted mid-restore) and WorkloadNotReady that the GMS
+# loader was slow; a cancelled restore says nothing (none of them is a WarmstartError of
+# this reason).
+QUARANTINED_REASONS = frozenset({Reason.RESTORE_FAILED})
 
 
 class Stages:
@@ -76,7 +85,8 @@ async def open_version(
 
 class NodeGate:
     """The checks a restore passes before it reads any artifact: compatibility of the
-    manifest's host facts with the target's, then the quarantine of its node class."""
+    manifest's host facts with the target's, then the quarantine of its version on the
+    target's node class; and, after a failure, the evidence this node adds to it."""
 
     def __init__(self, *, criu_version: str, quarantine: Quarantine, node: str) -> None:
         self.criu_version = criu_version
@@ -93,22 +103,33 @@ class NodeGate:
         if found:
             raise IncompatibleError(describe_mismatches(manifest.checkpoint_id, found))
         cls = node_class(target, criu=self.criu_version)
-        entry = self.quarantine.find(manifest.checkpoint_id, cls)
+        entry = self.quarantine.find(manifest.checkpoint_id, manifest.version, cls)
         if entry is not None:
             raise QuarantinedError(entry.describe())
         return cls
 
-    def remember(self, checkpoint_id: str, cls: NodeClass, err: WarmstartError) -> None:
-        if err.reason in QUARANTINED_REASONS:
-            entry = QuarantineEntry(
-                checkpoint_id=checkpoint_id,
-                node_class=cls,
-                reason=err.reason,
-                message=str(err)[-2000:],
-                node=self.node,
-                since=datetime.now(UTC),
-            )
-            self.quarantine.record(entry)
+    def remember(
+        self, checkpoint_id: str, version: str, cls: NodeClass, err: WarmstartError
+    ) -> QuarantineEntry | None:
+        """Record this node's failure of `version` on `cls` where its reason counts; where
+        the version now stands there (a quarantine once enough nodes failed)."""
+        if err.reason not in QUARANTINED_REASONS:
+            return None
+        now = datetime.now(UTC)
+        evidence = QuarantineEvidence(
+            checkpoint_id=checkpoint_id,
+            version=version,
+            node_class=cls,
+            node=self.node,
+            reason=err.reason,
+            message=str(err)[-2000:],
+            since=now,
+            last=now,
+        )
+        entry = self.quarantine.record(evidence)
+        if activity.in_activity():
+            activity.logger.warning("%s", entry.describe())
+        return entry
 
 
 def as_restore_failure(err: BaseException, where: str) -> BaseException:

@@ -393,8 +393,27 @@ class WorkflowLink(Spec):
     url: str = ""
 
 
+class QuarantineStatus(Spec):
+    """A quarantine in effect (`api.quarantine.QuarantineEntry`), as the status shows it."""
+
+    version: str = Field(
+        default="", description="The version refused; empty: every version of the checkpoint."
+    )
+    node_class: str = Field(description="GPU model, GPU driver and CRIU version refused.")
+    nodes: list[str] = Field(
+        default_factory=list, description="The nodes whose restores of it failed there."
+    )
+    reason: str = Field(default="", description="The reason of the latest failure.")
+    message: str = Field(default="", description="Its message (the first 512 characters).")
+    since: datetime = Field(description="When it took effect.")
+    expires: datetime | None = Field(
+        default=None, description="When it lapses, unless restores there fail again."
+    )
+
+
 class CaptureStatus(Spec):
-    """What a capture reached, written by the control worker only."""
+    """What a capture reached, written by the control worker only; and the quarantines of
+    its checkpoint in effect (published by the control side from the store's records)."""
 
     phase: Phase = Field(
         default=Phase.PENDING,
@@ -417,6 +436,13 @@ class CaptureStatus(Spec):
         default=None, description="The Temporal workflow: ID, run ID, Web UI link."
     )
     observed_generation: int = 0
+    quarantine: list[QuarantineStatus] = Field(
+        default_factory=list,
+        description=(
+            "Versions of this checkpoint quarantined on a node class: pods of that class "
+            "start cold at once (`warmstart quarantine list|clear`)."
+        ),
+    )
 
 
 class ObjectMeta(Spec):

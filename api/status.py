@@ -9,11 +9,13 @@ resource failed, later reports of the same capture do not move it (a new resourc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from api.quarantine import QuarantineEntry
 from api.reasons import Phase, Reason
-from api.resources import CaptureStatus, Condition, WorkflowLink
+from api.resources import CaptureStatus, Condition, QuarantineStatus, WorkflowLink
 
 _ORDER = [Phase.PENDING, Phase.CREATING, Phase.CAPTURING, Phase.UPLOADING, Phase.READY]
 
@@ -89,7 +91,25 @@ def next_status(previous: CaptureStatus | None, report: Report, *, now: datetime
         step_seconds={**keep.step_seconds, **report.step_seconds},
         workflow=report.workflow or keep.workflow,
         observed_generation=report.generation,
+        quarantine=keep.quarantine,
     )
+
+
+def quarantine_status(entries: Iterable[QuarantineEntry]) -> list[QuarantineStatus]:
+    """The quarantines in effect as a status shows them (pending evidence is left out)."""
+    return [
+        QuarantineStatus(
+            version=entry.version,
+            node_class=entry.node_class.describe(),
+            nodes=list(entry.nodes or (entry.node,)),
+            reason=entry.reason,
+            message=entry.message[:512],
+            since=entry.since,
+            expires=entry.expires,
+        )
+        for entry in entries
+        if entry.active
+    ]
 
 
 def event_for(previous: CaptureStatus | None, status: CaptureStatus) -> tuple[str, str] | None:

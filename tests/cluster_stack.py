@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import subprocess
@@ -98,8 +99,9 @@ async def eventually(probe: Any, what: str, timeout: float = 60) -> Any:
 
 @dataclass
 class Stack:
-    """The watcher, the control worker and a node worker of node `node`, running; the test
-    plays the Job controller, the scheduler and the kubelet through its methods."""
+    """The watcher, the control worker and a node worker of node `node` (and of node
+    `other_node`, where asked for), running; the test plays the Job controller, the
+    scheduler and the kubelet through its methods."""
 
     cluster: Cluster
     kubelet: Kubelet
@@ -107,6 +109,7 @@ class Stack:
     store: CheckpointStore
     new_watcher: Callable[[], KopfThread]
     watcher: KopfThread | None = None
+    other_node: str = ""
 
     async def start_watcher(self) -> None:
         self.watcher = self.new_watcher()  # a fresh registry: no memory of the last one
@@ -208,8 +211,10 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path
+    client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path, *, nodes: int = 1
 ) -> AsyncIterator[Stack]:
+    """With `nodes=2`, a second node's worker too: its own state directory, the checkpoint
+    store shared (as the checkpoints PVC is), the same container runtime."""
     suffix = uuid.uuid4().hex[:8]
     queue, node = f"control-{suffix}", f"gpu-{suffix}"
     # The workers as `warmstart controller` and a cluster node's `warmstart worker` build them.
@@ -246,13 +251,29 @@ async def running_stack(
         return KopfThread(build_registry(watching, connect))
 
     base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    async with (
-        cluster_control_worker(client, settings, cluster.api),
-        node_worker(client, settings, base_env=base_env),
-        watching_restore_targets(client, settings),
-    ):
+    async with contextlib.AsyncExitStack() as running:
+        await running.enter_async_context(cluster_control_worker(client, settings, cluster.api))
+        await running.enter_async_context(node_worker(client, settings, base_env=base_env))
+        await running.enter_async_context(watching_restore_targets(client, settings))
+        other = ""
+        if nodes > 1:
+            other = f"{node}-b"
+            home = tmp_path / "home-b"
+            home.mkdir()
+            settings.checkpoint_root.mkdir(parents=True, exist_ok=True)
+            (home / "checkpoints").symlink_to(settings.checkpoint_root)
+            second = dataclasses.replace(
+                settings, home=home, node=dataclasses.replace(settings.node, name=other)
+            )
+            await running.enter_async_context(node_worker(client, second, base_env=base_env))
+            await running.enter_async_context(watching_restore_targets(client, second))
         stack = Stack(
-            cluster=cluster, kubelet=kubelet, node=node, store=store, new_watcher=new_watcher
+            cluster=cluster,
+            kubelet=kubelet,
+            node=node,
+            store=store,
+            new_watcher=new_watcher,
+            other_node=other,
         )
         await stack.start_watcher()
         try:
@@ -329,9 +350,12 @@ class Target:
         *,
         main: dict[str, Any] | None = None,
         binds: dict[str, Path] | None = None,
+        node: str = "",
     ) -> None:
-        """`main`: the pod's main container as its owner asks for it (default: SERVING)."""
+        """`main`: the pod's main container as its owner asks for it (default: SERVING);
+        `node`: where the scheduler binds it (default: the stack's node)."""
         self.stack, self.name, self.image, self.log = stack, name, image, log
+        self.node = node or stack.node
         self.uid, self.cid, self.control = "", "", Path()
         self.pod: Any = None
         self.main = main or {
@@ -358,7 +382,7 @@ class Target:
             "spec": {"containers": [self.main]},
         }
         shaped = restore_pod(asked, checkpoint=resource, settings=RestoreSettings())
-        shaped["spec"]["nodeName"] = self.stack.node  # the scheduler
+        shaped["spec"]["nodeName"] = self.node  # the scheduler
         cluster = self.stack.cluster
         await cluster.run(cluster.core.create_namespaced_pod, "inference", shaped)
         pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, "inference")

@@ -16,7 +16,7 @@ import pytest
 from temporalio.client import Client
 
 from activities.storage.quarantine import Quarantine
-from tests.cluster_stack import Target, answer_in, captured, eventually, running_stack
+from tests.cluster_stack import Stack, Target, answer_in, captured, eventually, running_stack
 from tests.containers import Kubelet, needs_containerd
 from tests.kube import Cluster
 from workflows.contracts import RestoreResult
@@ -85,40 +85,76 @@ async def test_an_incompatible_checkpoint_starts_the_pod_cold_at_once(
     assert await target.events() == [("Warning", "RestoreFellBack")]
 
 
-async def test_a_restore_failing_on_this_node_class_is_quarantined_then_cleared(
+async def test_restores_failing_on_two_nodes_of_a_class_quarantine_the_version_until_cleared(
     client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path
 ) -> None:
     image = kubelet.import_image("local/workload:1")
-    async with running_stack(client, cluster, kubelet, tmp_path) as stack:
+    async with running_stack(client, cluster, kubelet, tmp_path, nodes=2) as stack:
         resource, token = await captured(stack, image)
-        ckpt = resource["status"]["checkpointID"]
+        ckpt, version = resource["status"]["checkpointID"], resource["status"]["version"]
         version_dir = stack.store.find(ckpt)
         good = break_core_image(version_dir)  # verified bytes CRIU cannot restore
 
+        # One node's failure is pending evidence: it quarantines nothing.
         first = Target(stack, "llama-2", image, tmp_path / "llama-2.log")
         await first.start(resource)
         assert (await first.restore_status()).startswith("fell-back: RestoreFailed: ")
         quarantine = Quarantine(stack.store.root)
-        [entry] = quarantine.entries(ckpt)
-        assert entry.reason == "RestoreFailed"
+        assert quarantine.entries(ckpt) == []
+        [pending] = quarantine.entries(ckpt, pending=True)
+        assert (pending.version, pending.nodes) == (version, (stack.node,))
 
-        # Repaired, but this node class is quarantined: the next pod starts cold at once.
-        good()
-        second = Target(stack, "llama-3", image, tmp_path / "llama-3.log")
+        # The same version failing on a second node of the class: quarantined there.
+        second = Target(stack, "llama-3", image, tmp_path / "llama-3.log", node=stack.other_node)
         await second.start(resource)
-        status = await second.restore_status()
-        assert status.startswith("fell-back: Quarantined: ")
-        assert "is quarantined on node class" in status
-        await eventually(
-            lambda: asyncio.sleep(0, "started" in second.log.read_text()), "the cold start"
+        assert (await second.restore_status()).startswith("fell-back: RestoreFailed: ")
+        [entry] = quarantine.entries(ckpt)
+        assert (entry.version, entry.nodes) == (version, tuple(sorted(both_nodes(stack))))
+        # ... and the Checkpoint's status shows it.
+        [shown] = await eventually(lambda: quarantine_shown(stack), "the quarantine on the status")
+        assert (shown["version"], shown["nodes"], shown["reason"]) == (
+            version,
+            sorted(both_nodes(stack)),
+            "RestoreFailed",
         )
-        assert not (tmp_path / "home" / "restores" / "pods" / second.uid).exists()  # no CRIU
+        assert shown["nodeClass"] == entry.node_class.describe()
+        assert shown["expires"].startswith(f"{entry.expires:%Y-%m-%dT%H:%M:%S}")
 
-        assert len(quarantine.clear(ckpt)) == 1
+        # Repaired, but quarantined on this class: the next pod starts cold at once.
+        good()
         third = Target(stack, "llama-4", image, tmp_path / "llama-4.log")
         await third.start(resource)
-        assert await third.restore_status() == "restored"
-        await third.served(token)
+        status = await third.restore_status()
+        assert status.startswith("fell-back: Quarantined: ")
+        assert f"version {version} is quarantined on node class" in status
+        await eventually(
+            lambda: asyncio.sleep(0, "started" in third.log.read_text()), "the cold start"
+        )
+        assert not (tmp_path / "home" / "restores" / "pods" / third.uid).exists()  # no CRIU
+
+        assert len(quarantine.clear(ckpt)) == 1
+        fourth = Target(stack, "llama-5", image, tmp_path / "llama-5.log")
+        await fourth.start(resource)
+        assert await fourth.restore_status() == "restored"
+        await fourth.served(token)
+        # The restore's status publish shows the quarantine gone from the Checkpoint.
+        await eventually(lambda: none_shown(stack), "the status to show no quarantine")
+
+
+def both_nodes(stack: Stack) -> list[str]:
+    return [stack.node, stack.other_node]
+
+
+async def quarantine_shown(stack: Stack) -> list[dict[str, Any]] | None:
+    """The quarantines the Checkpoint's status shows, once it shows any."""
+    resource = await stack.cluster.get("checkpoints", "inference", "llama")
+    shown: list[dict[str, Any]] = resource["status"].get("quarantine") or []
+    return shown or None
+
+
+async def none_shown(stack: Stack) -> bool:
+    resource = await stack.cluster.get("checkpoints", "inference", "llama")
+    return not resource["status"].get("quarantine")
 
 
 def break_core_image(version_dir: Path) -> Any:

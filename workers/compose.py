@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
@@ -23,7 +24,7 @@ from activities.local.dump import CriuActivities
 from activities.local.process import LocalProcessActivities, SentinelActivities, inherited_env
 from activities.local.restore import RestoreActivities
 from activities.local.state import LocalControlActivities
-from activities.storage.objectstore.cache import NodeCache
+from activities.storage.objectstore.cache import NodeCache, share_of_disk
 from activities.storage.objectstore.transfer import MiB, TransferSettings
 from activities.storage.quarantine import Quarantine
 from activities.storage.queries import CatalogActivities
@@ -47,12 +48,31 @@ from workflows.retention import RetentionWorkflow
 log = logging.getLogger(__name__)
 
 
-def catalog_activities(settings: Settings) -> CatalogActivities:
+def quarantine(settings: Settings, root: Path | None = None) -> Quarantine:
+    """The quarantine records of the store at `root` (default: the checkpoint root), judged
+    by the settings' policy: every node's gate and the control side judge alike."""
+    return Quarantine(root or settings.checkpoint_root, policy=settings.quarantine.policy())
+
+
+def catalog_activities(
+    settings: Settings, *, on_cleared: Callable[[str], Awaitable[None]] | None = None
+) -> CatalogActivities:
     """The control side's answers to the CLI: the catalog of the store it mounts (then the
-    remote store) and the quarantine entries nodes record there."""
+    remote store) and the quarantine entries nodes record there; `on_cleared` is told of
+    each checkpoint whose quarantine the CLI cleared."""
     return CatalogActivities(
-        catalog=store_catalog(settings), quarantine=Quarantine(settings.checkpoint_root)
+        catalog=store_catalog(settings), quarantine=quarantine(settings), on_cleared=on_cleared
     )
+
+
+def node_cache(settings: Settings, layout: NodeLayout, verified: VerifiedFiles) -> NodeCache:
+    """The node cache, bounded by `cache_max_bytes`, else by `cache_max_share` of the
+    filesystem that holds it (reckoned now)."""
+    storage = settings.storage
+    bound = storage.cache_max_bytes
+    if bound is None:
+        bound = share_of_disk(layout.checkpoint_cache, storage.cache_max_share)
+    return NodeCache(layout.checkpoint_cache, max_bytes=bound, verified=verified)
 
 
 def control_worker(client: Client, settings: Settings) -> Worker:
@@ -75,8 +95,9 @@ def control_worker(client: Client, settings: Settings) -> Worker:
 
 def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Worker:
     """CaptureWorkflow, PrefetchWorkflow and RetentionWorkflow with the cluster's control
-    activities (`api`: a kubernetes ApiClient); retention keeps what Ready resources use."""
-    from activities.kube.control import KubeControlActivities, ready_references
+    activities (`api`: a kubernetes ApiClient); retention keeps what Ready resources and
+    waiting restore-target pods use."""
+    from activities.kube.control import KubeControlActivities, in_use_references
     from api.jobs import JobSettings
 
     control = KubeControlActivities(
@@ -86,6 +107,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
         ui_url=settings.temporal.ui_url,
         temporal_namespace=settings.temporal.namespace,
         instance=os.environ.get("HOSTNAME", ""),
+        quarantine=quarantine(settings),
     )
     return Worker(
         client,
@@ -99,9 +121,9 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
             control.delete_capture_job,
             control.nodes_matching,
             *retention_activities(
-                client, settings=settings, ready_references=ready_references(api)
+                client, settings=settings, ready_references=in_use_references(api)
             ),
-            catalog_activities(settings).answer_catalog,
+            catalog_activities(settings, on_cleared=control.publish_quarantine).answer_catalog,
         ],
         interceptors=[ErrorMapping()],
     )
@@ -146,14 +168,18 @@ def node_worker(
         gpus=gpus,
         remote=remote,
     )
-    cache = NodeCache(
-        layout.checkpoint_cache, max_bytes=settings.storage.cache_max_bytes, verified=verified
-    )
+    cache = node_cache(settings, layout, verified)
     source = CheckpointSource(store=store, cache=cache, remote=remote)
     prefetch = PrefetchActivities(source)
     dumping = CriuActivities(criu=criu, store=store, layout=layout)
     restoring = RestoreActivities(
-        criu=criu, store=store, layout=layout, node=settings.node.name, gpus=gpus, source=source
+        criu=criu,
+        store=store,
+        layout=layout,
+        node=settings.node.name,
+        gpus=gpus,
+        source=source,
+        quarantine=quarantine(settings, store.root),
     )
     sentinels = SentinelActivities(layout=layout)
     if settings.node.cluster:
@@ -245,7 +271,7 @@ def _container_activities(
     cuda = CudaCheckpoint() if gpus.facts().devices else None
     gate = NodeGate(
         criu_version=criu.version(),
-        quarantine=Quarantine(store.root),
+        quarantine=quarantine(settings, store.root),
         node=settings.node.name,
     )
     restorer = StandbyRestorer(

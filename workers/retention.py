@@ -26,6 +26,7 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 
+from activities.storage.quarantine import Quarantine
 from activities.storage.retention import ReadyReferences, RetentionActivities, no_ready_references
 from activities.storage.store import CheckpointStore
 from api.errors import InvalidSpecError
@@ -148,12 +149,14 @@ def retention_activities(
 ) -> list[Callable[..., Any]]:
     """The control worker's retention activities over its checkpoint root (on a cluster the
     checkpoints PVC, mounted there) and, where configured, the S3 location. On a cluster,
-    `ready_references` reads the versions Ready resources reference."""
+    `ready_references` reads the versions in use there (those Ready resources reference and
+    those admitted restore-target pods wait for)."""
     retention = RetentionActivities(
         store=CheckpointStore(settings.checkpoint_root),
         client=client,
         ready_references=ready_references or no_ready_references,
         remote=remote_versions(settings),
+        quarantine=Quarantine(settings.checkpoint_root, policy=settings.quarantine.policy()),
     )
     return [
         retention.list_checkpoint_versions,

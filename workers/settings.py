@@ -21,6 +21,7 @@ from api.errors import InvalidSpecError
 from api.naming import CONTROL_TASK_QUEUE, LOCAL_NODE
 
 if TYPE_CHECKING:
+    from api.quarantine import QuarantinePolicy
     from api.storage import RemoteStorage
 
 ENV_PREFIX = "WARMSTART_"
@@ -181,6 +182,31 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True)
+class QuarantineSettings:
+    """When failed restores quarantine a checkpoint version on a node class (the restore
+    gate of every node and the control side's answers read the same records)."""
+
+    # Distinct nodes whose restores of the version failed on the class; fewer is pending
+    # evidence that refuses nothing.
+    min_nodes: int = 2
+    # A node's evidence lapses this long after its latest failure (and the quarantine with
+    # it, once fewer than `min_nodes` nodes' evidence holds).
+    expiry_seconds: float = 86400.0
+
+    def __post_init__(self) -> None:
+        if self.min_nodes < 1:
+            raise InvalidSpecError(
+                f"WARMSTART_QUARANTINE__MIN_NODES={self.min_nodes}: expected 1 or more"
+            )
+
+    def policy(self) -> QuarantinePolicy:
+        """These settings as the quarantine judges by them (imported here on first use)."""
+        from api.quarantine import QuarantinePolicy
+
+        return QuarantinePolicy(min_nodes=self.min_nodes, expiry_seconds=self.expiry_seconds)
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     """Where versions are published beyond the node, and how they move.
 
@@ -204,8 +230,18 @@ class StorageSettings:
     part_size_mib: int = 64
     concurrency: int = 16
     compression: Literal["off", "auto"] = "auto"  # zstd per file where a sample shows it pays
-    # The node cache of fetched versions: least recently used ones not in use go first.
+    # The node cache of fetched versions: least recently used ones not in use go first. At
+    # most `cache_max_bytes`; unset, `cache_max_share` of the size of the filesystem that
+    # holds the cache (reckoned when the node worker starts).
     cache_max_bytes: int | None = None
+    cache_max_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.cache_max_share <= 1:
+            raise InvalidSpecError(
+                f"WARMSTART_STORAGE__CACHE_MAX_SHARE={self.cache_max_share}: expected a share "
+                "of the disk above 0 and at most 1"
+            )
 
     @property
     def configured(self) -> bool:
@@ -245,6 +281,7 @@ class Settings:
     telemetry: TelemetrySettings = TelemetrySettings()
     retention: RetentionSettings = RetentionSettings()
     storage: StorageSettings = StorageSettings()
+    quarantine: QuarantineSettings = QuarantineSettings()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

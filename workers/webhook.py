@@ -11,7 +11,8 @@
 - `GET /healthz`.
 
 A plain aiohttp server rather than kopf's admission server: every replica serves it,
-whether or not it holds the watcher's Lease, with one certificate from a Secret, and the
+whether or not it holds the watcher's Lease, with one certificate from a Secret (a rotated
+Secret is served from the next handshake on, without a restart), and the
 webhook configurations are deployed, not rewritten by each replica
 (docs/decisions/0013-admission-webhook.md). dryRun requests are answered like any other:
 reviews have no side effects.
@@ -26,6 +27,7 @@ import datetime
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -281,17 +283,74 @@ def self_signed_certificate(*, hosts: list[str], days: int = 365) -> tuple[bytes
     return certificate.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def server_ssl_context(settings: WebhookSettings) -> ssl.SSLContext:
-    """TLS with the configured certificate files, else with a self-signed certificate."""
+def _tls_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+class RotatingCertificate:
+    """The certificate and key files, served as they are now: each TLS handshake looks at
+    the files (two stats; a mounted Secret is rotated by swapping a link, so the files'
+    identity changes) and, when they changed, loads them into a fresh context, which that
+    handshake and the later ones use. A pair that does not load (caught mid-rotation, or
+    damaged) leaves the last good one serving, and is tried again once the files change
+    again."""
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self._files = (cert_file, key_file)
+        self._stamp = self._look()
+        self._current = _tls_context(cert_file, key_file)
+        self._refused: tuple[tuple[int, ...], ...] | None = None
+
+    def server_context(self) -> ssl.SSLContext:
+        """The context to serve with: it hands each handshake the current certificate."""
+        context = _tls_context(*self._files)
+        context.sni_callback = self._choose
+        return context
+
+    def _look(self) -> tuple[tuple[int, ...], ...]:
+        stamps = []
+        for name in self._files:
+            info = os.stat(name)  # through links: the files the names now lead to
+            stamps.append((info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns))
+        return tuple(stamps)
+
+    def current(self) -> ssl.SSLContext:
+        """The context of the files as they are now (the last good one if they do not load)."""
+        try:
+            stamp = self._look()
+        except OSError:
+            return self._current  # a name missing mid-rotation: serve on
+        if stamp in (self._stamp, self._refused):
+            return self._current
+        try:
+            fresh = _tls_context(*self._files)
+        except (OSError, ssl.SSLError) as err:
+            self._refused = stamp
+            logger.warning("webhook: the rotated certificate does not load (%s); serving on", err)
+            return self._current
+        self._stamp, self._current = stamp, fresh
+        logger.info("webhook: serving the rotated certificate of %s", self._files[0])
+        return fresh
+
+    def _choose(self, connection: Any, _server_name: str | None, _context: Any) -> None:
+        """Called by OpenSSL on each ClientHello (with or without a server name)."""
+        connection.context = self.current()
+
+
+def server_ssl_context(settings: WebhookSettings) -> ssl.SSLContext:
+    """TLS with the configured certificate files (loaded again when they are rotated), else
+    with a self-signed certificate."""
     if settings.cert_file or settings.key_file:
         if not (settings.cert_file and settings.key_file):
             raise InvalidSpecError(
                 "WARMSTART_WEBHOOK__CERT_FILE and WARMSTART_WEBHOOK__KEY_FILE go together"
             )
-        context.load_cert_chain(settings.cert_file, settings.key_file)
-        return context
+        return RotatingCertificate(settings.cert_file, settings.key_file).server_context()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     hosts = [h.strip() for h in settings.hosts.split(",") if h.strip()] or ["localhost"]
     cert, key = self_signed_certificate(hosts=hosts)
     logger.warning("webhook: no certificate configured, serving a self-signed one for %s", hosts)

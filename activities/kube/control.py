@@ -1,5 +1,7 @@
 """Control activities on a cluster, through the official `kubernetes` client: checkpoint ID
-claims, the capture Job, the Job's pod, status and Events on the resource.
+claims, the capture Job, the Job's pod, status and Events on the resource (with the
+quarantines of its checkpoint in effect, read from the store the controller mounts), and
+what retention must keep.
 
 Every call goes through `activities.kube.client.call` (in a thread, its failures mapped
 once: 5xx, 429 and connection failures are `Unavailable`, retried by the step's policy;
@@ -9,6 +11,7 @@ once: 5xx, 429 and connection failures are `Unavailable`, retried by the step's 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,6 +35,7 @@ from activities.contracts import (
 )
 from activities.kube.client import ApiCall, call
 from activities.steps import ClusterControlSteps
+from activities.storage.quarantine import Quarantine
 from api.errors import (
     CheckpointNotFoundError,
     ConflictError,
@@ -44,19 +48,23 @@ from api.errors import (
 from api.jobs import JobSettings, capture_job
 from api.reasons import Phase
 from api.resources import (
+    CHECKPOINT_ID_LABEL,
     GROUP,
     VERSION,
     CaptureStatus,
     Checkpoint,
+    QuarantineStatus,
     WorkflowLink,
 )
 from api.restore_pods import (
+    CHECKPOINT_VERSION_ANNOTATION,
     CONTROL_DIR_ANNOTATION,
     RESTORE_STATUS_ANNOTATION,
+    RESTORE_TARGET_LABEL,
     STANDBY_ANNOTATION,
 )
 from api.retention import ProtectedRef
-from api.status import Report, event_for, next_status
+from api.status import Report, event_for, next_status, quarantine_status
 
 PLURALS = {"Checkpoint": "checkpoints", "PodSnapshot": "podsnapshots"}
 CONTROLLER = f"{GROUP}/controller"
@@ -79,7 +87,11 @@ class KubeControlActivities(ClusterControlSteps):
         ui_url: str = "",
         temporal_namespace: str = "default",
         instance: str = "",
+        quarantine: Quarantine | None = None,
     ) -> None:
+        """`quarantine`: the records of the store this worker mounts, shown on the status
+        of the resources whose checkpoint they name (none: statuses keep what they show)."""
+        self._quarantine = quarantine
         self._custom = client.CustomObjectsApi(api)
         self._batch = client.BatchV1Api(api)
         self._core = client.CoreV1Api(api)
@@ -227,6 +239,9 @@ class KubeControlActivities(ClusterControlSteps):
                 generation=int(obj.get("metadata", {}).get("generation") or 0),
             )
             status = next_status(previous, report, now=_now())
+            if self._quarantine is not None and status.checkpoint_id:
+                shown = await self._quarantine_shown(status.checkpoint_id)
+                status = status.model_copy(update={"quarantine": shown})
             body = {
                 "metadata": {"resourceVersion": obj["metadata"].get("resourceVersion")},
                 "status": status_patch(status),
@@ -287,6 +302,63 @@ class KubeControlActivities(ClusterControlSteps):
         event = ("Normal", "Restored") if restored else ("Warning", "RestoreFellBack")
         note = request.message or value
         await self._post_event(regarding, *event, note=note, action="Restore")
+        try:  # the restore may have added this node's evidence: show where it stands
+            await self.publish_quarantine(request.checkpoint_id, namespace=pod.namespace)
+        except WarmstartError as err:  # a courtesy: the pod's status is written already
+            activity.logger.warning("quarantine of %s not shown: %s", request.checkpoint_id, err)
+
+    async def _quarantine_shown(self, checkpoint_id: str) -> list[QuarantineStatus]:
+        assert self._quarantine is not None
+        entries = await asyncio.to_thread(self._quarantine.entries, checkpoint_id)
+        return quarantine_status(entries)
+
+    async def publish_quarantine(self, checkpoint_id: str, *, namespace: str = "") -> None:
+        """Show the quarantines of `checkpoint_id` in effect (none: an empty list) on the
+        status of the Checkpoints and PodSnapshots that hold it, in `namespace` or in every
+        one; those that show it already are left alone."""
+        if self._quarantine is None or not checkpoint_id:
+            return
+        shown = [
+            entry.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+            for entry in await self._quarantine_shown(checkpoint_id)
+        ]
+        for kind, plural in PLURALS.items():
+            if namespace:
+                listed = await call(
+                    self._custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    plural,
+                    on=ApiCall("list", plural, namespace),
+                )
+            else:
+                listed = await call(
+                    self._custom.list_cluster_custom_object,
+                    GROUP,
+                    VERSION,
+                    plural,
+                    on=ApiCall("list", plural),
+                )
+            for obj in cast(dict[str, Any], listed).get("items", []):
+                status, meta = obj.get("status") or {}, obj.get("metadata") or {}
+                if status.get("checkpointID") != checkpoint_id:
+                    continue
+                if (status.get("quarantine") or []) == shown:
+                    continue
+                name, ns = str(meta.get("name")), str(meta.get("namespace"))
+                # The list is ours alone and replaced whole: no resourceVersion needed.
+                with contextlib.suppress(NotFoundError):  # deleted meanwhile
+                    await call(
+                        self._custom.patch_namespaced_custom_object_status,
+                        GROUP,
+                        VERSION,
+                        ns,
+                        plural,
+                        name,
+                        {"status": {"quarantine": shown}},
+                        on=ApiCall("patch the status of", kind, ns, name),
+                    )
 
     def _link(self, info: activity.Info) -> str:
         if not self._ui_url:
@@ -448,9 +520,14 @@ class KubeControlActivities(ClusterControlSteps):
 
 def status_patch(status: CaptureStatus) -> dict[str, Any]:
     """The status as a merge patch: fields at their zero value are left out (the client
-    sends an empty string as null, which a structural schema refuses), the phase always in."""
+    sends an empty string as null, which a structural schema refuses), the phase always in,
+    and the quarantine list always (empty replaces one shown before)."""
     body = status.model_dump(mode="json", by_alias=True, exclude_defaults=True)
     body["phase"] = status.phase.value
+    body["quarantine"] = [
+        entry.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        for entry in status.quarantine
+    ]
     return body
 
 
@@ -489,6 +566,56 @@ def _require_resource(resource: ResourceRef | None, what: str) -> ResourceRef:
     if resource is None:
         raise InvalidSpecError(f"{what}: a cluster capture needs the resource it works for")
     return resource
+
+
+def in_use_references(api: Any) -> Callable[[], Awaitable[list[ProtectedRef]]]:
+    """Retention's source on a cluster: the versions Ready resources reference and those
+    admitted restore-target pods still wait for."""
+    ready, waiting = ready_references(api), restore_target_references(api)
+
+    async def read() -> list[ProtectedRef]:
+        return [*await ready(), *await waiting()]
+
+    return read
+
+
+def restore_target_references(api: Any) -> Callable[[], Awaitable[list[ProtectedRef]]]:
+    """The versions restore-target pods (in every namespace) still wait for: admitted by
+    the webhook (its label and the checkpoint ID and version it set), not yet told how their
+    restore went (no `restore-status`), and not finished. Such a pod may wait before its
+    RestoreWorkflow starts (unscheduled, image pulling), where no running restore protects
+    the version yet."""
+    core = client.CoreV1Api(api)
+
+    async def read() -> list[ProtectedRef]:
+        listed = await call(
+            core.list_pod_for_all_namespaces,
+            label_selector=f"{RESTORE_TARGET_LABEL}=true",
+            on=ApiCall("list", "pods"),
+        )
+        refs = []
+        for pod in listed.items or []:
+            meta, status = pod.metadata, pod.status
+            if meta is None:
+                continue
+            labels, notes = (meta.labels or {}), (meta.annotations or {})
+            checkpoint_id = labels.get(CHECKPOINT_ID_LABEL, "")
+            if labels.get(RESTORE_TARGET_LABEL) != "true" or not checkpoint_id:
+                continue  # the selector, checked again
+            if RESTORE_STATUS_ANNOTATION in notes:
+                continue  # restored or fell back: it waits no more
+            if status is not None and status.phase in ("Succeeded", "Failed"):
+                continue
+            refs.append(
+                ProtectedRef(
+                    checkpoint_id=checkpoint_id,
+                    version=notes.get(CHECKPOINT_VERSION_ANNOTATION, ""),
+                    referrer=f"restore-target pod {meta.namespace}/{meta.name}",
+                )
+            )
+        return refs
+
+    return read
 
 
 def ready_references(api: Any) -> Callable[[], Awaitable[list[ProtectedRef]]]:

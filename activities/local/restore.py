@@ -46,9 +46,6 @@ from api.errors import (
 from api.manifest import HostInfo, Manifest
 from api.reasons import Sentinel
 
-# Failures that say something about this node class rather than the checkpoint's bytes:
-# a restore failing so is quarantined there (activities.storage.quarantine).
-
 
 class RestoreActivities(RestoreSteps):
     def __init__(
@@ -60,13 +57,15 @@ class RestoreActivities(RestoreSteps):
         node: str = "local",
         gpus: NodeGpus | None = None,
         source: CheckpointSource | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
+        """`quarantine`: the store's (default: its root's, with the default policy)."""
         self._criu = criu
         self._store = store
         self._source = source or CheckpointSource(store=store)
         self._layout = layout
         self._gpus = gpus or NodeGpus()
-        quarantine = Quarantine(store.root)
+        quarantine = quarantine or Quarantine(store.root)
         self._gate = NodeGate(criu_version=criu.version(), quarantine=quarantine, node=node)
 
     @activity.defn
@@ -82,7 +81,7 @@ class RestoreActivities(RestoreSteps):
         # Where the workload waits: its manifest says, once it has been read and checked;
         # before that (missing or damaged checkpoint) this node's own layout says.
         control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
-        version, pid, cls = request.version, 0, None
+        version, pid, cls, claimed_version = request.version, 0, None, ""
         held = AsyncExitStack()
         clear_sentinels(control_dir, RESTORE_SENTINELS)  # this restore's outcome only
         try:
@@ -92,6 +91,7 @@ class RestoreActivities(RestoreSteps):
             )
             claimed = load_manifest(version_dir)
             cls = self._gate.check(claimed, self._target(claimed))
+            claimed_version = claimed.version
             manifest = await asyncio.to_thread(
                 self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
             )
@@ -115,8 +115,8 @@ class RestoreActivities(RestoreSteps):
             shutil.rmtree(work_dir, ignore_errors=True)  # kept only when it failed: its log
         except WarmstartError as err:
             await _undo(pid, control_dir, failure_note(err))
-            if cls is not None:
-                self._gate.remember(request.checkpoint_id, cls, err)
+            if cls is not None:  # evidence against the version on this node class
+                self._gate.remember(request.checkpoint_id, claimed_version, cls, err)
             where = f"restore of {request.name} from checkpoint {request.checkpoint_id}"
             where += f" version {version}" if version else ""
             raise type(err)(f"{where} failed: {err}", reason=err.reason) from err

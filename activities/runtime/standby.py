@@ -3,7 +3,9 @@
 the GMS loader's sentinel → prepare the container and CRIU-restore into it
 (`activities.runtime.restore`) → CUDA restore onto the device map, then unlock →
 `restore-complete`. Any failure writes `restore-failed` so the standby starts cold, and a
-failure of this node class is quarantined.
+failure that counts against the version on this node class adds this node's evidence to the
+quarantine (`NodeGate.remember`); one whose standby vanished meanwhile (its pod deleted
+mid-restore) is WorkloadExited and counts for nothing.
 """
 
 from __future__ import annotations
@@ -27,14 +29,28 @@ from activities.gpu.nvml import (
     gpus_of_process,
     process_environment,
 )
-from activities.pipeline import NodeGate, Stages, as_restore_failure, failure_note, open_version
+from activities.host.processes import is_alive, start_ticks
+from activities.pipeline import (
+    QUARANTINED_REASONS,
+    NodeGate,
+    Stages,
+    as_restore_failure,
+    failure_note,
+    open_version,
+)
 from activities.runtime import control
 from activities.runtime.base import ContainerRuntime
 from activities.runtime.restore import RestoredProcess, restore_into_container
 from activities.storage.catalog import load_manifest
 from activities.storage.sources import CheckpointSource
 from activities.storage.store import CheckpointStore, host_info
-from api.errors import GpuError, RestoreFailedError, WarmstartError, WorkloadNotReadyError
+from api.errors import (
+    GpuError,
+    RestoreFailedError,
+    WarmstartError,
+    WorkloadExitedError,
+    WorkloadNotReadyError,
+)
 from api.manifest import Manifest
 
 
@@ -70,7 +86,8 @@ class StandbyRestorer:
             f"restore of checkpoint {request.checkpoint_id} into container {target.container} "
             f"of pod {target.namespace}/{target.pod_name}"
         )
-        cls = None
+        born = start_ticks(standby.pid)  # tells the standby's end apart from PID reuse
+        cls, version = None, request.version
         held = AsyncExitStack()
         try:
             await asyncio.to_thread(control.reset_for_restore, standby.pid)
@@ -81,7 +98,7 @@ class StandbyRestorer:
             claimed = load_manifest(version_dir)
             environ = process_environment(standby.pid)
             gpus = gpus_of_process(environ, self._gpus.facts())
-            cls = self._gate.check(claimed, host_info(gpus))
+            cls, version = self._gate.check(claimed, host_info(gpus)), claimed.version
             manifest = await asyncio.to_thread(
                 self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
             )
@@ -106,11 +123,16 @@ class StandbyRestorer:
             )
             stages.finish()
         except BaseException as err:
-            # The one failure path: `restore-failed` once, the node class remembered.
+            # The one failure path: `restore-failed` once, the node's evidence recorded.
             failure = as_restore_failure(err, where)
+            if _vanished(failure, standby.pid, born):
+                failure = WorkloadExitedError(
+                    f"{where}: the standby container is gone (its pod deleted mid-restore?), "
+                    f"so the restore failed: {failure}"
+                )
             await asyncio.to_thread(control.restore_failed, standby.pid, failure_note(failure))
             if cls is not None and isinstance(failure, WarmstartError):
-                self._gate.remember(request.checkpoint_id, cls, failure)
+                self._gate.remember(request.checkpoint_id, version, cls, failure)
             if failure is err:
                 raise
             raise failure from err
@@ -154,6 +176,15 @@ class StandbyRestorer:
                 raise RestoreFailedError(f"CUDA restore of pids {pids}: {err}") from err
 
         return resume_cuda
+
+
+def _vanished(failure: BaseException, pid: int, born: int) -> bool:
+    """Whether `failure`, one that would count against the node class, came with the
+    standby's end (its process gone, a zombie, or its PID taken by another): then it says
+    nothing about the checkpoint on this class."""
+    if not isinstance(failure, WarmstartError) or failure.reason not in QUARANTINED_REASONS:
+        return False
+    return not is_alive(pid) or start_ticks(pid) != born
 
 
 def _host_pid(root: int, container_pid: int) -> int:

@@ -1,63 +1,202 @@
-"""Quarantine: which checkpoints failed to restore on which node class, so the next
-restore there starts cold at once instead of failing the same way again.
+"""Quarantine: which checkpoint versions failed to restore on which node class, on which
+nodes, so that the next restore there starts cold at once instead of failing the same way
+again; the rules are `api.quarantine`'s (evidence from `min_nodes` distinct nodes, each
+lapsing `expiry_seconds` after its latest failure).
 
 A node class is what decides whether a restore can work: GPU model, GPU driver and CRIU
-version. Entries live beside the checkpoint in the store (`<root>/<checkpointID>/
-quarantine/<class key>.json`), so every node sharing the store (the RWX volume on a
-cluster, the state directory locally) sees them; `warmstart quarantine` lists and
-clears them through the control worker, which mounts that store (`queries`).
+version. Records live beside the checkpoint in the store, so every node sharing the store
+(the RWX volume on a cluster, the state directory locally) sees them; `warmstart
+quarantine` lists and clears them through the control worker, which mounts that store
+(`queries`):
+
+    <root>/<checkpointID>/quarantine/<version>/<class key>/<node>.json   one node's evidence
+    <root>/<checkpointID>/quarantine/<class key>.json                    recorded before
+                                                                         versions (the whole
+                                                                         checkpoint)
+
+Each node writes only its own evidence file (atomically), so nodes sharing the store never
+overwrite each other's. Lapsed records are ignored by every reader, and removed when a node
+records evidence of that checkpoint and by retention's sweep (`sweep_lapsed`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from activities.host.files import write_atomically
 from api.naming import require_path_element
-from api.quarantine import NodeClass, QuarantineEntry, node_class
+from api.quarantine import (
+    NodeClass,
+    QuarantineEntry,
+    QuarantineEvidence,
+    QuarantinePolicy,
+    judge,
+    legacy_entry,
+    node_class,
+)
 
-__all__ = ["QUARANTINE_DIR", "NodeClass", "Quarantine", "QuarantineEntry", "node_class"]
+__all__ = [
+    "QUARANTINE_DIR",
+    "NodeClass",
+    "Quarantine",
+    "QuarantineEntry",
+    "QuarantineEvidence",
+    "QuarantinePolicy",
+    "node_class",
+]
 QUARANTINE_DIR = "quarantine"
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 class Quarantine:
-    """The quarantine entries of a checkpoint store."""
+    """The quarantine records of a checkpoint store, judged by `policy`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        policy: QuarantinePolicy | None = None,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
         self.root = root
+        self.policy = policy or QuarantinePolicy()
+        self._clock = clock
 
     def _dir(self, checkpoint_id: str) -> Path:
         checked = require_path_element(checkpoint_id, what="checkpoint ID")
         return self.root / checked / QUARANTINE_DIR
 
-    def find(self, checkpoint_id: str, cls: NodeClass) -> QuarantineEntry | None:
-        try:
-            data = (self._dir(checkpoint_id) / f"{cls.key}.json").read_bytes()
-        except FileNotFoundError:
-            return None
-        return QuarantineEntry.model_validate_json(data)
+    def _evidence_dir(self, checkpoint_id: str, version: str, cls: NodeClass) -> Path:
+        checked = require_path_element(version, what="checkpoint version")
+        return self._dir(checkpoint_id) / checked / cls.key
 
-    def record(self, entry: QuarantineEntry) -> Path:
-        directory = self._dir(entry.checkpoint_id)
+    def find(self, checkpoint_id: str, version: str, cls: NodeClass) -> QuarantineEntry | None:
+        """The quarantine that refuses `version` of the checkpoint on `cls`, if any: one of
+        that version, or one recorded before versions (of every version)."""
+        now = self._clock()
+        legacy = _legacy(self._dir(checkpoint_id) / f"{cls.key}.json")
+        if legacy is not None:
+            entry = legacy_entry(legacy, self.policy, now=now)
+            if entry is not None:
+                return entry
+        directory = self._evidence_dir(checkpoint_id, version, cls)
+        found = [e for p in _files(directory, "*.json") if (e := _evidence(p)) is not None]
+        return next((e for e in judge(found, self.policy, now=now) if e.active), None)
+
+    def record(self, evidence: QuarantineEvidence) -> QuarantineEntry:
+        """Add a node's failure to its evidence (kept while it has not lapsed) and return
+        where the version now stands on that class (active, or pending)."""
+        directory = self._evidence_dir(
+            evidence.checkpoint_id, evidence.version, evidence.node_class
+        )
+        path = directory / f"{require_path_element(evidence.node, what='node name')}.json"
+        held = _evidence(path)
+        if held is not None and held.last + self.policy.expiry > evidence.last:
+            evidence = evidence.model_copy(
+                update={"since": held.since, "failures": held.failures + 1}
+            )
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{entry.node_class.key}.json"
-        write_atomically(path, entry.model_dump_json(indent=2).encode())
-        return path
+        write_atomically(path, evidence.model_dump_json(indent=2).encode())
+        with contextlib.suppress(OSError):
+            self.sweep_lapsed(evidence.checkpoint_id)
+        found = [e for p in _files(directory, "*.json") if (e := _evidence(p)) is not None]
+        judged = judge(found, self.policy, now=self._clock())
+        # Evidence recorded as lapsed already (an old failure) stands as it stood then.
+        return judged[0] if judged else judge([evidence], self.policy, now=evidence.last)[0]
 
-    def entries(self, checkpoint_id: str = "") -> list[QuarantineEntry]:
-        """The entries of one checkpoint, or of all; oldest first."""
-        pattern = f"{checkpoint_id or '*'}/{QUARANTINE_DIR}/*.json"
-        found = []
-        for path in sorted(self.root.glob(pattern)):
-            try:
-                found.append(QuarantineEntry.model_validate_json(path.read_bytes()))
-            except (OSError, ValueError):
-                continue
+    def entries(self, checkpoint_id: str = "", *, pending: bool = False) -> list[QuarantineEntry]:
+        """The quarantines of one checkpoint, or of all (with `pending`, the evidence that
+        is not one yet too), not lapsed; oldest first."""
+        now = self._clock()
+        found: list[QuarantineEntry] = []
+        for directory in self._dirs(checkpoint_id):
+            for path in _files(directory, "*.json"):
+                legacy = _legacy(path)
+                entry = legacy_entry(legacy, self.policy, now=now) if legacy else None
+                found += [entry] if entry is not None else []
+            evidence = [e for p in _files(directory, "*/*/*.json") if (e := _evidence(p))]
+            found += [e for e in judge(evidence, self.policy, now=now) if pending or e.active]
         return sorted(found, key=lambda entry: entry.since)
 
     def clear(self, checkpoint_id: str) -> list[QuarantineEntry]:
-        """Remove every entry of `checkpoint_id`; returns what was removed."""
-        removed = self.entries(checkpoint_id)
-        for entry in removed:
-            (self._dir(checkpoint_id) / f"{entry.node_class.key}.json").unlink(missing_ok=True)
+        """Remove every record of `checkpoint_id` (quarantines, pending and lapsed
+        evidence); returns the quarantines and pending evidence that were in effect."""
+        removed = self.entries(checkpoint_id, pending=True)
+        directory = self._dir(checkpoint_id)
+        for path in _files(directory, "*.json"):
+            path.unlink(missing_ok=True)
+        for version in _files(directory, "*"):
+            if version.is_dir():
+                shutil.rmtree(version, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            directory.rmdir()
         return removed
+
+    def lapsed(self, checkpoint_id: str = "") -> list[Path]:
+        """Record files (of one checkpoint, or of all) that no longer count."""
+        now = self._clock()
+        found = []
+        for directory in self._dirs(checkpoint_id):
+            for path in _files(directory, "*.json"):
+                legacy = _legacy(path)
+                if legacy is not None and legacy_entry(legacy, self.policy, now=now) is None:
+                    found.append(path)
+            for path in _files(directory, "*/*/*.json"):
+                evidence = _evidence(path)
+                if evidence is not None and evidence.last + self.policy.expiry <= now:
+                    found.append(path)
+        return found
+
+    def sweep_lapsed(self, checkpoint_id: str = "") -> list[Path]:
+        """Remove the lapsed record files (and directories left empty); returns them."""
+        removed = self.lapsed(checkpoint_id)
+        for path in removed:
+            path.unlink(missing_ok=True)
+            for parent in (path.parent, path.parent.parent):
+                with contextlib.suppress(OSError):
+                    parent.rmdir()  # only when empty
+        return removed
+
+    def _dirs(self, checkpoint_id: str) -> list[Path]:
+        if checkpoint_id:
+            return [self._dir(checkpoint_id)]
+        return sorted(self.root.glob(f"*/{QUARANTINE_DIR}"))
+
+
+def _files(directory: Path, pattern: str) -> Iterator[Path]:
+    try:
+        yield from sorted(directory.glob(pattern))
+    except OSError:
+        return
+
+
+def _legacy(path: Path) -> QuarantineEntry | None:
+    """An entry file recorded before versions and evidence (`<class key>.json`)."""
+    if path.is_dir():
+        return None
+    try:
+        return QuarantineEntry.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("quarantine record %s ignored: %s", path, err)
+        return None
+
+
+def _evidence(path: Path) -> QuarantineEvidence | None:
+    try:
+        return QuarantineEvidence.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("quarantine evidence %s ignored: %s", path, err)
+        return None

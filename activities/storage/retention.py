@@ -74,12 +74,15 @@ class RetentionActivities(RetentionSteps):
         client: Client,
         ready_references: ReadyReferences = no_ready_references,
         remote: RemoteVersions | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
-        """`remote`: the configured remote store, if any."""
+        """`remote`: the configured remote store, if any; `quarantine`: the store's records
+        with the policy they are judged by (default: the default policy)."""
         self._store = store
         self._client = client
         self._ready_references = ready_references
         self._remote = remote
+        self._quarantine = quarantine or Quarantine(store.root)
 
     @activity.defn
     async def list_checkpoint_versions(self, request: ListVersionsInput) -> CheckpointVersions:
@@ -121,9 +124,9 @@ class RetentionActivities(RetentionSteps):
     @activity.defn
     async def sweep_orphans(self, request: SweepInput) -> SweepResult:
         """Staging older than the threshold, version directories whose manifest is gone (a
-        deletion that crashed and ran out of retries) untouched as long, quarantine entries
-        of checkpoints with no version left."""
-        return await asyncio.to_thread(sweep, self._store, request)
+        deletion that crashed and ran out of retries) untouched as long, quarantine records
+        of checkpoints with no version left, and lapsed quarantine records."""
+        return await asyncio.to_thread(sweep, self._store, request, self._quarantine)
 
     @activity.defn
     async def list_remote_versions(self, request: ListVersionsInput) -> CheckpointVersions:
@@ -232,7 +235,9 @@ def unpublish(version_dir: Path) -> bool:
     return True
 
 
-def sweep(store: CheckpointStore, request: SweepInput) -> SweepResult:
+def sweep(
+    store: CheckpointStore, request: SweepInput, quarantine: Quarantine | None = None
+) -> SweepResult:
     cutoff = time.time() - request.staging_older_than_seconds
     if request.dry_run:
         staging = [p for _id, p in store.staged() if p.stat().st_mtime < cutoff]
@@ -242,13 +247,16 @@ def sweep(store: CheckpointStore, request: SweepInput) -> SweepResult:
     cleared = [
         p for p in _checkpoint_dirs(store.root) if not committed_versions(store.root, p.name)
     ]
-    quarantined = [q for p in cleared for q in sorted((p / QUARANTINE_DIR).glob("*.json"))]
+    quarantine = quarantine or Quarantine(store.root)
+    quarantined = [q for p in cleared for q in sorted((p / QUARANTINE_DIR).rglob("*.json"))]
+    gone = set(quarantined)
+    quarantined += [p for p in quarantine.lapsed() if p not in gone]
     if not request.dry_run:
         for path in half:
             shutil.rmtree(path, ignore_errors=True)
-        quarantine = Quarantine(store.root)
         for checkpoint in cleared:
             quarantine.clear(checkpoint.name)
+        quarantine.sweep_lapsed()
     return SweepResult(
         staging=_relative(store.root, staging),
         half_deleted=_relative(store.root, half),

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.testing import ActivityEnvironment
@@ -23,10 +24,14 @@ from temporalio.testing import ActivityEnvironment
 from activities.contracts import (
     ContainerCommitInput,
     ContainerDumpInput,
+    ContainerRestoreInput,
     ContainerTarget,
+    Heartbeat,
 )
 from activities.criu.command import Criu
-from activities.pipeline import Stages, as_restore_failure, failure_note
+from activities.gpu.nvml import GpuFacts, NodeGpus
+from activities.host.processes import is_alive
+from activities.pipeline import NodeGate, Stages, as_restore_failure, failure_note
 from activities.runtime import chrooted, control
 from activities.runtime.base import Located
 from activities.runtime.containerd import Containerd
@@ -37,8 +42,9 @@ from activities.runtime.restore import (
     restore_into_container,
 )
 from activities.runtime.rootfs import apply_rootfs_diff
+from activities.storage.quarantine import Quarantine, QuarantinePolicy
 from activities.storage.store import CheckpointStore
-from api.errors import RestoreFailedError
+from api.errors import RestoreFailedError, WorkloadExitedError, WorkloadNotReadyError
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.manifest import Manifest
 from api.restore_pods import STANDBY_NAME, STANDBY_SCRIPT
@@ -306,6 +312,71 @@ async def test_a_restore_that_hangs_is_killed_at_its_deadline(
 
     assert "did not finish" in (pod.control / "restore-failed").read_text()
     assert_started_cold(pod, located, captured)
+
+
+def standby_restorer(kubelet: Kubelet, captured: Captured, quarantine: Quarantine) -> Any:
+    """The node activity's restorer, as a cluster node composes it, over the capture's store."""
+    from activities.runtime.standby import StandbyRestorer
+
+    store = CheckpointStore(captured.version_dir.parents[2])
+    return StandbyRestorer(
+        runtime=Containerd(address=kubelet.address),
+        criu=criu(),
+        store=store,
+        gate=NodeGate(criu_version=criu().version(), quarantine=quarantine, node="gpu-2"),
+        gpus=NodeGpus(known=GpuFacts()),
+        work_root=store.root.parent / "restores",
+    )
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_a_pod_deleted_mid_restore_is_no_evidence_against_the_checkpoint(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    image = kubelet.import_image("local/workload:1")
+    captured = await capture(kubelet, tmp_path, image)
+    pod, located = await standby(kubelet, tmp_path, image)
+    # Any failure that counts quarantines at once here: so nothing may count.
+    quarantine = Quarantine(captured.version_dir.parents[2], policy=QuarantinePolicy(min_nodes=1))
+    restorer = standby_restorer(kubelet, captured, quarantine)
+
+    def delete_the_pod(beat: Heartbeat) -> None:
+        if beat.stage == "prepare":  # the gate passed: a failure from here on is judged
+            kubelet.ctr("tasks", "kill", "--signal", "SIGKILL", pod.cid)
+            wait_for(lambda: not is_alive(located.pid), "the standby to be gone")
+
+    env = ActivityEnvironment()
+    env.on_heartbeat = delete_the_pod
+    request = ContainerRestoreInput(
+        target=pod.target, checkpoint_id=CKPT, version=captured.manifest.version
+    )
+    with pytest.raises(WorkloadExitedError, match="the standby container is gone"):
+        await env.run(restorer.restore, request)
+    assert quarantine.entries(pending=True) == []
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_a_slow_gms_loader_is_no_evidence_against_the_checkpoint(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    image = kubelet.import_image("local/workload:1")
+    captured = await capture(kubelet, tmp_path, image)
+    pod, _ = await standby(kubelet, tmp_path, image)
+    quarantine = Quarantine(captured.version_dir.parents[2], policy=QuarantinePolicy(min_nodes=1))
+    restorer = standby_restorer(kubelet, captured, quarantine)
+    request = ContainerRestoreInput(
+        target=pod.target,
+        checkpoint_id=CKPT,
+        version=captured.manifest.version,
+        gms_sentinel=f"gms-load-complete-{pod.target.pod_uid}",
+        gms_timeout_seconds=0.5,
+    )
+    with pytest.raises(WorkloadNotReadyError, match=r"from the GMS loader within 0\.5 s"):
+        await ActivityEnvironment().run(restorer.restore, request)
+    assert (pod.control / "restore-failed").read_text().startswith("WorkloadNotReady: ")
+    assert quarantine.entries(pending=True) == []
 
 
 def assert_started_cold(pod: Pod, located: Located, captured: Captured) -> None:

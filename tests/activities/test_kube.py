@@ -4,6 +4,8 @@ server (kmock, taught resourceVersions and conflicts in tests/kube.py)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ from kubernetes import client
 from temporalio.testing import ActivityEnvironment
 
 from activities.contracts import (
+    CatalogQuery,
     ClaimInput,
     ContainerTarget,
     JobInput,
@@ -21,7 +24,10 @@ from activities.contracts import (
     ResourceRef,
     StatusInput,
 )
-from activities.kube.control import KubeControlActivities, ready_references
+from activities.kube.control import KubeControlActivities, in_use_references, ready_references
+from activities.storage.catalog import LocalCatalog
+from activities.storage.quarantine import NodeClass, Quarantine, QuarantineEvidence
+from activities.storage.queries import CatalogActivities
 from api.errors import (
     CheckpointNotFoundError,
     ForbiddenError,
@@ -436,6 +442,86 @@ async def test_retention_keeps_what_ready_resources_reference(cluster: Cluster) 
     assert refs == [
         ProtectedRef(checkpoint_id=CKPT, version=VERSION, referrer="Checkpoint inference/llama")
     ]
+
+
+async def test_retention_keeps_what_admitted_restore_targets_wait_for(cluster: Cluster) -> None:
+    def target(name: str, version: str, **notes: str) -> dict[str, Any]:
+        """A pod as the webhook admitted it to restore `version` (tests/kube.py: no phase)."""
+        return {
+            "metadata": {
+                "name": name,
+                "namespace": "inference",
+                "labels": {
+                    "warmstart.dev/restore-target": "true",
+                    "warmstart.dev/checkpoint-id": CKPT,
+                },
+                "annotations": {"warmstart.dev/checkpoint-version": version, **notes},
+            },
+            "spec": {"containers": [{"name": "main", "image": "vllm/vllm-openai:v0.8.0"}]},
+        }
+
+    older = "20261120T120000Z-000000"
+    waiting = target("llama-0", older)  # not scheduled yet: no restore has started
+    done = target("llama-1", VERSION, **{"warmstart.dev/restore-status": "restored"})
+    plain = {
+        "metadata": {"name": "web", "namespace": "inference"},
+        "spec": {"containers": [{"name": "main", "image": "nginx"}]},
+    }
+    for pod in (waiting, done, plain):
+        await cluster.run(cluster.core.create_namespaced_pod, "inference", pod)
+
+    assert await in_use_references(cluster.api)() == [
+        ProtectedRef(
+            checkpoint_id=CKPT, version=older, referrer="restore-target pod inference/llama-0"
+        )
+    ]
+
+
+async def test_the_quarantine_in_effect_shows_on_the_status_until_cleared(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    quarantine = Quarantine(tmp_path)
+    now = datetime.now(UTC)
+    h100 = NodeClass(gpu_model="H100", gpu_driver="560", criu="4.2.1")
+    a100 = h100.model_copy(update={"gpu_model": "A100"})
+    for node, cls in (("gpu-1", h100), ("gpu-2", h100), ("gpu-3", a100)):
+        quarantine.record(
+            QuarantineEvidence(
+                checkpoint_id=CKPT,
+                version=VERSION,
+                node_class=cls,
+                node=node,
+                reason="RestoreFailed",
+                message="criu restore exited with 1",
+                since=now,
+                last=now,
+            )
+        )
+    control = KubeControlActivities(
+        cluster.api, claims_namespace="warmstart-system", quarantine=quarantine
+    )
+    env = ActivityEnvironment()
+    ref = await created(cluster)
+    # A capture's status publish shows the quarantine in effect (not the pending A100).
+    ready = status(ref, Phase.READY, Reason.CAPTURED, version=VERSION)
+    await env.run(control.publish_status, ready)
+    [shown] = (await cluster.get("checkpoints", "inference", "llama"))["status"]["quarantine"]
+    assert shown["version"] == VERSION
+    assert shown["nodeClass"] == "H100, driver 560, CRIU 4.2.1"
+    assert (shown["nodes"], shown["reason"]) == (["gpu-1", "gpu-2"], "RestoreFailed")
+    assert shown["expires"].startswith(f"{now + timedelta(hours=24):%Y-%m-%dT%H:%M}")
+
+    # `warmstart quarantine clear` on the control side: the status shows none.
+    answers = CatalogActivities(
+        catalog=LocalCatalog(tmp_path),
+        quarantine=quarantine,
+        on_cleared=control.publish_quarantine,
+    )
+    clear = CatalogQuery(action="clear-quarantine", ref=CKPT)
+    cleared = await env.run(answers.answer_catalog, clear)
+    assert len(cleared.quarantine) == 2
+    st = (await cluster.get("checkpoints", "inference", "llama"))["status"]
+    assert (st["phase"], st["quarantine"]) == ("Ready", [])
 
 
 def refuse(cluster: Cluster, request: str, status: int, *, times: int | None = None) -> None:

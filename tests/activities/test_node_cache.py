@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,32 @@ async def test_a_full_disk_is_named_and_leaves_nothing_half_written(
     assert CheckpointStore(small_disk).staged() == []
     assert _files_outside_locks(small_disk) == []
     assert shutil.disk_usage(small_disk).used < 64 * 1024  # the partial bytes are gone too
+
+
+async def test_without_a_byte_bound_the_cache_takes_half_its_disk(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    from activities.host.layout import NodeLayout
+    from workers.compose import node_cache
+    from workers.settings import Settings
+
+    # 1.2 MiB: it fits the 2 MiB disk, not half of it.
+    files = {"criu/pages-1.img": os.urandom(1200 * 1024), "criu/core-1.img": b"core"}
+    pvc = FilesystemBackend(root=tmp_path / "pvc", settings=SETTINGS)
+    pvc.upload_version(
+        committed_version(tmp_path / "node", files), checkpoint_id=CKPT, version=VERSION
+    )
+    settings = Settings(home=small_disk)  # WARMSTART_STORAGE__CACHE_MAX_BYTES unset
+    layout = NodeLayout(small_disk)
+    cache = node_cache(settings, layout, VerifiedFiles(layout.verified_cache))
+
+    assert cache.max_bytes == shutil.disk_usage(small_disk).total // 2
+    with pytest.raises(StorageError, match=f"cache at {layout.checkpoint_cache} holds 0 bytes"):
+        await cache.fetch(pvc, checkpoint_id=CKPT, version=VERSION)
+    assert cache.entries() == []
+    # A byte bound, where set, is the bound.
+    bounded = replace(settings, storage=replace(settings.storage, cache_max_bytes=2 << 20))
+    assert node_cache(bounded, layout, VerifiedFiles(layout.verified_cache)).max_bytes == 2 << 20
 
 
 async def test_a_missing_version_is_named(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import platform
 import re
@@ -11,7 +12,7 @@ import socket
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,12 @@ from activities.gpu.nvml import Gpu, GpuFacts, NodeGpus
 from activities.host.layout import NodeLayout
 from activities.host.processes import is_alive, terminate
 from activities.local.restore import RestoreActivities
-from activities.storage.quarantine import Quarantine
+from activities.storage.quarantine import (
+    NodeClass,
+    Quarantine,
+    QuarantineEvidence,
+    QuarantinePolicy,
+)
 from activities.storage.store import WORKLOAD_LOG, CheckpointStore, digest_tree
 from api.errors import (
     AlreadyRunningError,
@@ -37,6 +43,7 @@ from api.errors import (
 )
 from api.identity import CheckpointIdentity
 from api.manifest import CriuInfo, GpuDevice, HostInfo, Manifest, SourceInfo
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -99,14 +106,31 @@ class Node:
         script.chmod(0o755)
         return Criu(str(script))
 
-    def activities(self, criu: Criu, gpus: GpuFacts | None = None) -> RestoreActivities:
+    def activities(
+        self,
+        criu: Criu,
+        gpus: GpuFacts | None = None,
+        *,
+        node: str = "local",
+        quarantine: Quarantine | None = None,
+    ) -> RestoreActivities:
+        """The restore activities of node `node` sharing this node's store (the RWX volume
+        a cluster's nodes share), judging the quarantine by `quarantine`'s policy."""
         node_gpus = NodeGpus(known=gpus or GpuFacts())
-        return RestoreActivities(criu=criu, store=self.store, layout=self.layout, gpus=node_gpus)
+        return RestoreActivities(
+            criu=criu,
+            store=self.store,
+            layout=self.layout,
+            gpus=node_gpus,
+            node=node,
+            quarantine=quarantine,
+        )
 
 
 def commit_checkpoint(
     tmp: Path,
     *,
+    version: str = VERSION,
     arch: str = platform.machine(),
     health_url: str | None = None,
     host: dict[str, Any] | None = None,
@@ -114,7 +138,7 @@ def commit_checkpoint(
 ) -> Node:
     layout = NodeLayout(tmp / "home")
     store = CheckpointStore(layout.checkpoints)
-    staging = store.fresh_staging(CKPT, VERSION)
+    staging = store.fresh_staging(CKPT, version)
     (staging / "criu").mkdir()
     (staging / "criu" / "pages-1.img").write_bytes(bytes(range(256)) * 64)
     (staging / "criu" / "core-1.img").write_bytes(b"core")
@@ -135,7 +159,7 @@ def commit_checkpoint(
     )
     manifest = Manifest(
         checkpoint_id=CKPT,
-        version=VERSION,
+        version=version,
         identity=CheckpointIdentity(model="m", backend_framework="vllm"),
         created_at=datetime.now(UTC),
         source=source,
@@ -457,35 +481,186 @@ async def test_a_gpu_checkpoint_restores_where_its_gpus_match(
     assert restored.pid == int(restored_pids.read_text())
 
 
-async def test_a_restore_that_failed_here_is_quarantined_until_cleared(
-    node: Node, restored_pids: Path
-) -> None:
+def calls(node: Node) -> int:
+    """How many times the fake criu was run to restore."""
+    return len(node.criu_calls.read_text().splitlines()) if node.criu_calls.exists() else 0
+
+
+async def fail_on(node: Node, name: str) -> None:
+    """A restore of VERSION on node `name` that CRIU fails (it runs: not refused)."""
+    before = calls(node)
     with pytest.raises(RestoreFailedError):
         await ActivityEnvironment().run(
-            node.activities(node.criu("exit 1\n")).restore_checkpoint, request()
+            node.activities(node.criu("exit 1\n"), node=name).restore_checkpoint, request()
         )
-    quarantine = Quarantine(node.store.root)
-    [entry] = quarantine.entries(CKPT)
-    assert (entry.reason, entry.node_class.describe()) == ("RestoreFailed", "no GPU, CRIU 4.2.1")
+    assert calls(node) == before + 1
     (node.control_dir / "restore-failed").unlink()
 
-    # The next restore of this node class starts cold at once: CRIU is not even run.
-    working = node.activities(node.criu(restoring_a_sleeper(restored_pids)))
-    calls = node.criu_calls.read_text()
+
+async def test_failures_on_two_nodes_quarantine_the_version_on_their_class_until_cleared(
+    node: Node, restored_pids: Path
+) -> None:
+    quarantine = Quarantine(node.store.root)
+    # One node failing, again and again, is pending evidence: it refuses nothing.
+    await fail_on(node, "gpu-1")
+    await fail_on(node, "gpu-1")
+    assert quarantine.entries(CKPT) == []
+    [pending] = quarantine.entries(CKPT, pending=True)
+    assert (pending.active, pending.version, pending.nodes) == (False, VERSION, ("gpu-1",))
+    assert "pending on node class [no GPU, CRIU 4.2.1]" in pending.describe()
+    assert "(1 of the 2 nodes a quarantine needs)" in pending.describe()
+
+    # A second node failing the same version on the same class: quarantined there.
+    await fail_on(node, "gpu-2")
+    [entry] = quarantine.entries(CKPT)
+    assert (entry.active, entry.version, entry.nodes) == (True, VERSION, ("gpu-1", "gpu-2"))
+    assert (entry.reason, entry.node_class.describe()) == ("RestoreFailed", "no GPU, CRIU 4.2.1")
+    # It lapses a day after the older of the two nodes' latest failures (gpu-1's second).
+    [first] = (node.store.root / CKPT / "quarantine" / VERSION).glob("*/gpu-1.json")
+    held = QuarantineEvidence.model_validate_json(first.read_bytes())
+    assert held.failures == 2
+    assert entry.expires == held.last + timedelta(hours=24)
+
+    # The next restore of this version on this class starts cold at once, on any node.
+    working = node.activities(node.criu(restoring_a_sleeper(restored_pids)), node="gpu-3")
     with pytest.raises(QuarantinedError) as caught:
         await ActivityEnvironment().run(working.restore_checkpoint, request())
-    assert f"checkpoint {CKPT} is quarantined on node class [no GPU, CRIU 4.2.1]" in str(
-        caught.value
+    assert (
+        f"checkpoint {CKPT} version {VERSION} is quarantined on node class "
+        "[no GPU, CRIU 4.2.1]" in str(caught.value)
     )
+    assert "after RestoreFailed on node(s) gpu-1, gpu-2 until " in str(caught.value)
     assert f"`warmstart quarantine clear {CKPT}`" in str(caught.value)
-    assert node.criu_calls.read_text() == calls
+    assert calls(node) == 3  # CRIU was not run
     assert (node.control_dir / "restore-failed").read_text().startswith("Quarantined: ")
 
     # Cleared, it restores again.
-    assert [e.checkpoint_id for e in quarantine.clear(CKPT)] == [CKPT]
+    assert [e.nodes for e in quarantine.clear(CKPT)] == [("gpu-1", "gpu-2")]
     restored = await ActivityEnvironment().run(working.restore_checkpoint, request())
     assert restored.pid == int(restored_pids.read_text())
-    assert quarantine.entries() == []
+    assert quarantine.entries(pending=True) == []
+    assert not (node.store.root / CKPT / "quarantine").exists()
+
+
+def evidence(node: str, *, version: str = VERSION, hours_ago: float = 0) -> QuarantineEvidence:
+    """What node `node` records after a restore of `version` failed there."""
+    at = datetime.now(UTC) - timedelta(hours=hours_ago)
+    return QuarantineEvidence(
+        checkpoint_id=CKPT,
+        version=version,
+        node_class=NodeClass(gpu_model="", gpu_driver="", criu="4.2.1"),
+        node=node,
+        reason="RestoreFailed",
+        message="criu restore exited with 1",
+        since=at,
+        last=at,
+    )
+
+
+async def test_a_quarantine_refuses_its_version_only(tmp_path: Path, restored_pids: Path) -> None:
+    node = commit_checkpoint(tmp_path)
+    other = "20261125T000000Z-bbbbbb"
+    commit_checkpoint(tmp_path, version=other)
+    quarantine = Quarantine(node.store.root)
+    for name in ("gpu-1", "gpu-2"):
+        quarantine.record(evidence(name))
+    working = node.activities(node.criu(restoring_a_sleeper(restored_pids)))
+    with pytest.raises(QuarantinedError):
+        await ActivityEnvironment().run(working.restore_checkpoint, request())
+
+    restored = await ActivityEnvironment().run(working.restore_checkpoint, request(version=other))
+    assert restored.version == other
+
+
+async def test_evidence_lapses_a_day_after_its_nodes_latest_failure(node: Node) -> None:
+    quarantine = Quarantine(node.store.root)
+    then = datetime.now(UTC) - timedelta(hours=25)
+    Quarantine(node.store.root, clock=lambda: then).record(evidence("gpu-2", hours_ago=25))
+    assert len(quarantine.lapsed()) == 1  # recorded a day ago and more: it counts for nothing
+    await fail_on(node, "gpu-1")
+    [pending] = quarantine.entries(CKPT, pending=True)
+    assert (pending.active, pending.nodes) == (False, ("gpu-1",))
+    # Recording swept the lapsed evidence.
+    assert [p.name for p in (node.store.root / CKPT / "quarantine").rglob("*.json")] == [
+        "gpu-1.json"
+    ]
+
+
+async def test_how_many_nodes_a_quarantine_needs_is_a_setting(node: Node) -> None:
+    one = Quarantine(node.store.root, policy=QuarantinePolicy(min_nodes=1))
+    with pytest.raises(RestoreFailedError):
+        await ActivityEnvironment().run(
+            node.activities(node.criu("exit 1\n"), quarantine=one).restore_checkpoint, request()
+        )
+    working = node.activities(node.criu("exit 0\n"), quarantine=one)
+    with pytest.raises(QuarantinedError):
+        await ActivityEnvironment().run(working.restore_checkpoint, request())
+    assert calls(node) == 1
+
+
+def legacy_file(node: Node, *, hours_ago: float) -> Path:
+    """A quarantine entry as it was recorded before versions and evidence: one failure, one
+    node, the whole checkpoint on its class (`<class key>.json`)."""
+    cls = NodeClass(gpu_model="", gpu_driver="", criu="4.2.1")
+    since = (datetime.now(UTC) - timedelta(hours=hours_ago)).isoformat().replace("+00:00", "Z")
+    recorded = {
+        "checkpoint_id": CKPT,
+        "node_class": {"gpu_model": "", "gpu_driver": "", "criu": "4.2.1"},
+        "reason": "RestoreFailed",
+        "message": "criu restore exited with 1",
+        "node": "local",
+        "since": since,
+    }
+    path = node.store.root / CKPT / "quarantine" / f"{cls.key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recorded, indent=2))
+    return path
+
+
+async def test_an_entry_recorded_before_versions_refuses_every_version_until_it_lapses(
+    node: Node, restored_pids: Path
+) -> None:
+    path = legacy_file(node, hours_ago=23)
+    quarantine = Quarantine(node.store.root)
+    [entry] = quarantine.entries(CKPT)
+    assert (entry.version, entry.nodes, entry.active) == ("", ("local",), True)
+    working = node.activities(node.criu(restoring_a_sleeper(restored_pids)))
+    with pytest.raises(QuarantinedError) as caught:
+        await ActivityEnvironment().run(working.restore_checkpoint, request())
+    assert f"checkpoint {CKPT} (every version) is quarantined" in str(caught.value)
+    (node.control_dir / "restore-failed").unlink()
+
+    path.unlink()
+    lapsed = legacy_file(node, hours_ago=25)
+    assert quarantine.entries(CKPT) == []
+    assert quarantine.lapsed() == [lapsed]
+    restored = await ActivityEnvironment().run(working.restore_checkpoint, request())
+    assert restored.pid == int(restored_pids.read_text())
+    assert quarantine.sweep_lapsed() == [lapsed] and not lapsed.exists()
+
+
+async def test_damaged_quarantine_records_are_ignored(node: Node, restored_pids: Path) -> None:
+    cls = NodeClass(gpu_model="", gpu_driver="", criu="4.2.1")
+    records = node.store.root / CKPT / "quarantine"
+    (records / VERSION / cls.key).mkdir(parents=True)
+    (records / VERSION / cls.key / "gpu-1.json").write_text('{"node": "gpu-1", "last": ')
+    (records / f"{cls.key}.json").write_bytes(b"\x00not json")
+    working = node.activities(node.criu(restoring_a_sleeper(restored_pids)))
+    restored = await ActivityEnvironment().run(working.restore_checkpoint, request())
+    assert restored.pid == int(restored_pids.read_text())
+    assert Quarantine(node.store.root).entries(pending=True) == []
+
+
+async def test_a_cancelled_restore_is_no_evidence(node: Node, tmp_path: Path) -> None:
+    started = tmp_path / "criu-started"
+    criu = node.criu(f"touch {started}\nexec sleep 300\n")
+    env = ActivityEnvironment()
+    task = asyncio.create_task(env.run(node.activities(criu).restore_checkpoint, request()))
+    await wait_until(started.exists, "criu to run")
+    env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert Quarantine(node.store.root).entries(pending=True) == []
 
 
 async def test_a_damaged_checkpoint_is_not_blamed_on_the_node(node: Node) -> None:

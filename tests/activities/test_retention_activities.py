@@ -21,7 +21,7 @@ from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from activities.storage.catalog import LocalCatalog
-from activities.storage.quarantine import NodeClass, Quarantine, QuarantineEntry
+from activities.storage.quarantine import NodeClass, Quarantine, QuarantineEvidence
 from activities.storage.retention import (
     CHECKPOINT_ID_KEY,
     DeleteVersionInput,
@@ -122,17 +122,25 @@ def _age(root: Path, *, seconds: float) -> None:
         os.utime(path, (then, then))
 
 
-def _quarantine(store: CheckpointStore, checkpoint_id: str) -> None:
-    Quarantine(store.root).record(
-        QuarantineEntry(
-            checkpoint_id=checkpoint_id,
-            node_class=NodeClass(gpu_model="H100", gpu_driver="560", criu="4.2"),
-            reason="RestoreFailed",
-            message="criu restore failed",
-            node="n",
-            since=T0,
+def _quarantine(
+    store: CheckpointStore, checkpoint_id: str, *, nodes: tuple[str, ...], hours_ago: float = 0
+) -> None:
+    """Evidence of `nodes` against a version of `checkpoint_id`, their latest failure
+    `hours_ago` hours ago."""
+    at = datetime.now(UTC) - timedelta(hours=hours_ago)
+    for node in nodes:
+        Quarantine(store.root, clock=lambda: at).record(  # as recorded then
+            QuarantineEvidence(
+                checkpoint_id=checkpoint_id,
+                version="20261124T000000Z-aaaaaa",
+                node_class=NodeClass(gpu_model="H100", gpu_driver="560", criu="4.2"),
+                node=node,
+                reason="RestoreFailed",
+                message="criu restore failed",
+                since=at,
+                last=at,
+            )
         )
-    )
 
 
 async def test_sweep_removes_old_staging_and_quarantine_of_gone_checkpoints(
@@ -141,8 +149,8 @@ async def test_sweep_removes_old_staging_and_quarantine_of_gone_checkpoints(
     live = commit_version(store, model="live", created_at=T0)
     gone = commit_version(store, model="gone", created_at=T0)
     shutil.rmtree(store.version_dir(gone.checkpoint_id, gone.version))
-    _quarantine(store, live.checkpoint_id)
-    _quarantine(store, gone.checkpoint_id)
+    _quarantine(store, live.checkpoint_id, nodes=("gpu-1", "gpu-2"))
+    _quarantine(store, gone.checkpoint_id, nodes=("gpu-1", "gpu-2"))
     old = store.fresh_staging(live.checkpoint_id, "old-dump")
     fresh = store.fresh_staging(live.checkpoint_id, "running-dump")
     two_hours_ago = time.time() - 7200
@@ -157,9 +165,32 @@ async def test_sweep_removes_old_staging_and_quarantine_of_gone_checkpoints(
     swept = await ActivityEnvironment().run(acts.sweep_orphans, request)
     assert swept == planned
     assert swept.staging == (f"{live.checkpoint_id}/versions/tmp/old-dump",)
-    assert len(swept.quarantine) == 1 and swept.quarantine[0].startswith(gone.checkpoint_id)
+    assert len(swept.quarantine) == 2
+    assert all(path.startswith(f"{gone.checkpoint_id}/quarantine/") for path in swept.quarantine)
     assert not old.exists() and fresh.exists()
     assert [e.checkpoint_id for e in Quarantine(store.root).entries()] == [live.checkpoint_id]
+
+
+async def test_sweep_removes_lapsed_quarantine_evidence(
+    store: CheckpointStore, client: Client
+) -> None:
+    live = commit_version(store, model="live", created_at=T0)
+    _quarantine(store, live.checkpoint_id, nodes=("gpu-1",))
+    _quarantine(store, live.checkpoint_id, nodes=("gpu-2",), hours_ago=25)
+    acts = _activities(store, client)
+
+    dry = SweepInput(staging_older_than_seconds=3600, dry_run=True)
+    planned = await ActivityEnvironment().run(acts.sweep_orphans, dry)
+    [lapsed] = planned.quarantine
+    assert lapsed.startswith(f"{live.checkpoint_id}/quarantine/") and lapsed.endswith("/gpu-2.json")
+    assert (store.root / lapsed).exists()
+
+    request = SweepInput(staging_older_than_seconds=3600)
+    swept = await ActivityEnvironment().run(acts.sweep_orphans, request)
+    assert swept.quarantine == (lapsed,)
+    assert not (store.root / lapsed).exists()
+    [pending] = Quarantine(store.root).entries(pending=True)
+    assert pending.nodes == ("gpu-1",)
 
 
 @workflow.defn(name=RESTORE_WORKFLOW, sandboxed=False)

@@ -19,7 +19,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.host.processes import terminate
 from activities.storage.objectstore.s3 import S3Backend, S3Location
-from activities.storage.quarantine import NodeClass, Quarantine, QuarantineEntry
+from activities.storage.quarantine import NodeClass, Quarantine, QuarantineEvidence
 from activities.storage.store import CheckpointStore
 from tests.committing import commit_version
 from tests.conftest import needs_criu
@@ -195,15 +195,24 @@ async def test_no_server_exits_1_and_says_how_to_start_one(settings: Settings) -
 T0 = datetime(2026, 11, 24, tzinfo=UTC)
 
 
-def _quarantined(checkpoint_id: str, gpu: str) -> QuarantineEntry:
-    return QuarantineEntry(
-        checkpoint_id=checkpoint_id,
-        node_class=NodeClass(gpu_model=gpu, gpu_driver="560", criu="4.2.1"),
-        reason="RestoreFailed",
-        message="criu restore failed",
-        node="gpu-1",
-        since=T0,
-    )
+def _failed(
+    quarantine: Quarantine, checkpoint_id: str, version: str, gpu: str, nodes: tuple[str, ...]
+) -> None:
+    """`nodes` of class `gpu` record that restores of the version failed there."""
+    now = datetime.now(UTC)
+    for node in nodes:
+        quarantine.record(
+            QuarantineEvidence(
+                checkpoint_id=checkpoint_id,
+                version=version,
+                node_class=NodeClass(gpu_model=gpu, gpu_driver="560", criu="4.2.1"),
+                node=node,
+                reason="RestoreFailed",
+                message="criu restore failed",
+                since=now,
+                last=now,
+            )
+        )
 
 
 async def test_list_describe_and_quarantine_ask_the_control_side_not_this_disk(
@@ -213,11 +222,13 @@ async def test_list_describe_and_quarantine_ask_the_control_side_not_this_disk(
     made = commit_version(store, model="llama", created_at=T0)
     quarantine = Quarantine(store.root)
     for gpu in ("H100", "A100"):
-        quarantine.record(_quarantined(made.checkpoint_id, gpu))
+        _failed(quarantine, made.checkpoint_id, made.version, gpu, ("gpu-1", "gpu-2"))
+    _failed(quarantine, made.checkpoint_id, made.version, "L40S", ("gpu-3",))  # pending
     # Another machine: its own state holds something else, which the CLI must not show.
     laptop = replace(control, home=tmp_path / "laptop")
     decoy = commit_version(CheckpointStore(laptop.checkpoint_root), model="decoy", created_at=T0)
-    Quarantine(laptop.checkpoint_root).record(_quarantined(decoy.checkpoint_id, "L4"))
+    laptop_quarantine = Quarantine(laptop.checkpoint_root)
+    _failed(laptop_quarantine, decoy.checkpoint_id, decoy.version, "L4", ("gpu-1", "gpu-2"))
 
     code, out, err = await cli(laptop, address, "list", "-o", "json")
     assert code == 0, err
@@ -235,14 +246,19 @@ async def test_list_describe_and_quarantine_ask_the_control_side_not_this_disk(
 
     code, out, err = await cli(laptop, address, "quarantine", "list", "llama", "-o", "json")
     assert code == 0, err
-    assert sorted(e["node_class"]["gpu_model"] for e in json.loads(out)) == ["A100", "H100"]
+    listed = {e["node_class"]["gpu_model"]: e for e in json.loads(out)}
+    assert sorted(listed) == ["A100", "H100", "L40S"]
+    assert [listed[gpu]["active"] for gpu in ("A100", "H100", "L40S")] == [True, True, False]
+    assert listed["H100"]["version"] == made.version
+    assert listed["H100"]["nodes"] == ["gpu-1", "gpu-2"]
     code, out, _ = await cli(laptop, address, "quarantine")
-    assert "A100" in out and "L4" not in out
+    assert "A100" in out and "L4," not in out
+    assert f"version {made.version}: pending on node class [L40S, driver 560" in out
     code, out, err = await cli(laptop, address, "quarantine", "clear", "llama")
     assert code == 0, err
-    assert f"checkpoint {made.checkpoint_id}: 2 quarantine entr(ies) cleared" in out
-    assert quarantine.entries() == []
-    assert len(Quarantine(laptop.checkpoint_root).entries()) == 1  # untouched
+    assert f"checkpoint {made.checkpoint_id}: 3 quarantine entr(ies) cleared" in out
+    assert quarantine.entries(pending=True) == []
+    assert len(laptop_quarantine.entries()) == 1  # untouched
     code, out, _ = await cli(laptop, address, "quarantine", "list")
     assert "no checkpoint is quarantined" in out
     code, _, err = await cli(laptop, address, "quarantine", "clear", "nosuch")

@@ -22,8 +22,9 @@ from activities.storage.store import CheckpointStore
 from api.errors import InvalidSpecError
 from api.retention import RETENTION_SCHEDULE_ID, RETENTION_WORKFLOW, RetentionPolicy
 from tests.committing import commit_version
+from tests.kube import start_cluster
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, new_bucket, s3_client
-from workers.compose import control_worker
+from workers.compose import cluster_control_worker, control_worker
 from workers.retention import ensure_retention_schedule, retention_policies, retention_request
 from workers.settings import RetentionSettings, Settings, StorageSettings
 
@@ -88,6 +89,44 @@ async def test_gc_dry_run_then_for_real(client: Client, settings: Settings) -> N
         assert len(LocalCatalog(store.root).checkpoints()) == 2
 
         code, out, err = await _gc(settings, address)
+    assert code == 0, err
+    assert f"version {old.version}" in out and "deleted, beyond the 1 newest" in out
+    assert [e.version for e in LocalCatalog(store.root).checkpoints()] == [new.version]
+
+
+async def test_gc_on_a_cluster_keeps_the_version_a_waiting_restore_target_needs(
+    client: Client, settings: Settings
+) -> None:
+    store = CheckpointStore(settings.checkpoint_root)
+    old = commit_version(store, model="m", created_at=T0)
+    new = commit_version(store, model="m", created_at=T0 + timedelta(hours=1), suffix="bbbbbb")
+    # Admitted by the webhook for the older version, before any node restores it (not yet
+    # scheduled): no RestoreWorkflow runs for it, only the pod says it is needed.
+    pod = {
+        "metadata": {
+            "name": "llama-0",
+            "namespace": "inference",
+            "labels": {
+                "warmstart.dev/restore-target": "true",
+                "warmstart.dev/checkpoint-id": old.checkpoint_id,
+            },
+            "annotations": {"warmstart.dev/checkpoint-version": old.version},
+        },
+        "spec": {"containers": [{"name": "main", "image": "local/workload"}]},
+    }
+    address = client.service_client.config.target_host
+    async for cluster in start_cluster():
+        await cluster.run(cluster.core.create_namespaced_pod, "inference", pod)
+        async with cluster_control_worker(client, settings, cluster.api):
+            code, out, err = await _gc(settings, address)
+            assert code == 0, err
+            assert "deleted 0 version(s)" in out
+            assert len(LocalCatalog(store.root).checkpoints()) == 2
+
+            # Restored (the node published it): the pod waits no more.
+            restored = {"metadata": {"annotations": {"warmstart.dev/restore-status": "restored"}}}
+            await cluster.run(cluster.core.patch_namespaced_pod, "llama-0", "inference", restored)
+            code, out, err = await _gc(settings, address)
     assert code == 0, err
     assert f"version {old.version}" in out and "deleted, beyond the 1 newest" in out
     assert [e.version for e in LocalCatalog(store.root).checkpoints()] == [new.version]

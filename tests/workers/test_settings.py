@@ -32,6 +32,9 @@ def test_defaults_without_variables() -> None:
     settings = Settings.from_env({})
     assert settings.temporal == TemporalSettings()
     assert settings.home.name == "warmstart"
+    assert (settings.storage.cache_max_bytes, settings.storage.cache_max_share) == (None, 0.5)
+    policy = settings.quarantine.policy()
+    assert (policy.min_nodes, policy.expiry_seconds) == (2, 86400.0)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +48,18 @@ def test_defaults_without_variables() -> None:
         ({"WARMSTART_TEMPORAL__ADRESS": "x:1"}, "WARMSTART_TEMPORAL__ADRESS: unknown setting"),
         ({"WARMSTART_NODE": "x"}, "WARMSTART_NODE: set its fields with WARMSTART_NODE__<FIELD>"),
         ({"WARMSTART_HOME__X": "x"}, "WARMSTART_HOME: is not a group of settings"),
+        (
+            {"WARMSTART_STORAGE__CACHE_MAX_SHARE": "1.5"},
+            "WARMSTART_STORAGE__CACHE_MAX_SHARE=1.5: expected a share of the disk above 0",
+        ),
+        (
+            {"WARMSTART_QUARANTINE__MIN_NODES": "0"},
+            "WARMSTART_QUARANTINE__MIN_NODES=0: expected 1 or more",
+        ),
+        (
+            {"WARMSTART_QUARANTINE__EXPIRY_SECONDS": "inf"},
+            "WARMSTART_QUARANTINE__EXPIRY_SECONDS='inf': expected a positive finite number",
+        ),
     ],
 )
 def test_bad_variables_name_themselves(env: dict[str, str], message: str) -> None:

@@ -8,11 +8,13 @@ import asyncio
 import base64
 import copy
 import json
+import os
 import socket
 import ssl
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -673,6 +675,76 @@ def test_the_certificate_names_its_hosts() -> None:
     assert (
         server_ssl_context(WebhookSettings(hosts="localhost")).protocol == ssl.PROTOCOL_TLS_SERVER
     )
+
+
+async def served_serial(port: int) -> int:
+    """The serial number of the certificate a new TLS connection is served."""
+    from cryptography import x509
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # it is read, not trusted
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def serial(pem: bytes) -> int:
+    from cryptography import x509
+
+    return int(x509.load_pem_x509_certificate(pem).serial_number)
+
+
+async def test_a_rotated_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+    """The Secret volume as the kubelet updates it: the files are links through `..data`,
+    which is swapped atomically to a new directory."""
+    mounted = tmp_path / "webhook-tls"
+    mounted.mkdir()
+
+    def rotate(cert: bytes, key: bytes, stamp: str) -> None:
+        target = mounted / f"..{stamp}"
+        target.mkdir()
+        (target / "tls.crt").write_bytes(cert)
+        (target / "tls.key").write_bytes(key)
+        (mounted / "..data_tmp").symlink_to(target.name)
+        os.replace(mounted / "..data_tmp", mounted / "..data")
+
+    first, second = (self_signed_certificate(hosts=["127.0.0.1"]) for _ in range(2))
+    rotate(*first, "2026_12_01")
+    for name in ("tls.crt", "tls.key"):
+        (mounted / name).symlink_to(f"..data/{name}")
+    settings = WebhookSettings(
+        host="127.0.0.1",
+        port=0,
+        cert_file=str(mounted / "tls.crt"),
+        key_file=str(mounted / "tls.key"),
+    )
+
+    async def no_checkpoint(namespace: str, name: str) -> None:
+        return None
+
+    app = admission_app(read=no_checkpoint, settings=SETTINGS)
+    async with serving(app, settings=settings, context=server_ssl_context(settings)) as port:
+        assert await served_serial(port) == serial(first[0])
+        rotate(*second, "2026_12_02")
+        assert await served_serial(port) == serial(second[0])
+        # A rotation caught half-done (a key that is not the certificate's): the last good
+        # one serves on, and the next complete rotation is taken.
+        rotate(first[0], second[1], "2026_12_03")
+        assert await served_serial(port) == serial(second[0])
+        rotate(*first, "2026_12_04")
+        assert await served_serial(port) == serial(first[0])
+        # It answers HTTPS that a client trusting only the certificate now served verifies.
+        (tmp_path / "ca.pem").write_bytes(first[0])
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"https://127.0.0.1:{port}/healthz", ssl=context) as answer,
+        ):
+            assert answer.status == 200
 
 
 @pytest.mark.parametrize(

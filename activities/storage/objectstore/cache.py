@@ -12,6 +12,9 @@ place), so `CheckpointStore(root).find/verify` read the cache. Beside them, per 
   exclusively without waiting and skips versions it cannot lock. Its mtime is the
   version's LRU stamp.
 
+The bound is `max_bytes`; a node worker whose settings name none bounds it to a share of
+the filesystem that holds it (`share_of_disk`), so a node's cache cannot fill its disk.
+
 Lock files are never removed: one unlinked while another process holds it open would let
 two processes each hold "the" lock, on different inodes. The byte bound counts committed
 versions and this process's downloads in flight; a download in flight in another process
@@ -48,6 +51,16 @@ _FETCH = "fetch"
 _USE = "use"
 # A full disk or quota under the cache: retrying on this node cannot help.
 _FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def share_of_disk(path: Path, share: float) -> int:
+    """`share` of the size of the filesystem holding `path` (or, while it does not exist
+    yet, its nearest existing parent), in bytes."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    disk = os.statvfs(probe)
+    return int(disk.f_blocks * disk.f_frsize * share)
 
 
 @dataclass(frozen=True)
