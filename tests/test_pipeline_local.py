@@ -7,7 +7,6 @@ import json
 import re
 import socket
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,12 @@ from activities.host.processes import is_alive, terminate
 from activities.local.process import http_ok
 from activities.local.state import read_status
 from activities.storage.catalog import LocalCatalog
-from activities.storage.quarantine import Quarantine, QuarantineEvidence, node_class
+from activities.storage.quarantine import Quarantine
 from activities.storage.store import CheckpointStore
 from api.errors import PipelineFailedError
 from api.identity import checkpoint_id
 from api.manifest import Manifest
+from api.quarantine import QuarantinePolicy
 from api.reasons import Phase, Reason
 from api.workload import Readiness
 from tests.conftest import needs_criu
@@ -295,23 +295,11 @@ async def test_a_restore_failing_here_falls_back_then_is_quarantined_until_clear
     version_dir = CheckpointStore(workers.checkpoint_root).find(result.checkpoint_id)
     control = Path(json.loads((version_dir / "manifest.json").read_text())["source"]["control_dir"])
 
-    # Another node sharing this store failed to restore this version on this node class.
+    # Local mode has one node: its own failure quarantines (on a cluster, two nodes'
+    # failures do; tests/test_cluster_restore.py).
     manifest = Manifest.model_validate_json((version_dir / "manifest.json").read_bytes())
-    quarantine = Quarantine(workers.checkpoint_root)
-    now = datetime.now(UTC)
-    quarantine.record(
-        QuarantineEvidence(
-            checkpoint_id=result.checkpoint_id,
-            version=manifest.version,
-            node_class=node_class(manifest.host, criu=manifest.criu.version),
-            node="elsewhere",
-            reason="RestoreFailed",
-            message="criu restore exited with 1",
-            since=now,
-            last=now,
-        )
-    )
-    assert quarantine.entries(result.checkpoint_id) == []  # one node: pending
+    quarantine = Quarantine(workers.checkpoint_root, policy=QuarantinePolicy(min_nodes=1))
+    assert quarantine.entries(result.checkpoint_id) == []
 
     # Another process holds the port: CRIU cannot rebind the listening socket.
     squatter = socket.socket()
@@ -322,8 +310,8 @@ async def test_a_restore_failing_here_falls_back_then_is_quarantined_until_clear
         await restore(client, workers, "quarantined", result.checkpoint_id)
     assert failed.value.reason == Reason.RESTORE_FAILED
     assert "RestoreFailed" in (control / "restore-failed").read_text()  # the standby's signal
-    [entry] = quarantine.entries(result.checkpoint_id)  # a second node: quarantined
-    assert (entry.reason, entry.nodes) == ("RestoreFailed", ("elsewhere", workers.node.name))
+    [entry] = quarantine.entries(result.checkpoint_id)  # this node, the only one: quarantined
+    assert (entry.reason, entry.nodes) == ("RestoreFailed", (workers.node.name,))
 
     # The port is free again, but this node class is quarantined: cold start at once.
     with pytest.raises(PipelineFailedError) as refused:

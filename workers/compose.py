@@ -48,20 +48,27 @@ from workflows.retention import RetentionWorkflow
 log = logging.getLogger(__name__)
 
 
-def quarantine(settings: Settings, root: Path | None = None) -> Quarantine:
+def quarantine(settings: Settings, root: Path | None = None, *, cluster: bool) -> Quarantine:
     """The quarantine records of the store at `root` (default: the checkpoint root), judged
-    by the settings' policy: every node's gate and the control side judge alike."""
-    return Quarantine(root or settings.checkpoint_root, policy=settings.quarantine.policy())
+    by the settings' policy for a cluster or local mode: every node's gate and the control
+    side judge alike."""
+    policy = settings.quarantine.policy(cluster=cluster)
+    return Quarantine(root or settings.checkpoint_root, policy=policy)
 
 
 def catalog_activities(
-    settings: Settings, *, on_cleared: Callable[[str], Awaitable[None]] | None = None
+    settings: Settings,
+    *,
+    cluster: bool,
+    on_cleared: Callable[[str], Awaitable[None]] | None = None,
 ) -> CatalogActivities:
     """The control side's answers to the CLI: the catalog of the store it mounts (then the
     remote store) and the quarantine entries nodes record there; `on_cleared` is told of
     each checkpoint whose quarantine the CLI cleared."""
     return CatalogActivities(
-        catalog=store_catalog(settings), quarantine=quarantine(settings), on_cleared=on_cleared
+        catalog=store_catalog(settings),
+        quarantine=quarantine(settings, cluster=cluster),
+        on_cleared=on_cleared,
     )
 
 
@@ -87,7 +94,7 @@ def control_worker(client: Client, settings: Settings) -> Worker:
             control.claim_checkpoint_id,
             control.publish_status,
             *retention_activities(client, settings=settings),
-            catalog_activities(settings).answer_catalog,
+            catalog_activities(settings, cluster=False).answer_catalog,
         ],
         interceptors=[ErrorMapping()],
     )
@@ -107,7 +114,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
         ui_url=settings.temporal.ui_url,
         temporal_namespace=settings.temporal.namespace,
         instance=os.environ.get("HOSTNAME", ""),
-        quarantine=quarantine(settings),
+        quarantine=quarantine(settings, cluster=True),
     )
     return Worker(
         client,
@@ -123,7 +130,9 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
             *retention_activities(
                 client, settings=settings, ready_references=in_use_references(api)
             ),
-            catalog_activities(settings, on_cleared=control.publish_quarantine).answer_catalog,
+            catalog_activities(
+                settings, cluster=True, on_cleared=control.publish_quarantine
+            ).answer_catalog,
         ],
         interceptors=[ErrorMapping()],
     )
@@ -179,7 +188,7 @@ def node_worker(
         node=settings.node.name,
         gpus=gpus,
         source=source,
-        quarantine=quarantine(settings, store.root),
+        quarantine=quarantine(settings, store.root, cluster=False),
     )
     sentinels = SentinelActivities(layout=layout)
     if settings.node.cluster:
@@ -271,7 +280,7 @@ def _container_activities(
     cuda = CudaCheckpoint() if gpus.facts().devices else None
     gate = NodeGate(
         criu_version=criu.version(),
-        quarantine=quarantine(settings, store.root),
+        quarantine=quarantine(settings, store.root, cluster=True),
         node=settings.node.name,
     )
     restorer = StandbyRestorer(

@@ -156,7 +156,10 @@ def retention_activities(
         client=client,
         ready_references=ready_references or no_ready_references,
         remote=remote_versions(settings),
-        quarantine=Quarantine(settings.checkpoint_root, policy=settings.quarantine.policy()),
+        quarantine=Quarantine(
+            settings.checkpoint_root,
+            policy=settings.quarantine.policy(cluster=ready_references is not None),
+        ),
     )
     return [
         retention.list_checkpoint_versions,

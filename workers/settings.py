@@ -187,23 +187,25 @@ class QuarantineSettings:
     gate of every node and the control side's answers read the same records)."""
 
     # Distinct nodes whose restores of the version failed on the class; fewer is pending
-    # evidence that refuses nothing.
-    min_nodes: int = 2
+    # evidence that refuses nothing. 0: by mode, 2 on a cluster, 1 in local mode (one node).
+    min_nodes: int = 0
     # A node's evidence lapses this long after its latest failure (and the quarantine with
     # it, once fewer than `min_nodes` nodes' evidence holds).
     expiry_seconds: float = 86400.0
 
     def __post_init__(self) -> None:
-        if self.min_nodes < 1:
+        if self.min_nodes < 0:
             raise InvalidSpecError(
-                f"WARMSTART_QUARANTINE__MIN_NODES={self.min_nodes}: expected 1 or more"
+                f"WARMSTART_QUARANTINE__MIN_NODES={self.min_nodes}: expected 0 (by mode) or more"
             )
 
-    def policy(self) -> QuarantinePolicy:
-        """These settings as the quarantine judges by them (imported here on first use)."""
+    def policy(self, *, cluster: bool) -> QuarantinePolicy:
+        """These settings as the quarantine judges by them on a cluster or in local mode
+        (imported here on first use)."""
         from api.quarantine import QuarantinePolicy
 
-        return QuarantinePolicy(min_nodes=self.min_nodes, expiry_seconds=self.expiry_seconds)
+        min_nodes = self.min_nodes or (2 if cluster else 1)
+        return QuarantinePolicy(min_nodes=min_nodes, expiry_seconds=self.expiry_seconds)
 
 
 @dataclass(frozen=True)

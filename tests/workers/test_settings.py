@@ -33,8 +33,11 @@ def test_defaults_without_variables() -> None:
     assert settings.temporal == TemporalSettings()
     assert settings.home.name == "warmstart"
     assert (settings.storage.cache_max_bytes, settings.storage.cache_max_share) == (None, 0.5)
-    policy = settings.quarantine.policy()
+    policy = settings.quarantine.policy(cluster=True)
     assert (policy.min_nodes, policy.expiry_seconds) == (2, 86400.0)
+    assert settings.quarantine.policy(cluster=False).min_nodes == 1  # one node in local mode
+    three = Settings.from_env({"WARMSTART_QUARANTINE__MIN_NODES": "3"}).quarantine
+    assert (three.policy(cluster=True).min_nodes, three.policy(cluster=False).min_nodes) == (3, 3)
 
 
 @pytest.mark.parametrize(
@@ -53,8 +56,8 @@ def test_defaults_without_variables() -> None:
             "WARMSTART_STORAGE__CACHE_MAX_SHARE=1.5: expected a share of the disk above 0",
         ),
         (
-            {"WARMSTART_QUARANTINE__MIN_NODES": "0"},
-            "WARMSTART_QUARANTINE__MIN_NODES=0: expected 1 or more",
+            {"WARMSTART_QUARANTINE__MIN_NODES": "-1"},
+            "WARMSTART_QUARANTINE__MIN_NODES=-1: expected 0 (by mode",
         ),
         (
             {"WARMSTART_QUARANTINE__EXPIRY_SECONDS": "inf"},
