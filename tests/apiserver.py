@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,10 +88,18 @@ class ApiServer:
         self.process.start()
 
 
-def running_apiserver() -> Iterator[ApiServer]:
+def running_apiserver(service_accounts: Mapping[str, str] | None = None) -> Iterator[ApiServer]:
+    """`service_accounts`: bearer tokens of service accounts (token: "namespace:name"); with
+    them the API server authorises by RBAC (the admin token is in system:masters still)."""
     base = Path(tempfile.mkdtemp(prefix="ws-kapi-"))
     token = uuid.uuid4().hex
-    (base / "tokens.csv").write_text(f"{token},admin,admin,system:masters\n")
+    users = [f"{token},admin,admin,system:masters"]
+    for account_token, account in (service_accounts or {}).items():
+        namespace, name = account.split(":")
+        groups = f"system:serviceaccounts,system:serviceaccounts:{namespace},system:authenticated"
+        user = f"system:serviceaccount:{namespace}:{name}"
+        users.append(f'{account_token},{user},{uuid.uuid4()},"{groups}"')
+    (base / "tokens.csv").write_text("\n".join(users) + "\n")
     (base / "token").write_text(token)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (base / "sa.key").write_bytes(
@@ -129,7 +137,7 @@ def running_apiserver() -> Iterator[ApiServer]:
         f"--service-account-key-file={base / 'sa.key'}",
         f"--service-account-signing-key-file={base / 'sa.key'}",
         f"--token-auth-file={base / 'tokens.csv'}",
-        "--authorization-mode=AlwaysAllow",
+        f"--authorization-mode={'RBAC' if service_accounts else 'AlwaysAllow'}",
         "--endpoint-reconciler-type=none",
         "--service-cluster-ip-range=10.0.0.0/24",
     ]

@@ -203,6 +203,9 @@ def build_registry(
             prefix=GROUP, key="last-handled-configuration"
         )
         settings.posting.enabled = False  # Events are the workflow's
+        # Our CRDs are installed before the controller starts: no watch of every CRD in the
+        # cluster (nor the RBAC to list them; decision 0025). kopf looks them up at start.
+        settings.scanning.disabled = True
         memo["temporal"] = await connect()
 
     @kopf.on.login(registry=registry)
