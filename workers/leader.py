@@ -22,6 +22,8 @@ standalone under this elector. Its rules:
   call is raised, naming the Lease (retrying cannot help).
 - Writes carry the read resourceVersion: two replicas taking over at once cannot both win.
   A clean stop releases the Lease (holder emptied): a candidate takes it at its next try.
+  So does a holder whose work (kopf) ended by itself: it steps down and releases, and the
+  next holder starts that work afresh.
 """
 
 from __future__ import annotations
@@ -249,11 +251,14 @@ class LeaseElector:
                 break
         return False
 
-    async def hold(self, stop: asyncio.Event) -> None:
+    async def hold(self, stop: asyncio.Event, alive: Callable[[], bool] = lambda: True) -> None:
         """Renew every retry period until `stop` is set, or until this replica must step
-        down: another holder in the record, or no renewal held within the renew deadline
-        of the last one that did."""
+        down: another holder in the record, no renewal held within the renew deadline of
+        the last one that did, or `alive()` false (the work it leads has ended)."""
         while not await _stopped(stop, self.retry_period):
+            if not alive():
+                log.warning("%s steps down: the work it leads has ended", self.identity)
+                return
             if not await self._renew_by_deadline(stop):
                 return
 

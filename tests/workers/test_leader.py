@@ -150,3 +150,20 @@ async def test_a_holder_cut_off_steps_down_before_another_replica_takes_over(
             proxy.mend()
             await asyncio.gather(holding, acquiring, return_exceptions=True)
             api.close()  # type: ignore[no-untyped-call]
+
+
+async def test_a_holder_whose_work_ended_steps_down(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kopf's thread ended by itself (the watcher passes `operator.alive`): the holder
+    steps down rather than hold the Lease while nothing acts."""
+    a = LeaseElector(cluster.api, namespace=NAMESPACE, identity="a", duration_seconds=2)
+    assert await a.try_acquire()
+    working = asyncio.Event()
+    working.set()
+    holding = asyncio.ensure_future(a.hold(asyncio.Event(), alive=working.is_set))
+    before = await renew_time(cluster)
+    await asyncio.wait_for(renewed_after(cluster, before, holding), 10)  # holding, renewing
+    working.clear()
+    await asyncio.wait_for(holding, 10)
+    assert "a steps down: the work it leads has ended" in caplog.text
