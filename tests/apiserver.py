@@ -1,20 +1,22 @@
 """A real kube-apiserver (1.20, built from Debian's source by `make test`) on Debian's
 etcd, for the integration tier (importable as `tests.apiserver`). No controllers and no
 kubelet: the tests play them. Plain HTTPS with a self-signed certificate and a static
-bearer token."""
+bearer token. `ApiServer.stop()` kills the API server process by its PID and `start()`
+starts it again on the same etcd (its data kept) and port."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -42,17 +44,62 @@ APISERVER_SKIP = _skip_reason()
 needs_apiserver = pytest.mark.skipif(APISERVER_SKIP is not None, reason=APISERVER_SKIP or "")
 
 
+class ApiServerProcess:
+    """The kube-apiserver process, started again with the same arguments when stopped."""
+
+    def __init__(self, args: list[str], log: Path, url: str, token: str) -> None:
+        self._args, self._log, self._url, self._token = args, log, url, token
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it and return once it answers /readyz."""
+        assert self.proc is None or self.proc.poll() is not None, "running already"
+        with self._log.open("a") as log:
+            self.proc = subprocess.Popen(self._args, stdout=log, stderr=subprocess.STDOUT)
+        _wait_ready(self._url, self._token, self.proc, self._log)
+
+    def stop(self, *, kill: bool = True) -> None:
+        """Stop it by its PID: SIGKILL (a crash) or SIGTERM, and reap it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 @dataclass(frozen=True)
 class ApiServer:
     url: str
     token: str
     token_file: Path
+    process: ApiServerProcess | None = field(default=None, compare=False, repr=False)
+
+    def stop(self) -> None:
+        """Kill the API server process (etcd and its data stay)."""
+        assert self.process is not None
+        self.process.stop()
+
+    def start(self) -> None:
+        """Start the API server again on the same etcd and port; returns once ready."""
+        assert self.process is not None
+        self.process.start()
 
 
-def running_apiserver() -> Iterator[ApiServer]:
+def running_apiserver(service_accounts: Mapping[str, str] | None = None) -> Iterator[ApiServer]:
+    """`service_accounts`: bearer tokens of service accounts (token: "namespace:name"); with
+    them the API server authorises by RBAC (the admin token is in system:masters still)."""
     base = Path(tempfile.mkdtemp(prefix="ws-kapi-"))
     token = uuid.uuid4().hex
-    (base / "tokens.csv").write_text(f"{token},admin,admin,system:masters\n")
+    users = [f"{token},admin,admin,system:masters"]
+    for account_token, account in (service_accounts or {}).items():
+        namespace, name = account.split(":")
+        groups = f"system:serviceaccounts,system:serviceaccounts:{namespace},system:authenticated"
+        user = f"system:serviceaccount:{namespace}:{name}"
+        users.append(f'{account_token},{user},{uuid.uuid4()},"{groups}"')
+    (base / "tokens.csv").write_text("\n".join(users) + "\n")
     (base / "token").write_text(token)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (base / "sa.key").write_bytes(
@@ -64,7 +111,7 @@ def running_apiserver() -> Iterator[ApiServer]:
     )
     client_port, peer_port, port = free_port(), free_port(), free_port()
     etcd_url = f"http://127.0.0.1:{client_port}"
-    logs = [(base / "etcd.log").open("w"), (base / "apiserver.log").open("w")]
+    etcd_log = (base / "etcd.log").open("w")
     etcd = subprocess.Popen(
         [
             "etcd",
@@ -77,52 +124,48 @@ def running_apiserver() -> Iterator[ApiServer]:
             "--listen-peer-urls",
             f"http://127.0.0.1:{peer_port}",
         ],
-        stdout=logs[0],
+        stdout=etcd_log,
         stderr=subprocess.STDOUT,
     )
-    apiserver = subprocess.Popen(
-        [
-            "kube-apiserver",
-            f"--etcd-servers={etcd_url}",
-            f"--secure-port={port}",
-            "--bind-address=127.0.0.1",
-            f"--cert-dir={base / 'certs'}",
-            "--service-account-issuer=https://kubernetes.default.svc",
-            f"--service-account-key-file={base / 'sa.key'}",
-            f"--service-account-signing-key-file={base / 'sa.key'}",
-            f"--token-auth-file={base / 'tokens.csv'}",
-            "--authorization-mode=AlwaysAllow",
-            "--endpoint-reconciler-type=none",
-            "--service-cluster-ip-range=10.0.0.0/24",
-        ],
-        stdout=logs[1],
-        stderr=subprocess.STDOUT,
-    )
+    args = [
+        "kube-apiserver",
+        f"--etcd-servers={etcd_url}",
+        f"--secure-port={port}",
+        "--bind-address=127.0.0.1",
+        f"--cert-dir={base / 'certs'}",
+        "--service-account-issuer=https://kubernetes.default.svc",
+        f"--service-account-key-file={base / 'sa.key'}",
+        f"--service-account-signing-key-file={base / 'sa.key'}",
+        f"--token-auth-file={base / 'tokens.csv'}",
+        f"--authorization-mode={'RBAC' if service_accounts else 'AlwaysAllow'}",
+        "--endpoint-reconciler-type=none",
+        "--service-cluster-ip-range=10.0.0.0/24",
+    ]
     url = f"https://127.0.0.1:{port}"
+    apiserver = ApiServerProcess(args, base / "apiserver.log", url, token)
     try:
-        _wait_ready(url, token, apiserver, base)
-        yield ApiServer(url=url, token=token, token_file=base / "token")
+        apiserver.start()
+        yield ApiServer(url=url, token=token, token_file=base / "token", process=apiserver)
     finally:
-        for proc in (apiserver, etcd):
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
+        apiserver.stop(kill=False)
+        etcd.terminate()
+        try:
+            etcd.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            etcd.kill()
+            etcd.wait()
+        etcd_log.close()
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _wait_ready(url: str, token: str, proc: subprocess.Popen[bytes], base: Path) -> None:
+def _wait_ready(url: str, token: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     request = urllib.request.Request(f"{url}/readyz", headers={"Authorization": f"Bearer {token}"})
     deadline = time.monotonic() + 90
     while True:
-        assert proc.poll() is None, (base / "apiserver.log").read_text()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         try:
             with urllib.request.urlopen(request, timeout=2, context=context) as answer:
                 if answer.status == 200:

@@ -1,6 +1,8 @@
 """A TCP forwarder between a client and an API server that a test can cut (importable as
 `tests.proxy`): `cut()` drops every connection mid-stream and refuses new ones until
-`mend()`, as a network that fails does. It forwards bytes only, so TLS passes through."""
+`mend()`, as a network that fails does; `stall()` keeps connections open but carries
+nothing until `mend()`, as a network that drops packets does (calls wait for their
+timeouts). It forwards bytes only, so TLS passes through."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ class Proxy:
         self._pumps: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.cut_off = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.connections = 0  # accepted and forwarded so far
         self.url = ""
 
@@ -45,8 +49,13 @@ class Proxy:
             writer.transport.abort()
         self._open.clear()
 
+    def stall(self) -> None:
+        """Carry nothing, on open and new connections alike, until `mend()`."""
+        self._flowing.clear()
+
     def mend(self) -> None:
         self.cut_off = False
+        self._flowing.set()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut_off:
@@ -60,8 +69,8 @@ class Proxy:
         self.connections += 1
         self._open.update((writer, upstream_writer))
         pumps = [
-            asyncio.create_task(_pump(reader, upstream_writer)),
-            asyncio.create_task(_pump(upstream_reader, writer)),
+            asyncio.create_task(_pump(reader, upstream_writer, self._flowing)),
+            asyncio.create_task(_pump(upstream_reader, writer, self._flowing)),
         ]
         self._pumps.update(pumps)
         try:
@@ -73,9 +82,12 @@ class Proxy:
                 end.transport.abort()
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+) -> None:
     with contextlib.suppress(OSError, asyncio.IncompleteReadError):
         while chunk := await reader.read(65536):
+            await flowing.wait()
             writer.write(chunk)
             await writer.drain()
     with contextlib.suppress(OSError):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,56 @@ async def test_one_lease_holder_on_a_real_api_server(cluster: Cluster) -> None:
     assert not await a.renew()
     await b.release()
     assert await a.try_acquire()
+
+
+@pytest.mark.parametrize("skew", [-3600, 3600], ids=["holder-clock-behind", "holder-clock-ahead"])
+async def test_a_holder_with_a_skewed_clock_keeps_the_lease_while_it_renews(
+    cluster: Cluster, skew: int
+) -> None:
+    """The holder writes renewTime by a clock an hour off. The candidate judges the Lease
+    by when it saw the record change on its own clock: it takes nothing while the holder
+    renews, and takes over one lease duration after the holder stopped."""
+    name = f"skew-{uuid.uuid4().hex[:8]}"
+
+    def skewed() -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=skew)
+
+    a = LeaseElector(
+        cluster.api,
+        namespace="warmstart-system",
+        identity="a",
+        name=name,
+        duration_seconds=3,
+        clock=skewed,
+    )
+    b = LeaseElector(
+        cluster.api, namespace="warmstart-system", identity="b", name=name, duration_seconds=3
+    )
+    assert await a.try_acquire()
+    a_stop, b_stop = asyncio.Event(), asyncio.Event()
+    holding = asyncio.ensure_future(a.hold(a_stop))
+    acquiring = asyncio.ensure_future(b.acquire(b_stop))
+    try:
+        # a renews through two lease durations while b tries every retry period.
+        seen, began = set(), time.monotonic()
+        while time.monotonic() - began < 2 * a.duration:
+            lease = await cluster.run(
+                cluster.leases.read_namespaced_lease, name, "warmstart-system"
+            )
+            assert lease.spec.holder_identity == "a"
+            assert abs((lease.spec.renew_time - datetime.now(UTC)).total_seconds() - skew) < 60
+            seen.add(lease.spec.renew_time)
+            assert not holding.done() and not acquiring.done()
+            await asyncio.sleep(0.1)
+        assert len(seen) >= 3  # it did renew
+        holding.cancel()  # a dies: no release, no more renewals
+        assert await asyncio.wait_for(acquiring, 15)
+        lease = await cluster.run(cluster.leases.read_namespaced_lease, name, "warmstart-system")
+        assert (lease.spec.holder_identity, lease.spec.lease_transitions) == ("b", 1)
+    finally:
+        a_stop.set()
+        b_stop.set()
+        await asyncio.gather(holding, acquiring, return_exceptions=True)
 
 
 async def test_a_second_controller_stays_passive_until_the_first_dies(

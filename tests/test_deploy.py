@@ -48,8 +48,8 @@ def test_dockerfile_copies_every_package() -> None:
     assert "install-criu.sh" in text
 
 
-def _kubernetes_docs() -> list[dict[str, object]]:
-    text = (REPO / "deploy" / "kubernetes" / "warmstart.yaml").read_text()
+def _kubernetes_docs(name: str = "warmstart.yaml") -> list[dict[str, object]]:
+    text = (REPO / "deploy" / "kubernetes" / name).read_text()
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
@@ -57,7 +57,7 @@ def test_kubernetes_manifests_are_valid_objects() -> None:
     """Each document deserialises into the client's model with nothing left over (a
     misspelt or misplaced field would be dropped and the round trip would differ)."""
     api = ApiClient()
-    for doc in _kubernetes_docs():
+    for doc in [*_kubernetes_docs(), *_kubernetes_docs("tenant.yaml")]:
         kind = f"V1{doc['kind']}"
         parsed = api._ApiClient__deserialize(doc, kind)  # type: ignore[attr-defined]
         assert api.sanitize_for_serialization(parsed) == doc, doc["kind"]
@@ -78,35 +78,6 @@ def test_every_container_is_bounded() -> None:
                 assert set(resources.get(bound, {})) == {"cpu", "memory"}, f"{where} {bound}"
             found.append(where)
     assert len(found) >= 4  # controller, webhook, the node's init container and worker
-
-
-def test_the_controller_may_do_what_the_code_does() -> None:
-    rules = [
-        (group, resource, verb)
-        for doc in _kubernetes_docs()
-        if doc["kind"] in ("ClusterRole", "Role")
-        for rule in doc["rules"]  # type: ignore[union-attr]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    ]
-    needed = [
-        ("warmstart.dev", "checkpoints", "watch"),
-        ("warmstart.dev", "checkpoints", "patch"),  # kopf: finalizer, annotations
-        ("warmstart.dev", "checkpoints/status", "patch"),  # activities.kube.control.publish_status
-        ("warmstart.dev", "podsnapshots/status", "patch"),
-        ("batch", "jobs", "create"),
-        ("batch", "jobs", "get"),
-        ("batch", "jobs", "delete"),
-        ("", "pods", "watch"),
-        ("", "pods", "list"),
-        ("", "pods", "patch"),  # activities.kube.control: the restore status annotation
-        ("events.k8s.io", "events", "create"),
-        ("coordination.k8s.io", "leases", "create"),
-        ("coordination.k8s.io", "leases", "patch"),
-    ]
-    for need in needed:
-        assert need in rules, need
 
 
 def test_the_node_worker_and_the_seccomp_profile() -> None:
@@ -142,9 +113,15 @@ def test_the_node_worker_and_the_seccomp_profile() -> None:
 
 
 def test_the_webhook_is_served_and_registered_safely() -> None:
+    """The webhook's own Deployment (its own service account: tests/test_rbac.py)."""
     by_kind: dict[Any, Any] = {doc["kind"]: doc for doc in _kubernetes_docs()}
-    pod = by_kind["Deployment"]["spec"]["template"]  # the controller's
-    webhook = next(c for c in pod["spec"]["containers"] if c["name"] == "webhook")
+    [deployment] = [
+        d
+        for d in _kubernetes_docs()
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "warmstart-webhook"
+    ]
+    pod: Any = deployment["spec"]["template"]
+    [webhook] = pod["spec"]["containers"]
     assert webhook["args"] == ["webhook"]
     env = {e["name"]: e["value"] for e in webhook["env"]}
     [mount] = webhook["volumeMounts"]

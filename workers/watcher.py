@@ -203,6 +203,9 @@ def build_registry(
             prefix=GROUP, key="last-handled-configuration"
         )
         settings.posting.enabled = False  # Events are the workflow's
+        # Our CRDs are installed before the controller starts: no watch of every CRD in the
+        # cluster (nor the RBAC to list them; decision 0025). kopf looks them up at start.
+        settings.scanning.disabled = True
         memo["temporal"] = await connect()
 
     @kopf.on.login(registry=registry)
@@ -373,15 +376,18 @@ async def run_watcher(
     elector: Any,
     stop: asyncio.Event,
 ) -> None:
-    """Wait for the Lease, run kopf while it is held, stop kopf when it is lost; again,
-    until `stop`. `elector` is a `workers.leader.LeaseElector`."""
+    """Wait for the Lease, run kopf while it is held, stop kopf when it is lost (and give
+    the Lease up when kopf ended by itself); again, until `stop`. `elector` is a
+    `workers.leader.LeaseElector`."""
     registry = build_registry(settings, connect)
     while await elector.acquire(stop):
         operator = KopfThread(registry)
         await asyncio.to_thread(operator.start)
+        ended = False
         try:
-            await elector.hold(stop)
+            await elector.hold(stop, alive=lambda kopf=operator: kopf.alive)
+            ended = not operator.alive  # kopf ended by itself: a fresh start, by any replica
         finally:
             await asyncio.to_thread(operator.stop)
-        if stop.is_set():
+        if stop.is_set() or ended:
             await elector.release()
