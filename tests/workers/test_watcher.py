@@ -190,13 +190,19 @@ async def test_a_checkpoint_gets_one_capture_fed_by_pod_signals_and_cancelled_on
         handle, [("pod_scheduled", "gpu-1"), ("container_ready", "llama-96429b2725761a09-x1")]
     )
 
-    # A restarted watcher (fresh memory) starts no second capture and sets no status.
+    # A restarted watcher (fresh memory) joins the running capture, feeds it what it sees
+    # of the pod again, starts no second run and sets no status.
+    run_id = (await handle.describe()).run_id
     first.stop()
     second = watcher(client, cluster, queue)
     running.append(second)
     await asyncio.to_thread(second.start)
-    await asyncio.sleep(1.0)
-    assert len(await _runs(client, workflow_id)) == 1
+    for _ in range(400):  # the second watcher has processed the resource and its pod
+        if len(await handle.query(StandInCapture.seen)) > 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(await handle.query(StandInCapture.seen)) > 2, "the restarted watcher saw nothing"
+    assert (await handle.describe()).run_id == run_id
     assert "status" not in await cluster.get("checkpoints", "inference", "llama")
     meta = (await cluster.get("checkpoints", "inference", "llama"))["metadata"]
     assert "warmstart.dev/cleanup" in meta["finalizers"]
