@@ -26,7 +26,7 @@ from tests.conftest import needs_criu
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, new_bucket, s3_client
 from workers.compose import control_worker
 from workers.ports import free_port
-from workers.settings import Settings
+from workers.settings import QuarantineSettings, Settings
 
 WARMSTART = str(Path(sys.executable).parent / "warmstart")
 PROGRAMS = Path(__file__).resolve().parents[1] / "programs"
@@ -61,7 +61,9 @@ def address(temporal_env: WorkflowEnvironment) -> str:
 
 @pytest_asyncio.fixture
 async def control(client: Client, settings: Settings) -> AsyncIterator[Settings]:
-    """The control worker alone: what the catalog and quarantine commands ask."""
+    """The control worker alone: what the catalog and quarantine commands ask (judging
+    quarantines as on a cluster: two nodes' failures)."""
+    settings = replace(settings, quarantine=QuarantineSettings(min_nodes=2))
     async with control_worker(client, settings):
         yield settings
 
