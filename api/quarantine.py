@@ -38,6 +38,10 @@ class QuarantineEntry(Contract):
     message: str
     node: str
     since: datetime
+    # The namespace whose restore failed: one checkpoint ID may be captured in several
+    # namespaces (each owns its own versions), and one's failures never quarantine another's.
+    # Empty: recorded before entries had a namespace (listed and cleared, not enforced).
+    namespace: str = ""
 
     def describe(self) -> str:
         return (

@@ -49,7 +49,8 @@ class ApiServer:
     token_file: Path
 
 
-def running_apiserver() -> Iterator[ApiServer]:
+def running_apiserver(*, extra_args: tuple[str, ...] = ()) -> Iterator[ApiServer]:
+    """`extra_args`: more flags of kube-apiserver (an admission configuration, say)."""
     base = Path(tempfile.mkdtemp(prefix="ws-kapi-"))
     token = uuid.uuid4().hex
     (base / "tokens.csv").write_text(f"{token},admin,admin,system:masters\n")
@@ -94,6 +95,7 @@ def running_apiserver() -> Iterator[ApiServer]:
             "--authorization-mode=AlwaysAllow",
             "--endpoint-reconciler-type=none",
             "--service-cluster-ip-range=10.0.0.0/24",
+            *extra_args,
         ],
         stdout=logs[1],
         stderr=subprocess.STDOUT,

@@ -149,6 +149,8 @@ def node_worker(
     cache = NodeCache(
         layout.checkpoint_cache, max_bytes=settings.storage.cache_max_bytes, verified=verified
     )
+    for unkeyed in cache.sweep_unkeyed():
+        log.info("removed %s: cached by an older worker without its location", unkeyed)
     source = CheckpointSource(store=store, cache=cache, remote=remote)
     prefetch = PrefetchActivities(source)
     dumping = CriuActivities(criu=criu, store=store, layout=layout)
