@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from activities.storage.quarantine import (
 from activities.storage.sources import CheckpointSource
 from api.compatibility import describe_mismatches, mismatches
 from api.errors import (
+    ForbiddenError,
     GpuError,
     IncompatibleError,
     QuarantinedError,
@@ -72,11 +74,20 @@ async def open_version(
     checkpoint_id: str,
     version: str,
     storage: RemoteStorage | None,
+    *,
+    accept: Callable[[Manifest], None] | None = None,
 ) -> Path:
     """The version directory to restore from, in use until `held` closes; a download of it
-    is the `fetch` stage, after which `verify` goes on."""
+    is the `fetch` stage, after which `verify` goes on. `accept` sees the manifest of a
+    version to download before its files are fetched, and raises to refuse it."""
     path = await held.enter_async_context(
-        source.version_dir(checkpoint_id, version, storage, on_fetch=lambda: stages.start("fetch"))
+        source.version_dir(
+            checkpoint_id,
+            version,
+            storage,
+            on_fetch=lambda: stages.start("fetch"),
+            accept=accept,
+        )
     )
     if stages.current == "fetch":
         stages.start("verify")
@@ -103,16 +114,25 @@ class NodeGate:
         if found:
             raise IncompatibleError(describe_mismatches(manifest.checkpoint_id, found))
         cls = node_class(target, criu=self.criu_version)
-        entry = self.quarantine.find(manifest.checkpoint_id, manifest.version, cls)
+        namespace = manifest.source.namespace
+        entry = self.quarantine.find(
+            manifest.checkpoint_id, manifest.version, cls, namespace=namespace
+        )
         if entry is not None:
             raise QuarantinedError(entry.describe())
         return cls
 
     def remember(
-        self, checkpoint_id: str, version: str, cls: NodeClass, err: WarmstartError
+        self,
+        checkpoint_id: str,
+        version: str,
+        cls: NodeClass,
+        err: WarmstartError,
+        *,
+        namespace: str,
     ) -> QuarantineEntry | None:
-        """Record this node's failure of `version` on `cls` where its reason counts; where
-        the version now stands there (a quarantine once enough nodes failed)."""
+        """Record this node's failure of `namespace`'s `version` on `cls` where its reason
+        counts; where the version now stands there (a quarantine once enough nodes failed)."""
         if err.reason not in QUARANTINED_REASONS:
             return None
         now = datetime.now(UTC)
@@ -125,11 +145,22 @@ class NodeGate:
             message=str(err)[-2000:],
             since=now,
             last=now,
+            namespace=namespace,
         )
         entry = self.quarantine.record(evidence)
         if activity.in_activity():
             activity.logger.warning("%s", entry.describe())
         return entry
+
+
+def require_namespace(manifest: Manifest, namespace: str) -> None:
+    """A pod restores only a version captured in its own namespace (the manifest records
+    where): ForbiddenError otherwise, naming neither that namespace nor its objects."""
+    if manifest.source.namespace != namespace:
+        raise ForbiddenError(
+            f"checkpoint {manifest.checkpoint_id} version {manifest.version} was not captured "
+            f"in namespace {namespace}: a pod restores only its own namespace's checkpoints"
+        )
 
 
 def as_restore_failure(err: BaseException, where: str) -> BaseException:

@@ -15,8 +15,8 @@ Scopes:
   capture failed.
 - `own`: the namespace warmstart is installed in, `warmstart-system` (a Role).
 - `tenant`: namespaces that opt in, each by the RoleBindings of `tenant.yaml` (a ClusterRole
-  bound there only): the capture Jobs, restore-target pods' annotations, Events, and the
-  credentials Secrets their Checkpoints name.
+  bound there only): the capture Jobs, restore-target pods' annotations, Events, the
+  Checkpoints nodes restore from, and the credentials Secrets those Checkpoints name.
 """
 
 from __future__ import annotations
@@ -154,6 +154,15 @@ GRANTS: tuple[Grant, ...] = (
         ("list", "watch"),
         "the restore targets bound to its node (field selector spec.nodeName: RBAC cannot "
         "narrow it; workers.restore_targets)",
+    ),
+    Grant(
+        NODE,
+        _TENANT,
+        GROUP,
+        "checkpoints",
+        ("get",),
+        "the Checkpoint a restore-target pod names, in the pod's namespace: what the node "
+        "restores (workers.checkpoints, workers.restore_targets)",
     ),
     Grant(
         NODE,

@@ -4,12 +4,16 @@ model, GPU driver, CRIU version), on which nodes, until when. The store keeps th
 which mounts that store; the control side shows them on the Checkpoint's status.
 
 The rules (`judge`, pure): each node records its own evidence of one version on its node
-class (`QuarantineEvidence`); evidence lapses `expiry_seconds` after that node's latest
-failure; a version is quarantined on a class while at least `min_nodes` distinct nodes hold
-evidence that has not lapsed. Fewer is pending evidence, which refuses nothing: one node's
-trouble (a bad disk, a neighbour eating memory) cannot poison a checkpoint for its class.
-An entry written before versions and evidence existed (a `QuarantineEntry` file) keeps
-quarantining the whole checkpoint on its class, until `expiry_seconds` after its `since`.
+class, in the namespace whose restore failed (`QuarantineEvidence`); evidence lapses
+`expiry_seconds` after that node's latest failure; a version is quarantined on a class
+while at least `min_nodes` distinct nodes hold evidence that has not lapsed. Fewer is
+pending evidence, which refuses nothing: one node's trouble (a bad disk, a neighbour eating
+memory) cannot poison a checkpoint for its class.
+Quarantines are per namespace: one namespace's failures never refuse another's restores.
+Records written before namespaces (evidence without one, or an entry written before versions
+and evidence existed: a `QuarantineEntry` file, of the whole checkpoint on its class) cannot
+say whose they are: they are listed until they lapse (`expiry_seconds` after their latest
+failure, or after its `since`) and cleared, never enforced.
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ class QuarantineEvidence(Contract):
     since: datetime  # its first failure (of this evidence, since it last lapsed)
     last: datetime  # its latest failure: the evidence lapses `expiry_seconds` after it
     failures: int = 1
+    # The namespace whose restore failed: one checkpoint ID may be captured in several
+    # namespaces (each owns its own versions), and one's failures never quarantine another's.
+    # Empty: recorded before evidence had a namespace (listed and cleared, not enforced).
+    namespace: str = ""
 
 
 class QuarantineEntry(Contract):
@@ -87,6 +95,7 @@ class QuarantineEntry(Contract):
     expires: datetime | None = None  # when it lapses, unless nodes fail again
     active: bool = True
     min_nodes: int = 1  # how many nodes a quarantine needs
+    namespace: str = ""  # whose restores it refuses; empty: recorded before namespaces
 
     def describe(self) -> str:
         what = f"checkpoint {self.checkpoint_id}"
@@ -109,13 +118,15 @@ class QuarantineEntry(Contract):
 def judge(
     evidence: Iterable[QuarantineEvidence], policy: QuarantinePolicy, *, now: datetime
 ) -> list[QuarantineEntry]:
-    """Each (checkpoint, version, node class) that has evidence not lapsed at `now`, as an
-    entry: active with `min_nodes` distinct nodes, else pending; oldest first."""
-    groups: dict[tuple[str, str, str], dict[str, QuarantineEvidence]] = defaultdict(dict)
+    """Each (checkpoint, namespace, version, node class) that has evidence not lapsed at
+    `now`, as an entry: active with `min_nodes` distinct nodes, else pending; oldest
+    first."""
+    groups: dict[tuple[str, str, str, str], dict[str, QuarantineEvidence]] = defaultdict(dict)
     for item in evidence:
         if item.last + policy.expiry <= now:
             continue
-        by_node = groups[(item.checkpoint_id, item.version, item.node_class.key)]
+        key = (item.checkpoint_id, item.namespace, item.version, item.node_class.key)
+        by_node = groups[key]
         held = by_node.get(item.node)
         if held is None or item.last > held.last:
             by_node[item.node] = item
@@ -142,6 +153,7 @@ def _entry(held: list[QuarantineEvidence], policy: QuarantinePolicy) -> Quaranti
         expires=expires,
         active=active,
         min_nodes=policy.min_nodes,
+        namespace=latest.namespace,
     )
 
 
@@ -149,8 +161,8 @@ def legacy_entry(
     entry: QuarantineEntry, policy: QuarantinePolicy, *, now: datetime
 ) -> QuarantineEntry | None:
     """An entry recorded before versions and evidence (one failure quarantined the whole
-    checkpoint on its class): still a quarantine of every version, lapsing `expiry_seconds`
-    after its `since`; None once lapsed."""
+    checkpoint on its class), as listed: of every version, lapsing `expiry_seconds` after
+    its `since`; None once lapsed. It refuses no restore (it has no namespace)."""
     expires = entry.expires or entry.since + policy.expiry
     if expires <= now:
         return None

@@ -4,7 +4,9 @@ a restore target: pure functions from the pod and its Checkpoint to the pod to a
 
 A pod whose Checkpoint is Ready gets:
 - the labels `warmstart.dev/restore-target: "true"` and `warmstart.dev/checkpoint-id`
-  (node workers watch the first), the annotation `warmstart.dev/checkpoint-version`;
+  (node workers watch the first), the annotation `warmstart.dev/checkpoint-version`:
+  claims a node checks against its own read of the Checkpoint, never trusts
+  (`api.restore_claims`); where the version is stored is not written on the pod;
 - in its main container (the Checkpoint's `targetContainerName`, else the first): the
   control directory (`SNAPSHOT_CONTROL_DIR`), the downward-API pod info at `/etc/podinfo`,
   a startup probe that waits out the restore, and a standby, of one of two kinds
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,17 +61,18 @@ from api.jobs import (
     merge_override,
     with_control_dir_env,
 )
-from api.reasons import Phase, Sentinel
-from api.resources import CHECKPOINT_ID_LABEL, GROUP, Checkpoint, ContainerOverride
-from api.storage import resource_storage, stored_at
+from api.reasons import Sentinel
+from api.resources import CHECKPOINT_ID_LABEL, GROUP, ContainerOverride
+from api.restore_claims import (
+    CHECKPOINT_VERSION_ANNOTATION,
+    ready_checkpoint,
+    restore_claims,
+    restore_source,
+    validation_message,
+)
 
-RESTORE_FROM_ANNOTATION = f"{GROUP}/restore-from"
 GMS_LOADER_ANNOTATION = f"{GROUP}/gms-loader"
 RESTORE_STATUS_ANNOTATION = f"{GROUP}/restore-status"
-CHECKPOINT_VERSION_ANNOTATION = f"{GROUP}/checkpoint-version"
-# Where the node fetches the version when it does not hold it: api.storage.RemoteStorage
-# as JSON (no credentials: at most the name of a Secret in the pod's namespace).
-STORAGE_ANNOTATION = f"{GROUP}/storage"
 RESTORE_TARGET_LABEL = f"{GROUP}/restore-target"
 GMS_LOADER = "gms-loader"
 PODINFO_VOLUME, PODINFO_DIR = "podinfo", "/etc/podinfo"
@@ -89,7 +91,6 @@ GMS_LOAD_COMPLETE_FILE = f"{CONTROL_DIR}/gms-load-complete"
 # after a failed restore included).
 STARTUP_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD = 1, 1800
 
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")  # a DNS subdomain, as object names
 _COMPLETE, _FAILED = Sentinel.RESTORE_COMPLETE.value, Sentinel.RESTORE_FAILED.value
 
 STANDBY_NAME = "warmstart-standby"  # the script's $0
@@ -185,24 +186,6 @@ class RestoreSettings:
     node_labels: tuple[tuple[str, str], ...] = (("nvidia.com/gpu.present", "true"),)
 
 
-def restore_source(pod: Mapping[str, Any]) -> str | None:
-    """The name of the Checkpoint `pod` asks to restore from (same namespace), None when it
-    does not ask; InvalidSpecError for a name that is not one (another namespace's)."""
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    name = annotations.get(RESTORE_FROM_ANNOTATION)
-    if name is None:
-        return None
-    where = f"metadata.annotations[{RESTORE_FROM_ANNOTATION}]"
-    if "/" in name:
-        raise InvalidSpecError(
-            f"{where}: {name!r} names a Checkpoint in another namespace; a pod restores "
-            "only from a Checkpoint of its own namespace (give the name alone)"
-        )
-    if not _NAME.match(name) or len(name) > 253:
-        raise InvalidSpecError(f"{where}: {name!r} is not a Checkpoint name")
-    return str(name)
-
-
 def loader_override(pod: Mapping[str, Any]) -> ContainerOverride | None:
     """The pod's `warmstart.dev/gms-loader` annotation as an override, None without one;
     InvalidSpecError naming the annotation when it is not JSON or not a valid override."""
@@ -241,18 +224,10 @@ def restore_pod(
     if name is None:
         return shaped
     loader = loader_override(pod)
-    if checkpoint is None:
-        return cold(shaped, f"checkpoint {name} not found")
-    phase = (checkpoint.get("status") or {}).get("phase") or Phase.PENDING.value
-    if phase != Phase.READY.value:
-        return cold(shaped, f"checkpoint {name} is not Ready (phase {phase})")
-    try:
-        resource = Checkpoint.model_validate(checkpoint)
-    except ValidationError as err:
-        return cold(shaped, f"checkpoint {name} is not valid: {validation_message(err)}")
-    status = resource.status
-    if status is None or not status.checkpoint_id or not status.version:
-        return cold(shaped, f"checkpoint {name} is Ready but has no checkpointID or version")
+    resource = ready_checkpoint(checkpoint, name=name)
+    if isinstance(resource, str):
+        return cold(shaped, resource)
+    claims = restore_claims(resource)
     spec = shaped.setdefault("spec", {})
     containers = spec.get("containers") or []
     if not containers:
@@ -271,22 +246,12 @@ def restore_pod(
     meta["labels"] = {
         **(meta.get("labels") or {}),
         RESTORE_TARGET_LABEL: "true",
-        CHECKPOINT_ID_LABEL: status.checkpoint_id,
+        CHECKPOINT_ID_LABEL: claims.checkpoint_id,
     }
     meta["annotations"] = {
         **(meta.get("annotations") or {}),
-        CHECKPOINT_VERSION_ANNOTATION: status.version,
+        CHECKPOINT_VERSION_ANNOTATION: claims.version,
     }
-    stored = stored_at(
-        status.storage_uri,
-        checkpoint_id=status.checkpoint_id,
-        version=status.version,
-        spec=resource_storage(
-            resource.spec.storage, namespace=resource.metadata.namespace, default=None
-        ),
-    )
-    if stored is not None:
-        meta["annotations"][STORAGE_ANNOTATION] = stored.model_dump_json(exclude_defaults=True)
     volumes = [
         v
         for v in spec.get("volumes") or []
@@ -306,8 +271,8 @@ def restore_pod(
         add_gms_loader(
             spec,
             main,
-            ckpt=status.checkpoint_id,
-            version=status.version,
+            ckpt=claims.checkpoint_id,
+            version=claims.version,
             loader=loader,
             settings=settings,
         )
@@ -453,19 +418,6 @@ def add_gms_loader(
         ],
     }
     spec["containers"] = [*spec["containers"], merge_override(base, loader)]
-
-
-def validation_message(err: ValidationError) -> str:
-    """A pydantic error as one line: each problem with its field, the rules' own messages
-    (which name their field) as written."""
-    parts = []
-    for problem in err.errors():
-        text = str(problem["ctx"]["error"]) if problem["type"] == "value_error" else problem["msg"]
-        where = ".".join(str(p) for p in problem["loc"])
-        parts.append(
-            text if text.startswith(("spec.", "metadata.")) or not where else f"{where}: {text}"
-        )
-    return "; ".join(parts)
 
 
 def _set_env(envs: list[dict[str, Any]], name: str, value: str) -> list[dict[str, Any]]:

@@ -88,9 +88,12 @@ class ApiServer:
         self.process.start()
 
 
-def running_apiserver(service_accounts: Mapping[str, str] | None = None) -> Iterator[ApiServer]:
+def running_apiserver(
+    service_accounts: Mapping[str, str] | None = None, *, extra_args: tuple[str, ...] = ()
+) -> Iterator[ApiServer]:
     """`service_accounts`: bearer tokens of service accounts (token: "namespace:name"); with
-    them the API server authorises by RBAC (the admin token is in system:masters still)."""
+    them the API server authorises by RBAC (the admin token is in system:masters still).
+    `extra_args`: more flags of kube-apiserver (an admission configuration, say)."""
     base = Path(tempfile.mkdtemp(prefix="ws-kapi-"))
     token = uuid.uuid4().hex
     users = [f"{token},admin,admin,system:masters"]
@@ -140,6 +143,7 @@ def running_apiserver(service_accounts: Mapping[str, str] | None = None) -> Iter
         f"--authorization-mode={'RBAC' if service_accounts else 'AlwaysAllow'}",
         "--endpoint-reconciler-type=none",
         "--service-cluster-ip-range=10.0.0.0/24",
+        *extra_args,
     ]
     url = f"https://127.0.0.1:{port}"
     apiserver = ApiServerProcess(args, base / "apiserver.log", url, token)

@@ -64,3 +64,10 @@ def final_names(version_dir: Path) -> list[str]:
     if not version_dir.is_dir():
         return []
     return sorted(str(p.relative_to(version_dir)) for p in version_dir.rglob("*") if p.is_file())
+
+
+def fetched(cache_root: Path) -> CheckpointStore:
+    """What a node cache fetched, from the one location it fetched from: its store
+    (`<cache>/<kind>-<hash>/`, `activities.storage.objectstore.cache.location_key`)."""
+    [location] = [p for p in cache_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return CheckpointStore(location)

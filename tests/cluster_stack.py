@@ -32,6 +32,8 @@ from workers.restore_targets import watching_restore_targets
 from workers.settings import KubeSettings, NodeSettings, Settings
 from workers.watcher import KopfThread, WatcherSettings, build_registry
 
+# A second tenant's namespace, beside the first's ("inference").
+OTHER_NAMESPACE = "team-b"
 WORKLOAD = (
     "import os, time\n"
     "control = os.environ['SNAPSHOT_CONTROL_DIR']\n"
@@ -58,7 +60,7 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
     if APISERVER_SKIP is not None:
         pytest.skip(APISERVER_SKIP)
     for server in running_apiserver():
-        kube = await installed(server, ("warmstart-system", "inference"))
+        kube = await installed(server, ("warmstart-system", "inference", OTHER_NAMESPACE))
         yield kube
         kube.close()
 
@@ -182,7 +184,7 @@ class Stack:
     async def report(
         self, pod: Any, state: dict[str, Any], *, ready: bool, container_id: str = ""
     ) -> None:
-        """The kubelet reports the target container's state on the pod."""
+        """The kubelet reports the target container's state on the pod (of any namespace)."""
         status = {
             "name": "main",
             "ready": ready,
@@ -195,7 +197,7 @@ class Stack:
         await self.cluster.run(
             self.cluster.core.patch_namespaced_pod_status,
             pod.metadata.name,
-            "inference",
+            pod.metadata.namespace or "inference",
             {"status": {"containerStatuses": [status]}},
         )
 
@@ -351,11 +353,13 @@ class Target:
         main: dict[str, Any] | None = None,
         binds: dict[str, Path] | None = None,
         node: str = "",
+        namespace: str = "inference",
     ) -> None:
         """`main`: the pod's main container as its owner asks for it (default: SERVING);
         `node`: where the scheduler binds it (default: the stack's node)."""
         self.stack, self.name, self.image, self.log = stack, name, image, log
         self.node = node or stack.node
+        self.namespace = namespace
         self.uid, self.cid, self.control = "", "", Path()
         self.pod: Any = None
         self.main = main or {
@@ -365,27 +369,35 @@ class Target:
         }
         self.binds = binds
 
-    async def start(self, resource: dict[str, Any]) -> None:
-        await self.admit(resource)
+    async def start(
+        self, resource: dict[str, Any], *, tamper: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        await self.admit(resource, tamper=tamper)
         await self.report_running()
 
-    async def admit(self, resource: dict[str, Any]) -> None:
-        """The webhook, the scheduler and the kubelet: the standby container runs."""
+    async def admit(
+        self, resource: dict[str, Any], *, tamper: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        """The webhook, the scheduler and the kubelet: the standby container runs. `tamper`
+        changes the shaped pod before it is created (a pod made to look like a target)."""
         asked = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
                 "name": self.name,
-                "namespace": "inference",
+                "namespace": self.namespace,
                 "annotations": {"warmstart.dev/restore-from": "llama"},
             },
             "spec": {"containers": [self.main]},
         }
         shaped = restore_pod(asked, checkpoint=resource, settings=RestoreSettings())
+        shaped["metadata"]["namespace"] = self.namespace
+        if tamper is not None:
+            tamper(shaped)
         shaped["spec"]["nodeName"] = self.node  # the scheduler
         cluster = self.stack.cluster
-        await cluster.run(cluster.core.create_namespaced_pod, "inference", shaped)
-        pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, "inference")
+        await cluster.run(cluster.core.create_namespaced_pod, self.namespace, shaped)
+        pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, self.namespace)
         self.uid = pod.metadata.uid
         self.pod = pod
         self.cid, self.control = await self.run_container()
@@ -394,7 +406,7 @@ class Target:
         """The kubelet starts (or, with the `control` directory of the last one, restarts)
         the main container, its environment resolved from the pod as it is now."""
         cluster = self.stack.cluster
-        pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, "inference")
+        pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, self.namespace)
         spec = cluster.api.sanitize_for_serialization(pod)
         main = spec["spec"]["containers"][0]
         return self.stack.kubelet.run(
@@ -419,7 +431,7 @@ class Target:
     async def restore_status(self) -> str:
         async def published() -> str | None:
             cluster = self.stack.cluster
-            pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, "inference")
+            pod = await cluster.run(cluster.core.read_namespaced_pod, self.name, self.namespace)
             return (pod.metadata.annotations or {}).get("warmstart.dev/restore-status")
 
         found: str = await eventually(published, f"restore status of {self.name}", 90)
@@ -427,8 +439,13 @@ class Target:
 
     async def events(self) -> list[tuple[str, str]]:
         cluster = self.stack.cluster
-        listed = await cluster.run(cluster.events.list_namespaced_event, "inference")
+        listed = await cluster.run(cluster.events.list_namespaced_event, self.namespace)
         return [(e.type, e.reason) for e in listed.items if e.regarding.name == self.name]
+
+    async def event_notes(self) -> list[str]:
+        cluster = self.stack.cluster
+        listed = await cluster.run(cluster.events.list_namespaced_event, self.namespace)
+        return [e.note for e in listed.items if e.regarding.name == self.name]
 
     async def served(self, token: str) -> None:
         await eventually(

@@ -15,7 +15,7 @@ import pytest
 from temporalio.client import Client
 
 from activities.host.layout import NodeLayout
-from activities.storage.store import CheckpointStore
+from tests.checkpoint_trees import fetched
 from tests.cluster_stack import Target, answer_in, captured, running_stack
 from tests.containers import Kubelet, needs_containerd
 from tests.kube import Cluster
@@ -80,7 +80,7 @@ async def test_a_checkpoint_in_s3_is_restored_by_a_node_that_never_had_it(
 
     assert answer_in(target.pid) == token
     assert set(result.stage_seconds) == {"verify", "fetch", "prepare", "criu-restore"}
-    cache = CheckpointStore(NodeLayout(tmp_path / "home").checkpoint_cache)
+    cache = fetched(NodeLayout(tmp_path / "home").checkpoint_cache)
     assert cache.find(ckpt).name == version
     assert not stack.store.checkpoint_dir(ckpt).exists()
     print(f"\ns3 capture steps: {status['stepSeconds']}; restore: {result.stage_seconds}")

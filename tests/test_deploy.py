@@ -160,3 +160,35 @@ def test_the_webhook_is_served_and_registered_safely() -> None:
     [excluded] = mutating["namespaceSelector"]["matchExpressions"]
     assert excluded["operator"] == "NotIn" and "kube-system" in excluded["values"]
     assert validating["rules"][0]["resources"] == ["checkpoints", "podsnapshots"]
+
+
+def test_only_the_webhook_port_of_the_webhook_pods_is_open() -> None:
+    """Ingress to the webhook's pods: the webhook's port, from anywhere (the API server
+    cannot be named by labels), and nothing else of them."""
+    docs = _kubernetes_docs()
+    [policy] = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    [webhook] = [
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "warmstart-webhook"  # type: ignore[index]
+    ]
+    pod = webhook["spec"]["template"]  # type: ignore[index]
+    spec = policy["spec"]  # type: ignore[index]
+    assert policy["metadata"]["namespace"] == webhook["metadata"]["namespace"]  # type: ignore[index]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "webhook"
+    assert spec["podSelector"] == {"matchLabels": pod["metadata"]["labels"]}
+    assert spec["policyTypes"] == ["Ingress"]
+    [rule] = spec["ingress"]
+    named = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    assert rule == {"ports": [{"port": "webhook", "protocol": "TCP"}]} and named == {"webhook"}
+
+
+def test_the_node_may_read_the_checkpoint_a_pod_names() -> None:
+    """In the namespaces that opt in (the ClusterRole tenant.yaml binds there)."""
+    [role] = [
+        d
+        for d in _kubernetes_docs()
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "warmstart-node-tenant"  # type: ignore[index]
+    ]
+    rules = role["rules"]  # type: ignore[index]
+    assert {"apiGroups": ["warmstart.dev"], "resources": ["checkpoints"], "verbs": ["get"]} in rules

@@ -25,7 +25,7 @@ from activities.storage.retention import RemoteVersions
 from activities.storage.store import CheckpointStore
 from api.reasons import Reason
 from api.storage import RemoteStorage
-from tests.checkpoint_trees import CKPT, VERSION, committed_version, tree_files
+from tests.checkpoint_trees import CKPT, VERSION, committed_version, fetched, tree_files
 from tests.conftest import needs_criu
 from tests.pipeline import capture, capture_request, get_json, restore, sample_workload
 from workers.operations import prefetch
@@ -84,7 +84,7 @@ async def test_prefetch_catalog_and_retention_read_another_kind(
     [node] = (await prefetch(client, request)).nodes
     assert node.error == "" and node.result is not None
     assert node.result.downloaded and node.result.version == VERSION
-    cached = CheckpointStore(workers.home / "cache" / "checkpoints").find(CKPT, VERSION)
+    cached = fetched(workers.home / "cache" / "checkpoints").find(CKPT, VERSION)
     assert {p: (cached / p).read_bytes() for p in files} == files
     missing = request.model_copy(update={"checkpoint_id": "0" * 16})
     [lost] = (await prefetch(client, missing)).nodes
@@ -125,5 +125,5 @@ async def test_capture_publishes_to_another_kind_and_a_node_without_it_restores_
         assert restored.version == result.version
     finally:
         assert await terminate(restored.pid, grace_seconds=5)
-    cached = CheckpointStore(workers.home / "cache" / "checkpoints")
+    cached = fetched(workers.home / "cache" / "checkpoints")
     assert cached.find(ckpt).name == result.version

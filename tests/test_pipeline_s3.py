@@ -19,7 +19,7 @@ from activities.storage.objectstore.s3 import S3Backend, S3Location
 from activities.storage.store import CheckpointStore
 from api.errors import DigestMismatchError, PipelineFailedError
 from api.reasons import Reason
-from tests.checkpoint_trees import CKPT, VERSION, committed_version, tree_files
+from tests.checkpoint_trees import CKPT, VERSION, committed_version, fetched, tree_files
 from tests.conftest import needs_criu
 from tests.pipeline import capture, capture_request, get_json, restore, sample_workload
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, new_bucket, s3_client
@@ -107,7 +107,7 @@ async def test_capture_uploads_and_a_node_without_it_fetches_it(
         from activities.host.processes import terminate
 
         assert await terminate(restored.pid, grace_seconds=5)
-    cached = CheckpointStore(s3_workers.home / "cache" / "checkpoints")
+    cached = fetched(s3_workers.home / "cache" / "checkpoints")
     assert cached.find(ckpt).name == result.version
 
     again = await restore(client, s3_workers, "s3trip", ckpt, storage=storage)
@@ -170,7 +170,7 @@ async def test_prefetch_warms_the_node_cache_once(
     assert node.error == "" and node.result is not None
     assert node.result.downloaded and node.result.version == VERSION
     assert node.result.size_bytes == sum(map(len, files.values()))
-    cached = CheckpointStore(s3_workers.home / "cache" / "checkpoints").find(CKPT, VERSION)
+    cached = fetched(s3_workers.home / "cache" / "checkpoints").find(CKPT, VERSION)
     assert {p: (cached / p).read_bytes() for p in files} == files
 
     [again] = (await prefetch(client, request)).nodes

@@ -49,9 +49,11 @@ from api.access import ACCOUNTS, CONTROLLER, NAMESPACE, NODE, WEBHOOK, Access, S
 from api.errors import ForbiddenError, StorageError
 from api.naming import CAPTURE_WORKFLOW
 from api.reasons import Phase, Reason
-from api.restore_pods import RESTORE_FROM_ANNOTATION, RESTORE_TARGET_LABEL
+from api.restore_claims import RESTORE_FROM_ANNOTATION
+from api.restore_pods import RESTORE_TARGET_LABEL
 from tests.apiserver import APISERVER_SKIP, ApiServer, installed, running_apiserver
 from tests.kube import Cluster, checkpoint_body, start_cluster
+from workers.checkpoints import checkpoint_reader
 from workers.compose import secret_reader
 from workers.leader import LeaseElector
 from workers.ports import free_port
@@ -513,26 +515,33 @@ async def test_the_node_worker_calls_exactly_its_allowlist(
     assert await asyncio.to_thread(secret_reader(settings), TENANT, "s3")
 
     # The watch `watching_restore_targets` runs, built as it builds it.
+    api = api_client(settings.kube)
     targets = RestoreTargetWatch(
         configuration=configuration(settings.kube),
         client=client,
         node="gpu-1",
         control_task_queue="control",
         deadline_seconds=60,
+        read_checkpoint=checkpoint_reader(kubernetes.CustomObjectsApi(api), timeout_seconds=5),
     )
     stop = asyncio.Event()
     running = asyncio.ensure_future(targets.run(stop))
     try:
         await until(lambda: _listed(targets), "the node's list of its restore targets")
-        # Past the list, a pod reaches the node only through the watch.
+        # Past the list, a pod reaches the node only through the watch; scheduled here, the
+        # Checkpoint it names is read from its own namespace.
         target = pod_body("target-0", **{RESTORE_TARGET_LABEL: "true"})
+        target["metadata"]["annotations"] = {RESTORE_FROM_ANNOTATION: "llama"}
         target["spec"]["nodeName"] = "gpu-1"
         await cluster.run(cluster.core.create_namespaced_pod, TENANT, target)
         await until(lambda: _considered(targets), "the watch to hand the pod over")
+        await targets.checkpoints.get(TENANT, "llama")  # the read ahead, once it lands
         assert targets.health.relists == 0
     finally:
         stop.set()
         await running
+        targets.checkpoints.close()
+        api.close()  # type: ignore[no-untyped-call]
     check(cluster, NODE)
 
 

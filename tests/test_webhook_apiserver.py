@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
@@ -24,10 +26,11 @@ from api.resources import LOADER_ON_CHECKPOINT, SAVER_WITHOUT_GMS
 from api.restore_pods import STANDBY_SCRIPT, RestoreSettings
 from tests.apiserver import ApiServer, installed, needs_apiserver, running_apiserver
 from tests.kube import Cluster, checkpoint_body
+from tests.tls import make_pki
+from workers.checkpoints import checkpoint_reader
 from workers.settings import WebhookSettings
 from workers.webhook import (
     admission_app,
-    checkpoint_reader,
     self_signed_certificate,
     server_ssl_context,
     serving,
@@ -208,6 +211,83 @@ async def test_a_pod_whose_checkpoint_is_missing_comes_back_cold(webhook: Webhoo
     }
     assert created.spec.containers[0].command == ["vllm", "serve"]
     assert not created.metadata.labels
+
+
+async def test_with_a_client_ca_the_webhook_answers_the_api_server_alone(tmp_path: Path) -> None:
+    """The API server configured to present a client certificate to webhooks (its admission
+    configuration's kubeconfig) gets its reviews answered; a review posted by anything else
+    to the same port gets 401 and nothing of the namespace it names."""
+    pki = make_pki(tmp_path / "pki")
+    kubeconfig = tmp_path / "webhook-client.kubeconfig"
+    user = {"client-certificate": str(pki.client_cert), "client-key": str(pki.client_key)}
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "v1", "kind": "Config", "users": [{"name": "*", "user": user}]}
+        )
+    )
+    plugin = {
+        "apiVersion": "apiserver.config.k8s.io/v1",
+        "kind": "WebhookAdmissionConfiguration",
+        "kubeConfigFile": str(kubeconfig),
+    }
+    admission = tmp_path / "admission.yaml"
+    admission.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "apiserver.config.k8s.io/v1",
+                "kind": "AdmissionConfiguration",
+                "plugins": [
+                    {"name": name, "configuration": plugin}
+                    for name in ("ValidatingAdmissionWebhook", "MutatingAdmissionWebhook")
+                ],
+            }
+        )
+    )
+    flags = (f"--admission-control-config-file={admission}",)
+    for server in running_apiserver(extra_args=flags):
+        cluster = await installed(server, (NAMESPACE,))
+        settings = WebhookSettings(
+            host="127.0.0.1",
+            port=0,
+            cert_file=str(pki.server_cert),
+            key_file=str(pki.server_key),
+            client_ca_file=str(pki.ca),
+        )
+        app = admission_app(
+            read=checkpoint_reader(cluster.custom, timeout_seconds=2),
+            settings=RestoreSettings(jobs=JobSettings(checkpoint_claim="ckpts")),
+            client_certificate=True,
+        )
+        try:
+            async with serving(
+                app, settings=settings, context=server_ssl_context(settings)
+            ) as port:
+                url = f"https://127.0.0.1:{port}"
+                await register(cluster, url=url, ca=pki.ca.read_bytes())
+                await in_effect(cluster)  # the API server's calls are answered
+                await ready_checkpoint(cluster, "llama")
+                created = await create_pod(cluster, pod("llama"))
+                assert created.metadata.labels["warmstart.dev/checkpoint-id"] == CKPT_ID
+                review = {
+                    "apiVersion": "admission.k8s.io/v1",
+                    "kind": "AdmissionReview",
+                    "request": {
+                        "uid": "forged",
+                        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                        "namespace": NAMESPACE,
+                        "operation": "CREATE",
+                        "object": pod("llama"),
+                    },
+                }
+                anyone = ssl.create_default_context(cafile=str(pki.ca))
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(f"{url}/mutate", json=review, ssl=anyone) as answer,
+                ):
+                    assert answer.status == 401
+                    assert CKPT_ID not in await answer.text()
+        finally:
+            cluster.close()
 
 
 async def test_with_the_webhook_stopped_pods_are_still_created(webhook: Webhook) -> None:

@@ -178,6 +178,8 @@ def node_worker(
         remote=remote,
     )
     cache = node_cache(settings, layout, verified)
+    for unkeyed in cache.sweep_unkeyed():
+        log.info("removed %s: cached by an older worker without its location", unkeyed)
     source = CheckpointSource(store=store, cache=cache, remote=remote)
     prefetch = PrefetchActivities(source)
     dumping = CriuActivities(criu=criu, store=store, layout=layout)

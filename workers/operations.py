@@ -186,7 +186,11 @@ async def start_restore(
         task_queue=node_task_queue(request.node),
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-        static_summary=f"restore {request.name} from {request.checkpoint_id}",
+        static_summary=(
+            f"restore {request.name} from {request.checkpoint_id}"
+            if request.refusal is None
+            else f"refused: {request.name} starts cold"
+        ),
         search_attributes=visibility.start_attributes(
             namespace=request.namespace,
             checkpoint_id=request.checkpoint_id,

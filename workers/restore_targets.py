@@ -7,10 +7,18 @@ resourceVersion with bookmarks, 410 lists again, failures backed off and logged,
 `health` for whoever checks). It asks the API server for this node's restore targets only
 (label selector `warmstart.dev/restore-target=true`, field selector
 `spec.nodeName=<node>`), never for a cluster-wide list; what arrives is checked again here,
-so an API without server-side selectors gives the same result. Each event is considered as
-it arrives: no call of its own on the way to the restore. A restarted node worker sees
+so an API without server-side selectors gives the same result. A restarted node worker sees
 every target again: the workflow ID (the pod's UID) and REJECT_DUPLICATE start one restore
 per pod, ever.
+
+Nothing a pod says is trusted: any pod may carry these labels and annotations. What the node
+restores comes from the Checkpoint the pod's `restore-from` annotation names, read from the
+pod's own namespace (`api.restore_claims.check_claims`). A pod whose labels or annotations
+say anything else (another namespace's checkpoint ID, a storage location of its own
+choosing, a target copied from another namespace's pod) is refused: its workflow reads
+nothing and starts the pod cold with the reason and an Event. The Checkpoint is read when
+the pod is scheduled here, before its standby runs (`CheckpointViews.read_ahead`), so that
+the restore starts without a round trip once the standby runs.
 """
 
 from __future__ import annotations
@@ -23,15 +31,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client as kube
-from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.contracts import ContainerTarget
 from activities.kube.watch import Backoff, Watch, WatchEvent, WatchHealth
-from api.resources import CHECKPOINT_ID_LABEL
+from api.errors import WarmstartError
+from api.restore_claims import RestoreClaims, check_claims, restore_source
 from api.restore_pods import (
-    CHECKPOINT_VERSION_ANNOTATION,
     GMS_LOAD_COMPLETE_FILE,
     GMS_LOADER,
     IMAGE_STANDBY,
@@ -39,38 +46,32 @@ from api.restore_pods import (
     RESTORE_STATUS_ANNOTATION,
     RESTORE_TARGET_LABEL,
     STANDBY_ENV,
-    STORAGE_ANNOTATION,
 )
-from api.storage import RemoteStorage
+from workers.checkpoints import CheckpointViews, ReadCheckpoint
 from workers.operations import start_restore
 from workers.settings import Settings
-from workflows.contracts import RestoreRequest
+from workflows.contracts import Refusal, RestoreRequest
 
 log = logging.getLogger(__name__)
 _WATCH_SECONDS = 60  # the server ends each watch; the next goes on from its resourceVersion
+_READ_SECONDS = 10.0  # a Checkpoint read, the client's retries included
 
 
 @dataclass(frozen=True)
 class RestoreTarget:
-    """What a restore-target pod asks of its node."""
+    """A restore-target pod of this node whose standby runs, as the pod says it."""
 
     container: ContainerTarget
-    checkpoint_id: str
-    version: str
     gms_sentinel: str
-    storage: RemoteStorage | None = None
+    pod: Mapping[str, Any]  # its labels and annotations are claims: checked, never trusted
 
 
 def restore_target(pod: Mapping[str, Any], *, node: str) -> RestoreTarget | None:
     """The restore `pod` asks for once its standby container runs on `node`; None while
     it is not (yet) one: not a target, elsewhere, already published, or not running."""
+    if not _bound_here(pod, node=node):
+        return None
     meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
-    labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
-    checkpoint_id = labels.get(CHECKPOINT_ID_LABEL, "")
-    if labels.get(RESTORE_TARGET_LABEL) != "true" or not checkpoint_id:
-        return None
-    if spec.get("nodeName") != node or RESTORE_STATUS_ANNOTATION in notes:
-        return None
     standby = _standby_container(spec)
     status = _status(pod, standby["name"]) if standby is not None else None
     if standby is None or status is None or (status.get("state") or {}).get("running") is None:
@@ -84,32 +85,32 @@ def restore_target(pod: Mapping[str, Any], *, node: str) -> RestoreTarget | None
         standby="image" if _env(standby).get(STANDBY_ENV) == IMAGE_STANDBY else "warmstart",
     )
     return RestoreTarget(
-        container=target,
-        checkpoint_id=checkpoint_id,
-        version=notes.get(CHECKPOINT_VERSION_ANNOTATION, ""),
-        gms_sentinel=_gms_sentinel(spec, standby, target.pod_uid),
-        storage=_storage(notes, target),
+        container=target, gms_sentinel=_gms_sentinel(spec, standby, target.pod_uid), pod=pod
     )
 
 
-def _storage(notes: Mapping[str, str], target: ContainerTarget) -> RemoteStorage | None:
-    """Where to fetch the version from (the webhook's annotation). One that does not parse
-    is left out: a node without the version then fails the restore as not found, and the
-    pod starts cold with that reason."""
-    raw = notes.get(STORAGE_ANNOTATION)
-    if not raw:
+def scheduled_source(pod: Mapping[str, Any], *, node: str) -> tuple[str, str] | None:
+    """(namespace, Checkpoint name) of a restore target bound to `node` that names one: the
+    Checkpoint its restore will be checked against, worth reading before its standby runs."""
+    if not _bound_here(pod, node=node):
         return None
     try:
-        return RemoteStorage.model_validate_json(raw)
-    except ValidationError as err:
-        log.warning(
-            "pod %s/%s: %s is not a storage location: %s",
-            target.namespace,
-            target.pod_name,
-            STORAGE_ANNOTATION,
-            err.errors()[0]["msg"],
-        )
+        name = restore_source(pod)
+    except WarmstartError:
         return None
+    namespace = (pod.get("metadata") or {}).get("namespace", "")
+    return (namespace, name) if name and namespace else None
+
+
+def _bound_here(pod: Mapping[str, Any], *, node: str) -> bool:
+    """A restore target on `node` whose restore was not published yet."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
+    return (
+        labels.get(RESTORE_TARGET_LABEL) == "true"
+        and spec.get("nodeName") == node
+        and RESTORE_STATUS_ANNOTATION not in notes
+    )
 
 
 def _standby_container(spec: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -143,14 +144,19 @@ def _gms_sentinel(spec: Mapping[str, Any], standby: Mapping[str, Any], pod_uid: 
 @contextlib.asynccontextmanager
 async def watching_restore_targets(client: Client, settings: Settings) -> AsyncIterator[None]:
     """The node's watch of its restore targets, for as long as the context lasts."""
-    from activities.kube.client import configuration
+    from activities.kube.client import api_client, configuration
+    from workers.checkpoints import checkpoint_reader
 
+    api = api_client(settings.kube)
     watcher = RestoreTargetWatch(
         configuration=configuration(settings.kube),
         client=client,
         node=settings.node.name,
         control_task_queue=settings.node.control_task_queue,
         deadline_seconds=settings.node.restore_deadline_seconds,
+        read_checkpoint=checkpoint_reader(
+            kube.CustomObjectsApi(api), timeout_seconds=_READ_SECONDS
+        ),
     )
     stop = asyncio.Event()
     task = asyncio.create_task(watcher.run(stop), name="restore-targets")
@@ -159,10 +165,12 @@ async def watching_restore_targets(client: Client, settings: Settings) -> AsyncI
     finally:
         stop.set()
         await task
+        api.close()  # type: ignore[no-untyped-call]
 
 
 class RestoreTargetWatch:
-    """Starts one RestoreWorkflow per restore-target pod of this node."""
+    """Starts one RestoreWorkflow per restore-target pod of this node: a restore of what
+    the pod's own Checkpoint says, or a refusal."""
 
     def __init__(
         self,
@@ -172,15 +180,19 @@ class RestoreTargetWatch:
         node: str,
         control_task_queue: str,
         deadline_seconds: float,
+        read_checkpoint: ReadCheckpoint,
         backoff: Backoff | None = None,
     ) -> None:
         """`configuration`: the API server and credentials of the one login
-        (`activities.kube.client.configuration`)."""
+        (`activities.kube.client.configuration`); `read_checkpoint`: a Checkpoint by
+        namespace and name through the same stack (`workers.checkpoints`)."""
         self._client = client
         self._node = node
         self._control_task_queue = control_task_queue
         self._deadline = deadline_seconds
         self._started: set[str] = set()
+        self._starting: set[asyncio.Task[None]] = set()
+        self.checkpoints = CheckpointViews(read_checkpoint)
         self.considered = 0  # pods seen so far (the watch's progress, for whoever waits)
         self.watch = Watch(
             configuration,
@@ -198,8 +210,16 @@ class RestoreTargetWatch:
         return self.watch.health
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Watch until `stop` is set (the watch retries every failure itself)."""
-        await self.watch.run(stop)
+        """Watch until `stop` is set (the watch retries every failure itself); restores
+        being started then may finish starting."""
+        try:
+            await self.watch.run(stop)
+            if self._starting:
+                await asyncio.wait(set(self._starting), timeout=_READ_SECONDS + 5)
+        finally:
+            for task in list(self._starting):
+                task.cancel()
+            self.checkpoints.close()
 
     async def _changed(self, event: WatchEvent) -> None:
         if event.type in ("ADDED", "MODIFIED"):
@@ -208,23 +228,77 @@ class RestoreTargetWatch:
     async def consider(self, pod: Mapping[str, Any]) -> None:
         self.considered += 1
         target = restore_target(pod, node=self._node)
-        if target is None or target.container.pod_uid in self._started:
+        if target is None:
+            source = scheduled_source(pod, node=self._node)
+            if source is not None:
+                self.checkpoints.read_ahead(*source)  # scheduled here: read before it runs
             return
-        self._started.add(target.container.pod_uid)
-        request = RestoreRequest(
+        uid = target.container.pod_uid
+        if uid in self._started:
+            return
+        self._started.add(uid)
+        # A task of its own: a Checkpoint not read ahead must not hold up other pods' events.
+        task = asyncio.create_task(self._start(target), name=f"restore {uid}")
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start(self, target: RestoreTarget) -> None:
+        pod = target.container
+        try:
+            claims = await self._checked(target)
+        except WarmstartError as err:
+            log.warning("pod %s/%s refused: %s: %s", pod.namespace, pod.pod_name, err.reason, err)
+            request = self._request(target, refusal=Refusal(reason=err.reason, message=str(err)))
+        else:
+            request = self._request(target, claims=claims)
+        try:
+            handle = await start_restore(self._client, request, key=pod.pod_uid)
+        except WorkflowAlreadyStartedError:
+            return  # restored (or fell back) before this worker started
+        except Exception:
+            where = f"{pod.namespace}/{pod.pod_name}"
+            log.exception("pod %s: its restore could not be started", where)
+            self._started.discard(pod.pod_uid)  # its next event tries again
+            return
+        log.info("restore of pod %s/%s started: %s", pod.namespace, pod.pod_name, handle.id)
+
+    async def _checked(self, target: RestoreTarget) -> RestoreClaims:
+        """What the pod's own Checkpoint says it restores, from the read made when the pod
+        was scheduled here (no round trip); read again once when the pod does not agree with
+        that read, which may be older than the pod."""
+        pod = target.container
+        try:
+            name = restore_source(target.pod)
+        except WarmstartError:
+            name = None
+        if name is None:
+            return check_claims(target.pod, None)  # refused: it names no Checkpoint
+        checkpoint, kept = await self.checkpoints.get(pod.namespace, name)
+        try:
+            return check_claims(target.pod, checkpoint)
+        except WarmstartError:
+            if not kept:
+                raise
+        checkpoint, _ = await self.checkpoints.get(pod.namespace, name, fresh=True)
+        return check_claims(target.pod, checkpoint)
+
+    def _request(
+        self,
+        target: RestoreTarget,
+        *,
+        claims: RestoreClaims | None = None,
+        refusal: Refusal | None = None,
+    ) -> RestoreRequest:
+        return RestoreRequest(
             namespace=target.container.namespace,
             name=target.container.pod_name,
-            checkpoint_id=target.checkpoint_id,
-            version=target.version,
+            checkpoint_id=claims.checkpoint_id if claims is not None else "",
+            version=claims.version if claims is not None else "",
             node=self._node,
             deadline_seconds=self._deadline,
             control_task_queue=self._control_task_queue,
             pod=target.container,
             gms_sentinel=target.gms_sentinel,
-            storage=target.storage,
+            storage=claims.storage if claims is not None else None,
+            refusal=refusal,
         )
-        try:
-            handle = await start_restore(self._client, request, key=target.container.pod_uid)
-        except WorkflowAlreadyStartedError:
-            return  # restored (or fell back) before this worker started
-        log.info("restore of pod %s/%s started: %s", request.namespace, request.name, handle.id)

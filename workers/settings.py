@@ -141,6 +141,9 @@ class WebhookSettings:
     # How long a pod's admission waits to read its Checkpoint before admitting it cold
     # (the webhook configuration gives the whole call at most 5 s).
     read_timeout_seconds: float = 2.0
+    # PEM CA of the client certificate the API server presents to webhooks (its admission
+    # configuration's kubeconfig): reviews are then answered to that client only.
+    client_ca_file: str = ""
     # The labels of the nodes that run a node worker (`key=value`, comma-separated; the node
     # DaemonSet's nodeSelector): restore targets are scheduled only there.
     node_labels: str = "nvidia.com/gpu.present=true"

@@ -6,9 +6,18 @@
   annotations of a resource written before a rule existed still move).
 - `POST /mutate` — pods annotated `warmstart.dev/restore-from`: shaped as restore targets
   by `api.restore_pods` with a JSONPatch; the Checkpoint is read through the one
-  Kubernetes stack (`activities.kube.client.call`), and one that cannot be read (the API
+  Kubernetes stack (`workers.checkpoints`), and one that cannot be read (the API
   server away, slow or refusing) makes the pod start cold, with the reason.
 - `GET /healthz`.
+
+Anything that can reach the webhook's port can post a review (a NetworkPolicy can open the
+port to the API server only where its address is known), so answers say nothing of any
+namespace but the one the review is about: a review whose object is not in the review's
+namespace is refused without details, only a Checkpoint of the pod's own namespace is ever
+read, and where a restore target's version is stored is not written on the pod (nodes derive
+it from the Checkpoint). With `WARMSTART_WEBHOOK__CLIENT_CA_FILE` the webhook answers reviews
+only from a client presenting a certificate of that CA: the API server, configured to
+authenticate to webhooks (docs/decisions/0024-the-webhook-answers-the-api-server.md).
 
 A plain aiohttp server rather than kopf's admission server: every replica serves it,
 whether or not it holds the watcher's Lease, with one certificate from a Secret (a rotated
@@ -41,26 +50,18 @@ import jsonpatch
 from aiohttp import web
 from pydantic import ValidationError
 
-from activities.kube.client import ApiCall, call
-from api.errors import InvalidSpecError, NotFoundError, WarmstartError
+from api.errors import InvalidSpecError, WarmstartError
 from api.jobs import JobSettings
 from api.resources import (
-    GROUP,
     IDENTITY_IMMUTABLE,
-    VERSION,
     Checkpoint,
     PodSnapshot,
     ResourceIdentity,
     identity_unchanged,
 )
-from api.restore_pods import (
-    RestoreSettings,
-    cold,
-    loader_override,
-    restore_pod,
-    restore_source,
-    validation_message,
-)
+from api.restore_claims import restore_source, validation_message
+from api.restore_pods import RestoreSettings, cold, loader_override, restore_pod
+from workers.checkpoints import ReadCheckpoint, checkpoint_reader
 from workers.settings import Settings, WebhookSettings
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,25 @@ _MODELS: dict[str, type[Checkpoint] | type[PodSnapshot]] = {
     "Checkpoint": Checkpoint,
     "PodSnapshot": PodSnapshot,
 }
-ReadCheckpoint = Callable[[str, str], Awaitable[Mapping[str, Any] | None]]
 Review = dict[str, Any]  # an AdmissionResponse without its uid
+
+
+# The one refusal of a review that an API server does not send: it says nothing more.
+FOREIGN_OBJECT = "the review's object is not in the review's namespace"
+
+
+def foreign(request: Mapping[str, Any]) -> bool:
+    """Whether a review of a namespaced object does not hold together: no namespace, or an
+    object (old or new) of another namespace than the review's. An API server never sends
+    one; answering it would tell the sender about a namespace of its choosing."""
+    namespace = request.get("namespace") or ""
+    if not namespace:
+        return True
+    for obj in (request.get("object"), request.get("oldObject")):
+        found = ((obj or {}).get("metadata") or {}).get("namespace")
+        if found and found != namespace:
+            return True
+    return False
 
 
 def review_resource(request: Mapping[str, Any]) -> Review:
@@ -81,6 +99,8 @@ def review_resource(request: Mapping[str, Any]) -> Review:
     new, old = request.get("object"), request.get("oldObject")
     if model is None or request.get("operation") not in ("CREATE", "UPDATE") or new is None:
         return allowed()
+    if foreign(request):
+        return denied(FOREIGN_OBJECT)
     if old is not None:
         changed = _identity_change(old, new)
         if changed is not None:
@@ -120,8 +140,10 @@ async def review_pod(
     pod = request.get("object") or {}
     if (request.get("kind") or {}).get("kind") != "Pod" or request.get("operation") != "CREATE":
         return allowed()
+    if foreign(request):
+        return denied(FOREIGN_OBJECT)
     meta = pod.get("metadata") or {}
-    namespace = request.get("namespace") or meta.get("namespace") or "default"
+    namespace = str(request["namespace"])  # the pod's: its Checkpoint is read there only
     who = f"pod {namespace}/{meta.get('name') or meta.get('generateName', '') + '*'}"
     try:
         name = restore_source(pod)
@@ -166,32 +188,11 @@ def json_patch(old: Any, new: Any) -> list[dict[str, Any]]:
     return operations
 
 
-def checkpoint_reader(custom: Any, *, timeout_seconds: float) -> ReadCheckpoint:
-    """Reads a Checkpoint through `custom` (a kubernetes CustomObjectsApi) and the one
-    stack; None when there is none. Past `timeout_seconds` (the client's retries included)
-    it raises UnavailableError and leaves the call to finish in its thread."""
-
-    async def read(namespace: str, name: str) -> Mapping[str, Any] | None:
-        try:
-            found: Mapping[str, Any] = await call(
-                custom.get_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                namespace,
-                "checkpoints",
-                name,
-                on=ApiCall("read", "Checkpoint", namespace, name),
-                timeout=timeout_seconds,
-            )
-        except NotFoundError:
-            return None
-        return found
-
-    return read
-
-
-def admission_app(*, read: ReadCheckpoint, settings: RestoreSettings) -> web.Application:
-    """The webhook's routes."""
+def admission_app(
+    *, read: ReadCheckpoint, settings: RestoreSettings, client_certificate: bool = False
+) -> web.Application:
+    """The webhook's routes; with `client_certificate`, reviews are answered only to a
+    client whose certificate the TLS context verified (`server_ssl_context`)."""
 
     async def resource(review: Mapping[str, Any]) -> Review:
         return review_resource(review)
@@ -200,9 +201,11 @@ def admission_app(*, read: ReadCheckpoint, settings: RestoreSettings) -> web.App
         return await review_pod(review, read=read, settings=settings)
 
     async def validate(request: web.Request) -> web.Response:
+        _authenticated(request, required=client_certificate)
         return await _answer(request, resource)
 
     async def mutate(request: web.Request) -> web.Response:
+        _authenticated(request, required=client_certificate)
         return await _answer(request, pod)
 
     async def health(_: web.Request) -> web.Response:
@@ -213,6 +216,16 @@ def admission_app(*, read: ReadCheckpoint, settings: RestoreSettings) -> web.App
     app.router.add_post(MUTATE_PATH, mutate)
     app.router.add_get(HEALTH_PATH, health)
     return app
+
+
+def _authenticated(request: web.Request, *, required: bool) -> None:
+    """With client certificates required: 401, and nothing read, unless the TLS handshake
+    verified one (a client presenting a certificate of another CA never gets this far)."""
+    if not required:
+        return
+    transport = request.transport
+    if transport is None or not transport.get_extra_info("peercert"):
+        raise web.HTTPUnauthorized(text="a client certificate is required")
 
 
 async def _answer(
@@ -283,9 +296,16 @@ def self_signed_certificate(*, hosts: list[str], days: int = 365) -> tuple[bytes
     return certificate.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def _tls_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLContext:
+def _tls_context(
+    cert_file: str | Path, key_file: str | Path, client_ca_file: str = ""
+) -> ssl.SSLContext:
+    """With `client_ca_file`, a client certificate is verified against that CA when one is
+    presented (required by the review routes, not by `/healthz`, which kubelet probes)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client_ca_file:
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cafile=client_ca_file)
     context.load_cert_chain(cert_file, key_file)
     return context
 
@@ -296,17 +316,18 @@ class RotatingCertificate:
     identity changes) and, when they changed, loads them into a fresh context, which that
     handshake and the later ones use. A pair that does not load (caught mid-rotation, or
     damaged) leaves the last good one serving, and is tried again once the files change
-    again."""
+    again. Every context verifies clients against `client_ca_file`, if any."""
 
-    def __init__(self, cert_file: str, key_file: str) -> None:
+    def __init__(self, cert_file: str, key_file: str, client_ca_file: str = "") -> None:
         self._files = (cert_file, key_file)
+        self._client_ca = client_ca_file
         self._stamp = self._look()
-        self._current = _tls_context(cert_file, key_file)
+        self._current = _tls_context(cert_file, key_file, client_ca_file)
         self._refused: tuple[tuple[int, ...], ...] | None = None
 
     def server_context(self) -> ssl.SSLContext:
         """The context to serve with: it hands each handshake the current certificate."""
-        context = _tls_context(*self._files)
+        context = _tls_context(*self._files, self._client_ca)
         context.sni_callback = self._choose
         return context
 
@@ -326,7 +347,7 @@ class RotatingCertificate:
         if stamp in (self._stamp, self._refused):
             return self._current
         try:
-            fresh = _tls_context(*self._files)
+            fresh = _tls_context(*self._files, self._client_ca)
         except (OSError, ssl.SSLError) as err:
             self._refused = stamp
             logger.warning("webhook: the rotated certificate does not load (%s); serving on", err)
@@ -342,15 +363,22 @@ class RotatingCertificate:
 
 def server_ssl_context(settings: WebhookSettings) -> ssl.SSLContext:
     """TLS with the configured certificate files (loaded again when they are rotated), else
-    with a self-signed certificate."""
+    with a self-signed certificate; with `client_ca_file`, a client certificate is verified
+    against that CA when one is presented (required by the review routes, not by
+    `/healthz`, which kubelet probes)."""
     if settings.cert_file or settings.key_file:
         if not (settings.cert_file and settings.key_file):
             raise InvalidSpecError(
                 "WARMSTART_WEBHOOK__CERT_FILE and WARMSTART_WEBHOOK__KEY_FILE go together"
             )
-        return RotatingCertificate(settings.cert_file, settings.key_file).server_context()
+        return RotatingCertificate(
+            settings.cert_file, settings.key_file, settings.client_ca_file
+        ).server_context()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.client_ca_file:
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cafile=settings.client_ca_file)
     hosts = [h.strip() for h in settings.hosts.split(",") if h.strip()] or ["localhost"]
     cert, key = self_signed_certificate(hosts=hosts)
     logger.warning("webhook: no certificate configured, serving a self-signed one for %s", hosts)
@@ -398,7 +426,9 @@ async def run_webhook(settings: Settings, stop: asyncio.Event | None = None) -> 
             jobs=JobSettings(checkpoint_claim=settings.kube.checkpoint_claim),
             node_labels=hook.node_label_pairs(),
         )
-        app = admission_app(read=read, settings=restore)
+        app = admission_app(
+            read=read, settings=restore, client_certificate=bool(hook.client_ca_file)
+        )
         async with serving(app, settings=hook, context=server_ssl_context(hook)) as port:
             print(f"webhook: https on {hook.host}:{port}", flush=True)
             await stop.wait()

@@ -11,7 +11,7 @@ from api.contract import Contract
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.limits import PathElement, ReadySeconds, ShortSeconds
 from api.naming import CONTROL_TASK_QUEUE, LOCAL_NAMESPACE, LOCAL_NODE, require_path_element
-from api.reasons import Phase
+from api.reasons import Phase, Reason
 from api.workload import LocalWorkload
 
 
@@ -139,10 +139,19 @@ class CaptureResult(Contract):
     step_seconds: dict[str, float]
 
 
+class Refusal(Contract):
+    """Why a node refuses to restore into a pod (before anything is read): the pod starts
+    cold with this reason."""
+
+    reason: Reason
+    message: str
+
+
 class RestoreRequest(Contract):
     namespace: PathElement = LOCAL_NAMESPACE
     name: PathElement
-    checkpoint_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    # Empty only in a refusal: then the pod names no checkpoint the node would restore.
+    checkpoint_id: str = Field(pattern=r"^([0-9a-f]{16})?$")
     version: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$")  # newest when empty
     node: PathElement = LOCAL_NODE
     # Local mode: how long the restored workload may take to answer.
@@ -158,6 +167,9 @@ class RestoreRequest(Contract):
     # Local mode: the restored process's new environment (Dynamo's restore context names
     # only; on a cluster the standby container's own environment is used).
     env: dict[str, str] = Field(default_factory=dict)
+    # On a cluster: the node refused the pod (its claims are not its Checkpoint's, or that
+    # cannot be read); nothing is restored, the pod starts cold.
+    refusal: Refusal | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -167,6 +179,14 @@ class RestoreRequest(Contract):
         if isinstance(data, dict) and data.get("pod") and "deadline_seconds" not in data:
             data = {**data, "deadline_seconds": data.get("answer_timeout_seconds", 120.0)}
         return data
+
+    @model_validator(mode="after")
+    def _checkpoint_unless_refused(self) -> RestoreRequest:
+        if not self.checkpoint_id and self.refusal is None:
+            raise ValueError("checkpoint_id: a 16-hex checkpoint ID is needed")
+        if self.refusal is not None and self.pod is None:
+            raise ValueError("refusal: only a pod's restore is refused by its node")
+        return self
 
 
 class RestoreResult(Contract):

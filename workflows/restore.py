@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from activities.errors import application_error
     from activities.steps import ContainerSteps, RestoreSteps
+    from api.errors import PipelineFailedError
     from api.naming import PROGRESS_QUERY, RESTORE_WORKFLOW, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
     from workflows import policies, visibility
@@ -63,19 +64,15 @@ class RestoreWorkflow:
             namespace=request.namespace, checkpoint_id=request.checkpoint_id, node=request.node
         )
         clock.begin("restore", Phase.RESTORING)
+        if request.refusal is not None:
+            # Refused by the node before anything was read: no restore step, the pod starts
+            # cold. No `patched` needed: recorded histories predate refusals.
+            refused = request.refusal
+            await self._fell_back(PipelineFailedError(refused.message, reason=refused.reason))
         try:
             restored = await (self._into_container() if request.pod else self._locally())
         except ActivityError as err:
-            failure = policies.step_failure(err, node=request.node)
-            state.failed(failure, Phase.FELL_BACK, "fell-back")
-            if request.pod is not None:
-                await self._fall_back(f"{failure.reason}: {failure.message}")
-            await self._publish(Phase.FELL_BACK, failure.reason, message=failure.message)
-            if request.pod is not None and request.pod.standby == "image":
-                # No `patched` needed: recorded histories predate image standbys, so none
-                # of them takes this branch.
-                await self._stop_image_standby()
-            raise application_error(failure) from None
+            await self._fell_back(policies.step_failure(err, node=request.node))
         except asyncio.CancelledError:
             clock.settle(Phase.FELL_BACK, "cancelled")
             raise
@@ -91,6 +88,20 @@ class RestoreWorkflow:
             stage_seconds=restored.stage_seconds,
             step_seconds=dict(clock.seconds),
         )
+
+    async def _fell_back(self, failure: PipelineFailedError) -> NoReturn:
+        """The pod (if any) starts cold, the status says why, and the run fails with it."""
+        request = self._request
+        assert request is not None
+        self._state.failed(failure, Phase.FELL_BACK, "fell-back")
+        if request.pod is not None:
+            await self._fall_back(f"{failure.reason}: {failure.message}")
+        await self._publish(Phase.FELL_BACK, failure.reason, message=failure.message)
+        if request.pod is not None and request.pod.standby == "image":
+            # No `patched` needed: recorded histories predate image standbys, so none
+            # of them takes this branch.
+            await self._stop_image_standby()
+        raise application_error(failure) from None
 
     async def _locally(self) -> RestoredWorkload:
         request = self._request

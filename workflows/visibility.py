@@ -57,15 +57,15 @@ def _set_phase(phase: Phase) -> None:
 def start_attributes(
     *, namespace: str, checkpoint_id: str, node: str, phase: Phase
 ) -> TypedSearchAttributes:
-    """Search attributes a starter sets, so the first workflow task need not upsert them."""
-    return TypedSearchAttributes(
-        [
-            SearchAttributePair(NAMESPACE, namespace),
-            SearchAttributePair(CHECKPOINT_ID, checkpoint_id),
-            SearchAttributePair(NODE, node),
-            SearchAttributePair(PHASE, phase.value),
-        ]
-    )
+    """Search attributes a starter sets, so the first workflow task need not upsert them
+    (a refused restore has no checkpoint ID)."""
+    pairs = [
+        SearchAttributePair(NAMESPACE, namespace),
+        SearchAttributePair(CHECKPOINT_ID, checkpoint_id),
+        SearchAttributePair(NODE, node),
+        SearchAttributePair(PHASE, phase.value),
+    ]
+    return TypedSearchAttributes([pair for pair in pairs if pair.value])
 
 
 def index(*, namespace: str, checkpoint_id: str, node: str) -> None:

@@ -46,7 +46,7 @@ from api.errors import (
     WarmstartError,
 )
 from api.jobs import JobSettings, capture_job
-from api.reasons import Phase
+from api.reasons import Phase, Reason
 from api.resources import (
     CHECKPOINT_ID_LABEL,
     GROUP,
@@ -56,8 +56,8 @@ from api.resources import (
     QuarantineStatus,
     WorkflowLink,
 )
+from api.restore_claims import CHECKPOINT_VERSION_ANNOTATION
 from api.restore_pods import (
-    CHECKPOINT_VERSION_ANNOTATION,
     CONTROL_DIR_ANNOTATION,
     RESTORE_STATUS_ANNOTATION,
     RESTORE_TARGET_LABEL,
@@ -131,12 +131,16 @@ class KubeControlActivities(ClusterControlSteps):
 
     @activity.defn
     async def claim_checkpoint_id(self, request: ClaimInput) -> None:
-        """One resource owns a checkpoint ID: a Lease `checkpoint-<id>` in the controller's
-        namespace names it. The API server's create is the lock; a holder whose resource
-        is gone or being deleted no longer owns the ID."""
+        """One resource of a namespace owns a checkpoint ID there: a Lease
+        `checkpoint-<namespace>-<id>` in the controller's namespace names it. The API
+        server's create is the lock; a holder whose resource is gone or being deleted no
+        longer owns the ID. The ID is a hash of the identity, the same in every namespace:
+        each namespace claims its own, so none can squat another's, and a conflict names
+        only a resource of the claimant's own namespace."""
         ref = _require_resource(request.resource, "claim")
         holder = f"{ref.kind}/{ref.namespace}/{ref.name}/{ref.uid}"
-        name = f"checkpoint-{request.checkpoint_id}"
+        name = claim_name(ref.namespace, request.checkpoint_id)
+        await self._no_older_claim(request.checkpoint_id, holder=holder, namespace=ref.namespace)
         lease = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
@@ -158,12 +162,8 @@ class KubeControlActivities(ClusterControlSteps):
             owner = (current.spec.holder_identity if current.spec else None) or ""
             if owner == holder:
                 return
-            if await self._holder_alive(owner):
-                kind, ns, owner_name = [*owner.split("/"), "", "", ""][:3]
-                raise IdentityConflictError(
-                    f"checkpoint ID {request.checkpoint_id} is already owned by "
-                    f"{kind} {ns}/{owner_name}"
-                )
+            if await self._holder_alive(owner, namespace=ref.namespace):
+                raise _owned(request.checkpoint_id, owner)
             version = current.metadata.resource_version if current.metadata else None
             takeover = {
                 "metadata": {"resourceVersion": version},
@@ -182,6 +182,15 @@ class KubeControlActivities(ClusterControlSteps):
                 pass  # another claim moved first: look again
         raise UnavailableError(f"claim {request.checkpoint_id}: the claim kept changing")
 
+    async def _no_older_claim(self, checkpoint_id: str, *, holder: str, namespace: str) -> None:
+        """A claim made before claims were per namespace (`checkpoint-<id>`) still binds its
+        own namespace's resources while its holder lives; another namespace's is none of
+        this claim's business (and is never named)."""
+        older = await self._read_lease(f"checkpoint-{checkpoint_id}")
+        owner = ((older.spec.holder_identity if older and older.spec else None) or "").strip()
+        if owner and owner != holder and await self._holder_alive(owner, namespace=namespace):
+            raise _owned(checkpoint_id, owner)
+
     async def _read_lease(self, name: str) -> client.V1Lease | None:
         try:
             lease: client.V1Lease = await call(
@@ -194,9 +203,11 @@ class KubeControlActivities(ClusterControlSteps):
             return None
         return lease
 
-    async def _holder_alive(self, holder: str) -> bool:
+    async def _holder_alive(self, holder: str, *, namespace: str) -> bool:
+        """Whether `holder`, a resource of `namespace`, still exists and is not being
+        deleted; a holder of another namespace is never read (nor alive here)."""
         parts = holder.split("/")
-        if len(parts) != 4 or parts[0] not in PLURALS:
+        if len(parts) != 4 or parts[0] not in PLURALS or parts[1] != namespace:
             return False
         kind, namespace, name, uid = parts
         ref = ResourceRef.model_validate(
@@ -240,7 +251,7 @@ class KubeControlActivities(ClusterControlSteps):
             )
             status = next_status(previous, report, now=_now())
             if self._quarantine is not None and status.checkpoint_id:
-                shown = await self._quarantine_shown(status.checkpoint_id)
+                shown = await self._quarantine_shown(status.checkpoint_id, ref.namespace)
                 status = status.model_copy(update={"quarantine": shown})
             body = {
                 "metadata": {"resourceVersion": obj["metadata"].get("resourceVersion")},
@@ -299,7 +310,12 @@ class KubeControlActivities(ClusterControlSteps):
                 "uid": (meta.uid if meta is not None else None) or pod.pod_uid,
             },
         }
-        event = ("Normal", "Restored") if restored else ("Warning", "RestoreFellBack")
+        if restored:
+            event = ("Normal", "Restored")
+        elif request.reason == Reason.FORBIDDEN:  # the node refused the pod: nothing was read
+            event = ("Warning", "RestoreRefused")
+        else:
+            event = ("Warning", "RestoreFellBack")
         note = request.message or value
         await self._post_event(regarding, *event, note=note, action="Restore")
         try:  # the restore may have added this node's evidence: show where it stands
@@ -307,21 +323,31 @@ class KubeControlActivities(ClusterControlSteps):
         except WarmstartError as err:  # a courtesy: the pod's status is written already
             activity.logger.warning("quarantine of %s not shown: %s", request.checkpoint_id, err)
 
-    async def _quarantine_shown(self, checkpoint_id: str) -> list[QuarantineStatus]:
+    async def _quarantine_shown(self, checkpoint_id: str, namespace: str) -> list[QuarantineStatus]:
+        """The quarantines of `checkpoint_id` in effect for `namespace` (and those recorded
+        before namespaces): another namespace's are not shown on its resources."""
         assert self._quarantine is not None
-        entries = await asyncio.to_thread(self._quarantine.entries, checkpoint_id)
+        entries = await asyncio.to_thread(
+            self._quarantine.entries, checkpoint_id, namespace=namespace
+        )
         return quarantine_status(entries)
 
     async def publish_quarantine(self, checkpoint_id: str, *, namespace: str = "") -> None:
-        """Show the quarantines of `checkpoint_id` in effect (none: an empty list) on the
-        status of the Checkpoints and PodSnapshots that hold it, in `namespace` or in every
-        one; those that show it already are left alone."""
+        """Show the quarantines of `checkpoint_id` in effect for each resource's namespace
+        (none: an empty list) on the status of the Checkpoints and PodSnapshots that hold it,
+        in `namespace` or in every one; those that show it already are left alone."""
         if self._quarantine is None or not checkpoint_id:
             return
-        shown = [
-            entry.model_dump(mode="json", by_alias=True, exclude_defaults=True)
-            for entry in await self._quarantine_shown(checkpoint_id)
-        ]
+        shown_by_namespace: dict[str, list[dict[str, Any]]] = {}
+
+        async def shown_in(ns: str) -> list[dict[str, Any]]:
+            if ns not in shown_by_namespace:
+                shown_by_namespace[ns] = [
+                    entry.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+                    for entry in await self._quarantine_shown(checkpoint_id, ns)
+                ]
+            return shown_by_namespace[ns]
+
         for kind, plural in PLURALS.items():
             if namespace:
                 listed = await call(
@@ -344,9 +370,10 @@ class KubeControlActivities(ClusterControlSteps):
                 status, meta = obj.get("status") or {}, obj.get("metadata") or {}
                 if status.get("checkpointID") != checkpoint_id:
                     continue
+                name, ns = str(meta.get("name")), str(meta.get("namespace"))
+                shown = await shown_in(ns)
                 if (status.get("quarantine") or []) == shown:
                     continue
-                name, ns = str(meta.get("name")), str(meta.get("namespace"))
                 # The list is ours alone and replaced whole: no resourceVersion needed.
                 with contextlib.suppress(NotFoundError):  # deleted meanwhile
                     await call(
@@ -516,6 +543,19 @@ class KubeControlActivities(ClusterControlSteps):
         if request.pod_uid and uid != request.pod_uid:
             return PodObservation(failure=f"{where} was created again (UID {uid})")
         return observe_pod(pod, request.container)
+
+
+def claim_name(namespace: str, checkpoint_id: str) -> str:
+    """The Lease that says which resource of `namespace` owns `checkpoint_id` there (a
+    namespace is a DNS label and the ID 16 hex digits: the name is never ambiguous)."""
+    return f"checkpoint-{namespace}-{checkpoint_id}"
+
+
+def _owned(checkpoint_id: str, owner: str) -> IdentityConflictError:
+    kind, namespace, name = [*owner.split("/"), "", "", ""][:3]
+    return IdentityConflictError(
+        f"checkpoint ID {checkpoint_id} is already owned by {kind} {namespace}/{name}"
+    )
 
 
 def status_patch(status: CaptureStatus) -> dict[str, Any]:

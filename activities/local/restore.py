@@ -81,7 +81,7 @@ class RestoreActivities(RestoreSteps):
         # Where the workload waits: its manifest says, once it has been read and checked;
         # before that (missing or damaged checkpoint) this node's own layout says.
         control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
-        version, pid, cls, claimed_version = request.version, 0, None, ""
+        version, pid, cls, claimed_version, namespace = request.version, 0, None, "", ""
         held = AsyncExitStack()
         clear_sentinels(control_dir, RESTORE_SENTINELS)  # this restore's outcome only
         try:
@@ -90,6 +90,7 @@ class RestoreActivities(RestoreSteps):
                 held, self._source, stages, request.checkpoint_id, request.version, request.storage
             )
             claimed = load_manifest(version_dir)
+            namespace = claimed.source.namespace
             cls = self._gate.check(claimed, self._target(claimed))
             claimed_version = claimed.version
             manifest = await asyncio.to_thread(
@@ -116,7 +117,9 @@ class RestoreActivities(RestoreSteps):
         except WarmstartError as err:
             await _undo(pid, control_dir, failure_note(err))
             if cls is not None:  # evidence against the version on this node class
-                self._gate.remember(request.checkpoint_id, claimed_version, cls, err)
+                self._gate.remember(
+                    request.checkpoint_id, claimed_version, cls, err, namespace=namespace
+                )
             where = f"restore of {request.name} from checkpoint {request.checkpoint_id}"
             where += f" version {version}" if version else ""
             raise type(err)(f"{where} failed: {err}", reason=err.reason) from err

@@ -1,5 +1,6 @@
 """The node activity of a cluster restore, stage by stage (reported by heartbeat): verify
-(the gate first: compatibility with the standby's GPUs, quarantine; then digests) → await
+(a version captured in the pod's own namespace only, then the gate: compatibility with the
+standby's GPUs, quarantine; then digests) → await
 the GMS loader's sentinel → prepare the container and CRIU-restore into it
 (`activities.runtime.restore`) → CUDA restore onto the device map, then unlock →
 `restore-complete`. Any failure writes `restore-failed` so the standby starts cold, and a
@@ -37,6 +38,7 @@ from activities.pipeline import (
     as_restore_failure,
     failure_note,
     open_version,
+    require_namespace,
 )
 from activities.runtime import control
 from activities.runtime.base import ContainerRuntime
@@ -93,9 +95,17 @@ class StandbyRestorer:
             await asyncio.to_thread(control.reset_for_restore, standby.pid)
             stages.start("verify")
             version_dir = await open_version(
-                held, self._source, stages, request.checkpoint_id, request.version, request.storage
+                held,
+                self._source,
+                stages,
+                request.checkpoint_id,
+                request.version,
+                request.storage,
+                accept=lambda fetched: require_namespace(fetched, target.namespace),
             )
             claimed = load_manifest(version_dir)
+            # Another namespace's version is refused before anything else of it is read.
+            require_namespace(claimed, target.namespace)
             environ = process_environment(standby.pid)
             gpus = gpus_of_process(environ, self._gpus.facts())
             cls, version = self._gate.check(claimed, host_info(gpus)), claimed.version
@@ -132,7 +142,9 @@ class StandbyRestorer:
                 )
             await asyncio.to_thread(control.restore_failed, standby.pid, failure_note(failure))
             if cls is not None and isinstance(failure, WarmstartError):
-                self._gate.remember(request.checkpoint_id, version, cls, failure)
+                self._gate.remember(
+                    request.checkpoint_id, version, cls, failure, namespace=target.namespace
+                )
             if failure is err:
                 raise
             raise failure from err

@@ -9,10 +9,19 @@ version. Records live beside the checkpoint in the store, so every node sharing 
 quarantine` lists and clears them through the control worker, which mounts that store
 (`queries`):
 
-    <root>/<checkpointID>/quarantine/<version>/<class key>/<node>.json   one node's evidence
-    <root>/<checkpointID>/quarantine/<class key>.json                    recorded before
-                                                                         versions (the whole
-                                                                         checkpoint)
+    <root>/<checkpointID>/quarantine/<namespace>/<version>/<class key>/<node>.json
+                                                  one node's evidence, in the namespace
+                                                  whose restore failed
+    <root>/<checkpointID>/quarantine/<version>/<class key>/<node>.json
+                                                  recorded before namespaces
+    <root>/<checkpointID>/quarantine/<class key>.json
+                                                  recorded before versions (the whole
+                                                  checkpoint)
+
+Quarantines are per namespace: one checkpoint ID may be captured in several namespaces
+(each owns its own versions), and one namespace's failed restores never refuse another's.
+Records from before namespaces cannot say whose they are: they are listed, cleared and
+swept, never enforced (decision 0023).
 
 Each node writes only its own evidence file (atomically), so nodes sharing the store never
 overwrite each other's. Lapsed records are ignored by every reader, and removed when a node
@@ -75,28 +84,31 @@ class Quarantine:
         checked = require_path_element(checkpoint_id, what="checkpoint ID")
         return self.root / checked / QUARANTINE_DIR
 
-    def _evidence_dir(self, checkpoint_id: str, version: str, cls: NodeClass) -> Path:
-        checked = require_path_element(version, what="checkpoint version")
-        return self._dir(checkpoint_id) / checked / cls.key
+    def _evidence_dir(
+        self, checkpoint_id: str, version: str, cls: NodeClass, namespace: str
+    ) -> Path:
+        directory = self._dir(checkpoint_id)
+        if namespace:  # empty: recorded before namespaces (read, never written by a restore)
+            directory /= require_path_element(namespace, what="namespace")
+        return directory / require_path_element(version, what="checkpoint version") / cls.key
 
-    def find(self, checkpoint_id: str, version: str, cls: NodeClass) -> QuarantineEntry | None:
-        """The quarantine that refuses `version` of the checkpoint on `cls`, if any: one of
-        that version, or one recorded before versions (of every version)."""
-        now = self._clock()
-        legacy = _legacy(self._dir(checkpoint_id) / f"{cls.key}.json")
-        if legacy is not None:
-            entry = legacy_entry(legacy, self.policy, now=now)
-            if entry is not None:
-                return entry
-        directory = self._evidence_dir(checkpoint_id, version, cls)
+    def find(
+        self, checkpoint_id: str, version: str, cls: NodeClass, *, namespace: str
+    ) -> QuarantineEntry | None:
+        """The quarantine that refuses `namespace`'s restores of `version` of the checkpoint
+        on `cls`, if any. Records from before namespaces refuse nothing (whose they were is
+        unknown, and one namespace's failures must not refuse another's)."""
+        if not namespace:
+            return None
+        directory = self._evidence_dir(checkpoint_id, version, cls, namespace)
         found = [e for p in _files(directory, "*.json") if (e := _evidence(p)) is not None]
-        return next((e for e in judge(found, self.policy, now=now) if e.active), None)
+        return next((e for e in judge(found, self.policy, now=self._clock()) if e.active), None)
 
     def record(self, evidence: QuarantineEvidence) -> QuarantineEntry:
         """Add a node's failure to its evidence (kept while it has not lapsed) and return
-        where the version now stands on that class (active, or pending)."""
+        where the version now stands on that class in its namespace (active, or pending)."""
         directory = self._evidence_dir(
-            evidence.checkpoint_id, evidence.version, evidence.node_class
+            evidence.checkpoint_id, evidence.version, evidence.node_class, evidence.namespace
         )
         path = directory / f"{require_path_element(evidence.node, what='node name')}.json"
         held = _evidence(path)
@@ -113,9 +125,12 @@ class Quarantine:
         # Evidence recorded as lapsed already (an old failure) stands as it stood then.
         return judged[0] if judged else judge([evidence], self.policy, now=evidence.last)[0]
 
-    def entries(self, checkpoint_id: str = "", *, pending: bool = False) -> list[QuarantineEntry]:
+    def entries(
+        self, checkpoint_id: str = "", *, pending: bool = False, namespace: str | None = None
+    ) -> list[QuarantineEntry]:
         """The quarantines of one checkpoint, or of all (with `pending`, the evidence that
-        is not one yet too), not lapsed; oldest first."""
+        is not one yet too), not lapsed; oldest first. With `namespace`, only that
+        namespace's and those recorded before namespaces."""
         now = self._clock()
         found: list[QuarantineEntry] = []
         for directory in self._dirs(checkpoint_id):
@@ -123,8 +138,10 @@ class Quarantine:
                 legacy = _legacy(path)
                 entry = legacy_entry(legacy, self.policy, now=now) if legacy else None
                 found += [entry] if entry is not None else []
-            evidence = [e for p in _files(directory, "*/*/*.json") if (e := _evidence(p))]
+            evidence = [e for p in _evidence_files(directory) if (e := _evidence(p))]
             found += [e for e in judge(evidence, self.policy, now=now) if pending or e.active]
+        if namespace is not None:
+            found = [entry for entry in found if entry.namespace in (namespace, "")]
         return sorted(found, key=lambda entry: entry.since)
 
     def clear(self, checkpoint_id: str) -> list[QuarantineEntry]:
@@ -150,7 +167,7 @@ class Quarantine:
                 legacy = _legacy(path)
                 if legacy is not None and legacy_entry(legacy, self.policy, now=now) is None:
                     found.append(path)
-            for path in _files(directory, "*/*/*.json"):
+            for path in _evidence_files(directory):
                 evidence = _evidence(path)
                 if evidence is not None and evidence.last + self.policy.expiry <= now:
                     found.append(path)
@@ -161,7 +178,9 @@ class Quarantine:
         removed = self.lapsed(checkpoint_id)
         for path in removed:
             path.unlink(missing_ok=True)
-            for parent in (path.parent, path.parent.parent):
+            for parent in path.parents:
+                if parent.name == QUARANTINE_DIR:
+                    break
                 with contextlib.suppress(OSError):
                     parent.rmdir()  # only when empty
         return removed
@@ -177,6 +196,12 @@ def _files(directory: Path, pattern: str) -> Iterator[Path]:
         yield from sorted(directory.glob(pattern))
     except OSError:
         return
+
+
+def _evidence_files(directory: Path) -> list[Path]:
+    """Evidence files: `<namespace>/<version>/<class key>/<node>.json`, and
+    `<version>/<class key>/<node>.json` recorded before namespaces."""
+    return [*_files(directory, "*/*/*/*.json"), *_files(directory, "*/*/*.json")]
 
 
 def _legacy(path: Path) -> QuarantineEntry | None:

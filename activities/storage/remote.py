@@ -49,11 +49,17 @@ class RemoteStores:
         self._kinds: dict[str, BackendKind] = {}
         self._lock = threading.Lock()
 
-    def backend(self, storage: RemoteStorage) -> Backend:
+    def resolved(self, storage: RemoteStorage) -> RemoteStorage:
+        """`storage` as this worker reaches it: its own endpoint and region where it names
+        none (no I/O)."""
         endpoint, region = self._own.get(storage.kind, ("", ""))
         if (endpoint and not storage.endpoint) or (region and not storage.region):
             update = {"endpoint": storage.endpoint or endpoint, "region": storage.region or region}
             storage = storage.model_copy(update=update)
+        return storage
+
+    def backend(self, storage: RemoteStorage) -> Backend:
+        storage = self.resolved(storage)
         with self._lock:
             kind = self._kinds.get(storage.kind)
             if kind is None:

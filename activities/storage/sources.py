@@ -1,5 +1,7 @@
 """Where a restore reads its version: this node's store (captured here, or the PVC every
-node mounts), else the node cache, filled from the remote storage the request names.
+node mounts), else the node cache of that very location, filled from the remote storage the
+request names (`cache.location_key`: a version fetched from one store is never found for
+another).
 
 With remote storage an empty version means the newest one *there* (the node's copy may be
 older). A version found in neither place is CheckpointNotFoundError naming both.
@@ -20,6 +22,7 @@ from activities.steps import PrefetchSteps
 from activities.storage.remote import RemoteStores, heartbeating
 from activities.storage.store import CheckpointStore
 from api.errors import CheckpointNotFoundError, StorageError
+from api.manifest import Manifest
 from api.naming import MANIFEST_FILE
 
 if TYPE_CHECKING:
@@ -47,15 +50,21 @@ class CheckpointSource:
         storage: RemoteStorage | None,
         *,
         on_fetch: Callable[[], None] = lambda: None,
+        accept: Callable[[Manifest], None] | None = None,
     ) -> AsyncIterator[Path]:
         """The committed version directory to restore from, held in use (the cache does not
-        evict it) until the block ends. `on_fetch` is called before a download starts."""
+        evict it) until the block ends. `on_fetch` is called before a download starts;
+        `accept` sees a version's manifest before its files are downloaded (and raises to
+        refuse it)."""
         if storage is None:
             yield self.store.find(checkpoint_id, version)
             return
         if self._cache is None or self._remote is None:
             raise StorageError(f"{storage.uri}: this node has no cache for remote checkpoints")
+        from activities.storage.objectstore.cache import location_key
+
         cache, remote = self._cache, self._remote
+        location = location_key(remote.resolved(storage))
 
         async def backend() -> Backend:
             # Only when the bucket is needed: building the client may read a credentials
@@ -69,8 +78,8 @@ class CheckpointSource:
         if (local / MANIFEST_FILE).is_file():
             yield local
             return
-        with cache.using(checkpoint_id, version):
-            cached = CheckpointStore(cache.root).version_dir(checkpoint_id, version)
+        with cache.using(location, checkpoint_id, version):
+            cached = cache.version_dir(location, checkpoint_id, version)
             if (cached / MANIFEST_FILE).is_file():  # the cache keeps the store's layout
                 yield cached
                 return
@@ -79,7 +88,12 @@ class CheckpointSource:
             yield await heartbeating(
                 "fetch",
                 lambda progress: cache.fetch(
-                    source, checkpoint_id=checkpoint_id, version=version, progress=progress
+                    source,
+                    location=location,
+                    checkpoint_id=checkpoint_id,
+                    version=version,
+                    progress=progress,
+                    accept=accept,
                 ),
             )
 

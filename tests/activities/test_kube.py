@@ -69,8 +69,10 @@ def control(cluster: Cluster) -> KubeControlActivities:
     )
 
 
-async def created(cluster: Cluster, name: str = "llama") -> ResourceRef:
-    obj = await cluster.create("checkpoints", checkpoint(name))
+async def created(
+    cluster: Cluster, name: str = "llama", *, namespace: str = "inference"
+) -> ResourceRef:
+    obj = await cluster.create("checkpoints", checkpoint(name, namespace))
     meta = obj["metadata"]
     return ResourceRef(kind="Checkpoint", namespace=meta["namespace"], name=name, uid=meta["uid"])
 
@@ -113,9 +115,52 @@ async def test_a_checkpoint_id_has_one_owner_until_the_owner_is_deleted(
     )
     await env.run(control.claim_checkpoint_id, claim(second))  # the owner's deletion frees it
     lease = await cluster.run(
-        cluster.leases.read_namespaced_lease, f"checkpoint-{CKPT}", "warmstart-system"
+        cluster.leases.read_namespaced_lease, f"checkpoint-inference-{CKPT}", "warmstart-system"
     )
     assert lease.spec.holder_identity == f"Checkpoint/inference/llama-copy/{second.uid}"
+
+
+async def test_a_namespace_cannot_squat_another_namespaces_checkpoint_id(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    """The ID is a hash of the identity, the same in every namespace: a namespace that
+    claims it first holds it in its own namespace only, and nothing it is told names
+    another namespace's resources."""
+    env = ActivityEnvironment()
+    squatter = await created(cluster, "llama", namespace="team-b")
+    await env.run(control.claim_checkpoint_id, claim(squatter))
+    owner = await created(cluster, "llama")  # inference: its own claim of the same ID
+    await env.run(control.claim_checkpoint_id, claim(owner))
+    second = await created(cluster, "llama-2", namespace="team-b")
+    with pytest.raises(IdentityConflictError) as conflict:
+        await env.run(control.claim_checkpoint_id, claim(second))
+    assert (
+        str(conflict.value) == f"checkpoint ID {CKPT} is already owned by Checkpoint team-b/llama"
+    )
+    assert "inference" not in str(conflict.value)
+
+
+async def test_a_claim_made_before_claims_were_per_namespace_binds_its_namespace_only(
+    cluster: Cluster, control: KubeControlActivities
+) -> None:
+    env = ActivityEnvironment()
+    old = await created(cluster, "llama")
+    holder = f"Checkpoint/inference/llama/{old.uid}"
+    lease = {"metadata": {"name": f"checkpoint-{CKPT}"}, "spec": {"holderIdentity": holder}}
+    await cluster.run(cluster.leases.create_namespaced_lease, "warmstart-system", lease)
+    await env.run(control.claim_checkpoint_id, claim(old))  # its own: still its own
+    with pytest.raises(IdentityConflictError, match=r"owned by Checkpoint inference/llama$"):
+        await env.run(control.claim_checkpoint_id, claim(await created(cluster, "llama-2")))
+    elsewhere = await created(cluster, "llama", namespace="team-b")
+    before = _requests(cluster)
+    await env.run(control.claim_checkpoint_id, claim(elsewhere))  # another namespace's: none
+    read = _requests(cluster)[len(before) :]
+    assert not any("/namespaces/inference/" in path for path in read)  # not even looked at
+
+
+def _requests(cluster: Cluster) -> list[str]:
+    assert cluster.emulator is not None
+    return [str(r.url.path) for r in cluster.emulator if str(r.method.value) == "GET"]
 
 
 async def test_status_conditions_link_and_events(

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from activities.storage.objectstore.cache import LOCKS, NodeCache
+from activities.contracts import RemoteStorage
+from activities.storage.objectstore.cache import LOCKS, NodeCache, location_key
 from activities.storage.objectstore.filesystem import FilesystemBackend
 from activities.storage.objectstore.s3 import S3Backend, S3Location
 from activities.storage.objectstore.s3calls import client_config
@@ -26,7 +27,8 @@ from activities.storage.objectstore.transfer import (
 )
 from activities.storage.store import CheckpointStore
 from activities.storage.verified import VerifiedFiles
-from api.errors import CheckpointNotFoundError, DigestMismatchError, StorageError
+from api.errors import CheckpointNotFoundError, DigestMismatchError, ForbiddenError, StorageError
+from api.manifest import Manifest
 from tests.checkpoint_trees import (
     CKPT,
     LARGE,
@@ -42,6 +44,7 @@ SETTINGS = TransferSettings(part_size=5 * MiB, concurrency=4, durable=False)
 PREFIX = "team-a/checkpoints"
 SMALL = 100_000  # bytes in each version of `_small_files`
 V1, V2, V3 = (f"2026112{day}T000000Z-aaaaaa" for day in (1, 2, 3))
+LOC = "s3-0123456789abcdef"  # the cache's name of the store (`location_key`)
 
 
 class CountingBackend(S3Backend):
@@ -100,10 +103,10 @@ async def test_a_fetched_version_verifies_without_hashing_again(
     verified = VerifiedFiles(tmp_path / "verified")
     root = tmp_path / "cache"
     path = await NodeCache(root, verified=verified).fetch(
-        backend, checkpoint_id=CKPT, version=VERSION
+        backend, location=LOC, checkpoint_id=CKPT, version=VERSION
     )
 
-    store = CheckpointStore(root, verified=verified)
+    store = CheckpointStore(root / LOC, verified=verified)
     assert store.find(CKPT, VERSION) == path
     for relative, data in files.items():
         assert (path / relative).read_bytes() == data
@@ -113,7 +116,7 @@ async def test_a_fetched_version_verifies_without_hashing_again(
 
     monkeypatch.setattr("activities.storage.store.sha256_file", no_hashing)
     assert store.verify(path, checkpoint_id=CKPT).version == VERSION
-    for private in (root, root / CKPT, root / CKPT / "versions", root / LOCKS):
+    for private in (root, root / LOC / CKPT, root / LOC / CKPT / "versions", root / LOCKS):
         assert private.stat().st_mode & 0o777 == 0o700
 
 
@@ -123,9 +126,9 @@ async def test_the_empty_version_is_the_newest_and_a_cached_one_is_not_fetched_a
     for version in (V1, V2):
         _publish(backend, tmp_path, _small_files(), version=version)
     cache = NodeCache(tmp_path / "cache")
-    first = await cache.fetch(backend, checkpoint_id=CKPT)
-    again = await cache.fetch(backend, checkpoint_id=CKPT, version=V2)
-    assert first == again == CheckpointStore(tmp_path / "cache").version_dir(CKPT, V2)
+    first = await cache.fetch(backend, location=LOC, checkpoint_id=CKPT)
+    again = await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=V2)
+    assert first == again == CheckpointStore(tmp_path / "cache" / LOC).version_dir(CKPT, V2)
     assert backend.downloads == 1
     assert _cached(cache) == [V2]
 
@@ -139,7 +142,9 @@ async def test_concurrent_fetches_of_one_version_share_one_download(
     seen: list[list[TransferProgress]] = [[] for _ in range(8)]
     paths = await asyncio.gather(
         *(
-            cache.fetch(backend, checkpoint_id=CKPT, version=VERSION, progress=reports.append)
+            cache.fetch(
+                backend, location=LOC, checkpoint_id=CKPT, version=VERSION, progress=reports.append
+            )
             for reports in seen
         )
     )
@@ -156,8 +161,8 @@ async def test_two_caches_on_one_root_download_once(
     _publish(backend, tmp_path, _small_files())
     root = tmp_path / "cache"
     paths = await asyncio.gather(
-        NodeCache(root).fetch(backend, checkpoint_id=CKPT, version=VERSION),
-        NodeCache(root).fetch(backend, checkpoint_id=CKPT, version=VERSION),
+        NodeCache(root).fetch(backend, location=LOC, checkpoint_id=CKPT, version=VERSION),
+        NodeCache(root).fetch(backend, location=LOC, checkpoint_id=CKPT, version=VERSION),
     )
     assert backend.downloads == 1
     assert paths[0] == paths[1]
@@ -170,32 +175,32 @@ async def test_the_least_recently_used_version_not_in_use_is_evicted(
         _publish(backend, tmp_path, _small_files(), version=version)
     root = tmp_path / "cache"
     cache = NodeCache(root, max_bytes=2 * SMALL + SMALL // 2)
-    await cache.fetch(backend, checkpoint_id=CKPT, version=V1)
-    await cache.fetch(backend, checkpoint_id=CKPT, version=V2)
-    with cache.using(CKPT, V1):
+    await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=V1)
+    await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=V2)
+    with cache.using(LOC, CKPT, V1):
         pass  # V2 is now the least recently used
-    await cache.fetch(backend, checkpoint_id=CKPT, version=V3)
+    await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=V3)
     assert _cached(cache) == [V1, V3]
 
-    with cache.using(CKPT, V1):  # the least recently used, but in use: V3 goes instead
-        await cache.fetch(backend, checkpoint_id=CKPT, version=V2)
+    with cache.using(LOC, CKPT, V1):  # the least recently used, but in use: V3 goes instead
+        await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=V2)
         assert _cached(cache) == [V1, V2]
-        with cache.using(CKPT, V2):
+        with cache.using(LOC, CKPT, V2):
             message = (
                 f"cache at {root} holds {2 * SMALL} bytes in use, max {2 * SMALL + SMALL // 2}: "
                 f"cannot fit {_uri(bucket, V3)} \\({SMALL} bytes\\)"
             )
             with pytest.raises(StorageError, match=message):
-                await cache.fetch(backend, checkpoint_id=CKPT, version=V3)
+                await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=V3)
             assert all(entry.in_use for entry in cache.entries())
-        assert not cache.evict(CKPT, V1)
+        assert not cache.evict(LOC, CKPT, V1)
     assert not any(entry.in_use for entry in cache.entries())
     assert cache.entries()[0].last_used < cache.entries()[1].last_used
-    assert cache.evict(CKPT, V1)
-    assert not cache.evict(CKPT, V1)
+    assert cache.evict(LOC, CKPT, V1)
+    assert not cache.evict(LOC, CKPT, V1)
     assert _cached(cache) == [V2]
     assert backend.downloads == 4
-    assert CheckpointStore(root).staged() == []
+    assert CheckpointStore(root / LOC).staged() == []
 
 
 async def test_a_version_bigger_than_the_cache_is_refused_by_name(
@@ -209,7 +214,7 @@ async def test_a_version_bigger_than_the_cache_is_refused_by_name(
         f"cannot fit {_uri(bucket, VERSION)} \\({SMALL} bytes\\)"
     )
     with pytest.raises(StorageError, match=message):
-        await cache.fetch(backend, checkpoint_id=CKPT, version=VERSION)
+        await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=VERSION)
     assert backend.downloads == 0
     assert cache.entries() == []
 
@@ -228,13 +233,13 @@ async def test_a_damaged_object_is_named_and_nothing_is_cached(
     with pytest.raises(
         DigestMismatchError, match=f"s3://{bucket}/{key} does not match its SHA-256"
     ):
-        await cache.fetch(backend, checkpoint_id=CKPT, version=VERSION)
+        await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=VERSION)
     assert cache.entries() == []
-    assert CheckpointStore(root).staged() == []
+    assert CheckpointStore(root / LOC).staged() == []
     assert _files_outside_locks(root) == []
 
     client.put_object(Bucket=bucket, Key=key, Body=original)  # repaired: nothing stale in the way
-    await cache.fetch(backend, checkpoint_id=CKPT, version=VERSION)
+    await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=VERSION)
     assert _cached(cache) == [VERSION]
 
 
@@ -262,9 +267,9 @@ async def test_a_full_disk_is_named_and_leaves_nothing_half_written(
     cache = NodeCache(small_disk)
     message = f"{_uri(bucket, VERSION)}: cannot land in the node cache at {small_disk}: No space"
     with pytest.raises(StorageError, match=message):
-        await cache.fetch(backend, checkpoint_id=CKPT, version=VERSION)
+        await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=VERSION)
     assert cache.entries() == []
-    assert CheckpointStore(small_disk).staged() == []
+    assert CheckpointStore(small_disk / LOC).staged() == []
     assert _files_outside_locks(small_disk) == []
     assert shutil.disk_usage(small_disk).used < 64 * 1024  # the partial bytes are gone too
 
@@ -288,7 +293,7 @@ async def test_without_a_byte_bound_the_cache_takes_half_its_disk(
 
     assert cache.max_bytes == shutil.disk_usage(small_disk).total // 2
     with pytest.raises(StorageError, match=f"cache at {layout.checkpoint_cache} holds 0 bytes"):
-        await cache.fetch(pvc, checkpoint_id=CKPT, version=VERSION)
+        await cache.fetch(pvc, location=LOC, checkpoint_id=CKPT, version=VERSION)
     assert cache.entries() == []
     # A byte bound, where set, is the bound.
     bounded = replace(settings, storage=replace(settings.storage, cache_max_bytes=2 << 20))
@@ -304,13 +309,13 @@ async def test_a_missing_version_is_named(
     with pytest.raises(
         CheckpointNotFoundError, match=f"{_uri(bucket, missing)}manifest.json does not exist"
     ):
-        await cache.fetch(backend, checkpoint_id=CKPT, version=missing)
+        await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=missing)
     location = f"s3://{bucket}/{PREFIX}/{OTHER_CKPT}/versions/"
     with pytest.raises(
         CheckpointNotFoundError,
         match=f"no committed version of checkpoint {OTHER_CKPT} in {location}",
     ):
-        await cache.fetch(backend, checkpoint_id=OTHER_CKPT)
+        await cache.fetch(backend, location=LOC, checkpoint_id=OTHER_CKPT)
     assert backend.downloads == 0
     assert cache.entries() == []
 
@@ -322,8 +327,80 @@ async def test_the_cache_fills_from_the_filesystem_backend_too(tmp_path: Path) -
         committed_version(tmp_path / "node", files), checkpoint_id=CKPT, version=VERSION
     )
     assert pvc.read_manifest(CKPT, VERSION).size_bytes == SMALL
-    path = await NodeCache(tmp_path / "cache").fetch(pvc, checkpoint_id=CKPT)
-    assert CheckpointStore(tmp_path / "cache").verify(path, checkpoint_id=CKPT).version == VERSION
+    path = await NodeCache(tmp_path / "cache").fetch(pvc, location=LOC, checkpoint_id=CKPT)
+    assert (
+        CheckpointStore(tmp_path / "cache" / LOC).verify(path, checkpoint_id=CKPT).version
+        == VERSION
+    )
     manifest = tmp_path / "pvc" / CKPT / "versions" / V1 / "manifest.json"
     with pytest.raises(CheckpointNotFoundError, match=f"{manifest} does not exist"):
         pvc.read_manifest(CKPT, V1)
+
+
+async def test_a_version_fetched_from_one_store_is_never_found_for_another(
+    client: Any, backend: CountingBackend, tmp_path: Path
+) -> None:
+    """Two stores holding the same checkpoint ID and version (one of them another tenant's,
+    say): each location's restores get that location's bytes, fetched from it."""
+    mine, theirs = {"criu/core-1.img": b"mine"}, {"criu/core-1.img": b"theirs"}
+    _publish(backend, tmp_path / "a", mine)
+    other = CountingBackend(
+        client=client, location=S3Location(new_bucket(client), PREFIX), settings=SETTINGS
+    )
+    _publish(other, tmp_path / "b", theirs)
+    cache = NodeCache(tmp_path / "cache")
+    first = await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=VERSION)
+    elsewhere = "s3-fedcba9876543210"
+    second = await cache.fetch(other, location=elsewhere, checkpoint_id=CKPT, version=VERSION)
+    assert (backend.downloads, other.downloads) == (1, 1)
+    assert (first / "criu/core-1.img").read_bytes() == b"mine"
+    assert (second / "criu/core-1.img").read_bytes() == b"theirs"
+    assert sorted((e.location, e.version) for e in cache.entries()) == [
+        (LOC, VERSION),
+        (elsewhere, VERSION),
+    ]
+
+
+def test_locations_differ_by_endpoint_bucket_prefix_and_credentials() -> None:
+    base = RemoteStorage(bucket="ckpts", prefix="fleet", endpoint="http://s3.local")
+    key = location_key(base)
+    assert key.startswith("s3-") and len(key) == 19
+    assert location_key(base.model_copy(update={"prefix": "/fleet/"})) == key
+    assert location_key(base.model_copy(update={"sse": "AES256", "region": "eu"})) == key
+    for change in (
+        {"endpoint": "http://attacker:9000"},
+        {"bucket": "other"},
+        {"prefix": "fleet/b"},
+        {"credentials_secret": "keys", "secret_namespace": "inference"},
+        {"kind": "gcs"},
+    ):
+        assert location_key(base.model_copy(update=change)) != key, change
+    one = {"credentials_secret": "keys", "secret_namespace": "team-a"}
+    two = {"credentials_secret": "keys", "secret_namespace": "team-b"}
+    assert location_key(base.model_copy(update=one)) != location_key(base.model_copy(update=two))
+
+
+async def test_a_refused_manifest_downloads_no_file(
+    backend: CountingBackend, tmp_path: Path
+) -> None:
+    _publish(backend, tmp_path, _small_files())
+    cache = NodeCache(tmp_path / "cache")
+    seen: list[str] = []
+
+    def refuse(manifest: Manifest) -> None:
+        seen.append(manifest.source.namespace)
+        raise ForbiddenError("not this namespace's")
+
+    with pytest.raises(ForbiddenError, match="not this namespace's"):
+        await cache.fetch(backend, location=LOC, checkpoint_id=CKPT, version=VERSION, accept=refuse)
+    assert (seen, backend.downloads) == (["local"], 0)
+    assert _files_outside_locks(tmp_path / "cache") == []
+
+
+def test_versions_cached_without_their_location_are_swept(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    unkeyed = committed_version(root, _small_files())  # <root>/<id>/versions/<version>
+    keyed = committed_version(root / LOC, _small_files())
+    assert NodeCache(root).sweep_unkeyed() == [root / CKPT]
+    assert not unkeyed.exists() and keyed.is_dir()
+    assert [e.location for e in NodeCache(root).entries()] == [LOC]

@@ -41,10 +41,12 @@ from api.resources import (
 )
 from api.restore_pods import GMS_LOADER, STANDBY_SCRIPT, STARTUP_TEST, RestoreSettings
 from tests.kube import Cluster, start_cluster
+from tests.tls import Pki, make_pki
+from workers.checkpoints import checkpoint_reader
 from workers.settings import KubeSettings, WebhookSettings
 from workers.webhook import (
+    FOREIGN_OBJECT,
     admission_app,
-    checkpoint_reader,
     review_pod,
     self_signed_certificate,
     server_ssl_context,
@@ -88,6 +90,7 @@ class Webhook:
     url: str
     context: ssl.SSLContext
     cluster: Cluster
+    pki: Pki | None = None
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -288,12 +291,15 @@ def pod(
     }
 
 
-async def admit(hook: Webhook, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The webhook's response to creating `body`, and the pod its patch makes."""
+async def admit(
+    hook: Webhook, body: dict[str, Any], *, namespace: str = NAMESPACE
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The webhook's response to creating `body` in `namespace`, and the pod its patch
+    makes."""
     request = {
         "kind": {"group": "", "version": "v1", "kind": "Pod"},
         "resource": {"group": "", "version": "v1", "resource": "pods"},
-        "namespace": NAMESPACE,
+        "namespace": namespace,
         "operation": "CREATE",
         "object": body,
     }
@@ -323,21 +329,18 @@ async def test_a_pod_without_the_annotation_passes_without_a_patch(webhook: Webh
     assert response == {"uid": response["uid"], "allowed": True}
 
 
-async def test_a_restore_target_of_an_s3_checkpoint_is_told_where_it_is(
+async def test_where_an_s3_checkpoint_is_stored_is_not_written_on_the_pod(
     webhook: Webhook,
 ) -> None:
+    """The node derives the location from the Checkpoint; the pod carries no bucket,
+    endpoint or Secret name for anyone who can read it (or post a review) to learn."""
     s3 = {"bucket": "team-ckpts", "endpoint": "http://s3.local", "credentialsSecret": "keys"}
     uri = f"s3://team-ckpts/fleet/{CKPT_ID}/versions/{VERSION}/"
     await ready_checkpoint(webhook, "llama-s3", storage_uri=uri, storage={"type": "s3", "s3": s3})
-    _, shaped = await admit(webhook, pod(MAIN, restore_from="llama-s3"))
-    where = json.loads(shaped["metadata"]["annotations"]["warmstart.dev/storage"])
-    assert where == {
-        "bucket": "team-ckpts",
-        "prefix": "fleet",
-        "endpoint": "http://s3.local",
-        "credentials_secret": "keys",
-        "secret_namespace": NAMESPACE,
-    }
+    response, shaped = await admit(webhook, pod(MAIN, restore_from="llama-s3"))
+    assert "warmstart.dev/storage" not in shaped["metadata"]["annotations"]
+    answer = json.dumps(response) + base64.b64decode(response["patch"]).decode()
+    assert not any(secret in answer for secret in ("team-ckpts", "s3.local", "keys"))
 
 
 async def test_a_pod_is_shaped_as_a_restore_target(webhook: Webhook) -> None:
@@ -791,3 +794,109 @@ async def test_a_slow_read_gives_up_within_its_timeout() -> None:
     assert shaped["metadata"]["annotations"]["warmstart.dev/restore-status"] == (
         "cold: checkpoint llama could not be read (Unavailable)"
     )
+
+
+# --- what a review tells about other namespaces ----------------------------------------
+
+
+async def test_a_review_whose_pod_is_in_another_namespace_learns_nothing(
+    webhook: Webhook,
+) -> None:
+    """Anyone who reaches the port can post a review naming the namespace of their choice;
+    one that does not hold together (the pod in one namespace, the review in another, or no
+    namespace at all) is refused with one fixed message: no patch, no ID, no version."""
+    await ready_checkpoint(webhook, "llama-victim")
+    body = pod(restore_from="llama-victim")
+    body["metadata"]["namespace"] = "team-b"  # the sender's; the review names the victim's
+    response, shaped = await admit(webhook, body)
+    assert refusal(response) == FOREIGN_OBJECT
+    assert "patch" not in response and shaped == body
+    assert CKPT_ID not in json.dumps(response) and VERSION not in json.dumps(response)
+    response, _ = await admit(webhook, pod(restore_from="llama-victim"), namespace="")
+    assert refusal(response) == FOREIGN_OBJECT
+
+
+async def test_a_resource_review_of_another_namespace_is_refused(webhook: Webhook) -> None:
+    elsewhere = checkpoint()
+    elsewhere["metadata"]["namespace"] = "team-b"
+    assert refusal(await validate(webhook, elsewhere)) == FOREIGN_OBJECT
+    moved = checkpoint()
+    assert refusal(await validate(webhook, moved, old=elsewhere)) == FOREIGN_OBJECT
+
+
+@pytest_asyncio.fixture(scope="module")
+async def authenticated(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Webhook]:
+    """The webhook answering reviews only to clients with a certificate of the API server's
+    CA (`WARMSTART_WEBHOOK__CLIENT_CA_FILE`)."""
+    pki = make_pki(tmp_path_factory.mktemp("webhook-mtls"))
+    settings = WebhookSettings(
+        host="127.0.0.1",
+        port=0,
+        cert_file=str(pki.server_cert),
+        key_file=str(pki.server_key),
+        client_ca_file=str(pki.ca),
+    )
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    async for cluster in start_cluster():
+        await cluster.create("checkpoints", {**checkpoint("llama"), "status": READY})
+        app = admission_app(
+            read=checkpoint_reader(cluster.custom, timeout_seconds=5),
+            settings=SETTINGS,
+            client_certificate=True,
+        )
+        async with serving(app, settings=settings, context=server_ssl_context(settings)) as port:
+            yield Webhook(f"https://127.0.0.1:{port}", context, cluster, pki)
+
+
+READY = {"phase": "Ready", "checkpointID": CKPT_ID, "version": VERSION}
+
+
+def pod_review(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": str(uuid.uuid4()),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": NAMESPACE,
+            "operation": "CREATE",
+            "object": body,
+        },
+    }
+
+
+async def test_with_a_client_ca_only_the_api_servers_certificate_gets_an_answer(
+    authenticated: Webhook,
+) -> None:
+    hook, pki = authenticated, authenticated.pki
+    assert pki is not None and hook.cluster.emulator is not None
+    reads = len(list(hook.cluster.emulator))
+    async with aiohttp.ClientSession() as session:
+        for path in ("/mutate", "/validate"):
+            async with session.post(
+                f"{hook.url}{path}", json=pod_review(pod()), ssl=hook.context
+            ) as answer:
+                assert (answer.status, await answer.text()) == (
+                    401,
+                    "a client certificate is required",
+                )
+        async with session.get(f"{hook.url}/healthz", ssl=hook.context) as answer:
+            assert answer.status == 200  # the kubelet's probe has no certificate
+    assert len(list(hook.cluster.emulator)) == reads  # nothing was read for them
+
+    other = ssl.create_default_context(cafile=str(pki.ca))
+    other.load_cert_chain(pki.other_client_cert, pki.other_client_key)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):  # another CA's: refused in the handshake
+            await session.post(f"{hook.url}/mutate", json=pod_review(pod()), ssl=other)
+
+    server = ssl.create_default_context(cafile=str(pki.ca))
+    server.load_cert_chain(pki.client_cert, pki.client_key)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{hook.url}/mutate", json=pod_review(pod()), ssl=server) as answer,
+    ):
+        response = (await answer.json())["response"]
+    shaped = apply_patch(pod(), json.loads(base64.b64decode(response["patch"])))
+    assert shaped["metadata"]["labels"]["warmstart.dev/checkpoint-id"] == CKPT_ID

@@ -68,3 +68,22 @@ def test_a_pod_restore_has_its_own_deadline_and_old_ones_keep_theirs() -> None:
     assert (fresh.deadline_seconds, fresh.answer_timeout_seconds) == (600, 120)
     local = RestoreRequest.model_validate({"name": "llama", "checkpoint_id": CKPT})
     assert local.deadline_seconds == 1800  # unused without a pod
+
+
+def test_only_a_refused_pod_restore_names_no_checkpoint() -> None:
+    pod = ContainerTarget(namespace="team-b", pod_name="llama-1", pod_uid="u", container="main")
+    refused = RestoreRequest.model_validate(
+        {
+            "name": "llama-1",
+            "checkpoint_id": "",
+            "pod": pod.model_dump(),
+            "refusal": {"reason": "Forbidden", "message": "the pod names no Checkpoint"},
+        }
+    )
+    assert refused.refusal is not None and refused.refusal.reason == "Forbidden"
+    with pytest.raises(ValidationError, match="a 16-hex checkpoint ID is needed"):
+        RestoreRequest.model_validate({"name": "llama-1", "checkpoint_id": ""})
+    with pytest.raises(ValidationError, match="only a pod's restore is refused"):
+        RestoreRequest.model_validate(
+            {"name": "x", "checkpoint_id": "", "refusal": refused.refusal.model_dump()}
+        )

@@ -21,8 +21,8 @@ from activities.contracts import (
     StatusInput,
 )
 from api.naming import node_task_queue
-from api.reasons import Phase, Sentinel
-from workflows.contracts import RestoreRequest
+from api.reasons import Phase, Reason, Sentinel
+from workflows.contracts import Refusal, RestoreRequest
 from workflows.policies import container_restore_options
 from workflows.restore import RestoreWorkflow
 
@@ -37,6 +37,7 @@ async def _run(
     deadline: float = 60,
     pod: ContainerTarget = POD,
     steps: list[str] | None = None,
+    refusal: Refusal | None = None,
 ) -> tuple[list[StatusInput], list[ContainerSentinelInput], object]:
     """`steps`: gets each stand-in's name as it runs, in order."""
     statuses: list[StatusInput] = []
@@ -63,7 +64,8 @@ async def _run(
     request = RestoreRequest(
         namespace=POD.namespace,
         name=POD.pod_name,
-        checkpoint_id=CKPT,
+        checkpoint_id="" if refusal else CKPT,
+        refusal=refusal,
         node=node,
         control_task_queue=control,
         deadline_seconds=deadline,
@@ -167,3 +169,29 @@ async def test_a_node_step_past_its_deadline_still_starts_the_pod_cold(client: C
     [sentinel] = sentinels
     assert sentinel.sentinel == Sentinel.RESTORE_FAILED
     assert [s.phase for s in statuses] == [Phase.FELL_BACK]
+
+
+async def test_a_refused_pod_starts_cold_and_nothing_is_restored(client: Client) -> None:
+    """The node refused the pod (its claims are not its Checkpoint's): no restore step, the
+    standby told to start cold, the pod told why; an image's own standby is stopped too."""
+
+    @activity.defn(name="restore_container")
+    async def restore(request: ContainerRestoreInput) -> RestoredContainer:
+        raise AssertionError("a refused pod is never restored")
+
+    why = Refusal(reason=Reason.FORBIDDEN, message="the pod names no Checkpoint")
+    for pod, after in ((POD, []), (POD.model_copy(update={"standby": "image"}), ["stop_standby"])):
+        steps: list[str] = []
+        statuses, sentinels, err = await _run(client, restore, pod=pod, steps=steps, refusal=why)
+        assert isinstance(err, WorkflowFailureError)
+        assert isinstance(err.cause, ApplicationError) and err.cause.type == "Forbidden"
+        assert steps == ["write_container_sentinel", "publish_status", *after]
+        [sentinel] = sentinels
+        assert sentinel.content == "Forbidden: the pod names no Checkpoint"
+        [status] = statuses
+        assert (status.phase, status.reason, status.message, status.checkpoint_id) == (
+            Phase.FELL_BACK,
+            Reason.FORBIDDEN,
+            "the pod names no Checkpoint",
+            "",
+        )

@@ -1,10 +1,14 @@
 """The node cache of remote checkpoint versions: a bounded, least-recently-used directory
 that restores read from, with one download per version however many restores of it arrive.
 
-Versions are laid out and committed as `CheckpointStore` does (`<root>/<checkpointID>/
-versions/<version>/`, manifest last, staged under `versions/tmp/<version>` and renamed into
-place), so `CheckpointStore(root).find/verify` read the cache. Beside them, per version,
-`<root>/.locks/<checkpointID>-<version>`:
+Versions are keyed by the location they were fetched from as well as by checkpoint ID and
+version (`location_key`: kind, endpoint, bucket, prefix and whose credentials): a version
+fetched from one store is never what a restore from another store finds, whatever IDs and
+version names the two hold. Under each location's directory they are laid out and committed
+as `CheckpointStore` does (`<root>/<location>/<checkpointID>/versions/<version>/`, manifest
+last, staged under `versions/tmp/<version>` and renamed into place), so
+`CheckpointStore(root / location).find/verify` read the cache. Beside them, per version,
+`<root>/.locks/<location>-<checkpointID>-<version>`:
 
 - `.fetch`: held exclusively (flock) by whoever downloads or evicts the version, so across
   processes the second fetcher waits and then finds it committed;
@@ -26,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import threading
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from activities.contracts import RemoteStorage
 from activities.host.files import fsync_dir
 from activities.storage.catalog import load_manifest
 from activities.storage.objectstore import Backend
@@ -44,6 +51,7 @@ from activities.storage.objectstore.transfer import ProgressCallback, TransferPr
 from activities.storage.store import CheckpointStore
 from activities.storage.verified import VerifiedFiles
 from api.errors import CheckpointNotFoundError, StorageError
+from api.manifest import Manifest
 from api.naming import MANIFEST_FILE, require_path_element
 
 LOCKS = ".locks"
@@ -51,6 +59,25 @@ _FETCH = "fetch"
 _USE = "use"
 # A full disk or quota under the cache: retrying on this node cannot help.
 _FULL = {errno.ENOSPC, errno.EDQUOT}
+Key = tuple[str, str, str]  # (location, checkpoint ID, version)
+Accept = Callable[[Manifest], None]
+
+
+def location_key(storage: RemoteStorage) -> str:
+    """The cache's name for the store `storage` names (its endpoint as the worker reaches
+    it, with the worker's own filled in): `<kind>-<16 hex>` over kind, endpoint, bucket,
+    prefix and the credentials Secret (with its namespace). Two locations differing in any
+    of them never share a cached version."""
+    where = [
+        storage.kind,
+        storage.endpoint,
+        storage.bucket,
+        storage.prefix.strip("/"),
+        storage.secret_namespace,
+        storage.credentials_secret,
+    ]
+    digest = hashlib.sha256(json.dumps(where).encode()).hexdigest()[:16]
+    return f"{storage.kind}-{digest}"
 
 
 def share_of_disk(path: Path, share: float) -> int:
@@ -65,6 +92,7 @@ def share_of_disk(path: Path, share: float) -> int:
 
 @dataclass(frozen=True)
 class CachedVersion:
+    location: str
     checkpoint_id: str
     version: str
     size_bytes: int
@@ -94,31 +122,42 @@ class NodeCache:
     ) -> None:
         self.root = root
         self.max_bytes = max_bytes
-        self._store = CheckpointStore(root)
         self._verified = verified
-        self._flights: dict[tuple[str, str], _Flight] = {}
+        self._flights: dict[Key, _Flight] = {}
         self._space = threading.Lock()  # eviction and reservations of this process's downloads
-        self._reserved: dict[tuple[str, str], int] = {}
+        self._reserved: dict[Key, int] = {}
+
+    def store(self, location: str) -> CheckpointStore:
+        """The versions fetched from `location` (a `location_key`), in the store's layout."""
+        return CheckpointStore(self.root / require_path_element(location, what="location"))
+
+    def version_dir(self, location: str, checkpoint_id: str, version: str) -> Path:
+        return self.store(location).version_dir(checkpoint_id, version)
 
     async def fetch(
         self,
         backend: Backend,
         *,
+        location: str,
         checkpoint_id: str,
         version: str = "",
         progress: ProgressCallback | None = None,
+        accept: Accept | None = None,
     ) -> Path:
-        """The committed version directory in the cache, downloaded first unless already
-        there; "" is the backend's newest version. Hold `using` around the fetch and the
-        restore, so no eviction can come between them. A version that cannot fit, or a
-        full disk, is StorageError naming the version and the cache."""
+        """The committed version directory in the cache, downloaded from `backend` (the
+        store `location` names) first unless already there; "" is the backend's newest
+        version. Hold `using` around the fetch and the restore, so no eviction can come
+        between them. `accept` sees the manifest before any file is downloaded and raises to
+        refuse the version (the first fetcher's, when several wait for one download). A
+        version that cannot fit, or a full disk, is StorageError naming the version and the
+        cache."""
         if not version:
             version = await asyncio.to_thread(_newest, backend, checkpoint_id)
-        key = (checkpoint_id, version)
+        key = (location, checkpoint_id, version)
         flight = self._flights.get(key)
         if flight is None:
             flight = self._flights[key] = _Flight(
-                lambda report: asyncio.to_thread(self._fetch, backend, key, report)
+                lambda report: asyncio.to_thread(self._fetch, backend, key, report, accept)
             )
             flight.task.add_done_callback(lambda task: self._landed(key, task))
         if progress is not None:
@@ -130,42 +169,51 @@ class NodeCache:
             if progress is not None:
                 flight.listeners.remove(progress)
 
-    def _landed(self, key: tuple[str, str], task: asyncio.Future[Path]) -> None:
+    def _landed(self, key: Key, task: asyncio.Future[Path]) -> None:
         del self._flights[key]
         if not task.cancelled():
             task.exception()  # retrieved here: every waiter may have been cancelled
 
     @contextmanager
-    def using(self, checkpoint_id: str, version: str) -> Iterator[None]:
+    def using(self, location: str, checkpoint_id: str, version: str) -> Iterator[None]:
         """Hold a version in use while a restore reads it (eviction skips it), whether or
         not it is cached yet. The shared lock waits only while an eviction of this very
         version removes its manifest."""
-        with self._flock(checkpoint_id, version, _USE, fcntl.LOCK_SH) as fd:
+        with self._flock((location, checkpoint_id, version), _USE, fcntl.LOCK_SH) as fd:
             _touch(fd)
             yield
 
     def entries(self) -> list[CachedVersion]:
-        """Committed versions in the cache, by checkpoint ID and version."""
+        """Committed versions in the cache, by location, checkpoint ID and version."""
         found = []
-        for manifest_path in sorted(self.root.glob(f"*/versions/*/{MANIFEST_FILE}")):
+        for manifest_path in sorted(self.root.glob(f"*/*/versions/*/{MANIFEST_FILE}")):
             version_dir = manifest_path.parent
-            checkpoint_id, version = version_dir.parents[1].name, version_dir.name
+            key = (version_dir.parents[2].name, version_dir.parents[1].name, version_dir.name)
             try:
                 size = load_manifest(version_dir).size_bytes
-                used = self._last_used(checkpoint_id, version, manifest_path)
+                used = self._last_used(key, manifest_path)
             except (CheckpointNotFoundError, FileNotFoundError):
                 continue  # evicted while we looked
-            in_use = self._in_use(checkpoint_id, version)
-            found.append(CachedVersion(checkpoint_id, version, size, used, in_use))
+            found.append(CachedVersion(*key, size, used, self._in_use(key)))
         return found
 
-    def evict(self, checkpoint_id: str, version: str) -> bool:
+    def sweep_unkeyed(self) -> list[Path]:
+        """Remove versions an older node worker cached without their location
+        (`<root>/<checkpointID>/versions/`): nothing finds them any more."""
+        removed = []
+        for versions in sorted(self.root.glob("*/versions")):
+            shutil.rmtree(versions.parent, ignore_errors=True)
+            removed.append(versions.parent)
+        return removed
+
+    def evict(self, location: str, checkpoint_id: str, version: str) -> bool:
         """Remove a cached version (its manifest first, so it is never found half-removed);
         False if it is in use, being fetched, or not cached."""
-        final = self._store.version_dir(checkpoint_id, version)
+        key = (location, checkpoint_id, version)
+        final = self.version_dir(*key)
         try:
-            with self._flock(checkpoint_id, version, _FETCH, fcntl.LOCK_EX | fcntl.LOCK_NB):
-                with self._flock(checkpoint_id, version, _USE, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            with self._flock(key, _FETCH, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                with self._flock(key, _USE, fcntl.LOCK_EX | fcntl.LOCK_NB):
                     if not (final / MANIFEST_FILE).is_file():
                         return False
                     (final / MANIFEST_FILE).unlink()
@@ -176,27 +224,33 @@ class NodeCache:
             return False
         return True
 
-    def _fetch(self, backend: Backend, key: tuple[str, str], progress: ProgressCallback) -> Path:
-        checkpoint_id, version = key
-        final = self._store.version_dir(checkpoint_id, version)
-        with self._flock(checkpoint_id, version, _FETCH, fcntl.LOCK_EX):
+    def _fetch(
+        self, backend: Backend, key: Key, progress: ProgressCallback, accept: Accept | None
+    ) -> Path:
+        final = self.version_dir(*key)
+        with self._flock(key, _FETCH, fcntl.LOCK_EX):
             if not (final / MANIFEST_FILE).is_file():
-                self._download(backend, key, progress)
+                self._download(backend, key, progress, accept)
             # Stamped before the fetch lock goes: a version just fetched is never the LRU one.
-            with self._flock(checkpoint_id, version, _USE, fcntl.LOCK_SH) as fd:
+            with self._flock(key, _USE, fcntl.LOCK_SH) as fd:
                 _touch(fd)
         return final
 
-    def _download(self, backend: Backend, key: tuple[str, str], progress: ProgressCallback) -> None:
+    def _download(
+        self, backend: Backend, key: Key, progress: ProgressCallback, accept: Accept | None
+    ) -> None:
         """Into staging, renamed into place once complete; on any failure the staging goes."""
-        checkpoint_id, version = key
+        location, checkpoint_id, version = key
+        store = self.store(location)
         where = backend.uri(checkpoint_id, version)
         manifest = backend.read_manifest(checkpoint_id, version)
-        final = self._store.version_dir(checkpoint_id, version)
-        staging = self._store.staging_dir(checkpoint_id, version)
+        if accept is not None:
+            accept(manifest)  # refused before a byte of its files moves
+        final = store.version_dir(checkpoint_id, version)
+        staging = store.staging_dir(checkpoint_id, version)
         with self._room(key, manifest.size_bytes, where=where):
             try:
-                self._store.fresh_staging(checkpoint_id, version)
+                store.fresh_staging(checkpoint_id, version)
                 report = backend.download_version(
                     checkpoint_id=checkpoint_id,
                     version=version,
@@ -219,7 +273,7 @@ class NodeCache:
             self._verified.remember(checkpoint_id, version, final, digests)
 
     @contextmanager
-    def _room(self, key: tuple[str, str], size: int, *, where: str) -> Iterator[None]:
+    def _room(self, key: Key, size: int, *, where: str) -> Iterator[None]:
         """Reserve `size` bytes for a download while it runs, evicting least-recently-used
         versions not in use to make them fit."""
         if self.max_bytes is None:
@@ -244,7 +298,7 @@ class NodeCache:
         for entry in evictable:
             if held + size <= max_bytes:
                 return
-            if self.evict(entry.checkpoint_id, entry.version):
+            if self.evict(entry.location, entry.checkpoint_id, entry.version):
                 held -= entry.size_bytes
         if held + size > max_bytes:  # some came into use meanwhile
             raise self._cannot_fit(held, size, max_bytes, where=where)
@@ -255,33 +309,35 @@ class NodeCache:
             f"cannot fit {where} ({size} bytes)"
         )
 
-    def _in_use(self, checkpoint_id: str, version: str) -> bool:
-        if not self._lock_file(checkpoint_id, version, _USE).exists():
+    def _in_use(self, key: Key) -> bool:
+        if not self._lock_file(key, _USE).exists():
             return False  # never used; not created here, its mtime would read as a use
         try:
-            with self._flock(checkpoint_id, version, _USE, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            with self._flock(key, _USE, fcntl.LOCK_EX | fcntl.LOCK_NB):
                 return False
         except BlockingIOError:
             return True
 
-    def _last_used(self, checkpoint_id: str, version: str, manifest_path: Path) -> datetime:
+    def _last_used(self, key: Key, manifest_path: Path) -> datetime:
         """The `.use` file's mtime; the commit's for a version no one has touched yet."""
         try:
-            stamp = self._lock_file(checkpoint_id, version, _USE).stat().st_mtime_ns
+            stamp = self._lock_file(key, _USE).stat().st_mtime_ns
         except FileNotFoundError:
             stamp = manifest_path.stat().st_mtime_ns
         return datetime.fromtimestamp(stamp / 1e9, UTC)
 
-    def _lock_file(self, checkpoint_id: str, version: str, kind: str) -> Path:
+    def _lock_file(self, key: Key, kind: str) -> Path:
+        location, checkpoint_id, version = key
+        require_path_element(location, what="location")
         require_path_element(checkpoint_id, what="checkpoint ID")
         require_path_element(version, what="version")
-        return self.root / LOCKS / f"{checkpoint_id}-{version}.{kind}"
+        return self.root / LOCKS / f"{location}-{checkpoint_id}-{version}.{kind}"
 
     @contextmanager
-    def _flock(self, checkpoint_id: str, version: str, kind: str, operation: int) -> Iterator[int]:
+    def _flock(self, key: Key, kind: str, operation: int) -> Iterator[int]:
         """Hold flock `operation` on a lock file (created private); a LOCK_NB that cannot be
         had raises BlockingIOError."""
-        path = self._lock_file(checkpoint_id, version, kind)
+        path = self._lock_file(key, kind)
         make_private_dirs(path.parent)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
