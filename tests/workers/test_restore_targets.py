@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.kube.watch import Backoff
 from api.naming import node_task_queue
@@ -252,9 +252,15 @@ async def test_each_target_pod_gets_one_restore_on_its_node_queue(
         assert (await handle.describe()).run_id == first.run_id
         if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
             await handle.terminate("test over")
-    other = f"restore/inference/{elsewhere['metadata']['name']}/"
-    listed = [w.id async for w in client.list_workflows(f"WorkflowId STARTS_WITH '{other}'")]
-    assert listed == []
+    # The other node's pod has no restore here: read by its ID (not through visibility,
+    # which lags), there is no such workflow.
+    other = await cluster.run(
+        cluster.core.read_namespaced_pod, elsewhere["metadata"]["name"], "inference"
+    )
+    other_id = f"restore/inference/{elsewhere['metadata']['name']}/{other.metadata.uid}"
+    with pytest.raises(RPCError) as missing:
+        await client.get_workflow_handle(other_id).describe()
+    assert missing.value.status == RPCStatusCode.NOT_FOUND
 
 
 async def test_the_node_watch_rides_out_a_broken_stream_without_listing_again(
