@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.kube import Cluster
 from workers.ports import free_port
+from workers.settings import KubeSettings, NodeSettings, Settings, TemporalSettings
 
 MARKER = Path("/var/cache/warmstart/kube-apiserver.unavailable")
 
@@ -86,6 +87,25 @@ class ApiServer:
         """Start the API server again on the same etcd and port; returns once ready."""
         assert self.process is not None
         self.process.start()
+
+    def controller_settings(
+        self, *, home: Path, temporal: str, queue: str, identity: str, lease_seconds: int
+    ) -> Settings:
+        """A controller replica's settings against this API server and the Temporal server
+        at `temporal`, reading pods every second."""
+        return Settings(
+            home=home,
+            temporal=TemporalSettings(address=temporal),
+            node=NodeSettings(control_task_queue=queue),
+            kube=KubeSettings(
+                server=self.url,
+                token_file=str(self.token_file),
+                insecure_skip_tls_verify=True,
+                read_every_seconds=1,
+                lease_seconds=lease_seconds,
+                identity=identity,
+            ),
+        )
 
 
 def running_apiserver(

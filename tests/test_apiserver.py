@@ -231,18 +231,12 @@ async def test_a_second_controller_stays_passive_until_the_first_dies(
     queue = f"control-{uuid.uuid4().hex[:8]}"
 
     def settings(name: str) -> Settings:
-        return Settings(
+        return apiserver.controller_settings(
             home=tmp_path / name,
-            temporal=TemporalSettings(address=client.service_client.config.target_host),
-            node=NodeSettings(control_task_queue=queue),
-            kube=KubeSettings(
-                server=apiserver.url,
-                token_file=str(apiserver.token_file),
-                insecure_skip_tls_verify=True,
-                read_every_seconds=1,
-                lease_seconds=2,
-                identity=name,
-            ),
+            temporal=client.service_client.config.target_host,
+            queue=queue,
+            identity=name,
+            lease_seconds=2,
         )
 
     async def holder() -> str | None:

@@ -20,7 +20,7 @@ from temporalio.client import Client
 from tests.apiserver import ApiServer, installed, needs_apiserver, running_apiserver
 from tests.kube import Cluster, checkpoint_body
 from workers.controller import run_controller
-from workers.settings import KubeSettings, NodeSettings, Settings, TemporalSettings
+from workers.settings import Settings
 
 pytestmark = [needs_apiserver, pytest.mark.timeout(240)]
 TEMPLATE = {"spec": {"containers": [{"name": "main", "image": "vllm/vllm-openai:v0.8.0"}]}}
@@ -69,18 +69,12 @@ async def test_both_controllers_stay_up_through_an_api_server_restart_and_one_ac
     queue = f"control-{uuid.uuid4().hex[:8]}"
 
     def settings(name: str) -> Settings:
-        return Settings(
+        return apiserver.controller_settings(
             home=tmp_path / name,
-            temporal=TemporalSettings(address=client.service_client.config.target_host),
-            node=NodeSettings(control_task_queue=queue),
-            kube=KubeSettings(
-                server=apiserver.url,
-                token_file=str(apiserver.token_file),
-                insecure_skip_tls_verify=True,
-                read_every_seconds=1,
-                lease_seconds=LEASE_SECONDS,
-                identity=name,
-            ),
+            temporal=client.service_client.config.target_host,
+            queue=queue,
+            identity=name,
+            lease_seconds=LEASE_SECONDS,
         )
 
     async def job_of(name: str) -> str:
