@@ -16,7 +16,16 @@ import pytest
 from temporalio.client import Client
 
 from activities.storage.quarantine import Quarantine
-from tests.cluster_stack import Target, answer_in, captured, eventually, running_stack
+from tests.cluster_stack import (
+    Stack,
+    Target,
+    answer_in,
+    break_core_image,
+    captured,
+    eventually,
+    recorded_manifest,
+    running_stack,
+)
 from tests.containers import Kubelet, needs_containerd
 from tests.kube import Cluster
 from workflows.contracts import RestoreResult
@@ -68,6 +77,7 @@ async def test_an_incompatible_checkpoint_starts_the_pod_cold_at_once(
         manifest = json.loads(manifest_path.read_text())
         manifest["host"]["kernel"] = "1.0.0-elsewhere"
         manifest_path.write_text(json.dumps(manifest))
+        await recorded_manifest(stack.cluster, manifest_path.parent)  # as if captured so
         target = Target(stack, "llama-1", image, tmp_path / "llama-1.log")
         await target.start(resource)
         status = await target.restore_status()
@@ -94,6 +104,8 @@ async def test_a_restore_failing_on_this_node_class_is_quarantined_then_cleared(
         ckpt = resource["status"]["checkpointID"]
         version_dir = stack.store.find(ckpt)
         good = break_core_image(version_dir)  # verified bytes CRIU cannot restore
+        # As if its capture had committed them: its Checkpoint records that manifest.
+        await recorded_manifest(stack.cluster, version_dir)
 
         first = Target(stack, "llama-2", image, tmp_path / "llama-2.log")
         await first.start(resource)
@@ -102,8 +114,7 @@ async def test_a_restore_failing_on_this_node_class_is_quarantined_then_cleared(
         [entry] = quarantine.entries(ckpt)
         assert entry.reason == "RestoreFailed"
 
-        # Repaired, but this node class is quarantined: the next pod starts cold at once.
-        good()
+        # This node class is quarantined now: the next pod starts cold at once.
         second = Target(stack, "llama-3", image, tmp_path / "llama-3.log")
         await second.start(resource)
         status = await second.restore_status()
@@ -114,31 +125,30 @@ async def test_a_restore_failing_on_this_node_class_is_quarantined_then_cleared(
         )
         assert not (tmp_path / "home" / "restores" / "pods" / second.uid).exists()  # no CRIU
 
+        # Repaired and cleared: restored again (from a Checkpoint of the version as it was
+        # captured, its manifest's digest the capture's).
+        good()
         assert len(quarantine.clear(ckpt)) == 1
-        third = Target(stack, "llama-4", image, tmp_path / "llama-4.log")
-        await third.start(resource)
+        fixed = await same_version_as(stack, resource, "llama-fixed")
+        third = Target(stack, "llama-4", image, tmp_path / "llama-4.log", source="llama-fixed")
+        await third.start(fixed)
         assert await third.restore_status() == "restored"
         await third.served(token)
 
 
-def break_core_image(version_dir: Path) -> Any:
-    """Truncate the dumped tree's core image and re-digest it in the manifest (bytes that
-    verify, that CRIU cannot restore); returns what puts it back."""
-    manifest_path = version_dir / "manifest.json"
-    original_manifest = manifest_path.read_bytes()
-    core = sorted((version_dir / "criu").glob("core-*.img"))[0]
-    original = core.read_bytes()
-    core.write_bytes(original[:8])
-    manifest = json.loads(original_manifest)
-    import hashlib
-
-    for entry in manifest["files"]:
-        if entry["path"] == f"criu/{core.name}":
-            entry["size"], entry["sha256"] = 8, hashlib.sha256(original[:8]).hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
-
-    def repair() -> None:
-        core.write_bytes(original)
-        manifest_path.write_bytes(original_manifest)
-
-    return repair
+async def same_version_as(stack: Stack, resource: dict[str, Any], name: str) -> dict[str, Any]:
+    """Another Checkpoint `name` whose status is `resource`'s (the watcher stopped first: no
+    capture of it starts)."""
+    await stack.stop_watcher()
+    cluster = stack.cluster
+    body = {
+        "apiVersion": resource["apiVersion"],
+        "kind": "Checkpoint",
+        "metadata": {"name": name, "namespace": "inference"},
+        "spec": resource["spec"],
+    }
+    plural = ("warmstart.dev", "v1alpha1", "inference", "checkpoints")
+    await cluster.run(cluster.custom.create_namespaced_custom_object, *plural, body)
+    status = {"status": resource["status"]}
+    await cluster.run(cluster.custom.patch_namespaced_custom_object_status, *plural, name, status)
+    return await cluster.get("checkpoints", "inference", name)
