@@ -76,6 +76,8 @@ class StatusInput(Contract):
     job_name: str = ""
     # A restore on a cluster: the restore-target pod (annotated and given an Event).
     pod: ContainerTarget | None = None
+    # A capture that committed: the SHA-256 of its manifest, for the resource's status.
+    manifest_sha256: str = ""
 
 
 class JobInput(Contract):
@@ -156,6 +158,9 @@ class CommitInput(Contract):
 class CommitResult(Contract):
     storage_uri: str
     size_bytes: int
+    # SHA-256 of the committed manifest's bytes: it names every file's digest, so it pins
+    # the whole version wherever it is stored (a Checkpoint's status records it).
+    manifest_sha256: str = ""
 
 
 class DiscardInput(Contract):
@@ -272,6 +277,10 @@ class ContainerRestoreInput(Contract):
     gms_sentinel: str = ""
     gms_timeout_seconds: ShortSeconds = 600.0
     storage: RemoteStorage | None = None
+    # The SHA-256 of the version's manifest as its capture committed it (its Checkpoint's
+    # status): a version stored anywhere with another manifest is refused. "" : unchecked
+    # (a Checkpoint captured before it was recorded).
+    manifest_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
 
 
 class RestoredContainer(Contract):

@@ -14,6 +14,7 @@ from pathlib import Path
 from temporalio import activity
 
 from activities.contracts import Heartbeat, RemoteStorage
+from activities.host.files import sha256_file
 from activities.storage.quarantine import (
     NodeClass,
     Quarantine,
@@ -24,6 +25,7 @@ from activities.storage.quarantine import (
 from activities.storage.sources import CheckpointSource
 from api.compatibility import describe_mismatches, mismatches
 from api.errors import (
+    DigestMismatchError,
     ForbiddenError,
     GpuError,
     IncompatibleError,
@@ -32,6 +34,7 @@ from api.errors import (
     WarmstartError,
 )
 from api.manifest import HostInfo, Manifest
+from api.naming import MANIFEST_FILE
 from api.reasons import Reason
 
 # The failures that count as evidence against a version on a node class. Not the others:
@@ -151,6 +154,18 @@ class NodeGate:
         if activity.in_activity():
             activity.logger.warning("%s", entry.describe())
         return entry
+
+
+def require_manifest(version_dir: Path, sha256: str, *, checkpoint_id: str) -> None:
+    """The version's manifest is the one its capture committed (`sha256` of its bytes, as
+    the Checkpoint recorded it; "": not recorded, not checked): DigestMismatchError
+    otherwise. The manifest names every file's digest, so nothing of a version changed where
+    it is stored, manifest and all, reaches the gate or CRIU."""
+    if sha256 and sha256_file(version_dir / MANIFEST_FILE) != sha256:
+        raise DigestMismatchError(
+            f"checkpoint {checkpoint_id} version {version_dir.name}: its manifest is not the "
+            "one its capture committed (the version was changed where it is stored)"
+        )
 
 
 def require_namespace(manifest: Manifest, namespace: str) -> None:

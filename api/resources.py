@@ -429,6 +429,14 @@ class CaptureStatus(Spec):
     version: str = Field(default="", description="The committed version.")
     size_bytes: int = Field(default=0, description="Bytes of the committed version.")
     storage_uri: str = Field(default="", alias="storageURI", description="Where it is stored.")
+    manifest_sha256: str = Field(
+        default="",
+        alias="manifestSHA256",
+        description=(
+            "SHA-256 of the committed version's manifest, which names every file's digest: "
+            "nodes restore only the version with this very manifest, wherever it is stored."
+        ),
+    )
     step_seconds: dict[str, float] = Field(
         default_factory=dict, description="Seconds each capture step took."
     )

@@ -62,6 +62,8 @@ class RestoreClaims:
     checkpoint_id: str
     version: str
     storage: RemoteStorage | None
+    # The SHA-256 of the version's manifest its capture recorded ("": captured before it was).
+    manifest_sha256: str = ""
 
 
 def ready_checkpoint(checkpoint: Mapping[str, Any] | None, *, name: str) -> Checkpoint | str:
@@ -98,7 +100,12 @@ def restore_claims(resource: Checkpoint) -> RestoreClaims:
             resource.spec.storage, namespace=resource.metadata.namespace, default=None
         ),
     )
-    return RestoreClaims(checkpoint_id=status.checkpoint_id, version=status.version, storage=stored)
+    return RestoreClaims(
+        checkpoint_id=status.checkpoint_id,
+        version=status.version,
+        storage=stored,
+        manifest_sha256=status.manifest_sha256,
+    )
 
 
 def check_claims(pod: Mapping[str, Any], checkpoint: Mapping[str, Any] | None) -> RestoreClaims:

@@ -33,6 +33,7 @@ class Report:
     version: str = ""
     size_bytes: int = 0
     storage_uri: str = ""
+    manifest_sha256: str = ""
     step_seconds: dict[str, float] = field(default_factory=dict)
     workflow: WorkflowLink | None = None
     generation: int = 0
@@ -88,6 +89,7 @@ def next_status(previous: CaptureStatus | None, report: Report, *, now: datetime
         version=report.version or keep.version,
         size_bytes=report.size_bytes or keep.size_bytes,
         storage_uri=report.storage_uri or keep.storage_uri,
+        manifest_sha256=report.manifest_sha256 or keep.manifest_sha256,
         step_seconds={**keep.step_seconds, **report.step_seconds},
         workflow=report.workflow or keep.workflow,
         observed_generation=report.generation,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -354,12 +356,14 @@ class Target:
         binds: dict[str, Path] | None = None,
         node: str = "",
         namespace: str = "inference",
+        source: str = "llama",
     ) -> None:
         """`main`: the pod's main container as its owner asks for it (default: SERVING);
-        `node`: where the scheduler binds it (default: the stack's node)."""
+        `node`: where the scheduler binds it (default: the stack's node); `source`: the
+        Checkpoint it asks to be restored from."""
         self.stack, self.name, self.image, self.log = stack, name, image, log
         self.node = node or stack.node
-        self.namespace = namespace
+        self.namespace, self.source = namespace, source
         self.uid, self.cid, self.control = "", "", Path()
         self.pod: Any = None
         self.main = main or {
@@ -386,7 +390,7 @@ class Target:
             "metadata": {
                 "name": self.name,
                 "namespace": self.namespace,
-                "annotations": {"warmstart.dev/restore-from": "llama"},
+                "annotations": {"warmstart.dev/restore-from": self.source},
             },
             "spec": {"containers": [self.main]},
         }
@@ -452,3 +456,38 @@ class Target:
             lambda: asyncio.to_thread(lambda: answer_in(self.pid) == token),
             f"{self.name} serving {token}",
         )
+
+
+def break_core_image(version_dir: Path) -> Any:
+    """Truncate the dumped tree's core image and re-digest it in the manifest (bytes that
+    verify, that CRIU cannot restore); returns what puts it back."""
+    manifest_path = version_dir / "manifest.json"
+    original_manifest = manifest_path.read_bytes()
+    core = sorted((version_dir / "criu").glob("core-*.img"))[0]
+    original = core.read_bytes()
+    core.write_bytes(original[:8])
+    manifest = json.loads(original_manifest)
+    for entry in manifest["files"]:
+        if entry["path"] == f"criu/{core.name}":
+            entry["size"], entry["sha256"] = 8, hashlib.sha256(original[:8]).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+    def repair() -> None:
+        core.write_bytes(original)
+        manifest_path.write_bytes(original_manifest)
+
+    return repair
+
+
+async def recorded_manifest(cluster: Cluster, version_dir: Path) -> None:
+    """The Checkpoint `llama` records the manifest now in `version_dir` as its capture's."""
+    digest = hashlib.sha256((version_dir / "manifest.json").read_bytes()).hexdigest()
+    await cluster.run(
+        cluster.custom.patch_namespaced_custom_object_status,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "llama",
+        {"status": {"manifestSHA256": digest}},
+    )

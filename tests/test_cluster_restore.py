@@ -16,7 +16,16 @@ import pytest
 from temporalio.client import Client
 
 from activities.storage.quarantine import Quarantine
-from tests.cluster_stack import Stack, Target, answer_in, captured, eventually, running_stack
+from tests.cluster_stack import (
+    Stack,
+    Target,
+    answer_in,
+    break_core_image,
+    captured,
+    eventually,
+    recorded_manifest,
+    running_stack,
+)
 from tests.containers import Kubelet, needs_containerd
 from tests.kube import Cluster
 from workflows.contracts import RestoreResult
@@ -68,6 +77,7 @@ async def test_an_incompatible_checkpoint_starts_the_pod_cold_at_once(
         manifest = json.loads(manifest_path.read_text())
         manifest["host"]["kernel"] = "1.0.0-elsewhere"
         manifest_path.write_text(json.dumps(manifest))
+        await recorded_manifest(stack.cluster, manifest_path.parent)  # as if captured so
         target = Target(stack, "llama-1", image, tmp_path / "llama-1.log")
         await target.start(resource)
         status = await target.restore_status()
@@ -94,6 +104,8 @@ async def test_restores_failing_on_two_nodes_of_a_class_quarantine_the_version_u
         ckpt, version = resource["status"]["checkpointID"], resource["status"]["version"]
         version_dir = stack.store.find(ckpt)
         good = break_core_image(version_dir)  # verified bytes CRIU cannot restore
+        # As if its capture had committed them: its Checkpoint records that manifest.
+        await recorded_manifest(stack.cluster, version_dir)
 
         # One node's failure is pending evidence: it quarantines nothing.
         first = Target(stack, "llama-2", image, tmp_path / "llama-2.log")
@@ -120,8 +132,7 @@ async def test_restores_failing_on_two_nodes_of_a_class_quarantine_the_version_u
         assert shown["nodeClass"] == entry.node_class.describe()
         assert shown["expires"].startswith(f"{entry.expires:%Y-%m-%dT%H:%M:%S}")
 
-        # Repaired, but quarantined on this class: the next pod starts cold at once.
-        good()
+        # Quarantined on this class: the next pod starts cold at once.
         third = Target(stack, "llama-4", image, tmp_path / "llama-4.log")
         await third.start(resource)
         status = await third.restore_status()
@@ -132,13 +143,20 @@ async def test_restores_failing_on_two_nodes_of_a_class_quarantine_the_version_u
         )
         assert not (tmp_path / "home" / "restores" / "pods" / third.uid).exists()  # no CRIU
 
+        # Repaired and cleared: restored again (from a Checkpoint of the version as it was
+        # captured, its manifest's digest the capture's), and the restore's status publish
+        # shows the quarantine gone.
+        good()
         assert len(quarantine.clear(ckpt)) == 1
-        fourth = Target(stack, "llama-5", image, tmp_path / "llama-5.log")
-        await fourth.start(resource)
+        now = await stack.cluster.get("checkpoints", "inference", "llama")
+        assert now["status"]["quarantine"]
+        now["status"]["manifestSHA256"] = resource["status"]["manifestSHA256"]
+        fixed = await same_version_as(stack, now, "llama-fixed")
+        fourth = Target(stack, "llama-5", image, tmp_path / "llama-5.log", source="llama-fixed")
+        await fourth.start(fixed)
         assert await fourth.restore_status() == "restored"
         await fourth.served(token)
-        # The restore's status publish shows the quarantine gone from the Checkpoint.
-        await eventually(lambda: none_shown(stack), "the status to show no quarantine")
+        await eventually(lambda: none_shown(stack, "llama-fixed"), "no quarantine shown")
 
 
 def both_nodes(stack: Stack) -> list[str]:
@@ -152,29 +170,24 @@ async def quarantine_shown(stack: Stack) -> list[dict[str, Any]] | None:
     return shown or None
 
 
-async def none_shown(stack: Stack) -> bool:
-    resource = await stack.cluster.get("checkpoints", "inference", "llama")
+async def none_shown(stack: Stack, name: str) -> bool:
+    resource = await stack.cluster.get("checkpoints", "inference", name)
     return not resource["status"].get("quarantine")
 
 
-def break_core_image(version_dir: Path) -> Any:
-    """Truncate the dumped tree's core image and re-digest it in the manifest (bytes that
-    verify, that CRIU cannot restore); returns what puts it back."""
-    manifest_path = version_dir / "manifest.json"
-    original_manifest = manifest_path.read_bytes()
-    core = sorted((version_dir / "criu").glob("core-*.img"))[0]
-    original = core.read_bytes()
-    core.write_bytes(original[:8])
-    manifest = json.loads(original_manifest)
-    import hashlib
-
-    for entry in manifest["files"]:
-        if entry["path"] == f"criu/{core.name}":
-            entry["size"], entry["sha256"] = 8, hashlib.sha256(original[:8]).hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
-
-    def repair() -> None:
-        core.write_bytes(original)
-        manifest_path.write_bytes(original_manifest)
-
-    return repair
+async def same_version_as(stack: Stack, resource: dict[str, Any], name: str) -> dict[str, Any]:
+    """Another Checkpoint `name` whose status is `resource`'s (the watcher stopped first: no
+    capture of it starts)."""
+    await stack.stop_watcher()
+    cluster = stack.cluster
+    body = {
+        "apiVersion": resource["apiVersion"],
+        "kind": "Checkpoint",
+        "metadata": {"name": name, "namespace": "inference"},
+        "spec": resource["spec"],
+    }
+    plural = ("warmstart.dev", "v1alpha1", "inference", "checkpoints")
+    await cluster.run(cluster.custom.create_namespaced_custom_object, *plural, body)
+    status = {"status": resource["status"]}
+    await cluster.run(cluster.custom.patch_namespaced_custom_object_status, *plural, name, status)
+    return await cluster.get("checkpoints", "inference", name)

@@ -4,7 +4,8 @@ namespace (`team-b`) on the same node that claim it (a forged ID label, a forged
 location with the first tenant's Secret, a target copied from the first tenant's pod, a
 version captured in the first namespace) are refused: their standby starts the workload
 cold, the pod's status and an Event say why without naming the other namespace, and nothing
-of the checkpoint is read (no fetch, no CRIU). Checkpoint ID claims are per namespace.
+of the checkpoint is read (no fetch, no CRIU). A version changed where it is stored never
+reaches CRIU. Checkpoint ID claims are per namespace.
 Against kmock and a real kube-apiserver; the test plays the scheduler and the kubelet."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +31,7 @@ from tests.cluster_stack import (
     OTHER_NAMESPACE,
     Stack,
     Target,
+    break_core_image,
     captured,
     eventually,
     running_stack,
@@ -286,3 +289,31 @@ async def test_a_namespace_cannot_squat_another_namespaces_checkpoint_id(
     with pytest.raises(IdentityConflictError) as conflict:
         await claim(OTHER_NAMESPACE, "squat-2")
     assert OTHER_NAMESPACE in str(conflict.value) and NAMESPACE not in str(conflict.value)
+
+
+@needs_containerd
+@pytest.mark.timeout(240)
+async def test_a_version_changed_where_it_is_stored_never_reaches_criu(
+    client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path
+) -> None:
+    """Whoever can write where a version is stored (a namespace's own bucket, say) can
+    change its files and re-digest its manifest alike; the Checkpoint's status, which only
+    the controller writes, records the manifest its capture committed, and the node refuses
+    any other before the gate or CRIU see it."""
+    image = kubelet.import_image(f"{WORKLOAD}:1")
+    async with running_stack(client, cluster, kubelet, tmp_path) as stack:
+        resource, token = await captured(stack, image)
+        version_dir = stack.store.find(resource["status"]["checkpointID"])
+        recorded = resource["status"]["manifestSHA256"]
+        assert recorded == hashlib.sha256((version_dir / "manifest.json").read_bytes()).hexdigest()
+        break_core_image(version_dir)  # crafted bytes, a manifest that vouches for them
+        target = Target(stack, "llama-0", image, tmp_path / "a.log")
+        await target.start(resource)
+        status = await target.restore_status()
+        await eventually(
+            lambda: asyncio.sleep(0, "started" in target.log.read_text()), "the cold start"
+        )
+    assert status.startswith("fell-back: DigestMismatch: ")
+    assert "its manifest is not the one its capture committed" in status
+    assert not (tmp_path / "home" / "restores" / "pods" / target.uid).exists()  # no CRIU
+    assert token not in target.log.read_text()

@@ -19,11 +19,18 @@ import pytest
 from temporalio.client import Client
 
 from activities.criu.command import HARMLESS_LINES
-from tests.cluster_stack import Stack, Target, answer_in, eventually, running_stack
+from tests.cluster_stack import (
+    Stack,
+    Target,
+    answer_in,
+    break_core_image,
+    eventually,
+    recorded_manifest,
+    running_stack,
+)
 from tests.containers import Kubelet, needs_containerd
 from tests.dynamo import WORKER, dynamo_path
 from tests.kube import Cluster, checkpoint_body
-from tests.test_cluster_restore import break_core_image
 
 pytestmark = [needs_containerd, pytest.mark.timeout(240)]
 
@@ -130,7 +137,9 @@ async def test_an_image_standby_whose_restore_fails_restarts_cold(
     async with running_stack(client, cluster, kubelet, tmp_path) as stack:
         resource, token = await captured_worker(stack, image, tmp_path / "capture.log")
         status = resource["status"]
-        break_core_image(stack.store.version_dir(status["checkpointID"], status["version"]))
+        version_dir = stack.store.version_dir(status["checkpointID"], status["version"])
+        break_core_image(version_dir)
+        await recorded_manifest(cluster, version_dir)  # as if captured so: CRIU fails
         env = [*identity_env(), {"name": "SNAPSHOT_RESTORE_STANDBY", "value": "1"}]
         main = {"name": "main", "image": "local/workload", "command": COMMAND, "env": env}
         target = Target(stack, "llama-1", image, tmp_path / "llama-1.log", main=main, binds=binds())

@@ -112,10 +112,13 @@ class CheckpointViews:
 
         flight = asyncio.create_task(read(), name=f"read checkpoint {key[0]}/{key[1]}")
         self._flights[key] = flight
-        flight.add_done_callback(lambda done: self._landed(key, done))
+        began = self._clock()
+        flight.add_done_callback(lambda done: self._landed(key, done, began))
         return flight
 
-    def _landed(self, key: Key, done: asyncio.Task[Mapping[str, Any] | None]) -> None:
+    def _landed(self, key: Key, done: asyncio.Task[Mapping[str, Any] | None], began: float) -> None:
+        """Keep what a read found, stamped when it began (its age is the answer's); a read
+        that began before the one kept is not kept."""
         if self._flights.get(key) is done:
             del self._flights[key]
         if done.cancelled():
@@ -125,8 +128,11 @@ class CheckpointViews:
             if not isinstance(err, WarmstartError):
                 log.warning("checkpoint %s/%s: read failed: %r", *key, err)
             return  # not kept: the next look reads again
-        self._kept.pop(key, None)
+        kept = self._kept.pop(key, None)
+        if kept is not None and kept[0] > began:
+            self._kept[key] = kept  # a later read landed first
+            return
         if len(self._kept) >= self._max:
             with contextlib.suppress(StopIteration):
                 del self._kept[next(iter(self._kept))]  # the oldest
-        self._kept[key] = (self._clock(), done.result())
+        self._kept[key] = (began, done.result())

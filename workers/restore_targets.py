@@ -300,5 +300,6 @@ class RestoreTargetWatch:
             pod=target.container,
             gms_sentinel=target.gms_sentinel,
             storage=claims.storage if claims is not None else None,
+            manifest_sha256=claims.manifest_sha256 if claims is not None else "",
             refusal=refusal,
         )

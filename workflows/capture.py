@@ -148,7 +148,8 @@ class CaptureWorkflow:
                 finish = await self._cluster_steps(request, source, version)
             commit = await self._dump_commit_complete(finish)
             if request.storage is not None:
-                commit = await self._upload(request.storage, version)
+                uploaded = await self._upload(request.storage, version)
+                commit = uploaded.model_copy(update={"manifest_sha256": commit.manifest_sha256})
             self._clock.begin("publish")
             await self._publish(Phase.READY, Reason.CAPTURED, commit=commit)
             self._clock.settle(Phase.READY, "done")
@@ -521,6 +522,7 @@ class CaptureWorkflow:
             committed=commit is not None,
             storage_uri=commit.storage_uri if commit else "",
             size_bytes=commit.size_bytes if commit else 0,
+            manifest_sha256=commit.manifest_sha256 if commit else "",
             resource=self._require().resource,
             job_name=self._job,
         )

@@ -164,6 +164,9 @@ class RestoreRequest(Contract):
     gms_sentinel: str = ""
     # Where the version is fetched from when the node does not hold it (its cache).
     storage: RemoteStorage | None = None
+    # On a cluster: the SHA-256 of the version's manifest its Checkpoint recorded; a version
+    # with another manifest, wherever stored, is refused ("": not recorded, unchecked).
+    manifest_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
     # Local mode: the restored process's new environment (Dynamo's restore context names
     # only; on a cluster the standby container's own environment is used).
     env: dict[str, str] = Field(default_factory=dict)

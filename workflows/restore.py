@@ -134,6 +134,7 @@ class RestoreWorkflow:
             version=request.version,
             gms_sentinel=request.gms_sentinel,
             storage=request.storage,
+            manifest_sha256=request.manifest_sha256,
         )
         restored = await self._on_node(
             ContainerSteps.restore_container,

@@ -245,6 +245,7 @@ class KubeControlActivities(ClusterControlSteps):
                 version=request.version,
                 size_bytes=request.size_bytes,
                 storage_uri=request.storage_uri,
+                manifest_sha256=request.manifest_sha256,
                 step_seconds=request.step_seconds,
                 workflow=link,
                 generation=int(obj.get("metadata", {}).get("generation") or 0),

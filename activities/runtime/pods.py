@@ -37,7 +37,13 @@ from activities.runtime.base import ContainerRuntime, Located
 from activities.runtime.hook_mounts import MOUNTS_FILE
 from activities.runtime.standby import StandbyRestorer
 from activities.steps import ContainerSteps
-from activities.storage.store import CheckpointStore, digest_tree, make_private, process_host_info
+from activities.storage.store import (
+    CheckpointStore,
+    committed_result,
+    digest_tree,
+    make_private,
+    process_host_info,
+)
 from api.errors import (
     DumpFailedError,
     GpuError,
@@ -174,7 +180,7 @@ class PodActivities(ContainerSteps):
         if not staging.is_dir():
             if (final / "manifest.json").is_file():
                 manifest = Manifest.model_validate_json((final / "manifest.json").read_bytes())
-                return CommitResult(storage_uri=final.as_uri(), size_bytes=manifest.size_bytes)
+                return committed_result(final, manifest)
             raise DumpFailedError(f"checkpoint {request.checkpoint_id}: staging is gone")
         make_private(staging)
         target = request.target
@@ -201,7 +207,7 @@ class PodActivities(ContainerSteps):
             files=digest_tree(staging),
         )
         committed = self._store.commit(staging, manifest)
-        return CommitResult(storage_uri=committed.as_uri(), size_bytes=manifest.size_bytes)
+        return committed_result(committed, manifest)
 
     @activity.defn
     async def stop_standby(self, request: ContainerTarget) -> None:

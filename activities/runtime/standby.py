@@ -1,6 +1,6 @@
 """The node activity of a cluster restore, stage by stage (reported by heartbeat): verify
-(a version captured in the pod's own namespace only, then the gate: compatibility with the
-standby's GPUs, quarantine; then digests) → await
+(the manifest its Checkpoint recorded, of a version captured in the pod's own namespace
+only, then the gate: compatibility with the standby's GPUs, quarantine; then digests) → await
 the GMS loader's sentinel → prepare the container and CRIU-restore into it
 (`activities.runtime.restore`) → CUDA restore onto the device map, then unlock →
 `restore-complete`. Any failure writes `restore-failed` so the standby starts cold, and a
@@ -38,6 +38,7 @@ from activities.pipeline import (
     as_restore_failure,
     failure_note,
     open_version,
+    require_manifest,
     require_namespace,
 )
 from activities.runtime import control
@@ -103,8 +104,12 @@ class StandbyRestorer:
                 request.storage,
                 accept=lambda fetched: require_namespace(fetched, target.namespace),
             )
+            # A version changed where it is stored, or another namespace's, is refused
+            # before anything else of it is read.
+            require_manifest(
+                version_dir, request.manifest_sha256, checkpoint_id=request.checkpoint_id
+            )
             claimed = load_manifest(version_dir)
-            # Another namespace's version is refused before anything else of it is read.
             require_namespace(claimed, target.namespace)
             environ = process_environment(standby.pid)
             gpus = gpus_of_process(environ, self._gpus.facts())

@@ -304,7 +304,17 @@ class StorageActivities(StorageSteps):
 
 
 def _result(final: Path, manifest: Manifest) -> CommitResult:
-    return CommitResult(storage_uri=final.as_uri(), size_bytes=manifest.size_bytes)
+    return committed_result(final, manifest)
+
+
+def committed_result(final: Path, manifest: Manifest) -> CommitResult:
+    """What a commit reports of the committed version `final`: where, how big, and the
+    SHA-256 of its manifest's bytes as written."""
+    return CommitResult(
+        storage_uri=final.as_uri(),
+        size_bytes=manifest.size_bytes,
+        manifest_sha256=sha256_file(final / MANIFEST_FILE),
+    )
 
 
 def host_info(gpu: GpuFacts) -> HostInfo:

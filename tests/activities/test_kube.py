@@ -182,10 +182,12 @@ async def test_status_conditions_link_and_events(
             version=VERSION,
             size_bytes=42,
             storage_uri="file:///checkpoints/x",
+            manifest_sha256="ab" * 32,
             step_seconds={"dump": 1.5},
         ),
     )
     st = (await cluster.get("checkpoints", "inference", "llama"))["status"]
+    assert st["manifestSHA256"] == "ab" * 32
     assert (st["phase"], st["checkpointID"], st["nodeName"]) == ("Ready", CKPT, "gpu-1")
     assert (st["jobName"], st["sizeBytes"], st["version"]) == (
         "llama-96429b2725761a09",

@@ -53,6 +53,7 @@ from workflows.contracts import (
 from workflows.prefetch import PrefetchWorkflow
 from workflows.visibility import NODE
 
+DIGEST = "0f" * 32  # the committed manifest's SHA-256
 IDENTITY = CheckpointIdentity(model="meta-llama/Llama-2-7b-hf", backend_framework="vllm")
 
 
@@ -111,7 +112,9 @@ class Cluster:
     @activity.defn(name="commit_container")
     async def commit(self, request: ContainerCommitInput) -> CommitResult:
         self._record("commit_container")
-        return CommitResult(storage_uri="file:///checkpoints/x", size_bytes=7)
+        return CommitResult(
+            storage_uri="file:///checkpoints/x", size_bytes=7, manifest_sha256=DIGEST
+        )
 
     @activity.defn(name="write_container_sentinel")
     async def sentinel(self, request: ContainerSentinelInput) -> None:
@@ -297,6 +300,7 @@ async def test_with_remote_storage_it_uploads_then_warms_the_selected_nodes(
     assert names.index("write_container_sentinel") < names.index("upload_version")
     assert harness.cluster.statuses[-1].phase == Phase.READY
     assert harness.cluster.statuses[-1].storage_uri == uri
+    assert harness.cluster.statuses[-1].manifest_sha256 == DIGEST  # the commit's, past the upload
     assert sorted(n.node for n in report.nodes if n.result is not None) == sorted(warm)
     queues = {queue for name, queue in harness.cluster.calls if name == "prefetch_version"}
     assert queues == {node_task_queue(n) for n in warm}
