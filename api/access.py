@@ -1,7 +1,7 @@
 """What each warmstart process may ask of the Kubernetes API: the RBAC allowlist (pure).
 
 One row per (service account, scope, API group, resource, verb), naming the code that makes
-the call. The manifests grant exactly these (`deploy/kubernetes/warmstart.yaml`,
+the call. The manifests grant exactly these (`deploy/kubernetes/base/warmstart.yaml`,
 `deploy/kubernetes/tenant.yaml`), and the processes' real code paths make exactly these
 calls (`tests/test_rbac.py` checks both: a rule added or missing on either side fails it).
 Decision 0025 says why each scope is what it is.
@@ -17,6 +17,10 @@ Scopes:
 - `tenant`: namespaces that opt in, each by the RoleBindings of `tenant.yaml` (a ClusterRole
   bound there only): the capture Jobs, restore-target pods' annotations, Events, the
   Checkpoints nodes restore from, and the credentials Secrets those Checkpoints name.
+
+A grant with `names` covers those objects only (RBAC's `resourceNames`; a create cannot be
+narrowed so). The controller's grants marked `certificate` exist only where it makes the
+webhook's certificate (decision 0032); the cert-manager overlay leaves their roles empty.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from api.resources import GROUP
 NAMESPACE = "warmstart-system"
 CONTROLLER, WEBHOOK, NODE = "warmstart-controller", "warmstart-webhook", "warmstart-node"
 ACCOUNTS = (CONTROLLER, WEBHOOK, NODE)
+# What the controller's certificate step writes (by name: RBAC grants these objects only).
+WEBHOOK_SERVICE, WEBHOOK_TLS_SECRET = "warmstart-webhook", "warmstart-webhook-tls"
+VALIDATING_WEBHOOK, MUTATING_WEBHOOK = "warmstart-validate", "warmstart-restore-pods"
+ADMISSION_GROUP = "admissionregistration.k8s.io"
 
 
 class Scope(StrEnum):
@@ -47,11 +55,14 @@ class Access:
     group: str
     resource: str
     verb: str
+    name: str = ""  # "": any object
 
 
 @dataclass(frozen=True)
 class Grant:
-    """Verbs on a resource, and the code whose calls need them."""
+    """Verbs on a resource (on the objects of `names` only, if any), and the code whose
+    calls need them; `certificate`: only where the controller makes the webhook's
+    certificate."""
 
     account: str
     scope: Scope
@@ -59,10 +70,14 @@ class Grant:
     resource: str
     verbs: tuple[str, ...]
     by: str
+    names: tuple[str, ...] = ()
+    certificate: bool = False
 
     def accesses(self) -> set[Access]:
         return {
-            Access(self.account, self.scope, self.group, self.resource, verb) for verb in self.verbs
+            Access(self.account, self.scope, self.group, self.resource, verb, name)
+            for verb in self.verbs
+            for name in self.names or ("",)
         }
 
 
@@ -136,6 +151,45 @@ GRANTS: tuple[Grant, ...] = (
         ("create",),
         "Events of captures and restores (publish_status)",
     ),
+    Grant(
+        CONTROLLER,
+        _OWN,
+        "",
+        "secrets",
+        ("create",),
+        "the webhook's TLS Secret, made when missing (workers.webhook_certificate)",
+        certificate=True,
+    ),
+    Grant(
+        CONTROLLER,
+        _OWN,
+        "",
+        "secrets",
+        ("get", "patch"),
+        "the webhook's TLS Secret, read and renewed (workers.webhook_certificate)",
+        names=(WEBHOOK_TLS_SECRET,),
+        certificate=True,
+    ),
+    Grant(
+        CONTROLLER,
+        _CLUSTER,
+        ADMISSION_GROUP,
+        "validatingwebhookconfigurations",
+        ("get", "patch"),
+        "its caBundle, the Secret's CA (workers.webhook_certificate)",
+        names=(VALIDATING_WEBHOOK,),
+        certificate=True,
+    ),
+    Grant(
+        CONTROLLER,
+        _CLUSTER,
+        ADMISSION_GROUP,
+        "mutatingwebhookconfigurations",
+        ("get", "patch"),
+        "as the validating one",
+        names=(MUTATING_WEBHOOK,),
+        certificate=True,
+    ),
     # --- the admission webhook ------------------------------------------------------------
     Grant(
         WEBHOOK,
@@ -175,6 +229,12 @@ GRANTS: tuple[Grant, ...] = (
 )
 
 
-def allowlist(account: str) -> set[Access]:
-    """Every access `account` is granted."""
-    return {a for grant in GRANTS if grant.account == account for a in grant.accesses()}
+def allowlist(account: str, *, certificate: bool = True) -> set[Access]:
+    """Every access `account` is granted; without the certificate step's where the
+    controller does not make the webhook's certificate."""
+    return {
+        a
+        for grant in GRANTS
+        if grant.account == account and (certificate or not grant.certificate)
+        for a in grant.accesses()
+    }

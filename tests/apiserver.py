@@ -210,7 +210,8 @@ async def installed(server: ApiServer, namespaces: tuple[str, ...]) -> Cluster:
 
     kube = Cluster(None, server.url, server.token)
     extensions = client.ApiextensionsV1Api(kube.api)
-    crds = sorted((Path(__file__).resolve().parents[1] / "deploy" / "crds").glob("*.yaml"))
+    folder = Path(__file__).resolve().parents[1] / "deploy" / "crds"
+    crds = sorted(p for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
     for path in crds:
         await kube.run(
             extensions.create_custom_resource_definition, yaml.safe_load(path.read_text())

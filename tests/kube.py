@@ -212,7 +212,13 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-_CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "Node"}
+_CLUSTER_SCOPED = {
+    "Namespace",
+    "CustomResourceDefinition",
+    "Node",
+    "ValidatingWebhookConfiguration",
+    "MutatingWebhookConfiguration",
+}
 _VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 # Declared for discovery (kopf watches what discovery lists as watchable) and listed empty
 # before any object of theirs exists: (key, kind, subresources).
@@ -225,6 +231,16 @@ RESOURCES = (
     ("batch/v1/jobs", "Job", {"status"}),
     ("events.k8s.io/v1/events", "Event", set()),
     ("coordination.k8s.io/v1/leases", "Lease", set()),
+    (
+        "admissionregistration.k8s.io/v1/validatingwebhookconfigurations",
+        "ValidatingWebhookConfiguration",
+        set(),
+    ),
+    (
+        "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+        set(),
+    ),
     ("warmstart.dev/v1alpha1/checkpoints", "Checkpoint", {"status"}),
     ("warmstart.dev/v1alpha1/podsnapshots", "PodSnapshot", {"status"}),
 )

@@ -19,6 +19,8 @@ import asyncio
 import base64
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +55,22 @@ from api.restore_claims import RESTORE_FROM_ANNOTATION
 from api.restore_pods import RESTORE_TARGET_LABEL
 from tests.apiserver import APISERVER_SKIP, ApiServer, installed, running_apiserver
 from tests.kube import Cluster, checkpoint_body, start_cluster
+from tests.kustomize import OVERLAYS, RENDER_SKIP, install_docs, render, webhook_configurations
 from workers.checkpoints import checkpoint_reader
 from workers.compose import secret_reader
 from workers.leader import LeaseElector
 from workers.ports import free_port
 from workers.restore_targets import RestoreTargetWatch
-from workers.settings import KubeSettings, NodeSettings, Settings, WebhookSettings
+from workers.settings import (
+    CertificateSettings,
+    KubeSettings,
+    NodeSettings,
+    Settings,
+    WebhookSettings,
+)
 from workers.watcher import KopfThread, WatcherSettings, build_registry
 from workers.webhook import run_webhook
+from workers.webhook_certificate import WebhookCertificate
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]
@@ -77,11 +87,12 @@ def _docs(name: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def granted() -> dict[str, set[Access]]:
+def granted(main: list[dict[str, Any]] | None = None) -> dict[str, set[Access]]:
     """What the manifests grant each of our service accounts: ClusterRoleBindings in every
-    namespace, RoleBindings of warmstart.yaml in the install namespace, RoleBindings of
-    tenant.yaml in each namespace that opts in. Any other subject fails."""
-    main, tenant = _docs("warmstart.yaml"), _docs("tenant.yaml")
+    namespace, RoleBindings of the install (`main`: `kubectl apply -k deploy/kubernetes`)
+    in the install namespace, RoleBindings of tenant.yaml in each namespace that opts in.
+    Any other subject fails."""
+    main, tenant = main if main is not None else install_docs(), _docs("tenant.yaml")
     roles: dict[tuple[str, str, str], dict[str, Any]] = {}
     for doc in main:
         if doc["kind"] in ("ClusterRole", "Role"):
@@ -103,13 +114,18 @@ def granted() -> dict[str, set[Access]]:
         for subject in binding["subjects"]:
             assert subject["kind"] == "ServiceAccount", subject  # no users, no groups
             assert subject["namespace"] == NAMESPACE and subject["name"] in ACCOUNTS, subject
-            for rule in roles[key]["rules"]:
-                assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no names
+            for rule in roles[key]["rules"] or []:
+                assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, rule
+                if "resourceNames" in rule:  # a create or list cannot be narrowed by name
+                    assert rule["resourceNames"] and {"create", "list", "watch"}.isdisjoint(
+                        rule["verbs"]
+                    ), rule
                 grants[subject["name"]] |= {
-                    Access(subject["name"], scope, group, resource, verb)
+                    Access(subject["name"], scope, group, resource, verb, name)
                     for group in rule["apiGroups"]
                     for resource in rule["resources"]
                     for verb in rule["verbs"]
+                    for name in rule.get("resourceNames") or [""]
                 }
     assert used == set(roles), f"roles no binding uses: {set(roles) - used}"
     return grants
@@ -122,10 +138,22 @@ def test_the_manifests_grant_exactly_the_allowlist(account: str) -> None:
     assert allowlist(account) - grants == set(), "in the allowlist, not granted"
 
 
+@pytest.mark.skipif(RENDER_SKIP is not None, reason=str(RENDER_SKIP))
+@pytest.mark.parametrize("account", ACCOUNTS)
+def test_with_cert_manager_the_controller_is_granted_nothing_for_certificates(
+    account: str,
+) -> None:
+    """The overlay cert-manager: the same grants, less the certificate step's."""
+    grants = granted(render(OVERLAYS / "cert-manager"))[account]
+    assert grants == allowlist(account, certificate=False)
+    if account == CONTROLLER:
+        assert allowlist(account) - grants, "the certificate step's grants are gone"
+
+
 def test_each_process_runs_under_its_own_service_account() -> None:
     workloads = {
         doc["metadata"]["name"]: doc["spec"]["template"]["spec"]
-        for doc in _docs("warmstart.yaml")
+        for doc in install_docs()
         if doc["kind"] in ("Deployment", "DaemonSet")
     }
     commands = {
@@ -143,8 +171,8 @@ def test_each_process_runs_under_its_own_service_account() -> None:
 
 
 def access_of(method: str, path: str, params: Mapping[str, str]) -> tuple[str, ...] | None:
-    """(group, resource, verb, namespace) as an API server's RequestInfo reads a request;
-    None for discovery (no resource)."""
+    """(group, resource, verb, namespace, name) as an API server's RequestInfo reads a
+    request (name "" for a collection); None for discovery (no resource)."""
     parts = [p for p in path.split("/") if p]
     if parts[:1] == ["api"] and len(parts) > 2:
         group, rest = "", parts[2:]
@@ -164,7 +192,7 @@ def access_of(method: str, path: str, params: Mapping[str, str]) -> tuple[str, .
         "PATCH": "patch",
         "DELETE": "delete" if named else "deletecollection",
     }[method]
-    return group, resource, verb, namespace
+    return group, resource, verb, namespace, rest[1] if named else ""
 
 
 def recorded(cluster: Cluster, account: str) -> set[tuple[str, ...]]:
@@ -188,22 +216,22 @@ def admits(scope: Scope, namespace: str) -> bool:
     return namespace == (NAMESPACE if scope is Scope.OWN else TENANT)
 
 
+def covers(access: Access, call: tuple[str, ...]) -> bool:
+    """Whether `access` grants `call` (group, resource, verb, namespace, name)."""
+    group, resource, verb, namespace, name = call
+    return (
+        (access.group, access.resource, access.verb) == (group, resource, verb)
+        and admits(access.scope, namespace)
+        and access.name in ("", name)
+    )
+
+
 def assert_calls_equal_the_allowlist(cluster: Cluster, account: str) -> None:
     calls = recorded(cluster, account)
     allowed = allowlist(account)
-    beyond = {
-        call
-        for call in calls
-        if not any(
-            (a.group, a.resource, a.verb) == call[:3] and admits(a.scope, call[3]) for a in allowed
-        )
-    }
+    beyond = {call for call in calls if not any(covers(a, call) for a in allowed)}
     assert beyond == set(), f"{account} makes calls its allowlist does not grant"
-    unused = {
-        a
-        for a in allowed
-        if not any((a.group, a.resource, a.verb) == c[:3] and admits(a.scope, c[3]) for c in calls)
-    }
+    unused = {a for a in allowed if not any(covers(a, c) for c in calls)}
     assert unused == set(), f"{account} is granted what its code never asks for"
 
 
@@ -240,7 +268,7 @@ async def authorizing(rbac_apiserver: ApiServer) -> AsyncIterator[Cluster]:
             body["metadata"].get("namespace") or TENANT, body
         ),
     }
-    for doc in [*_docs("warmstart.yaml"), *_docs("tenant.yaml")]:
+    for doc in [*install_docs(), *_docs("tenant.yaml")]:
         if doc["kind"] in create:
             await kube.run(create[doc["kind"]], doc)
     yield kube
@@ -428,9 +456,49 @@ async def test_the_controller_calls_exactly_its_allowlist(
         await env.run(control.delete_capture_job, JobRef(namespace=TENANT, name=job))
         await env.run(control.nodes_matching, NodeSelectorInput(selectors=[{"gpu": "h100"}]))
         await ready_references(api)()
+
+        # The webhook's certificate: the Secret made, the caBundles written; a year on,
+        # renewed and written again (decision 0032).
+        async with webhook_configurations_registered(cluster):
+            settings = CertificateSettings()
+            await WebhookCertificate(api, namespace=NAMESPACE, settings=settings).reconcile()
+            later = WebhookCertificate(
+                api,
+                namespace=NAMESPACE,
+                settings=settings,
+                clock=lambda: datetime.now(UTC) + timedelta(days=400),
+            )
+            await later.reconcile()
     finally:
         api.close()  # type: ignore[no-untyped-call]
     check(cluster, CONTROLLER)
+
+
+@asynccontextmanager
+async def webhook_configurations_registered(cluster: Cluster) -> AsyncIterator[None]:
+    """The install's webhook configurations, made by an administrator, removed after (on
+    the real API server they would send every Checkpoint to a webhook that is not there)."""
+    admission = kubernetes.AdmissionregistrationV1Api(cluster.api)
+    kinds = {
+        "ValidatingWebhookConfiguration": (
+            admission.create_validating_webhook_configuration,
+            admission.delete_validating_webhook_configuration,
+        ),
+        "MutatingWebhookConfiguration": (
+            admission.create_mutating_webhook_configuration,
+            admission.delete_mutating_webhook_configuration,
+        ),
+    }
+    made = []
+    try:
+        for doc in webhook_configurations():
+            create, delete = kinds[doc["kind"]]
+            await cluster.run(create, doc)
+            made.append((delete, doc["metadata"]["name"]))
+        yield
+    finally:
+        for delete, name in made:
+            await cluster.run(delete, name)
 
 
 def claim(ref: ResourceRef) -> ClaimInput:

@@ -1,6 +1,6 @@
 """The admission webhook called by a real kube-apiserver (tests/apiserver.py): the webhook
-configurations of deploy/kubernetes/warmstart.yaml, pointed at the webhook on 127.0.0.1
-with the caBundle of its certificate."""
+configurations of the install (`kubectl apply -k deploy/kubernetes`), pointed at the webhook
+on 127.0.0.1 with the caBundle of its certificate."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from api.resources import LOADER_ON_CHECKPOINT, SAVER_WITHOUT_GMS
 from api.restore_pods import STANDBY_SCRIPT, RestoreSettings
 from tests.apiserver import ApiServer, installed, needs_apiserver, running_apiserver
 from tests.kube import Cluster, checkpoint_body
+from tests.kustomize import webhook_configurations
 from tests.tls import make_pki
 from workers.checkpoints import checkpoint_reader
 from workers.settings import WebhookSettings
@@ -37,7 +38,6 @@ from workers.webhook import (
 )
 
 pytestmark = [needs_apiserver, pytest.mark.timeout(120)]
-REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "inference"
 TEMPLATE = {"spec": {"containers": [{"name": "main", "image": "vllm/vllm-openai:v0.8.0"}]}}
 CKPT_ID, VERSION = "96429b2725761a09", "20261127T120000Z-abcdef"
@@ -88,9 +88,8 @@ async def register(cluster: Cluster, *, url: str, ca: bytes) -> None:
         "ValidatingWebhookConfiguration": admission.create_validating_webhook_configuration,
         "MutatingWebhookConfiguration": admission.create_mutating_webhook_configuration,
     }
-    text = (REPO / "deploy" / "kubernetes" / "warmstart.yaml").read_text()
-    for doc in yaml.safe_load_all(text):
-        if doc and doc["kind"] in create:
+    for doc in webhook_configurations():
+        if doc["kind"] in create:
             for hook in doc["webhooks"]:
                 path = hook["clientConfig"]["service"]["path"]
                 hook["clientConfig"] = {

@@ -1,6 +1,7 @@
 """Composition root of the cluster controller (`warmstart controller`): the control worker
 with the Kubernetes control activities, and the watcher under its Lease, in one process
-(they stay separate modules)."""
+(they stay separate modules); under the same Lease, unless switched off, the webhook's
+certificate (`workers.webhook_certificate`, decision 0032)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from workers.leader import LeaseElector
 from workers.operations import remote_storage
 from workers.settings import Settings
 from workers.watcher import WatcherSettings, run_watcher
+from workers.webhook_certificate import WebhookCertificate
 
 
 async def run_controller(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -49,6 +51,13 @@ async def run_controller(settings: Settings, stop: asyncio.Event | None = None) 
     async def watcher_client() -> Client:
         return await connect(settings)  # made in kopf's own loop
 
+    alongside = []
+    if settings.certificate.manage:
+        certificate = WebhookCertificate(
+            api, namespace=settings.kube.namespace, settings=settings.certificate
+        )
+        alongside.append(certificate.run)
+
     try:
         async with cluster_control_worker(temporal, settings, api):
             print(
@@ -57,6 +66,12 @@ async def run_controller(settings: Settings, stop: asyncio.Event | None = None) 
                 flush=True,
             )
             with contextlib.suppress(asyncio.CancelledError):
-                await run_watcher(watcher, connect=watcher_client, elector=elector, stop=stop)
+                await run_watcher(
+                    watcher,
+                    connect=watcher_client,
+                    elector=elector,
+                    stop=stop,
+                    alongside=alongside,
+                )
     finally:
         api.close()  # type: ignore[no-untyped-call]

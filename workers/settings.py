@@ -164,6 +164,21 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class CertificateSettings:
+    """The webhook's certificate, made and renewed by the controller's Lease holder in the
+    TLS Secret `warmstart-webhook-tls`, its CA put into the webhook configurations'
+    caBundle (`workers.webhook_certificate`, decision 0032)."""
+
+    # Off where something else makes it (cert-manager: the overlay of that name).
+    manage: bool = True
+    # How long a certificate is valid, and how long before its end it is replaced.
+    validity_days: int = 365
+    renew_days: int = 30
+    # How often the Secret and the caBundles are checked (and put right).
+    check_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
 class TelemetrySettings:
     exporter: Literal["off", "console", "otlp"] = "off"
     otlp_endpoint: str | None = None
@@ -283,6 +298,7 @@ class Settings:
     criu: CriuSettings = CriuSettings()
     kube: KubeSettings = KubeSettings()
     webhook: WebhookSettings = WebhookSettings()
+    certificate: CertificateSettings = CertificateSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     retention: RetentionSettings = RetentionSettings()
     storage: StorageSettings = StorageSettings()

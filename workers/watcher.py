@@ -17,8 +17,9 @@ asks (after a 401: a rotated token is read again).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,8 @@ _SIGNALS = {
 POD_SCHEDULED, CONTAINER_READY, POD_FAILED = _SIGNALS
 _FINISHED = {Phase.READY.value, Phase.FAILED.value}
 _CANCEL_WAIT_SECONDS = 30.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -375,19 +378,35 @@ async def run_watcher(
     connect: Callable[[], Awaitable[Client]],
     elector: Any,
     stop: asyncio.Event,
+    alongside: Sequence[Callable[[asyncio.Event], Awaitable[None]]] = (),
 ) -> None:
     """Wait for the Lease, run kopf while it is held, stop kopf when it is lost (and give
     the Lease up when kopf ended by itself); again, until `stop`. `elector` is a
-    `workers.leader.LeaseElector`."""
+    `workers.leader.LeaseElector`. Each of `alongside` also runs while the Lease is held
+    (the webhook's certificate: decision 0032): the event it is given is set, and it is
+    cancelled, when the hold ends; one that ends by itself ends the hold as kopf would."""
     registry = build_registry(settings, connect)
     while await elector.acquire(stop):
         operator = KopfThread(registry)
         await asyncio.to_thread(operator.start)
+        held = asyncio.Event()
+        others = [asyncio.ensure_future(work(held)) for work in alongside]
+
+        def alive(kopf: KopfThread = operator, tasks: list[Any] = others) -> bool:
+            return kopf.alive and not any(task.done() for task in tasks)
+
         ended = False
         try:
-            await elector.hold(stop, alive=lambda kopf=operator: kopf.alive)
-            ended = not operator.alive  # kopf ended by itself: a fresh start, by any replica
+            await elector.hold(stop, alive=alive)
+            ended = not alive()  # ended by itself: a fresh start, by any replica
         finally:
+            held.set()
+            for task in others:  # the Lease may be another's now: not one more write
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
             await asyncio.to_thread(operator.stop)
+        for task in others:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("work under the Lease failed", exc_info=task.exception())
         if stop.is_set() or ended:
             await elector.release()

@@ -32,8 +32,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
-import datetime
-import ipaddress
 import json
 import logging
 import os
@@ -61,6 +59,7 @@ from api.resources import (
 )
 from api.restore_claims import restore_source, validation_message
 from api.restore_pods import RestoreSettings, cold, loader_override, restore_pod
+from workers.certificates import self_signed_certificate
 from workers.checkpoints import ReadCheckpoint, checkpoint_reader
 from workers.settings import Settings, WebhookSettings
 
@@ -245,68 +244,19 @@ async def _answer(
     )
 
 
-def self_signed_certificate(*, hosts: list[str], days: int = 365) -> tuple[bytes, bytes]:
-    """A self-signed certificate (PEM) for `hosts` (DNS names and IP addresses, all in its
-    SANs) and its key (PEM): its own CA, so it is also the caBundle to give the API server."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
-    now = datetime.datetime.now(datetime.UTC)
-    usage = x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(usage, critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 def _tls_context(
-    cert_file: str | Path, key_file: str | Path, client_ca_file: str = ""
+    cert_file: str | Path | None, key_file: str | Path | None, client_ca_file: str = ""
 ) -> ssl.SSLContext:
     """With `client_ca_file`, a client certificate is verified against that CA when one is
-    presented (required by the review routes, not by `/healthz`, which kubelet probes)."""
+    presented (required by the review routes, not by `/healthz`, which kubelet probes).
+    Without files, a context with no certificate (one is chosen per handshake)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if client_ca_file:
         context.verify_mode = ssl.CERT_OPTIONAL
         context.load_verify_locations(cafile=client_ca_file)
-    context.load_cert_chain(cert_file, key_file)
+    if cert_file is not None and key_file is not None:
+        context.load_cert_chain(cert_file, key_file)
     return context
 
 
@@ -316,18 +266,23 @@ class RotatingCertificate:
     identity changes) and, when they changed, loads them into a fresh context, which that
     handshake and the later ones use. A pair that does not load (caught mid-rotation, or
     damaged) leaves the last good one serving, and is tried again once the files change
-    again. Every context verifies clients against `client_ca_file`, if any."""
+    again. Until a pair has loaded (the Secret not made yet: its volume is optional, and
+    the kubelet fills it once the controller has made it) each handshake is refused, so the
+    pod starts, is not ready, and serves from the first handshake after the files appear.
+    Every context verifies clients against `client_ca_file`, if any."""
 
     def __init__(self, cert_file: str, key_file: str, client_ca_file: str = "") -> None:
         self._files = (cert_file, key_file)
         self._client_ca = client_ca_file
-        self._stamp = self._look()
-        self._current = _tls_context(cert_file, key_file, client_ca_file)
+        self._stamp: tuple[tuple[int, ...], ...] | None = None
+        self._current: ssl.SSLContext | None = None
         self._refused: tuple[tuple[int, ...], ...] | None = None
+        if self.current() is None:
+            logger.warning("webhook: waiting for the certificate files %s", ", ".join(self._files))
 
     def server_context(self) -> ssl.SSLContext:
         """The context to serve with: it hands each handshake the current certificate."""
-        context = _tls_context(*self._files, self._client_ca)
+        context = _tls_context(None, None, self._client_ca)
         context.sni_callback = self._choose
         return context
 
@@ -338,27 +293,33 @@ class RotatingCertificate:
             stamps.append((info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns))
         return tuple(stamps)
 
-    def current(self) -> ssl.SSLContext:
-        """The context of the files as they are now (the last good one if they do not load)."""
+    def current(self) -> ssl.SSLContext | None:
+        """The context of the files as they are now (the last good one if they do not load;
+        None while none has)."""
         try:
             stamp = self._look()
         except OSError:
-            return self._current  # a name missing mid-rotation: serve on
+            return self._current  # a name missing (mid-rotation, or not made yet): serve on
         if stamp in (self._stamp, self._refused):
             return self._current
         try:
             fresh = _tls_context(*self._files, self._client_ca)
         except (OSError, ssl.SSLError) as err:
             self._refused = stamp
-            logger.warning("webhook: the rotated certificate does not load (%s); serving on", err)
+            logger.warning("webhook: the certificate files do not load (%s); serving on", err)
             return self._current
+        loaded = "the rotated certificate" if self._current else "the certificate"
         self._stamp, self._current = stamp, fresh
-        logger.info("webhook: serving the rotated certificate of %s", self._files[0])
+        logger.info("webhook: serving %s of %s", loaded, self._files[0])
         return fresh
 
-    def _choose(self, connection: Any, _server_name: str | None, _context: Any) -> None:
+    def _choose(self, connection: Any, _server_name: str | None, _context: Any) -> int | None:
         """Called by OpenSSL on each ClientHello (with or without a server name)."""
-        connection.context = self.current()
+        current = self.current()
+        if current is None:
+            return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE  # no certificate yet
+        connection.context = current
+        return None
 
 
 def server_ssl_context(settings: WebhookSettings) -> ssl.SSLContext:

@@ -71,6 +71,14 @@ async def test_the_controller_takes_the_lease_and_creates_the_capture_job(
             cluster.leases.read_namespaced_lease, "warmstart-watcher", "warmstart-system"
         )
         assert lease.spec.holder_identity
+        # Under the same Lease, the webhook's certificate is made (decision 0032).
+        for _ in range(200):
+            secrets = await cluster.run(cluster.core.list_namespaced_secret, "warmstart-system")
+            if secrets.items:
+                break
+            await asyncio.sleep(0.05)
+        assert [s.metadata.name for s in secrets.items] == ["warmstart-webhook-tls"]
+        assert set(secrets.items[0].data) == {"tls.crt", "tls.key", "ca.crt"}
     finally:
         stop.set()
         await asyncio.wait_for(controller, 60)

@@ -750,6 +750,39 @@ async def test_a_rotated_certificate_is_served_without_a_restart(tmp_path: Path)
             assert answer.status == 200
 
 
+async def test_the_webhook_starts_before_its_secret_and_serves_once_it_is_there(
+    tmp_path: Path,
+) -> None:
+    """The Secret volume is optional: the pod starts with an empty directory, each handshake
+    is refused (not ready), and the files the kubelet puts there once the controller has
+    made the Secret are served from the next handshake on, without a restart."""
+    mounted = tmp_path / "webhook-tls"
+    mounted.mkdir()
+    settings = WebhookSettings(
+        host="127.0.0.1",
+        port=0,
+        cert_file=str(mounted / "tls.crt"),
+        key_file=str(mounted / "tls.key"),
+    )
+
+    async def no_checkpoint(namespace: str, name: str) -> None:
+        return None
+
+    app = admission_app(read=no_checkpoint, settings=SETTINGS)
+    async with serving(app, settings=settings, context=server_ssl_context(settings)) as port:
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # the handshake is refused
+            await served_serial(port)
+        cert, key = self_signed_certificate(hosts=["127.0.0.1"])
+        target = mounted / "..2026_12_01"
+        target.mkdir()
+        (target / "tls.crt").write_bytes(cert)
+        (target / "tls.key").write_bytes(key)
+        (mounted / "..data").symlink_to(target.name)
+        for name in ("tls.crt", "tls.key"):
+            (mounted / name).symlink_to(f"..data/{name}")
+        assert await served_serial(port) == serial(cert)
+
+
 @pytest.mark.parametrize(
     ("status", "reason"), [(500, "Unavailable"), (503, "Unavailable"), (403, "Forbidden")]
 )
