@@ -6,7 +6,8 @@ pod sandbox and workloads are images built here and imported (`RealNode.import_i
 
 Everything the cluster writes lives under one directory of its own, except what kubelet
 1.20 and libcni write whatever they are told (docs/decisions/0030-a-real-node-test-tier.md);
-`running_node` notes the host before the start and puts back what changed after the stop.
+`running_node` notes the host before the start and puts back what changed after the stop
+(`tests/node_cleanup.py`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from typing import Any
 
 import pytest
 
+from tests import node_cleanup as cleanup
 from tests.apiserver import APISERVER_SKIP, running_apiserver
 from tests.containers import oci_archive
 from tests.host_state import (
     CLUSTER_DIRS,
     OUTSIDE_PATHS,
     cgroup_hierarchies,
-    mount_points,
     read_sysctls,
     restore_sysctls,
 )
@@ -180,24 +181,24 @@ def _start(stack: contextlib.ExitStack) -> RealNode:
     stack.callback(restore_sysctls, sysctls)
     outside = (*OUTSIDE_PATHS, "/var/lib/kubelet/device-plugins", "/var/lib/cni/results")
     absent = [Path(p) for p in outside if not Path(p).exists()]
-    stack.callback(_remove_created, absent)
+    stack.callback(cleanup.remove_created, absent)
     suffix = uuid.uuid4().hex[:8]
     base = Path(f"{CLUSTER_DIRS}{suffix}")  # short: containerd's sockets must fit sun_path
     base.mkdir(mode=0o700)
-    stack.callback(_remove_base, base)
+    stack.callback(cleanup.remove_base, base)
     network = f"ws-{suffix}"
-    stack.callback(_remove_cni_results, network)
+    stack.callback(cleanup.remove_cni_results, network)
     node_ip, pod_subnet = _free_subnets()
     bridge_ip = pod_subnet.replace(".0/24", ".1")
     node_bridge, pod_bridge = f"wsn{suffix}", f"wsc{suffix}"
-    stack.callback(_delete_links, (node_bridge, pod_bridge))
+    stack.callback(cleanup.delete_links, (node_bridge, pod_bridge))
     _ip("link", "add", "name", node_bridge, "type", "bridge")
     _ip("addr", "add", f"{node_ip}/32", "dev", node_bridge)
     _ip("link", "set", node_bridge, "up")
     cgroup_root = f"/warmstart-{suffix}"
-    stack.callback(_remove_cgroups, cgroup_root)
+    stack.callback(cleanup.remove_cgroups, cgroup_root)
     _create_cgroups(cgroup_root)
-    stack.callback(_unmount_under, base)
+    stack.callback(cleanup.unmount_under, base)
     address = str(base / "containerd.sock")
     containerd = _start_containerd(base, address, network, pod_bridge, pod_subnet, bridge_ip)
     stack.callback(_stop_containerd, containerd, base, address)
@@ -270,20 +271,6 @@ def _create_cgroups(root: str) -> None:
         for name in ("cpuset.cpus", "cpuset.mems"):
             if (path / name).exists():
                 (path / name).write_text((hierarchy / name).read_text())
-
-
-def _remove_cgroups(root: str) -> None:
-    for hierarchy in cgroup_hierarchies():
-        top = hierarchy / root.lstrip("/")
-        if not top.is_dir():
-            continue
-        for directory, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
-            for _ in range(50):  # a task that is exiting still holds its cgroup briefly
-                try:
-                    os.rmdir(directory)
-                    break
-                except OSError:
-                    time.sleep(0.1)
 
 
 def _start_containerd(
@@ -470,25 +457,13 @@ def _drain(node: RealNode) -> None:
             wait_for(lambda: not _running_tasks(node), "the kubelet to stop every pod", 30)
     pods_dir = node.base / "kubelet" / "pods"
     uids |= {p.name for p in pods_dir.iterdir()} if pods_dir.is_dir() else set()
-    _remove_pod_logs(uids)
+    cleanup.remove_pod_logs(uids)
 
 
 def _running_tasks(node: RealNode) -> list[str]:
     """The containers running (a stopped sandbox's task stays listed until it is removed)."""
     rows = [line.split() for line in node.ctr("tasks", "list", check=False).splitlines()[1:]]
     return [row[0] for row in rows if len(row) >= 3 and row[2] == "RUNNING"]
-
-
-def _remove_pod_logs(uids: set[str]) -> None:
-    """What the kubelet wrote for these pods in /var/log/pods and /var/log/containers
-    (paths it does not let be moved)."""
-    logs, links = Path("/var/log/pods"), Path("/var/log/containers")
-    for entry in logs.iterdir() if logs.is_dir() else ():
-        if entry.name.rsplit("_", 1)[-1] in uids:
-            shutil.rmtree(entry, ignore_errors=True)
-    for link in links.iterdir() if links.is_dir() else ():
-        if link.is_symlink() and any(uid in os.readlink(link) for uid in uids):
-            link.unlink()
 
 
 def _stop_containerd(containerd: Daemon, base: Path, address: str) -> None:
@@ -500,53 +475,4 @@ def _stop_containerd(containerd: Daemon, base: Path, address: str) -> None:
             _ctr(address, "tasks", "kill", "--signal", "SIGKILL", task, check=False)
             _ctr(address, "tasks", "delete", "--force", task, check=False)
     containerd.stop()
-    for record in (base / "state").glob("io.containerd.runtime.v2.task/*/*/shim.pid"):
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(record.read_text())
-            if address.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-
-
-def _unmount_under(base: Path) -> None:
-    """Every mount at or below `base` (the kubelet's own bind mount of its root, volumes,
-    sandboxes' network namespaces and shm, container roots), deepest first."""
-    prefix = f"{base}/"
-    for _ in range(5):
-        points = [p for p, _ in mount_points() if p.startswith(prefix)]
-        if not points:
-            return
-        for point in sorted(points, key=len, reverse=True):
-            subprocess.run(["umount", point], capture_output=True, check=False)
-    for point in [p for p, _ in mount_points() if p.startswith(prefix)]:
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-
-
-def _remove_base(base: Path) -> None:
-    """The cluster's directory, unless something is still mounted below it (the host check
-    then names it; removing would reach into what is mounted)."""
-    if not any(point.startswith(f"{base}/") for point, _ in mount_points()):
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _remove_cni_results(network: str) -> None:
-    """libcni's cache of this network's attachments (it keeps them in /var/lib/cni/results
-    whatever the configuration says)."""
-    results = Path("/var/lib/cni/results")
-    for entry in results.iterdir() if results.is_dir() else ():
-        if entry.name.startswith(f"{network}-"):
-            entry.unlink()
-
-
-def _remove_created(absent: list[Path]) -> None:
-    """The paths outside the base that did not exist before the start, once more."""
-    for path in absent:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-
-
-def _delete_links(names: tuple[str, ...]) -> None:
-    for name in names:
-        if Path(f"/sys/class/net/{name}").exists():
-            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+    cleanup.stop_shims(base / "state", address)
