@@ -4,9 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup venv dynamo criu containerd kube-apiserver nginx lint test demo clean-state
+.PHONY: setup venv dynamo criu containerd kube-apiserver kube-node nginx lint test demo clean-state
 
-setup: venv dynamo criu containerd kube-apiserver nginx
+setup: venv dynamo criu containerd kube-apiserver kube-node nginx
 
 # uv installs the locked dependency set in seconds where pip takes many minutes. Bytecode is
 # compiled at install (and ours on every setup): where PYTHONDONTWRITEBYTECODE is set, every
@@ -39,6 +39,12 @@ containerd:
 # integration tier (root only; a failed build makes those tests skip with its reason).
 kube-apiserver:
 	@bash scripts/install-kube-apiserver.sh
+
+# The rest of a real one-node cluster for the real-node tier: kubelet, kube-scheduler,
+# kube-controller-manager and kubectl (built once from the same source, about ten minutes),
+# a static pause and Debian's CNI plugins (root only; a failed build makes the tier skip).
+kube-node: kube-apiserver
+	@bash scripts/install-kube-node.sh
 
 # nginx, the TLS terminator (gRPC, client certificates required) the Temporal TLS tests put
 # in front of the dev server (root only; without it those tests skip with the reason).

@@ -33,28 +33,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v kube-apiserver >/dev/null 2>&1 && { rm -f "$marker"; exit 0; }
 
-tarball=$(ls "$work"/kubernetes_*.orig.tar.gz 2>/dev/null | head -1 || true)
-if [ -z "$tarball" ]; then
-  suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
-  uri=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -1 || true)
-  [ -n "$uri" ] || uri=$(sed -n 's/^deb \(http[^ ]*\) .*/\1/p' /etc/apt/sources.list 2>/dev/null | grep -v security | head -1 || true)
-  [ -n "$uri" ] || fail "no Debian mirror in the apt sources to fetch the kubernetes source from"
-  aptdir="$work/apt"
-  mkdir -p "$aptdir/lists/partial" "$aptdir/archives/partial"
-  cat > "$aptdir/src.sources" <<SRC
-Types: deb-src
-URIs: $uri
-Suites: $suite
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-  opts=(-o "Dir::Etc::SourceList=$aptdir/src.sources" -o Dir::Etc::SourceParts=/dev/null
-        -o "Dir::State::Lists=$aptdir/lists" -o "Dir::Cache::Archives=$aptdir/archives")
-  apt-get "${opts[@]}" update -qq || fail "apt-get update of the source index failed"
-  (cd "$work" && apt-get "${opts[@]}" source --download-only kubernetes >/dev/null 2>&1) || true
-  tarball=$(ls "$work"/kubernetes_*.orig.tar.gz 2>/dev/null | head -1 || true)
-  [ -n "$tarball" ] || fail "could not fetch Debian's kubernetes source package"
-fi
+tarball=$(bash "$(dirname "$0")/fetch-kube-source.sh" "$work" 2>"$work/fetch.err") \
+  || fail "$(tail -1 "$work/fetch.err")"
 
 src="$work/src"
 rm -rf "$src" && mkdir -p "$src"

@@ -77,6 +77,10 @@ class ApiServer:
     token: str
     token_file: Path
     process: ApiServerProcess | None = field(default=None, compare=False, repr=False)
+    # The key that signs service-account tokens, and the API server's self-signed serving
+    # certificate (its own CA): what a kube-controller-manager of the same cluster needs.
+    service_account_key: Path | None = None
+    certificate: Path | None = None
 
     def stop(self) -> None:
         """Kill the API server process (etcd and its data stay)."""
@@ -169,7 +173,14 @@ def running_apiserver(
     apiserver = ApiServerProcess(args, base / "apiserver.log", url, token)
     try:
         apiserver.start()
-        yield ApiServer(url=url, token=token, token_file=base / "token", process=apiserver)
+        yield ApiServer(
+            url=url,
+            token=token,
+            token_file=base / "token",
+            process=apiserver,
+            service_account_key=base / "sa.key",
+            certificate=base / "certs" / "apiserver.crt",
+        )
     finally:
         apiserver.stop(kill=False)
         etcd.terminate()

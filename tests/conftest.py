@@ -88,6 +88,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     is never mistaken for a full one."""
     from tests.apiserver import APISERVER_SKIP
     from tests.containers import CONTAINERD_SKIP
+    from tests.realnode import REALNODE_SKIP, START_TIMES
     from tests.tls import NGINX_SKIP
 
     skipped = terminalreporter.stats.get("skipped", [])
@@ -95,6 +96,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         ("real-CRIU tests", CRIU_SKIP, "root, CRIU >= 4.2"),
         ("real-containerd tests", CONTAINERD_SKIP, "root, containerd, runc, iptables"),
         ("kube-apiserver tests", APISERVER_SKIP, "root, kube-apiserver, etcd"),
+        ("real-node tests", REALNODE_SKIP, "root, kubelet & co. from `make kube-node`"),
         ("Temporal TLS tests", NGINX_SKIP, "nginx as the TLS terminator"),
     )
     for tier, reason, needs in tiers:
@@ -105,3 +107,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             f"{tier}: {count} SKIPPED, not run: {reason}", yellow=True, bold=True
         )
+    if START_TIMES:
+        starts = ", ".join(f"{seconds:.1f} s" for seconds in START_TIMES)
+        terminalreporter.write_line(f"real-node cluster starts until Ready (first cold): {starts}")

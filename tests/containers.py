@@ -60,26 +60,41 @@ def _tar(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     return out.getvalue()
 
 
-def _entry(name: str, *, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: str = "") -> Any:
+def _entry(
+    name: str, *, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: str = "", mode: int = 0
+) -> Any:
     info = tarfile.TarInfo(name)
-    info.type, info.mode, info.linkname = kind, 0o755 if kind == tarfile.DIRTYPE else 0o644, link
+    info.type, info.linkname = kind, link
+    info.mode = mode or (0o755 if kind == tarfile.DIRTYPE else 0o644)
     info.size = len(data) if kind == tarfile.REGTYPE else 0
     return info, data if kind == tarfile.REGTYPE else None
 
 
-def oci_archive(ref: str) -> bytes:
-    """An OCI image archive of one uncompressed layer, named `ref` for `ctr images import`."""
+def oci_archive(
+    ref: str,
+    *,
+    executables: Mapping[str, bytes] | None = None,
+    entrypoint: list[str] | None = None,
+) -> bytes:
+    """An OCI image archive of one uncompressed layer, named `ref` for `ctr images import`:
+    the root skeleton (its `bin`, `lib`... pointing into a `/usr` the container is given),
+    /etc/warmstart-image, and `executables` (path in the image → content, mode 0755), run
+    by `entrypoint` where given (a static `pause`, say)."""
     layer = _tar(
         [_entry(name, kind=tarfile.DIRTYPE) for name in SKELETON_DIRS]
         + [_entry(name, kind=tarfile.SYMTYPE, link=f"usr/{name}") for name in SKELETON_LINKS]
         + [_entry("etc/warmstart-image", data=b"from the image\n")]
+        + [
+            _entry(path.lstrip("/"), data=data, mode=0o755)
+            for path, data in (executables or {}).items()
+        ]
     )
     config = json.dumps(
         {
             "architecture": "amd64",
             "os": "linux",
             "rootfs": {"type": "layers", "diff_ids": [_digest(layer)]},
-            "config": {},
+            "config": {"Entrypoint": entrypoint} if entrypoint else {},
         }
     ).encode()
     manifest = json.dumps(
