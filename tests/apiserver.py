@@ -113,11 +113,15 @@ class ApiServer:
 
 
 def running_apiserver(
-    service_accounts: Mapping[str, str] | None = None, *, extra_args: tuple[str, ...] = ()
+    service_accounts: Mapping[str, str] | None = None,
+    *,
+    extra_args: tuple[str, ...] = (),
+    host: str = "127.0.0.1",
 ) -> Iterator[ApiServer]:
     """`service_accounts`: bearer tokens of service accounts (token: "namespace:name"); with
     them the API server authorises by RBAC (the admin token is in system:masters still).
-    `extra_args`: more flags of kube-apiserver (an admission configuration, say)."""
+    `extra_args`: more flags of kube-apiserver (an admission configuration, say). `host`: the
+    address it serves on and advertises (in its certificate too), where pods reach it."""
     base = Path(tempfile.mkdtemp(prefix="ws-kapi-"))
     token = uuid.uuid4().hex
     users = [f"{token},admin,admin,system:masters"]
@@ -158,7 +162,8 @@ def running_apiserver(
         "kube-apiserver",
         f"--etcd-servers={etcd_url}",
         f"--secure-port={port}",
-        "--bind-address=127.0.0.1",
+        f"--bind-address={host}",
+        *([] if host == "127.0.0.1" else [f"--advertise-address={host}"]),
         f"--cert-dir={base / 'certs'}",
         "--service-account-issuer=https://kubernetes.default.svc",
         f"--service-account-key-file={base / 'sa.key'}",
@@ -169,7 +174,7 @@ def running_apiserver(
         "--service-cluster-ip-range=10.0.0.0/24",
         *extra_args,
     ]
-    url = f"https://127.0.0.1:{port}"
+    url = f"https://{host}:{port}"
     apiserver = ApiServerProcess(args, base / "apiserver.log", url, token)
     try:
         apiserver.start()

@@ -214,7 +214,7 @@ def _start(stack: contextlib.ExitStack) -> RealNode:
         "--allow-privileged=true",
     )
     server = stack.enter_context(
-        contextlib.contextmanager(running_apiserver)(extra_args=apiserver_args)
+        contextlib.contextmanager(running_apiserver)(extra_args=apiserver_args, host=node_ip)
     )
     kube = Cluster(None, server.url, server.token)
     stack.callback(kube.close)
