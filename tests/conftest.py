@@ -88,6 +88,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     is never mistaken for a full one."""
     from tests.apiserver import APISERVER_SKIP
     from tests.containers import CONTAINERD_SKIP
+    from tests.images import BUILD_SKIPPED, IMAGE_SKIP
     from tests.tls import NGINX_SKIP
 
     skipped = terminalreporter.stats.get("skipped", [])
@@ -96,6 +97,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         ("real-containerd tests", CONTAINERD_SKIP, "root, containerd, runc, iptables"),
         ("kube-apiserver tests", APISERVER_SKIP, "root, kube-apiserver, etcd"),
         ("Temporal TLS tests", NGINX_SKIP, "nginx as the TLS terminator"),
+        (
+            "image tests",
+            IMAGE_SKIP or next(iter(BUILD_SKIPPED), None),
+            "root, containerd, the image scripts/build-image.sh builds",
+        ),
     )
     for tier, reason, needs in tiers:
         if reason is None:
