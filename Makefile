@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup venv dynamo criu containerd kube-apiserver kube-node nginx lint test demo clean-state
+.PHONY: setup venv dynamo criu containerd kube-apiserver kube-node nginx image lint test demo clean-state
 
 setup: venv dynamo criu containerd kube-apiserver kube-node nginx
 
@@ -50,6 +50,13 @@ kube-node: kube-apiserver
 # in front of the dev server (root only; without it those tests skip with the reason).
 nginx:
 	@bash scripts/install-nginx.sh
+
+# The warmstart image from deploy/docker/Dockerfile, built without a registry or a Docker
+# engine (root only; decision 0031): a docker-archive tarball whose path it prints, cached by
+# a key over the image's inputs. Not part of setup: any edit of the sources changes the key,
+# and the image tests build it themselves (tests/images.py), so only they pay for it.
+image:
+	@bash scripts/build-image.sh
 
 lint: venv
 	$(BIN)/ruff check .

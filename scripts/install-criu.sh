@@ -3,6 +3,8 @@
 # Debian 12 ships 3.17 (fails `criu check` on recent kernels) and 4.1 cannot dump
 # TCP sockets on kernels that refuse SO_PASSCRED on inet sockets; 4.2.1 works.
 # The built binary is installed to /usr/local/sbin so later runs skip the build.
+# CRIU_REMOVE_BUILD_DEPS=1 (an image build) purges the build dependencies this run
+# installed once CRIU is built, keeping the libraries the binary links against.
 set -euo pipefail
 
 want_major=4
@@ -90,5 +92,26 @@ install -D -m 0755 "$src/criu/criu" "$prefix/sbin/criu"
 # The CUDA plugin is only useful on GPU nodes; build it when the toolchain allows.
 if make -C "$src" cuda_plugin >>"$work/build.log" 2>&1; then
   install -D -m 0644 "$src/plugins/cuda/cuda_plugin.so" "$prefix/lib/criu/cuda_plugin.so"
+fi
+
+# The package of each library a built file links against (merged /usr: dpkg may know a
+# library under /lib or under /usr/lib).
+runtime_packages() {
+  local lib
+  ldd "$@" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u | while read -r lib; do
+    dpkg -S "$lib" 2>/dev/null || dpkg -S "${lib#/usr}" 2>/dev/null || dpkg -S "/usr$lib" 2>/dev/null \
+      || { echo "install-criu: no package owns $lib" >&2; return 1; }
+  done | cut -d: -f1 | sort -u
+}
+
+if [ "${CRIU_REMOVE_BUILD_DEPS:-0}" = 1 ] && [ ${#missing[@]} -gt 0 ]; then
+  built=("$prefix/sbin/criu")
+  [ -f "$prefix/lib/criu/cuda_plugin.so" ] && built+=("$prefix/lib/criu/cuda_plugin.so")
+  keep=$(runtime_packages "${built[@]}")
+  # shellcheck disable=SC2086  # one package name per word
+  apt-mark manual $keep >/dev/null
+  echo "install-criu: removing the build dependencies (keeping $(echo $keep))"
+  DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq --auto-remove "${missing[@]}" >/dev/null
+  rm -rf "$src" "$work/apt"
 fi
 have_good_criu

@@ -89,6 +89,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     from tests.apiserver import APISERVER_SKIP
     from tests.containers import CONTAINERD_SKIP
     from tests.realnode import REALNODE_SKIP, START_TIMES
+    from tests.images import BUILD_SKIPPED, IMAGE_SKIP
     from tests.tls import NGINX_SKIP
 
     skipped = terminalreporter.stats.get("skipped", [])
@@ -98,6 +99,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         ("kube-apiserver tests", APISERVER_SKIP, "root, kube-apiserver, etcd"),
         ("real-node tests", REALNODE_SKIP, "root, kubelet & co. from `make kube-node`"),
         ("Temporal TLS tests", NGINX_SKIP, "nginx as the TLS terminator"),
+        (
+            "image tests",
+            IMAGE_SKIP or next(iter(BUILD_SKIPPED), None),
+            "root, containerd, the image scripts/build-image.sh builds",
+        ),
     )
     for tier, reason, needs in tiers:
         if reason is None:

@@ -48,6 +48,44 @@ def test_dockerfile_copies_every_package() -> None:
     assert "install-criu.sh" in text
 
 
+def test_dockerfile_defaults_to_the_public_base() -> None:
+    """`docker build -f deploy/docker/Dockerfile .` works unchanged for users: the base is a
+    build argument whose default is the public Python image, and the one stage builds on
+    it (scripts/build-image.sh passes a local Debian base instead)."""
+    lines = [
+        line.strip()
+        for line in (REPO / "deploy" / "docker" / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert lines[0] == "ARG BASE=python:3.11-slim-bookworm"
+    assert [line for line in lines if line.upper().startswith("FROM ")] == ["FROM ${BASE}"]
+
+
+def test_every_file_the_image_copies_is_in_its_cache_key() -> None:
+    """scripts/build-image.sh keys its cache on what the Dockerfile copies: a source it
+    left out would let an edited tree reuse a stale image."""
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+    script = (REPO / "scripts" / "build-image.sh").read_text()
+    hashed = script[script.index("inputs() {") : script.index("tree_key() {")].split()
+    copied = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    sources = [source for sources in copied for source in sources]
+    assert {"api", "uv.lock", "scripts/install-criu.sh"} <= set(sources)
+    for source in sources:
+        assert source in hashed, f"{source} is copied into the image but not hashed"
+    for name in ("deploy/docker/Dockerfile", ".dockerignore", "scripts/build-image.sh"):
+        assert name in hashed
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "tests", "**/__pycache__", ".mypy_cache", ".ruff_cache"} <= ignored
+    dockerfile = (REPO / "deploy" / "docker" / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():  # nothing the image needs is left out
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert source not in ignored and source.split("/")[0] not in ignored, source
+
+
 def _kubernetes_docs(name: str = "base/warmstart.yaml") -> list[dict[str, object]]:
     text = (REPO / "deploy" / "kubernetes" / name).read_text()
     return [doc for doc in yaml.safe_load_all(text) if doc]
