@@ -60,9 +60,12 @@ flock 9 # one build at a time: they share the layer store (and the machine's cor
 if [ -s "$tarball" ]; then echo "$tarball"; exit 0; fi
 rm -f "$marker"
 log="$cache/warmstart-$key.log"
-fail() {
-  echo "build-image: $1" >&2
-  echo "$1" >"$marker"
+: >"$log"
+fail() { # the reason, with the last line the failed step logged
+  local last
+  last=$(grep -v '^\s*$' "$log" 2>/dev/null | tail -1 | cut -c1-300)
+  echo "build-image: $1${last:+: $last}" >&2
+  echo "$1${last:+: $last}" >"$marker"
   exit 1
 }
 
@@ -115,7 +118,6 @@ make_base() {
   rm -f "$tar"
 }
 
-: >"$log"
 started=$(date +%s)
 renice -n 10 -p $$ >/dev/null # a long build beside other work: everything below runs niced
 buildah_ inspect --type image "$base_ref" >/dev/null 2>&1 || make_base
@@ -133,7 +135,7 @@ echo "build-image: building $ref (log: $log)" >&2
 buildah_ bud --isolation chroot --layers --pull=never \
   --build-arg "BASE=$base_ref" "${ca_args[@]}" \
   -f "$root/deploy/docker/Dockerfile" -t "$ref" "$root" >>"$log" 2>&1 \
-  || fail "buildah bud failed: $(grep -E '^(Error|error)' "$log" | tail -1 | cut -c1-300) (see $log)"
+  || fail "buildah bud failed (see $log)"
 rm -f "$tarball.partial"
 buildah_ push -q "$ref" "docker-archive:$tarball.partial:$ref" >>"$log" 2>&1 \
   || { rm -f "$tarball.partial"; fail "buildah push to a docker-archive failed (see $log)"; }

@@ -69,15 +69,19 @@ def _ctr(containerd: Kubelet, *args: str, timeout: float = 60) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def image(image_tarball: Path) -> Iterator[Image]:
+def containerd() -> Iterator[Kubelet]:
+    yield from running_containerd()
+
+
+@pytest.fixture(scope="module")
+def image(image_tarball: Path, containerd: Kubelet) -> Image:
     """The image imported into a containerd of the test's own, as a node would
     (`ctr -n k8s.io images import`)."""
     ref, config = _archive_config(image_tarball)
-    for containerd in running_containerd():
-        done = _ctr(containerd, "images", "import", str(image_tarball), timeout=600)
-        assert done.returncode == 0, done.stderr
-        assert ref in _ctr(containerd, "images", "list", "--quiet").stdout.split()
-        yield Image(ref=ref, config=config, containerd=containerd)
+    done = _ctr(containerd, "images", "import", str(image_tarball), timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert ref in _ctr(containerd, "images", "list", "--quiet").stdout.split()
+    return Image(ref=ref, config=config, containerd=containerd)
 
 
 def run_image(image: Image, *argv: str, env: dict[str, str] | None = None) -> Any:
