@@ -55,6 +55,14 @@ def unmount_under(base: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
+def unmount_base(base: Path) -> None:
+    """The cluster directory's own bind mount (made shared for the pods' propagation)."""
+    if any(point == str(base) for point, _ in mount_points()):
+        done = subprocess.run(["umount", str(base)], capture_output=True, check=False)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(base)], capture_output=True, check=False)
+
+
 def remove_base(base: Path) -> None:
     """The cluster's directory, unless something is still mounted below it (the host check
     then names it; removing would reach into what is mounted)."""

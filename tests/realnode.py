@@ -117,10 +117,12 @@ class RealNode:
     base: Path
     daemons: dict[str, Daemon] = field(default_factory=dict, repr=False)
 
-    def kubectl(self, *args: str, timeout: float = 60) -> str:
+    def kubectl(self, *args: str, timeout: float = 60, input_text: str | None = None) -> str:
         """kubectl (the one built with the cluster) against this cluster; its stdout."""
         command = [str(KUBE_BIN / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, input=input_text
+        )
         if done.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr.strip()}")
         return done.stdout
@@ -186,6 +188,11 @@ def _start(stack: contextlib.ExitStack) -> RealNode:
     base = Path(f"{CLUSTER_DIRS}{suffix}")  # short: containerd's sockets must fit sun_path
     base.mkdir(mode=0o700)
     stack.callback(cleanup.remove_base, base)
+    # A shared mount, as a node's root is under systemd: a pod's HostToContainer volumes of
+    # the node's directories (the node worker's) need one.
+    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
+    stack.callback(cleanup.unmount_base, base)
+    subprocess.run(["mount", "--make-rshared", str(base)], check=True)
     network = f"ws-{suffix}"
     stack.callback(cleanup.remove_cni_results, network)
     node_ip, pod_subnet = _free_subnets()
@@ -281,6 +288,9 @@ def _start_containerd(
     ipam = {
         "type": "host-local",
         "ranges": [[{"subnet": subnet, "gateway": gateway}]],
+        # A default route through the bridge: pods reach the node's address (the API
+        # server's) as on a node; nothing is forwarded further (no masquerading).
+        "routes": [{"dst": "0.0.0.0/0"}],
         "dataDir": str(base / "ipam"),
     }
     bridge_plugin = {
@@ -402,6 +412,9 @@ def _start_kubelet(node: RealNode, cgroup_root: str) -> None:
             f"--root-dir={node.base / 'kubelet'}",
             f"--cert-dir={node.base / 'kubelet-pki'}",
             f"--volume-plugin-dir={node.base / 'volume-plugins'}",  # a flag, not config, in 1.20
+            # Localhost seccomp profiles: 1.20 reads them under this flag's directory, not
+            # under --root-dir (where the node worker's DaemonSet installs its profile).
+            f"--seccomp-profile-root={node.base / 'kubelet' / 'seccomp'}",
             f"--hostname-override={node.node_name}",
             f"--node-ip={node.node_ip}",
         ],

@@ -118,6 +118,20 @@ def test_every_container_is_bounded() -> None:
     assert len(found) >= 4  # controller, webhook, the node's init container and worker
 
 
+def test_no_pod_gets_service_links() -> None:
+    """The kubelet writes `WARMSTART_WEBHOOK_PORT`... for the webhook's Service into every pod
+    of the namespace unless its spec says otherwise, and `warmstart` refuses unknown
+    `WARMSTART_` variables: every warmstart pod turns them off (a real kubelet found it)."""
+    pods = [
+        (doc["metadata"]["name"], doc["spec"]["template"]["spec"])
+        for doc in _kubernetes_docs()
+        if doc["kind"] in ("Deployment", "DaemonSet")
+    ]
+    assert len(pods) == 3
+    for name, pod in pods:
+        assert pod.get("enableServiceLinks") is False, name
+
+
 def test_the_node_worker_and_the_seccomp_profile() -> None:
     docs = {doc["kind"]: doc for doc in _kubernetes_docs()}
     pod = docs["DaemonSet"]["spec"]["template"]["spec"]  # type: ignore[index]

@@ -9,6 +9,7 @@ that (with pydantic) costs more start time than the whole `warmstart list` budge
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import types
 import typing
@@ -25,6 +26,12 @@ if TYPE_CHECKING:
     from api.storage import RemoteStorage
 
 ENV_PREFIX = "WARMSTART_"
+# The shape of what the kubelet writes into a container for each Service of its namespace
+# (its "service links": `<NAME>_SERVICE_HOST`, `<NAME>_PORT_443_TCP_ADDR`...), so for the
+# Service `warmstart-webhook` names that begin like settings.
+SERVICE_LINK = re.compile(
+    r"WARMSTART_\w*?_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
 
 
 @dataclass(frozen=True)
@@ -336,7 +343,13 @@ def _build(cls: type[Any], values: dict[str, Any], prefix: str) -> Any:
         if name not in names:
             where = given[0] if isinstance(given, tuple) else f"{prefix}{name.upper()}__*"
             known = ", ".join(f"{prefix}{n.upper()}" for n in sorted(names))
-            raise InvalidSpecError(f"{where}: unknown setting (known: {known})")
+            hint = ""
+            if SERVICE_LINK.fullmatch(where):
+                hint = (
+                    "; the kubelet writes such a variable for a Service of the pod's namespace "
+                    "unless the pod spec sets enableServiceLinks: false"
+                )
+            raise InvalidSpecError(f"{where}: unknown setting (known: {known}){hint}")
         kind = hints[name]
         if dataclasses.is_dataclass(kind):
             if isinstance(given, tuple):

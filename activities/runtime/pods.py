@@ -132,7 +132,7 @@ class PodActivities(ContainerSteps):
             if upper is not None:
                 count = await asyncio.to_thread(
                     rootfs.rootfs_diff,
-                    rootfs.host_path(upper),
+                    rootfs.host_path(upper, located.pid),
                     staging,
                     mount_points=mount_points,
                     lowers=rootfs.overlay_lowers(located.pid),

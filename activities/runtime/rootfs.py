@@ -92,12 +92,42 @@ def node_mounts(pid: int) -> dict[str, Path]:
     mounted) and bind mounts of node directories (volumes, the control directory) are;
     filesystems of its own (proc, sysfs, its /dev and /run tmpfs) are not."""
     here = _mount_table(Path("/proc/self/mountinfo").read_text())
+    runtime = _runtime_view(pid)
     found = {}
     for mount in _mount_table(Path(f"/proc/{pid}/mountinfo").read_text()):
         path = _reachable(mount, here)
+        if (path is None or not os.path.lexists(path)) and runtime is not None:
+            # Not mounted into this worker's container (a node worker in a pod sees the
+            # node directories it mounts, not the runtime's sandbox files a kubelet binds
+            # as /etc/resolv.conf): through the runtime's own view of the node.
+            on_node = _reachable(mount, runtime[1])
+            path = runtime[0] / on_node.relative_to("/") if on_node is not None else None
         if path is not None and os.path.lexists(path):
             found[mount.point] = path
     return found
+
+
+def node_root(pid: int) -> Path:
+    """The node's root as the runtime that started container init `pid` sees it: through
+    its parent, the runtime's shim (a node worker in a pod shares the host's PIDs, not its
+    mounts; the host's PID 1 may refuse to be looked through)."""
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        parent = 1
+    return Path(f"/proc/{parent or 1}/root")
+
+
+def _runtime_view(pid: int) -> tuple[Path, list[_Mount]] | None:
+    """The node's root and mount table as the runtime's shim of `pid` has them, when its
+    mount namespace is not this process's; None when it is, or out of reach."""
+    root = node_root(pid)
+    try:
+        if os.readlink(root.parent / "ns" / "mnt") == os.readlink("/proc/self/ns/mnt"):
+            return None
+        return root, _mount_table((root.parent / "mountinfo").read_text())
+    except OSError:
+        return None
 
 
 def overlay_lowers(pid: int) -> list[Path]:
@@ -109,7 +139,7 @@ def overlay_lowers(pid: int) -> list[Path]:
         if fields[0].split()[4] == "/" and kind == "overlay":
             for option in options.split(","):
                 if option.startswith("lowerdir="):
-                    return [host_path(Path(p)) for p in option[9:].split(":") if p]
+                    return [host_path(Path(p), pid) for p in option[9:].split(":") if p]
     return []
 
 
@@ -213,10 +243,11 @@ def thaw(pid: int, freezer: Path | None = None) -> None:
             os.kill(pid, signal.SIGCONT)
 
 
-def host_path(path: Path) -> Path:
+def host_path(path: Path, pid: int) -> Path:
     """A path of the node's root as this process sees it: the same path on the node, or
-    through the node's init when the worker runs in a container with the host's PIDs."""
-    return path if path.exists() else Path("/proc/1/root") / path.relative_to("/")
+    through the runtime of container init `pid` when the worker runs in a container with
+    the host's PIDs (`node_root`)."""
+    return path if path.exists() else node_root(pid) / path.relative_to("/")
 
 
 async def apply_rootfs_diff(*, root: Path, version_dir: Path, where: str) -> None:

@@ -49,6 +49,12 @@ def test_defaults_without_variables() -> None:
         ),
         ({"WARMSTART_TELEMETRY__EXPORTER": "jaeger"}, "expected one of off, console, otlp"),
         ({"WARMSTART_TEMPORAL__ADRESS": "x:1"}, "WARMSTART_TEMPORAL__ADRESS: unknown setting"),
+        # The kubelet's service link for the Service warmstart-webhook: refused, saying why.
+        (
+            {"WARMSTART_WEBHOOK_PORT_443_TCP_PROTO": "tcp"},
+            "unless the pod spec sets enableServiceLinks: false",
+        ),
+        ({"WARMSTART_WEBHOOK_SERVICE_HOST": "10.0.0.7"}, "enableServiceLinks: false"),
         ({"WARMSTART_NODE": "x"}, "WARMSTART_NODE: set its fields with WARMSTART_NODE__<FIELD>"),
         ({"WARMSTART_HOME__X": "x"}, "WARMSTART_HOME: is not a group of settings"),
         (

@@ -1,0 +1,385 @@
+"""End to end on a real node, through the installed manifests (issue 22, point 4): the image
+built from this tree (`tests/images.py`) imported into a real one-node cluster
+(`tests/realnode.py`), warmstart installed with `kubectl apply -k` of an overlay of
+`deploy/kubernetes` that says only where this cluster's parts are (the API server, the
+Temporal dev server on the node's address, the node's containerd and kubelet directories, a
+hostPath volume for the checkpoints claim), a tenant namespace opting in with tenant.yaml.
+Then a Checkpoint goes Ready through the real Job controller, scheduler and kubelet and the
+node worker's CRIU dump in its DaemonSet pod, and a pod that asks to be restored from it is
+shaped by the real webhook, restored into the standby the kubelet started, passes its
+startup probe and answers from its pod IP with the captured state."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.containers import oci_archive
+from tests.images import built_tarball, needs_image
+from tests.realnode import RealNode, needs_real_node, running_node, wait_for
+from workers.devserver import DevServer
+from workers.ports import free_port, port_open
+
+pytestmark = [needs_real_node, needs_image, pytest.mark.timeout(1500)]
+
+REPO = Path(__file__).resolve().parents[1]
+WORKLOAD = "warmstart.test/server:1"
+TENANT = "inference"
+PORT = 8080
+# The workload: a token chosen at start, served on the pod's address; ready for a snapshot
+# once serving; exits when the snapshot is complete (the capture Job completes), goes on
+# serving when restored. Its output is the container's log.
+SERVER = f"""\
+import http.server, os, secrets, sys, threading, time
+control = os.environ['SNAPSHOT_CONTROL_DIR']
+token = secrets.token_hex(8)
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        print('served', token, flush=True)
+        self.send_response(200); self.end_headers(); self.wfile.write(token.encode())
+    def log_message(self, *args): pass
+server = http.server.HTTPServer(('0.0.0.0', {PORT}), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print('started', token, flush=True)
+open(control + '/ready-for-snapshot', 'w').close()
+while True:
+    if os.path.exists(control + '/restore-complete'):
+        break
+    if os.path.exists(control + '/snapshot-complete'):
+        sys.exit(0)
+    time.sleep(0.05)
+print('restored', token, flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def workload_spec() -> dict[str, Any]:
+    """The workload's pod spec: the skeleton image with the host's /usr read-only."""
+    return {
+        "containers": [
+            {
+                "name": "main",
+                "image": WORKLOAD,
+                "imagePullPolicy": "Never",
+                "command": ["python3", "-c", SERVER],
+                "ports": [{"containerPort": PORT}],
+                "volumeMounts": [{"name": "usr", "mountPath": "/usr", "readOnly": True}],
+            }
+        ],
+        "volumes": [{"name": "usr", "hostPath": {"path": "/usr", "type": "Directory"}}],
+        "terminationGracePeriodSeconds": 1,
+    }
+
+
+@contextlib.contextmanager
+def temporal_on(address: str, base: Path) -> Iterator[str]:
+    """The Temporal dev server on `address` (where the pods reach it); its host:port."""
+    port = free_port()
+    server = DevServer(db_file=base / "temporal.db", port=port, ui_port=free_port(), headless=True)
+    log = (base / "temporal.log").open("wb")
+    process = subprocess.Popen(
+        # Every address: the dev server's own services reach each other on the loopback
+        # whatever `--ip` says, so bound to `address` alone its frontend reaches none.
+        [*server.command(), "--ip", "0.0.0.0"], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for(lambda: port_open(port, host=address), "the Temporal dev server", timeout=60)
+        yield f"{address}:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def overlay(node: RealNode, directory: Path, *, image: str, temporal: str) -> Path:
+    """A kustomization on `deploy/kubernetes` saying where this cluster's parts are: the
+    settings a platform team writes for its own cluster, nothing of warmstart's own. The
+    image is set by patches: the `images` field of kubectl 1.20's kustomize (2.0.3) fails
+    on the CRDs' schemas (a property named `containers`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    host, port = node.url.removeprefix("https://").rsplit(":", 1)
+    api = [
+        {"name": "KUBERNETES_SERVICE_HOST", "value": host},
+        {"name": "KUBERNETES_SERVICE_PORT", "value": port},
+        {"name": "WARMSTART_TEMPORAL__ADDRESS", "value": temporal},
+    ]
+    base = node.base
+    checkpoints = base / "checkpoints"
+    checkpoints.mkdir(exist_ok=True)
+
+    def deployment(name: str, container: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": "warmstart-system"},
+            "spec": {
+                "replicas": 1,
+                "template": {
+                    "spec": {"containers": [{"name": container, "image": image, "env": api}]}
+                },
+            },
+        }
+
+    node_env = [
+        *api,
+        {"name": "WARMSTART_NODE__RUNTIME_ENDPOINT", "value": node.containerd_address},
+        {"name": "WARMSTART_NODE__RUNTIME_STATE", "value": str(base / "state")},
+    ]
+    host_dir = {"type": "Directory"}
+    daemonset = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "warmstart-node", "namespace": "warmstart-system"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "initContainers": [{"name": "install-seccomp-profile", "image": image}],
+                    "containers": [
+                        {
+                            "name": "node",
+                            "image": image,
+                            "env": node_env,
+                            "volumeMounts": [
+                                {"name": "containerd", "mountPath": str(base / "state")},
+                                {"name": "kubelet", "mountPath": str(base / "kubelet")},
+                                {"name": "socket", "mountPath": node.containerd_address},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {
+                            "name": "containerd",
+                            "hostPath": {"path": str(base / "state"), **host_dir},
+                        },
+                        {
+                            "name": "kubelet",
+                            "hostPath": {"path": str(base / "kubelet"), **host_dir},
+                        },
+                        {"name": "socket", "hostPath": {"path": node.containerd_address}},
+                        {"name": "state", "hostPath": {"path": str(base / "warmstart-node")}},
+                        {
+                            "name": "seccomp",
+                            "hostPath": {"path": str(base / "kubelet" / "seccomp")},
+                        },
+                    ],
+                }
+            }
+        },
+    }
+    volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": "warmstart-checkpoints"},
+        "spec": {
+            "capacity": {"storage": "10Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "hostPath": {"path": str(checkpoints), "type": "Directory"},
+            "claimRef": {"namespace": "warmstart-system", "name": "warmstart-checkpoints"},
+        },
+    }
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "warmstart-checkpoints", "namespace": "warmstart-system"},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": "warmstart-checkpoints",
+            "resources": {"requests": {"storage": "10Gi"}},
+        },
+    }
+    files = {
+        "controller.yaml": deployment("warmstart-controller", "controller"),
+        "webhook.yaml": deployment("warmstart-webhook", "webhook"),
+        "node.yaml": daemonset,
+        "volume.yaml": volume,
+        "claim.yaml": claim,
+    }
+    for file, body in files.items():
+        (directory / file).write_text(yaml.safe_dump(body))
+    kustomization = {
+        "bases": [os.path.relpath(REPO / "deploy" / "kubernetes", directory)],
+        "resources": ["volume.yaml", "claim.yaml"],
+        "patchesStrategicMerge": ["controller.yaml", "webhook.yaml", "node.yaml"],
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
+    """A real node with warmstart installed as a user installs it, and a tenant namespace."""
+    tarball = built_tarball()
+    image = image_reference(tarball)
+    for node in running_node():
+        started = time.monotonic()
+        node.import_image(tarball)
+        node.import_image(oci_archive(WORKLOAD))
+        imported = time.monotonic() - started
+        with temporal_on(node.node_ip, node.base) as temporal:
+            directory = overlay(
+                node, tmp_path_factory.mktemp("overlay"), image=image, temporal=temporal
+            )
+            # --validate=false: kubectl 1.20 knows no `x-kubernetes-validations` (CEL rules,
+            # Kubernetes 1.25); its API server keeps the CRDs without them, and the webhook
+            # checks the same rules.
+            node.kubectl("apply", "--validate=false", "-k", str(directory), timeout=120)
+            node.kubectl("create", "namespace", TENANT)
+            tenant = REPO / "deploy" / "kubernetes" / "tenant.yaml"
+            node.kubectl("-n", TENANT, "apply", "-f", str(tenant))
+            for kind, name in (
+                ("deployment", "warmstart-controller"),
+                ("deployment", "warmstart-webhook"),
+                ("daemonset", "warmstart-node"),
+            ):
+                rollout(node, kind, name)
+            print(f"\nimage import {imported:.1f} s, install {time.monotonic() - started:.1f} s")
+            yield node
+            dump_logs(node)
+
+
+def image_reference(tarball: Path) -> str:
+    """The image's name:tag as its docker-archive records it."""
+    listing = subprocess.run(
+        ["tar", "-xOf", str(tarball), "manifest.json"], capture_output=True, check=True
+    )
+    [entry] = json.loads(listing.stdout)
+    reference: str = entry["RepoTags"][0]
+    return reference.removeprefix("localhost/")
+
+
+def rollout(node: RealNode, kind: str, name: str) -> None:
+    try:
+        node.kubectl(
+            "-n",
+            "warmstart-system",
+            "rollout",
+            "status",
+            f"{kind}/{name}",
+            "--timeout=240s",
+            timeout=260,
+        )
+    except Exception:
+        dump_logs(node)
+        raise
+
+
+def dump_logs(node: RealNode) -> None:
+    """What each warmstart pod said (shown when a test fails)."""
+    with contextlib.suppress(Exception):
+        print(node.kubectl("-n", "warmstart-system", "get", "pods", "-o", "wide"))
+    for component in ("controller", "webhook", "node"):
+        with contextlib.suppress(Exception):
+            print(
+                node.kubectl(
+                    "-n",
+                    "warmstart-system",
+                    "logs",
+                    "--tail=60",
+                    "--all-containers",
+                    "-l",
+                    f"app.kubernetes.io/component={component}",
+                )
+            )
+
+
+def checkpoint(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "warmstart.dev/v1alpha1",
+        "kind": "Checkpoint",
+        "metadata": {"name": name, "namespace": TENANT},
+        "spec": {
+            "identity": {"model": f"test/{name}", "backendFramework": "vllm"},
+            "job": {"podTemplateSpec": {"spec": workload_spec()}},
+        },
+    }
+
+
+def apply(node: RealNode, body: dict[str, Any]) -> None:
+    node.kubectl("apply", "-f", "-", input_text=json.dumps(body))
+
+
+def checkpoint_status(node: RealNode, name: str) -> dict[str, Any]:
+    out = node.kubectl("-n", TENANT, "get", "checkpoint", name, "-o", "json")
+    status: dict[str, Any] = json.loads(out).get("status") or {}
+    return status
+
+
+def ended(node: RealNode, name: str) -> dict[str, Any] | None:
+    status = checkpoint_status(node, name)
+    return status if status.get("phase") in ("Ready", "Failed") else None
+
+
+def answer(ip: str) -> str:
+    with urllib.request.urlopen(f"http://{ip}:{PORT}/", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def test_capture_then_restore_through_the_installed_manifests(installed: RealNode) -> None:
+    node = installed
+    started = time.monotonic()
+    apply(node, checkpoint("llama"))
+    status = wait_for(lambda: ended(node, "llama"), "the Checkpoint to be Ready", timeout=300)
+    if status["phase"] != "Ready" and os.environ.get("E2E_HOLD"):
+        time.sleep(float(os.environ["E2E_HOLD"]))
+    assert status["phase"] == "Ready", status
+    captured = time.monotonic() - started
+    jobs = json.loads(node.kubectl("-n", TENANT, "get", "jobs", "-o", "json"))["items"]
+    [job_pod] = json.loads(
+        node.kubectl(
+            "-n", TENANT, "get", "pods", "-l", "warmstart.dev/checkpoint=llama", "-o", "json"
+        )
+    )["items"]
+    logs = node.kubectl("-n", TENANT, "logs", job_pod["metadata"]["name"])
+    token = logs.split("started ", 1)[1].split()[0]
+    assert jobs, "the capture ran as a Job"
+
+    started = time.monotonic()
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "llama-restored",
+            "namespace": TENANT,
+            "annotations": {"warmstart.dev/restore-from": "llama"},
+        },
+        "spec": workload_spec(),
+    }
+    apply(node, pod)
+
+    def serving() -> str | None:
+        got = json.loads(node.kubectl("-n", TENANT, "get", "pod", "llama-restored", "-o", "json"))
+        ip = got["status"].get("podIP")
+        ready = any(c.get("ready") for c in got["status"].get("containerStatuses") or [])
+        if not (ip and ready):
+            return None
+        with contextlib.suppress(OSError):
+            return answer(ip)
+        return None
+
+    served = wait_for(serving, "the restored pod to answer", timeout=180)
+    first_answer = time.monotonic() - started
+    assert served == token
+    shaped = json.loads(node.kubectl("-n", TENANT, "get", "pod", "llama-restored", "-o", "json"))
+    assert shaped["metadata"]["annotations"].get("warmstart.dev/restore-status") == "restored", (
+        shaped["metadata"]["annotations"]
+    )
+    log = node.kubectl("-n", TENANT, "logs", "llama-restored")
+    assert f"restored {token}" in log and f"served {token}" in log, log
+    print(f"\ncapture {captured:.1f} s; restore: pod created -> first answer {first_answer:.2f} s")
