@@ -157,15 +157,18 @@ def _import_image(base: Path, address: str, image: bytes | Path) -> None:
     _ctr(address, "images", "import", str(image))
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    """`condition()`'s first truthy value; fails after `timeout` seconds."""
+def wait_for(
+    condition: Callable[[], Any], what: str, timeout: float = 60, every: float = 0.2
+) -> Any:
+    """`condition()`'s first truthy value, asked every `every` seconds; fails after
+    `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.2)
+        time.sleep(every)
 
 
 def running_node() -> Iterator[RealNode]:

@@ -33,16 +33,22 @@ from workers.ports import free_port, port_open
 pytestmark = [needs_real_node, needs_image, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[1]
+RESTORE_STATUS = "warmstart.dev/restore-status"
+CAPTURED: dict[str, str] = {}  # what the first test captured, for the others
+FIGURES: dict[str, float] = {}
 WORKLOAD = "warmstart.test/server:1"
 TENANT = "inference"
 PORT = 8080
+# The workload's synthetic warm-up before it serves (what a cold start pays, a restore not).
+WARMUP_SECONDS = 5
 # The workload: a token chosen at start, served on the pod's address; ready for a snapshot
 # once serving; exits when the snapshot is complete (the capture Job completes), goes on
 # serving when restored. Its output is the container's log.
 SERVER = f"""\
 import http.server, os, secrets, sys, threading, time
-control = os.environ['SNAPSHOT_CONTROL_DIR']
+control = os.environ.get('SNAPSHOT_CONTROL_DIR', '')
 token = secrets.token_hex(8)
+time.sleep(float(os.environ.get('WARMUP', '0')))  # a model's load, compile, warm-up
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         print('served', token, flush=True)
@@ -51,6 +57,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 server = http.server.HTTPServer(('0.0.0.0', {PORT}), Handler)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 print('started', token, flush=True)
+while not control:  # a pod started cold by its owner: no snapshot protocol
+    time.sleep(1)
 open(control + '/ready-for-snapshot', 'w').close()
 while True:
     if os.path.exists(control + '/restore-complete'):
@@ -73,6 +81,7 @@ def workload_spec() -> dict[str, Any]:
                 "image": WORKLOAD,
                 "imagePullPolicy": "Never",
                 "command": ["python3", "-c", SERVER],
+                "env": [{"name": "WARMUP", "value": str(WARMUP_SECONDS)}],
                 "ports": [{"containerPort": PORT}],
                 "volumeMounts": [{"name": "usr", "mountPath": "/usr", "readOnly": True}],
             }
@@ -91,7 +100,9 @@ def temporal_on(address: str, base: Path) -> Iterator[str]:
     process = subprocess.Popen(
         # Every address: the dev server's own services reach each other on the loopback
         # whatever `--ip` says, so bound to `address` alone its frontend reaches none.
-        [*server.command(), "--ip", "0.0.0.0"], stdout=log, stderr=subprocess.STDOUT
+        [*server.command(), "--ip", "0.0.0.0"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for(lambda: port_open(port, host=address), "the Temporal dev server", timeout=60)
@@ -157,6 +168,13 @@ def overlay(node: RealNode, directory: Path, *, image: str, temporal: str) -> Pa
                             "volumeMounts": [
                                 {"name": "containerd", "mountPath": str(base / "state")},
                                 {"name": "kubelet", "mountPath": str(base / "kubelet")},
+                                # This machine's / is not a shared mount (a systemd node's
+                                # is): no propagation from it.
+                                {
+                                    "name": "host-root",
+                                    "mountPath": "/host",
+                                    "mountPropagation": "None",
+                                },
                                 {"name": "socket", "mountPath": node.containerd_address},
                             ],
                         }
@@ -350,21 +368,61 @@ def test_capture_then_restore_through_the_installed_manifests(installed: RealNod
     token = logs.split("started ", 1)[1].split()[0]
     assert jobs, "the capture ran as a Job"
 
-    started = time.monotonic()
+    served, first_answer = start_and_time(node, "llama-restored", restore_from="llama")
+    assert served == token
+    shaped = json.loads(node.kubectl("-n", TENANT, "get", "pod", "llama-restored", "-o", "json"))
+    assert shaped["metadata"]["annotations"].get(RESTORE_STATUS) == "restored", shaped["metadata"][
+        "annotations"
+    ]
+    log = node.kubectl("-n", TENANT, "logs", "llama-restored")
+    assert f"restored {token}" in log and f"served {token}" in log, log
+    FIGURES["restored"] = first_answer
+    CAPTURED["token"] = token
+    FIGURES["capture"] = captured
+    print(f"\ncapture {captured:.1f} s; restore: pod created -> first answer {first_answer:.2f} s")
+
+
+def test_a_cold_start_of_the_same_pod(installed: RealNode) -> None:
+    """The baseline: the same pod without `restore-from` (its warm-up paid)."""
+    served, first_answer = start_and_time(installed, "llama-cold", restore_from=None)
+    assert served and served != CAPTURED.get("token")
+    FIGURES["cold"] = first_answer
+    restored = FIGURES.get("restored")
+    ratio = f", {first_answer / restored:.1f}x the restore" if restored else ""
+    print(f"\ncold start: pod created -> first answer {first_answer:.2f} s{ratio}")
+
+
+def test_a_damaged_checkpoint_starts_the_pod_cold_saying_why(installed: RealNode) -> None:
+    """A byte of the version's CRIU images changed where it is stored: the node refuses it
+    before CRIU, the pod starts cold and its status says why."""
+    node = installed
+    assert CAPTURED.get("token"), "needs the capture of the first test"
+    [image] = sorted((node.base / "checkpoints").glob("*/*/criu/pages-*.img"))[:1]
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    image.write_bytes(bytes(data))
+    served, _ = start_and_time(node, "llama-damaged", restore_from="llama")
+    assert served != CAPTURED["token"]  # a cold start: a token of its own
+    got = json.loads(node.kubectl("-n", TENANT, "get", "pod", "llama-damaged", "-o", "json"))
+    status = got["metadata"]["annotations"].get(RESTORE_STATUS, "")
+    assert status.startswith("fell-back: DigestMismatch"), status
+
+
+def start_and_time(node: RealNode, name: str, *, restore_from: str | None) -> tuple[str, float]:
+    """Create pod `name` (restored from `restore_from`, or cold); what it first answers
+    from its pod IP once Ready, and the seconds from its creation until then."""
+    annotations = {"warmstart.dev/restore-from": restore_from} if restore_from else {}
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {
-            "name": "llama-restored",
-            "namespace": TENANT,
-            "annotations": {"warmstart.dev/restore-from": "llama"},
-        },
+        "metadata": {"name": name, "namespace": TENANT, "annotations": annotations},
         "spec": workload_spec(),
     }
+    started = time.monotonic()
     apply(node, pod)
 
     def serving() -> str | None:
-        got = json.loads(node.kubectl("-n", TENANT, "get", "pod", "llama-restored", "-o", "json"))
+        got = json.loads(node.kubectl("-n", TENANT, "get", "pod", name, "-o", "json"))
         ip = got["status"].get("podIP")
         ready = any(c.get("ready") for c in got["status"].get("containerStatuses") or [])
         if not (ip and ready):
@@ -373,13 +431,5 @@ def test_capture_then_restore_through_the_installed_manifests(installed: RealNod
             return answer(ip)
         return None
 
-    served = wait_for(serving, "the restored pod to answer", timeout=180)
-    first_answer = time.monotonic() - started
-    assert served == token
-    shaped = json.loads(node.kubectl("-n", TENANT, "get", "pod", "llama-restored", "-o", "json"))
-    assert shaped["metadata"]["annotations"].get("warmstart.dev/restore-status") == "restored", (
-        shaped["metadata"]["annotations"]
-    )
-    log = node.kubectl("-n", TENANT, "logs", "llama-restored")
-    assert f"restored {token}" in log and f"served {token}" in log, log
-    print(f"\ncapture {captured:.1f} s; restore: pod created -> first answer {first_answer:.2f} s")
+    served: str = wait_for(serving, f"pod {name} to answer", timeout=180, every=0.05)
+    return served, time.monotonic() - started

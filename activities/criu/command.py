@@ -67,6 +67,10 @@ CONTAINER_RESTORE_OPTIONS = (
     "--ext-unix-sk",
     "--enable-external-sharing",
     "--enable-external-masters",
+    # CRIU's first mount engine: the second (mount-v2) copies each external mount's sharing
+    # group from its source, which fails (EINVAL) when the node worker runs in a pod, whose
+    # copies of the node's mounts are slaves (decision 0033).
+    "--mntns-compat-mode",
 )
 _ERROR_LINE = re.compile(r"\b(Error|error|Fail|fail|Can't|can't|Unable|unable)\b")
 _HEARTBEAT_SECONDS = 1.0

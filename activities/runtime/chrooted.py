@@ -43,7 +43,27 @@ def apply_diff(root: str, deleted_fd: int) -> None:
         else:
             os.unlink(path)
     with tarfile.open(fileobj=sys.stdin.buffer, mode="r:") as tar:
-        tar.extractall("/", numeric_owner=True, filter="tar")
+        if hasattr(tarfile, "tar_filter"):
+            tar.extractall("/", numeric_owner=True, filter="tar")
+        else:
+            extract_checked(tar, "/")
+
+
+# The mode bits the `tar` filter clears: set-id, sticky, group and other write.
+_CLEARED = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWGRP | stat.S_IWOTH
+
+
+def extract_checked(tar: tarfile.TarFile, destination: str) -> None:
+    """Python before 3.11.4 (Debian 12 has 3.11.2) has no extraction filters: the `tar`
+    filter's rules here, and no device files or FIFOs. Members in the stream's order."""
+    for member in tar:
+        if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+            continue
+        member.name = member.name.lstrip("/")
+        if member.islnk():
+            member.linkname = member.linkname.lstrip("/")
+        member.mode &= ~_CLEARED
+        tar.extract(member, destination, numeric_owner=True)
 
 
 def create_mount_points(root: str, points: dict[str, bool]) -> None:

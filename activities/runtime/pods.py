@@ -103,14 +103,21 @@ class PodActivities(ContainerSteps):
         target = request.target
         located = await self._runtime.locate(target)
         netns = os.stat(f"/proc/{located.pid}/ns/net").st_ino
-        staging = self._store.fresh_staging(request.checkpoint_id, request.version)
-        images = staging / IMAGES_DIR
-        images.mkdir()
         where = (
             f"checkpoint {request.checkpoint_id}: criu dump of container {target.container} "
             f"of pod {target.namespace}/{target.pod_name} (pid {located.pid})"
         )
         activity.logger.info("%s", where)
+        if missing := rootfs.unreachable_mounts(located.pid):
+            listed = ", ".join(f"{point} (from {path})" for point, path in sorted(missing.items()))
+            raise DumpFailedError(
+                f"{where}: the container binds node files this node worker cannot reach: "
+                f"{listed}; mount the node's root into the node worker's pod (the "
+                "DaemonSet's volume host-root)"
+            )
+        staging = self._store.fresh_staging(request.checkpoint_id, request.version)
+        images = staging / IMAGES_DIR
+        images.mkdir()
         freezer = rootfs.freezer_cgroup(located.pid)
         binds = [point for point in rootfs.node_mounts(located.pid) if point != "/"]
         command = self._criu.container_dump_command(

@@ -92,19 +92,31 @@ def node_mounts(pid: int) -> dict[str, Path]:
     mounted) and bind mounts of node directories (volumes, the control directory) are;
     filesystems of its own (proc, sysfs, its /dev and /run tmpfs) are not."""
     here = _mount_table(Path("/proc/self/mountinfo").read_text())
-    runtime = _runtime_view(pid)
     found = {}
     for mount in _mount_table(Path(f"/proc/{pid}/mountinfo").read_text()):
         path = _reachable(mount, here)
-        if (path is None or not os.path.lexists(path)) and runtime is not None:
-            # Not mounted into this worker's container (a node worker in a pod sees the
-            # node directories it mounts, not the runtime's sandbox files a kubelet binds
-            # as /etc/resolv.conf): through the runtime's own view of the node.
-            on_node = _reachable(mount, runtime[1])
-            path = runtime[0] / on_node.relative_to("/") if on_node is not None else None
         if path is not None and os.path.lexists(path):
             found[mount.point] = path
     return found
+
+
+def unreachable_mounts(pid: int) -> dict[str, Path]:
+    """The container's bind mounts of node files this process cannot reach (a node worker
+    in a pod sees only the node directories its pod mounts): mount point → the node path
+    its runtime bound there. A dump of such a container could never be restored here (CRIU
+    binds each from a path of its own mount namespace)."""
+    view = _runtime_view(pid)
+    if view is None:
+        return {}
+    here = _mount_table(Path("/proc/self/mountinfo").read_text())
+    missing = {}
+    for mount in _mount_table(Path(f"/proc/{pid}/mountinfo").read_text()):
+        path = _reachable(mount, here)
+        if path is None or not os.path.lexists(path):
+            on_node = _reachable(mount, view[1])
+            if on_node is not None and os.path.lexists(view[0] / on_node.relative_to("/")):
+                missing[mount.point] = on_node
+    return missing
 
 
 def node_root(pid: int) -> Path:
