@@ -88,8 +88,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     is never mistaken for a full one."""
     from tests.apiserver import APISERVER_SKIP
     from tests.containers import CONTAINERD_SKIP
-    from tests.realnode import REALNODE_SKIP, START_TIMES
     from tests.images import BUILD_SKIPPED, IMAGE_SKIP
+    from tests.realnode import REALNODE_SKIP, START_TIMES
     from tests.tls import NGINX_SKIP
 
     skipped = terminalreporter.stats.get("skipped", [])

@@ -431,3 +431,90 @@ def start_and_time(node: RealNode, name: str, *, restore_from: str | None) -> tu
 
     served: str = wait_for(serving, f"pod {name} to answer", timeout=180, every=0.05)
     return served, time.monotonic() - started
+
+
+def test_a_checkpoint_deleted_mid_capture_ends_cleanly(installed: RealNode) -> None:
+    """Deleted while its capture waits for a workload that never gets ready: the capture
+    is cancelled, its Job deleted, and the finalizer lets the Checkpoint go."""
+    node = installed
+    body = checkpoint("stuck")
+    body["spec"]["job"]["podTemplateSpec"]["spec"]["containers"][0]["command"] = [
+        "python3",
+        "-c",
+        "import time; time.sleep(3600)",
+    ]
+    apply(node, body)
+
+    def capturing() -> bool:
+        jobs = json.loads(node.kubectl("-n", TENANT, "get", "jobs", "-o", "json"))["items"]
+        ours = [j for j in jobs if j["metadata"]["name"].startswith("stuck-")]
+        return bool(ours) and checkpoint_status(node, "stuck").get("phase") == "Capturing"
+
+    wait_for(capturing, "the capture of `stuck` to wait on its Job", timeout=120)
+    node.kubectl("-n", TENANT, "delete", "checkpoint", "stuck", "--wait=false")
+
+    def gone() -> bool:
+        names = node.kubectl("-n", TENANT, "get", "checkpoints,jobs", "-o", "name")
+        return "stuck" not in names
+
+    wait_for(gone, "the Checkpoint and its Job to be gone", timeout=180)
+
+
+def test_a_podsnapshot_of_a_running_deployment_pod_keeps_it_serving(installed: RealNode) -> None:
+    """A PodSnapshot of a Deployment's pod: Ready, and the pod serves on, the same process
+    (same token, no restart)."""
+    node = installed
+    labels = {"app": "server"}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "server", "namespace": TENANT},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": workload_spec()},
+        },
+    }
+    apply(node, deployment)
+
+    def serving_pod() -> tuple[dict[str, Any], str] | None:
+        pods = json.loads(
+            node.kubectl("-n", TENANT, "get", "pods", "-l", "app=server", "-o", "json")
+        )
+        for pod in pods["items"]:
+            ip = pod["status"].get("podIP")
+            with contextlib.suppress(OSError):
+                if ip:
+                    return pod, answer(ip)
+        return None
+
+    pod, token = wait_for(serving_pod, "the Deployment's pod to serve", timeout=180)
+    snapshot = {
+        "apiVersion": "warmstart.dev/v1alpha1",
+        "kind": "PodSnapshot",
+        "metadata": {"name": "server-snap", "namespace": TENANT},
+        "spec": {
+            "source": {
+                "podRef": {
+                    "name": pod["metadata"]["name"],
+                    "uid": pod["metadata"]["uid"],
+                    "containers": ["main"],
+                }
+            }
+        },
+    }
+    apply(node, snapshot)
+
+    def snapshot_ended() -> dict[str, Any] | None:
+        out = node.kubectl("-n", TENANT, "get", "podsnapshot", "server-snap", "-o", "json")
+        status: dict[str, Any] = json.loads(out).get("status") or {}
+        return status if status.get("phase") in ("Ready", "Failed") else None
+
+    status = wait_for(snapshot_ended, "the PodSnapshot to be Ready", timeout=300)
+    assert status["phase"] == "Ready", status
+    after = json.loads(
+        node.kubectl("-n", TENANT, "get", "pod", pod["metadata"]["name"], "-o", "json")
+    )
+    assert after["metadata"]["uid"] == pod["metadata"]["uid"]
+    assert after["status"]["containerStatuses"][0]["restartCount"] == 0
+    assert answer(after["status"]["podIP"]) == token
