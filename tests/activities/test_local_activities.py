@@ -333,16 +333,19 @@ async def test_a_retried_launch_adopts_its_workload_and_stops_one_left_by_anothe
 
 
 def same_command_elsewhere(pid: int) -> list[int]:
-    """Other namespace inits running the same command as `pid` (a second launch)."""
+    """Other namespace inits running the same command as `pid` (a second launch); not its
+    own children (the shell's fork for `sleep` has its command line until it execs)."""
     command = Path(f"/proc/{pid}/cmdline").read_bytes()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != pid:
             try:
-                if (entry / "cmdline").read_bytes() == command:
-                    found.append(int(entry.name))
-            except OSError:
+                same = (entry / "cmdline").read_bytes() == command
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
+            if same and parent != pid:
+                found.append(int(entry.name))
     return found
 
 
