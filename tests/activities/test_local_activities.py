@@ -333,20 +333,28 @@ async def test_a_retried_launch_adopts_its_workload_and_stops_one_left_by_anothe
 
 
 def same_command_elsewhere(pid: int) -> list[int]:
-    """Other namespace inits running the same command as `pid` (a second launch); not its
-    own children (the shell's fork for `sleep` has its command line until it execs)."""
+    """Other launches of this test's workload running beside `pid`: the same command line
+    and control directory (this test's own), not `pid`'s own children (the shell's fork
+    for `sleep` has its command line until it execs)."""
     command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    control = _control_entry(pid)
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != pid:
             try:
-                same = (entry / "cmdline").read_bytes() == command
+                if (entry / "cmdline").read_bytes() != command:
+                    continue
                 parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent != pid and _control_entry(int(entry.name)) == control:
+                    found.append(int(entry.name))
             except (OSError, IndexError, ValueError):
                 continue
-            if same and parent != pid:
-                found.append(int(entry.name))
     return found
+
+
+def _control_entry(pid: int) -> bytes:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next((v for v in environ if v.startswith(b"SNAPSHOT_CONTROL_DIR=")), b"")
 
 
 @needs_root
