@@ -11,34 +11,44 @@ startup probe and answers from its pod IP with the captured state."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
 
+from api.naming import restore_workflow_id
 from tests.containers import oci_archive
 from tests.images import built_tarball, needs_image
 from tests.realnode import RealNode, needs_real_node, running_node, wait_for
 from workers.devserver import DevServer
 from workers.ports import free_port, port_open
+from workflows.contracts import RestoreResult
 
 pytestmark = [needs_real_node, needs_image, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[1]
 RESTORE_STATUS = "warmstart.dev/restore-status"
 CAPTURED: dict[str, str] = {}  # what the first test captured, for the others
+TEMPORAL: dict[str, str] = {}  # the dev server's address, where the tests read histories
 FIGURES: dict[str, float] = {}
 WORKLOAD = "warmstart.test/server:1"
 TENANT = "inference"
 PORT = 8080
+NODE_WORKER = "app.kubernetes.io/component=node"
 # The workload's synthetic warm-up before it serves (what a cold start pays, a restore not).
 WARMUP_SECONDS = 5
 # The workload: a token chosen at start, served on the pod's address; ready for a snapshot
@@ -251,6 +261,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
         node.import_image(oci_archive(WORKLOAD))
         imported = time.monotonic() - started
         with temporal_on(node.node_ip, node.base) as temporal:
+            TEMPORAL["address"] = temporal
             directory = overlay(
                 node, tmp_path_factory.mktemp("overlay"), image=image, temporal=temporal
             )
@@ -378,6 +389,11 @@ def test_capture_then_restore_through_the_installed_manifests(installed: RealNod
     CAPTURED["token"] = token
     FIGURES["capture"] = captured
     print(f"\ncapture {captured:.1f} s; restore: pod created -> first answer {first_answer:.2f} s")
+    breakdown = asyncio.run(restore_breakdown(shaped))
+    assert 0 < breakdown["of it CRIU"] < breakdown["standby to restored"], breakdown
+    print(
+        "restore on the real node (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in breakdown.items())
+    )
 
 
 def test_a_cold_start_of_the_same_pod(installed: RealNode) -> None:
@@ -388,6 +404,121 @@ def test_a_cold_start_of_the_same_pod(installed: RealNode) -> None:
     restored = FIGURES.get("restored")
     ratio = f", {first_answer / restored:.1f}x the restore" if restored else ""
     print(f"\ncold start: pod created -> first answer {first_answer:.2f} s{ratio}")
+
+
+async def restore_breakdown(pod: dict[str, Any]) -> dict[str, float]:
+    """Where one restore's time went on the node (ms), from its workflow's history and the
+    standby's start (its process start time, 10 ms ticks): the kubelet's status write and
+    the node's watch until the workflow started, the workflow until CRIU's start and CRIU's
+    own time (the activity's stages), and what the cluster path added over raw CRIU from
+    the standby's start until `restore-complete` was written."""
+    client = await Client.connect(TEMPORAL["address"], data_converter=pydantic_data_converter)
+    meta = pod["metadata"]
+    workflow_id = restore_workflow_id(namespace=TENANT, name=meta["name"], key=meta["uid"])
+    handle = client.get_workflow_handle(workflow_id, result_type=RestoreResult)
+    result = await handle.result()
+    events = (await handle.fetch_history()).events
+    started = events[0].event_time.ToDatetime(tzinfo=UTC).timestamp()
+    [done] = [
+        e.event_time.ToDatetime(tzinfo=UTC).timestamp()
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
+    ][:1]
+    standby = process_start(parent_of(result.pid))
+    criu = result.stage_seconds["criu-restore"]
+    return {
+        "standby to workflow": (started - standby) * 1000,
+        "workflow to restored": (done - started) * 1000,
+        "of it CRIU": criu * 1000,
+        "standby to restored": (done - standby) * 1000,
+        "added over raw CRIU": (done - standby - criu) * 1000,
+    }
+
+
+def parent_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("PPid:", 1)[1].split()[0])
+
+
+def process_start(pid: int) -> float:
+    """When process `pid` started, wall-clock seconds (to its 10 ms tick)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[19])  # field 22, starttime, since boot
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_node_worker_pod_deleted_mid_restore_ends_cleanly(installed: RealNode) -> None:
+    """CRIU held (SIGSTOP) mid-restore, the node worker's pod deleted: the
+    DaemonSet's new pod runs, no CRIU of the old one is left, and the restore target ends
+    serving with its status saying how (restored or fallen back cold)."""
+    node = installed
+    assert CAPTURED.get("token"), "needs the capture of the first test"
+    [worker] = json.loads(
+        node.kubectl("-n", "warmstart-system", "get", "pods", "-l", NODE_WORKER, "-o", "json")
+    )["items"]
+    uid = worker["metadata"]["uid"]
+    created = node.kubectl(
+        "create",
+        "-o",
+        "json",
+        "-f",
+        "-",
+        input_text=json.dumps(restore_target("llama-orphaned", restore_from="llama")),
+    )
+    # CRIU runs in the standby's cgroups (it restores the tree there).
+    target = json.loads(created)["metadata"]["uid"]
+    held = wait_for(lambda: criu_of(target), "CRIU to restore", timeout=120, every=0.005)
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    node.kubectl(
+        "-n", "warmstart-system", "delete", "pod", worker["metadata"]["name"], "--wait=false"
+    )
+
+    def replaced() -> bool:
+        pods = json.loads(
+            node.kubectl("-n", "warmstart-system", "get", "pods", "-l", NODE_WORKER, "-o", "json")
+        )["items"]
+        return any(
+            p["metadata"]["uid"] != uid
+            and any(c.get("ready") for c in p["status"].get("containerStatuses") or [])
+            for p in pods
+        )
+
+    wait_for(replaced, "the DaemonSet's new node worker pod", timeout=180)
+    served = wait_for(lambda: serving(node, "llama-orphaned"), "the pod to answer", timeout=300)
+    got = json.loads(node.kubectl("-n", TENANT, "get", "pod", "llama-orphaned", "-o", "json"))
+    status = got["metadata"]["annotations"].get(RESTORE_STATUS, "")
+    print(f"\nnode worker deleted mid-restore: {status}")
+    if status == "restored":
+        assert served == CAPTURED["token"]
+    else:
+        assert status.startswith("fell-back: NodeLost: "), status
+        assert served != CAPTURED["token"]
+    assert not [pid for pid in held if alive(pid)], "CRIU of the deleted pod lives on"
+
+
+def criu_of(pod_uid: str) -> list[int]:
+    """The CRIU processes in the cgroups of pod `pod_uid` (by the kubelet's cgroup names)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if Path(entry.path, "comm").read_text().strip() != "criu":
+                continue
+            if f"pod{pod_uid}" in Path(entry.path, "cgroup").read_text():
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped, not gone nor a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def test_a_damaged_checkpoint_starts_the_pod_cold_saying_why(installed: RealNode) -> None:
@@ -406,30 +537,37 @@ def test_a_damaged_checkpoint_starts_the_pod_cold_saying_why(installed: RealNode
     assert status.startswith("fell-back: DigestMismatch"), status
 
 
-def start_and_time(node: RealNode, name: str, *, restore_from: str | None) -> tuple[str, float]:
-    """Create pod `name` (restored from `restore_from`, or cold); what it first answers
-    from its pod IP once Ready, and the seconds from its creation until then."""
+def restore_target(name: str, *, restore_from: str | None) -> dict[str, Any]:
+    """Pod `name` of the workload, restored from `restore_from` or (None) started cold."""
     annotations = {"warmstart.dev/restore-from": restore_from} if restore_from else {}
-    pod = {
+    return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "namespace": TENANT, "annotations": annotations},
         "spec": workload_spec(),
     }
-    started = time.monotonic()
-    apply(node, pod)
 
-    def serving() -> str | None:
-        got = json.loads(node.kubectl("-n", TENANT, "get", "pod", name, "-o", "json"))
-        ip = got["status"].get("podIP")
-        ready = any(c.get("ready") for c in got["status"].get("containerStatuses") or [])
-        if not (ip and ready):
-            return None
-        with contextlib.suppress(OSError):
-            return answer(ip)
+
+def serving(node: RealNode, name: str) -> str | None:
+    """What pod `name` answers from its pod IP once Ready; None until then."""
+    got = json.loads(node.kubectl("-n", TENANT, "get", "pod", name, "-o", "json"))
+    ip = got["status"].get("podIP")
+    ready = any(c.get("ready") for c in got["status"].get("containerStatuses") or [])
+    if not (ip and ready):
         return None
+    with contextlib.suppress(OSError):
+        return answer(ip)
+    return None
 
-    served: str = wait_for(serving, f"pod {name} to answer", timeout=180, every=0.05)
+
+def start_and_time(node: RealNode, name: str, *, restore_from: str | None) -> tuple[str, float]:
+    """Create pod `name` (restored from `restore_from`, or cold); what it first answers
+    from its pod IP once Ready, and the seconds from its creation until then."""
+    started = time.monotonic()
+    apply(node, restore_target(name, restore_from=restore_from))
+    served: str = wait_for(
+        lambda: serving(node, name), f"pod {name} to answer", timeout=180, every=0.05
+    )
     return served, time.monotonic() - started
 
 

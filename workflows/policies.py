@@ -87,6 +87,11 @@ def container_restore_options(deadline_seconds: float) -> StepOptions:
     )
 
 
+# The type the SDK gives an activity its worker cancelled on shutdown (pod deleted, node
+# drained): the node was lost for this step, nothing in the step itself failed.
+WORKER_SHUTDOWN = "WorkerShutdown"
+
+
 def step_failure(err: ActivityError, *, node: str) -> PipelineFailedError:
     """Why a step failed, as the reason and message of the status and the workflow failure."""
     cause = err.cause
@@ -96,6 +101,12 @@ def step_failure(err: ActivityError, *, node: str) -> PipelineFailedError:
         return PipelineFailedError(
             f"node {node}: its node worker did not pick up {err.activity_type} in time "
             "(node or worker gone)",
+            reason=Reason.NODE_LOST,
+        )
+    if isinstance(cause, ApplicationError) and cause.type == WORKER_SHUTDOWN:
+        return PipelineFailedError(
+            f"node {node}: its node worker stopped while {err.activity_type} ran "
+            "(its pod deleted or restarted); the step was not finished",
             reason=Reason.NODE_LOST,
         )
     reason = as_reason(cause.type) if isinstance(cause, ApplicationError) else None

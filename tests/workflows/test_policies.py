@@ -44,6 +44,13 @@ def test_application_error_type_is_the_reason() -> None:
     assert (failure.reason, failure.message) == (Reason.DUMP_FAILED, "dump.log: Error")
 
 
+def test_a_worker_shut_down_mid_step_means_node_lost() -> None:
+    cause = ApplicationError("Worker is shutting down", type="WorkerShutdown")
+    failure = step_failure(_activity_error(cause), node="gpu-1")
+    assert failure.reason == Reason.NODE_LOST
+    assert "node gpu-1: its node worker stopped while dump_checkpoint ran" in failure.message
+
+
 def test_unknown_types_timeouts_and_cancel_map_to_reasons() -> None:
     beat = TimeoutError("", type=TimeoutType.HEARTBEAT, last_heartbeat_details=[])
     assert _reason(beat) == Reason.STEP_TIMED_OUT
