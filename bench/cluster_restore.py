@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -35,7 +36,7 @@ from activities.runtime.containerd import Containerd
 from activities.runtime.restore import run_restore
 from activities.storage.store import CheckpointStore
 from api.restore_pods import STANDBY_NAME, STANDBY_SCRIPT
-from tests.cluster_stack import PORT, SERVING, Stack, Target, captured, running_stack
+from tests.cluster_stack import PORT, Stack, Target, captured, running_stack, serving
 from tests.containers import Kubelet, running_containerd
 from tests.kube import start_cluster
 from workers.client import connect
@@ -83,10 +84,16 @@ async def cluster_run(stack: Stack, resource: dict[str, Any], image: str, log: P
 
 
 async def raw_run(
-    stack: Stack, criu: Criu, version_dir: Path, manifest: Any, image: str, log: Path
+    stack: Stack,
+    criu: Criu,
+    version_dir: Path,
+    manifest: Any,
+    image: str,
+    log: Path,
+    program: str,
 ) -> float:
     uid = str(uuid.uuid4())  # a standby container of no pod: no node worker looks at it
-    command = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, "python3", "-c", SERVING]
+    command = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, "python3", "-c", program]
     stack.kubelet.run(uid, "main", command, image=image, log=log)
     pod = ContainerTarget(namespace="inference", pod_name="raw", pod_uid=uid, container="main")
     standby = await Containerd(address=stack.kubelet.address).locate(pod)
@@ -119,7 +126,14 @@ def table(rows: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-async def main(runs: int) -> None:
+async def main(runs: int, state_mib: int = 0) -> None:
+    rows = await cluster_rows(runs, state_mib)
+    print(table(rows))
+
+
+async def cluster_rows(runs: int, state_mib: int = 0) -> dict[str, list[float]]:
+    """Seconds to the first answer of each run, raw and through the cluster path, of a
+    workload holding `state_mib` MiB."""
     with tempfile.TemporaryDirectory(prefix="ws-bench-") as tmp:
         port = free_port()
         settings = Settings(home=Path(tmp), temporal=TemporalSettings(address=f"127.0.0.1:{port}"))
@@ -132,29 +146,32 @@ async def main(runs: int) -> None:
             kubelets = running_containerd()
             kubelet: Kubelet = next(kubelets)
             try:
-                async for cluster in start_cluster():
-                    rows = await _rounds(client, cluster, kubelet, Path(tmp), runs)
-                    print(table(rows))
+                async with contextlib.aclosing(start_cluster()) as clusters:
+                    async for cluster in clusters:
+                        return await _rounds(client, cluster, kubelet, Path(tmp), runs, state_mib)
             finally:
                 kubelets.close()
         finally:
             await server.stop()
+    raise RuntimeError("no API server started")
 
 
 async def _rounds(
-    client: Client, cluster: Any, kubelet: Kubelet, tmp: Path, runs: int
+    client: Client, cluster: Any, kubelet: Kubelet, tmp: Path, runs: int, state_mib: int
 ) -> dict[str, list[float]]:
     image = kubelet.import_image("local/workload:1")
     rows: dict[str, list[float]] = {"raw": [], "cluster": []}
+    program = serving(state_mib)
     async with running_stack(client, cluster, kubelet, tmp) as stack:
-        resource, _token = await captured(stack, image)
+        resource, _token = await captured(stack, image, program=program)
         store = CheckpointStore(stack.store.root)
         version_dir = store.find(resource["status"]["checkpointID"])
         manifest = store.verify(version_dir, checkpoint_id=resource["status"]["checkpointID"])
         criu = Criu(Settings().criu.resolve() or "criu")
         for i in range(runs):
             log = tmp / f"run-{i}.log"
-            rows["raw"].append(await raw_run(stack, criu, version_dir, manifest, image, log))
+            raw = await raw_run(stack, criu, version_dir, manifest, image, log, program)
+            rows["raw"].append(raw)
             rows["cluster"].append(await cluster_run(stack, resource, image, log))
             print(f"run {i + 1}: raw {rows['raw'][-1]:.3f} s, cluster {rows['cluster'][-1]:.3f} s")
             kubelet.remove_all()
@@ -165,4 +182,6 @@ async def _rounds(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10)
-    asyncio.run(main(parser.parse_args().runs))
+    parser.add_argument("--state-mib", type=int, default=0, help="memory the workload holds")
+    args = parser.parse_args()
+    asyncio.run(main(args.runs, args.state_mib))

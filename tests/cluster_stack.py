@@ -289,10 +289,11 @@ async def running_stack(
 PORT = 8000
 # Serves a token chosen at start; captured once warm; after `snapshot-complete` the capture
 # pod's process exits, after `restore-complete` the restored one goes on serving.
-SERVING = f"""\
+_SERVES = f"""\
 import http.server, os, secrets, sys, threading, time
 control = os.environ['SNAPSHOT_CONTROL_DIR']
 token = secrets.token_hex(8)
+state = bytearray(os.urandom(1 << 20)) * STATE_MIB  # memory it holds (benchmarks)
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200); self.end_headers(); self.wfile.write(token.encode())
@@ -314,6 +315,15 @@ while True:
 """
 
 
+def serving(state_mib: int = 0) -> str:
+    """The serving program holding `state_mib` MiB of random-looking memory besides its
+    token (benchmarks at size)."""
+    return f"STATE_MIB = {state_mib}\n{_SERVES}"
+
+
+SERVING = serving()
+
+
 def answer_in(pid: int) -> str:
     """GET / from inside the network namespace of process `pid` (a pod's own network)."""
     url = f"http://127.0.0.1:{PORT}/"
@@ -327,9 +337,12 @@ def answer_in(pid: int) -> str:
     return done.stdout.strip() if done.returncode == 0 else f"error: {done.stderr.strip()[-300:]}"
 
 
-async def captured(stack: Stack, image: str, **spec: Any) -> tuple[dict[str, Any], str]:
-    """A Ready Checkpoint `llama` of SERVING (with `spec`), and the token its process served."""
-    await stack.checkpoint("llama", ["python3", "-c", SERVING], **spec)
+async def captured(
+    stack: Stack, image: str, *, program: str | None = None, **spec: Any
+) -> tuple[dict[str, Any], str]:
+    """A Ready Checkpoint `llama` of `program` (default: SERVING holding nothing), with
+    `spec`, and the token its process served."""
+    await stack.checkpoint("llama", ["python3", "-c", program or SERVING], **spec)
     _job, pod, _cid, control = await stack.run_job_pod("llama", image=image)
     await eventually(
         lambda: asyncio.sleep(0, (control / "ready-for-snapshot").exists()), "ready-for-snapshot"
