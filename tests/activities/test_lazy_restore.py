@@ -182,3 +182,48 @@ def _lazy_daemons() -> list[int]:
             if b"lazy-pages" in argv[1:3] and is_alive(child):
                 found.append(child)
     return found
+
+
+async def test_a_lazy_restore_that_fails_stops_its_daemon_and_restores_eagerly(
+    client: Client, workers: Settings, tmp_path: Path
+) -> None:
+    ckpt, port = await _captured(client, workers, "refused")
+    # The real criu, except that `criu restore --lazy-pages` fails as CRIU fails: exit 1,
+    # its error in restore.log; the lazy-pages daemon and the eager restore are CRIU's own.
+    refusing = tmp_path / "criu-refusing-lazy"
+    refusing.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = restore ]; then for arg; do [ "$arg" = --lazy-pages ] || continue\n'
+        '  echo "(00.010) Error (criu/uffd.c:283): uffd: Can\'t connect" >&2; exit 1; done; fi\n'
+        f'exec {_criu().path} "$@"\n'
+    )
+    refusing.chmod(0o755)
+    lazy = LazyPages(criu=Criu(str(refusing)), enabled=True)
+    layout = NodeLayout(workers.home)
+    acts = RestoreActivities(
+        criu=Criu(str(refusing)),
+        store=CheckpointStore(layout.checkpoints),
+        layout=layout,
+        lazy_pages=lazy,
+    )
+    restored = await _restore(acts, "refused", ckpt)
+    try:
+        # `criu-restore` holds both CRIU runs, the lazy one and the eager one after it.
+        assert list(restored.stage_seconds) == [
+            "verify",
+            "prepare",
+            "lazy-pages",
+            "criu-restore",
+            "lazy-unavailable",
+            "await-answer",
+        ]
+        assert "lazy restore failed" in restored.lazy_unavailable
+        assert "Can't connect" in restored.lazy_unavailable
+        assert restored.lazy_pages_pid == 0
+        # The daemon it had started is gone, reaped: killed, not left serving nothing.
+        assert lazy.running == {}
+        [(daemon, outcome)] = lazy.outcomes.items()
+        assert not is_alive(daemon) and outcome.returncode != 0
+        assert await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/digest") == DIGEST
+    finally:
+        assert await terminate(restored.pid, grace_seconds=5)
