@@ -192,6 +192,10 @@ class RestoredWorkload(Contract):
     pid: int
     version: str
     stage_seconds: dict[str, float]
+    # A lazy restore (decision 0034): the lazy-pages daemon still serving its memory, and
+    # why this node restored eagerly although it asks for lazy restores ("" when it did not).
+    lazy_pages_pid: int = 0
+    lazy_unavailable: str = ""
 
 
 class Heartbeat(Contract):

@@ -17,6 +17,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.criu.command import DUMP_OPTIONS, Criu
+from activities.criu.lazy import LazyPages
 from activities.errors import ErrorMapping
 from activities.gpu.nvml import NodeGpus
 from activities.host.layout import NodeLayout
@@ -191,6 +192,7 @@ def node_worker(
         gpus=gpus,
         source=source,
         quarantine=quarantine(settings, store.root, cluster=False),
+        lazy_pages=LazyPages(criu=criu, enabled=settings.criu.lazy_pages),
     )
     sentinels = SentinelActivities(layout=layout)
     if settings.node.cluster:

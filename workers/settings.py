@@ -101,6 +101,10 @@ class NodeSettings:
 @dataclass(frozen=True)
 class CriuSettings:
     path: str | None = None
+    # Local restores resume the process before its memory is back: CRIU's lazy-pages daemon
+    # serves pages on fault and in the background (decision 0034). Where this kernel or CRIU
+    # cannot (`criu check --feature uffd-noncoop`), restores run eagerly and say so.
+    lazy_pages: bool = False
 
     def resolve(self) -> str | None:
         """The configured binary, else the first `criu` on PATH (with /usr/local/sbin)."""

@@ -28,6 +28,7 @@ from api.errors import DumpFailedError, RestoreFailedError
 
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
+LAZY_PAGES_LOG = "lazy-pages.log"
 IMAGES_DIR = "criu"
 # A dumped pid-namespace init keeps its tree's PIDs; the session is inside the tree.
 DUMP_OPTIONS = ("-v4",)
@@ -55,6 +56,10 @@ exec cp -- "$WARMSTART_OUTPUT" "$WARMSTART_OUTPUT_COPY"
 """
 # Default verbosity: -v4 logging costs tens of milliseconds on the latency-bound restore path.
 RESTORE_OPTIONS = ("--restore-detached",)
+# The lazy-pages daemon logs at debug level: each page fault it serves (`#PF at`) and the
+# count it transferred, a line per chunk (about 1500 lines for 256 MiB), off the path that
+# answers (the restored process already runs).
+LAZY_PAGES_OPTIONS = ("-v4",)
 # Into a standby container: cgroups are the standby's (CRIU runs in them), TCP
 # connections are closed (the pod's address differs), every bind mount is mapped explicitly
 # (no `--ext-mount-map auto`: a dump's autodetected mount names the source pod's directory,
@@ -245,20 +250,39 @@ class Criu:
             *script,
         ]
 
-    def restore_command(self, *, images_dir: Path, work_dir: Path, pidfile: Path) -> list[str]:
+    def restore_command(
+        self, *, images_dir: Path, work_dir: Path, pidfile: Path, lazy: bool = False
+    ) -> list[str]:
+        """`lazy`: memory is left to the lazy-pages daemon listening in `work_dir`
+        (`lazy_pages_command`), which serves it on fault and in the background."""
         dirs = ["--images-dir", str(images_dir), "--work-dir", str(work_dir)]
         outputs = ["--log-file", RESTORE_LOG, "--pidfile", str(pidfile)]
-        return [self.path, "restore", *dirs, *outputs, *RESTORE_OPTIONS]
+        extra = ["--lazy-pages"] if lazy else []
+        return [self.path, "restore", *dirs, *outputs, *RESTORE_OPTIONS, *extra]
+
+    def lazy_pages_command(self, *, images_dir: Path, work_dir: Path, status_fd: int) -> list[str]:
+        """The lazy-pages daemon of one restore: it listens in `work_dir` (where `criu restore
+        --lazy-pages` looks for it), writes a byte to `status_fd` once it does, reads the
+        pages from `images_dir` and exits once every page is delivered."""
+        dirs = ["--images-dir", str(images_dir), "--work-dir", str(work_dir)]
+        outputs = ["--log-file", LAZY_PAGES_LOG, "--status-fd", str(status_fd)]
+        return [self.path, "lazy-pages", *dirs, *outputs, *LAZY_PAGES_OPTIONS]
+
+    def check_command(self, feature: str) -> list[str]:
+        return [self.path, "check", "--feature", feature]
 
     def version(self) -> str:
         """Asked once per binary: every activity class of a node records or compares it."""
         return _version(self.path)
 
-    async def restore(self, *, images_dir: Path, work_dir: Path) -> int:
-        """Restore detached; return the PID of the restored tree's root."""
+    async def restore(self, *, images_dir: Path, work_dir: Path, lazy: bool = False) -> int:
+        """Restore detached; return the PID of the restored tree's root. `lazy`: with the
+        lazy-pages daemon already listening in `work_dir` (`activities.criu.lazy`)."""
         work_dir.mkdir(parents=True, exist_ok=True)
         pidfile = work_dir / "restored.pid"
-        cmd = self.restore_command(images_dir=images_dir, work_dir=work_dir, pidfile=pidfile)
+        cmd = self.restore_command(
+            images_dir=images_dir, work_dir=work_dir, pidfile=pidfile, lazy=lazy
+        )
         proc = await spawn(cmd)
         _, stderr = await proc.communicate()
         if proc.returncode != 0:

@@ -12,14 +12,16 @@ import asyncio
 import contextlib
 import fcntl
 import shutil
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from temporalio import activity
 
 from activities.contracts import RestoredWorkload, RestoreInput
 from activities.criu.command import IMAGES_DIR, Criu
+from activities.criu.lazy import LazyOutcome, LazyPages, LazyPagesDaemon
 from activities.gpu.nvml import NodeGpus, local_target
 from activities.host.files import write_atomically
 from activities.host.layout import NodeLayout, WorkloadPaths
@@ -41,6 +43,7 @@ from activities.storage.store import WORKLOAD_LOG, CheckpointStore, host_info
 from api.contract import Contract
 from api.errors import (
     AlreadyRunningError,
+    RestoreFailedError,
     WarmstartError,
 )
 from api.manifest import HostInfo, Manifest
@@ -58,9 +61,12 @@ class RestoreActivities(RestoreSteps):
         gpus: NodeGpus | None = None,
         source: CheckpointSource | None = None,
         quarantine: Quarantine | None = None,
+        lazy_pages: LazyPages | None = None,
     ) -> None:
-        """`quarantine`: the store's (default: its root's, with the default policy)."""
+        """`quarantine`: the store's (default: its root's, with the default policy).
+        `lazy_pages`: whether restores serve memory lazily (default: they do not)."""
         self._criu = criu
+        self.lazy_pages = lazy_pages or LazyPages(criu=criu, enabled=False)
         self._store = store
         self._source = source or CheckpointSource(store=store)
         self._layout = layout
@@ -82,6 +88,7 @@ class RestoreActivities(RestoreSteps):
         # before that (missing or damaged checkpoint) this node's own layout says.
         control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
         version, pid, cls, claimed_version, namespace = request.version, 0, None, "", ""
+        run: _CriuRun | None = None
         held = AsyncExitStack()
         clear_sentinels(control_dir, RESTORE_SENTINELS)  # this restore's outcome only
         try:
@@ -105,17 +112,21 @@ class RestoreActivities(RestoreSteps):
             )
             control_dir = Path(manifest.source.control_dir)
             write_restore_context(control_dir, request.env)
-            stages.start("criu-restore")
-            work_dir = self._layout.restore_work_dir(request.name)
-            pid = await self._criu.restore(images_dir=version_dir / IMAGES_DIR, work_dir=work_dir)
+            run = await self._criu_restore(request.name, version_dir / IMAGES_DIR, stages)
+            pid = run.pid
             write_sentinel_file(control_dir, Sentinel.RESTORE_COMPLETE)
             stages.start("await-answer")
             url = manifest.source.health_url or manifest.source.readiness.http_url
             await await_answer(pid, url, timeout=request.answer_timeout_seconds)
             stages.finish()
-            shutil.rmtree(work_dir, ignore_errors=True)  # kept only when it failed: its log
+            if run.daemon is None:
+                shutil.rmtree(run.work_dir, ignore_errors=True)  # kept only when it failed
+            else:  # the version stays in use until every page is delivered
+                done = _release(held.pop_all(), run.work_dir)
+                self.lazy_pages.hand_over(run.daemon, restored_pid=pid, done=done)
         except WarmstartError as err:
             await _undo(pid, control_dir, failure_note(err))
+            await self._stop_lazy(run)
             if cls is not None:  # evidence against the version on this node class
                 self._gate.remember(
                     request.checkpoint_id, claimed_version, cls, err, namespace=namespace
@@ -125,20 +136,90 @@ class RestoreActivities(RestoreSteps):
             raise type(err)(f"{where} failed: {err}", reason=err.reason) from err
         except BaseException as err:
             await _undo(pid, control_dir, failure_note(err))
+            await self._stop_lazy(run)
             raise
         finally:
-            await held.aclose()  # the cache may evict the version again
+            await held.aclose()  # the cache may evict the version again (unless handed over)
         record = Instance(pid=pid, start_ticks=start_ticks(pid))
         paths = self._layout.workload(request.name, request.checkpoint_id)
         write_atomically(paths.restored_record, record.model_dump_json().encode(), durable=False)
         activity.logger.info("restored %s as pid %d: %s", request.name, pid, stages.seconds)
-        return RestoredWorkload(pid=pid, version=manifest.version, stage_seconds=stages.seconds)
+        return RestoredWorkload(
+            pid=pid,
+            version=manifest.version,
+            stage_seconds=stages.seconds,
+            lazy_pages_pid=run.daemon.pid if run.daemon is not None else 0,
+            lazy_unavailable=run.lazy_unavailable,
+        )
+
+    async def _criu_restore(self, name: str, images_dir: Path, stages: Stages) -> _CriuRun:
+        """CRIU restores `images_dir`: lazily where this node asks for it and can (stages
+        `lazy-pages`, then `criu-restore`), else eagerly (`criu-restore`). A lazy restore
+        that cannot start or fails is said (stage `lazy-unavailable`, a log line, the
+        result's `lazy_unavailable`) and done eagerly instead, from a fresh work directory."""
+        why = ""
+        if self.lazy_pages.enabled:
+            stages.start("lazy-pages")
+            work_dir = self._layout.restore_work_dir(name)
+            why = await asyncio.to_thread(self.lazy_pages.unavailable)
+            daemon: LazyPagesDaemon | None = None
+            try:
+                if not why:
+                    daemon = await self.lazy_pages.start(images_dir=images_dir, work_dir=work_dir)
+                    stages.start("criu-restore")
+                    pid = await self._criu.restore(
+                        images_dir=images_dir, work_dir=work_dir, lazy=True
+                    )
+                    return _CriuRun(pid=pid, work_dir=work_dir, daemon=daemon)
+            except RestoreFailedError as err:  # CRIU killed what it had restored
+                why = f"lazy restore failed: {err}"
+                if daemon is not None:
+                    await self.lazy_pages.stop(daemon)
+            except BaseException:
+                if daemon is not None:
+                    await self.lazy_pages.stop(daemon)
+                raise
+            stages.start("lazy-unavailable")
+            activity.logger.warning("restoring %s eagerly: %s", name, why)
+            shutil.rmtree(work_dir, ignore_errors=True)
+        stages.start("criu-restore")
+        work_dir = self._layout.restore_work_dir(name)
+        pid = await self._criu.restore(images_dir=images_dir, work_dir=work_dir)
+        return _CriuRun(pid=pid, work_dir=work_dir, lazy_unavailable=why[-2000:])
+
+    async def _stop_lazy(self, run: _CriuRun | None) -> None:
+        """After the restored process was stopped: its daemon, if any, with it."""
+        if run is not None and run.daemon is not None:
+            await self.lazy_pages.stop(run.daemon)
 
     def _target(self, manifest: Manifest) -> HostInfo:
         """This node as the restored process will see it: the checkpoint's own GPUs when
         they are all here, else as many of the node's."""
         source = tuple(gpu.uuid for gpu in manifest.host.gpus)
         return host_info(local_target(source, self._gpus.facts()))
+
+
+@dataclass(frozen=True)
+class _CriuRun:
+    """What CRIU restored: the tree's root, its work directory (CRIU's log), the lazy-pages
+    daemon serving its memory (None: eager), and why a lazy restore asked for was not."""
+
+    pid: int
+    work_dir: Path
+    daemon: LazyPagesDaemon | None = None
+    lazy_unavailable: str = ""
+
+
+def _release(held: AsyncExitStack, work_dir: Path) -> Callable[[LazyOutcome], Awaitable[None]]:
+    """Once a lazy restore's daemon has ended: the version may be evicted again, and the work
+    directory goes (kept when not every page was delivered: its logs say why)."""
+
+    async def done(outcome: LazyOutcome) -> None:
+        await held.aclose()
+        if outcome.complete:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+    return done
 
 
 class Instance(Contract):

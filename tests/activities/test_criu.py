@@ -66,3 +66,18 @@ def test_a_helper_failing_otherwise_is_not_explained(tmp_path: Path) -> None:
     log.write_text("Error (criu/util.c:657): exited, status=1\n")
     explain_log(log)
     assert log.read_text() == "Error (criu/util.c:657): exited, status=1\n"
+
+
+def test_a_lazy_restore_leaves_memory_to_the_daemon_listening_in_its_work_dir() -> None:
+    criu = Criu("criu")
+    eager = criu.restore_command(images_dir=Path("/c"), work_dir=Path("/w"), pidfile=Path("/p"))
+    lazy = criu.restore_command(
+        images_dir=Path("/c"), work_dir=Path("/w"), pidfile=Path("/p"), lazy=True
+    )
+    assert "--lazy-pages" not in eager
+    assert lazy == [*eager, "--lazy-pages"]
+    daemon = criu.lazy_pages_command(images_dir=Path("/c"), work_dir=Path("/w"), status_fd=7)
+    assert daemon[:2] == ["criu", "lazy-pages"]
+    assert daemon[daemon.index("--work-dir") + 1] == "/w"  # where restore finds its socket
+    assert daemon[daemon.index("--images-dir") + 1] == "/c"
+    assert daemon[daemon.index("--status-fd") + 1] == "7"

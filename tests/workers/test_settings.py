@@ -17,6 +17,7 @@ def test_nested_variables_are_typed() -> None:
             "WARMSTART_TEMPORAL__IDENTITY": "",
             "WARMSTART_NODE__NAME": "gpu-7",
             "WARMSTART_TELEMETRY__EXPORTER": "otlp",
+            "WARMSTART_CRIU__LAZY_PAGES": "true",
             "HOME": "/root",
         }
     )
@@ -26,11 +27,13 @@ def test_nested_variables_are_typed() -> None:
     assert settings.temporal.identity is None
     assert settings.node.name == "gpu-7" and settings.node.max_concurrent_activities == 16
     assert settings.telemetry.exporter == "otlp"
+    assert settings.criu.lazy_pages is True
 
 
 def test_defaults_without_variables() -> None:
     settings = Settings.from_env({})
     assert settings.temporal == TemporalSettings()
+    assert settings.criu.lazy_pages is False  # eager restores unless a node asks
     assert settings.home.name == "warmstart"
     assert (settings.storage.cache_max_bytes, settings.storage.cache_max_share) == (None, 0.5)
     policy = settings.quarantine.policy(cluster=True)
@@ -48,6 +51,10 @@ def test_defaults_without_variables() -> None:
             "WARMSTART_TEMPORAL__UI_PORT='80x': expected an integer",
         ),
         ({"WARMSTART_TELEMETRY__EXPORTER": "jaeger"}, "expected one of off, console, otlp"),
+        (
+            {"WARMSTART_CRIU__LAZY_PAGES": "yes"},
+            "WARMSTART_CRIU__LAZY_PAGES='yes': expected true or false",
+        ),
         ({"WARMSTART_TEMPORAL__ADRESS": "x:1"}, "WARMSTART_TEMPORAL__ADRESS: unknown setting"),
         # The kubelet's service link for the Service warmstart-webhook: refused, saying why.
         (
