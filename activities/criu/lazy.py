@@ -4,8 +4,9 @@ daemon serves each page on fault (userfaultfd) and the rest in the background, t
 `LazyPages` is a node's side of it (decision 0034): whether restores ask for it, the probe
 of whether this kernel and CRIU can (`criu check --feature uffd-noncoop`, asked once), and
 every daemon it started, tracked by PID until it exits: by itself once every page is
-delivered, killed when its restore fails or its restored process is gone. Each daemon dies
-with the node worker (`dies_with_worker`).
+delivered, killed when its restore fails or its restored process is gone. A daemon does not
+die with the node worker: a process whose page server died would read the pages not yet
+delivered as zeros, so a daemon serving a restored process finishes on its own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from activities.criu.command import LAZY_PAGES_LOG, Criu, dies_with_worker, log_errors
+from activities.criu.command import LAZY_PAGES_LOG, Criu, log_errors
 from activities.host.files import tail
 from activities.host.processes import is_alive, start_ticks
 from api.errors import RestoreFailedError
@@ -150,7 +151,7 @@ class LazyPages:
                 images_dir=images_dir, work_dir=work_dir, status_fd=write_end
             )
             proc = await asyncio.create_subprocess_exec(
-                *dies_with_worker(command),
+                *command,  # not `dies_with_worker`: see the module's docstring
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
@@ -242,22 +243,39 @@ class LazyPages:
                     )
                     await daemon.kill()
         except BaseException:
-            await daemon.kill()  # the worker stops: the daemon would die with it anyway
+            # The worker stops: the daemon goes on serving its process and exits on its own
+            # (killing it would leave the pages not yet delivered reading as zeros).
+            logger.warning(
+                "node worker stopping: lazy-pages daemon %d of restored pid %d left serving",
+                daemon.pid,
+                restored_pid,
+            )
             raise
         finally:
-            outcome = self._ended(daemon)
-            logger.info(
-                "lazy-pages daemon %d of restored pid %d ended with %d after %.3f s: "
-                "%d page faults served, %d of %d pages transferred",
-                outcome.pid,
-                restored_pid,
-                outcome.returncode,
-                outcome.seconds,
-                outcome.faults,
-                outcome.transferred,
-                outcome.total,
-            )
-            await done(outcome)
+            if daemon.proc.returncode is None:  # left serving (above): nothing to report
+                self.running.pop(daemon.pid, None)
+            else:
+                await self._report(daemon, restored_pid, done)
+
+    async def _report(
+        self,
+        daemon: LazyPagesDaemon,
+        restored_pid: int,
+        done: Callable[[LazyOutcome], Awaitable[None]],
+    ) -> None:
+        outcome = self._ended(daemon)
+        logger.info(
+            "lazy-pages daemon %d of restored pid %d ended with %d after %.3f s: "
+            "%d page faults served, %d of %d pages transferred",
+            outcome.pid,
+            restored_pid,
+            outcome.returncode,
+            outcome.seconds,
+            outcome.faults,
+            outcome.transferred,
+            outcome.total,
+        )
+        await done(outcome)
 
     def _ended(self, daemon: LazyPagesDaemon) -> LazyOutcome:
         self.running.pop(daemon.pid, None)

@@ -227,3 +227,24 @@ async def test_a_lazy_restore_that_fails_stops_its_daemon_and_restores_eagerly(
         assert await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/digest") == DIGEST
     finally:
         assert await terminate(restored.pid, grace_seconds=5)
+
+
+async def test_a_stopping_worker_leaves_its_daemon_serving_the_restored_process(
+    client: Client, workers: Settings
+) -> None:
+    """The node worker stops (its watch of the daemon cancelled) right after a lazy
+    restore: the daemon is not killed, every page still arrives, and it exits on its own."""
+    ckpt, port = await _captured(client, workers, "lazy-left")
+    lazy = LazyPages(criu=_criu(), enabled=True)
+    restored = await _restore(_activities(workers, lazy), "lazy-left", ckpt)
+    try:
+        for watcher in list(lazy._watchers):
+            watcher.cancel()
+        await asyncio.gather(*lazy._watchers, return_exceptions=True)
+        assert restored.lazy_pages_pid not in lazy.outcomes  # not killed, nothing reported
+        assert await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/digest") == DIGEST
+        await wait_until(
+            lambda: not is_alive(restored.lazy_pages_pid), "the daemon to exit on its own"
+        )
+    finally:
+        assert await terminate(restored.pid, grace_seconds=5)
