@@ -55,6 +55,9 @@ class ContainerTarget(Contract):
     # A restore target's standby: warmstart's script ("warmstart"), or the image's own
     # Dynamo standby ("image"), which a failed restore turns off and restarts cold.
     standby: Literal["warmstart", "image"] = "warmstart"
+    # Whether the standby writes `standby-waiting` as it starts waiting: then the restore may
+    # start before it runs (the node prepares, then restores once the file is written).
+    announces: bool = False
 
 
 class StatusInput(Contract):

@@ -62,3 +62,6 @@ class Sentinel(StrEnum):
     SNAPSHOT_COMPLETE = "snapshot-complete"
     RESTORE_COMPLETE = "restore-complete"
     RESTORE_FAILED = "restore-failed"
+    # Written by warmstart's standby as it starts waiting for its restore (the node may
+    # restore into it from then on, without waiting for the kubelet to report it running).
+    STANDBY_WAITING = "standby-waiting"

@@ -80,6 +80,10 @@ PODINFO_VOLUME, PODINFO_DIR = "podinfo", "/etc/podinfo"
 # `image` its image's entrypoint is Dynamo's restore standby (IMAGE_STANDBY).
 STANDBY_ENV = "WARMSTART_RESTORE_STANDBY"
 OUR_STANDBY, IMAGE_STANDBY = "1", "image"
+# Set on standbys whose script writes `standby-waiting` as it starts waiting (those shaped by
+# this version on): their node prepares the restore as soon as the pod is scheduled and
+# restores once the file is written, without waiting for the kubelet's status.
+ANNOUNCE_ENV = "WARMSTART_STANDBY_ANNOUNCES"
 # An image's own standby is switched by annotations its environment is read from (the
 # kubelet resolves them at each container start): on a failed restore the node turns both
 # off and stops the standby, and the restarted container starts cold.
@@ -92,6 +96,7 @@ GMS_LOAD_COMPLETE_FILE = f"{CONTROL_DIR}/gms-load-complete"
 STARTUP_PERIOD_SECONDS, STARTUP_FAILURE_THRESHOLD = 1, 1800
 
 _COMPLETE, _FAILED = Sentinel.RESTORE_COMPLETE.value, Sentinel.RESTORE_FAILED.value
+_WAITING = Sentinel.STANDBY_WAITING.value
 
 STANDBY_NAME = "warmstart-standby"  # the script's $0
 # The standby's own deadline: past it, with neither sentinel written (no node worker acted,
@@ -103,7 +108,8 @@ STANDBY_DEADLINE_SECONDS = 2100
 # The standby entrypoint: `/bin/sh -c STANDBY_SCRIPT warmstart-standby CMD ARGS...`. POSIX sh
 # with builtins and `sleep` only (any image with /bin/sh). Restarted after a restore, it starts
 # cold, without Dynamo's snapshot variables (a Dynamo worker would otherwise wait for a
-# snapshot that never comes); it waits for `restore-failed` (start CMD cold) or
+# snapshot that never comes); it writes `standby-waiting` (the node may restore into it from
+# then on) and waits for `restore-failed` (start CMD cold) or
 # `restore-complete`, whose content is the restored process's PID in this container's PID
 # namespace, or its own deadline (then it starts cold). Before a cold start it kills its
 # children (a tree a restore left half-done when its node worker died), so the cold start
@@ -131,6 +137,7 @@ limit="${{{STANDBY_DEADLINE_ENV}:-{STANDBY_DEADLINE_SECONDS}}}"
 case "$limit" in ""|*[!0-9]*) limit={STANDBY_DEADLINE_SECONDS} ;; esac
 ticks=0
 if [ -e "$d/{_COMPLETE}" ]; then cold "$@"; fi
+: > "$d/{_WAITING}"
 while :; do
   if [ -e "$d/{_FAILED}" ]; then cold "$@"; fi
   if [ -e "$d/{_COMPLETE}" ]; then break; fi
@@ -327,6 +334,7 @@ def prepare_standby(
     container.pop("args", None)
     env = with_control_dir_env(container.get("env") or [])
     env = _set_env(env, STANDBY_ENV, OUR_STANDBY)
+    env = _set_env(env, ANNOUNCE_ENV, "1")
     container["env"] = _set_env(env, STANDBY_DEADLINE_ENV, str(deadline_seconds))
     _standby_mounts_and_probe(container)
 

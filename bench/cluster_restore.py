@@ -2,10 +2,10 @@
 both timed from the request to the restored process's first HTTP answer in the pod's own
 network namespace.
 
-- cluster: the kubelet reports the restore-target pod's standby container running (a pod
-  status write to the API server); the node worker's watch sees it, starts the
-  RestoreWorkflow eagerly on its own queue, the node activity checks the gate, verifies,
-  applies the rootfs diff and runs CRIU into the standby container, writes
+- cluster: the restore-target pod is scheduled; the node worker's watch starts the
+  RestoreWorkflow eagerly on its own queue, its activity verifies the version and waits for
+  the standby; the standby starts (timed from here) and announces itself; the node checks
+  the gate, applies the rootfs diff, runs CRIU into the standby container, writes
   `restore-complete`; the workload answers.
 - raw: the same `criu restore` into a fresh standby container of the same image (the
   command line the node builds, namespaces and all), started directly: no API server, no
@@ -74,16 +74,36 @@ async def answered_at(poller: asyncio.subprocess.Process) -> float:
     return float(line)
 
 
+# In front of the standby (the bench's own): the container waits for `go` in its control
+# directory, then becomes the standby (same process, its init). Both paths are timed from
+# `go`: the standby's start.
+GATED = [
+    "/bin/sh",
+    "-c",
+    'until [ -e /snapshot-control/go ]; do sleep 0.01; done; exec "$@"',
+    "gated",
+]
+
+
 async def cluster_run(
     client: Client, stack: Stack, resource: dict[str, Any], image: str, log: Path
 ) -> float:
+    """From the standby's start to the restored process's first answer: the restore was
+    started when the pod was scheduled and prepared meanwhile; the standby announces itself
+    (`standby-waiting`), the node restores into it. The kubelet's status write comes after."""
     name = f"bench-{uuid.uuid4().hex[:6]}"
     target = Target(stack, name, image, log)
-    await target.admit(resource)
+
+    def gated(pod: dict[str, Any]) -> None:
+        main = pod["spec"]["containers"][0]
+        main["command"] = [*GATED, *main["command"]]
+
+    await target.admit(resource, tamper=gated)
     poller = await answered_within(target.pid)
     started = time.monotonic()
-    await target.report_running()
+    (target.control / "go").touch()
     elapsed = await answered_at(poller) - started
+    await target.report_running()
     assert await target.restore_status() == "restored"
     workflow_id = restore_workflow_id(namespace="inference", name=name, key=target.uid)
     result = await client.get_workflow_handle(workflow_id, result_type=RestoreResult).result()
@@ -155,7 +175,7 @@ async def cluster_rows(runs: int, state_mib: int = 0) -> dict[str, list[float]]:
             kubelets = running_containerd()
             kubelet: Kubelet = next(kubelets)
             try:
-                async with contextlib.aclosing(start_cluster()) as clusters:
+                async with contextlib.aclosing(start_cluster()) as clusters:  # type: ignore[type-var]
                     async for cluster in clusters:
                         return await _rounds(client, cluster, kubelet, Path(tmp), runs, state_mib)
             finally:

@@ -232,6 +232,7 @@ async def running_stack(
             cluster=True,
             runtime_endpoint=kubelet.address,
             runtime_state=str(kubelet.base / "state"),
+            kubelet_root=str(kubelet.kubelet_root),
         ),
         kube=KubeSettings(
             server=cluster.url,

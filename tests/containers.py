@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from activities.runtime.announce import EMPTY_DIRS
+from api.jobs import CONTROL_VOLUME
 from tests.conftest import CRIU_SKIP
 
 
@@ -163,6 +165,11 @@ class Kubelet:
         self.ctr("images", "import", str(archive))
         return ref
 
+    @property
+    def kubelet_root(self) -> Path:
+        """Where pods' volumes are laid out as under the kubelet's root directory."""
+        return self.base / "kubelet"
+
     def run(
         self,
         pod_uid: str,
@@ -194,9 +201,9 @@ class Kubelet:
             root = str(rootfs)
         else:
             source, root = [], image
-        if control is None:
-            control = self.base / "controls" / cid
-            control.mkdir(parents=True)
+        if control is None:  # the pod's emptyDir, its subPath for this container
+            control = self.kubelet_root / "pods" / pod_uid / EMPTY_DIRS / CONTROL_VOLUME / container
+            control.mkdir(parents=True, exist_ok=True)
         environ = {
             "PATH": "/usr/bin:/bin",
             **(env or {"SNAPSHOT_CONTROL_DIR": "/snapshot-control"}),

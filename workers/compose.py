@@ -275,6 +275,7 @@ def _container_activities(
     runtime its settings name)."""
     from activities.gpu.cuda import CudaCheckpoint
     from activities.pipeline import NodeGate
+    from activities.runtime.announce import Announcements
     from activities.runtime.pods import PodActivities
     from activities.runtime.registry import runtime_for
     from activities.runtime.standby import StandbyRestorer
@@ -296,6 +297,7 @@ def _container_activities(
         work_root=settings.home / "restores" / "pods",
         cuda=cuda,
         source=source,
+        announcements=Announcements(kubelet_root=Path(settings.node.kubelet_root), runtime=runtime),
     )
     pods = PodActivities(
         runtime=runtime,

@@ -1,6 +1,9 @@
-"""The node worker's watch of restore-target pods bound to its own node: as soon as a pod's
-standby container runs, the node starts `restore/<ns>/<pod>/<podUID>` itself, eagerly, on
-its own queue (the restore then runs here with no matching hop on its critical path).
+"""The node worker's watch of restore-target pods bound to its own node: the node starts
+`restore/<ns>/<pod>/<podUID>` itself, eagerly, on its own queue (the restore then runs here
+with no matching hop on its critical path): as soon as the pod is scheduled here when its
+standby announces itself (the restore prepares, then restores once the standby writes
+`standby-waiting`, without waiting for the kubelet's status), else once the kubelet reports
+the standby running. A pod deleted before its standby ran has its restore cancelled.
 
 The watch is the one watch of `activities.kube.watch` (list, then watch from the list's
 resourceVersion with bookmarks, 410 lists again, failures backed off and logged, its
@@ -33,12 +36,15 @@ from typing import Any
 from kubernetes import client as kube
 from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 
 from activities.contracts import ContainerTarget
 from activities.kube.watch import Backoff, Watch, WatchEvent, WatchHealth
 from api.errors import WarmstartError
+from api.naming import restore_workflow_id
 from api.restore_claims import RestoreClaims, check_claims, restore_source
 from api.restore_pods import (
+    ANNOUNCE_ENV,
     GMS_LOAD_COMPLETE_FILE,
     GMS_LOADER,
     IMAGE_STANDBY,
@@ -67,22 +73,30 @@ class RestoreTarget:
 
 
 def restore_target(pod: Mapping[str, Any], *, node: str) -> RestoreTarget | None:
-    """The restore `pod` asks for once its standby container runs on `node`; None while
-    it is not (yet) one: not a target, elsewhere, already published, or not running."""
+    """The restore `pod` asks for on `node`: as soon as it is scheduled here when its standby
+    announces itself (`standby-waiting`: the node prepares meanwhile), else once the kubelet
+    reports its standby running; None while it is not (yet) one: not a target, elsewhere,
+    already published, or not running."""
     if not _bound_here(pod, node=node):
         return None
     meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
     standby = _standby_container(spec)
-    status = _status(pod, standby["name"]) if standby is not None else None
-    if standby is None or status is None or (status.get("state") or {}).get("running") is None:
+    if standby is None:
+        return None
+    env = _env(standby)
+    status = _status(pod, standby["name"]) or {}
+    running = (status.get("state") or {}).get("running") is not None
+    announces = env.get(STANDBY_ENV) == OUR_STANDBY and env.get(ANNOUNCE_ENV) == "1"
+    if not (running or announces):
         return None
     target = ContainerTarget(
         namespace=meta.get("namespace", ""),
         pod_name=meta.get("name", ""),
         pod_uid=meta.get("uid", ""),
         container=standby["name"],
-        container_id=(status.get("containerID") or "").partition("://")[2],
-        standby="image" if _env(standby).get(STANDBY_ENV) == IMAGE_STANDBY else "warmstart",
+        container_id=(status.get("containerID") or "").partition("://")[2] if running else "",
+        standby="image" if env.get(STANDBY_ENV) == IMAGE_STANDBY else "warmstart",
+        announces=announces,
     )
     return RestoreTarget(
         container=target, gms_sentinel=_gms_sentinel(spec, standby, target.pod_uid), pod=pod
@@ -191,6 +205,7 @@ class RestoreTargetWatch:
         self._control_task_queue = control_task_queue
         self._deadline = deadline_seconds
         self._started: set[str] = set()
+        self._early: set[str] = set()  # started before the standby ran
         self._starting: set[asyncio.Task[None]] = set()
         self.checkpoints = CheckpointViews(read_checkpoint)
         self.considered = 0  # pods seen so far (the watch's progress, for whoever waits)
@@ -224,6 +239,34 @@ class RestoreTargetWatch:
     async def _changed(self, event: WatchEvent) -> None:
         if event.type in ("ADDED", "MODIFIED"):
             await self.consider(event.object)
+        elif event.type == "DELETED":
+            self._forget(event.object)
+
+    def _forget(self, pod: Mapping[str, Any]) -> None:
+        """A deleted pod whose restore started before its standby ran: that restore may
+        still wait for a standby that will never run, so it is cancelled (one that already
+        ended ignores the cancel)."""
+        meta = pod.get("metadata") or {}
+        uid = meta.get("uid", "")
+        if uid not in self._early:
+            return
+        self._early.discard(uid)
+        key = restore_workflow_id(
+            namespace=meta.get("namespace", ""), name=meta.get("name", ""), key=uid
+        )
+        task = asyncio.create_task(self._cancel(key), name=f"cancel {key}")
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _cancel(self, workflow_id: str) -> None:
+        try:
+            await self._client.get_workflow_handle(workflow_id).cancel()
+        except RPCError as err:  # ended already (restored, fallen back) or never started
+            log.debug("restore %s not cancelled: %s", workflow_id, err)
+        else:
+            log.info(
+                "restore %s cancelled: its pod was deleted before its standby ran", workflow_id
+            )
 
     async def consider(self, pod: Mapping[str, Any]) -> None:
         self.considered += 1
@@ -237,6 +280,8 @@ class RestoreTargetWatch:
         if uid in self._started:
             return
         self._started.add(uid)
+        if not target.container.container_id:
+            self._early.add(uid)
         # A task of its own: a Checkpoint not read ahead must not hold up other pods' events.
         task = asyncio.create_task(self._start(target), name=f"restore {uid}")
         self._starting.add(task)

@@ -90,6 +90,9 @@ class NodeSettings:
     runtime: str = "containerd"
     runtime_endpoint: str = "/run/containerd/containerd.sock"
     runtime_state: str = "/run/containerd"
+    # The kubelet's root directory on the node (its `--root-dir`), where a pod's emptyDir
+    # holds its standby's control directory: the standby announces itself there.
+    kubelet_root: str = "/var/lib/kubelet"
     # Local mode: the worker's own variables a workload may take as secrets
     # (`--env-secret NAME=env:VAR`), comma-separated; any other is refused, so a request can
     # never copy the worker's credentials into a workload.

@@ -233,15 +233,21 @@ class PodActivities(ContainerSteps):
 
     @activity.defn
     async def write_container_sentinel(self, request: ContainerSentinelInput) -> None:
-        located = await self._runtime.locate(request.target)
-        try:
-            directory = control.open_control_dir(located.pid)
-        except OSError as err:
-            raise InvalidSpecError(
-                f"pod {request.target.namespace}/{request.target.pod_name}: no control "
-                f"directory /{control.CONTROL_DIR} in container {request.target.container}: "
-                f"{err}"
-            ) from err
+        target = request.target
+        directory = None
+        if target.announces and not target.container_id and self._restorer is not None:
+            # A restore started before its standby ran: its control directory on the node
+            # (the standby, whenever it starts, reads what is written there).
+            directory = self._restorer.announcements.open_control_dir(target)
+        if directory is None:
+            located = await self._runtime.locate(target)
+            try:
+                directory = control.open_control_dir(located.pid)
+            except OSError as err:
+                raise InvalidSpecError(
+                    f"pod {target.namespace}/{target.pod_name}: no control directory "
+                    f"/{control.CONTROL_DIR} in container {target.container}: {err}"
+                ) from err
         try:
             if request.sentinel == Sentinel.RESTORE_FAILED:
                 write_restore_failed(directory, request.content)

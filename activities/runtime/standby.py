@@ -7,19 +7,32 @@ the GMS loader's sentinel → prepare the container and CRIU-restore into it
 failure that counts against the version on this node class adds this node's evidence to the
 quarantine (`NodeGate.remember`); one whose standby vanished meanwhile (its pod deleted
 mid-restore) is WorkloadExited and counts for nothing.
+
+A restore started when its pod was scheduled (a standby that announces itself) fetches and
+verifies the version first, then awaits the standby (`await-standby`: its `standby-waiting`,
+`activities.runtime.announce`), then checks the gate against it and restores: from the
+standby's announcement to CRIU only the gate and the preparation are left. Failing before
+the standby runs, it writes `restore-failed` through the pod's control directory on the node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from temporalio import activity
 
-from activities.contracts import ContainerRestoreInput, RestoredContainer
+from activities.contracts import (
+    ContainerRestoreInput,
+    ContainerTarget,
+    Heartbeat,
+    RestoredContainer,
+)
 from activities.criu.command import Criu
 from activities.gpu.cuda import CUDA_FILE, CudaApi, resume, tree_pids
 from activities.gpu.nvml import (
@@ -31,6 +44,7 @@ from activities.gpu.nvml import (
     process_environment,
 )
 from activities.host.processes import is_alive, start_ticks
+from activities.host.sentinels import write_restore_failed
 from activities.pipeline import (
     QUARANTINED_REASONS,
     NodeGate,
@@ -42,7 +56,8 @@ from activities.pipeline import (
     require_namespace,
 )
 from activities.runtime import control
-from activities.runtime.base import ContainerRuntime
+from activities.runtime.announce import KUBELET_ROOT, Announcements
+from activities.runtime.base import ContainerRuntime, Located
 from activities.runtime.restore import RestoredProcess, restore_into_container
 from activities.storage.catalog import load_manifest
 from activities.storage.sources import CheckpointSource
@@ -55,6 +70,9 @@ from api.errors import (
     WorkloadNotReadyError,
 )
 from api.manifest import Manifest
+
+ANNOUNCE_SECONDS = 1800.0  # where the activity has no timeout of its own (tests)
+FAILED_ON_NODE_SECONDS = 30.0
 
 
 class StandbyRestorer:
@@ -71,7 +89,10 @@ class StandbyRestorer:
         work_root: Path,
         cuda: CudaApi | None = None,
         source: CheckpointSource | None = None,
+        announcements: Announcements | None = None,
     ) -> None:
+        """`announcements`: where standbys announce themselves (default: the kubelet's
+        default root)."""
         self._runtime = runtime
         self._criu = criu
         self._store = store
@@ -80,20 +101,31 @@ class StandbyRestorer:
         self._gpus = gpus
         self._work_root = work_root
         self._cuda = cuda
+        self._announcements = announcements or Announcements(
+            kubelet_root=Path(KUBELET_ROOT), runtime=runtime
+        )
+
+    @property
+    def announcements(self) -> Announcements:
+        return self._announcements
 
     async def restore(self, request: ContainerRestoreInput) -> RestoredContainer:
         stages = Stages()
         target = request.target
-        standby = await self._runtime.locate(target)
+        early = target.announces and not target.container_id
+        # Started when the pod was scheduled: the standby is found once it announces itself,
+        # after everything that does not need it (the version fetched and verified).
+        standby = None if early else await self._runtime.locate(target)
         where = (
             f"restore of checkpoint {request.checkpoint_id} into container {target.container} "
             f"of pod {target.namespace}/{target.pod_name}"
         )
-        born = start_ticks(standby.pid)  # tells the standby's end apart from PID reuse
+        born = start_ticks(standby.pid) if standby else 0  # tells its end from PID reuse
         cls, version = None, request.version
         held = AsyncExitStack()
         try:
-            await asyncio.to_thread(control.reset_for_restore, standby.pid)
+            if standby is not None:
+                await asyncio.to_thread(control.reset_for_restore, standby.pid)
             stages.start("verify")
             version_dir = await open_version(
                 held,
@@ -111,12 +143,22 @@ class StandbyRestorer:
             )
             claimed = load_manifest(version_dir)
             require_namespace(claimed, target.namespace)
+            if standby is None:
+                manifest = await asyncio.to_thread(
+                    self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
+                )
+                stages.start("await-standby")
+                standby = await self._announced(target, stages)
+                born = start_ticks(standby.pid)
+                stages.start("gate")
+                await asyncio.to_thread(control.reset_for_restore, standby.pid)
             environ = process_environment(standby.pid)
             gpus = gpus_of_process(environ, self._gpus.facts())
             cls, version = self._gate.check(claimed, host_info(gpus)), claimed.version
-            manifest = await asyncio.to_thread(
-                self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
-            )
+            if not early:
+                manifest = await asyncio.to_thread(
+                    self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
+                )
             if request.gms_sentinel:
                 stages.start("await-gms-load")
                 sentinel, timeout = request.gms_sentinel, request.gms_timeout_seconds
@@ -140,12 +182,18 @@ class StandbyRestorer:
         except BaseException as err:
             # The one failure path: `restore-failed` once, the node's evidence recorded.
             failure = as_restore_failure(err, where)
-            if _vanished(failure, standby.pid, born):
+            if standby is None:
+                # Failed before its standby ran: told through its pod's control directory on
+                # the node, which it reads whenever it starts (then it starts cold).
+                if not isinstance(err, asyncio.CancelledError):
+                    await self._failed_on_node(target, failure_note(failure))
+            elif _vanished(failure, standby.pid, born):
                 failure = WorkloadExitedError(
                     f"{where}: the standby container is gone (its pod deleted mid-restore?), "
                     f"so the restore failed: {failure}"
                 )
-            await asyncio.to_thread(control.restore_failed, standby.pid, failure_note(failure))
+            if standby is not None:
+                await asyncio.to_thread(control.restore_failed, standby.pid, failure_note(failure))
             if cls is not None and isinstance(failure, WarmstartError):
                 self._gate.remember(
                     request.checkpoint_id, version, cls, failure, namespace=target.namespace
@@ -167,6 +215,38 @@ class StandbyRestorer:
             namespace_pid=restored.pid,
             version=manifest.version,
             stage_seconds=stages.seconds,
+        )
+
+    async def _failed_on_node(self, target: ContainerTarget, note: str) -> None:
+        """`restore-failed` in the standby's control directory on the node, once the kubelet
+        has made it (waiting at most FAILED_ON_NODE_SECONDS; the workflow's fallback writes
+        it again later)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FAILED_ON_NODE_SECONDS
+        while (directory := self._announcements.open_control_dir(target)) is None:
+            if loop.time() >= deadline:
+                return
+            await asyncio.sleep(0.1)
+        try:
+            await asyncio.to_thread(write_restore_failed, directory, note)
+        finally:
+            os.close(directory)
+
+    async def _announced(self, target: ContainerTarget, stages: Stages) -> Located:
+        """The standby of `target` once it announces itself, heartbeating while it waits (at
+        most what is left of this activity's own time, the node's restore deadline)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        info = activity.info()
+        budget = info.start_to_close_timeout or timedelta(seconds=ANNOUNCE_SECONDS)
+        elapsed = (datetime.now(UTC) - info.started_time).total_seconds()
+        timeout = max(1.0, budget.total_seconds() - elapsed)
+
+        async def check() -> None:
+            activity.heartbeat(Heartbeat(waited_seconds=round(loop.time() - started, 1)))
+
+        return await self._announcements.standby(
+            target, timeout=timeout, check=check, fallback=lambda: stages.start("locate")
         )
 
     def _cuda_resume(

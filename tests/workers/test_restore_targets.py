@@ -21,7 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.kube.watch import Backoff
 from api.naming import node_task_queue
 from api.reasons import Reason
-from api.restore_pods import STANDBY_ENV
+from api.restore_pods import ANNOUNCE_ENV, STANDBY_ENV
 from tests.kube import Cluster, start_cluster
 from tests.proxy import proxied
 from workers.checkpoints import checkpoint_reader
@@ -100,6 +100,26 @@ def test_a_target_scheduled_here_is_read_ahead_by_its_own_namespace_and_name() -
     assert scheduled_source(nameless, node="gpu-1") is None
     elsewhere = target_pod(annotations={"warmstart.dev/restore-from": "team-a/llama"})
     assert scheduled_source(elsewhere, node="gpu-1") is None
+
+
+def announcing(pod: dict[str, Any]) -> dict[str, Any]:
+    """`pod` with a standby that announces itself (as the webhook shapes them now)."""
+    pod["spec"]["containers"][0]["env"].append({"name": ANNOUNCE_ENV, "value": "1"})
+    return pod
+
+
+def test_a_standby_that_announces_itself_asks_for_its_restore_once_scheduled() -> None:
+    """Before it runs: the restore prepares meanwhile, and finds the standby itself."""
+    found = restore_target(announcing(target_pod(running=False)), node="gpu-1")
+    assert found is not None
+    assert found.container.announces and found.container.container_id == ""
+    running = restore_target(announcing(target_pod()), node="gpu-1")
+    assert running is not None and running.container.container_id == "abc123"
+    assert restore_target(announcing(target_pod(running=False)), node="gpu-2") is None
+    # An image's own standby announces nothing, whatever its pod says.
+    image = announcing(target_pod(running=False))
+    image["spec"]["containers"][0]["env"][0]["value"] = "image"
+    assert restore_target(image, node="gpu-1") is None
 
 
 def test_an_image_that_is_its_own_standby_is_told_apart() -> None:
@@ -448,4 +468,35 @@ async def _started(client: Client, workflow_id: str) -> bool:
     with contextlib.suppress(RPCError):
         described = await client.get_workflow_handle(workflow_id).describe()
         return described.status == WorkflowExecutionStatus.RUNNING
+    return False
+
+
+async def test_a_pod_deleted_before_its_standby_ran_has_its_restore_cancelled(
+    cluster: Cluster, client: Client
+) -> None:
+    """Started when scheduled, its restore waits for a standby that will never run: the
+    pod's deletion cancels it (nothing else would end it before the node's deadline)."""
+    await ready_checkpoint(cluster)
+    node = f"gpu-{uuid.uuid4().hex[:6]}"
+    name = f"llama-{uuid.uuid4().hex[:6]}"
+    workflow_id = await create_pod(cluster, announcing(target_pod(name, node=node, running=False)))
+    handle = client.get_workflow_handle(workflow_id)
+
+    async def status_is(wanted: WorkflowExecutionStatus) -> bool:
+        with contextlib.suppress(RPCError):
+            return (await handle.describe()).status == wanted
+        return False
+
+    async with watching(cluster, client, node):
+        await eventually(lambda: status_is(WorkflowExecutionStatus.RUNNING), "the early start")
+        await cluster.run(cluster.core.delete_namespaced_pod, name, "inference")
+        # No worker runs the workflow here: the cancel is requested, and it is recorded.
+        await eventually(lambda: _cancel_requested(client, workflow_id), "the cancel")
+    await handle.terminate("test over")
+
+
+async def _cancel_requested(client: Client, workflow_id: str) -> bool:
+    async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+        if event.HasField("workflow_execution_cancel_requested_event_attributes"):
+            return True
     return False

@@ -391,6 +391,7 @@ async def test_a_pod_is_shaped_as_a_restore_target(webhook: Webhook) -> None:
         "SNAPSHOT_CONTROL_DIR": CONTROL_DIR,
         "DYN_SNAPSHOT_CONTROL_DIR": CONTROL_DIR,
         "WARMSTART_RESTORE_STANDBY": "1",
+        "WARMSTART_STANDBY_ANNOUNCES": "1",
         "WARMSTART_STANDBY_DEADLINE_SECONDS": "2100",
     }
     assert main["volumeMounts"] == [
