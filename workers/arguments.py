@@ -10,18 +10,20 @@ from __future__ import annotations
 import traceback
 from typing import TYPE_CHECKING
 
+from api.errors import WarmstartError  # the settings import it anyway
+
 if TYPE_CHECKING:
     from workers.settings import Settings
     from workflows.contracts import RestoreRequest
 
 
-class Answered(Exception):
+class Answered(WarmstartError):
     """A command that ended elsewhere (the node worker ran it): the exit code and message
-    it ended with there."""
+    it ended with there, printed as they are."""
 
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code = code
 
 
 def pairs(flag: str, items: list[str]) -> dict[str, str]:
@@ -93,7 +95,7 @@ def restore_request(
 
 def exit_status(err: BaseException) -> tuple[int, str]:
     """The one mapping of errors to exit codes and messages."""
-    if isinstance(err, Answered):
+    if isinstance(err, Answered):  # first: it is a WarmstartError printed as it came
         return err.code, err.message
     from pydantic import ValidationError
 
