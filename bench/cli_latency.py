@@ -6,8 +6,9 @@ answered by the dev server's control worker (the CLI reads no local disk), and
 `warmstart restore NAME -o json` side by side with a raw `criu restore --restore-detached`
 of the same committed image. The restore pair runs against a throwaway `warmstart dev`
 (temporary WARMSTART_HOME, free ports) and a captured `python -m http.server` workload;
-each restored process is checked to answer HTTP (untimed), then killed. Needs root and
-CRIU >= 4.2; uses only the `warmstart` and `criu` executables.
+each restored process is checked to answer HTTP (untimed), then killed. One untimed restore
+first says which way `warmstart restore` goes (this node's worker, or the Temporal SDK).
+Needs root and CRIU >= 4.2; uses only the `warmstart` and `criu` executables.
 
 Usage, from the repository root: `.venv/bin/python -m bench.cli_latency [--runs N]`.
 """
@@ -306,6 +307,18 @@ def restore_warmstart(bench: Bench) -> float:
     return seconds
 
 
+def restore_path(bench: Bench) -> str:
+    """Which way `warmstart restore` went (one untimed run): through this node's worker, or
+    through the Temporal SDK (docs/decisions/0035), from Python's import-time report."""
+    env = {**bench.env, "PYTHONPROFILEIMPORTTIME": "1"}
+    cmd = [bench.warmstart, "restore", CHECKPOINT, "-o", "json"]
+    _, proc = timed(cmd, env, timeout=RESTORE_TIMEOUT_SECONDS)
+    finish(bench.workload.url, int(json_object(checked(proc).stdout)["pid"]))
+    if "| temporalio.client" in proc.stderr:
+        return "the Temporal SDK (temporalio.client imported)"
+    return "this node's worker (no Temporal SDK imported)"
+
+
 def prepare_raw(bench: Bench) -> None:
     """What CRIU needs by path, as the pipeline does it: the output file, no stale sentinels."""
     bench.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,7 +368,7 @@ def list_through_control(bench: Bench, runs: int) -> list[float]:
 
 def pipeline_bench(
     warmstart: str, criu: str, scratch: Path, runs: int
-) -> tuple[list[float], list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float], str]:
     """Capture under a throwaway `warmstart dev`; then time list, and restore against raw CRIU."""
     home, workload = scratch / "home", http_workload(scratch / "workload")
     env = dev_env(home, free_port(), free_port())
@@ -376,8 +389,9 @@ def pipeline_bench(
                 scratch=scratch,
             )
             listed = list_through_control(bench, runs)
+            path = restore_path(bench)
             ws, raw = restore_pairs(bench, runs)
-            return listed, ws, raw
+            return listed, ws, raw, path
     except BaseException:
         print(f"--- tail of {log}:\n{log_tail(log)}", file=sys.stderr)
         raise
@@ -430,10 +444,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     help_ = sample([warmstart, "--help"], runs)
     scratch = Path(tempfile.mkdtemp(prefix="warmstart-cli-bench-"))
     try:
-        listed, ws, raw = pipeline_bench(warmstart, criu, scratch, runs)
+        listed, ws, raw, path = pipeline_bench(warmstart, criu, scratch, runs)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report(rows(python, help_, listed, ws, raw), runs)
+    print(f"warmstart restore went through {path}")
     return 0
 
 

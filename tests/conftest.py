@@ -19,6 +19,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from workers.compose import control_worker, node_worker
 from workers.devserver import temporal_cli
+from workers.local_restore import serving_local_restores
 from workers.settings import CriuSettings, NodeSettings, Settings
 from workflows.visibility import ALL_KEYS
 
@@ -76,9 +77,14 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest_asyncio.fixture
 async def workers(client: Client, settings: Settings) -> AsyncIterator[Settings]:
-    """The control worker and a node worker running against the dev server."""
+    """The control worker and a node worker running against the dev server, the node
+    worker serving `warmstart restore` on its local socket as `warmstart dev` does."""
     base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    async with control_worker(client, settings), node_worker(client, settings, base_env=base_env):
+    async with (
+        control_worker(client, settings),
+        node_worker(client, settings, base_env=base_env),
+        serving_local_restores(client, settings),
+    ):
         yield settings
 
 

@@ -8,10 +8,10 @@ standard library; each command imports what it needs (docs/decisions/0007-cli-st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
-import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from api.catalog import CatalogEntry
     from api.identity import CheckpointIdentity
     from api.workload import LocalWorkload
+    from workers.local_restore import Restored
     from workers.settings import Settings
     from workflows.contracts import PrefetchReport
 
@@ -88,6 +89,7 @@ def webhook(args: argparse.Namespace) -> int:
 def _identity(args: argparse.Namespace) -> CheckpointIdentity:
     from api.errors import InvalidSpecError
     from api.identity import CheckpointIdentity
+    from workers.arguments import pairs
 
     if args.identity is not None:
         try:
@@ -102,21 +104,9 @@ def _identity(args: argparse.Namespace) -> CheckpointIdentity:
         "pipelineParallelSize": args.pp,
         "dtype": args.dtype,
         "maxModelLen": args.max_model_len,
-        "extraParameters": _pairs("--extra", args.extra),
+        "extraParameters": pairs("--extra", args.extra),
     }
     return CheckpointIdentity.model_validate({k: v for k, v in fields.items() if v is not None})
-
-
-def _pairs(flag: str, items: list[str]) -> dict[str, str]:
-    from api.errors import InvalidSpecError
-
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidSpecError(f"{flag} {item!r}: expected KEY=VALUE")
-        pairs[key] = value
-    return pairs
 
 
 def _secret_ref(name: str, ref: str) -> dict[str, str]:
@@ -133,6 +123,7 @@ def _secret_ref(name: str, ref: str) -> dict[str, str]:
 def _workload(args: argparse.Namespace) -> LocalWorkload:
     from api.errors import InvalidSpecError
     from api.workload import LocalWorkload, Readiness
+    from workers.arguments import pairs
 
     if args.ready_tcp is not None and args.ready_http is not None:
         raise InvalidSpecError("give at most one of --ready-tcp and --ready-http")
@@ -145,9 +136,9 @@ def _workload(args: argparse.Namespace) -> LocalWorkload:
         name=args.name,
         command=tuple(args.command),
         cwd=str(Path(args.cwd or Path.cwd()).resolve()),
-        env=_pairs("--env", args.env),
+        env=pairs("--env", args.env),
         secret_env={
-            k: _secret_ref(k, v) for k, v in _pairs("--env-secret", args.env_secret).items()
+            k: _secret_ref(k, v) for k, v in pairs("--env-secret", args.env_secret).items()
         },
         readiness=readiness,
         health_url=args.health_http,
@@ -172,56 +163,62 @@ def capture(args: argparse.Namespace) -> int:
 
 def restore(args: argparse.Namespace) -> int:
     """Restore the newest committed checkpoint named REF (or with ID REF) on this node."""
+    import uuid
+
     from workers import display
-    from workers.operations import remote_storage, start_restore
-    from workflows.contracts import RestoreRequest
+    from workers.arguments import restore_request
 
     settings = _settings()
-    _check_seconds("--timeout", args.timeout)  # before the lookup: bad input first
-    env = _restore_env(args.env)
-    name, checkpoint_id, version = _resolve(settings, args.ref, args.version)
-    request = RestoreRequest(
-        env=env,
-        name=name,
-        checkpoint_id=checkpoint_id,
-        version=version,
-        node=settings.node.name,
-        answer_timeout_seconds=args.timeout,
-        control_task_queue=settings.node.control_task_queue,
-        storage=remote_storage(settings),
+    key = str(uuid.uuid4())
+    if settings.telemetry.exporter == "off":  # else this process's own client traces it
+        done = _restore_through_worker(settings, args, key)
+        if done is not None:
+            display.restored(done.json, done.rows, args.output)
+            return 0
+    from workers.operations import start_restore
+
+    request = restore_request(
+        settings, args.ref, version=args.version, timeout=args.timeout, env=args.env
     )
     title = f"restore {request.name}"
-    result = _run(_pipeline(settings, lambda c: start_restore(c, request), title, every=0.2))
-    display.restore_result(result, args.output)
+    pipeline = _pipeline(settings, lambda c: start_restore(c, request, key=key), title, every=0.2)
+    display.restore_result(_run(pipeline), args.output)
     return 0
 
 
-def _restore_env(items: list[str]) -> dict[str, str]:
-    """`--env` of a restore: only names a restored process re-reads (Dynamo's restore
-    context); any other would be silently lost, so it is refused naming the known ones."""
-    from api.dynamo import RESTORE_CONTEXT_ENV_NAMES
-    from api.errors import InvalidSpecError
+def _restore_through_worker(
+    settings: Settings, args: argparse.Namespace, key: str
+) -> Restored | None:
+    """The restore run by this node's worker, which holds a warm client (no SDK import
+    here); None where no worker of this home and node answers for these settings."""
+    from workers import display
+    from workers.local_restore import Started, restore_through_worker
 
-    env = _pairs("--env", items)
-    unknown = sorted(set(env) - RESTORE_CONTEXT_ENV_NAMES)
-    if unknown:
-        raise InvalidSpecError(
-            f"--env {', '.join(unknown)}: a restored process keeps the environment it was "
-            "captured with; it re-reads only these names (Dynamo's restore context): "
-            + ", ".join(sorted(RESTORE_CONTEXT_ENV_NAMES))
+    with contextlib.ExitStack() as stack:
+        shown: list[Callable[[str], None]] = []
+
+        def on_started(started: Started) -> None:
+            title = f"restore {started.name}"
+            t = settings.temporal
+            link = display.workflow_ui_url(
+                t.ui_url, t.namespace, started.workflow_id, started.run_id
+            )
+            display.started(title, started.workflow_id, link)
+            shown.append(stack.enter_context(display.status_line(title)))
+
+        return restore_through_worker(
+            settings,
+            os.environ,
+            {
+                "ref": args.ref,
+                "version": args.version,
+                "timeout": args.timeout,
+                "env": args.env,
+                "key": key,
+            },
+            on_started=on_started,
+            on_progress=lambda text: shown[0](text) if shown else None,
         )
-    return env
-
-
-def _resolve(settings: Settings, ref: str, version: str) -> tuple[str, str, str]:
-    """Name, checkpoint ID and version of REF for a restore on this node: from this node's
-    store first (what it restores is here or comes into its cache; no round trip on the
-    restore path), else (with remote storage) from what the remote store holds; the newest
-    version unless one is given."""
-    from workers.remote import store_catalog
-
-    entry = store_catalog(settings).find(ref)
-    return entry.name, entry.checkpoint_id, version or entry.version
 
 
 def prefetch(args: argparse.Namespace) -> int:
@@ -256,19 +253,6 @@ def prefetch(args: argparse.Namespace) -> int:
     return 0 if all(node.result is not None for node in report.nodes) else 1
 
 
-def _check_seconds(flag: str, value: float) -> None:
-    """A duration flag within the bounds its request field has (api.limits.ShortSeconds)."""
-    from pydantic import TypeAdapter, ValidationError
-
-    from api.errors import InvalidSpecError
-    from api.limits import ShortSeconds
-
-    try:
-        TypeAdapter(ShortSeconds).validate_python(value)
-    except ValidationError as err:
-        raise InvalidSpecError(f"{flag} {value:g}: {err.errors()[0]['msg']}") from None
-
-
 async def _pipeline(
     settings: Settings,
     start: Callable[[Client], Awaitable[WorkflowHandle[W, T]]],
@@ -278,14 +262,14 @@ async def _pipeline(
 ) -> T:
     """Start a pipeline, print its Web UI link and follow it on a status line until it ends."""
     from workers import display
-    from workers.client import connect, workflow_ui_url
+    from workers.client import connect
     from workers.operations import follow
 
     client = await connect(settings)
     handle = await start(client)
     t = settings.temporal
-    link = workflow_ui_url(t.ui_url, t.namespace, handle.id, handle.result_run_id or "")
-    print(f"{title}: workflow {handle.id}\n  {link}", file=sys.stderr, flush=True)
+    link = display.workflow_ui_url(t.ui_url, t.namespace, handle.id, handle.result_run_id or "")
+    display.started(title, handle.id, link)
     try:
         with display.progress(title) as show:
             return await follow(client, handle, show, every=every)
@@ -516,25 +500,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def exit_status(err: BaseException) -> tuple[int, str]:
-    """The one mapping of errors to exit codes and messages."""
-    from pydantic import ValidationError
-
-    from api.errors import InvalidSpecError, WarmstartError
-
-    if isinstance(err, InvalidSpecError):
-        return 2, str(err)
-    if isinstance(err, ValidationError):
-        return 2, "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in err.errors()
-        )
-    if isinstance(err, WarmstartError):
-        return 1, f"[{err.reason}] {err.message}"
-    if isinstance(err, KeyboardInterrupt):
-        return 130, "interrupted"
-    return 1, "".join(traceback.format_exception(err))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point. Ends with os._exit: a process that used the Temporal client can abort in
     interpreter teardown (sdk-python#300, "PyGILState_Release"), turning success into SIGABRT.
@@ -546,6 +511,8 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit as done:  # argparse: --help (0) and usage errors (2)
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     except BaseException as err:
+        from workers.arguments import exit_status
+
         code, message = exit_status(err)
         print(f"error: {message}", file=sys.stderr)
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from pathlib import Path
-from urllib.parse import quote
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -108,8 +107,3 @@ async def connect(settings: Settings, *, wait_seconds: float = 0.0) -> Client:
                 f"no Temporal server at {temporal.address}{how} ({err}); start one with "
                 "`warmstart dev`, or check the WARMSTART_TEMPORAL__* settings"
             ) from err
-
-
-def workflow_ui_url(ui_url: str, namespace: str, workflow_id: str, run_id: str) -> str:
-    workflow = quote(workflow_id, safe="")
-    return f"{ui_url}/namespaces/{namespace}/workflows/{workflow}/{run_id}/history"

@@ -20,7 +20,7 @@ from activities.host.processes import terminate
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.workload import LocalWorkload
 from workers import display
-from workers.client import workflow_ui_url
+from workers.display import workflow_ui_url
 from workers.embedded import embedded
 from workers.operations import (
     LiveProgress,

@@ -8,7 +8,8 @@ from api.manifest import Manifest
 from api.naming import LOCAL_NAMESPACE
 from workers import display
 from workers.catalogs import cli_catalog
-from workers.client import connect, workflow_ui_url
+from workers.client import connect
+from workers.display import workflow_ui_url
 from workers.operations import PipelineRecord, latest_pipeline, recent_pipelines
 from workers.settings import Settings
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TextIO
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -45,13 +46,13 @@ def describe_progress(live: LiveProgress) -> str:
 
 
 @contextmanager
-def progress(title: str, out: TextIO = sys.stderr) -> Iterator[Callable[[LiveProgress], None]]:
-    """A status line that follows the pipeline's current step (only on a terminal)."""
+def status_line(title: str, out: TextIO = sys.stderr) -> Iterator[Callable[[str], None]]:
+    """A status line that shows the pipeline's current step (only on a terminal)."""
     live = out.isatty()
 
-    def show(update: LiveProgress) -> None:
+    def show(text: str) -> None:
         if live:
-            out.write(f"\r\033[K{title}: {describe_progress(update)}")
+            out.write(f"\r\033[K{title}: {text}")
             out.flush()
 
     try:
@@ -60,6 +61,22 @@ def progress(title: str, out: TextIO = sys.stderr) -> Iterator[Callable[[LivePro
         if live:
             out.write("\r\033[K")
             out.flush()
+
+
+@contextmanager
+def progress(title: str, out: TextIO = sys.stderr) -> Iterator[Callable[[LiveProgress], None]]:
+    """A status line that follows the pipeline's current step (only on a terminal)."""
+    with status_line(title, out) as show:
+        yield lambda update: show(describe_progress(update))
+
+
+def started(title: str, workflow_id: str, link: str) -> None:
+    print(f"{title}: workflow {workflow_id}\n  {link}", file=sys.stderr, flush=True)
+
+
+def workflow_ui_url(ui_url: str, namespace: str, workflow_id: str, run_id: str) -> str:
+    workflow = quote(workflow_id, safe="")
+    return f"{ui_url}/namespaces/{namespace}/workflows/{workflow}/{run_id}/history"
 
 
 def print_json(document: object) -> None:
@@ -101,8 +118,8 @@ def capture_result(result: CaptureResult, output: str) -> None:
     _result(result, output, rows)
 
 
-def restore_result(result: RestoreResult, output: str) -> None:
-    rows = {
+def restore_rows(result: RestoreResult) -> dict[str, object]:
+    return {
         "checkpoint ID": result.checkpoint_id,
         "version": result.version,
         "pid": result.pid,
@@ -110,7 +127,18 @@ def restore_result(result: RestoreResult, output: str) -> None:
         "restore stages": steps(result.stage_seconds),
         "steps": steps(result.step_seconds),
     }
-    _result(result, output, rows)
+
+
+def restore_result(result: RestoreResult, output: str) -> None:
+    _result(result, output, restore_rows(result))
+
+
+def restored(document: str, rows: Mapping[str, object], output: str) -> None:
+    """A restore's result as the node worker rendered it (`workers.local_restore`)."""
+    if output == "json":
+        print(document)
+    else:
+        print_rows(rows)
 
 
 def prefetch_report(report: PrefetchReport, output: str) -> None:

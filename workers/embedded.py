@@ -16,6 +16,7 @@ from workers.client import connect
 from workers.compose import control_worker, node_worker
 from workers.devserver import DevServer
 from workers.housekeeping import tidy_node
+from workers.local_restore import serving_local_restores
 from workers.ports import port_open
 from workers.settings import Settings
 
@@ -48,6 +49,7 @@ async def running_workers(
         if role in ("all", "node"):
             await tidy_node(client, NodeLayout(settings.home))
             await stack.enter_async_context(node_worker(client, settings))
+            await stack.enter_async_context(serving_local_restores(client, settings))
             if settings.node.cluster:  # it restores pods
                 from workers.restore_targets import watching_restore_targets
 
