@@ -45,6 +45,7 @@ RESTORE_STATUS = "warmstart.dev/restore-status"
 CAPTURED: dict[str, str] = {}  # what the first test captured, for the others
 TEMPORAL: dict[str, str] = {}  # the dev server's address, where the tests read histories
 FIGURES: dict[str, float] = {}
+STAGES: dict[str, float] = {}  # the restore's stages (ms), for the printout
 WORKLOAD = "warmstart.test/server:1"
 TENANT = "inference"
 PORT = 8080
@@ -394,9 +395,9 @@ def test_capture_then_restore_through_the_installed_manifests(installed: RealNod
     assert 0 < breakdown["of it CRIU"] < breakdown["standby to restored"], breakdown
     # Prepared before the standby ran, and found without the runtime (no `locate`).
     assert breakdown["workflow started before the standby by"] > 0, breakdown
-    print(
-        "restore on the real node (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in breakdown.items())
-    )
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in breakdown.items())
+    print(f"restore on the real node (ms): {parts}")
+    print(f"its stages (ms): {STAGES}")
 
 
 def test_a_cold_start_of_the_same_pod(installed: RealNode) -> None:
@@ -437,6 +438,7 @@ async def restore_breakdown(pod: dict[str, Any]) -> dict[str, float]:
     ][:1]
     standby = process_start(parent_of(result.pid))
     criu = result.stage_seconds["criu-restore"]
+    STAGES.update({k: round(v * 1000, 1) for k, v in result.stage_seconds.items()})
     return {
         "workflow started before the standby by": (standby - started) * 1000,
         "standby to restored": (done - standby) * 1000,

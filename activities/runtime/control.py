@@ -40,11 +40,13 @@ def open_control_dir(pid: int) -> int:
         os.close(root)
 
 
-def write_sentinel(pid: int, name: str, content: bytes = b"done\n") -> None:
+def write_sentinel(
+    pid: int, name: str, content: bytes = b"done\n", *, durable: bool = True
+) -> None:
     """`name` written in the container's control directory (`write_sentinel_at`)."""
     directory = open_control_dir(pid)
     try:
-        write_sentinel_at(directory, name, content)
+        write_sentinel_at(directory, name, content, durable=durable)
     finally:
         os.close(directory)
 
@@ -66,8 +68,8 @@ def reset_for_restore(pid: int, context: bytes | None = None) -> None:
     directory = open_control_dir(pid)
     try:
         clear_restore_sentinels(directory)
-        if context is not None:
-            write_sentinel_at(directory, RESTORE_CONTEXT_FILE, context)
+        if context is not None:  # read by the restored process on this node only
+            write_sentinel_at(directory, RESTORE_CONTEXT_FILE, context, durable=False)
     finally:
         os.close(directory)
 

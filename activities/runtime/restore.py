@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -147,8 +148,15 @@ async def restore_into_container(
             stages.start("cuda-restore")
             await before_complete(restored)
         content = f"{restored.pid}\n".encode()
+        # Not fsynced: the standby reads it at once, and a node that crashes takes the pod.
         await asyncio.to_thread(
-            control.write_sentinel, standby.pid, Sentinel.RESTORE_COMPLETE.value, content
+            functools.partial(
+                control.write_sentinel,
+                standby.pid,
+                Sentinel.RESTORE_COMPLETE.value,
+                content,
+                durable=False,
+            )
         )
         return restored
     except BaseException as err:

@@ -177,9 +177,18 @@ def rootfs_diff(
 ) -> int:
     """What the container changed in its image: `rootfs-diff.tar` (files and directories
     of the overlay's upper directory) and `deleted-files.json` (its whiteouts), leaving out
-    mount points, kernel filesystems, caches and directories the overlay only copied up
-    from `lowers`. Returns the number of entries."""
+    mount points, the directories the runtime made above them, kernel filesystems, caches
+    and directories the overlay only copied up from `lowers`. Returns the number of
+    entries."""
     skipped = {point.strip("/") for point in mount_points} | set(_DIFF_EXCLUDED)
+    # Directories above a mount point: the runtime makes them for its mounts (a target
+    # with the same mounts gets them again), so only what else is in them is carried.
+    mount_parents = {
+        str(parent)
+        for point in mount_points
+        for parent in Path(point.strip("/")).parents
+        if str(parent) != "."
+    }
     deleted: list[str] = []
     entries = 0
     with tarfile.open(staging / ROOTFS_DIFF, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -200,7 +209,9 @@ def rootfs_diff(
                     continue
                 if rel in skipped or name.endswith(".pyc"):
                     continue
-                if stat.S_ISDIR(info.st_mode) and _copied_up(path, rel, info, lowers or []):
+                if stat.S_ISDIR(info.st_mode) and (
+                    rel in mount_parents or _copied_up(path, rel, info, lowers or [])
+                ):
                     continue
                 tar.add(path, arcname=rel, recursive=False)
                 entries += 1

@@ -147,11 +147,11 @@ class StandbyRestorer:
                 manifest = await asyncio.to_thread(
                     self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
                 )
+                await asyncio.to_thread(self._gpus.facts)  # NVML read once, not after
                 stages.start("await-standby")
                 standby = await self._announced(target, stages)
                 born = start_ticks(standby.pid)
-                stages.start("gate")
-                await asyncio.to_thread(control.reset_for_restore, standby.pid)
+                stages.start("gate")  # (stale sentinels are cleared in `prepare`)
             environ = process_environment(standby.pid)
             gpus = gpus_of_process(environ, self._gpus.facts())
             cls, version = self._gate.check(claimed, host_info(gpus)), claimed.version

@@ -41,7 +41,7 @@ from activities.runtime.restore import (
     cgroup_procs_files,
     restore_into_container,
 )
-from activities.runtime.rootfs import apply_rootfs_diff
+from activities.runtime.rootfs import apply_rootfs_diff, rootfs_diff
 from activities.storage.quarantine import Quarantine, QuarantinePolicy
 from activities.storage.store import CheckpointStore
 from api.errors import RestoreFailedError, WorkloadExitedError, WorkloadNotReadyError
@@ -560,3 +560,21 @@ def criu_of(work_dir: Path, *, timeout: float) -> int:
                 continue
         time.sleep(0.001)
     raise AssertionError(f"no CRIU restoring into {work_dir} within {timeout:g} s")
+
+
+def test_the_diff_leaves_out_what_the_runtime_made_for_its_mounts(tmp_path: Path) -> None:
+    """Mount points and the directories the runtime made above them (a target with the same
+    mounts gets them again) are not carried: a diff of only those is empty, and its restore
+    starts no chrooted child. What the workload wrote beside them is carried."""
+    upper = tmp_path / "upper"
+    for directory in ("etc/podinfo", "snapshot-control", "var/run/secrets/token"):
+        (upper / directory).mkdir(parents=True)
+    (upper / "etc" / "hosts").write_text("")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    points = ["/etc/hosts", "/etc/podinfo", "/snapshot-control", "/var/run/secrets/token"]
+    assert rootfs_diff(upper, staging, mount_points=points) == 0
+    (upper / "etc" / "motd").write_text("written by the workload\n")
+    assert rootfs_diff(upper, staging, mount_points=points) == 1
+    with tarfile.open(staging / "rootfs-diff.tar") as tar:
+        assert tar.getnames() == ["etc/motd"]
