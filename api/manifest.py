@@ -59,6 +59,12 @@ class CriuInfo(BaseModel):
 
     version: str
     options: tuple[str, ...] = ()
+    # Recorded by captures since decision 0037 (absent in older manifests): how long CRIU
+    # kept the tree frozen (its stats-dump), the pre-dump rounds the images build on
+    # (their pages under `criu/parent/...`), and why none where some were asked for.
+    frozen_ms: float | None = None
+    pre_dumps: int = 0
+    pre_dump_fallback: str = ""
 
 
 class GpuDevice(BaseModel):

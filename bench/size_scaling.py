@@ -40,6 +40,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 
+from activities.criu.stats import frozen_ms
 from activities.host.processes import terminate
 from activities.storage.store import CheckpointStore
 from api.identity import CheckpointIdentity
@@ -98,48 +99,6 @@ def expected_answer(mib: int) -> str:
 def answer(url: str) -> str:
     with urllib.request.urlopen(url, timeout=30) as response:
         return str(response.read().decode())
-
-
-def frozen_ms(images: Path) -> float:
-    """The frozen time CRIU recorded for the dump in `images` (its `stats-dump`), ms."""
-    data = (images / "stats-dump").read_bytes()
-    size = int.from_bytes(data[8:12], "little")
-    fields = _protobuf(data[12 : 12 + size])
-    entry = fields[1]  # StatsEntry.dump: DumpStatsEntry
-    assert isinstance(entry, bytes)
-    dump = _protobuf(entry)
-    return int(dump[2]) / 1000  # frozen_time, µs
-
-
-def _protobuf(data: bytes) -> dict[int, bytes | int]:
-    """The fields of one protobuf message (varints and length-delimited only: all CRIU's
-    stats use)."""
-    fields: dict[int, bytes | int] = {}
-    at = 0
-
-    def varint() -> int:
-        nonlocal at
-        value = shift = 0
-        while True:
-            byte = data[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
-
-    while at < len(data):
-        key = varint()
-        number, kind = key >> 3, key & 7
-        if kind == 0:
-            fields[number] = varint()
-        elif kind == 2:
-            length = varint()
-            fields[number] = data[at : at + length]
-            at += length
-        else:
-            raise ValueError(f"protobuf wire type {kind} in CRIU stats")
-    return fields
 
 
 def warm_memory(gib: float) -> float:

@@ -18,6 +18,7 @@ from temporalio.worker import Worker
 
 from activities.criu.command import DUMP_OPTIONS, Criu
 from activities.criu.lazy import LazyPages
+from activities.criu.predump import PreDumps
 from activities.errors import ErrorMapping
 from activities.gpu.nvml import NodeGpus
 from activities.host.layout import NodeLayout
@@ -183,7 +184,8 @@ def node_worker(
         log.info("removed %s: cached by an older worker without its location", unkeyed)
     source = CheckpointSource(store=store, cache=cache, remote=remote)
     prefetch = PrefetchActivities(source)
-    dumping = CriuActivities(criu=criu, store=store, layout=layout)
+    pre_dumps = PreDumps(criu=criu, rounds=settings.criu.pre_dumps)
+    dumping = CriuActivities(criu=criu, store=store, layout=layout, pre_dumps=pre_dumps)
     restoring = RestoreActivities(
         criu=criu,
         store=store,
@@ -307,6 +309,7 @@ def _container_activities(
         gpus=gpus,
         cuda=cuda,
         restorer=restorer,
+        pre_dumps=PreDumps(criu=criu, rounds=settings.criu.pre_dumps),
     )
     return [
         pods.await_gms_saved,

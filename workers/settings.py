@@ -101,6 +101,9 @@ class NodeSettings:
     restore_deadline_seconds: float = 1800.0
 
 
+MAX_PRE_DUMPS = 8
+
+
 @dataclass(frozen=True)
 class CriuSettings:
     path: str | None = None
@@ -108,6 +111,17 @@ class CriuSettings:
     # serves pages on fault and in the background (decision 0034). Where this kernel or CRIU
     # cannot (`criu check --feature uffd-noncoop`), restores run eagerly and say so.
     lazy_pages: bool = False
+    # Captures run this many `criu pre-dump` rounds while the tree runs, then a final dump
+    # of the pages dirtied since (decision 0037). Where this kernel cannot track dirty pages
+    # (`criu check --feature mem_dirty_track`) or a round fails, the dump is plain and says so.
+    pre_dumps: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.pre_dumps <= MAX_PRE_DUMPS:
+            raise InvalidSpecError(
+                f"WARMSTART_CRIU__PRE_DUMPS={self.pre_dumps}: expected 0 (no pre-dumps) to "
+                f"{MAX_PRE_DUMPS}"
+            )
 
     def resolve(self) -> str | None:
         """The configured binary, else the first `criu` on PATH (with /usr/local/sbin)."""

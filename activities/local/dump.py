@@ -11,7 +11,8 @@ from pathlib import Path
 from temporalio import activity
 
 from activities.contracts import DumpInput
-from activities.criu.command import IMAGES_DIR, OUTPUT_COPY_SCRIPT, Criu, run_dump
+from activities.criu.command import IMAGES_DIR, OUTPUT_COPY_SCRIPT, Criu
+from activities.criu.predump import PreDumps
 from activities.host.files import write_atomically
 from activities.host.layout import NodeLayout
 from activities.steps import DumpSteps
@@ -22,11 +23,18 @@ class CriuActivities(DumpSteps):
     """Node activity: CRIU dump straight into the staging directory of a checkpoint version."""
 
     def __init__(
-        self, *, criu: Criu, store: CheckpointStore, layout: NodeLayout | None = None
+        self,
+        *,
+        criu: Criu,
+        store: CheckpointStore,
+        layout: NodeLayout | None = None,
+        pre_dumps: PreDumps | None = None,
     ) -> None:
         """`layout`: where the node keeps workload state; with it the workload's output file
-        is copied into the dump while the tree is frozen (OUTPUT_COPY_SCRIPT)."""
+        is copied into the dump while the tree is frozen (OUTPUT_COPY_SCRIPT). `pre_dumps`:
+        the pre-dump rounds before each dump (decision 0037; none by default)."""
         self._criu = criu
+        self._pre_dumps = pre_dumps or PreDumps(criu=criu, rounds=0)
         self._store = store
         self._layout = layout
 
@@ -64,7 +72,7 @@ class CriuActivities(DumpSteps):
         what = (
             f"checkpoint {request.name} ({request.checkpoint_id}): criu dump of pid {request.pid}"
         )
-        await run_dump(command, images, what=what, env=env)
+        await self._pre_dumps.dump(command, images, what=what, env=env)
 
     def _output_copy_script(self) -> Path:
         assert self._layout is not None

@@ -28,7 +28,8 @@ from activities.contracts import (
     GmsSavedInput,
     RestoredContainer,
 )
-from activities.criu.command import CONTAINER_DUMP_OPTIONS, DUMP_OPTIONS, IMAGES_DIR, Criu, run_dump
+from activities.criu.command import CONTAINER_DUMP_OPTIONS, DUMP_OPTIONS, IMAGES_DIR, Criu
+from activities.criu.predump import PreDumps, captured_criu_info
 from activities.gpu.cuda import CUDA_FILE, CudaApi, cuda_processes, resume, suspend, tree_pids
 from activities.gpu.nvml import NodeGpus
 from activities.host.sentinels import write_restore_failed, write_sentinel_at
@@ -71,9 +72,12 @@ class PodActivities(ContainerSteps):
         gpus: NodeGpus | None = None,
         cuda: CudaApi | None = None,
         restorer: StandbyRestorer | None = None,
+        pre_dumps: PreDumps | None = None,
     ) -> None:
         """`cuda`: the driver's checkpoint API on a GPU node (None elsewhere); `restorer`:
-        restores into standby containers (a node that only captures has none)."""
+        restores into standby containers (a node that only captures has none);
+        `pre_dumps`: the pre-dump rounds before each dump (decision 0037; none by default)."""
+        self._pre_dumps = pre_dumps or PreDumps(criu=criu, rounds=0)
         self._runtime = runtime
         self._gpus = gpus or NodeGpus()
         self._cuda = cuda
@@ -133,7 +137,7 @@ class PodActivities(ContainerSteps):
                 suspended = await asyncio.to_thread(self._suspend_cuda, located.pid, staging)
             except GpuError as err:
                 raise DumpFailedError(f"{where}: CUDA checkpoint: {err}") from err
-            await run_dump(command, images, what=where)
+            await self._pre_dumps.dump(command, images, what=where)
             (staging / MOUNTS_FILE).write_text(json.dumps({"bind_mounts": binds}) + "\n")
             upper, mount_points = self._runtime.upper_dir(located)
             if upper is not None:
@@ -209,7 +213,7 @@ class PodActivities(ContainerSteps):
                 control_dir=f"/{control.CONTROL_DIR}",
                 stdio=self._runtime.stdio(located),
             ),
-            criu=self._criu_info,
+            criu=captured_criu_info(self._criu_info, staging),
             host=process_host_info(located.pid, self._gpus),
             files=digest_tree(staging),
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 from temporalio import activity
 
 from activities.contracts import CommitInput, CommitResult, DiscardInput, UploadInput, UploadResult
+from activities.criu.predump import captured_criu_info
 from activities.gpu.nvml import GpuFacts, NodeGpus, gpus_of_process, process_environment
 from activities.host.files import fsync_dir, sha256_file, write_atomically
 from activities.host.layout import NodeLayout
@@ -231,7 +232,7 @@ class StorageActivities(StorageSteps):
             identity=request.identity,
             created_at=datetime.now(UTC),
             source=self._source(request),
-            criu=self._criu,
+            criu=captured_criu_info(self._criu, staging),
             host=self._host(request),
             files=digest_tree(staging),
         )
