@@ -152,6 +152,11 @@ class StandbyRestorer:
                 standby = await self._announced(target, stages)
                 born = start_ticks(standby.pid)
                 stages.start("gate")  # (stale sentinels are cleared in `prepare`)
+                # Verified while it waited: checked again against that record (sizes and
+                # ctimes, no hashing), so a file changed meanwhile is still refused.
+                manifest = await asyncio.to_thread(
+                    self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
+                )
             environ = process_environment(standby.pid)
             gpus = gpus_of_process(environ, self._gpus.facts())
             cls, version = self._gate.check(claimed, host_info(gpus)), claimed.version

@@ -44,7 +44,13 @@ from activities.runtime.restore import (
 from activities.runtime.rootfs import apply_rootfs_diff, rootfs_diff
 from activities.storage.quarantine import Quarantine, QuarantinePolicy
 from activities.storage.store import CheckpointStore
-from api.errors import RestoreFailedError, WorkloadExitedError, WorkloadNotReadyError
+from activities.storage.verified import VerifiedFiles
+from api.errors import (
+    DigestMismatchError,
+    RestoreFailedError,
+    WorkloadExitedError,
+    WorkloadNotReadyError,
+)
 from api.identity import CheckpointIdentity, checkpoint_id
 from api.manifest import Manifest
 from api.restore_pods import STANDBY_NAME, STANDBY_SCRIPT
@@ -316,17 +322,67 @@ async def test_a_restore_that_hangs_is_killed_at_its_deadline(
 
 def standby_restorer(kubelet: Kubelet, captured: Captured, quarantine: Quarantine) -> Any:
     """The node activity's restorer, as a cluster node composes it, over the capture's store."""
+    from activities.runtime.announce import Announcements
     from activities.runtime.standby import StandbyRestorer
 
-    store = CheckpointStore(captured.version_dir.parents[2])
+    store = CheckpointStore(captured.version_dir.parents[2], verified=verified_of(captured))
+    runtime = Containerd(address=kubelet.address, state=str(kubelet.base / "state"))
     return StandbyRestorer(
-        runtime=Containerd(address=kubelet.address),
+        runtime=runtime,
         criu=criu(),
         store=store,
         gate=NodeGate(criu_version=criu().version(), quarantine=quarantine, node="gpu-2"),
         gpus=NodeGpus(known=GpuFacts()),
         work_root=store.root.parent / "restores",
+        announcements=Announcements(kubelet_root=kubelet.kubelet_root, runtime=runtime),
     )
+
+
+def verified_of(captured: Captured) -> VerifiedFiles:
+    """The node's record of verified files (as a node keeps it beside its store)."""
+    return VerifiedFiles(captured.version_dir.parents[3] / "verified")
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_a_version_changed_while_its_restore_waits_for_the_standby_is_refused(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    """Started when its pod was scheduled, the restore verified the version before the
+    standby ran; a byte changed meanwhile (same size) is found before CRIU reads it: the
+    restore fails with DigestMismatch and the standby, announcing itself after, starts cold."""
+    image = kubelet.import_image("local/workload:1")
+    captured = await capture(kubelet, tmp_path, image)
+    quarantine = Quarantine(captured.version_dir.parents[2])
+    restorer = standby_restorer(kubelet, captured, quarantine)
+    uid = str(uuid.uuid4())
+    target = ContainerTarget(
+        namespace="inference", pod_name="llama-early", pod_uid=uid, container="main", announces=True
+    )
+    log = tmp_path / "llama-early.log"
+    started: list[str] = []
+
+    def tamper_then_start_the_standby(beat: Heartbeat) -> None:
+        if beat.stage != "await-standby" or started:
+            return
+        [pages] = sorted((captured.version_dir / "criu").glob("pages-*.img"))[:1]
+        data = bytearray(pages.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        pages.write_bytes(bytes(data))
+        command = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, *ARGV]
+        cid, _control = kubelet.run(uid, "main", command, image=image, log=log)
+        started.append(cid)
+
+    env = ActivityEnvironment()
+    env.on_heartbeat = tamper_then_start_the_standby
+    request = ContainerRestoreInput(
+        target=target, checkpoint_id=CKPT, version=captured.manifest.version
+    )
+    with pytest.raises(DigestMismatchError, match="does not match its SHA-256 digest"):
+        await env.run(restorer.restore, request)
+    assert started, "the restore waited for its standby"
+    wait_for(lambda: "token " in log.read_text(), "the standby to start cold")
+    assert captured.token not in log.read_text()
 
 
 @needs_containerd
