@@ -289,7 +289,7 @@ def table(rows: list[Row], runs: int) -> str:
     if clustered:
         lines += [
             "",
-            "Cluster path (into a standby container; the kubelet's status write starts it):",
+            "Cluster path (into a standby container, timed from the standby's start):",
             "",
             "| state | raw restore into the standby | cluster restore | ratio | added |",
             "|---|---|---|---|---|",
