@@ -295,6 +295,8 @@ class RestoredContainer(Contract):
     namespace_pid: int  # in the container's PID namespace (what restore-complete says)
     version: str
     stage_seconds: dict[str, float]
+    # Why this node restored eagerly although it asks for lazy restores ("" otherwise).
+    lazy_unavailable: str = ""
 
 
 # Retention (control queue): the store's versions, what protects them, deletions, sweeps.

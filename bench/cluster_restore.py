@@ -155,14 +155,16 @@ def table(rows: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-async def main(runs: int, state_mib: int = 0) -> None:
-    rows = await cluster_rows(runs, state_mib)
+async def main(runs: int, state_mib: int = 0, lazy: bool = False) -> None:
+    rows = await cluster_rows(runs, state_mib, lazy=lazy)
     print(table(rows))
 
 
-async def cluster_rows(runs: int, state_mib: int = 0) -> dict[str, list[float]]:
+async def cluster_rows(
+    runs: int, state_mib: int = 0, *, lazy: bool = False
+) -> dict[str, list[float]]:
     """Seconds to the first answer of each run, raw and through the cluster path, of a
-    workload holding `state_mib` MiB."""
+    workload holding `state_mib` MiB; `lazy`: the node restores lazily (raw stays eager)."""
     with tempfile.TemporaryDirectory(prefix="ws-bench-") as tmp:
         port = free_port()
         settings = Settings(home=Path(tmp), temporal=TemporalSettings(address=f"127.0.0.1:{port}"))
@@ -177,7 +179,9 @@ async def cluster_rows(runs: int, state_mib: int = 0) -> dict[str, list[float]]:
             try:
                 async with contextlib.aclosing(start_cluster()) as clusters:  # type: ignore[type-var]
                     async for cluster in clusters:
-                        return await _rounds(client, cluster, kubelet, Path(tmp), runs, state_mib)
+                        return await _rounds(
+                            client, cluster, kubelet, Path(tmp), runs, state_mib, lazy
+                        )
             finally:
                 kubelets.close()
         finally:
@@ -186,12 +190,18 @@ async def cluster_rows(runs: int, state_mib: int = 0) -> dict[str, list[float]]:
 
 
 async def _rounds(
-    client: Client, cluster: Any, kubelet: Kubelet, tmp: Path, runs: int, state_mib: int
+    client: Client,
+    cluster: Any,
+    kubelet: Kubelet,
+    tmp: Path,
+    runs: int,
+    state_mib: int,
+    lazy: bool,
 ) -> dict[str, list[float]]:
     image = kubelet.import_image("local/workload:1")
     rows: dict[str, list[float]] = {"raw": [], "cluster": []}
     program = serving(state_mib)
-    async with running_stack(client, cluster, kubelet, tmp) as stack:
+    async with running_stack(client, cluster, kubelet, tmp, lazy_pages=lazy) as stack:
         resource, _token = await captured(stack, image, program=program)
         store = CheckpointStore(stack.store.root)
         version_dir = store.find(resource["status"]["checkpointID"])
@@ -218,5 +228,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--state-mib", type=int, default=0, help="memory the workload holds")
+    parser.add_argument("--lazy", action="store_true", help="the node restores lazily")
     args = parser.parse_args()
-    asyncio.run(main(args.runs, args.state_mib))
+    asyncio.run(main(args.runs, args.state_mib, args.lazy))

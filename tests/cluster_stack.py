@@ -31,7 +31,7 @@ from tests.containers import Kubelet, running_containerd
 from tests.kube import Cluster, checkpoint_body, start_cluster
 from workers.compose import cluster_control_worker, node_worker
 from workers.restore_targets import watching_restore_targets
-from workers.settings import KubeSettings, NodeSettings, Settings
+from workers.settings import CriuSettings, KubeSettings, NodeSettings, Settings
 from workers.watcher import KopfThread, WatcherSettings, build_registry
 
 # A second tenant's namespace, beside the first's ("inference").
@@ -215,10 +215,17 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path, *, nodes: int = 1
+    client: Client,
+    cluster: Cluster,
+    kubelet: Kubelet,
+    tmp_path: Path,
+    *,
+    nodes: int = 1,
+    lazy_pages: bool = False,
 ) -> AsyncIterator[Stack]:
     """With `nodes=2`, a second node's worker too: its own state directory, the checkpoint
-    store shared (as the checkpoints PVC is), the same container runtime."""
+    store shared (as the checkpoints PVC is), the same container runtime. `lazy_pages`: the
+    nodes restore lazily (`WARMSTART_CRIU__LAZY_PAGES`)."""
     suffix = uuid.uuid4().hex[:8]
     queue, node = f"control-{suffix}", f"gpu-{suffix}"
     # The workers as `warmstart controller` and a cluster node's `warmstart worker` build them.
@@ -234,6 +241,7 @@ async def running_stack(
             runtime_state=str(kubelet.base / "state"),
             kubelet_root=str(kubelet.kubelet_root),
         ),
+        criu=CriuSettings(lazy_pages=lazy_pages),
         kube=KubeSettings(
             server=cluster.url,
             token_file=str(token_file) if cluster.token else "",

@@ -186,6 +186,7 @@ def node_worker(
     prefetch = PrefetchActivities(source)
     pre_dumps = PreDumps(criu=criu, rounds=settings.criu.pre_dumps)
     dumping = CriuActivities(criu=criu, store=store, layout=layout, pre_dumps=pre_dumps)
+    lazy_pages = LazyPages(criu=criu, enabled=settings.criu.lazy_pages)
     restoring = RestoreActivities(
         criu=criu,
         store=store,
@@ -194,13 +195,15 @@ def node_worker(
         gpus=gpus,
         source=source,
         quarantine=quarantine(settings, store.root, cluster=False),
-        lazy_pages=LazyPages(criu=criu, enabled=settings.criu.lazy_pages),
+        lazy_pages=lazy_pages,
     )
     sentinels = SentinelActivities(layout=layout)
     if settings.node.cluster:
         # Pods' containers only: nothing here runs a command a workflow names or dumps a
         # PID a request gives; local-mode steps sent here find no worker (NodeLost).
-        mode = _container_activities(settings, criu=criu, store=store, gpus=gpus, source=source)
+        mode = _container_activities(
+            settings, criu=criu, store=store, gpus=gpus, source=source, lazy_pages=lazy_pages
+        )
     else:
         mode = [
             local.launch_workload,
@@ -272,6 +275,7 @@ def _container_activities(
     store: CheckpointStore,
     gpus: NodeGpus,
     source: CheckpointSource,
+    lazy_pages: LazyPages,
 ) -> list[Callable[..., Any]]:
     """A cluster node's: capture from and restore into the pods' containers (through the
     runtime its settings name)."""
@@ -300,6 +304,7 @@ def _container_activities(
         cuda=cuda,
         source=source,
         announcements=Announcements(kubelet_root=Path(settings.node.kubelet_root), runtime=runtime),
+        lazy_pages=lazy_pages,
     )
     pods = PodActivities(
         runtime=runtime,

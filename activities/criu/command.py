@@ -159,6 +159,8 @@ class ContainerRestoreTarget:
     inherit_fds: Mapping[str, int] = field(default_factory=dict)
     join_fds: Mapping[str, int] = field(default_factory=dict)
     action_script: Path | None = None
+    # Memory left to the lazy-pages daemon listening in `work_dir` (decision 0034).
+    lazy: bool = False
 
 
 @dataclass(frozen=True)
@@ -236,12 +238,14 @@ class Criu:
             for arg in ("--join-ns", f"{kind}:/proc/self/fd/{fd}")
         ]
         script = ["--action-script", str(target.action_script)] if target.action_script else []
+        lazy = ["--lazy-pages"] if target.lazy else []
         return [
             self.path,
             "restore",
             *dirs,
             *outputs,
             *CONTAINER_RESTORE_OPTIONS,
+            *lazy,
             "--root",
             str(target.root),
             *mounts,

@@ -118,6 +118,7 @@ async def restore_into_container(
     timeout_seconds: float = RESTORE_TIMEOUT_SECONDS,
     before_complete: Callable[[RestoredProcess], Awaitable[None]] | None = None,
     environ: Mapping[str, str] | None = None,
+    lazy: bool = False,
 ) -> RestoredProcess:
     """Restore the committed `version_dir` into the running `standby` and write
     `restore-complete`, after `before_complete` (e.g. CUDA restore) has run on the restored
@@ -143,6 +144,7 @@ async def restore_into_container(
             work_dir=work_dir,
             where=where,
             timeout_seconds=timeout_seconds,
+            lazy=lazy,
         )
         if before_complete is not None:
             stages.start("cuda-restore")
@@ -187,8 +189,10 @@ async def run_restore(
     work_dir: Path,
     where: str,
     timeout_seconds: float = RESTORE_TIMEOUT_SECONDS,
+    lazy: bool = False,
 ) -> RestoredProcess:
-    """`criu restore` of `images_dir` into the standby's namespaces, cgroups and root."""
+    """`criu restore` of `images_dir` into the standby's namespaces, cgroups and root;
+    `lazy`: its memory left to the lazy-pages daemon listening in `work_dir`."""
     pid = standby.pid
     work_dir.mkdir(parents=True, exist_ok=True)
     mounts = node_mounts(pid)
@@ -209,6 +213,7 @@ async def run_restore(
             inherit_fds=handles.inherit,
             join_fds=handles.join,
             action_script=_write_uts_script(work_dir),
+            lazy=lazy,
         )
         command = _in_standby(pid, handles.pid_ns, criu.container_restore_command(target))
         env = {**os.environ, "WARMSTART_WORK_DIR": str(work_dir)}
@@ -288,6 +293,14 @@ def _in_standby(pid: int, pid_ns_fd: int, criu: list[str]) -> list[str]:
     # standby kills before it starts cold.
     inner = [*enter, *dies_with_worker(criu)]
     return dies_with_worker(["/bin/sh", "-c", _ENTER_CGROUPS, "sh", *cgroups, "--", *inner])
+
+
+def join_cgroups(pid: int, *, of: int) -> None:
+    """Move process `pid` into every cgroup process `of` is in: a restore's lazy-pages
+    daemon joins its standby's, so that it lives and dies with the pod it serves (not with
+    the node worker's pod) and its memory is the pod's."""
+    for procs in cgroup_procs_files(of):
+        procs.write_text(f"{pid}\n")
 
 
 def cgroup_procs_files(pid: int) -> list[Path]:

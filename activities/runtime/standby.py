@@ -33,7 +33,8 @@ from activities.contracts import (
     Heartbeat,
     RestoredContainer,
 )
-from activities.criu.command import Criu
+from activities.criu.command import IMAGES_DIR, Criu
+from activities.criu.lazy import LazyOutcome, LazyPages, LazyPagesDaemon
 from activities.gpu.cuda import CUDA_FILE, CudaApi, resume, tree_pids
 from activities.gpu.nvml import (
     GpuFacts,
@@ -58,7 +59,7 @@ from activities.pipeline import (
 from activities.runtime import control
 from activities.runtime.announce import KUBELET_ROOT, Announcements
 from activities.runtime.base import ContainerRuntime, Located
-from activities.runtime.restore import RestoredProcess, restore_into_container
+from activities.runtime.restore import RestoredProcess, join_cgroups, restore_into_container
 from activities.storage.catalog import load_manifest
 from activities.storage.sources import CheckpointSource
 from activities.storage.store import CheckpointStore, host_info
@@ -90,9 +91,10 @@ class StandbyRestorer:
         cuda: CudaApi | None = None,
         source: CheckpointSource | None = None,
         announcements: Announcements | None = None,
+        lazy_pages: LazyPages | None = None,
     ) -> None:
         """`announcements`: where standbys announce themselves (default: the kubelet's
-        default root)."""
+        default root); `lazy_pages`: whether restores serve memory lazily (default: not)."""
         self._runtime = runtime
         self._criu = criu
         self._store = store
@@ -101,6 +103,7 @@ class StandbyRestorer:
         self._gpus = gpus
         self._work_root = work_root
         self._cuda = cuda
+        self._lazy = lazy_pages or LazyPages(criu=criu, enabled=False)
         self._announcements = announcements or Announcements(
             kubelet_root=Path(KUBELET_ROOT), runtime=runtime
         )
@@ -123,6 +126,9 @@ class StandbyRestorer:
         born = start_ticks(standby.pid) if standby else 0  # tells its end from PID reuse
         cls, version = None, request.version
         held = AsyncExitStack()
+        work_dir = self._work_root / target.pod_uid
+        daemon: LazyPagesDaemon | None = None
+        lazy_why = ""
         try:
             if standby is not None:
                 await asyncio.to_thread(control.reset_for_restore, standby.pid)
@@ -148,6 +154,7 @@ class StandbyRestorer:
                     self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
                 )
                 await asyncio.to_thread(self._gpus.facts)  # NVML read once, not after
+                daemon, lazy_why = await self._lazy_daemon(version_dir, work_dir, stages)
                 stages.start("await-standby")
                 standby = await self._announced(target, stages)
                 born = start_ticks(standby.pid)
@@ -172,20 +179,47 @@ class StandbyRestorer:
                         f"pod {target.namespace}/{target.pod_name}: no {sentinel} from the "
                         f"GMS loader within {timeout:g} s"
                     )
-            restored = await restore_into_container(
-                criu=self._criu,
-                target=target,
-                standby=standby,
-                version_dir=version_dir,
-                manifest=manifest,
-                work_dir=self._work_root / target.pod_uid,
-                stages=stages,
-                before_complete=self._cuda_resume(manifest, version_dir, gpus),
-                environ=environ,
-            )
+            if not early:
+                daemon, lazy_why = await self._lazy_daemon(version_dir, work_dir, stages)
+            if daemon is not None:
+                await self._daemon_joins(daemon, standby.pid)
+
+            def into(work: Path, *, lazy: bool) -> Awaitable[RestoredProcess]:
+                assert standby is not None
+                return restore_into_container(
+                    criu=self._criu,
+                    target=target,
+                    standby=standby,
+                    version_dir=version_dir,
+                    manifest=manifest,
+                    work_dir=work,
+                    stages=stages,
+                    before_complete=self._cuda_resume(manifest, version_dir, gpus),
+                    environ=environ,
+                    lazy=lazy,
+                )
+
+            try:
+                restored = await into(work_dir, lazy=daemon is not None)
+            except RestoreFailedError as err:
+                if daemon is None:
+                    raise
+                # Never fail what an eager restore would do: told, then done eagerly.
+                await self._lazy.stop(daemon)
+                daemon, lazy_why = None, f"lazy restore failed: {err}"
+                stages.start("lazy-unavailable")
+                activity.logger.warning("%s: restoring eagerly: %s", where, lazy_why)
+                restored = await into(work_dir.with_name(f"{work_dir.name}-eager"), lazy=False)
+            if daemon is not None:  # the version stays held until every page is delivered
+                self._lazy.hand_over(
+                    daemon, restored_pid=restored.host_pid, done=_released(held.pop_all())
+                )
+                daemon = None
             stages.finish()
         except BaseException as err:
             # The one failure path: `restore-failed` once, the node's evidence recorded.
+            if daemon is not None:
+                await self._lazy.stop(daemon)
             failure = as_restore_failure(err, where)
             if standby is None:
                 # Failed before its standby ran: told through its pod's control directory on
@@ -220,7 +254,41 @@ class StandbyRestorer:
             namespace_pid=restored.pid,
             version=manifest.version,
             stage_seconds=stages.seconds,
+            lazy_unavailable=lazy_why[-2000:],
         )
+
+    async def _daemon_joins(self, daemon: LazyPagesDaemon, standby: int) -> None:
+        """The lazy-pages daemon into the standby's cgroups: it serves that pod's memory, so
+        it must outlive a node worker pod deleted meanwhile (whose cgroups the kubelet kills)
+        and go with the pod it serves."""
+        try:
+            await asyncio.to_thread(join_cgroups, daemon.pid, of=standby)
+        except OSError as err:
+            activity.logger.warning(
+                "lazy-pages daemon %d stays in the node worker's cgroups: %s", daemon.pid, err
+            )
+
+    async def _lazy_daemon(
+        self, version_dir: Path, work_dir: Path, stages: Stages
+    ) -> tuple[LazyPagesDaemon | None, str]:
+        """With lazy restores on (decision 0034): the lazy-pages daemon of this restore,
+        listening in `work_dir`, or None and why not (the restore is then eager)."""
+        if not self._lazy.enabled:
+            return None, ""
+        stages.start("lazy-pages")
+        why = await asyncio.to_thread(self._lazy.unavailable)
+        if not why:
+            try:
+                daemon = await self._lazy.start(
+                    images_dir=version_dir / IMAGES_DIR, work_dir=work_dir
+                )
+            except RestoreFailedError as err:
+                why = str(err)
+            else:
+                return daemon, ""
+        stages.start("lazy-unavailable")
+        activity.logger.warning("restoring eagerly: %s", why)
+        return None, why
 
     async def _failed_on_node(self, target: ContainerTarget, note: str) -> None:
         """`restore-failed` in the standby's control directory on the node, once the kubelet
@@ -278,6 +346,15 @@ class StandbyRestorer:
                 raise RestoreFailedError(f"CUDA restore of pids {pids}: {err}") from err
 
         return resume_cuda
+
+
+def _released(held: AsyncExitStack) -> Callable[[LazyOutcome], Awaitable[None]]:
+    """What ends a lazy restore's hold once its daemon has: the version may be evicted."""
+
+    async def done(_outcome: LazyOutcome) -> None:
+        await held.aclose()
+
+    return done
 
 
 def _vanished(failure: BaseException, pid: int, born: int) -> bool:

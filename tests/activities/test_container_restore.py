@@ -29,6 +29,7 @@ from activities.contracts import (
     Heartbeat,
 )
 from activities.criu.command import Criu
+from activities.criu.lazy import LazyPages
 from activities.gpu.nvml import GpuFacts, NodeGpus
 from activities.host.processes import is_alive
 from activities.pipeline import NodeGate, Stages, as_restore_failure, failure_note
@@ -39,6 +40,7 @@ from activities.runtime.pods import PodActivities
 from activities.runtime.restore import (
     RestoredProcess,
     cgroup_procs_files,
+    join_cgroups,
     restore_into_container,
 )
 from activities.runtime.rootfs import apply_rootfs_diff, rootfs_diff
@@ -320,7 +322,9 @@ async def test_a_restore_that_hangs_is_killed_at_its_deadline(
     assert_started_cold(pod, located, captured)
 
 
-def standby_restorer(kubelet: Kubelet, captured: Captured, quarantine: Quarantine) -> Any:
+def standby_restorer(
+    kubelet: Kubelet, captured: Captured, quarantine: Quarantine, lazy: LazyPages | None = None
+) -> Any:
     """The node activity's restorer, as a cluster node composes it, over the capture's store."""
     from activities.runtime.announce import Announcements
     from activities.runtime.standby import StandbyRestorer
@@ -335,6 +339,7 @@ def standby_restorer(kubelet: Kubelet, captured: Captured, quarantine: Quarantin
         gpus=NodeGpus(known=GpuFacts()),
         work_root=store.root.parent / "restores",
         announcements=Announcements(kubelet_root=kubelet.kubelet_root, runtime=runtime),
+        lazy_pages=lazy,
     )
 
 
@@ -634,3 +639,73 @@ def test_the_diff_leaves_out_what_the_runtime_made_for_its_mounts(tmp_path: Path
     assert rootfs_diff(upper, staging, mount_points=points) == 1
     with tarfile.open(staging / "rootfs-diff.tar") as tar:
         assert tar.getnames() == ["etc/motd"]
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_a_lazy_restore_into_the_standby_serves_its_memory_on_fault(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    """A node set for lazy restores (decision 0034): the daemon listens before CRIU, the
+    restored process answers with the captured state, and the daemon exits on its own once
+    every page is delivered."""
+    image = kubelet.import_image("local/workload:1")
+    captured = await capture(kubelet, tmp_path, image)
+    pod, located = await standby(kubelet, tmp_path, image)
+    lazy = LazyPages(criu=criu(), enabled=True)
+    restorer = standby_restorer(kubelet, captured, Quarantine(tmp_path / "q"), lazy)
+    request = ContainerRestoreInput(
+        target=pod.target, checkpoint_id=CKPT, version=captured.manifest.version
+    )
+    result = await ActivityEnvironment().run(restorer.restore, request)
+
+    assert list(result.stage_seconds)[-3:] == ["lazy-pages", "prepare", "criu-restore"]
+    assert result.lazy_unavailable == ""
+    wait_for(lambda: "standby restored" in pod.log.read_text(), "the standby to see it")
+    assert get_in_netns(located.pid) == captured.token
+    await lazy.wait_idle(timeout=60)  # the daemon exits once every page is delivered
+    assert lazy.running == {}
+    [outcome] = lazy.outcomes.values()
+    assert outcome.complete and outcome.total > 0, outcome
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_where_lazy_restores_cannot_run_the_standby_is_restored_eagerly(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    image = kubelet.import_image("local/workload:1")
+    captured = await capture(kubelet, tmp_path, image)
+    pod, located = await standby(kubelet, tmp_path, image)
+    lazy = LazyPages(criu=criu(), enabled=True, probe=lambda: "no userfaultfd here")
+    restorer = standby_restorer(kubelet, captured, Quarantine(tmp_path / "q"), lazy)
+    request = ContainerRestoreInput(
+        target=pod.target, checkpoint_id=CKPT, version=captured.manifest.version
+    )
+    result = await ActivityEnvironment().run(restorer.restore, request)
+
+    assert "lazy-unavailable" in result.stage_seconds
+    assert result.lazy_unavailable == "no userfaultfd here"
+    assert lazy.running == {}
+    wait_for(lambda: "standby restored" in pod.log.read_text(), "the standby to see it")
+    assert get_in_netns(located.pid) == captured.token
+
+
+@needs_containerd
+@pytest.mark.timeout(60)
+def test_a_process_joins_the_cgroups_of_a_container(kubelet: Kubelet, tmp_path: Path) -> None:
+    """What a lazy restore's daemon does: it leaves the node worker's cgroups for the
+    standby's, so it lives and dies with the pod it serves."""
+    pod = run_pod(
+        kubelet, tmp_path, "llama-cg", ["sleep", "60"], kubelet.import_image("local/workload:1")
+    )
+    standby_pid = kubelet.pid(pod.cid)
+    helper = subprocess.Popen(["sleep", "60"])
+    try:
+        join_cgroups(helper.pid, of=standby_pid)
+        theirs = Path(f"/proc/{standby_pid}/cgroup").read_text()
+        assert Path(f"/proc/{helper.pid}/cgroup").read_text() == theirs
+        assert pod.cid in theirs
+    finally:
+        helper.kill()
+        helper.wait()
