@@ -565,8 +565,14 @@ def restore_target(name: str, *, restore_from: str | None) -> dict[str, Any]:
 
 
 def serving(node: RealNode, name: str) -> str | None:
-    """What pod `name` answers from its pod IP once Ready; None until then."""
-    got = json.loads(node.kubectl("-n", TENANT, "get", "pod", name, "-o", "json"))
+    """What pod `name` answers from its pod IP once Ready; None until then. A read of the
+    pod that hangs is given up after 5 s and asked again (one stuck kubectl would otherwise
+    add up to its whole timeout to the figure measured)."""
+    try:
+        out = node.kubectl("-n", TENANT, "get", "pod", name, "-o", "json", timeout=5)
+    except subprocess.TimeoutExpired:
+        return None
+    got = json.loads(out)
     ip = got["status"].get("podIP")
     ready = any(c.get("ready") for c in got["status"].get("containerStatuses") or [])
     if not (ip and ready):

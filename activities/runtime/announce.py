@@ -55,18 +55,28 @@ def control_volume_on_node(kubelet_root: Path, target: ContainerTarget) -> Path:
     return kubelet_root / "pods" / target.pod_uid / EMPTY_DIRS / CONTROL_VOLUME
 
 
-def open_control_dir_on_node(kubelet_root: Path, target: ContainerTarget) -> int | None:
+def open_control_dir_on_node(
+    kubelet_root: Path, target: ContainerTarget, *, create: bool = False
+) -> int | None:
     """A descriptor of the standby's control directory on the node, or None while the
     kubelet has not made it. The container's directory is opened without following a link:
-    a container given the whole volume could plant one there (to another pod's)."""
+    a container given the whole volume could plant one there (to another pod's). `create`:
+    made here if the pod's volume is there and the directory not yet (the kubelet makes a
+    subPath only as it starts the container, after pulling its image; it uses one that
+    exists), with the emptyDir's own mode, so that a sentinel can be left for the standby."""
     try:
         volume = os.open(control_volume_on_node(kubelet_root, target), os.O_PATH | os.O_DIRECTORY)
     except FileNotFoundError:
         return None
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
     try:
-        return os.open(
-            target.container, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=volume
-        )
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(target.container, 0o777, dir_fd=volume)
+                made = os.open(target.container, flags, dir_fd=volume)
+                os.fchmod(made, 0o777)  # the emptyDir's mode, whatever the umask
+                return made
+        return os.open(target.container, flags, dir_fd=volume)
     except FileNotFoundError:
         return None
     except OSError as err:  # ELOOP, ENOTDIR: a link or a file where the directory belongs
@@ -85,9 +95,9 @@ class Announcements:
         self._kubelet_root = kubelet_root
         self._runtime = runtime
 
-    def open_control_dir(self, target: ContainerTarget) -> int | None:
+    def open_control_dir(self, target: ContainerTarget, *, create: bool = False) -> int | None:
         """The standby's control directory on the node (`open_control_dir_on_node`)."""
-        return open_control_dir_on_node(self._kubelet_root, target)
+        return open_control_dir_on_node(self._kubelet_root, target, create=create)
 
     async def standby(
         self,

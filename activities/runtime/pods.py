@@ -241,8 +241,14 @@ class PodActivities(ContainerSteps):
         directory = None
         if target.announces and not target.container_id and self._restorer is not None:
             # A restore started before its standby ran: its control directory on the node
-            # (the standby, whenever it starts, reads what is written there).
-            directory = self._restorer.announcements.open_control_dir(target)
+            # (the standby, whenever it starts, reads what is written there), made if the
+            # kubelet has not yet; retried while the pod's volumes are not set up.
+            directory = self._restorer.announcements.open_control_dir(target, create=True)
+            if directory is None:
+                raise UnavailableError(
+                    f"pod {target.namespace}/{target.pod_name}: its volumes are not set up "
+                    "on this node yet"
+                )
         if directory is None:
             located = await self._runtime.locate(target)
             try:

@@ -291,12 +291,12 @@ class StandbyRestorer:
         return None, why
 
     async def _failed_on_node(self, target: ContainerTarget, note: str) -> None:
-        """`restore-failed` in the standby's control directory on the node, once the kubelet
-        has made it (waiting at most FAILED_ON_NODE_SECONDS; the workflow's fallback writes
-        it again later)."""
+        """`restore-failed` in the standby's control directory on the node, once the pod's
+        volume is there (waiting at most FAILED_ON_NODE_SECONDS; the workflow's fallback
+        writes it again later)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FAILED_ON_NODE_SECONDS
-        while (directory := self._announcements.open_control_dir(target)) is None:
+        while (directory := self._announcements.open_control_dir(target, create=True)) is None:
             if loop.time() >= deadline:
                 return
             await asyncio.sleep(0.1)

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import uuid
 
 import pytest
 
 from activities.contracts import ContainerTarget
+from activities.host.sentinels import write_restore_failed
 from activities.runtime.announce import (
     WAITING,
     Announcements,
     control_volume_on_node,
+    open_control_dir_on_node,
 )
 from activities.runtime.containerd import Containerd
 from api.errors import InvalidSpecError, WorkloadNotReadyError
+from api.restore_pods import STANDBY_NAME, STANDBY_SCRIPT
 from tests.containers import Kubelet, needs_containerd
 
 pytestmark = [needs_containerd, pytest.mark.timeout(120)]
@@ -102,3 +106,27 @@ async def test_a_standby_that_never_announces_itself_times_out_naming_the_pod(
     with pytest.raises(WorkloadNotReadyError, match="pod inference/llama-0: its standby main"):
         await announcements(kubelet).standby(target_of(str(uuid.uuid4())), timeout=1.5, check=check)
     assert checks  # heartbeats while it waited
+
+
+async def test_a_failure_left_before_the_standby_ran_starts_it_cold(kubelet: Kubelet) -> None:
+    """A restore refused or failed before its pod's container started: `restore-failed` is
+    left in the control directory on the node (made there, as the kubelet would, while only
+    the pod's volume exists); the standby, once it starts, starts its command cold."""
+    uid = str(uuid.uuid4())
+    target = target_of(uid)
+    assert open_control_dir_on_node(kubelet.kubelet_root, target, create=True) is None
+    control_volume_on_node(kubelet.kubelet_root, target).mkdir(parents=True)
+    directory = open_control_dir_on_node(kubelet.kubelet_root, target, create=True)
+    assert directory is not None
+    try:
+        assert write_restore_failed(directory, "Forbidden: the pod names no Checkpoint")
+        assert stat.S_IMODE(os.fstat(directory).st_mode) == 0o777  # as an emptyDir's
+    finally:
+        os.close(directory)
+    log = kubelet.base / f"{uid}.log"
+    command = ["/bin/sh", "-c", STANDBY_SCRIPT, STANDBY_NAME, "sh", "-c", "echo cold start"]
+    await asyncio.to_thread(kubelet.run, uid, "main", command, log=log)
+    deadline = asyncio.get_running_loop().time() + 30
+    while "cold start" not in (log.read_text() if log.exists() else ""):
+        assert asyncio.get_running_loop().time() < deadline, "the standby did not start cold"
+        await asyncio.sleep(0.05)
