@@ -16,7 +16,7 @@ import resource
 import shutil
 import signal
 import subprocess
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -381,3 +381,34 @@ async def run_dump(
             f"{what} failed with exit code {proc.returncode}; dump.log:\n{detail}"
         )
     explain_log(images / DUMP_LOG)  # before the commit digests it
+
+
+# "" when a feature is there, else why not (a line a log and a result can carry).
+Probe = Callable[[], str]
+
+
+def feature_probe(criu: Criu, feature: str) -> Probe:
+    """`criu check --feature FEATURE`, asked once, on first use: "" when CRIU and this
+    kernel have it, else why not."""
+    answer: list[str] = []
+
+    def probe() -> str:
+        if not answer:
+            answer.append(_check_feature(criu, feature))
+        return answer[0]
+
+    return probe
+
+
+def _check_feature(criu: Criu, feature: str) -> str:
+    asked = f"`criu check --feature {feature}`"
+    try:
+        done = subprocess.run(
+            criu.check_command(feature), capture_output=True, text=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{asked} could not run: {err}"
+    if done.returncode == 0:
+        return ""
+    said = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["(no output)"]
+    return f"{asked} exited with {done.returncode}: {said[0]}"

@@ -16,13 +16,12 @@ import contextlib
 import logging
 import os
 import re
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from activities.criu.command import LAZY_PAGES_LOG, Criu, log_errors
+from activities.criu.command import LAZY_PAGES_LOG, Criu, Probe, feature_probe, log_errors
 from activities.host.files import tail
 from activities.host.processes import is_alive, start_ticks
 from api.errors import RestoreFailedError
@@ -40,37 +39,10 @@ _PAGE_FAULT = re.compile(r"#PF at ")
 _TRANSFERRED = re.compile(r"UFFD transferred pages: \((\d+)/(\d+)\)")
 _KEPT_OUTCOMES = 64
 
-# "" when lazy restores can run here, else why not (a line a log and a result can carry).
-Probe = Callable[[], str]
-
 
 def criu_probe(criu: Criu) -> Probe:
     """Ask `criu check --feature uffd-noncoop` once, on first use."""
-    answer: list[str] = []
-
-    def probe() -> str:
-        if not answer:
-            answer.append(_check(criu))
-        return answer[0]
-
-    return probe
-
-
-def _check(criu: Criu) -> str:
-    try:
-        done = subprocess.run(
-            criu.check_command(LAZY_FEATURE),
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"`criu check --feature {LAZY_FEATURE}` could not run: {err}"
-    if done.returncode == 0:
-        return ""
-    said = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["(no output)"]
-    return f"`criu check --feature {LAZY_FEATURE}` exited with {done.returncode}: {said[0]}"
+    return feature_probe(criu, LAZY_FEATURE)
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,12 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from temporalio import activity
 
-from activities.criu.command import IMAGES_DIR, Criu, run_dump
+from activities.criu.command import IMAGES_DIR, Criu, Probe, feature_probe, run_dump
 from activities.criu.stats import frozen_ms
 from api.errors import DumpFailedError
 from api.manifest import CriuInfo
@@ -36,9 +34,6 @@ CAPTURE_FILE = "capture.json"
 PARENT = "parent"
 _REASON_CHARS = 600
 
-# "" when pre-dumps can run here, else why not.
-Probe = Callable[[], str]
-
 
 @dataclass(frozen=True)
 class PreDumpOutcome:
@@ -48,31 +43,7 @@ class PreDumpOutcome:
 
 def dirty_track_probe(criu: Criu) -> Probe:
     """Ask `criu check --feature mem_dirty_track` once, on first use."""
-    answer: list[str] = []
-
-    def probe() -> str:
-        if not answer:
-            answer.append(_check(criu))
-        return answer[0]
-
-    return probe
-
-
-def _check(criu: Criu) -> str:
-    try:
-        done = subprocess.run(
-            criu.check_command(PRE_DUMP_FEATURE),
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"`criu check --feature {PRE_DUMP_FEATURE}` could not run: {err}"
-    if done.returncode == 0:
-        return ""
-    said = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["(no output)"]
-    return f"`criu check --feature {PRE_DUMP_FEATURE}` exited with {done.returncode}: {said[0]}"
+    return feature_probe(criu, PRE_DUMP_FEATURE)
 
 
 def pre_dump_command(final: list[str], *, images: Path, parent: str | None) -> list[str]:
