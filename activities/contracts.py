@@ -199,6 +199,10 @@ class RestoredWorkload(Contract):
     # why this node restored eagerly although it asks for lazy restores ("" when it did not).
     lazy_pages_pid: int = 0
     lazy_unavailable: str = ""
+    # A streamed restore (decision 0039): the page source still fetching the version's page
+    # images, and why a restore this node would have streamed downloaded first instead.
+    page_source_pid: int = 0
+    stream_unavailable: str = ""
 
 
 class Heartbeat(Contract):

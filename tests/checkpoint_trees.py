@@ -49,14 +49,18 @@ def committed_version(
     checkpoint_id: str = CKPT,
     version: str = VERSION,
 ) -> Path:
-    """A version committed under `root` by the node-local store, as a capture leaves it."""
+    """A version committed under `root` by the node-local store, as a capture leaves it.
+    `files` gains what the commit adds: the page images' chunk tables (decision 0039)."""
     store = CheckpointStore(root)
     staging = store.fresh_staging(checkpoint_id, version)
     for path, data in files.items():
         (staging / path).parent.mkdir(parents=True, exist_ok=True)
         (staging / path).write_bytes(data)
     manifest = manifest_for(staging, checkpoint_id=checkpoint_id, version=version)
-    return store.commit(staging, manifest)
+    final = store.commit(staging, manifest)
+    for entry in manifest.files:
+        files.setdefault(entry.path, (final / entry.path).read_bytes())
+    return final
 
 
 def final_names(version_dir: Path) -> list[str]:

@@ -33,6 +33,7 @@ from activities.storage.queries import CatalogActivities
 from activities.storage.remote import RemoteStores, SecretReader
 from activities.storage.sources import CheckpointSource, PrefetchActivities
 from activities.storage.store import CheckpointStore, StorageActivities
+from activities.storage.streaming import PageStreams
 from activities.storage.verified import VerifiedFiles
 from api.errors import StorageError, UnavailableError
 from api.manifest import CriuInfo
@@ -196,6 +197,7 @@ def node_worker(
         source=source,
         quarantine=quarantine(settings, store.root, cluster=False),
         lazy_pages=lazy_pages,
+        streams=PageStreams(enabled=settings.storage.stream_restores),
     )
     sentinels = SentinelActivities(layout=layout)
     if settings.node.cluster:

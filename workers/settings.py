@@ -283,6 +283,12 @@ class StorageSettings:
     # holds the cache (reckoned when the node worker starts).
     cache_max_bytes: int | None = None
     cache_max_share: float = 0.5
+    # A local restore of a version this node lacks starts CRIU before the page images are
+    # fetched: a page source serves them on fault and fetches the rest in the background,
+    # each 1 MiB checked against the version's chunk table (decision 0039). Needs lazy
+    # restores (`WARMSTART_CRIU__LAZY_PAGES`); versions that cannot stream are downloaded
+    # first, saying why.
+    stream_restores: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.cache_max_share <= 1:

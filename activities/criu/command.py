@@ -29,6 +29,7 @@ from api.errors import DumpFailedError, RestoreFailedError
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 LAZY_PAGES_LOG = "lazy-pages.log"
+RESTORED_PIDFILE = "restored.pid"  # in a restore's work directory: the restored root
 IMAGES_DIR = "criu"
 # A dumped pid-namespace init keeps its tree's PIDs; the session is inside the tree.
 DUMP_OPTIONS = ("-v4",)
@@ -264,13 +265,20 @@ class Criu:
         extra = ["--lazy-pages"] if lazy else []
         return [self.path, "restore", *dirs, *outputs, *RESTORE_OPTIONS, *extra]
 
-    def lazy_pages_command(self, *, images_dir: Path, work_dir: Path, status_fd: int) -> list[str]:
+    def lazy_pages_command(
+        self, *, images_dir: Path, work_dir: Path, status_fd: int, page_server_fd: int = -1
+    ) -> list[str]:
         """The lazy-pages daemon of one restore: it listens in `work_dir` (where `criu restore
         --lazy-pages` looks for it), writes a byte to `status_fd` once it does, reads the
-        pages from `images_dir` and exits once every page is delivered."""
+        pages from `images_dir` (or asks for them on `page_server_fd`, CRIU's page-server
+        protocol: a streamed restore's page source) and exits once every page is
+        delivered."""
         dirs = ["--images-dir", str(images_dir), "--work-dir", str(work_dir)]
         outputs = ["--log-file", LAZY_PAGES_LOG, "--status-fd", str(status_fd)]
-        return [self.path, "lazy-pages", *dirs, *outputs, *LAZY_PAGES_OPTIONS]
+        remote = (
+            ["--page-server", "--ps-socket", str(page_server_fd)] if page_server_fd >= 0 else []
+        )
+        return [self.path, "lazy-pages", *dirs, *outputs, *remote, *LAZY_PAGES_OPTIONS]
 
     def check_command(self, feature: str) -> list[str]:
         return [self.path, "check", "--feature", feature]
@@ -283,7 +291,7 @@ class Criu:
         """Restore detached; return the PID of the restored tree's root. `lazy`: with the
         lazy-pages daemon already listening in `work_dir` (`activities.criu.lazy`)."""
         work_dir.mkdir(parents=True, exist_ok=True)
-        pidfile = work_dir / "restored.pid"
+        pidfile = work_dir / RESTORED_PIDFILE
         cmd = self.restore_command(
             images_dir=images_dir, work_dir=work_dir, pidfile=pidfile, lazy=lazy
         )

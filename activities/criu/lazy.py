@@ -113,14 +113,21 @@ class LazyPages:
         """Why a lazy restore cannot run here ("" when it can)."""
         return self._probe()
 
-    async def start(self, *, images_dir: Path, work_dir: Path) -> LazyPagesDaemon:
+    async def start(
+        self, *, images_dir: Path, work_dir: Path, page_server_fd: int = -1
+    ) -> LazyPagesDaemon:
         """A daemon listening in `work_dir`; RestoreFailedError (with its log) if it did not
-        come up within `READY_SECONDS`."""
+        come up within `READY_SECONDS`. `page_server_fd`: the socket of the page source
+        that serves its pages (a streamed restore), else it reads them from `images_dir`."""
         work_dir.mkdir(parents=True, exist_ok=True)
         read_end, write_end = os.pipe()
+        remote = (page_server_fd,) if page_server_fd >= 0 else ()
         try:
             command = self._criu.lazy_pages_command(
-                images_dir=images_dir, work_dir=work_dir, status_fd=write_end
+                images_dir=images_dir,
+                work_dir=work_dir,
+                status_fd=write_end,
+                page_server_fd=page_server_fd,
             )
             proc = await asyncio.create_subprocess_exec(
                 *command,  # not `dies_with_worker`: see the module's docstring
@@ -128,7 +135,7 @@ class LazyPages:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
-                pass_fds=(write_end,),
+                pass_fds=(write_end, *remote),
             )
         finally:
             os.close(write_end)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -20,7 +21,7 @@ from pathlib import Path
 from temporalio import activity
 
 from activities.contracts import RestoredWorkload, RestoreInput
-from activities.criu.command import IMAGES_DIR, Criu
+from activities.criu.command import IMAGES_DIR, RESTORED_PIDFILE, Criu
 from activities.criu.lazy import LazyOutcome, LazyPages, LazyPagesDaemon
 from activities.gpu.nvml import NodeGpus, local_target
 from activities.host.files import write_atomically
@@ -40,6 +41,7 @@ from activities.storage.catalog import load_manifest
 from activities.storage.quarantine import Quarantine
 from activities.storage.sources import CheckpointSource
 from activities.storage.store import WORKLOAD_LOG, CheckpointStore, host_info
+from activities.storage.streaming import PageStream, PageStreams, StreamPlan
 from api.contract import Contract
 from api.errors import (
     AlreadyRunningError,
@@ -48,6 +50,10 @@ from api.errors import (
 )
 from api.manifest import HostInfo, Manifest
 from api.reasons import Sentinel
+
+logger = logging.getLogger(__name__)
+# How long a page source may take to exit once its daemon has ended.
+STREAM_EXIT_SECONDS = 60.0
 
 
 class RestoreActivities(RestoreSteps):
@@ -62,11 +68,15 @@ class RestoreActivities(RestoreSteps):
         source: CheckpointSource | None = None,
         quarantine: Quarantine | None = None,
         lazy_pages: LazyPages | None = None,
+        streams: PageStreams | None = None,
     ) -> None:
         """`quarantine`: the store's (default: its root's, with the default policy).
-        `lazy_pages`: whether restores serve memory lazily (default: they do not)."""
+        `lazy_pages`: whether restores serve memory lazily (default: they do not).
+        `streams`: whether restores of versions this node lacks stream their pages from the
+        bucket (default: they do not; they need lazy restores)."""
         self._criu = criu
         self.lazy_pages = lazy_pages or LazyPages(criu=criu, enabled=False)
+        self.streams = streams or PageStreams(enabled=False)
         self._store = store
         self._source = source or CheckpointSource(store=store)
         self._layout = layout
@@ -89,20 +99,45 @@ class RestoreActivities(RestoreSteps):
         control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
         version, pid, cls, claimed_version, namespace = request.version, 0, None, "", ""
         run: _CriuRun | None = None
+        stream: PageStream | None = None
+        not_streamed = ""
         held = AsyncExitStack()
         clear_sentinels(control_dir, RESTORE_SENTINELS)  # this restore's outcome only
         try:
-            stages.start("verify")
-            version_dir = await open_version(
-                held, self._source, stages, request.checkpoint_id, request.version, request.storage
-            )
-            claimed = load_manifest(version_dir)
+            plan: StreamPlan | None = None
+            if request.storage is not None and self.streams.enabled:
+                stages.start("stream")
+                plan, stream, not_streamed = await self._open_stream(request)
+            if plan is None:
+                stages.start("verify")
+                version_dir = await open_version(
+                    held,
+                    self._source,
+                    stages,
+                    request.checkpoint_id,
+                    request.version,
+                    request.storage,
+                )
+                claimed = load_manifest(version_dir)
+            else:
+                version_dir, claimed = plan.version_dir, plan.manifest
             namespace = claimed.source.namespace
             cls = self._gate.check(claimed, self._target(claimed))
             claimed_version = claimed.version
-            manifest = await asyncio.to_thread(
-                self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
-            )
+            if plan is None:
+                manifest = await asyncio.to_thread(
+                    self._store.verify, version_dir, checkpoint_id=request.checkpoint_id
+                )
+            else:  # its files are verified as they arrive, page images chunk by chunk
+                assert stream is not None
+                manifest = claimed
+                await stream.begin(
+                    plan,
+                    pidfile=stream.work_dir / RESTORED_PIDFILE,
+                    background=self.streams.background,
+                    threads=self.streams.threads,
+                )
+                await stream.ready()
             version = manifest.version
             stages.start("prepare")
             saved_output = version_dir / WORKLOAD_LOG
@@ -112,8 +147,12 @@ class RestoreActivities(RestoreSteps):
             )
             control_dir = Path(manifest.source.control_dir)
             write_restore_context(control_dir, request.env)
-            run = await self._criu_restore(request.name, version_dir / IMAGES_DIR, stages)
+            run = await self._criu_restore(
+                request.name, version_dir / IMAGES_DIR, stages, stream=stream
+            )
             pid = run.pid
+            if stream is not None and (failed := stream.error()) is not None:
+                raise failed  # the page source kills the tree too: never zeros for pages
             write_sentinel_file(control_dir, Sentinel.RESTORE_COMPLETE)
             stages.start("await-answer")
             url = manifest.source.health_url or manifest.source.readiness.http_url
@@ -122,11 +161,13 @@ class RestoreActivities(RestoreSteps):
             if run.daemon is None:
                 shutil.rmtree(run.work_dir, ignore_errors=True)  # kept only when it failed
             else:  # the version stays in use until every page is delivered
-                done = _release(held.pop_all(), run.work_dir)
+                done = _release(held.pop_all(), run.work_dir, stream, control_dir, self.streams)
                 self.lazy_pages.hand_over(run.daemon, restored_pid=pid, done=done)
-        except WarmstartError as err:
+        except WarmstartError as caught:
+            # A stream that failed says why its process died (a damaged or missing range).
+            err = (stream.error() if stream is not None else None) or caught
             await _undo(pid, control_dir, failure_note(err))
-            await self._stop_lazy(run)
+            await self._stop_lazy(run, stream)
             if cls is not None:  # evidence against the version on this node class
                 self._gate.remember(
                     request.checkpoint_id, claimed_version, cls, err, namespace=namespace
@@ -136,7 +177,7 @@ class RestoreActivities(RestoreSteps):
             raise type(err)(f"{where} failed: {err}", reason=err.reason) from err
         except BaseException as err:
             await _undo(pid, control_dir, failure_note(err))
-            await self._stop_lazy(run)
+            await self._stop_lazy(run, stream)
             raise
         finally:
             await held.aclose()  # the cache may evict the version again (unless handed over)
@@ -150,13 +191,65 @@ class RestoreActivities(RestoreSteps):
             stage_seconds=stages.seconds,
             lazy_pages_pid=run.daemon.pid if run.daemon is not None else 0,
             lazy_unavailable=run.lazy_unavailable,
+            page_source_pid=stream.pid if stream is not None else 0,
+            stream_unavailable=not_streamed[-2000:],
         )
 
-    async def _criu_restore(self, name: str, images_dir: Path, stages: Stages) -> _CriuRun:
+    async def _open_stream(
+        self, request: RestoreInput
+    ) -> tuple[StreamPlan | None, PageStream | None, str]:
+        """A streamed restore's plan and page source (decision 0039), or (None, None, why
+        not: "" where this node has the version). The page source starts first: its
+        start-up overlaps the fetch of the version's other files."""
+        assert request.storage is not None
+        why = await asyncio.to_thread(self.lazy_pages.unavailable)
+        if why:
+            why = f"streamed restores need lazy restores: {why}"
+            activity.logger.warning("restoring %s after a download: %s", request.name, why)
+            return None, None, why
+        work_dir = self._layout.restore_work_dir(request.name)
+        stream = await self.streams.start(work_dir)
+        try:
+            plan = await self._source.stream_plan(
+                request.checkpoint_id, request.version, request.storage, dest=work_dir / "version"
+            )
+        except BaseException:
+            await stream.kill()
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+        if isinstance(plan, str):
+            await stream.kill()
+            shutil.rmtree(work_dir, ignore_errors=True)
+            if plan:
+                activity.logger.warning("restoring %s after a download: %s", request.name, plan)
+            return None, None, plan
+        return plan, stream, ""
+
+    async def _criu_restore(
+        self, name: str, images_dir: Path, stages: Stages, *, stream: PageStream | None = None
+    ) -> _CriuRun:
         """CRIU restores `images_dir`: lazily where this node asks for it and can (stages
         `lazy-pages`, then `criu-restore`), else eagerly (`criu-restore`). A lazy restore
         that cannot start or fails is said (stage `lazy-unavailable`, a log line, the
-        result's `lazy_unavailable`) and done eagerly instead, from a fresh work directory."""
+        result's `lazy_unavailable`) and done eagerly instead, from a fresh work directory.
+        A streamed one (`stream`) is lazy or fails: its pages are not here."""
+        if stream is not None:
+            stages.start("lazy-pages")
+            serving = await self.lazy_pages.start(
+                images_dir=images_dir,
+                work_dir=stream.work_dir,
+                page_server_fd=stream.daemon_end.fileno(),
+            )
+            stream.daemon_end.close()  # the daemon's now: its end closes when it exits
+            try:
+                stages.start("criu-restore")
+                pid = await self._criu.restore(
+                    images_dir=images_dir, work_dir=stream.work_dir, lazy=True
+                )
+            except BaseException:
+                await self.lazy_pages.stop(serving)
+                raise
+            return _CriuRun(pid=pid, work_dir=stream.work_dir, daemon=serving)
         why = ""
         if self.lazy_pages.enabled:
             stages.start("lazy-pages")
@@ -187,10 +280,14 @@ class RestoreActivities(RestoreSteps):
         pid = await self._criu.restore(images_dir=images_dir, work_dir=work_dir)
         return _CriuRun(pid=pid, work_dir=work_dir, lazy_unavailable=why[-2000:])
 
-    async def _stop_lazy(self, run: _CriuRun | None) -> None:
-        """After the restored process was stopped: its daemon, if any, with it."""
+    async def _stop_lazy(self, run: _CriuRun | None, stream: PageStream | None) -> None:
+        """After the restored process was stopped: its daemon and page source, if any, with
+        it (a streamed restore's work directory holds nothing worth keeping but logs)."""
         if run is not None and run.daemon is not None:
             await self.lazy_pages.stop(run.daemon)
+        if stream is not None:
+            await stream.kill()
+            shutil.rmtree(stream.work_dir / "version", ignore_errors=True)
 
     def _target(self, manifest: Manifest) -> HostInfo:
         """This node as the restored process will see it: the checkpoint's own GPUs when
@@ -210,13 +307,32 @@ class _CriuRun:
     lazy_unavailable: str = ""
 
 
-def _release(held: AsyncExitStack, work_dir: Path) -> Callable[[LazyOutcome], Awaitable[None]]:
+def _release(
+    held: AsyncExitStack,
+    work_dir: Path,
+    stream: PageStream | None,
+    control_dir: Path,
+    streams: PageStreams,
+) -> Callable[[LazyOutcome], Awaitable[None]]:
     """Once a lazy restore's daemon has ended: the version may be evicted again, and the work
-    directory goes (kept when not every page was delivered: its logs say why)."""
+    directory goes (kept when not every page was delivered: its logs say why). A streamed
+    restore's page source is waited for; one that failed has killed the restored process
+    (never left to read zeros), which is said and left in its control directory."""
 
     async def done(outcome: LazyOutcome) -> None:
         await held.aclose()
-        if outcome.complete:
+        complete = outcome.complete
+        if stream is not None:
+            status = await stream.wait(STREAM_EXIT_SECONDS)
+            streams.ended(stream, status)
+            logger.info("page source %d ended: %s", stream.pid, status)
+            failed = stream.error()
+            if failed is not None:
+                logger.error("streamed restore killed its restored process: %s", failed)
+                fall_back_to_cold_start(control_dir, failure_note(failed))
+            complete = complete and bool(status.get("complete"))
+            shutil.rmtree(work_dir / "version", ignore_errors=True)
+        if complete:
             shutil.rmtree(work_dir, ignore_errors=True)
 
     return done

@@ -10,6 +10,7 @@ older). A version found in neither place is CheckpointNotFoundError naming both.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from activities.contracts import PrefetchInput, PrefetchResult, RemoteStorage
 from activities.steps import PrefetchSteps
 from activities.storage.remote import RemoteStores, heartbeating
 from activities.storage.store import CheckpointStore
+from activities.storage.streaming import StreamPlan, pick_streamed, why_not_streamed
 from api.errors import CheckpointNotFoundError, StorageError
 from api.manifest import Manifest
 from api.naming import MANIFEST_FILE
@@ -96,6 +98,45 @@ class CheckpointSource:
                     accept=accept,
                 ),
             )
+
+    async def stream_plan(
+        self, checkpoint_id: str, version: str, storage: RemoteStorage, *, dest: Path
+    ) -> StreamPlan | str:
+        """A version this node lacks, its files but the page images fetched into `dest`
+        (decision 0039); else why it is not streamed: "" where this node has it (its store
+        or its cache: restore from there), a sentence where it must be downloaded first."""
+        if self._cache is None or self._remote is None:
+            return ""  # version_dir says why it cannot be restored
+        from activities.storage.objectstore.cache import location_key
+        from activities.storage.objectstore.s3 import S3Backend
+
+        remote = self._remote
+        source = await asyncio.to_thread(remote.backend, storage)
+        if not version:
+            version = await asyncio.to_thread(_newest, source.list_versions, checkpoint_id, storage)
+        location = location_key(remote.resolved(storage))
+        cached = self._cache.version_dir(location, checkpoint_id, version)
+        local = self.store.version_dir(checkpoint_id, version)
+        if (local / MANIFEST_FILE).is_file() or (cached / MANIFEST_FILE).is_file():
+            return ""
+        if not isinstance(source, S3Backend):
+            return f"storage of kind {storage.kind!r} cannot stream"
+        manifest, streamed = await asyncio.to_thread(
+            lambda: source.download_streamed(
+                checkpoint_id=checkpoint_id, version=version, dest_dir=dest, streamed=pick_streamed
+            )
+        )
+        why = why_not_streamed(manifest, streamed)
+        if why:
+            shutil.rmtree(dest, ignore_errors=True)
+            return why
+        return StreamPlan(
+            manifest=manifest,
+            version_dir=dest,
+            streamed=streamed,
+            bucket=source.location.bucket,
+            connection=source.connection,
+        )
 
     async def prefetch(
         self, checkpoint_id: str, version: str, storage: RemoteStorage

@@ -24,6 +24,7 @@ from activities.host.files import fsync_dir, sha256_file, write_atomically
 from activities.host.layout import NodeLayout
 from activities.steps import StorageSteps
 from activities.storage.catalog import STAGING, committed_versions, load_manifest
+from activities.storage.chunks import digest_with_table, has_table, table_path
 from activities.storage.remote import RemoteStores, in_thread
 from activities.storage.verified import VerifiedFiles
 from api.errors import (
@@ -165,16 +166,35 @@ def make_private(root: Path) -> None:
 
 
 def digest_tree(root: Path) -> tuple[FileDigest, ...]:
-    """Size and SHA-256 of every file under `root`, as paths relative to it."""
+    """Size and SHA-256 of every file under `root`, as paths relative to it. Page images get
+    their chunk table written beside the version first (hashed in the same read), and the
+    tables are files of the version like the others (`chunks`, decision 0039)."""
+    found = [
+        Path(dirpath, name).relative_to(root)
+        for dirpath, _dirs, names in os.walk(root)
+        for name in names
+    ]
+    known: dict[str, str] = {}
+    for found_path in found:
+        if has_table(str(found_path), (root / found_path).stat().st_size):
+            digest, table = digest_with_table(root / found_path)
+            known[str(found_path)] = digest
+            table_file = root / table_path(str(found_path))
+            for directory in reversed(table_file.relative_to(root).parents[:-1]):
+                (root / directory).mkdir(mode=0o700, exist_ok=True)  # private as the rest
+            fd = os.open(table_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(table.encode())
     entries = []
     for dirpath, _dirs, names in os.walk(root):
-        for name in sorted(names):
+        for name in names:
             path = Path(dirpath, name)
+            relative = str(path.relative_to(root))
             entries.append(
                 FileDigest(
-                    path=str(path.relative_to(root)),
+                    path=relative,
                     size=path.stat().st_size,
-                    sha256=sha256_file(path),
+                    sha256=known.get(relative) or sha256_file(path),
                 )
             )
     return tuple(sorted(entries, key=lambda e: e.path))

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from activities.storage.chunks import table_path
 from activities.storage.objectstore.compression import worth_compressing
 from activities.storage.objectstore.s3 import S3Backend, S3Location
 from activities.storage.objectstore.s3calls import client_config
@@ -206,7 +207,7 @@ def test_an_interrupted_compressed_upload_resumes_from_the_stored_parts(
     assert sent.numbers == [2, 3]  # the stored part made again, found equal, not sent
     compressed = _objects(client, bucket)[_key(HEX + ".zst")]
     assert report.bytes_transferred == compressed - SETTINGS.part_size
-    assert seen[-1].bytes_done == len(files[HEX])
+    assert seen[-1].bytes_done == sum(map(len, files.values()))  # with its chunk table
     assert "Uploads" not in client.list_multipart_uploads(Bucket=bucket)
     _fetch_and_check(backend, tmp_path, files)
 
@@ -224,6 +225,7 @@ def test_a_retry_keeps_a_complete_object_stored_the_other_way(
     assert off.upload_version(local, checkpoint_id=CKPT, version=VERSION).bytes_transferred == 0
     assert set(_objects(client, bucket)) == {
         _key(TEXT + ".zst"),
+        _key(table_path(TEXT)),  # its chunk table (decision 0039): digests, stored plain
         _key(SMALL_TEXT + ".zst"),
         _key("manifest.json"),
     }

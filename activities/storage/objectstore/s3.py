@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from activities.storage.backends import KindContext
 from activities.storage.objectstore.s3calls import S3Calls, client_config
-from activities.storage.objectstore.s3download import VersionDownload, read_manifest
+from activities.storage.objectstore.s3download import StoredObject, VersionDownload, read_manifest
 from activities.storage.objectstore.s3keys import S3Location
 from activities.storage.objectstore.s3upload import VersionUpload, sse_args
 from activities.storage.objectstore.transfer import (
@@ -47,7 +48,7 @@ from api.storage import RemoteStorage
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["S3Backend", "S3Kind", "S3Location"]
+__all__ = ["S3Backend", "S3Connection", "S3Kind", "S3Location", "StoredObject"]
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -69,14 +70,19 @@ class S3Kind:
         settings = self._transfer
         if storage.sse:
             settings = replace(settings, sse=storage.sse, kms_key_id=storage.kms_key_id)
+        keys = self._credentials(storage)
         return S3Backend(
-            client=self._client(storage),
+            client=self._client(storage, keys),
             location=S3Location(storage.bucket, storage.prefix),
             settings=settings,
+            connection=S3Connection(
+                endpoint=storage.endpoint,
+                region=storage.region,
+                keys=keys,
+            ),
         )
 
-    def _client(self, storage: RemoteStorage) -> S3Client:
-        keys = self._credentials(storage)
+    def _client(self, storage: RemoteStorage, keys: dict[str, str]) -> S3Client:
         cache_key = (
             storage.endpoint,
             storage.region,
@@ -121,13 +127,29 @@ class S3Kind:
         return keys
 
 
+@dataclass(frozen=True)
+class S3Connection:
+    """How a process of its own reaches the same bucket (a streamed restore's page source):
+    the endpoint, the region and the keys (none: boto3's standard chain)."""
+
+    endpoint: str = ""
+    region: str = ""
+    keys: dict[str, str] = field(default_factory=dict)
+
+
 class S3Backend:
     """Publish, fetch, list and delete checkpoint versions under one S3 location."""
 
     def __init__(
-        self, *, client: S3Client, location: S3Location, settings: TransferSettings | None = None
+        self,
+        *,
+        client: S3Client,
+        location: S3Location,
+        settings: TransferSettings | None = None,
+        connection: S3Connection | None = None,
     ) -> None:
         self.client = client
+        self.connection = connection or S3Connection()
         self._s3 = S3Calls(client)
         self.location = location
         self.settings = settings or TransferSettings()
@@ -172,6 +194,26 @@ class S3Backend:
             dest_dir=dest_dir,
         )
         return download.run(progress=progress)
+
+    def download_streamed(
+        self,
+        *,
+        checkpoint_id: str,
+        version: str,
+        dest_dir: Path,
+        streamed: Callable[[Manifest, list[StoredObject]], list[StoredObject]],
+    ) -> tuple[Manifest, list[StoredObject]]:
+        """Fetch a version's files into `dest_dir`, verified, except those `streamed` picks:
+        those are returned (decision 0039); `dest_dir` gets no manifest."""
+        download = VersionDownload(
+            s3=self._s3,
+            location=self.location,
+            settings=self.settings,
+            checkpoint_id=checkpoint_id,
+            version=version,
+            dest_dir=dest_dir,
+        )
+        return download.run_streamed(streamed)
 
     def checkpoint_ids(self) -> list[str]:
         root, found = self.location.root, []

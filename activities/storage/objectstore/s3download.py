@@ -16,7 +16,7 @@ unverified carries a final name.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from activities.storage.objectstore.placing import (
     check_listing,
     check_manifest,
     commit_manifest,
+    make_private_dirs,
     prepare_destination,
 )
 from activities.storage.objectstore.s3calls import S3Calls
@@ -57,6 +58,18 @@ class _Object:
     @property
     def compressed(self) -> bool:
         return self.name != self.entry.path
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A file of a version as stored: its object's key, size and ETag, and whether it is
+    stored compressed."""
+
+    entry: FileDigest
+    key: str
+    size: int
+    etag: str
+    compressed: bool
 
 
 @dataclass(frozen=True)
@@ -130,7 +143,33 @@ class VersionDownload:
         if prepare_destination(self._dest, raw):
             meter.add(done=manifest.size_bytes, transferred=0)
             return meter.report(manifest)
+        self._get(self._objects(manifest), meter)
+        commit_manifest(self._dest, raw, durable=self._settings.durable)
+        return meter.report(manifest)
+
+    def run_streamed(
+        self, streamed: Callable[[Manifest, list[StoredObject]], list[StoredObject]]
+    ) -> tuple[Manifest, list[StoredObject]]:
+        """Fetch every file but those `streamed` picks (from the version's objects), which
+        a page source fetches as the restore goes (decision 0039); none fetched where it picks
+        none. The directory gets no manifest: it is never a committed version."""
+        manifest, _raw = read_manifest(
+            self._s3, self._location, checkpoint_id=self._checkpoint_id, version=self._version
+        )
+        make_private_dirs(self._dest)
         objects = self._objects(manifest)
+        stored = [
+            StoredObject(held.entry, self._key(held.name), held.size, held.etag, held.compressed)
+            for held in objects
+        ]
+        picked = {item.entry.path for item in streamed(manifest, stored)}
+        if not picked:
+            return manifest, []  # nothing streams: nothing fetched here
+        rest = [held for held in objects if held.entry.path not in picked]
+        self._get(rest, Meter(total=sum(held.entry.size for held in rest), callback=None))
+        return manifest, [item for item in stored if item.entry.path in picked]
+
+    def _get(self, objects: list[_Object], meter: Meter) -> None:
         threshold = self._settings.part_size
         with (
             worker_pool(self._settings.concurrency, name="s3-files") as files,
@@ -145,8 +184,6 @@ class VersionDownload:
                 self._failure.watch(future)
             self._get_large([held for held in objects if held.size > threshold], parts, meter)
             results(small)
-        commit_manifest(self._dest, raw, durable=self._settings.durable)
-        return meter.report(manifest)
 
     def _objects(self, manifest: Manifest) -> list[_Object]:
         """The object holding each file, checked against the listing (`check_listing`)."""
