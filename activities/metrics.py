@@ -8,7 +8,7 @@ record into it. Names follow OpenTelemetry's conventions (dotted, unit apart, `{
 counts); the Prometheus exporter turns `warmstart.restore.duration` (unit `s`) into
 `warmstart_restore_duration_seconds` and a counter `warmstart.restores` into
 `warmstart_restores_total`. The dashboard and alert rules in `deploy/observability/` may
-name only what this table makes (`tests/workers/test_metrics.py`).
+name only what this table makes (`tests/workers/test_observability.py`).
 
 Attributes are few and bounded: a step's name, an outcome, a `Reason`, a direction, a task
 queue: never a checkpoint ID, pod or node (Prometheus adds the scraped instance).
