@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import socket
+import sys
 import urllib.request
 import uuid
 from dataclasses import replace
@@ -332,3 +335,58 @@ async def test_the_backlog_of_a_queue_nobody_serves_is_reported(
         )
     finally:
         await handle.terminate("test over")
+
+
+async def test_warmstart_worker_serves_its_queues_backlog_until_stopped(
+    client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """The process as deployed: `warmstart worker` with metrics on opens the endpoint,
+    reports the backlog of the queue it serves, and closes it on SIGTERM."""
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "WARMSTART_HOME": str(tmp_path / "home"),
+        "WARMSTART_TEMPORAL__ADDRESS": client.service_client.config.target_host,
+        "WARMSTART_NODE__CONTROL_TASK_QUEUE": settings.node.control_task_queue,
+        "WARMSTART_TELEMETRY__METRICS": "prometheus",
+        "WARMSTART_TELEMETRY__PROMETHEUS_HOST": "127.0.0.1",
+        "WARMSTART_TELEMETRY__PROMETHEUS_PORT": str(port),
+        "WARMSTART_TELEMETRY__BACKLOG_EVERY_SECONDS": "0.2",
+    }
+    warmstart = str(Path(sys.executable).parent / "warmstart")
+    proc = await asyncio.create_subprocess_exec(
+        warmstart,
+        "worker",
+        "--role",
+        "control",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+    labels = {"temporal_task_queue": settings.node.control_task_queue}
+    try:
+        found: Samples = {}
+        for _ in range(150):
+            try:
+                found = await asyncio.to_thread(scrape, url)
+            except OSError:
+                found = {}
+            if any(
+                n == "warmstart_queue_backlog" and set(labels.items()) <= held for n, held in found
+            ):
+                break
+            await asyncio.sleep(0.1)
+        kinds = {
+            dict(held)["temporal_task_queue_kind"]
+            for n, held in found
+            if n == "warmstart_queue_backlog" and set(labels.items()) <= held
+        }
+        assert kinds == {"workflow", "activity"}, found.keys()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    with pytest.raises(OSError):
+        scrape(url)
