@@ -10,8 +10,8 @@ Floors, top to bottom (imports point down only; `lint-imports` checks it in `mak
    retention, quarantine.
 2. `criu`, `gpu`: the CRIU program; NVML facts and the CUDA checkpoint API.
 1. `host`: the Linux host: files, processes, node paths, sentinel files.
-0. `steps`, `errors`, then `contracts`: the declarations workflows import, the error
-   mapping, and their inputs and outputs.
+0. `steps`, `errors`, then `contracts` and `metrics`: the declarations workflows import,
+   the error mapping, their inputs and outputs; the metrics every floor records.
 
 Workflows import floor 0 only (`activities.steps`, `activities.contracts`); workers compose
 the rest.

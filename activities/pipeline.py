@@ -13,6 +13,7 @@ from pathlib import Path
 
 from temporalio import activity
 
+from activities import metrics
 from activities.contracts import Heartbeat, RemoteStorage
 from activities.host.files import sha256_file
 from activities.storage.quarantine import (
@@ -61,7 +62,9 @@ class Stages:
 
     def finish(self) -> None:
         if self._name:
-            spent = self.seconds.get(self._name, 0.0) + time.monotonic() - self._started
+            elapsed = time.monotonic() - self._started
+            metrics.stage_finished(self._name, elapsed)
+            spent = self.seconds.get(self._name, 0.0) + elapsed
             self.seconds[self._name] = round(spent, 4)
             self._name = ""
 
@@ -151,6 +154,7 @@ class NodeGate:
             namespace=namespace,
         )
         entry = self.quarantine.record(evidence)
+        metrics.quarantine_recorded(err.reason, active=entry.active)
         if activity.in_activity():
             activity.logger.warning("%s", entry.describe())
         return entry

@@ -245,3 +245,29 @@ def test_the_node_may_read_the_checkpoint_a_pod_names() -> None:
     ]
     rules = role["rules"]  # type: ignore[index]
     assert {"apiGroups": ["warmstart.dev"], "resources": ["checkpoints"], "verbs": ["get"]} in rules
+
+
+def test_the_controller_and_node_workers_serve_metrics_where_prometheus_looks() -> None:
+    """Metrics on (decision 0038), on the port their settings name, which the container
+    names `metrics` and the scrape annotations point at."""
+    from workers.settings import Settings
+
+    served = {}
+    for doc in _kubernetes_docs():
+        if doc["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        template = doc["spec"]["template"]
+        [container] = template["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+        telemetry = Settings.from_env(env).telemetry
+        if telemetry.metrics == "off":
+            continue
+        assert telemetry.metrics == "prometheus"
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        assert ports["metrics"] == telemetry.prometheus_port
+        annotations = template["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(telemetry.prometheus_port)
+        assert annotations["prometheus.io/path"] == "/metrics"
+        served[doc["metadata"]["name"]] = telemetry.prometheus_port
+    assert set(served) == {"warmstart-controller", "warmstart-node"}

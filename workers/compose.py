@@ -1,8 +1,9 @@
 """Composition root of the workers: build the activities with their dependencies and the
 control and node workers from settings (local mode).
 
-Every worker gets the `ErrorMapping` interceptor (warmstart errors → ApplicationError);
-tracing comes from the client's TracingInterceptor, which Temporal also applies to workers.
+Every worker gets the `ErrorMapping` interceptor (warmstart errors → ApplicationError), and
+with metrics on, `PipelineMetrics` (steps timed, pipelines counted by outcome); tracing
+comes from the client's TracingInterceptor, which Temporal also applies to workers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 
 from activities.criu.command import DUMP_OPTIONS, Criu
 from activities.criu.lazy import LazyPages
@@ -85,6 +86,16 @@ def node_cache(settings: Settings, layout: NodeLayout, verified: VerifiedFiles) 
     return NodeCache(layout.checkpoint_cache, max_bytes=bound, verified=verified)
 
 
+def interceptors(settings: Settings) -> list[Interceptor]:
+    """The error mapping, and with metrics on the interceptor that records them (imported
+    only then: the restore path stays as lean as without)."""
+    if settings.telemetry.metrics == "off":
+        return [ErrorMapping()]
+    from workers.metrics import PipelineMetrics
+
+    return [ErrorMapping(), PipelineMetrics()]
+
+
 def control_worker(client: Client, settings: Settings) -> Worker:
     """CaptureWorkflow and the API-side activities (local mode: the state directory), plus
     RetentionWorkflow and its activities over the checkpoint root, and CatalogWorkflow."""
@@ -99,7 +110,7 @@ def control_worker(client: Client, settings: Settings) -> Worker:
             *retention_activities(client, settings=settings),
             catalog_activities(settings, cluster=False).answer_catalog,
         ],
-        interceptors=[ErrorMapping()],
+        interceptors=interceptors(settings),
     )
 
 
@@ -137,7 +148,7 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
                 settings, cluster=True, on_cleared=control.publish_quarantine
             ).answer_catalog,
         ],
-        interceptors=[ErrorMapping()],
+        interceptors=interceptors(settings),
     )
 
 
@@ -183,6 +194,10 @@ def node_worker(
     cache = node_cache(settings, layout, verified)
     for unkeyed in cache.sweep_unkeyed():
         log.info("removed %s: cached by an older worker without its location", unkeyed)
+    if settings.telemetry.metrics != "off":
+        from workers.metrics import watch_cache
+
+        watch_cache(cache)
     source = CheckpointSource(store=store, cache=cache, remote=remote)
     prefetch = PrefetchActivities(source)
     pre_dumps = PreDumps(criu=criu, rounds=settings.criu.pre_dumps)
@@ -226,7 +241,7 @@ def node_worker(
             storage.discard_staging,
             prefetch.prefetch_version,
         ],
-        interceptors=[ErrorMapping()],
+        interceptors=interceptors(settings),
         max_concurrent_activities=settings.node.max_concurrent_activities,
         max_concurrent_activity_task_polls=settings.node.activity_pollers,
     )

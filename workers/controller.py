@@ -17,6 +17,7 @@ from activities.kube.client import api_client
 from workers.client import connect
 from workers.compose import cluster_control_worker
 from workers.leader import LeaseElector
+from workers.metrics import serving_metrics, watching_backlog
 from workers.operations import remote_storage
 from workers.settings import Settings
 from workers.watcher import WatcherSettings, run_watcher
@@ -58,8 +59,17 @@ async def run_controller(settings: Settings, stop: asyncio.Event | None = None) 
         )
         alongside.append(certificate.run)
 
+    telemetry = settings.telemetry
     try:
-        async with cluster_control_worker(temporal, settings, api):
+        async with (
+            serving_metrics(telemetry),
+            watching_backlog(
+                temporal,
+                [settings.node.control_task_queue] if telemetry.metrics != "off" else [],
+                every_seconds=telemetry.backlog_every_seconds,
+            ),
+            cluster_control_worker(temporal, settings, api),
+        ):
             print(
                 f"controller {identity}: control queue {settings.node.control_task_queue}, "
                 f"leases in {settings.kube.namespace}",

@@ -17,6 +17,7 @@ from workers.compose import control_worker, node_worker
 from workers.devserver import DevServer
 from workers.housekeeping import tidy_node
 from workers.local_restore import serving_local_restores
+from workers.metrics import serving_metrics, watching_backlog
 from workers.ports import port_open
 from workers.settings import Settings
 
@@ -77,10 +78,29 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-def _queues(settings: Settings, role: str = "all") -> str:
+def _served(settings: Settings, role: str = "all") -> list[str]:
     queues = {"control": settings.node.control_task_queue}
     queues["node"] = node_task_queue(settings.node.name)
-    return ", ".join(queue for kind, queue in queues.items() if role in ("all", kind))
+    return [queue for kind, queue in queues.items() if role in ("all", kind)]
+
+
+def _queues(settings: Settings, role: str = "all") -> str:
+    return ", ".join(_served(settings, role))
+
+
+@contextlib.asynccontextmanager
+async def _metrics(client: Client, settings: Settings, role: str) -> AsyncIterator[None]:
+    """Metrics exported, and the served queues' backlogs watched, where settings say."""
+    telemetry = settings.telemetry
+    if telemetry.metrics == "off":
+        yield
+        return
+    every = telemetry.backlog_every_seconds
+    async with (
+        serving_metrics(telemetry),
+        watching_backlog(client, _served(settings, role), every_seconds=every),
+    ):
+        yield
 
 
 async def run_workers(settings: Settings, role: str = "all") -> None:
@@ -88,7 +108,7 @@ async def run_workers(settings: Settings, role: str = "all") -> None:
     a signal."""
     stop = _stop_on_signals()
     client = await connect(settings)
-    async with running_workers(client, settings, role):
+    async with _metrics(client, settings, role), running_workers(client, settings, role):
         print(f"workers on {settings.temporal.address}: {_queues(settings, role)}", flush=True)
         await stop.wait()
 
@@ -98,7 +118,7 @@ async def run_dev(settings: Settings) -> None:
     stop = _stop_on_signals()
     async with dev_server(settings):
         client = await connect(settings, wait_seconds=STARTUP_SECONDS)
-        async with running_workers(client, settings):
+        async with _metrics(client, settings, "all"), running_workers(client, settings):
             print(
                 f"Temporal dev server on {settings.temporal.address} "
                 f"(state {settings.dev_server_db})\n"

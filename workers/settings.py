@@ -208,9 +208,19 @@ class CertificateSettings:
 
 @dataclass(frozen=True)
 class TelemetrySettings:
+    # Traces: printed, sent over OTLP (gRPC, to `otlp_endpoint` or the exporter's default).
     exporter: Literal["off", "console", "otlp"] = "off"
     otlp_endpoint: str | None = None
     service_name: str = "warmstart"
+    # Metrics of the workers and the controller (`workers.metrics`, decision 0038): served
+    # for Prometheus to scrape on `prometheus_host:prometheus_port` (`/metrics`), or pushed
+    # over OTLP every `metrics_interval_seconds`. Task queue backlogs are asked of Temporal
+    # every `backlog_every_seconds`.
+    metrics: Literal["off", "prometheus", "otlp"] = "off"
+    prometheus_host: str = "0.0.0.0"
+    prometheus_port: int = 9464
+    metrics_interval_seconds: float = 60.0
+    backlog_every_seconds: float = 15.0
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from temporalio import activity
 
+from activities import metrics
 from activities.contracts import PrefetchInput, PrefetchResult, RemoteStorage
 from activities.steps import PrefetchSteps
 from activities.storage.remote import RemoteStores, heartbeating
@@ -83,8 +84,10 @@ class CheckpointSource:
         with cache.using(location, checkpoint_id, version):
             cached = cache.version_dir(location, checkpoint_id, version)
             if (cached / MANIFEST_FILE).is_file():  # the cache keeps the store's layout
+                metrics.cache_lookup(hit=True)
                 yield cached
                 return
+            metrics.cache_lookup(hit=False)
             on_fetch()
             source = await backend()
             yield await heartbeating(

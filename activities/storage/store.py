@@ -17,6 +17,7 @@ from pathlib import Path
 
 from temporalio import activity
 
+from activities import metrics
 from activities.contracts import CommitInput, CommitResult, DiscardInput, UploadInput, UploadResult
 from activities.criu.predump import captured_criu_info
 from activities.gpu.nvml import GpuFacts, NodeGpus, gpus_of_process, process_environment
@@ -304,6 +305,7 @@ class StorageActivities(StorageSteps):
             ),
         )
         uri = backend.uri(request.checkpoint_id, request.version)
+        metrics.transferred("upload", report.bytes_transferred, report.seconds)
         activity.logger.info(
             "uploaded %s: %d of %d bytes sent in %.2f s",
             uri,

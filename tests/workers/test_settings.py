@@ -18,6 +18,8 @@ def test_nested_variables_are_typed() -> None:
             "WARMSTART_NODE__NAME": "gpu-7",
             "WARMSTART_TELEMETRY__EXPORTER": "otlp",
             "WARMSTART_CRIU__LAZY_PAGES": "true",
+            "WARMSTART_TELEMETRY__METRICS": "prometheus",
+            "WARMSTART_TELEMETRY__PROMETHEUS_PORT": "9100",
             "HOME": "/root",
         }
     )
@@ -28,12 +30,14 @@ def test_nested_variables_are_typed() -> None:
     assert settings.node.name == "gpu-7" and settings.node.max_concurrent_activities == 16
     assert settings.telemetry.exporter == "otlp"
     assert settings.criu.lazy_pages is True
+    assert (settings.telemetry.metrics, settings.telemetry.prometheus_port) == ("prometheus", 9100)
 
 
 def test_defaults_without_variables() -> None:
     settings = Settings.from_env({})
     assert settings.temporal == TemporalSettings()
     assert settings.criu.lazy_pages is False  # eager restores unless a node asks
+    assert settings.telemetry.metrics == "off"  # no port opened, no interceptor
     assert settings.home.name == "warmstart"
     assert (settings.storage.cache_max_bytes, settings.storage.cache_max_share) == (None, 0.5)
     policy = settings.quarantine.policy(cluster=True)
@@ -51,6 +55,7 @@ def test_defaults_without_variables() -> None:
             "WARMSTART_TEMPORAL__UI_PORT='80x': expected an integer",
         ),
         ({"WARMSTART_TELEMETRY__EXPORTER": "jaeger"}, "expected one of off, console, otlp"),
+        ({"WARMSTART_TELEMETRY__METRICS": "statsd"}, "expected one of off, prometheus, otlp"),
         (
             {"WARMSTART_CRIU__LAZY_PAGES": "yes"},
             "WARMSTART_CRIU__LAZY_PAGES='yes': expected true or false",

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from activities import metrics
 from activities.contracts import RemoteStorage
 from activities.host.files import fsync_dir
 from activities.storage.catalog import load_manifest
@@ -257,6 +258,7 @@ class NodeCache:
                     dest_dir=staging,
                     progress=progress,
                 )
+                metrics.transferred("download", report.bytes_transferred, report.seconds)
                 shutil.rmtree(final, ignore_errors=True)  # what an interrupted eviction left
                 os.rename(staging, final)
                 fsync_dir(final.parent)
