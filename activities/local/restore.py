@@ -20,6 +20,7 @@ from pathlib import Path
 
 from temporalio import activity
 
+from activities import metrics
 from activities.contracts import RestoredWorkload, RestoreInput
 from activities.criu.command import IMAGES_DIR, RESTORED_PIDFILE, Criu
 from activities.criu.lazy import LazyOutcome, LazyPages, LazyPagesDaemon
@@ -325,6 +326,9 @@ def _release(
         if stream is not None:
             status = await stream.wait(STREAM_EXIT_SECONDS)
             streams.ended(stream, status)
+            metrics.transferred(
+                "download", int(status.get("bytes", 0)), float(status.get("seconds", 0.0))
+            )
             logger.info("page source %d ended: %s", stream.pid, status)
             failed = stream.error()
             if failed is not None:
