@@ -136,6 +136,8 @@ async def capture(
     """The source pod serving its token, dumped leave-running and committed."""
     source = run_pod(kubelet, tmp_path, "llama-source", ARGV, image, binds)
     wait_for(lambda: (source.control / "ready-for-snapshot").exists(), "the source to be ready")
+    # Its log line goes through the runtime's log copier: it may land after the sentinel.
+    wait_for(lambda: len(source.log.read_text().split()) > 1, "the source's token in its log")
     token = source.log.read_text().split()[1]
     store = CheckpointStore(tmp_path / "checkpoints")
     runtime = Containerd(address=kubelet.address)
