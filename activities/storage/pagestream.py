@@ -57,6 +57,7 @@ _PS_CMD_BITS = 16
 # Chunks one background GET brings (16 MiB: few requests, each still a small share of a
 # large image), and the attempts at a range before giving up.
 GROUP_CHUNKS = 16
+MAX_FILL_CHUNKS = 64
 ATTEMPTS = 3
 # GETs at a time for what the daemon asks for (beside the fill's).
 ASKED_THREADS = 4
@@ -84,7 +85,7 @@ class StreamSpec(BaseModel):
     status_file: str
     pidfile: str  # where CRIU writes the restored root's PID
     background: bool = True
-    threads: int = 4
+    threads: int = 8
 
 
 @dataclass(frozen=True)
@@ -248,10 +249,13 @@ class PageSource:
         """Fetch every chunk nobody has claimed, in order, `threads` GETs at a time."""
         futures = []
         for name, held in self.files.items():
-            for first in range(0, held.table.chunks, GROUP_CHUNKS):
+            # A large image in ranges of up to 64 MiB (at most ~16 GETs of it, as a
+            # download's parts): a server's cost per request is then a small share.
+            step = min(max(GROUP_CHUNKS, held.table.chunks // 16), MAX_FILL_CHUNKS)
+            for first in range(0, held.table.chunks, step):
                 if self.failed:
                     return
-                group = range(first, min(first + GROUP_CHUNKS, held.table.chunks))
+                group = range(first, min(first + step, held.table.chunks))
                 for run in self.claim(name, group):
                     futures.append(
                         self._pool.submit(self.fetch_claimed, name, run, on_demand=False)

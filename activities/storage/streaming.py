@@ -209,7 +209,7 @@ class PageStream:
 class PageStreams:
     """Whether this node streams restores of versions it lacks, and how."""
 
-    def __init__(self, *, enabled: bool, background: bool = True, threads: int = 4) -> None:
+    def __init__(self, *, enabled: bool, background: bool = True, threads: int = 8) -> None:
         """`background`: fetch the pages nobody asked for yet (off: only on fault, as the
         tests show); `threads`: ranged GETs at a time."""
         self.enabled = enabled
