@@ -70,11 +70,11 @@ def rss(pid: int) -> int:
 
 def disk_bytes(*roots: Path) -> int:
     total = 0
-    for root in roots:
-        for path in root.rglob("*") if root.exists() else ():
-            with contextlib.suppress(OSError):
-                if path.is_file() and not path.is_symlink():
-                    total += path.stat().st_blocks * 512
+    for root in roots:  # directories come and go meanwhile (staging, work directories)
+        for folder, _dirs, files in os.walk(root):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(folder, name)).st_blocks * 512
     return total
 
 
