@@ -203,6 +203,9 @@ class RestoredWorkload(Contract):
     # images, and why a restore this node would have streamed downloaded first instead.
     page_source_pid: int = 0
     stream_unavailable: str = ""
+    # How many restores were in CRIU on this node when this one entered, itself included
+    # (at most WARMSTART_CRIU__MAX_CONCURRENT_RESTORES; decision 0040).
+    criu_running: int = 0
 
 
 class Heartbeat(Contract):

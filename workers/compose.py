@@ -20,6 +20,7 @@ from temporalio.worker import Interceptor, Worker
 from activities.criu.command import DUMP_OPTIONS, Criu
 from activities.criu.lazy import LazyPages
 from activities.criu.predump import PreDumps
+from activities.criu.slots import RestoreSlots
 from activities.errors import ErrorMapping
 from activities.gpu.nvml import NodeGpus
 from activities.host.layout import NodeLayout
@@ -213,6 +214,7 @@ def node_worker(
         quarantine=quarantine(settings, store.root, cluster=False),
         lazy_pages=lazy_pages,
         streams=PageStreams(enabled=settings.storage.stream_restores),
+        slots=RestoreSlots(settings.criu.max_concurrent_restores),
     )
     sentinels = SentinelActivities(layout=layout)
     if settings.node.cluster:

@@ -115,8 +115,16 @@ class CriuSettings:
     # of the pages dirtied since (decision 0037). Where this kernel cannot track dirty pages
     # (`criu check --feature mem_dirty_track`) or a round fails, the dump is plain and says so.
     pre_dumps: int = 0
+    # At most this many local restores in CRIU at once on this node; the others wait in
+    # arrival order, each at most its answer timeout (stage `criu-queue`, decision 0040).
+    max_concurrent_restores: int = 8
 
     def __post_init__(self) -> None:
+        if self.max_concurrent_restores < 1:
+            raise InvalidSpecError(
+                "WARMSTART_CRIU__MAX_CONCURRENT_RESTORES="
+                f"{self.max_concurrent_restores}: expected at least 1"
+            )
         if not 0 <= self.pre_dumps <= MAX_PRE_DUMPS:
             raise InvalidSpecError(
                 f"WARMSTART_CRIU__PRE_DUMPS={self.pre_dumps}: expected 0 (no pre-dumps) to "

@@ -199,6 +199,9 @@ class RestoreResult(Contract):
     node: str
     stage_seconds: dict[str, float]  # inside the node's one restore activity
     step_seconds: dict[str, float]  # of the workflow
+    # Restores in CRIU on the node when this one entered, itself included (0: not counted,
+    # a container restore or a history from before decision 0040).
+    criu_running: int = 0
 
 
 class Progress(Contract):

@@ -87,6 +87,7 @@ class RestoreWorkflow:
             node=request.node,
             stage_seconds=restored.stage_seconds,
             step_seconds=dict(clock.seconds),
+            criu_running=restored.criu_running,
         )
 
     async def _fell_back(self, failure: PipelineFailedError) -> NoReturn:

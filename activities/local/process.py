@@ -7,10 +7,13 @@ without colliding with the host's; a shell outside the namespace records its exi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
 import socket
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -305,9 +308,15 @@ def prepare_restore_target(source: SourceInfo, saved_output: Path, *, state: Pat
     control_dir.mkdir(parents=True, exist_ok=True)
     clear_sentinels(control_dir, STALE_SENTINELS)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    if log_path.exists():
-        log_path.replace(log_path.with_name(log_path.name + ".previous"))
-    shutil.copyfile(saved_output, log_path)
+    # The path never goes missing: restores of one checkpoint running at once (a storm,
+    # decision 0040) each have CRIU open it, while another may be replacing it.
+    fresh = log_path.with_name(f".{log_path.name}.{uuid.uuid4().hex}")
+    shutil.copyfile(saved_output, fresh)
+    with contextlib.suppress(FileNotFoundError):
+        kept = log_path.with_name(f".{log_path.name}.{uuid.uuid4().hex}")
+        os.link(log_path, kept)
+        os.replace(kept, log_path.with_name(log_path.name + ".previous"))
+    os.replace(fresh, log_path)
 
 
 def confined(path: str, root: Path, *, what: str) -> Path:

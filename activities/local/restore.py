@@ -21,9 +21,10 @@ from pathlib import Path
 from temporalio import activity
 
 from activities import metrics
-from activities.contracts import RestoredWorkload, RestoreInput
+from activities.contracts import Heartbeat, RestoredWorkload, RestoreInput
 from activities.criu.command import IMAGES_DIR, RESTORED_PIDFILE, Criu
 from activities.criu.lazy import LazyOutcome, LazyPages, LazyPagesDaemon
+from activities.criu.slots import RestoreSlots
 from activities.gpu.nvml import NodeGpus, local_target
 from activities.host.files import write_atomically
 from activities.host.layout import NodeLayout, WorkloadPaths
@@ -70,12 +71,15 @@ class RestoreActivities(RestoreSteps):
         quarantine: Quarantine | None = None,
         lazy_pages: LazyPages | None = None,
         streams: PageStreams | None = None,
+        slots: RestoreSlots | None = None,
     ) -> None:
         """`quarantine`: the store's (default: its root's, with the default policy).
         `lazy_pages`: whether restores serve memory lazily (default: they do not).
         `streams`: whether restores of versions this node lacks stream their pages from the
-        bucket (default: they do not; they need lazy restores)."""
+        bucket (default: they do not; they need lazy restores).
+        `slots`: the node's bound on restores in CRIU at once (default: 8; decision 0040)."""
         self._criu = criu
+        self.slots = slots or RestoreSlots(8)
         self.lazy_pages = lazy_pages or LazyPages(criu=criu, enabled=False)
         self.streams = streams or PageStreams(enabled=False)
         self._store = store
@@ -99,6 +103,7 @@ class RestoreActivities(RestoreSteps):
         # before that (missing or damaged checkpoint) this node's own layout says.
         control_dir = self._layout.workload(request.name, request.checkpoint_id).control_dir
         version, pid, cls, claimed_version, namespace = request.version, 0, None, "", ""
+        in_criu = 0
         run: _CriuRun | None = None
         stream: PageStream | None = None
         not_streamed = ""
@@ -148,9 +153,17 @@ class RestoreActivities(RestoreSteps):
             )
             control_dir = Path(manifest.source.control_dir)
             write_restore_context(control_dir, request.env)
-            run = await self._criu_restore(
-                request.name, version_dir / IMAGES_DIR, stages, stream=stream
-            )
+            queued = _queue_reporter(stages)
+            # Waiting longer than its answer budget, it would answer past its deadline.
+            async with self.slots.slot(
+                timeout=request.answer_timeout_seconds,
+                what=f"restore of {request.name}",
+                waiting=queued,
+            ) as grant:
+                in_criu = grant.running
+                run = await self._criu_restore(
+                    request.name, version_dir / IMAGES_DIR, stages, stream=stream
+                )
             pid = run.pid
             if stream is not None and (failed := stream.error()) is not None:
                 raise failed  # the page source kills the tree too: never zeros for pages
@@ -194,6 +207,7 @@ class RestoreActivities(RestoreSteps):
             lazy_unavailable=run.lazy_unavailable,
             page_source_pid=stream.pid if stream is not None else 0,
             stream_unavailable=not_streamed[-2000:],
+            criu_running=in_criu,
         )
 
     async def _open_stream(
@@ -295,6 +309,18 @@ class RestoreActivities(RestoreSteps):
         they are all here, else as many of the node's."""
         source = tuple(gpu.uuid for gpu in manifest.host.gpus)
         return host_info(local_target(source, self._gpus.facts()))
+
+
+def _queue_reporter(stages: Stages) -> Callable[[int], None]:
+    """While a restore waits for a CRIU slot: the stage `criu-queue`, its place heartbeated."""
+
+    def waiting(place: int) -> None:
+        if stages.current != "criu-queue":
+            stages.start("criu-queue")
+        if activity.in_activity():
+            activity.heartbeat(Heartbeat(stage=f"criu-queue (place {place})"))
+
+    return waiting
 
 
 @dataclass(frozen=True)
