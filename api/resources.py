@@ -307,6 +307,15 @@ class Prefetch(Spec):
             "names at least one label: an empty one would select every node of the cluster."
         ),
     )
+    nodes_at_once: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description=(
+            "How many nodes fetch at once, a cap on the bucket's concurrent reads of the "
+            "version (0: all at once)."
+        ),
+    )
 
 
 class ResourceIdentity(CheckpointIdentity):

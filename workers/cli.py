@@ -245,6 +245,7 @@ def prefetch(args: argparse.Namespace) -> int:
             storage=storage,
             nodes=args.node or [settings.node.name],
             control_task_queue=settings.node.control_task_queue,
+            nodes_at_once=args.at_once,
         )
         return await run_prefetch(await connect(settings), request)
 
@@ -468,6 +469,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--version", default="", help="version (default: the newest stored)")
     sub.add_argument(
         "--node", action="append", default=[], metavar="NODE", help="a node to warm (repeat)"
+    )
+    sub.add_argument(
+        "--at-once",
+        type=int,
+        default=0,
+        metavar="N",
+        help="how many nodes fetch at once, a cap on the bucket's concurrent reads (default: "
+        "all at once)",
     )
     output(sub)
 

@@ -138,6 +138,7 @@ def capture_request(
             resource.spec.storage, namespace=meta.namespace, default=settings.storage
         ),
         prefetch_node_selectors=prefetch.node_selectors if prefetch is not None else [],
+        prefetch_nodes_at_once=prefetch.nodes_at_once if prefetch is not None else 0,
     )
 
 

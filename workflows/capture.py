@@ -391,6 +391,7 @@ class CaptureWorkflow:
                     nodes=nodes,
                     node_timeout_seconds=req.node_timeout_seconds,
                     control_task_queue=req.control_task_queue,
+                    nodes_at_once=req.prefetch_nodes_at_once,
                 ),
                 id=f"prefetch/{req.namespace}/{req.name}/{version}",
                 task_queue=req.control_task_queue,

@@ -74,6 +74,7 @@ class CaptureRequest(Contract):
     storage: RemoteStorage | None = None
     # With `storage`: once Ready, the caches of the nodes these label maps select are warmed.
     prefetch_node_selectors: list[dict[str, str]] = Field(default_factory=list)
+    prefetch_nodes_at_once: int = Field(default=0, ge=0)  # see PrefetchRequest
 
     @model_validator(mode="before")
     @classmethod
@@ -225,6 +226,9 @@ class PrefetchRequest(Contract):
     nodes: list[PathElement] = Field(min_length=1)
     node_timeout_seconds: ShortSeconds = 120.0
     control_task_queue: str = CONTROL_TASK_QUEUE
+    # How many nodes fetch at once (0: all at once): the bucket then serves at most this
+    # many downloads of the version at a time, each node's bytes once (decision 0042).
+    nodes_at_once: int = Field(default=0, ge=0)
 
 
 class NodePrefetch(Contract):

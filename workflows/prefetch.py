@@ -1,13 +1,15 @@
 """PrefetchWorkflow: warm the node caches of some nodes with a checkpoint version before
 pods land there (`warmstart prefetch`, or a Checkpoint's `prefetch` field once it is Ready).
 
-Each node fetches on its own queue, all at once; a node that fails or is gone is reported,
-not retried forever, and does not fail the others: a cold cache only slows a restore.
+Each node fetches on its own queue, all at once or `nodes_at_once` at a time (a cap on the
+bucket's concurrent reads of the version); a node that fails or is gone is reported, not
+retried forever, and does not fail the others: a cold cache only slows a restore.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
@@ -33,10 +35,19 @@ FETCH_RETRY = RetryPolicy(
 class PrefetchWorkflow:
     @workflow.run
     async def run(self, request: PrefetchRequest) -> PrefetchReport:
-        fetches = [self._fetch(request, node) for node in request.nodes]
+        # At most `nodes_at_once` fetching, in the order the nodes are named (the
+        # semaphore's waiters wake first come, first served; none: all at once, as before).
+        at_once = asyncio.Semaphore(request.nodes_at_once) if request.nodes_at_once else None
+        fetches = [self._fetch(request, node, at_once) for node in request.nodes]
         return PrefetchReport(nodes=list(await asyncio.gather(*fetches)))
 
-    async def _fetch(self, request: PrefetchRequest, node: str) -> NodePrefetch:
+    async def _fetch(
+        self, request: PrefetchRequest, node: str, at_once: asyncio.Semaphore | None
+    ) -> NodePrefetch:
+        async with at_once or contextlib.nullcontext():
+            return await self._fetch_on(request, node)
+
+    async def _fetch_on(self, request: PrefetchRequest, node: str) -> NodePrefetch:
         try:
             result: PrefetchResult = await workflow.execute_activity_method(
                 PrefetchSteps.prefetch_version,
