@@ -197,3 +197,16 @@ def failure_note(err: BaseException) -> str:
     if isinstance(err, asyncio.CancelledError):
         return f"{Reason.CANCELLED}: the restore was cancelled"
     return f"{Reason.INTERNAL}: {type(err).__name__}: {err}"
+
+
+def queue_reporter(stages: Stages) -> Callable[[int], None]:
+    """While a restore waits for a CRIU slot (`activities.criu.slots`): the stage
+    `criu-queue`, its place in the queue heartbeated."""
+
+    def waiting(place: int) -> None:
+        if stages.current != "criu-queue":
+            stages.start("criu-queue")
+        if activity.in_activity():
+            activity.heartbeat(Heartbeat(stage=f"criu-queue (place {place})"))
+
+    return waiting

@@ -204,6 +204,7 @@ def node_worker(
     pre_dumps = PreDumps(criu=criu, rounds=settings.criu.pre_dumps)
     dumping = CriuActivities(criu=criu, store=store, layout=layout, pre_dumps=pre_dumps)
     lazy_pages = LazyPages(criu=criu, enabled=settings.criu.lazy_pages)
+    slots = RestoreSlots(settings.criu.max_concurrent_restores)  # the node's, both paths
     restoring = RestoreActivities(
         criu=criu,
         store=store,
@@ -214,14 +215,20 @@ def node_worker(
         quarantine=quarantine(settings, store.root, cluster=False),
         lazy_pages=lazy_pages,
         streams=PageStreams(enabled=settings.storage.stream_restores),
-        slots=RestoreSlots(settings.criu.max_concurrent_restores),
+        slots=slots,
     )
     sentinels = SentinelActivities(layout=layout)
     if settings.node.cluster:
         # Pods' containers only: nothing here runs a command a workflow names or dumps a
         # PID a request gives; local-mode steps sent here find no worker (NodeLost).
         mode = _container_activities(
-            settings, criu=criu, store=store, gpus=gpus, source=source, lazy_pages=lazy_pages
+            settings,
+            criu=criu,
+            store=store,
+            gpus=gpus,
+            source=source,
+            lazy_pages=lazy_pages,
+            slots=slots,
         )
     else:
         mode = [
@@ -295,6 +302,7 @@ def _container_activities(
     gpus: NodeGpus,
     source: CheckpointSource,
     lazy_pages: LazyPages,
+    slots: RestoreSlots,
 ) -> list[Callable[..., Any]]:
     """A cluster node's: capture from and restore into the pods' containers (through the
     runtime its settings name)."""
@@ -324,6 +332,7 @@ def _container_activities(
         source=source,
         announcements=Announcements(kubelet_root=Path(settings.node.kubelet_root), runtime=runtime),
         lazy_pages=lazy_pages,
+        slots=slots,
     )
     pods = PodActivities(
         runtime=runtime,

@@ -21,7 +21,7 @@ from pathlib import Path
 from temporalio import activity
 
 from activities import metrics
-from activities.contracts import Heartbeat, RestoredWorkload, RestoreInput
+from activities.contracts import RestoredWorkload, RestoreInput
 from activities.criu.command import IMAGES_DIR, RESTORED_PIDFILE, Criu
 from activities.criu.lazy import LazyOutcome, LazyPages, LazyPagesDaemon
 from activities.criu.slots import RestoreSlots
@@ -37,7 +37,7 @@ from activities.host.sentinels import (
     write_sentinel_file,
 )
 from activities.local.process import await_answer, prepare_restore_target
-from activities.pipeline import NodeGate, Stages, failure_note, open_version
+from activities.pipeline import NodeGate, Stages, failure_note, open_version, queue_reporter
 from activities.steps import RestoreSteps
 from activities.storage.catalog import load_manifest
 from activities.storage.quarantine import Quarantine
@@ -153,7 +153,7 @@ class RestoreActivities(RestoreSteps):
             )
             control_dir = Path(manifest.source.control_dir)
             write_restore_context(control_dir, request.env)
-            queued = _queue_reporter(stages)
+            queued = queue_reporter(stages)
             # Waiting longer than its answer budget, it would answer past its deadline.
             async with self.slots.slot(
                 timeout=request.answer_timeout_seconds,
@@ -309,18 +309,6 @@ class RestoreActivities(RestoreSteps):
         they are all here, else as many of the node's."""
         source = tuple(gpu.uuid for gpu in manifest.host.gpus)
         return host_info(local_target(source, self._gpus.facts()))
-
-
-def _queue_reporter(stages: Stages) -> Callable[[int], None]:
-    """While a restore waits for a CRIU slot: the stage `criu-queue`, its place heartbeated."""
-
-    def waiting(place: int) -> None:
-        if stages.current != "criu-queue":
-            stages.start("criu-queue")
-        if activity.in_activity():
-            activity.heartbeat(Heartbeat(stage=f"criu-queue (place {place})"))
-
-    return waiting
 
 
 @dataclass(frozen=True)

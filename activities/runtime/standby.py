@@ -35,6 +35,7 @@ from activities.contracts import (
 )
 from activities.criu.command import IMAGES_DIR, Criu
 from activities.criu.lazy import LazyOutcome, LazyPages, LazyPagesDaemon
+from activities.criu.slots import RestoreSlots
 from activities.gpu.cuda import CUDA_FILE, CudaApi, resume, tree_pids
 from activities.gpu.nvml import (
     GpuFacts,
@@ -53,6 +54,7 @@ from activities.pipeline import (
     as_restore_failure,
     failure_note,
     open_version,
+    queue_reporter,
     require_manifest,
     require_namespace,
 )
@@ -74,6 +76,10 @@ from api.manifest import Manifest
 
 ANNOUNCE_SECONDS = 1800.0  # where the activity has no timeout of its own (tests)
 FAILED_ON_NODE_SECONDS = 30.0
+# How long a restore waits for a CRIU slot (decision 0040) before it gives up and its standby
+# starts cold; the default bound where the worker names none.
+SLOT_WAIT_SECONDS = 600.0
+DEFAULT_SLOTS = 8
 
 
 class StandbyRestorer:
@@ -92,6 +98,7 @@ class StandbyRestorer:
         source: CheckpointSource | None = None,
         announcements: Announcements | None = None,
         lazy_pages: LazyPages | None = None,
+        slots: RestoreSlots | None = None,
     ) -> None:
         """`announcements`: where standbys announce themselves (default: the kubelet's
         default root); `lazy_pages`: whether restores serve memory lazily (default: not)."""
@@ -104,6 +111,7 @@ class StandbyRestorer:
         self._work_root = work_root
         self._cuda = cuda
         self._lazy = lazy_pages or LazyPages(criu=criu, enabled=False)
+        self._slots = slots or RestoreSlots(DEFAULT_SLOTS)
         self._announcements = announcements or Announcements(
             kubelet_root=Path(KUBELET_ROOT), runtime=runtime
         )
@@ -197,17 +205,23 @@ class StandbyRestorer:
                     lazy=lazy,
                 )
 
-            try:
-                restored = await into(work_dir, lazy=daemon is not None)
-            except RestoreFailedError as err:
-                if daemon is None:
-                    raise
-                # Never fail what an eager restore would do: told, then done eagerly.
-                await self._lazy.stop(daemon)
-                daemon, lazy_why = None, f"lazy restore failed: {err}"
-                stages.start("lazy-unavailable")
-                activity.logger.warning("%s: restoring eagerly: %s", where, lazy_why)
-                restored = await into(work_dir.with_name(f"{work_dir.name}-eager"), lazy=False)
+            # At most the node's bound in CRIU at once (decision 0040), first come first
+            # served; the standby waits meanwhile (it was going to wait for CRIU anyway).
+            async with self._slots.slot(
+                timeout=SLOT_WAIT_SECONDS, what=where, waiting=queue_reporter(stages)
+            ):
+                try:
+                    restored = await into(work_dir, lazy=daemon is not None)
+                except RestoreFailedError as err:
+                    if daemon is None:
+                        raise
+                    # Never fail what an eager restore would do: told, then done eagerly.
+                    await self._lazy.stop(daemon)
+                    daemon, lazy_why = None, f"lazy restore failed: {err}"
+                    stages.start("lazy-unavailable")
+                    activity.logger.warning("%s: restoring eagerly: %s", where, lazy_why)
+                    eager_dir = work_dir.with_name(f"{work_dir.name}-eager")
+                    restored = await into(eager_dir, lazy=False)
             if daemon is not None:  # the version stays held until every page is delivered
                 # (after CRIU: ~10 ms of cgroup writes, off the path to the first answer)
                 await self._daemon_joins(daemon, standby.pid)

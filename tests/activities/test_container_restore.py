@@ -4,6 +4,7 @@ safe application of a root filesystem diff."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -30,6 +31,7 @@ from activities.contracts import (
 )
 from activities.criu.command import Criu
 from activities.criu.lazy import LazyPages
+from activities.criu.slots import RestoreSlots
 from activities.gpu.nvml import GpuFacts, NodeGpus
 from activities.host.processes import is_alive
 from activities.pipeline import NodeGate, Stages, as_restore_failure, failure_note
@@ -325,7 +327,11 @@ async def test_a_restore_that_hangs_is_killed_at_its_deadline(
 
 
 def standby_restorer(
-    kubelet: Kubelet, captured: Captured, quarantine: Quarantine, lazy: LazyPages | None = None
+    kubelet: Kubelet,
+    captured: Captured,
+    quarantine: Quarantine,
+    lazy: LazyPages | None = None,
+    slots: RestoreSlots | None = None,
 ) -> Any:
     """The node activity's restorer, as a cluster node composes it, over the capture's store."""
     from activities.runtime.announce import Announcements
@@ -342,6 +348,7 @@ def standby_restorer(
         work_root=store.root.parent / "restores",
         announcements=Announcements(kubelet_root=kubelet.kubelet_root, runtime=runtime),
         lazy_pages=lazy,
+        slots=slots,
     )
 
 
@@ -691,6 +698,39 @@ async def test_where_lazy_restores_cannot_run_the_standby_is_restored_eagerly(
     assert lazy.running == {}
     wait_for(lambda: "standby restored" in pod.log.read_text(), "the standby to see it")
     assert get_in_netns(located.pid) == captured.token
+
+
+@needs_containerd
+@pytest.mark.timeout(120)
+async def test_a_restore_into_a_standby_waits_for_a_slot_of_the_nodes_bound(
+    kubelet: Kubelet, tmp_path: Path
+) -> None:
+    """The node's bound on restores in CRIU at once (decision 0040) holds on the cluster
+    path too: with the one slot taken, the restore waits (stage `criu-queue`), then goes."""
+    image = kubelet.import_image("local/workload:1")
+    captured = await capture(kubelet, tmp_path, image)
+    pod, located = await standby(kubelet, tmp_path, image)
+    slots = RestoreSlots(1)
+    restorer = standby_restorer(kubelet, captured, Quarantine(tmp_path / "q"), slots=slots)
+    request = ContainerRestoreInput(
+        target=pod.target, checkpoint_id=CKPT, version=captured.manifest.version
+    )
+    async with slots.slot(timeout=10, what="another restore"):
+        restoring = asyncio.ensure_future(ActivityEnvironment().run(restorer.restore, request))
+        await wait_until_async(lambda: slots.stats().waiting == 1, "the restore to queue")
+        assert not (pod.control / "restore-complete").exists()  # CRIU has not started
+    result = await restoring
+    assert list(result.stage_seconds)[-3:] == ["criu-queue", "prepare", "criu-restore"]
+    assert slots.stats().granted == 2 and slots.stats().peak == 1
+    wait_for(lambda: "standby restored" in pod.log.read_text(), "the standby to see it")
+    assert get_in_netns(located.pid) == captured.token
+
+
+async def wait_until_async(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 @needs_containerd
