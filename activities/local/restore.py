@@ -112,8 +112,7 @@ class RestoreActivities(RestoreSteps):
         try:
             plan: StreamPlan | None = None
             if request.storage is not None and self.streams.enabled:
-                stages.start("stream")
-                plan, stream, not_streamed = await self._open_stream(request)
+                plan, stream, not_streamed = await self._open_stream(request, stages)
             if plan is None:
                 stages.start("verify")
                 version_dir = await open_version(
@@ -172,10 +171,17 @@ class RestoreActivities(RestoreSteps):
             url = manifest.source.health_url or manifest.source.readiness.http_url
             await await_answer(pid, url, timeout=request.answer_timeout_seconds)
             stages.finish()
+            streamed = plan
+
+            def adopt() -> bool:  # a complete streamed copy joins the node cache
+                return streamed is not None and self._source.adopt(streamed)
+
             if run.daemon is None:
                 shutil.rmtree(run.work_dir, ignore_errors=True)  # kept only when it failed
             else:  # the version stays in use until every page is delivered
-                done = _release(held.pop_all(), run.work_dir, stream, control_dir, self.streams)
+                done = _release(
+                    held.pop_all(), run.work_dir, stream, control_dir, self.streams, adopt
+                )
                 self.lazy_pages.hand_over(run.daemon, restored_pid=pid, done=done)
         except WarmstartError as caught:
             # A stream that failed says why its process died (a damaged or missing range).
@@ -211,12 +217,16 @@ class RestoreActivities(RestoreSteps):
         )
 
     async def _open_stream(
-        self, request: RestoreInput
+        self, request: RestoreInput, stages: Stages
     ) -> tuple[StreamPlan | None, PageStream | None, str]:
-        """A streamed restore's plan and page source (decision 0039), or (None, None, why
-        not: "" where this node has the version). The page source starts first: its
-        start-up overlaps the fetch of the version's other files."""
+        """A streamed restore's plan and page source (decision 0039: stage `stream`), or
+        (None, None, why not: "" where this node has the version). The page source starts
+        first: its start-up overlaps the fetch of the version's other files."""
         assert request.storage is not None
+        version = await self._source.lacks(request.checkpoint_id, request.version, request.storage)
+        if not version:
+            return None, None, ""  # restored from this node's copy
+        stages.start("stream")
         why = await asyncio.to_thread(self.lazy_pages.unavailable)
         if why:
             why = f"streamed restores need lazy restores: {why}"
@@ -226,7 +236,7 @@ class RestoreActivities(RestoreSteps):
         stream = await self.streams.start(work_dir)
         try:
             plan = await self._source.stream_plan(
-                request.checkpoint_id, request.version, request.storage, dest=work_dir / "version"
+                request.checkpoint_id, version, request.storage, dest=work_dir / "version"
             )
         except BaseException:
             await stream.kill()
@@ -328,11 +338,13 @@ def _release(
     stream: PageStream | None,
     control_dir: Path,
     streams: PageStreams,
+    adopt: Callable[[], bool],
 ) -> Callable[[LazyOutcome], Awaitable[None]]:
     """Once a lazy restore's daemon has ended: the version may be evicted again, and the work
     directory goes (kept when not every page was delivered: its logs say why). A streamed
-    restore's page source is waited for; one that failed has killed the restored process
-    (never left to read zeros), which is said and left in its control directory."""
+    restore's page source is waited for: a complete copy joins the node cache (`adopt`); a
+    stream that failed has killed the restored process (never left to read zeros), which
+    is said and left in its control directory."""
 
     async def done(outcome: LazyOutcome) -> None:
         await held.aclose()
@@ -349,7 +361,9 @@ def _release(
                 logger.error("streamed restore killed its restored process: %s", failed)
                 fall_back_to_cold_start(control_dir, failure_note(failed))
             complete = complete and bool(status.get("complete"))
-            shutil.rmtree(work_dir / "version", ignore_errors=True)
+            if complete and await asyncio.to_thread(adopt):
+                logger.info("the streamed copy joined the node cache")
+            shutil.rmtree(work_dir / "version", ignore_errors=True)  # unless adopted
         if complete:
             shutil.rmtree(work_dir, ignore_errors=True)
 

@@ -102,29 +102,41 @@ class CheckpointSource:
                 ),
             )
 
-    async def stream_plan(
-        self, checkpoint_id: str, version: str, storage: RemoteStorage, *, dest: Path
-    ) -> StreamPlan | str:
-        """A version this node lacks, its files but the page images fetched into `dest`
-        (decision 0039); else why it is not streamed: "" where this node has it (its store
-        or its cache: restore from there), a sentence where it must be downloaded first."""
+    async def lacks(self, checkpoint_id: str, version: str, storage: RemoteStorage) -> str:
+        """The version a restore from `storage` would read (the newest there when empty) if
+        this node has it neither in its store nor in its cache, else "" (no I/O but the
+        listing an empty version needs)."""
         if self._cache is None or self._remote is None:
             return ""  # version_dir says why it cannot be restored
         from activities.storage.objectstore.cache import location_key
-        from activities.storage.objectstore.s3 import S3Backend
 
         remote = self._remote
-        source = await asyncio.to_thread(remote.backend, storage)
         if not version:
+            source = await asyncio.to_thread(remote.backend, storage)
             version = await asyncio.to_thread(_newest, source.list_versions, checkpoint_id, storage)
         location = location_key(remote.resolved(storage))
         cached = self._cache.version_dir(location, checkpoint_id, version)
         local = self.store.version_dir(checkpoint_id, version)
         if (local / MANIFEST_FILE).is_file() or (cached / MANIFEST_FILE).is_file():
             return ""
+        return version
+
+    async def stream_plan(
+        self, checkpoint_id: str, version: str, storage: RemoteStorage, *, dest: Path
+    ) -> StreamPlan | str:
+        """Version `version` (one this node lacks, `lacks`), its files but the page images
+        fetched into `dest` (decision 0039); else why it cannot stream (it must be
+        downloaded first)."""
+        assert self._remote is not None
+        from activities.storage.objectstore.cache import location_key
+        from activities.storage.objectstore.s3 import S3Backend
+
+        remote = self._remote
+        source = await asyncio.to_thread(remote.backend, storage)
+        location = location_key(remote.resolved(storage))
         if not isinstance(source, S3Backend):
             return f"storage of kind {storage.kind!r} cannot stream"
-        manifest, streamed = await asyncio.to_thread(
+        manifest, raw, streamed = await asyncio.to_thread(
             lambda: source.download_streamed(
                 checkpoint_id=checkpoint_id, version=version, dest_dir=dest, streamed=pick_streamed
             )
@@ -139,6 +151,21 @@ class CheckpointSource:
             streamed=streamed,
             bucket=source.location.bucket,
             connection=source.connection,
+            location=location,
+            raw_manifest=raw,
+        )
+
+    def adopt(self, plan: StreamPlan) -> bool:
+        """A streamed version, complete (every chunk checked), joins the node cache as if it
+        had been downloaded: the next restore on this node reads it from there. False where
+        it cannot (the cache got it meanwhile, or it does not fit); blocking."""
+        if self._cache is None:
+            return False
+        return self._cache.adopt(
+            plan.location,
+            plan.manifest,
+            plan.raw_manifest,
+            complete_dir=plan.version_dir,
         )
 
     async def prefetch(

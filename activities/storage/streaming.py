@@ -79,6 +79,8 @@ class StreamPlan:
     streamed: list[StoredObject]
     bucket: str
     connection: S3Connection
+    location: str  # the node cache's key of the storage (`cache.location_key`)
+    raw_manifest: bytes  # as stored: written last when the complete copy joins the cache
 
 
 class PageStream:

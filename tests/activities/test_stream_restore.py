@@ -38,6 +38,7 @@ from api.errors import DigestMismatchError
 from api.storage import RemoteStorage
 from api.workload import Readiness
 from tests.activities.test_lazy_restore import LAZY_SKIP
+from tests.checkpoint_trees import fetched
 from tests.pipeline import capture, capture_request, shell_workload
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, new_bucket, s3_client
 from tests.waiting import wait_until
@@ -121,7 +122,7 @@ def _activities(settings: Settings, lazy: LazyPages, streams: PageStreams) -> Re
     store = CheckpointStore(layout.checkpoints)
     source = CheckpointSource(
         store=store,
-        cache=NodeCache(settings.home / "cache"),
+        cache=NodeCache(settings.home / "streamed-cache"),  # not the node worker's
         remote=RemoteStores(transfer=TransferSettings()),
     )
     return RestoreActivities(
@@ -206,6 +207,17 @@ async def test_a_streamed_restore_fills_in_the_background_until_every_page_is_he
         assert await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/digest") == DIGEST
     finally:
         assert await terminate(restored.pid, grace_seconds=5)
+    # The complete copy joined the node cache: whole and as committed (every file hashed
+    # again here, with no record of earlier checks), and the next restore reads it there.
+    cached = fetched(workers.home / "streamed-cache")
+    cached.verify(cached.find(ckpt), checkpoint_id=ckpt)
+    again = await _restore(_activities(workers, lazy, streams), "filled", ckpt, storage)
+    try:
+        assert "stream" not in again.stage_seconds and "fetch" not in again.stage_seconds
+        assert again.stream_unavailable == "" and again.page_source_pid == 0
+        assert await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/digest") == DIGEST
+    finally:
+        assert await terminate(again.pid, grace_seconds=5)
 
 
 def _damage(backend: S3Backend, ckpt: str, version: str, tmp: Path, *, at: int | None) -> int:

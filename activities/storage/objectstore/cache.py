@@ -44,7 +44,7 @@ from pathlib import Path
 
 from activities import metrics
 from activities.contracts import RemoteStorage
-from activities.host.files import fsync_dir
+from activities.host.files import fsync_dir, write_atomically
 from activities.storage.catalog import load_manifest
 from activities.storage.objectstore import Backend
 from activities.storage.objectstore.placing import make_private_dirs
@@ -223,6 +223,40 @@ class NodeCache:
                 shutil.rmtree(final, ignore_errors=True)
         except BlockingIOError:
             return False
+        return True
+
+    def adopt(
+        self, location: str, manifest: Manifest, raw_manifest: bytes, *, complete_dir: Path
+    ) -> bool:
+        """Take `complete_dir`, every file of `manifest` in it and verified as it arrived (a
+        streamed restore's copy, decision 0039), as the cached version, its manifest written
+        last. False, leaving it where it is, while a fetch of the version runs or once the
+        cache has it, where it does not fit, or is on another filesystem."""
+        key = (location, manifest.checkpoint_id, manifest.version)
+        final = self.version_dir(*key)
+        where = f"version {manifest.version} of checkpoint {manifest.checkpoint_id}"
+        try:
+            with self._flock(key, _FETCH, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                if (final / MANIFEST_FILE).is_file():
+                    return False
+                with self._room(key, manifest.size_bytes, where=where):
+                    write_atomically(complete_dir / MANIFEST_FILE, raw_manifest)
+                    shutil.rmtree(final, ignore_errors=True)  # an interrupted eviction's
+                    make_private_dirs(final.parent)
+                    os.rename(complete_dir, final)
+                    fsync_dir(final.parent)
+                with self._flock(key, _USE, fcntl.LOCK_SH) as fd:
+                    _touch(fd)
+        except (BlockingIOError, StorageError):
+            return False
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+            (complete_dir / MANIFEST_FILE).unlink(missing_ok=True)
+            return False
+        if self._verified is not None:
+            digests = {f.path: f.sha256 for f in manifest.files}
+            self._verified.remember(manifest.checkpoint_id, manifest.version, final, digests)
         return True
 
     def _fetch(

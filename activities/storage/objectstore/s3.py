@@ -202,9 +202,10 @@ class S3Backend:
         version: str,
         dest_dir: Path,
         streamed: Callable[[Manifest, list[StoredObject]], list[StoredObject]],
-    ) -> tuple[Manifest, list[StoredObject]]:
+    ) -> tuple[Manifest, bytes, list[StoredObject]]:
         """Fetch a version's files into `dest_dir`, verified, except those `streamed` picks:
-        those are returned (decision 0039); `dest_dir` gets no manifest."""
+        those are returned (decision 0039), with the manifest and its bytes; `dest_dir` gets
+        no manifest."""
         download = VersionDownload(
             s3=self._s3,
             location=self.location,

@@ -149,11 +149,12 @@ class VersionDownload:
 
     def run_streamed(
         self, streamed: Callable[[Manifest, list[StoredObject]], list[StoredObject]]
-    ) -> tuple[Manifest, list[StoredObject]]:
+    ) -> tuple[Manifest, bytes, list[StoredObject]]:
         """Fetch every file but those `streamed` picks (from the version's objects), which
         a page source fetches as the restore goes (decision 0039); none fetched where it picks
-        none. The directory gets no manifest: it is never a committed version."""
-        manifest, _raw = read_manifest(
+        none. The directory gets no manifest: it is never a committed version (the manifest's
+        bytes are returned, for `NodeCache.adopt` once the stream is complete)."""
+        manifest, raw = read_manifest(
             self._s3, self._location, checkpoint_id=self._checkpoint_id, version=self._version
         )
         make_private_dirs(self._dest)
@@ -164,10 +165,10 @@ class VersionDownload:
         ]
         picked = {item.entry.path for item in streamed(manifest, stored)}
         if not picked:
-            return manifest, []  # nothing streams: nothing fetched here
+            return manifest, raw, []  # nothing streams: nothing fetched here
         rest = [held for held in objects if held.entry.path not in picked]
         self._get(rest, Meter(total=sum(held.entry.size for held in rest), callback=None))
-        return manifest, [item for item in stored if item.entry.path in picked]
+        return manifest, raw, [item for item in stored if item.entry.path in picked]
 
     def _get(self, objects: list[_Object], meter: Meter) -> None:
         threshold = self._settings.part_size
