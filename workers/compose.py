@@ -264,6 +264,7 @@ def transfer_settings(settings: Settings) -> TransferSettings:
         sse=storage.sse,
         kms_key_id=storage.kms_key_id,
         compression=storage.compression,
+        streamable=storage.stream_restores,
     )
 
 

@@ -138,6 +138,25 @@ def test_compressible_files_are_stored_as_zst_and_round_trip(
     assert _fetch_and_check(backend, tmp_path, files) == sent.bytes_transferred
 
 
+def test_page_images_stay_plain_where_restores_stream_them(
+    client: Any, bucket: str, tmp_path: Path
+) -> None:
+    """With streamed restores on (decision 0039) a page image that has a chunk table is
+    stored plain however well it compresses; other files are compressed as before."""
+    files = {TEXT: _text(12 * MiB), SMALL_TEXT: _text(3 * MiB)}  # 12 MiB: a chunk table
+    local = committed_version(tmp_path / "node", files)
+    streamable = TransferSettings(part_size=5 * MiB, streamable=True)
+    backend = _backend(client, bucket, streamable)
+    backend.upload_version(local, checkpoint_id=CKPT, version=VERSION)
+    assert set(_objects(client, bucket)) == {
+        _key(TEXT),  # plain: a restore reads it by range
+        _key(table_path(TEXT)),
+        _key(SMALL_TEXT + ".zst"),  # too small for a table: fetched whole, compressed
+        _key("manifest.json"),
+    }
+    _fetch_and_check(backend, tmp_path, files)
+
+
 def test_off_stores_every_file_as_it_is(client: Any, bucket: str, tmp_path: Path) -> None:
     files = _files()
     local = committed_version(tmp_path / "node", files)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
+from activities.storage.chunks import table_path
 from activities.storage.objectstore.compression import (
     MIN_FILE_SIZE,
     SAMPLE_SIZE,
@@ -127,6 +128,8 @@ class VersionUpload:
         """The key to compress `entry` to, if the settings and its size allow it."""
         if self._settings.compression == "off" or entry.size < MIN_FILE_SIZE:
             return None
+        if self._settings.streamable and table_path(entry.path) in self._paths:
+            return None  # a page image restores stream by range (decision 0039)
         return self._compressed_key(entry)
 
     def run(self, *, progress: ProgressCallback | None) -> TransferReport:

@@ -31,6 +31,9 @@ class TransferSettings:
     # "auto": a file whose sample compresses well is stored as `<path>.zst` (see
     # objectstore.compression); "off": every file as it is. Downloads read either way.
     compression: Literal["off", "auto"] = "auto"
+    # Page images with a chunk table stay plain whatever `compression` says: a restore
+    # streams them by range, which a zstd frame does not allow (decision 0039).
+    streamable: bool = False
 
     def part_size_for(self, size: int) -> int:
         """The part size for a file of `size` bytes: ours, grown to stay within 10 000 parts."""
