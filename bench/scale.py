@@ -429,6 +429,7 @@ class PipelineTiming:
     start: float  # start requested → the run's started event
     added: float  # the run's start → close, less every stand-in's own time
     steps: list[StepTiming]
+    events: int  # history events of the run
 
 
 def _seconds(event: Any) -> float:
@@ -485,6 +486,7 @@ def pipeline_timing(
         start=run_start - pipeline.submitted,
         added=run_end - run_start - total_own,
         steps=steps,
+        events=len(events),
     )
 
 
@@ -534,6 +536,11 @@ class Level:
     @property
     def rate(self) -> float:
         return len(self.pipelines) / self.wall
+
+    @property
+    def events_rate(self) -> float:
+        """History events written per second, all runs of the level."""
+        return sum(t.events for t in self.timings) / self.wall
 
     @property
     def unexpected(self) -> list[Pipeline]:
@@ -634,13 +641,15 @@ def report_lines(levels: Sequence[Level], nodes: int) -> Iterator[str]:
         f"on {nodes} simulated nodes; CPU as a share of one core ({cores} cores); ms p50 p99"
     )
     yield (
-        f"{'in flight':>9} {'wall s':>7} {'pipel./s':>8} {'server':>7} {'bench':>7} "
+        f"{'in flight':>9} {'wall s':>7} {'pipel./s':>8} {'events/s':>8} {'server':>7} "
+        f"{'bench':>7} "
         f"{'machine':>7} {'start ms':>15} {'capture added':>15} {'restore added':>15} "
         f"{'loop lag ms':>15} {'unexpected':>10}"
     )
     for level in levels:
         yield (
             f"{level.in_flight:>9} {level.wall:>7.1f} {level.rate:>8.1f} "
+            f"{level.events_rate:>8.0f} "
             f"{_cpu(level.server_cpu, level.wall)} {_cpu(level.own_cpu, level.wall)} "
             f"{100 * level.machine_busy:6.0f}% {_ms(level.start())} "
             f"{_ms(level.added('capture'))} {_ms(level.added('restore'))} "
@@ -670,6 +679,17 @@ def report_lines(levels: Sequence[Level], nodes: int) -> Iterator[str]:
         yield f"\nthroughput still rising at {levels[-1].in_flight} in flight: {rates}"
 
 
+class TunedDevServer(DevServer):
+    """`warmstart dev`'s dev server, with more dynamic config values when asked."""
+
+    def __init__(self, *, extra: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.extra = list(extra)
+
+    def command(self) -> list[str]:
+        return super().command() + [a for v in self.extra for a in ("--dynamic-config-value", v)]
+
+
 async def main(args: argparse.Namespace) -> None:
     # The planned CheckpointNotFound answers would each log a traceback.
     logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
@@ -682,8 +702,12 @@ async def main(args: argparse.Namespace) -> None:
             temporal=TemporalSettings(address=f"127.0.0.1:{port}"),
             node=NodeSettings(name="bench-control"),
         )
-        server = DevServer(
-            db_file=Path(tmp) / "temporal.db", port=port, ui_port=free_port(), headless=True
+        server = TunedDevServer(
+            db_file=Path(tmp) / "temporal.db",
+            port=port,
+            ui_port=free_port(),
+            headless=True,
+            extra=args.dynamic_config,
         )
         await server.start()
         try:
@@ -716,6 +740,13 @@ if __name__ == "__main__":
     parser.add_argument("--in-flight", default="50,200,1000", help="levels, comma-separated")
     parser.add_argument("--warm-up", type=float, default=1.0, help="stand-in warm-up, s")
     parser.add_argument("--fall-back-every", type=int, default=10, help="0: none")
+    parser.add_argument(
+        "--dynamic-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another dynamic config value for the dev server (repeatable)",
+    )
     parser.add_argument(
         "--db-dir",
         default=None,

@@ -65,11 +65,14 @@ async def test_twenty_pipelines_on_five_nodes(client: Client, settings: Settings
             assert step.queued >= 0, (pipeline.name, step)
             assert (step.stand_in == 0) == (step.step in CONTROL_STEPS), step
         assert timing.added >= 0 and timing.start >= -0.01, timing
+        # Each step is scheduled, started and ended in the history, beside the run's own.
+        assert timing.events > 3 * len(timing.steps), timing
 
     # The rate cannot beat the stand-ins: no pipeline ends before its own sleeps do.
     slowest = max(sum(s.stand_in for s in t.steps) for t in level.timings)
     assert 0 < level.rate <= len(level.pipelines) / slowest
     assert level.wall >= slowest
+    assert level.events_rate > 3 * level.rate  # no pipeline without its steps
     steps = level.steps()
     assert set(steps) == CAPTURE_STEPS | {"restore_checkpoint"}
     queued, added = steps["dump_checkpoint"]
