@@ -676,7 +676,8 @@ def report_lines(levels: Sequence[Level], nodes: int) -> Iterator[str]:
             )
             break
     else:
-        yield f"\nthroughput still rising at {levels[-1].in_flight} in flight: {rates}"
+        shown = ", ".join(f"{rate:.1f}" for rate in rates)
+        yield f"\nthroughput still rising at {levels[-1].in_flight} in flight: {shown} pipelines/s"
 
 
 class TunedDevServer(DevServer):
