@@ -37,6 +37,7 @@ class CriuActivities(DumpSteps):
         self._pre_dumps = pre_dumps or PreDumps(criu=criu, rounds=0)
         self._store = store
         self._layout = layout
+        self._in_cwd: dict[str, asyncio.Lock] = {}
 
     @activity.defn
     async def dump_checkpoint(self, request: DumpInput) -> None:
@@ -72,7 +73,13 @@ class CriuActivities(DumpSteps):
         what = (
             f"checkpoint {request.name} ({request.checkpoint_id}): criu dump of pid {request.pid}"
         )
-        await self._pre_dumps.dump(command, images, what=what, env=env)
+        # One dump at a time per working directory: a workload runs in a PID namespace of
+        # its own, so CRIU's parasite mounts a /proc for it at `proc.crtools` in its working
+        # directory, and two dumps of workloads started from one directory (two captures at
+        # once) would collide there (EEXIST, "Can't get /proc fd").
+        lock = self._in_cwd.setdefault(_cwd(request.pid), asyncio.Lock())
+        async with lock:
+            await self._pre_dumps.dump(command, images, what=what, env=env)
 
     def _output_copy_script(self) -> Path:
         assert self._layout is not None
@@ -82,3 +89,12 @@ class CriuActivities(DumpSteps):
             write_atomically(script, OUTPUT_COPY_SCRIPT.encode(), durable=False)
             script.chmod(0o700)
         return script
+
+
+def _cwd(pid: int) -> str:
+    """The working directory of `pid` as the node sees it ("" if it cannot be read: the
+    dump then reports what is wrong with the process)."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
