@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from activities.criu.command import IMAGES_DIR
 from activities.storage.chunks import MIN_TABLE_SIZE, has_table, table_path
 from activities.storage.objectstore.s3 import S3Connection, StoredObject
 from activities.storage.pagestream import StreamedFile, StreamSpec
@@ -31,7 +32,6 @@ from api.reasons import Reason
 
 STATUS_FILE = "stream-status.json"
 PAGE_SOURCE_LOG = "page-source.log"
-IMAGES_DIR = "criu"
 # How long the page source may take to fetch what CRIU itself reads.
 READY_SECONDS = 120.0
 _KEPT_OUTCOMES = 64

@@ -185,15 +185,7 @@ class S3Backend:
         progress: ProgressCallback | None = None,
     ) -> TransferReport:
         """Fetch a committed version into `dest_dir` (its version directory), verified."""
-        download = VersionDownload(
-            s3=self._s3,
-            location=self.location,
-            settings=self.settings,
-            checkpoint_id=checkpoint_id,
-            version=version,
-            dest_dir=dest_dir,
-        )
-        return download.run(progress=progress)
+        return self._download(checkpoint_id, version, dest_dir).run(progress=progress)
 
     def download_streamed(
         self,
@@ -206,7 +198,10 @@ class S3Backend:
         """Fetch a version's files into `dest_dir`, verified, except those `streamed` picks:
         those are returned (decision 0039), with the manifest and its bytes; `dest_dir` gets
         no manifest."""
-        download = VersionDownload(
+        return self._download(checkpoint_id, version, dest_dir).run_streamed(streamed)
+
+    def _download(self, checkpoint_id: str, version: str, dest_dir: Path) -> VersionDownload:
+        return VersionDownload(
             s3=self._s3,
             location=self.location,
             settings=self.settings,
@@ -214,7 +209,6 @@ class S3Backend:
             version=version,
             dest_dir=dest_dir,
         )
-        return download.run_streamed(streamed)
 
     def checkpoint_ids(self) -> list[str]:
         root, found = self.location.root, []
