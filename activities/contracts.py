@@ -81,6 +81,8 @@ class StatusInput(Contract):
     pod: ContainerTarget | None = None
     # A capture that committed: the SHA-256 of its manifest, for the resource's status.
     manifest_sha256: str = ""
+    # A later run of the resource's capture: a published version stays until it is Ready.
+    recapture: bool = False
 
 
 class JobInput(Contract):

@@ -11,13 +11,16 @@ the GPU Memory Service the `gms-server` sidecar and the `gms-saver` container ar
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from api.dynamo import control_dir_env
+from api.naming import capture_workflow_id, is_run_of
 from api.reasons import Sentinel
 from api.resources import (
     API_VERSION,
+    CAPTURE_WORKFLOW_ANNOTATION,
     CHECKPOINT_ID_LABEL,
     CHECKPOINT_LABEL,
     CHECKPOINT_UID_LABEL,
@@ -54,14 +57,35 @@ class JobSettings:
     gms_image: str = ""  # empty: the target container's image
 
 
-def job_name(resource: Checkpoint) -> str:
-    """`<name>-<checkpointID>`, at most 63 characters (pods carry it in a label)."""
-    return f"{resource.metadata.name[:46].rstrip('-.')}-{resource.checkpoint_id}"
+def job_name(resource: Checkpoint, *, workflow_id: str = "") -> str:
+    """`<name>-<checkpointID>`, at most 63 characters (pods carry it in a label). A later
+    run of the resource's capture (a workflow ID under its first's) gets 8 hex of its ID's
+    SHA-256 appended: its own Job, while the last run's may still be there."""
+    if not _later_run(resource, workflow_id):
+        return f"{resource.metadata.name[:46].rstrip('-.')}-{resource.checkpoint_id}"
+    run = hashlib.sha256(workflow_id.encode()).hexdigest()[:8]
+    return f"{resource.metadata.name[:37].rstrip('-.')}-{resource.checkpoint_id}-{run}"
 
 
-def capture_job(resource: Checkpoint, *, version: str, settings: JobSettings) -> dict[str, Any]:
-    """The capture Job of `resource` for checkpoint version `version`."""
+def _first_run(resource: Checkpoint) -> str:
+    meta = resource.metadata
+    return capture_workflow_id(namespace=meta.namespace, name=meta.name, key=meta.uid)
+
+
+def _later_run(resource: Checkpoint, workflow_id: str) -> bool:
+    first = _first_run(resource)
+    return workflow_id != first and is_run_of(workflow_id, first)
+
+
+def capture_job(
+    resource: Checkpoint, *, version: str, settings: JobSettings, workflow_id: str = ""
+) -> dict[str, Any]:
+    """The capture Job of `resource` for checkpoint version `version`, made by the capture
+    workflow `workflow_id`: one of the resource's runs is named on the Job and its pod, the
+    run the watcher signals."""
     ckpt = resource.checkpoint_id
+    if not is_run_of(workflow_id, _first_run(resource)):
+        workflow_id = ""
     labels = {
         CHECKPOINT_LABEL: resource.metadata.name,
         CHECKPOINT_ID_LABEL: ckpt,
@@ -75,6 +99,7 @@ def capture_job(resource: Checkpoint, *, version: str, settings: JobSettings) ->
         **(meta.get("annotations") or {}),
         **_MESH_OFF,
         TARGET_CONTAINER_ANNOTATION: target_name,
+        **({CAPTURE_WORKFLOW_ANNOTATION: workflow_id} if workflow_id else {}),
     }
     pod = template.setdefault("spec", {})
     pod["restartPolicy"] = "Never"
@@ -96,9 +121,10 @@ def capture_job(resource: Checkpoint, *, version: str, settings: JobSettings) ->
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(resource),
+            "name": job_name(resource, workflow_id=workflow_id),
             "namespace": resource.metadata.namespace,
             "labels": labels,
+            "annotations": {CAPTURE_WORKFLOW_ANNOTATION: workflow_id} if workflow_id else {},
             "ownerReferences": [
                 {
                     "apiVersion": API_VERSION,

@@ -50,6 +50,27 @@ def capture_workflow_id(*, namespace: str, name: str, key: str) -> str:
     return f"capture/{namespace}/{name}/{key}"
 
 
+# Runs of one resource's capture after its first (decision 0043): `<capture ID>/<run>`, where
+# the run names its trigger. A Schedule's runs get the fire time appended by Temporal.
+SCHEDULED_RUN = "scheduled"
+ON_DEMAND_RUN = "on-demand"
+
+
+def recapture_workflow_id(capture_id: str, run: str) -> str:
+    """`capture/<namespace>/<name>/<uid>/<run>`: one more capture of the same resource."""
+    return f"{capture_id}/{run}"
+
+
+def is_run_of(workflow_id: str, capture_id: str) -> bool:
+    """Whether `workflow_id` is the capture `capture_id` or one of its later runs."""
+    return workflow_id == capture_id or workflow_id.startswith(capture_id + "/")
+
+
+def capture_schedule_id(*, namespace: str, name: str, key: str) -> str:
+    """`capture-schedule/<namespace>/<name>/<uid>`: the Temporal Schedule of a Checkpoint."""
+    return f"capture-schedule/{namespace}/{name}/{key}"
+
+
 def restore_workflow_id(*, namespace: str, name: str, key: str) -> str:
     """`restore/<namespace>/<pod>/<podUID>`; local mode uses a fresh UUID as key."""
     return f"restore/{namespace}/{name}/{key}"

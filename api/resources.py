@@ -10,6 +10,8 @@ an API server without CEL (or an object written before a rule existed) lets thro
 
 from __future__ import annotations
 
+import re
+import zoneinfo
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -31,6 +33,13 @@ CLEANUP_FINALIZER = f"{GROUP}/cleanup"
 # On the capture Job's pod: which resource (by UID) and which container the watcher reports on.
 CHECKPOINT_UID_LABEL = f"{GROUP}/checkpoint-uid"
 TARGET_CONTAINER_ANNOTATION = f"{GROUP}/target-container"
+# On the capture Job and its pod: the capture workflow that made them, whose signals the
+# watcher sends there (a resource's later runs have IDs of their own, decision 0043).
+CAPTURE_WORKFLOW_ANNOTATION = f"{GROUP}/capture-workflow"
+# On a Checkpoint or PodSnapshot: set it (to any new value) to capture again now. Not under
+# `warmstart.dev/`: the watcher's kopf keeps its own records there and leaves that prefix
+# out of what it compares, so a change of it would go unseen (decision 0043).
+CAPTURE_NOW_ANNOTATION = f"capture.{GROUP}/now"
 
 # The exact messages of the GMS rules (also the CEL rules' messages).
 LOADER_ON_CHECKPOINT = (
@@ -318,6 +327,92 @@ class Prefetch(Spec):
     )
 
 
+_CRON_MACROS = frozenset(
+    {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+)
+_CRON_NAMES = {
+    "month": ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"],
+    "day of week": ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"],
+}
+# (name, lowest, highest) of the five fields of a cron expression.
+_CRON_FIELDS = (
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day of month", 1, 31),
+    ("month", 1, 12),
+    ("day of week", 0, 7),
+)
+_CRON_ITEM = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/([0-9]+))?$")
+
+
+def _cron_value(token: str, field: str, low: int, high: int) -> int:
+    names = _CRON_NAMES.get(field, [])
+    if token.upper() in names:
+        return names.index(token.upper()) + (1 if field == "month" else 0)
+    if not token.isdigit() or not low <= int(token) <= high:
+        raise ValueError(f"cron {field} {token!r} is not in {low}-{high}")
+    return int(token)
+
+
+def check_cron(expression: str) -> str:
+    """A standard five-field cron expression (minute hour day-of-month month day-of-week:
+    numbers, names of months and weekdays, `*`, ranges, lists and steps) or a macro such
+    as `@daily`; the Temporal Schedule reads it. Anything else is refused by name."""
+    text = expression.strip()
+    if text.startswith("@"):
+        if text not in _CRON_MACROS:
+            raise ValueError(f"cron macro {text!r} is not one of {sorted(_CRON_MACROS)}")
+        return text
+    fields = text.split()
+    if len(fields) != len(_CRON_FIELDS):
+        raise ValueError(
+            f"cron {expression!r} has {len(fields)} fields; it needs 5: "
+            "minute hour day-of-month month day-of-week"
+        )
+    for value, (field, low, high) in zip(fields, _CRON_FIELDS, strict=True):
+        for item in value.split(","):
+            match = _CRON_ITEM.match(item)
+            if match is None:
+                raise ValueError(f"cron {field} {item!r} is not *, N, N-M or one with /STEP")
+            if match.group(4) is not None and int(match.group(4)) == 0:
+                raise ValueError(f"cron {field} {item!r} has a step of 0")
+            if match.group(1) != "*":
+                ends = [_cron_value(t, field, low, high) for t in match.group(1).split("-")]
+                if ends != sorted(ends):
+                    raise ValueError(f"cron {field} range {item!r} runs backwards")
+    return " ".join(fields)
+
+
+class CaptureSchedule(Spec):
+    """Capture the Checkpoint again on a schedule (a Temporal Schedule of its own); each
+    run is a new version of the same checkpoint ID, published when it is Ready."""
+
+    cron: str = Field(
+        description=(
+            "When: five fields (minute hour day-of-month month day-of-week) or a macro "
+            "such as @daily."
+        ),
+        min_length=1,
+        max_length=128,
+    )
+    time_zone: str = Field(default="UTC", description="The IANA time zone the cron is read in.")
+    paused: bool = Field(default=False, description="Paused: no run starts until unpaused.")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        return check_cron(value)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+            raise ValueError(f"timeZone {value!r} is not an IANA time zone") from None
+        return value
+
+
 class ResourceIdentity(CheckpointIdentity):
     """What makes two checkpoints interchangeable; its hash is the checkpoint ID. On a
     resource the parallel sizes are at least 1 (the hash, like Dynamo's, reads 0 as 1)."""
@@ -347,6 +442,9 @@ class CheckpointSpec(Spec):
     )
     storage: Storage | None = None
     prefetch: Prefetch | None = None
+    schedule: CaptureSchedule | None = Field(
+        default=None, description="Capture again on a schedule (decision 0043)."
+    )
 
     @model_validator(mode="after")
     def _no_loader(self) -> CheckpointSpec:

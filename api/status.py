@@ -4,7 +4,14 @@ computes and patches).
 
 Conditions (metav1.Condition): `JobCreated`, `Captured`, `Uploaded`, `Ready`. A condition
 keeps its `lastTransitionTime` while its status stays the same. `Failed` is sticky: once a
-resource failed, later reports of the same capture do not move it (a new resource does).
+resource failed, later reports of the same capture do not move it (a new resource does, and
+so does a later run of its capture).
+
+A later run of a resource's capture (a schedule's, an annotation's: decision 0043) never
+takes a Ready resource's version away while it runs: the phase stays Ready and the
+version the pods restore stays the one published, the run shows in the `Recapturing`
+condition, and only a run that reaches Ready replaces the version. One that fails leaves
+the published version as it was, its reason on `Recapturing` and in `message`.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class Report:
     step_seconds: dict[str, float] = field(default_factory=dict)
     workflow: WorkflowLink | None = None
     generation: int = 0
+    recapture: bool = False  # a later run of the resource's capture
 
 
 def _reached(phase: Phase, at_least: Phase) -> bool:
@@ -58,10 +66,63 @@ def _conditions(report: Report, job_name: str) -> list[tuple[str, bool, str, str
     return out
 
 
+RECAPTURING = "Recapturing"
+
+
 def next_status(previous: CaptureStatus | None, report: Report, *, now: datetime) -> CaptureStatus:
-    """The status after `report`, or `previous` unchanged where it is already Failed."""
-    if previous is not None and previous.phase == Phase.FAILED and report.phase != Phase.FAILED:
+    """The status after `report`, or `previous` unchanged where it is already Failed (a
+    first run's reports; a later run's move it on)."""
+    serving = previous is not None and previous.phase == Phase.READY and bool(previous.version)
+    if report.recapture and serving:
+        assert previous is not None
+        return _recapture_status(previous, report, now=now)
+    if (
+        previous is not None
+        and previous.phase == Phase.FAILED
+        and report.phase != Phase.FAILED
+        and not report.recapture
+    ):
         return previous
+    return _progress(previous, report, now=now)
+
+
+def _recapture_status(previous: CaptureStatus, report: Report, *, now: datetime) -> CaptureStatus:
+    """A later run's report on a resource with a published version: only Ready replaces it."""
+    run = report.workflow.id if report.workflow is not None else "a later capture"
+    if report.phase == Phase.READY:
+        status = _progress(previous, report, now=now)
+        return _with_condition(
+            status, RECAPTURING, False, Reason.CAPTURED.value, f"{run}: {report.version}", now
+        )
+    if report.phase == Phase.FAILED:
+        status = previous.model_copy(update={"message": f"{run} failed: {report.message}"})
+        return _with_condition(status, RECAPTURING, False, report.reason.value, report.message, now)
+    return _with_condition(
+        previous, RECAPTURING, True, report.reason.value, f"{run}: {report.phase.value}", now
+    )
+
+
+def _with_condition(
+    status: CaptureStatus, kind: str, ok: bool, reason: str, message: str, now: datetime
+) -> CaptureStatus:
+    """`status` with condition `kind` set (its transition time kept while its status is)."""
+    value = "True" if ok else "False"
+    old = next((c for c in status.conditions if c.type == kind), None)
+    since = old.last_transition_time if old is not None and old.status == value else now
+    condition = Condition(
+        type=kind,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=status.observed_generation,
+    )
+    others = [c for c in status.conditions if c.type != kind]
+    return status.model_copy(update={"conditions": [*others, condition]})
+
+
+def _progress(previous: CaptureStatus | None, report: Report, *, now: datetime) -> CaptureStatus:
+    """The status after a report of the capture in progress (the phase moves)."""
     before = {c.type: c for c in previous.conditions} if previous else {}
     keep = previous or CaptureStatus()
     conditions = []
@@ -118,7 +179,7 @@ def event_for(previous: CaptureStatus | None, status: CaptureStatus) -> tuple[st
     """The Event (type, reason) a status change deserves, if any."""
     before = previous.phase if previous is not None else Phase.PENDING
     if status.phase == before:
-        return None
+        return _recapture_event(previous, status)
     if status.phase == Phase.FAILED:
         return "Warning", "CaptureFailed"
     if status.phase == Phase.READY:
@@ -126,3 +187,26 @@ def event_for(previous: CaptureStatus | None, status: CaptureStatus) -> tuple[st
     if before == Phase.PENDING:
         return "Normal", "CaptureStarted"
     return None
+
+
+def _recapture_event(
+    previous: CaptureStatus | None, status: CaptureStatus
+) -> tuple[str, str] | None:
+    """A later run's Event, from its `Recapturing` condition's transition."""
+    now = next((c for c in status.conditions if c.type == RECAPTURING), None)
+    if now is None:
+        return None
+    before = next(
+        (c for c in (previous.conditions if previous else []) if c.type == RECAPTURING), None
+    )
+    if before is not None and (before.status, before.reason) == (now.status, now.reason):
+        return None
+    if now.status == "True":
+        return (
+            None
+            if before is not None and before.status == "True"
+            else ("Normal", "RecaptureStarted")
+        )
+    if now.reason == Reason.CAPTURED.value:
+        return "Normal", "CaptureSucceeded"
+    return "Warning", "RecaptureFailed"

@@ -40,6 +40,7 @@ from api.naming import (
     RESTORE_WORKFLOW,
     capture_workflow_id,
     node_task_queue,
+    recapture_workflow_id,
     restore_workflow_id,
 )
 from api.reasons import Phase, Reason, as_reason
@@ -121,14 +122,23 @@ def local_capture_request(
     )
 
 
+def first_capture_id(request: CaptureRequest) -> str:
+    """The ID of the first capture of `request.name`: per name and checkpoint ID (local
+    mode), per resource UID (cluster)."""
+    key = request.resource.uid if request.resource is not None else request.checkpoint_id
+    return capture_workflow_id(namespace=request.namespace, name=request.name, key=key)
+
+
 async def start_capture(
-    client: Client, request: CaptureRequest
+    client: Client, request: CaptureRequest, *, run: str = ""
 ) -> WorkflowHandle[CaptureWorkflow, CaptureResult]:
     """Start (or join) the capture of `request.name`: one workflow per name and checkpoint ID
     (local mode), one per resource UID (cluster), which never runs twice: a resource whose
-    capture ended is not captured again."""
-    key = request.resource.uid if request.resource is not None else request.checkpoint_id
-    workflow_id = capture_workflow_id(namespace=request.namespace, name=request.name, key=key)
+    capture ended is not captured again by the same run. `run` names a later run of a
+    resource's capture (its own ID under the first's, decision 0043)."""
+    workflow_id = first_capture_id(request)
+    if run:
+        workflow_id = recapture_workflow_id(workflow_id, run)
     reuse = (
         WorkflowIDReusePolicy.REJECT_DUPLICATE
         if request.resource is not None

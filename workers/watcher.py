@@ -2,10 +2,13 @@
 
 It stays thin. It starts the capture workflow of a resource (ID
 `capture/<namespace>/<name>/<uid>`, conflict policy USE_EXISTING, a closed one never run
-again), turns what it sees of a capture pod (scheduled on a node, target container Ready,
-a container failed) into signals, and on deletion cancels the workflow and holds the
-resource with the finalizer `warmstart.dev/cleanup` until the workflow has cleaned up.
-Everything else — the Job, status, Events, the dump — is the workflow's.
+again), keeps a Checkpoint's Temporal Schedule in step with its `spec.schedule`, starts a
+run on demand when the `capture-now` annotation changes (later runs, decision 0043:
+`workers.capture_triggers`), turns what it sees of a capture pod (scheduled on a node,
+target container Ready, a container failed) into signals to the run that made the pod,
+and on deletion cancels every run and deletes the Schedule, holding the resource with the
+finalizer `warmstart.dev/cleanup` until the runs have cleaned up. Everything else — the
+Job, status, Events, the dump — is the workflows'.
 
 kopf runs standalone (no kopf peering) in its own thread and event loop, under the Lease
 elector of `workers.leader`, so one replica is active. It logs in with the one login of
@@ -17,6 +20,7 @@ asks (after a 401: a rotated token is read again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,9 +35,11 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.contracts import PodObservation, ResourceRef
 from activities.kube.client import Login, authorization, configuration
-from api.naming import capture_workflow_id
+from api.naming import CAPTURE_WORKFLOW, capture_schedule_id, capture_workflow_id, is_run_of
 from api.reasons import Phase
 from api.resources import (
+    CAPTURE_NOW_ANNOTATION,
+    CAPTURE_WORKFLOW_ANNOTATION,
     CHECKPOINT_LABEL,
     CHECKPOINT_UID_LABEL,
     CLEANUP_FINALIZER,
@@ -45,8 +51,10 @@ from api.resources import (
     PodSnapshot,
 )
 from api.storage import RemoteStorage, resource_storage
+from workers.capture_triggers import capture_now, delete_capture_schedule, ensure_capture_schedule
 from workers.operations import start_capture
 from workers.settings import KubeSettings
+from workflows import visibility
 from workflows.capture import CaptureWorkflow
 from workflows.contracts import CaptureRequest, ClusterCapture, ClusterTarget
 
@@ -192,6 +200,35 @@ def signals_for(seen: PodObservation) -> list[str]:
     return out
 
 
+def signalled_run(pod: dict[str, Any]) -> str:
+    """The capture run a capture pod reports to: the one its annotation names, when that is
+    a run of the resource its labels name (a pod cannot steer signals to another
+    resource's capture); else the resource's first run."""
+    meta = pod["metadata"]
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    first = capture_workflow_id(
+        namespace=meta["namespace"],
+        name=labels.get(CHECKPOINT_LABEL, ""),
+        key=labels[CHECKPOINT_UID_LABEL],
+    )
+    named = annotations.get(CAPTURE_WORKFLOW_ANNOTATION, "")
+    if named and is_run_of(named, first):
+        return str(named)
+    if named:
+        log.warning(
+            "pod %s/%s names capture %s, not a run of %s",
+            meta["namespace"],
+            meta.get("name"),
+            named,
+            first,
+        )
+    return first
+
+
+def _refusal(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+
+
 def build_registry(
     settings: WatcherSettings, connect: Callable[[], Awaitable[Client]]
 ) -> kopf.OperatorRegistry:
@@ -223,23 +260,61 @@ def build_registry(
         patch: kopf.Patch,
         logger: kopf.Logger,
     ) -> None:
-        if (body.get("status") or {}).get("phase") in _FINISHED:
-            return  # captured or failed already: a restart must not start it again
         try:
             resource = model.model_validate(dict(body))
         except ValidationError as err:
-            message = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-            )
+            if (body.get("status") or {}).get("phase") in _FINISHED:
+                return  # captured or failed already: its status stays as it is
+            message = _refusal(err)
             logger.warning("refused: %s", message)
             patch.status["phase"] = Phase.FAILED.value
             patch.status["message"] = message
             return
+        request = capture_request(resource, settings)
+        if isinstance(resource, Checkpoint) and resource.spec.schedule is not None:
+            sid = await ensure_capture_schedule(memo["temporal"], request, resource.spec.schedule)
+            logger.info("capture schedule %s: %s", sid, resource.spec.schedule.cron)
+        if (body.get("status") or {}).get("phase") in _FINISHED:
+            return  # captured or failed already: a restart must not start it again
         try:
-            handle = await start_capture(memo["temporal"], capture_request(resource, settings))
+            handle = await start_capture(memo["temporal"], request)
         except WorkflowAlreadyStartedError:
             return  # its capture ran before (closed): never again for this UID
         logger.info("capture workflow %s", handle.id)
+
+    async def reschedule(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger) -> None:
+        """A Checkpoint's spec changed: its Schedule follows (made, updated or deleted)."""
+        try:
+            resource = Checkpoint.model_validate(dict(body))
+        except ValidationError as err:
+            logger.warning("schedule not changed, the spec is refused: %s", _refusal(err))
+            return
+        request = capture_request(resource, settings)
+        if resource.spec.schedule is not None:
+            await ensure_capture_schedule(memo["temporal"], request, resource.spec.schedule)
+            logger.info("capture schedule updated: %s", resource.spec.schedule.cron)
+        elif await delete_capture_schedule(memo["temporal"], request):
+            logger.info("capture schedule deleted")
+
+    async def demand(
+        model: type[Checkpoint] | type[PodSnapshot],
+        body: kopf.Body,
+        token: str,
+        memo: kopf.Memo,
+        logger: kopf.Logger,
+    ) -> None:
+        """The `capture-now` annotation took a new value: a run for it (once per value)."""
+        try:
+            resource = model.model_validate(dict(body))
+        except ValidationError as err:
+            logger.warning("capture-now refused, the spec is refused: %s", _refusal(err))
+            return
+        try:
+            handle = await capture_now(memo["temporal"], capture_request(resource, settings), token)
+        except WorkflowAlreadyStartedError:
+            logger.info("capture-now %r ran already", token)
+            return
+        logger.info("capture workflow %s (capture-now %r)", handle.id, token)
 
     for model, plural in ((Checkpoint, "checkpoints"), (PodSnapshot, "podsnapshots")):
 
@@ -254,6 +329,25 @@ def build_registry(
             **_: Any,
         ) -> None:
             await capture(model, body, memo, patch, logger)
+
+        @kopf.on.update(
+            GROUP,
+            VERSION,
+            plural,
+            field=("metadata", "annotations", CAPTURE_NOW_ANNOTATION),
+            registry=registry,
+        )
+        async def on_capture_now(
+            body: kopf.Body,
+            old: Any,
+            new: Any,
+            memo: kopf.Memo,
+            logger: kopf.Logger,
+            model: type[Checkpoint] | type[PodSnapshot] = model,
+            **_: Any,
+        ) -> None:
+            if new and new != old:
+                await demand(model, body, str(new), memo, logger)
 
         @kopf.on.update(GROUP, VERSION, plural, field="spec.identity", registry=registry)
         async def on_identity_change(
@@ -270,6 +364,12 @@ def build_registry(
         ) -> None:
             await _cancel_and_wait(memo["temporal"], namespace or "default", name, uid, logger)
 
+    @kopf.on.update(GROUP, VERSION, "checkpoints", field="spec", registry=registry)
+    async def on_checkpoint_spec(
+        body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    ) -> None:
+        await reschedule(body, memo, logger)
+
     @kopf.on.event("", "v1", "pods", labels={CHECKPOINT_UID_LABEL: kopf.PRESENT}, registry=registry)
     async def on_capture_pod(
         event: kopf.RawEvent, memo: Any, logger: kopf.Logger, **_: Any
@@ -278,16 +378,11 @@ def build_registry(
         if event.get("type") == "DELETED":
             signalled.pop(pod["metadata"].get("uid", ""), None)
             return
-        labels = pod["metadata"].get("labels") or {}
         seen = observe(pod)
         wanted = tuple(signals_for(seen))
         if signalled.get(seen.pod_uid) == wanted:
             return
-        workflow_id = capture_workflow_id(
-            namespace=pod["metadata"]["namespace"],
-            name=labels.get(CHECKPOINT_LABEL, ""),
-            key=labels[CHECKPOINT_UID_LABEL],
-        )
+        workflow_id = signalled_run(pod)
         handle = memo["temporal"].get_workflow_handle_for(CaptureWorkflow.run, workflow_id)
         for signal in wanted:
             if signal not in signalled.get(seen.pod_uid, ()):
@@ -305,27 +400,54 @@ def build_registry(
 async def _cancel_and_wait(
     client: Client, namespace: str, name: str, uid: str, logger: kopf.Logger
 ) -> None:
-    """Cancel the resource's capture and wait until it closed (its cleanup ran)."""
-    handle = client.get_workflow_handle(
-        capture_workflow_id(namespace=namespace, name=name, key=uid)
-    )
-    try:
-        description = await handle.describe()
-    except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            return  # never started (refused spec): nothing to clean up
-        raise
-    if description.status != WorkflowExecutionStatus.RUNNING:
+    """Delete the resource's Schedule, cancel its capture runs and wait until they closed
+    (their cleanup ran)."""
+    first = capture_workflow_id(namespace=namespace, name=name, key=uid)
+    with contextlib.suppress(RPCError):  # none, or never made: nothing to stop
+        await client.get_schedule_handle(
+            capture_schedule_id(namespace=namespace, name=name, key=uid)
+        ).delete()
+    running = await _running_runs(client, namespace, first)
+    if not running:
         return
-    logger.info("cancelling capture %s", handle.id)
-    await handle.cancel()
+    for workflow_id in running:
+        logger.info("cancelling capture %s", workflow_id)
+        with contextlib.suppress(RPCError):  # closed meanwhile
+            await client.get_workflow_handle(workflow_id).cancel()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _CANCEL_WAIT_SECONDS
     while loop.time() < deadline:
-        if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+        if not await _running_runs(client, namespace, first, among=running):
             return
         await asyncio.sleep(0.5)
-    raise kopf.TemporaryError(f"capture {handle.id} is still cleaning up", delay=5)
+    raise kopf.TemporaryError(f"capture {first} is still cleaning up", delay=5)
+
+
+async def _running_runs(
+    client: Client, namespace: str, first: str, *, among: Sequence[str] = ()
+) -> list[str]:
+    """The running captures that are runs of `first`: its own (described: visibility may
+    lag its start) and the later ones visibility lists, or those of `among` still running."""
+    candidates = list(among) or [first]
+    if not among:
+        query = (
+            f"WorkflowType = '{CAPTURE_WORKFLOW}' AND ExecutionStatus = 'Running' "
+            f"AND {visibility.NAMESPACE.name} = '{namespace}'"
+        )
+        async for execution in client.list_workflows(query):
+            if execution.id != first and is_run_of(execution.id, first):
+                candidates.append(execution.id)
+    running = []
+    for workflow_id in candidates:
+        try:
+            description = await client.get_workflow_handle(workflow_id).describe()
+        except RPCError as err:
+            if err.status == RPCStatusCode.NOT_FOUND:
+                continue  # never started (refused spec)
+            raise
+        if description.status == WorkflowExecutionStatus.RUNNING:
+            running.append(workflow_id)
+    return running
 
 
 _TLS_SHUTDOWN_GRACE_SECONDS = 0.25  # aiohttp's own advice for a graceful client shutdown

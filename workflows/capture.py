@@ -526,6 +526,7 @@ class CaptureWorkflow:
             manifest_sha256=commit.manifest_sha256 if commit else "",
             resource=self._require().resource,
             job_name=self._job,
+            recapture=bool(self._require().trigger),
         )
 
     async def _fail(self, failure: PipelineFailedError) -> None:

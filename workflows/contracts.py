@@ -14,6 +14,9 @@ from api.naming import CONTROL_TASK_QUEUE, LOCAL_NAMESPACE, LOCAL_NODE, require_
 from api.reasons import Phase, Reason
 from api.workload import LocalWorkload
 
+# What started a later run of a resource's capture; "" is its first run.
+CaptureTrigger = Literal["", "schedule", "annotation"]
+
 
 class ClusterTarget(Contract):
     """What a cluster capture dumps: the container of the capture Job's pod (a Checkpoint)
@@ -75,6 +78,9 @@ class CaptureRequest(Contract):
     # With `storage`: once Ready, the caches of the nodes these label maps select are warmed.
     prefetch_node_selectors: list[dict[str, str]] = Field(default_factory=list)
     prefetch_nodes_at_once: int = Field(default=0, ge=0)  # see PrefetchRequest
+    # What started a later run of a resource's capture (`schedule`, `annotation`; decision
+    # 0043); empty for its first run. A later run never unpublishes a Ready version.
+    trigger: CaptureTrigger = ""
 
     @model_validator(mode="before")
     @classmethod

@@ -44,6 +44,7 @@ async def publish_status(
     resource: ResourceRef | None = None,
     job_name: str = "",
     pod: ContainerTarget | None = None,
+    recapture: bool = False,
 ) -> None:
     """Publish where the pipeline stands (the resource's status on a cluster); the version
     is named only where `committed` (a failed capture has none)."""
@@ -64,6 +65,7 @@ async def publish_status(
         resource=resource,
         job_name=job_name,
         pod=pod,
+        recapture=recapture,
     )
     await workflow.execute_activity_method(
         ControlSteps.publish_status,

@@ -249,6 +249,7 @@ class KubeControlActivities(ClusterControlSteps):
                 step_seconds=request.step_seconds,
                 workflow=link,
                 generation=int(obj.get("metadata", {}).get("generation") or 0),
+                recapture=request.recapture,
             )
             status = next_status(previous, report, now=_now())
             if self._quarantine is not None and status.checkpoint_id:
@@ -439,10 +440,16 @@ class KubeControlActivities(ClusterControlSteps):
     @activity.defn
     async def create_capture_job(self, request: JobInput) -> str:
         """Create the capture Job of the Checkpoint; one that exists and is ours is adopted.
-        Returns the Job's name."""
+        The Job names this capture workflow, the run the watcher signals. Returns the Job's
+        name."""
         obj = await self._resource(request.resource)
         resource = Checkpoint.model_validate(obj)
-        job = capture_job(resource, version=request.version, settings=self._job_settings)
+        job = capture_job(
+            resource,
+            version=request.version,
+            settings=self._job_settings,
+            workflow_id=activity.info().workflow_id or "",
+        )
         name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
         try:
             await call(

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import pytest_asyncio
@@ -480,3 +481,177 @@ async def test_a_changed_identity_is_refused_on_the_status(
             break
         await asyncio.sleep(0.05)
     assert (await status())["message"] == IDENTITY_IMMUTABLE
+
+
+async def _eventually(probe: Any, what: str, tries: int = 400) -> Any:
+    for _ in range(tries):
+        found = await probe()
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _running_ids(client: Client, prefix: str) -> list[str]:
+    query = f"WorkflowType = '{CAPTURE_WORKFLOW}' AND ExecutionStatus = 'Running'"
+    return sorted(
+        [run.id async for run in client.list_workflows(query) if run.id.startswith(prefix)]
+    )
+
+
+async def test_a_scheduled_checkpoint_gets_its_schedule_whose_runs_take_their_pods_signals(
+    client: Client, cluster: Cluster, queue: str, stand_in: None, running: list[KopfThread]
+) -> None:
+    from temporalio.client import ScheduleOverlapPolicy
+
+    thread = watcher(client, cluster, queue)
+    running.append(thread)
+    await asyncio.to_thread(thread.start)
+    body = checkpoint(schedule={"cron": "0 3 * * *", "timeZone": "Europe/Berlin"})
+    uid = (await cluster.create("checkpoints", body))["metadata"]["uid"]
+    first = f"capture/inference/llama/{uid}"
+    schedule = client.get_schedule_handle(f"capture-schedule/inference/llama/{uid}")
+
+    async def described() -> Any:
+        try:
+            return await schedule.describe()
+        except Exception:
+            return None
+
+    seen = await _eventually(described, "the Checkpoint's schedule")
+    # The server keeps the cron as a calendar: its next times say it was read right.
+    assert seen.schedule.spec.time_zone_name == "Europe/Berlin"
+    berlin = ZoneInfo("Europe/Berlin")
+    times = [t.astimezone(berlin) for t in seen.info.next_action_times]
+    assert times and all((t.hour, t.minute) == (3, 0) for t in times), times
+    assert seen.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
+    assert seen.schedule.action.id == f"{first}/scheduled"
+    assert seen.schedule.action.task_queue == queue
+
+    # A run now (as at 03:00): its own workflow under the first's ID, told it is scheduled.
+    await _eventually(lambda: _running_ids(client, first), "the first capture")
+    await schedule.trigger()
+    runs = await _eventually(
+        lambda: _dropping(_running_ids(client, f"{first}/scheduled-")), "a scheduled run"
+    )
+    scheduled = client.get_workflow_handle(runs[0])
+    request = await scheduled.query(StandInCapture.request_of)
+    assert (request.trigger, request.resource.uid) == ("schedule", uid)
+    assert (await client.get_workflow_handle(first).query(StandInCapture.request_of)).trigger == ""
+
+    # Its Job's pod names it: the pod's signals go to that run, not to the first.
+    pod = capture_pod(uid, node="gpu-2")
+    pod["metadata"]["annotations"]["warmstart.dev/capture-workflow"] = runs[0]
+    await cluster.run(cluster.core.create_namespaced_pod, "inference", pod)
+    await wait_for_signals(scheduled, [("pod_scheduled", "gpu-2")])
+    assert await client.get_workflow_handle(first).query(StandInCapture.seen) == []
+
+    # The spec's schedule changes: the Schedule follows; removed, it goes.
+    await cluster.run(
+        cluster.custom.patch_namespaced_custom_object,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "llama",
+        {"spec": {"schedule": {"cron": "@hourly", "paused": True}}},
+    )
+
+    async def rescheduled() -> bool:
+        now = await schedule.describe()
+        calendars = now.schedule.spec.calendars
+        return now.schedule.state.paused and calendars != seen.schedule.spec.calendars
+
+    await _eventually(rescheduled, "the schedule's update")
+    await cluster.run(
+        cluster.custom.patch_namespaced_custom_object,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "llama",
+        {"spec": {"schedule": None}},
+    )
+    await _eventually(lambda: _negate(described()), "the schedule's deletion")
+
+    # Deleting the resource cancels every run.
+    await cluster.run(
+        cluster.custom.delete_namespaced_custom_object,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "llama",
+    )
+    await wait_gone(cluster, "llama")
+    for workflow_id in (first, runs[0]):
+        status = (await client.get_workflow_handle(workflow_id).describe()).status
+        assert status == WorkflowExecutionStatus.CANCELED, workflow_id
+
+
+async def _dropping(ids: Any) -> list[str]:
+    return list(await ids)
+
+
+async def _negate(value: Any) -> bool:
+    return not await value
+
+
+async def test_the_capture_now_annotation_starts_one_run_per_value_and_deletion_cancels_it(
+    client: Client, cluster: Cluster, queue: str, stand_in: None, running: list[KopfThread]
+) -> None:
+    thread = watcher(client, cluster, queue)
+    running.append(thread)
+    await asyncio.to_thread(thread.start)
+    uid = (await cluster.create("checkpoints", checkpoint()))["metadata"]["uid"]
+    first = f"capture/inference/llama/{uid}"
+    await _eventually(lambda: _running_ids(client, first), "the first capture")
+
+    async def annotate(value: str | None, **more: str) -> None:
+        annotations = {"capture.warmstart.dev/now": value, **more}
+        await cluster.run(
+            cluster.custom.patch_namespaced_custom_object,
+            "warmstart.dev",
+            "v1alpha1",
+            "inference",
+            "checkpoints",
+            "llama",
+            {"metadata": {"annotations": annotations}},
+        )
+
+    async def later_runs() -> list[str]:
+        query = f"WorkflowType = '{CAPTURE_WORKFLOW}'"
+        return sorted(
+            [r.id async for r in client.list_workflows(query) if r.id.startswith(f"{first}/")]
+        )
+
+    await annotate("2026-12-06T12:00")
+    (one,) = await _eventually(later_runs, "a run on demand")
+    assert one.startswith(f"{first}/on-demand-")
+    request = await client.get_workflow_handle(one).query(StandInCapture.request_of)
+    assert request.trigger == "annotation"
+    # Another annotation changing, the value kept: no second run.
+    await annotate("2026-12-06T12:00", other="x")
+    await asyncio.sleep(1.5)
+    assert await later_runs() == [one]
+    await annotate("2026-12-06T13:00")
+    two = await _eventually(lambda: _dropping(_longer(later_runs(), 1)), "a second run on demand")
+    assert len(two) == 2 and one in two
+
+    await cluster.run(
+        cluster.custom.delete_namespaced_custom_object,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "llama",
+    )
+    await wait_gone(cluster, "llama")
+    for workflow_id in (first, *two):
+        status = (await client.get_workflow_handle(workflow_id).describe()).status
+        assert status == WorkflowExecutionStatus.CANCELED, workflow_id
+
+
+async def _longer(ids: Any, than: int) -> list[str]:
+    found = list(await ids)
+    return found if len(found) > than else []
