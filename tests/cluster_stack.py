@@ -14,7 +14,7 @@ import os
 import re
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,10 +142,12 @@ class Stack:
         image: str | None = None,
         binds: dict[str, Path] | None = None,
         log: Path | None = None,
+        skip: Collection[str] = (),
     ) -> tuple[Any, Any, str, Path]:
         """The Job controller and the scheduler (the Job's pod, bound to our node), and the
         kubelet (its container in containerd, with the environment the pod declares):
-        returns Job, pod, container ID, control dir."""
+        returns Job, pod, container ID, control dir. Jobs named in `skip` (earlier runs')
+        are left alone."""
         cluster = self.cluster
 
         async def job() -> Any:
@@ -155,6 +157,7 @@ class Stack:
                     j
                     for j in jobs.items
                     if j.metadata.labels.get("warmstart.dev/checkpoint") == name
+                    and j.metadata.name not in skip
                 ),
                 None,
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import Client
@@ -128,3 +129,73 @@ async def test_a_watcher_restarted_mid_capture_finishes_it_once(
     assert scheduled.count("dump_container") == 1, scheduled
     assert scheduled.count("commit_container") == 1, scheduled
     assert (await handle.result())["version"] == final["version"]
+
+
+@pytest.mark.parametrize("trigger", ["annotation", "schedule"])
+async def test_a_later_run_publishes_a_new_version_and_keeps_the_old_one_meanwhile(
+    client: Client, cluster: Cluster, kubelet: Kubelet, tmp_path: Path, trigger: str
+) -> None:
+    """A capture on demand (the annotation) and one of the Checkpoint's Schedule (fired now,
+    as at its time) each capture a new version of the same checkpoint ID."""
+    schedule = {"schedule": {"cron": "0 3 * * *"}} if trigger == "schedule" else {}
+    async with running_stack(client, cluster, kubelet, tmp_path) as stack:
+        resource = await stack.checkpoint("again", ["python3", "-c", WORKLOAD], **schedule)
+        uid = resource["metadata"]["uid"]
+        first_job, pod, _cid, control_dir = await stack.run_job_pod("again")
+        await eventually(
+            lambda: asyncio.sleep(0, (control_dir / "ready-for-snapshot").exists()),
+            "ready-for-snapshot",
+        )
+        await stack.report(pod, {"running": {}}, ready=True)
+        first = await stack.outcome("again")
+        assert first["phase"] == "Ready", first
+
+        # Asked again: a run of its own, with a Job of its own that names it.
+        if trigger == "schedule":
+            await client.get_schedule_handle(f"capture-schedule/inference/again/{uid}").trigger()
+        else:
+            await cluster.run(
+                cluster.custom.patch_namespaced_custom_object,
+                "warmstart.dev",
+                "v1alpha1",
+                "inference",
+                "checkpoints",
+                "again",
+                {"metadata": {"annotations": {"capture.warmstart.dev/now": "after-rollout-42"}}},
+            )
+        job, pod, _cid, control_dir = await stack.run_job_pod(
+            "again", skip={first_job.metadata.name}
+        )
+        run = job.metadata.annotations["warmstart.dev/capture-workflow"]
+        kind = "scheduled-" if trigger == "schedule" else "on-demand-"
+        assert run.startswith(f"capture/inference/again/{uid}/{kind}")
+        assert job.metadata.name != first_job.metadata.name
+        await eventually(
+            lambda: asyncio.sleep(0, (control_dir / "ready-for-snapshot").exists()),
+            "ready-for-snapshot of the second run",
+        )
+        # While it runs the resource stays Ready with the version pods restore.
+        meanwhile = (await cluster.get("checkpoints", "inference", "again"))["status"]
+        assert (meanwhile["phase"], meanwhile["version"]) == ("Ready", first["version"])
+        conditions = {c["type"]: c for c in meanwhile["conditions"]}
+        assert conditions["Recapturing"]["status"] == "True"
+        await stack.report(pod, {"running": {}}, ready=True)
+
+        async def recaptured() -> Any:
+            status = (await cluster.get("checkpoints", "inference", "again"))["status"]
+            cond = {c["type"]: c for c in status["conditions"]}.get("Recapturing", {})
+            return status if cond.get("status") == "False" else None
+
+        second = await eventually(recaptured, "the second run to end", 90)
+        events = await cluster.run(cluster.events.list_namespaced_event, "inference")
+    assert (second["phase"], second["checkpointID"]) == ("Ready", first["checkpointID"])
+    assert second["version"] != first["version"]
+    assert second["manifestSHA256"] != first["manifestSHA256"]
+    assert second["workflow"]["id"] == run and second["jobName"] == job.metadata.name
+    cond = {c["type"]: c for c in second["conditions"]}["Recapturing"]
+    assert (cond["reason"], second["version"] in cond["message"]) == ("Captured", True)
+    # Both versions are committed: the old one stays for retention to decide.
+    for version in (first["version"], second["version"]):
+        assert (stack.store.version_dir(first["checkpointID"], version) / "manifest.json").exists()
+    reasons = [e.reason for e in events.items if e.regarding.name == "again"]
+    assert reasons.count("CaptureSucceeded") == 2 and "RecaptureStarted" in reasons, reasons
