@@ -214,6 +214,9 @@ async def test_the_models_other_rules_name_their_field(webhook: Webhook) -> None
     assert "targetContainerName 'server' is not a container of podTemplateSpec" in message
     message = refusal(await validate(webhook, pod_snapshot(["a", "b"])))
     assert message.startswith("spec.source.podRef.containers: ")
+    bad_cron = checkpoint(schedule={"cron": "0 3 * *"})
+    message = refusal(await validate(webhook, bad_cron))
+    assert message.startswith("spec.schedule.cron: ") and "has 4 fields; it needs 5" in message
 
 
 async def test_dry_run_is_answered_the_same(webhook: Webhook) -> None:
