@@ -366,8 +366,10 @@ def build_registry(
 
     @kopf.on.update(GROUP, VERSION, "checkpoints", field="spec", registry=registry)
     async def on_checkpoint_spec(
-        body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+        body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
+        if (old or {}).get("identity") != (new or {}).get("identity"):
+            return  # refused (on_identity_change): its schedule keeps the identity it had
         await reschedule(body, memo, logger)
 
     @kopf.on.event("", "v1", "pods", labels={CHECKPOINT_UID_LABEL: kopf.PRESENT}, registry=registry)
