@@ -234,12 +234,12 @@ async def wait_for_signals(handle: Any, expected: list[tuple[str, str]]) -> None
     assert seen == expected
 
 
-async def wait_gone(cluster: Cluster, name: str) -> None:
+async def wait_gone(cluster: Cluster, name: str, plural: str = "checkpoints") -> None:
     from kubernetes.client.exceptions import ApiException
 
     for _ in range(800):
         try:
-            await cluster.get("checkpoints", "inference", name)
+            await cluster.get(plural, "inference", name)
         except ApiException as err:
             assert err.status == 404
             return
@@ -597,13 +597,26 @@ async def _negate(value: Any) -> bool:
     return not await value
 
 
+@pytest.mark.parametrize("plural", ["checkpoints", "podsnapshots"])
 async def test_the_capture_now_annotation_starts_one_run_per_value_and_deletion_cancels_it(
-    client: Client, cluster: Cluster, queue: str, stand_in: None, running: list[KopfThread]
+    client: Client,
+    cluster: Cluster,
+    queue: str,
+    stand_in: None,
+    running: list[KopfThread],
+    plural: str,
 ) -> None:
     thread = watcher(client, cluster, queue)
     running.append(thread)
     await asyncio.to_thread(thread.start)
-    uid = (await cluster.create("checkpoints", checkpoint()))["metadata"]["uid"]
+    snapshot = {
+        "apiVersion": "warmstart.dev/v1alpha1",
+        "kind": "PodSnapshot",
+        "metadata": {"name": "llama", "namespace": "inference"},
+        "spec": {"source": {"podRef": {"name": "llama-0", "uid": "p1", "containers": ["main"]}}},
+    }
+    body = checkpoint() if plural == "checkpoints" else snapshot
+    uid = (await cluster.create(plural, body))["metadata"]["uid"]
     first = f"capture/inference/llama/{uid}"
     await _eventually(lambda: _running_ids(client, first), "the first capture")
 
@@ -614,7 +627,7 @@ async def test_the_capture_now_annotation_starts_one_run_per_value_and_deletion_
             "warmstart.dev",
             "v1alpha1",
             "inference",
-            "checkpoints",
+            plural,
             "llama",
             {"metadata": {"annotations": annotations}},
         )
@@ -629,7 +642,7 @@ async def test_the_capture_now_annotation_starts_one_run_per_value_and_deletion_
     (one,) = await _eventually(later_runs, "a run on demand")
     assert one.startswith(f"{first}/on-demand-")
     request = await client.get_workflow_handle(one).query(StandInCapture.request_of)
-    assert request.trigger == "annotation"
+    assert (request.trigger, request.resource.kind) == ("annotation", body["kind"])
     # Another annotation changing, the value kept: no second run.
     await annotate("2026-12-06T12:00", other="x")
     await asyncio.sleep(1.5)
@@ -643,10 +656,10 @@ async def test_the_capture_now_annotation_starts_one_run_per_value_and_deletion_
         "warmstart.dev",
         "v1alpha1",
         "inference",
-        "checkpoints",
+        plural,
         "llama",
     )
-    await wait_gone(cluster, "llama")
+    await wait_gone(cluster, "llama", plural)
     for workflow_id in (first, *two):
         status = (await client.get_workflow_handle(workflow_id).describe()).status
         assert status == WorkflowExecutionStatus.CANCELED, workflow_id
