@@ -45,6 +45,7 @@ from api.resources import (
     PodSnapshot,
 )
 from api.storage import RemoteStorage, resource_storage
+from workers.drain import register_drain
 from workers.operations import start_capture
 from workers.settings import KubeSettings
 from workflows.capture import CaptureWorkflow
@@ -299,6 +300,7 @@ def build_registry(
                     logger.info("no running capture %s for pod signal %s", workflow_id, signal)
         signalled[seen.pod_uid] = wanted
 
+    register_drain(registry, settings.kube)  # capture before a drain (decision 0044)
     return registry
 
 

@@ -1,0 +1,92 @@
+"""The webhook's side of capture before a drain (decision 0044): the reads an eviction's
+review makes through the one Kubernetes stack, and why the eviction waits, if it does.
+
+The pod is read first; only a pod that opted in costs more: its drain PodSnapshot, and,
+while that is not made yet, its node. A read that fails lets the eviction go ahead, as a
+webhook that is not there does (failurePolicy Ignore): a drain is never blocked by
+warmstart being away.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from activities.kube.client import ApiCall, call
+from api.drain import drain_capture, eviction_hold
+from api.errors import InvalidSpecError, NotFoundError, WarmstartError
+from api.resources import GROUP, VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DrainReads:
+    """Reads of a pod, a node and a PodSnapshot (`kubernetes` CoreV1Api and
+    CustomObjectsApi), each within `timeout_seconds`; None when not found."""
+
+    core: Any
+    custom: Any
+    timeout_seconds: float
+
+    async def pod(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return await self._read(
+            self.core.read_namespaced_pod,
+            name,
+            namespace,
+            on=ApiCall("read", "Pod", namespace, name),
+        )
+
+    async def node(self, name: str) -> Mapping[str, Any] | None:
+        return await self._read(self.core.read_node, name, on=ApiCall("read", "Node", "", name))
+
+    async def snapshot(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        try:
+            snapshot: Mapping[str, Any] = await call(
+                self.custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                "podsnapshots",
+                name,
+                on=ApiCall("read", "PodSnapshot", namespace, name),
+                timeout=self.timeout_seconds,
+            )
+        except NotFoundError:
+            return None
+        return snapshot
+
+    async def _read(self, fn: Any, *args: Any, on: ApiCall) -> Mapping[str, Any] | None:
+        try:
+            obj = await call(fn, *args, on=on, timeout=self.timeout_seconds)
+        except NotFoundError:
+            return None
+        found: Mapping[str, Any] = self.core.api_client.sanitize_for_serialization(obj)
+        return found
+
+
+async def eviction_wait(
+    namespace: str, pod_name: str, *, reads: DrainReads, now: datetime | None = None
+) -> str | None:
+    """Why the eviction of pod `namespace/pod_name` waits, or None: it may go ahead."""
+    try:
+        pod = await reads.pod(namespace, pod_name)
+        if pod is None:
+            return None
+        try:
+            capture = drain_capture(pod)
+        except InvalidSpecError as err:
+            log.warning("eviction not held: %s", err)
+            return None
+        if capture is None:
+            return None
+        snapshot = await reads.snapshot(namespace, capture.snapshot_name)
+        node_name = (pod.get("spec") or {}).get("nodeName") or ""
+        node = await reads.node(node_name) if snapshot is None and node_name else None
+    except WarmstartError as err:
+        log.warning("eviction of pod %s/%s not held: %s", namespace, pod_name, err)
+        return None
+    return eviction_hold(pod, node=node, snapshot=snapshot, now=now or datetime.now(UTC))
