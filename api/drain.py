@@ -8,7 +8,9 @@ with that container Ready, the watcher creates the PodSnapshot `snapshot_for` sh
 after the pod's name and UID (a second cordon or a restarted watcher finds it there). The
 webhook holds the pod's evictions (HTTP 429, which `kubectl drain` retries) while that
 PodSnapshot is neither Ready nor Failed and its deadline, counted from its creation, has
-not passed.
+not passed; before the PodSnapshot is made, while the pod is one a cordon captures, for
+at most its deadline counted from the cordon (as the node's managedFields date it, else
+from the first eviction the webhook held).
 """
 
 from __future__ import annotations
@@ -148,12 +150,15 @@ def eviction_hold(
     node: Mapping[str, Any] | None,
     snapshot: Mapping[str, Any] | None,
     now: datetime,
+    held_since: datetime | None = None,
 ) -> str | None:
     """Why an eviction of `pod` waits now, or None when it may go ahead. It waits while
     its drain PodSnapshot (`snapshot`, None: not made) is neither Ready nor Failed, until
     the deadline counted from its creation; and, before the watcher has made it, while the
-    pod is one a cordon of its node (`node`) captures. A pod that asks wrongly is not held:
-    its capture never starts."""
+    pod is one a cordon of its node (`node`) captures, until the deadline counted from the
+    cordon: the earlier of the write that cordoned it (`cordoned_since`) and `held_since`,
+    when the asker first held this pod's eviction (None: now, this is the first). A pod
+    that asks wrongly is not held: its capture never starts."""
     try:
         capture = drain_capture(pod)
     except InvalidSpecError:
@@ -162,12 +167,17 @@ def eviction_hold(
         return None
     who = f"pod {capture.namespace}/{capture.pod_name}"
     if snapshot is None:
-        if cordoned(node) and capturable(pod, capture):
-            return (
-                f"{who}: waiting for its capture before drain to start "
-                f"(PodSnapshot {capture.snapshot_name}, made by warmstart-controller)"
-            )
-        return None
+        if not cordoned(node) or not capturable(pod, capture):
+            return None
+        since = min(t for t in (cordoned_since(node), held_since, now) if t is not None)
+        until = since + timedelta(seconds=capture.deadline_seconds)
+        if now >= until:
+            return None
+        return (
+            f"{who}: waiting for its capture before drain to start (PodSnapshot "
+            f"{capture.snapshot_name}, made by warmstart-controller); eviction waits at most "
+            f"until {_text(until)}"
+        )
     phase = (snapshot.get("status") or {}).get("phase") or Phase.PENDING.value
     if phase in _FINISHED:
         return None
@@ -176,9 +186,39 @@ def eviction_hold(
         return None
     return (
         f"{who}: its capture before drain is {phase} (PodSnapshot {capture.snapshot_name}); "
-        f"eviction waits until it is Ready or Failed, at most until "
-        f"{deadline.isoformat().replace('+00:00', 'Z')}"
+        f"eviction waits until it is Ready or Failed, at most until {_text(deadline)}"
     )
+
+
+def cordoned_since(node: Mapping[str, Any] | None) -> datetime | None:
+    """When the cordoned node's `spec.unschedulable` was last written, as the API server
+    recorded it (the time of the managedFields entry that owns the field); None when the
+    node is not cordoned or no entry says. A later write by the same manager moves it on:
+    the hold it bounds stays bounded by that write's time."""
+    if not cordoned(node):
+        return None
+    times = [
+        _time(entry.get("time"))
+        for entry in ((node or {}).get("metadata") or {}).get("managedFields") or []
+        if "f:unschedulable" in (((entry.get("fieldsV1") or {}).get("f:spec")) or {})
+    ]
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+def _time(raw: Any) -> datetime | None:
+    """An RFC 3339 time of the API server (with its zone); None when it is not one."""
+    if not raw:
+        return None
+    try:
+        found = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return found if found.tzinfo is not None else None
+
+
+def _text(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def _snapshot_deadline(snapshot: Mapping[str, Any]) -> datetime | None:
@@ -186,13 +226,7 @@ def _snapshot_deadline(snapshot: Mapping[str, Any]) -> datetime | None:
     or unreadable (the eviction then goes ahead: a hold must end)."""
     meta = snapshot.get("metadata") or {}
     raw = (meta.get("annotations") or {}).get(DRAIN_DEADLINE_ANNOTATION, "")
-    created = meta.get("creationTimestamp")
-    if not raw.isdigit() or not created:
-        return None
-    try:
-        start = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if start.tzinfo is None:
+    start = _time(meta.get("creationTimestamp"))
+    if not raw.isdigit() or start is None:
         return None
     return start + timedelta(seconds=min(int(raw), MAX_DEADLINE_SECONDS))

@@ -40,7 +40,7 @@ from tests.apiserver import ApiServer, installed, needs_apiserver, running_apise
 from tests.kube import Cluster
 from tests.test_webhook_apiserver import in_effect, register
 from workers.checkpoints import checkpoint_reader
-from workers.eviction import DrainReads
+from workers.eviction import DrainReads, Evictions
 from workers.settings import KubeSettings, WebhookSettings
 from workers.watcher import KopfThread, WatcherSettings, build_registry
 from workers.webhook import admission_app, self_signed_certificate, server_ssl_context, serving
@@ -89,7 +89,7 @@ async def drain(
     app = admission_app(
         read=checkpoint_reader(cluster.custom, timeout_seconds=2),
         settings=RestoreSettings(jobs=JobSettings(checkpoint_claim="ckpts")),
-        drain=DrainReads(core=cluster.core, custom=cluster.custom, timeout_seconds=2),
+        drain=Evictions(DrainReads(core=cluster.core, custom=cluster.custom, timeout_seconds=2)),
     )
     queue = f"control-{uuid.uuid4().hex[:8]}"
     target = temporal_env.client.service_client.config.target_host
@@ -307,11 +307,11 @@ async def test_an_eviction_before_the_capture_is_made_waits_and_one_past_its_dea
     # No watcher yet (kubectl drain evicts right after its cordon): held all the same.
     await cordon(cluster, name)
     message = await refused(cluster, wanted)
-    assert message.endswith(
+    assert (
         f"pod {NAMESPACE}/{wanted.metadata.name}: waiting for its capture before drain to "
         f"start (PodSnapshot {snapshot_name(wanted.metadata.name, wanted.metadata.uid)}, "
-        "made by warmstart-controller)"
-    )
+        "made by warmstart-controller); eviction waits at most until "
+    ) in message
     async with watching(drain):
         snapshot = await taken_on(cluster, wanted)
         assert snapshot["metadata"]["annotations"][DRAIN_DEADLINE_ANNOTATION] == "10"
@@ -330,6 +330,32 @@ async def test_an_eviction_before_the_capture_is_made_waits_and_one_past_its_dea
 
         await eventually(goes, "the eviction past the deadline", timeout=30)
         assert (datetime.now(UTC) - created).total_seconds() >= 10
+
+
+async def test_without_a_controller_an_eviction_is_held_no_longer_than_the_deadline(
+    drain: Drain,
+) -> None:
+    """No watcher ever makes the PodSnapshot (the controller away, or refused in a namespace
+    that did not opt in): the hold ends at the pod's deadline all the same (this API server
+    writes no managedFields, so it counts from the first eviction the webhook held)."""
+    cluster = drain.cluster
+    name = await node(cluster)
+    wanted = await running_pod(cluster, name, {**OPTED_IN, DRAIN_DEADLINE_ANNOTATION: "10"})
+    await cordon(cluster, name)
+    began = datetime.now(UTC)
+    assert "waiting for its capture before drain to start" in await refused(cluster, wanted)
+
+    async def goes() -> bool:
+        try:
+            await evict(cluster, wanted)
+        except ApiException as err:
+            assert err.status == 429, err.body
+            return False
+        return True
+
+    await eventually(goes, "the eviction past the deadline", timeout=30)
+    assert (datetime.now(UTC) - began).total_seconds() >= 10
+    assert not await drain_snapshots(cluster, wanted)
 
 
 async def test_with_the_webhook_stopped_an_eviction_goes(drain: Drain) -> None:

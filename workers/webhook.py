@@ -65,7 +65,7 @@ from api.restore_claims import restore_source, validation_message
 from api.restore_pods import RestoreSettings, cold, loader_override, restore_pod
 from workers.certificates import self_signed_certificate
 from workers.checkpoints import ReadCheckpoint, checkpoint_reader
-from workers.eviction import DrainReads, eviction_wait
+from workers.eviction import DrainReads, Evictions, eviction_wait
 from workers.settings import Settings, WebhookSettings
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ async def review_pod(
     return allowed(patch=patch)
 
 
-async def review_eviction(request: Mapping[str, Any], *, reads: DrainReads) -> Review:
+async def review_eviction(request: Mapping[str, Any], *, evictions: Evictions) -> Review:
     """The answer to an eviction: refused with 429 while the pod's capture before drain
     holds it (decision 0044); anything else passes."""
     resource = request.get("resource") or {}
@@ -185,7 +185,7 @@ async def review_eviction(request: Mapping[str, Any], *, reads: DrainReads) -> R
     if foreign(request):
         return denied(FOREIGN_OBJECT)
     namespace, name = str(request["namespace"]), str(request["name"])
-    wait = await eviction_wait(namespace, name, reads=reads)
+    wait = await eviction_wait(namespace, name, evictions=evictions)
     if wait is None:
         return allowed()
     logger.info("eviction of pod %s/%s held: %s", namespace, name, wait)
@@ -218,7 +218,7 @@ def admission_app(
     read: ReadCheckpoint,
     settings: RestoreSettings,
     client_certificate: bool = False,
-    drain: DrainReads | None = None,
+    drain: Evictions | None = None,
 ) -> web.Application:
     """The webhook's routes; with `client_certificate`, reviews are answered only to a
     client whose certificate the TLS context verified (`server_ssl_context`); evictions
@@ -243,7 +243,7 @@ def admission_app(
         assert drain is not None
 
         async def eviction(review: Mapping[str, Any]) -> Review:
-            return await review_eviction(review, reads=drain)
+            return await review_eviction(review, evictions=drain)
 
         return await _answer(request, eviction)
 
@@ -429,7 +429,7 @@ async def run_webhook(settings: Settings, stop: asyncio.Event | None = None) -> 
             jobs=JobSettings(checkpoint_claim=settings.kube.checkpoint_claim),
             node_labels=hook.node_label_pairs(),
         )
-        drain = DrainReads(
+        reads = DrainReads(
             core=client.CoreV1Api(api),
             custom=client.CustomObjectsApi(api),
             timeout_seconds=hook.read_timeout_seconds,
@@ -438,7 +438,7 @@ async def run_webhook(settings: Settings, stop: asyncio.Event | None = None) -> 
             read=read,
             settings=restore,
             client_certificate=bool(hook.client_ca_file),
-            drain=drain,
+            drain=Evictions(reads),
         )
         async with serving(app, settings=hook, context=server_ssl_context(hook)) as port:
             print(f"webhook: https on {hook.host}:{port}", flush=True)

@@ -3,6 +3,7 @@ shaped for one, and the answer to an eviction."""
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +17,7 @@ from api.drain import (
     DrainCapture,
     capturable,
     cordoned,
+    cordoned_since,
     drain_capture,
     eviction_hold,
     snapshot_for,
@@ -56,7 +58,27 @@ def pod(
     }
 
 
-CORDONED = {"metadata": {"name": "gpu-1"}, "spec": {"unschedulable": True}}
+CORDON_WRITTEN = "2026-12-06T11:59:00Z"
+CORDONED = {
+    "metadata": {
+        "name": "gpu-1",
+        "managedFields": [
+            {  # the kubelet's status: not the cordon
+                "manager": "kubelet",
+                "operation": "Update",
+                "time": "2026-12-06T12:30:00Z",
+                "fieldsV1": {"f:status": {"f:conditions": {}}},
+            },
+            {
+                "manager": "kubectl-cordon",
+                "operation": "Update",
+                "time": CORDON_WRITTEN,
+                "fieldsV1": {"f:spec": {"f:unschedulable": {}}},
+            },
+        ],
+    },
+    "spec": {"unschedulable": True},
+}
 SCHEDULABLE = {"metadata": {"name": "gpu-1"}, "spec": {}}
 
 
@@ -143,6 +165,23 @@ def test_a_node_is_cordoned_when_unschedulable() -> None:
     assert not cordoned(None)
 
 
+def test_a_cordon_is_dated_by_the_write_that_owns_spec_unschedulable() -> None:
+    assert cordoned_since(CORDONED) == datetime(2026, 12, 6, 11, 59, tzinfo=UTC)
+    assert cordoned_since(SCHEDULABLE) is None
+    undated = {"metadata": {"name": "gpu-1"}, "spec": {"unschedulable": True}}
+    assert cordoned_since(undated) is None
+    # Two managers wrote it: the later write.
+    twice = copy.deepcopy(CORDONED)
+    twice["metadata"]["managedFields"].append(
+        {"time": "2026-12-06T11:59:30Z", "fieldsV1": {"f:spec": {"f:unschedulable": {}}}}
+    )
+    assert cordoned_since(twice) == datetime(2026, 12, 6, 11, 59, 30, tzinfo=UTC)
+    # A time that is not one counts for nothing.
+    garbled = copy.deepcopy(CORDONED)
+    garbled["metadata"]["managedFields"][1]["time"] = "yesterday"
+    assert cordoned_since(garbled) is None
+
+
 def test_the_snapshot_is_named_by_pod_name_and_uid_and_is_a_valid_podsnapshot() -> None:
     wanted = drain_capture(pod())
     assert wanted is not None
@@ -211,11 +250,34 @@ def test_before_the_snapshot_is_made_only_a_capturable_pod_on_a_cordoned_node_wa
     hold = eviction_hold(pod(), node=CORDONED, snapshot=None, now=now)
     assert hold == (
         "pod inference/llama-0: waiting for its capture before drain to start "
-        f"(PodSnapshot {snapshot_name('llama-0', UID)}, made by warmstart-controller)"
+        f"(PodSnapshot {snapshot_name('llama-0', UID)}, made by warmstart-controller); "
+        "eviction waits at most until 2026-12-06T12:04:00Z"
     )
     assert eviction_hold(pod(), node=SCHEDULABLE, snapshot=None, now=now) is None
     assert eviction_hold(pod(), node=None, snapshot=None, now=now) is None
     assert eviction_hold(pod(ready=False), node=CORDONED, snapshot=None, now=now) is None
+
+
+def test_before_the_snapshot_is_made_the_hold_ends_at_the_deadline_from_the_cordon() -> None:
+    """A controller that never makes the PodSnapshot (away, or refused in a namespace that
+    did not opt in) holds a drain no longer than the pod's deadline."""
+    cordon = datetime(2026, 12, 6, 11, 59, tzinfo=UTC)
+    later = cordon + timedelta(seconds=DEFAULT_DEADLINE_SECONDS)
+    assert eviction_hold(pod(), node=CORDONED, snapshot=None, now=later) is None
+    just_before = later - timedelta(seconds=1)
+    assert eviction_hold(pod(), node=CORDONED, snapshot=None, now=just_before) is not None
+    # Where no write dates the cordon (an API server without managedFields), the first
+    # eviction held starts the count.
+    undated = {"metadata": {"name": "gpu-1"}, "spec": {"unschedulable": True}}
+    first = eviction_hold(pod(), node=undated, snapshot=None, now=cordon)
+    assert first is not None and first.endswith("at most until 2026-12-06T12:04:00Z")
+    assert eviction_hold(pod(), node=undated, snapshot=None, now=later, held_since=cordon) is None
+    # The earlier of the two counts.
+    early = cordon - timedelta(seconds=60)
+    assert (
+        eviction_hold(pod(), node=CORDONED, snapshot=None, now=just_before, held_since=early)
+        is None
+    )
 
 
 def test_a_pod_that_did_not_opt_in_or_asks_wrongly_is_never_held() -> None:
