@@ -275,7 +275,26 @@ async def test_a_cordon_captures_the_opted_in_pod_once_and_no_other(drain: Drain
     async with watching(drain):
         await taken_on(cluster, wanted)
         found = await drain_snapshots(cluster, wanted, other)
-    assert [s["metadata"]["uid"] for s in found] == [first["metadata"]["uid"]]
+        assert [s["metadata"]["uid"] for s in found] == [first["metadata"]["uid"]]
+        # Deleted (its capture cancelled), it is made afresh at the next cordon.
+        await cordon(cluster, name, unschedulable=False)
+        await cluster.run(
+            cluster.custom.delete_namespaced_custom_object,
+            "warmstart.dev",
+            "v1alpha1",
+            NAMESPACE,
+            "podsnapshots",
+            first["metadata"]["name"],
+        )
+
+        async def deleted() -> bool:
+            return not await drain_snapshots(cluster, wanted)
+
+        await eventually(deleted, "the drain PodSnapshot deleted")
+        await cordon(cluster, name)
+        again = await taken_on(cluster, wanted)
+        assert again["metadata"]["uid"] != first["metadata"]["uid"]
+        assert len(await drain_snapshots(cluster, wanted, other)) == 1
 
 
 async def test_an_eviction_waits_for_the_capture_and_goes_once_it_is_ready(drain: Drain) -> None:

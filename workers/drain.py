@@ -13,6 +13,7 @@ of an earlier event, replica or cordon: nothing is made twice.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -26,7 +27,7 @@ from api.drain import (
     drain_capture,
     snapshot_for,
 )
-from api.errors import ConflictError, InvalidSpecError, WarmstartError
+from api.errors import ConflictError, ForbiddenError, InvalidSpecError, WarmstartError
 from api.resources import GROUP, VERSION
 
 _OPTED_IN = {CAPTURE_ON_DRAIN_ANNOTATION: kopf.PRESENT}
@@ -35,7 +36,10 @@ _OPTED_IN = {CAPTURE_ON_DRAIN_ANNOTATION: kopf.PRESENT}
 def register_drain(registry: kopf.OperatorRegistry, login: Login) -> None:
     """Add the capture-before-drain handlers to `registry`; PodSnapshots are created with
     the watcher's one login."""
-    made: set[tuple[str, str]] = set()  # (namespace, name) created or found by this process
+    # Pods (namespace, UID) whose PodSnapshot this process made or found, or whose create was
+    # refused, during their node's cordon: node status updates then cost no create. Dropped
+    # when the node is uncordoned (a later cordon looks again) or the pod is deleted.
+    made: set[tuple[str, str]] = set()
     apis: list[client.ApiClient] = []  # made in kopf's loop on first use, closed at its end
 
     def custom() -> client.CustomObjectsApi:
@@ -64,7 +68,7 @@ def register_drain(registry: kopf.OperatorRegistry, login: Login) -> None:
             return
         if wanted is None or not capturable(pod, wanted):
             return
-        key = (wanted.namespace, wanted.snapshot_name)
+        key = (wanted.namespace, wanted.pod_uid)
         if key in made:
             return
         try:
@@ -72,8 +76,12 @@ def register_drain(registry: kopf.OperatorRegistry, login: Login) -> None:
         except ConflictError as err:
             if not err.exists:
                 raise
-        except WarmstartError as err:  # refused (a namespace that did not opt in), or away
+        except ForbiddenError as err:  # a namespace that did not apply tenant.yaml
             logger.error("capture before drain of pod %s: %s", wanted.pod_name, err)
+            made.add(key)  # said once per cordon; the webhook's hold ends at the deadline
+            return
+        except WarmstartError as err:  # the API server away: the next event tries again
+            logger.warning("capture before drain of pod %s: %s", wanted.pod_name, err)
             return
         made.add(key)
         logger.info(
@@ -91,10 +99,12 @@ def register_drain(registry: kopf.OperatorRegistry, login: Login) -> None:
         logger: kopf.Logger,
         **kwargs: Any,
     ) -> None:
-        if event.get("type") == "DELETED" or not spec.get("unschedulable"):
-            return
         pods: kopf.Index[str, dict[str, Any]] = kwargs["drain_pods"]  # the index above
-        for pod in list(pods.get(name, [])):
+        on_node = list(pods.get(name, []))
+        if event.get("type") == "DELETED" or not spec.get("unschedulable"):
+            made.difference_update(_key(pod) for pod in on_node)
+            return
+        for pod in on_node:
             await capture(pod, logger)
 
     @kopf.on.event("", "v1", "pods", annotations=_OPTED_IN, registry=registry)
@@ -106,11 +116,19 @@ def register_drain(registry: kopf.OperatorRegistry, login: Login) -> None:
         **kwargs: Any,
     ) -> None:
         node = spec.get("nodeName") or ""
-        if event.get("type") == "DELETED" or not node:
+        if event.get("type") == "DELETED":
+            made.discard(_key(body))
+            return
+        if not node:
             return
         nodes: kopf.Index[str, bool] = kwargs["cordoned_nodes"]  # the index above
         if any(nodes.get(node, [])):
             await capture(dict(body), logger)
+
+
+def _key(pod: Mapping[str, Any]) -> tuple[str, str]:
+    meta = pod.get("metadata") or {}
+    return meta.get("namespace") or "default", meta.get("uid") or ""
 
 
 async def _create(custom: client.CustomObjectsApi, wanted: DrainCapture) -> None:

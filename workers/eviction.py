@@ -104,9 +104,15 @@ class Evictions:
 
 
 async def eviction_wait(
-    namespace: str, pod_name: str, *, evictions: Evictions, now: datetime | None = None
+    namespace: str,
+    pod_name: str,
+    *,
+    evictions: Evictions,
+    now: datetime | None = None,
+    dry_run: bool = False,
 ) -> str | None:
-    """Why the eviction of pod `namespace/pod_name` waits, or None: it may go ahead."""
+    """Why the eviction of pod `namespace/pod_name` waits, or None: it may go ahead. A dry
+    run is answered alike but starts no count (`FirstHolds`)."""
     reads, now = evictions.reads, now or datetime.now(UTC)
     try:
         pod = await reads.pod(namespace, pod_name)
@@ -128,6 +134,6 @@ async def eviction_wait(
     uid = capture.pod_uid
     since = evictions.first_holds.get(uid, now) if snapshot is None else None
     hold = eviction_hold(pod, node=node, snapshot=snapshot, now=now, held_since=since)
-    if hold is not None and snapshot is None:
+    if hold is not None and snapshot is None and not dry_run:
         evictions.first_holds.held(uid, now)
     return hold

@@ -185,7 +185,8 @@ async def review_eviction(request: Mapping[str, Any], *, evictions: Evictions) -
     if foreign(request):
         return denied(FOREIGN_OBJECT)
     namespace, name = str(request["namespace"]), str(request["name"])
-    wait = await eviction_wait(namespace, name, evictions=evictions)
+    dry_run = bool(request.get("dryRun"))
+    wait = await eviction_wait(namespace, name, evictions=evictions, dry_run=dry_run)
     if wait is None:
         return allowed()
     logger.info("eviction of pod %s/%s held: %s", namespace, name, wait)
