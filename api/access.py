@@ -121,6 +121,22 @@ GRANTS: tuple[Grant, ...] = (
     Grant(CONTROLLER, _CLUSTER, "", "nodes", ("list",), "nodes_matching (prefetch selectors)"),
     Grant(
         CONTROLLER,
+        _CLUSTER,
+        "",
+        "nodes",
+        ("list", "watch"),
+        "kopf's watch of cordons, for capture before a drain (workers.drain)",
+    ),
+    Grant(
+        CONTROLLER,
+        _TENANT,
+        GROUP,
+        "podsnapshots",
+        ("create",),
+        "the PodSnapshot of a pod on a cordoned node (workers.drain)",
+    ),
+    Grant(
+        CONTROLLER,
         _OWN,
         "coordination.k8s.io",
         "leases",
@@ -198,6 +214,30 @@ GRANTS: tuple[Grant, ...] = (
         "checkpoints",
         ("get",),
         "the Checkpoint a restore-target pod names, in the pod's namespace (workers.webhook)",
+    ),
+    Grant(
+        WEBHOOK,
+        _CLUSTER,
+        "",
+        "pods",
+        ("get",),
+        "the pod an eviction names: opted in to capture before a drain? (workers.eviction)",
+    ),
+    Grant(
+        WEBHOOK,
+        _CLUSTER,
+        GROUP,
+        "podsnapshots",
+        ("get",),
+        "that pod's drain PodSnapshot: its phase and deadline (workers.eviction)",
+    ),
+    Grant(
+        WEBHOOK,
+        _CLUSTER,
+        "",
+        "nodes",
+        ("get",),
+        "the pod's node, cordoned? while its PodSnapshot is not made (workers.eviction)",
     ),
     # --- the node worker ------------------------------------------------------------------
     Grant(

@@ -188,9 +188,9 @@ def test_the_webhook_is_served_and_registered_safely() -> None:
     assert service["spec"]["selector"] == pod["metadata"]["labels"]
     assert service["spec"]["ports"][0]["targetPort"] == port["name"]
 
-    [validating] = by_kind["ValidatingWebhookConfiguration"]["webhooks"]
+    [validating, evictions] = by_kind["ValidatingWebhookConfiguration"]["webhooks"]
     [mutating] = by_kind["MutatingWebhookConfiguration"]["webhooks"]
-    for hook, path in ((validating, "/validate"), (mutating, "/mutate")):
+    for hook, path in ((validating, "/validate"), (mutating, "/mutate"), (evictions, "/evict")):
         assert hook["admissionReviewVersions"] == ["v1"] and hook["sideEffects"] == "None"
         assert hook["timeoutSeconds"] <= 5
         assert hook["clientConfig"]["service"] == {
@@ -213,6 +213,19 @@ def test_the_webhook_is_served_and_registered_safely() -> None:
     [excluded] = mutating["namespaceSelector"]["matchExpressions"]
     assert excluded["operator"] == "NotIn" and "kube-system" in excluded["values"]
     assert validating["rules"][0]["resources"] == ["checkpoints", "podsnapshots"]
+    # Evictions held for capture before a drain (decision 0044): an outage never blocks a
+    # drain, nor anything in kube-system.
+    assert evictions["failurePolicy"] == "Ignore"
+    assert evictions["rules"] == [
+        {
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["CREATE"],
+            "resources": ["pods/eviction"],
+            "scope": "Namespaced",
+        }
+    ]
+    assert evictions["namespaceSelector"] == mutating["namespaceSelector"]
 
 
 def test_only_the_webhook_port_of_the_webhook_pods_is_open() -> None:

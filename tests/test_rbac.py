@@ -29,6 +29,7 @@ import pytest
 import pytest_asyncio
 import yaml
 from kubernetes import client as kubernetes
+from kubernetes.client.exceptions import ApiException
 from temporalio import workflow
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -48,6 +49,7 @@ from activities.contracts import (
 from activities.kube.client import api_client, configuration
 from activities.kube.control import KubeControlActivities, ready_references
 from api.access import ACCOUNTS, CONTROLLER, NAMESPACE, NODE, WEBHOOK, Access, Scope, allowlist
+from api.drain import CAPTURE_ON_DRAIN_ANNOTATION, snapshot_name
 from api.errors import ForbiddenError, StorageError
 from api.naming import CAPTURE_WORKFLOW
 from api.reasons import Phase, Reason
@@ -332,6 +334,22 @@ def pod_body(name: str, **labels: str) -> dict[str, Any]:
     }
 
 
+async def cordoned_pod(cluster: Cluster, node: str, name: str) -> Any:
+    """A pod that opted in to capture before a drain, Running and Ready on the cordoned
+    node `node` (the tests play the kubelet)."""
+    await cluster.run(
+        cluster.core.create_node, {"metadata": {"name": node}, "spec": {"unschedulable": True}}
+    )
+    body = pod_body(name)
+    body["metadata"]["annotations"] = {CAPTURE_ON_DRAIN_ANNOTATION: "true"}
+    body["spec"]["nodeName"] = node
+    pod = await cluster.run(cluster.core.create_namespaced_pod, TENANT, body)
+    main = {"name": "main", "ready": True, "image": "i", "imageID": "", "restartCount": 0}
+    status = {"phase": "Running", "containerStatuses": [main]}
+    await cluster.run(cluster.core.patch_namespaced_pod_status, name, TENANT, {"status": status})
+    return pod
+
+
 async def test_the_controller_calls_exactly_its_allowlist(
     client: Client, cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -401,6 +419,19 @@ async def test_the_controller_calls_exactly_its_allowlist(
                     return not listed["items"]
 
                 await until(released, "the PodSnapshot's finalizer released")
+
+                # Capture before a drain: the cordoned node's opted-in pod gets its PodSnapshot.
+                drained = await cordoned_pod(cluster, "drain-controller", "llama-1")
+
+                async def made() -> bool:
+                    name = snapshot_name("llama-1", drained.metadata.uid)
+                    try:
+                        await cluster.get("podsnapshots", TENANT, name)
+                    except ApiException:
+                        return False
+                    return True
+
+                await until(made, "the drain PodSnapshot")
             finally:
                 await asyncio.to_thread(operator.stop)
 
@@ -557,6 +588,32 @@ async def test_the_webhook_calls_exactly_its_allowlist(cluster: Cluster, tmp_pat
         assert answer["response"]["allowed"]
         patch = base64.b64decode(answer["response"]["patch"]).decode()
         assert "cold: checkpoint hook is not Ready" in patch  # read, not refused
+
+        # An eviction of a pod that opted in to capture before a drain: held (pod, its
+        # PodSnapshot and its node read).
+        await cordoned_pod(cluster, "drain-webhook", "hook-1")
+        eviction = {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": str(uuid.uuid4()),
+                "kind": {"group": "policy", "version": "v1beta1", "kind": "Eviction"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "subResource": "eviction",
+                "operation": "CREATE",
+                "namespace": TENANT,
+                "name": "hook-1",
+                "object": {"metadata": {"name": "hook-1", "namespace": TENANT}},
+            },
+        }
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"https://127.0.0.1:{port}/evict", json=eviction, ssl=False) as reply,
+        ):
+            held = (await reply.json())["response"]
+        assert (
+            held["status"]["code"] == 429 and "waiting for its capture" in held["status"]["message"]
+        )
     finally:
         stop.set()
         await serving

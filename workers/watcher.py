@@ -52,6 +52,7 @@ from api.resources import (
 )
 from api.storage import RemoteStorage, resource_storage
 from workers.capture_triggers import capture_now, delete_capture_schedule, ensure_capture_schedule
+from workers.drain import register_drain
 from workers.operations import start_capture
 from workers.settings import KubeSettings
 from workflows import visibility
@@ -396,6 +397,7 @@ def build_registry(
                     logger.info("no running capture %s for pod signal %s", workflow_id, signal)
         signalled[seen.pod_uid] = wanted
 
+    register_drain(registry, settings.kube)  # capture before a drain (decision 0044)
     return registry
 
 

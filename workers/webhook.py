@@ -8,6 +8,10 @@
   by `api.restore_pods` with a JSONPatch; the Checkpoint is read through the one
   Kubernetes stack (`workers.checkpoints`), and one that cannot be read (the API
   server away, slow or refusing) makes the pod start cold, with the reason.
+- `POST /evict` — evictions (`pods/eviction` CREATE) of pods that opted in to capture
+  before a drain: refused with HTTP 429, which `kubectl drain` retries, while the pod's
+  capture runs, until its deadline (`workers.eviction`, decision 0044). Its configuration
+  fails open: a webhook that is not there never blocks a drain.
 - `GET /healthz`.
 
 Anything that can reach the webhook's port can post a review (a NetworkPolicy can open the
@@ -61,11 +65,13 @@ from api.restore_claims import restore_source, validation_message
 from api.restore_pods import RestoreSettings, cold, loader_override, restore_pod
 from workers.certificates import self_signed_certificate
 from workers.checkpoints import ReadCheckpoint, checkpoint_reader
+from workers.eviction import DrainReads, Evictions, eviction_wait
 from workers.settings import Settings, WebhookSettings
 
 logger = logging.getLogger(__name__)
 
 VALIDATE_PATH, MUTATE_PATH, HEALTH_PATH = "/validate", "/mutate", "/healthz"
+EVICT_PATH = "/evict"
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 _MODELS: dict[str, type[Checkpoint] | type[PodSnapshot]] = {
     "Checkpoint": Checkpoint,
@@ -169,6 +175,27 @@ async def review_pod(
     return allowed(patch=patch)
 
 
+async def review_eviction(request: Mapping[str, Any], *, evictions: Evictions) -> Review:
+    """The answer to an eviction: refused with 429 while the pod's capture before drain
+    holds it (decision 0044); anything else passes."""
+    resource = request.get("resource") or {}
+    is_eviction = (resource.get("resource"), request.get("subResource")) == ("pods", "eviction")
+    if not is_eviction or request.get("operation") != "CREATE" or not request.get("name"):
+        return allowed()
+    if foreign(request):
+        return denied(FOREIGN_OBJECT)
+    namespace, name = str(request["namespace"]), str(request["name"])
+    dry_run = bool(request.get("dryRun"))
+    wait = await eviction_wait(namespace, name, evictions=evictions, dry_run=dry_run)
+    if wait is None:
+        return allowed()
+    logger.info("eviction of pod %s/%s held: %s", namespace, name, wait)
+    return {
+        "allowed": False,
+        "status": {"code": 429, "reason": "TooManyRequests", "message": wait},
+    }
+
+
 def allowed(*, patch: list[dict[str, Any]] | None = None) -> Review:
     if not patch:
         return {"allowed": True}
@@ -188,10 +215,15 @@ def json_patch(old: Any, new: Any) -> list[dict[str, Any]]:
 
 
 def admission_app(
-    *, read: ReadCheckpoint, settings: RestoreSettings, client_certificate: bool = False
+    *,
+    read: ReadCheckpoint,
+    settings: RestoreSettings,
+    client_certificate: bool = False,
+    drain: Evictions | None = None,
 ) -> web.Application:
     """The webhook's routes; with `client_certificate`, reviews are answered only to a
-    client whose certificate the TLS context verified (`server_ssl_context`)."""
+    client whose certificate the TLS context verified (`server_ssl_context`); evictions
+    are reviewed with `drain`'s reads (without, that route is not served)."""
 
     async def resource(review: Mapping[str, Any]) -> Review:
         return review_resource(review)
@@ -207,12 +239,23 @@ def admission_app(
         _authenticated(request, required=client_certificate)
         return await _answer(request, pod)
 
+    async def evict(request: web.Request) -> web.Response:
+        _authenticated(request, required=client_certificate)
+        assert drain is not None
+
+        async def eviction(review: Mapping[str, Any]) -> Review:
+            return await review_eviction(review, evictions=drain)
+
+        return await _answer(request, eviction)
+
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     app = web.Application()
     app.router.add_post(VALIDATE_PATH, validate)
     app.router.add_post(MUTATE_PATH, mutate)
+    if drain is not None:
+        app.router.add_post(EVICT_PATH, evict)
     app.router.add_get(HEALTH_PATH, health)
     return app
 
@@ -387,8 +430,16 @@ async def run_webhook(settings: Settings, stop: asyncio.Event | None = None) -> 
             jobs=JobSettings(checkpoint_claim=settings.kube.checkpoint_claim),
             node_labels=hook.node_label_pairs(),
         )
+        reads = DrainReads(
+            core=client.CoreV1Api(api),
+            custom=client.CustomObjectsApi(api),
+            timeout_seconds=hook.read_timeout_seconds,
+        )
         app = admission_app(
-            read=read, settings=restore, client_certificate=bool(hook.client_ca_file)
+            read=read,
+            settings=restore,
+            client_certificate=bool(hook.client_ca_file),
+            drain=Evictions(reads),
         )
         async with serving(app, settings=hook, context=server_ssl_context(hook)) as port:
             print(f"webhook: https on {hook.host}:{port}", flush=True)
