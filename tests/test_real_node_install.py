@@ -503,8 +503,13 @@ def test_the_node_worker_pod_deleted_mid_restore_ends_cleanly(installed: RealNod
 
     wait_for(replaced, "the DaemonSet's new node worker pod", timeout=180)
     served = wait_for(lambda: serving(node, "llama-orphaned"), "the pod to answer", timeout=300)
-    got = json.loads(node.kubectl("-n", TENANT, "get", "pod", "llama-orphaned", "-o", "json"))
-    status = got["metadata"]["annotations"].get(RESTORE_STATUS, "")
+
+    def published() -> str:
+        got = json.loads(node.kubectl("-n", TENANT, "get", "pod", "llama-orphaned", "-o", "json"))
+        return str(got["metadata"]["annotations"].get(RESTORE_STATUS, ""))
+
+    # The status is published after the pod answers (the restore's last step).
+    status = wait_for(published, "the pod's restore status", timeout=60)
     print(f"\nnode worker deleted mid-restore: {status}")
     if status == "restored":
         assert served == CAPTURED["token"]
