@@ -75,6 +75,10 @@ class CaptureRequest(Contract):
     # With `storage`: once Ready, the caches of the nodes these label maps select are warmed.
     prefetch_node_selectors: list[dict[str, str]] = Field(default_factory=list)
     prefetch_nodes_at_once: int = Field(default=0, ge=0)  # see PrefetchRequest
+    # Verified checkpoints (decision 0045): the new version is restored once on the
+    # capturing node and must answer within `verify_answer_seconds` before it is offered.
+    verify: bool = False
+    verify_answer_seconds: ShortSeconds = 120.0
 
     @model_validator(mode="before")
     @classmethod
@@ -98,6 +102,20 @@ class CaptureRequest(Contract):
             raise ValueError("a local capture names its node")
         return self
 
+    @model_validator(mode="after")
+    def _verifiable(self) -> CaptureRequest:
+        if not self.verify:
+            return self
+        if isinstance(self.source, ClusterCapture):
+            raise ValueError("verify: verify is not supported on the cluster path yet")
+        if self.source.leave_running:
+            raise ValueError(
+                "verify: a capture that leaves its workload running cannot be verified (its "
+                "test restore would share the live workload's control directory, output "
+                "file and ports)"
+            )
+        return self
+
     @field_validator("node")
     @classmethod
     def _node_name(cls, value: str) -> str:
@@ -118,9 +136,13 @@ class CaptureRequest(Contract):
         control_task_queue: str = CONTROL_TASK_QUEUE,
         leave_running: bool = False,
         storage: RemoteStorage | None = None,
+        verify: bool = False,
+        verify_answer_seconds: float = 120.0,
     ) -> CaptureRequest:
         """The capture of a local workload, named after it, with the ID of `identity`."""
         return cls(
+            verify=verify,
+            verify_answer_seconds=verify_answer_seconds,
             name=workload.name,
             identity=identity,
             checkpoint_id=checkpoint_id(identity),

@@ -77,6 +77,12 @@ def restore_options(answer_timeout_seconds: float) -> StepOptions:
     )
 
 
+def verify_options(answer_timeout_seconds: float) -> StepOptions:
+    """A verified capture's test restore: one attempt, as a restore (a retry could only
+    find the first attempt's throwaway process in its way); the capture then fails."""
+    return restore_options(answer_timeout_seconds)
+
+
 def container_restore_options(deadline_seconds: float) -> StepOptions:
     """A restore into a pod's standby: one attempt within the pod's restore deadline (past
     it the pod starts cold rather than waiting on), heartbeats catching a lost worker."""
