@@ -206,7 +206,7 @@ class VerifyInput(Contract):
 
 class VerifyResult(Contract):
     """A test restore that answered: where its time went (the restore's stages, then
-    `stop` and `tidy`)."""
+    `stop-and-tidy`: the throwaway process killed and the workload's state put back)."""
 
     stage_seconds: dict[str, float]
 

@@ -90,6 +90,7 @@ class _WorkloadState:
         self._restores = restores
         self._had_restores = restores.exists()
         self._kept = self._root / self.KEPT
+        self._root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self._kept, ignore_errors=True)  # left by a worker that died verifying
         self._dirs = {p for p in self._root.rglob("*") if p.is_dir()} | {self._root}
         files = [p for p in self._root.rglob("*") if not p.is_dir()]
