@@ -20,7 +20,7 @@ from api.reasons import Phase, Reason
 from api.workload import LocalWorkload, Readiness
 from tests.conftest import needs_criu
 from tests.pipeline import capture, listening_pids, restore, shell_workload
-from workers.operations import local_capture_request
+from workers.operations import LiveProgress, follow, local_capture_request, start_capture
 from workers.ports import free_port
 from workers.settings import Settings
 from workflows.contracts import CaptureRequest
@@ -158,3 +158,27 @@ async def test_without_verification_the_same_version_is_offered_and_its_restore_
         await restore(client, workers, NAME, result.checkpoint_id, timeout=2)
     assert err.value.reason == Reason.RESTORE_FAILED
     assert f"did not answer http://127.0.0.1:{port}/ within 2 s" in err.value.message
+
+
+async def test_a_capture_cancelled_while_verifying_deletes_the_version_and_leaves_nothing(
+    client: Client, workers: Settings
+) -> None:
+    port = free_port()
+    request = _request(workers, _workload("process_bound_server.py", port), answer=5)
+    handle = await start_capture(client, request)
+    verifying = asyncio.Event()
+
+    def seen(live: LiveProgress) -> None:
+        if live.progress.step == "verify":
+            verifying.set()
+
+    following = asyncio.ensure_future(follow(client, handle, seen, every=0.1))
+    await asyncio.wait_for(verifying.wait(), 60)
+    await handle.cancel()
+    with pytest.raises(PipelineFailedError) as err:
+        await following
+    assert err.value.reason == Reason.CANCELLED
+    versions = workers.checkpoint_root / request.checkpoint_id / "versions"
+    assert [p.name for p in versions.iterdir()] == ["tmp"]
+    assert listening_pids(port) == set()
+    assert _left_behind(workers, request.checkpoint_id) == []

@@ -378,6 +378,9 @@ class CaptureWorkflow:
             ),
             policies.verify_options(req.verify_answer_seconds),
             f"test restore of version {version}",
+            # A cancel waits for the test restore to stop its process and tidy, so cleanup
+            # never deletes the version under it.
+            cancellation=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
         self._held = False
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from temporalio import activity
 
-from activities.contracts import RestoreInput, VerifyInput, VerifyResult
+from activities.contracts import Heartbeat, RestoreInput, VerifyInput, VerifyResult
 from activities.host.layout import NodeLayout, WorkloadPaths
 from activities.host.processes import is_alive, terminate
 from activities.local.restore import RestoreActivities
@@ -31,6 +31,7 @@ from api.errors import VerifyFailedError, WarmstartError
 # The throwaway process has nothing to save, and a PID namespace's init (what a local
 # workload is) ignores SIGTERM without a handler: SIGKILL at once.
 STOP_GRACE_SECONDS = 0.0
+HEARTBEAT_SECONDS = 0.5
 
 
 class VerifyActivities(VerifySteps):
@@ -57,6 +58,7 @@ class VerifyActivities(VerifySteps):
             answer_timeout_seconds=request.answer_timeout_seconds,
         )
         pid = 0
+        ticking = asyncio.create_task(_heartbeats())
         try:
             restored = await self._restorer.restore_checkpoint(restore)
             pid = restored.pid
@@ -65,6 +67,7 @@ class VerifyActivities(VerifySteps):
                 f"{where}: its test restore did not answer: [{err.reason}] {err}"
             ) from err
         finally:
+            ticking.cancel()
             stopped = time.monotonic()
             if pid and is_alive(pid):
                 await terminate(pid, grace_seconds=STOP_GRACE_SECONDS)
@@ -74,6 +77,17 @@ class VerifyActivities(VerifySteps):
         seconds = {**restored.stage_seconds, "stop-and-tidy": round(tidied, 4)}
         activity.logger.info("%s: test restore answered (%s); offered", where, seconds)
         return VerifyResult(stage_seconds=seconds)
+
+
+async def _heartbeats() -> None:
+    """Heartbeat all along: the restore itself does only as each stage starts, and a
+    capture cancelled while its restored copy is awaited learns it from a heartbeat's
+    answer (then the process is killed and the state put back at once)."""
+    started = time.monotonic()
+    while True:
+        waited = round(time.monotonic() - started, 1)
+        activity.heartbeat(Heartbeat(stage="test-restore", waited_seconds=waited))
+        await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
 class _WorkloadState:

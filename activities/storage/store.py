@@ -111,6 +111,11 @@ class CheckpointStore:
     def release(self, checkpoint_id: str, version: str) -> None:
         """Offer a version held back unverified: its test restore answered."""
         final = self.version_dir(checkpoint_id, version)
+        if not (final / MANIFEST_FILE).is_file():
+            raise CheckpointNotFoundError(
+                f"checkpoint {checkpoint_id} version {version} was deleted before its test "
+                "restore ended"
+            )
         (final / UNVERIFIED).unlink(missing_ok=True)
         fsync_dir(final)
 
