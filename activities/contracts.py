@@ -158,6 +158,9 @@ class CommitInput(Contract):
     identity: CheckpointIdentity
     namespace: str
     name: str
+    # A verified capture's: the version is committed held back (`unverified`), offered to
+    # no restore and no catalog until its test restore answers (decision 0045).
+    unverified: bool = False
 
 
 class CommitResult(Contract):
@@ -171,6 +174,9 @@ class CommitResult(Contract):
 class DiscardInput(Contract):
     checkpoint_id: str
     version: str
+    # Also delete the version if it was committed and is still held back unverified (a
+    # verified capture whose test restore failed or never finished); a verified one stays.
+    unverified: bool = False
 
 
 class SentinelInput(Contract):
@@ -189,6 +195,22 @@ class RestoreInput(Contract):
     # The restored process's new environment, as far as it re-reads one: the names of
     # Dynamo's restore context (api.dynamo), handed over in `restore-context.json`.
     env: dict[str, str] = Field(default_factory=dict)
+
+
+class VerifyInput(Contract):
+    """A verified capture's test restore of the version it has just committed."""
+
+    checkpoint_id: str
+    version: str
+    name: str
+    answer_timeout_seconds: ShortSeconds
+
+
+class VerifyResult(Contract):
+    """A test restore that answered: where its time went (the restore's stages, then
+    `stop-and-tidy`: the throwaway process killed and the workload's state put back)."""
+
+    stage_seconds: dict[str, float]
 
 
 class RestoredWorkload(Contract):

@@ -82,10 +82,12 @@ async def open_version(
     storage: RemoteStorage | None,
     *,
     accept: Callable[[Manifest], None] | None = None,
+    unverified: bool = False,
 ) -> Path:
     """The version directory to restore from, in use until `held` closes; a download of it
     is the `fetch` stage, after which `verify` goes on. `accept` sees the manifest of a
-    version to download before its files are fetched, and raises to refuse it."""
+    version to download before its files are fetched, and raises to refuse it;
+    `unverified`: one held back for its test restore may be it."""
     path = await held.enter_async_context(
         source.version_dir(
             checkpoint_id,
@@ -93,6 +95,7 @@ async def open_version(
             storage,
             on_fetch=lambda: stages.start("fetch"),
             accept=accept,
+            unverified=unverified,
         )
     )
     if stages.current == "fetch":

@@ -56,6 +56,8 @@ from activities.contracts import (
     UploadResult,
     UploadSweepInput,
     UploadSweepResult,
+    VerifyInput,
+    VerifyResult,
 )
 
 
@@ -122,6 +124,17 @@ class RestoreSteps(ABC):
     @abstractmethod
     async def restore_checkpoint(self, request: RestoreInput) -> RestoredWorkload:
         """Verify, prepare, CRIU restore and hand over; `restore-failed` on any failure."""
+
+
+class VerifySteps(ABC):
+    """A verified capture's test restore on the capturing node: `activities.local.verify`."""
+
+    @activity.defn
+    @abstractmethod
+    async def verify_version(self, request: VerifyInput) -> VerifyResult:
+        """Restore the version just committed (held back unverified) into a throwaway
+        process, await its answer, stop it and leave nothing of it behind; then offer the
+        version. VerifyFailedError, with the restore's reason, when it does not answer."""
 
 
 class PrefetchSteps(ABC):

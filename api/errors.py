@@ -15,6 +15,7 @@ WarmstartError                      reason (api.reasons.Reason)      retried by 
 ├── AlreadyRunningError             AlreadyRunning                   no   (one live instance)
 ├── DumpFailedError                 DumpFailed                       no
 ├── RestoreFailedError              RestoreFailed                    no
+├── VerifyFailedError               VerifyFailed                     no   (a capture's test restore)
 ├── StorageError                    StorageFailed                    no   (bucket, credentials)
 ├── NotFoundError                   InvalidSpec                      no   (a Kubernetes object: 404)
 ├── ForbiddenError                  Forbidden                        no   (401, 403: token, RBAC)
@@ -121,6 +122,13 @@ class RestoreFailedError(WarmstartError):
     """CRIU could not restore, or the restored process did not answer."""
 
     default_reason = Reason.RESTORE_FAILED
+
+
+class VerifyFailedError(WarmstartError):
+    """A verified capture's test restore of its new version did not answer; the message
+    carries the restore's own reason. The version is never offered."""
+
+    default_reason = Reason.VERIFY_FAILED
 
 
 class StorageError(WarmstartError):

@@ -28,6 +28,7 @@ class Reason(StrEnum):
     NODE_LOST = "NodeLost"
     DUMP_FAILED = "DumpFailed"
     RESTORE_FAILED = "RestoreFailed"
+    VERIFY_FAILED = "VerifyFailed"
     DIGEST_MISMATCH = "DigestMismatch"
     IDENTITY_CONFLICT = "IdentityConflict"
     WORKLOAD_EXITED = "WorkloadExited"

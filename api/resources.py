@@ -48,6 +48,11 @@ LOADER_ON_CHECKPOINT = (
 )
 SAVER_WITHOUT_GMS = "spec.gpuMemoryService.checkpoint.saver requires gpuMemoryService.enabled=true"
 IDENTITY_IMMUTABLE = "spec.identity is immutable: create a new resource for another identity"
+# Verified checkpoints are local mode only for now (decision 0045): refused, never ignored.
+VERIFY_UNSUPPORTED = (
+    "spec.verify: verify is not supported on the cluster path yet (verified checkpoints are "
+    "local mode only: warmstart capture --verify); remove it or set it to false"
+)
 # An override's env (Kubernetes' EnvVar): Kubernetes' own rules, with its words.
 ENV_VALUE_AND_SOURCE = "valueFrom may not be specified when `value` is not empty"
 ENV_ONE_SOURCE = (
@@ -445,6 +450,20 @@ class CheckpointSpec(Spec):
     schedule: CaptureSchedule | None = Field(
         default=None, description="Capture again on a schedule (decision 0043)."
     )
+    verify: bool = Field(
+        default=False,
+        description=(
+            "Restore each new version once on the capturing node before it is Ready (a "
+            "verified checkpoint). Not supported on the cluster path yet: true is refused."
+        ),
+        json_schema_extra=_cel("!self", VERIFY_UNSUPPORTED),
+    )
+
+    @model_validator(mode="after")
+    def _verify_unsupported(self) -> CheckpointSpec:
+        if self.verify:
+            raise ValueError(VERIFY_UNSUPPORTED)
+        return self
 
     @model_validator(mode="after")
     def _no_loader(self) -> CheckpointSpec:

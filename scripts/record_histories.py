@@ -9,10 +9,15 @@ committed files say nothing about the machine that recorded them:
 - restore-local.json               a restore started with its search attributes (eager)
 - restore-local-attrs-upserted.json  a restore whose starter set none (the workflow upserts)
 - capture-local-cancelled.json     a capture cancelled while it awaited readiness
+- capture-local-verified.json      a verified capture whose test restore answered
+- capture-local-verify-failed.json a verified capture whose test restore did not answer
+
+`--only verified` records the last two alone (the others then keep their older runs).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import json
@@ -29,7 +34,7 @@ from activities.host.processes import terminate
 from api.errors import PipelineFailedError
 from api.identity import CheckpointIdentity
 from api.naming import node_task_queue, restore_workflow_id
-from api.workload import LocalWorkload
+from api.workload import LocalWorkload, Readiness
 from workers.client import connect
 from workers.compose import control_worker, node_worker
 from workers.devserver import DevServer
@@ -155,7 +160,34 @@ async def record(client: Client, settings: Settings, replacements: dict[str, str
     await save(client, cancelled.id, "capture-local-cancelled.json", replacements)
 
 
-async def main() -> None:
+async def record_verified(client: Client, settings: Settings, replacements: dict[str, str]) -> None:
+    """Verified captures (decision 0045): one whose test restore answered, one whose test
+    restore did not (a program that answers only as the process it started as)."""
+    programs = REPO / "tests" / "programs"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    for name, program, history in (
+        ("recorded-verified", "token_server.py", "capture-local-verified.json"),
+        ("recorded-verify-fails", "process_bound_server.py", "capture-local-verify-failed.json"),
+    ):
+        workload = LocalWorkload(
+            name=name,
+            command=(sys.executable, str(programs / program), str(port)),
+            cwd=str(settings.home),
+            readiness=Readiness(kind="http", http_url=url),
+        )
+        request = capture_request(settings, workload).model_copy(
+            update={"verify": True, "verify_answer_seconds": 2.0}
+        )
+        try:
+            await follow(client, await start_capture(client, request), lambda _p: None)
+        except PipelineFailedError as err:
+            print(f"failed as expected: [{err.reason}] {err.message.splitlines()[0]}")
+        workflow_id = f"capture/local/{name}/{request.checkpoint_id}"
+        await save(client, workflow_id, history, replacements)
+
+
+async def main(only: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         settings = Settings(
@@ -177,10 +209,14 @@ async def main() -> None:
             client = await connect(settings, wait_seconds=30)
             async with control_worker(client, settings), node_worker(client, settings):
                 OUT.mkdir(exist_ok=True)
-                await record(client, settings, replacements)
+                if only == "all":
+                    await record(client, settings, replacements)
+                await record_verified(client, settings, replacements)
         finally:
             await server.stop()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", choices=("all", "verified"), default="all")
+    asyncio.run(main(parser.parse_args().only))

@@ -19,16 +19,24 @@ from activities.storage.objectstore.s3 import S3Backend, S3Location
 from activities.storage.store import CheckpointStore
 from api.errors import DigestMismatchError, PipelineFailedError
 from api.reasons import Reason
+from api.workload import Readiness
 from tests.checkpoint_trees import CKPT, VERSION, committed_version, fetched, tree_files
 from tests.conftest import needs_criu
-from tests.pipeline import capture, capture_request, get_json, restore, sample_workload
+from tests.pipeline import (
+    capture,
+    capture_request,
+    get_json,
+    restore,
+    sample_workload,
+    shell_workload,
+)
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, new_bucket, s3_client
 from workers.compose import control_worker, node_worker
 from workers.operations import prefetch, remote_storage
 from workers.ports import free_port
 from workers.remote import store_catalog
 from workers.settings import Settings, StorageSettings
-from workflows.contracts import PrefetchRequest
+from workflows.contracts import CaptureRequest, PrefetchRequest
 
 PREFIX = "fleet/a"
 
@@ -131,6 +139,40 @@ async def test_an_upload_that_cannot_reach_its_bucket_fails_the_capture_naming_i
     assert "s3://no-such-ckpts: bucket does not exist" in failed.value.message
     # Committed on the node, but not Ready: nothing was published under the bucket's name.
     assert CheckpointStore(settings.checkpoint_root).find(request.checkpoint_id)
+
+
+@needs_criu
+async def test_a_verified_capture_uploads_only_a_version_whose_test_restore_answered(
+    client: Client, s3_workers: Settings, s3: Any
+) -> None:
+    """Verified before upload (decision 0045): the bucket gets the version that answered,
+    never the one that did not."""
+    programs = Path(__file__).parent / "programs"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+
+    def request(program: str) -> CaptureRequest:
+        workload = shell_workload(
+            "s3verified",
+            f"exec python3 {programs}/{program} {port}",
+            readiness=Readiness(kind="http", http_url=url),
+        )
+        made = capture_request(s3_workers, workload)
+        return made.model_copy(update={"verify": True, "verify_answer_seconds": 2.0})
+
+    good = await capture(client, request("token_server.py"))
+    steps = list(good.step_seconds)
+    assert steps.index("verify") < steps.index("upload") < steps.index("publish")
+    bucket = s3_workers.storage.s3_bucket
+    versions = f"{PREFIX}/{good.checkpoint_id}/versions/"
+    uploaded = {k for k in _keys(s3, bucket) if k.startswith(versions)}
+    assert f"{versions}{good.version}/manifest.json" in uploaded
+
+    with pytest.raises(PipelineFailedError) as failed:
+        await capture(client, request("process_bound_server.py"))
+    assert failed.value.reason == Reason.VERIFY_FAILED
+    assert {k for k in _keys(s3, bucket) if k.startswith(versions)} == uploaded
+    assert [e.version for e in store_catalog(s3_workers).checkpoints()] == [good.version]
 
 
 def publish(

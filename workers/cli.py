@@ -153,7 +153,12 @@ def capture(args: argparse.Namespace) -> int:
 
     settings = _settings()
     request = local_capture_request(
-        settings, _workload(args), _identity(args), leave_running=args.leave_running
+        settings,
+        _workload(args),
+        _identity(args),
+        leave_running=args.leave_running,
+        verify=args.verify,
+        verify_answer_seconds=args.verify_timeout,
     )
     title = f"capture {request.name}"
     result = _run(_pipeline(settings, lambda c: start_capture(c, request), title, every=0.5))
@@ -436,6 +441,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the workload serving after the capture (it is not stopped and gets no "
         "snapshot-complete)",
+    )
+    sub.add_argument(
+        "--verify",
+        action="store_true",
+        help="before the checkpoint is offered, restore it once on this node into a throwaway "
+        "process that must answer (then stopped); one that does not fails the capture "
+        "(VerifyFailed) and is deleted",
+    )
+    sub.add_argument(
+        "--verify-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long the test restore may take to answer (default: 120)",
     )
     sub.add_argument("--cwd", help="working directory (default: the current one)")
     sub.add_argument("--env", action="append", default=[], metavar="K=V", help="environment")

@@ -28,6 +28,7 @@ from activities.local.dump import CriuActivities
 from activities.local.process import LocalProcessActivities, SentinelActivities, inherited_env
 from activities.local.restore import RestoreActivities
 from activities.local.state import LocalControlActivities
+from activities.local.verify import VerifyActivities
 from activities.storage.objectstore.cache import NodeCache, share_of_disk
 from activities.storage.objectstore.transfer import MiB, TransferSettings
 from activities.storage.quarantine import Quarantine
@@ -217,6 +218,22 @@ def node_worker(
         streams=PageStreams(enabled=settings.storage.stream_restores),
         slots=slots,
     )
+    # A verified capture's test restores: the same restore, without lazy pages or streams.
+    verifying = VerifyActivities(
+        restorer=RestoreActivities(
+            criu=criu,
+            store=store,
+            layout=layout,
+            node=settings.node.name,
+            gpus=gpus,
+            source=source,
+            quarantine=quarantine(settings, store.root, cluster=False),
+            slots=slots,
+            test_restores=True,
+        ),
+        store=store,
+        layout=layout,
+    )
     sentinels = SentinelActivities(layout=layout)
     if settings.node.cluster:
         # Pods' containers only: nothing here runs a command a workflow names or dumps a
@@ -239,6 +256,7 @@ def node_worker(
             storage.commit_checkpoint,
             sentinels.write_sentinel,
             restoring.restore_checkpoint,
+            verifying.verify_version,
         ]
     return Worker(
         client,

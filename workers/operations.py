@@ -110,8 +110,11 @@ def local_capture_request(
     identity: CheckpointIdentity,
     *,
     leave_running: bool = False,
+    verify: bool = False,
+    verify_answer_seconds: float = 120.0,
 ) -> CaptureRequest:
-    """The capture of a local workload on this node (settings name the node and queue)."""
+    """The capture of a local workload on this node (settings name the node and queue);
+    `verify`: a test restore of the new version must answer before it is offered."""
     return CaptureRequest.local(
         workload,
         identity,
@@ -119,6 +122,8 @@ def local_capture_request(
         control_task_queue=settings.node.control_task_queue,
         leave_running=leave_running,
         storage=remote_storage(settings),
+        verify=verify,
+        verify_answer_seconds=verify_answer_seconds,
     )
 
 

@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         SentinelInput,
         StopInput,
         UploadInput,
+        VerifyInput,
     )
     from activities.errors import application_error
     from activities.steps import (
@@ -48,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         LocalProcessSteps,
         SentinelSteps,
         StorageSteps,
+        VerifySteps,
     )
     from api.errors import PipelineFailedError
     from api.naming import CAPTURE_WORKFLOW, PROGRESS_QUERY, checkpoint_version, node_task_queue
@@ -99,6 +101,7 @@ class CaptureWorkflow:
         self._seen = PodObservation()
         self._launch: LaunchResult | None = None
         self._launched = self._staged = self._succeeded = False
+        self._held = False  # a committed version held back until its test restore answers
         self._job = ""
         self._dropped = False
 
@@ -147,6 +150,8 @@ class CaptureWorkflow:
             else:
                 finish = await self._cluster_steps(request, source, version)
             commit = await self._dump_commit_complete(finish)
+            if request.verify:
+                await self._verify(version)
             if request.storage is not None:
                 uploaded = await self._upload(request.storage, version)
                 commit = uploaded.model_copy(update={"manifest_sha256": commit.manifest_sha256})
@@ -237,6 +242,7 @@ class CaptureWorkflow:
                     identity=request.identity,
                     namespace=request.namespace,
                     name=request.name,
+                    unverified=request.verify,
                 ),
                 f"commit version {version}",
             ),
@@ -344,6 +350,7 @@ class CaptureWorkflow:
         await self._node(dump.step, dump.arg, policies.DUMP, dump.summary)
 
         self._clock.begin("commit", Phase.UPLOADING)
+        self._held = self._require().verify  # once committed, held back until verified
         commit = finish.commit
         committed = await self._commit(
             self._start_node(commit.step, commit.arg, policies.COMMIT, commit.summary)
@@ -354,6 +361,28 @@ class CaptureWorkflow:
         complete = finish.complete
         await self._node(complete.step, complete.arg, policies.SENTINEL, complete.summary)
         return committed
+
+    async def _verify(self, version: str) -> None:
+        """Verified checkpoints (decision 0045): a test restore of the committed version on
+        the capturing node must answer before the version is offered (and uploaded: a bad
+        version is never sent). A failure fails the capture, and cleanup deletes it."""
+        req = self._require()
+        self._clock.begin("verify")
+        await self._node(
+            VerifySteps.verify_version,
+            VerifyInput(
+                checkpoint_id=req.checkpoint_id,
+                version=version,
+                name=req.name,
+                answer_timeout_seconds=req.verify_answer_seconds,
+            ),
+            policies.verify_options(req.verify_answer_seconds),
+            f"test restore of version {version}",
+            # A cancel waits for the test restore to stop its process and tidy, so cleanup
+            # never deletes the version under it.
+            cancellation=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+        self._held = False
 
     async def _upload(self, storage: RemoteStorage, version: str) -> CommitResult:
         """Publish the committed version to remote storage; it is Ready only once there (the
@@ -537,9 +566,12 @@ class CaptureWorkflow:
         """Always: nothing half-written stays, no workload keeps running. A cleanup step that
         fails is logged, never raised: it must not replace the reason the capture ended."""
         req = self._require()
-        if self._staged and self._state.node:
-            discard = DiscardInput(checkpoint_id=req.checkpoint_id, version=self._state.version)
-            await self._try_cleanup(StorageSteps.discard_staging, discard, "discard staging")
+        if (self._staged or self._held) and self._state.node:
+            discard = DiscardInput(
+                checkpoint_id=req.checkpoint_id, version=self._state.version, unverified=self._held
+            )
+            summary = "discard the unverified version" if self._held else "discard staging"
+            await self._try_cleanup(StorageSteps.discard_staging, discard, summary)
         launch = self._launch
         keep = self._succeeded and req.source.keeps_serving  # captured, and it serves on
         # Runs recorded before this step existed stopped only launches whose result they saw.

@@ -81,6 +81,10 @@ class CaptureRequest(Contract):
     # What started a later run of a resource's capture (`schedule`, `annotation`; decision
     # 0043); empty for its first run. A later run never unpublishes a Ready version.
     trigger: CaptureTrigger = ""
+    # Verified checkpoints (decision 0045): the new version is restored once on the
+    # capturing node and must answer within `verify_answer_seconds` before it is offered.
+    verify: bool = False
+    verify_answer_seconds: ShortSeconds = 120.0
 
     @model_validator(mode="before")
     @classmethod
@@ -104,6 +108,20 @@ class CaptureRequest(Contract):
             raise ValueError("a local capture names its node")
         return self
 
+    @model_validator(mode="after")
+    def _verifiable(self) -> CaptureRequest:
+        if not self.verify:
+            return self
+        if isinstance(self.source, ClusterCapture):
+            raise ValueError("verify: verify is not supported on the cluster path yet")
+        if self.source.leave_running:
+            raise ValueError(
+                "verify: a capture that leaves its workload running cannot be verified (its "
+                "test restore would share the live workload's control directory, output "
+                "file and ports)"
+            )
+        return self
+
     @field_validator("node")
     @classmethod
     def _node_name(cls, value: str) -> str:
@@ -124,9 +142,13 @@ class CaptureRequest(Contract):
         control_task_queue: str = CONTROL_TASK_QUEUE,
         leave_running: bool = False,
         storage: RemoteStorage | None = None,
+        verify: bool = False,
+        verify_answer_seconds: float = 120.0,
     ) -> CaptureRequest:
         """The capture of a local workload, named after it, with the ID of `identity`."""
         return cls(
+            verify=verify,
+            verify_answer_seconds=verify_answer_seconds,
             name=workload.name,
             identity=identity,
             checkpoint_id=checkpoint_id(identity),

@@ -77,6 +77,18 @@ def restore_options(answer_timeout_seconds: float) -> StepOptions:
     )
 
 
+def verify_options(answer_timeout_seconds: float) -> StepOptions:
+    """A verified capture's test restore: one attempt, as a restore (a retry could only
+    find the first attempt's throwaway process in its way); the capture then fails. It
+    heartbeats twice a second: a short timeout lets a cancel reach it within seconds (the
+    SDK sends heartbeats at most every 0.8 times the timeout) and a lost node show soon."""
+    return StepOptions(
+        start_to_close=timedelta(seconds=answer_timeout_seconds + 600),
+        heartbeat=timedelta(seconds=5),
+        retry=RetryPolicy(maximum_attempts=1),
+    )
+
+
 def container_restore_options(deadline_seconds: float) -> StepOptions:
     """A restore into a pod's standby: one attempt within the pod's restore deadline (past
     it the pod starts cold rather than waiting on), heartbeats catching a lost worker."""

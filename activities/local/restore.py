@@ -72,13 +72,18 @@ class RestoreActivities(RestoreSteps):
         lazy_pages: LazyPages | None = None,
         streams: PageStreams | None = None,
         slots: RestoreSlots | None = None,
+        test_restores: bool = False,
     ) -> None:
         """`quarantine`: the store's (default: its root's, with the default policy).
         `lazy_pages`: whether restores serve memory lazily (default: they do not).
         `streams`: whether restores of versions this node lacks stream their pages from the
         bucket (default: they do not; they need lazy restores).
-        `slots`: the node's bound on restores in CRIU at once (default: 8; decision 0040)."""
+        `slots`: the node's bound on restores in CRIU at once (default: 8; decision 0040).
+        `test_restores`: this one restores for verified captures only (decision 0045): it
+        opens versions held back unverified, records no quarantine evidence (the version is
+        deleted instead) and keeps no work directory of a failed restore."""
         self._criu = criu
+        self.test_restores = test_restores
         self.slots = slots or RestoreSlots(8)
         self.lazy_pages = lazy_pages or LazyPages(criu=criu, enabled=False)
         self.streams = streams or PageStreams(enabled=False)
@@ -122,6 +127,7 @@ class RestoreActivities(RestoreSteps):
                     request.checkpoint_id,
                     request.version,
                     request.storage,
+                    unverified=self.test_restores,
                 )
                 claimed = load_manifest(version_dir)
             else:
@@ -188,7 +194,8 @@ class RestoreActivities(RestoreSteps):
             err = (stream.error() if stream is not None else None) or caught
             await _undo(pid, control_dir, failure_note(err))
             await self._stop_lazy(run, stream)
-            if cls is not None:  # evidence against the version on this node class
+            self._discard_work_dir(run)
+            if cls is not None and not self.test_restores:  # evidence against it here
                 self._gate.remember(
                     request.checkpoint_id, claimed_version, cls, err, namespace=namespace
                 )
@@ -198,6 +205,7 @@ class RestoreActivities(RestoreSteps):
         except BaseException as err:
             await _undo(pid, control_dir, failure_note(err))
             await self._stop_lazy(run, stream)
+            self._discard_work_dir(run)
             raise
         finally:
             await held.aclose()  # the cache may evict the version again (unless handed over)
@@ -302,8 +310,18 @@ class RestoreActivities(RestoreSteps):
             shutil.rmtree(work_dir, ignore_errors=True)
         stages.start("criu-restore")
         work_dir = self._layout.restore_work_dir(name)
-        pid = await self._criu.restore(images_dir=images_dir, work_dir=work_dir)
+        try:
+            pid = await self._criu.restore(images_dir=images_dir, work_dir=work_dir)
+        except BaseException:
+            self._discard_work_dir(_CriuRun(pid=0, work_dir=work_dir))
+            raise
         return _CriuRun(pid=pid, work_dir=work_dir, lazy_unavailable=why[-2000:])
+
+    def _discard_work_dir(self, run: _CriuRun | None) -> None:
+        """A test restore's work directory goes even when it failed (its log's lines are
+        in the failure's message); other restores keep a failed one for its logs."""
+        if run is not None and self.test_restores:
+            shutil.rmtree(run.work_dir, ignore_errors=True)
 
     async def _stop_lazy(self, run: _CriuRun | None, stream: PageStream | None) -> None:
         """After the restored process was stopped: its daemon and page source, if any, with

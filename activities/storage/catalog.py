@@ -22,8 +22,19 @@ from api.naming import MANIFEST_FILE, is_checkpoint_id, require_path_element
 if TYPE_CHECKING:
     from api.manifest import Manifest
 
-__all__ = ["STAGING", "Catalog", "CatalogEntry", "LocalCatalog", "entry_of", "find_entry"]
+__all__ = [
+    "STAGING",
+    "UNVERIFIED",
+    "Catalog",
+    "CatalogEntry",
+    "LocalCatalog",
+    "entry_of",
+    "find_entry",
+]
 STAGING = "tmp"
+# In a committed version held back until its test restore answers (a verified capture,
+# decision 0045): no catalog lists it and no restore finds it but that test restore.
+UNVERIFIED = "unverified"
 
 
 class Catalog(Protocol):
@@ -55,12 +66,15 @@ def load_manifest(version_dir: Path) -> Manifest:
 
 
 def committed_versions(root: Path, checkpoint_id: str) -> list[Path]:
-    """Version directories of a checkpoint that hold a manifest, oldest first."""
+    """Version directories of a checkpoint that hold a manifest, oldest first; not one held
+    back unverified."""
     versions = root / require_path_element(checkpoint_id, what="checkpoint ID") / "versions"
     if not versions.is_dir():
         return []
     return sorted(
-        p for p in versions.iterdir() if p.name != STAGING and (p / MANIFEST_FILE).is_file()
+        p
+        for p in versions.iterdir()
+        if p.name != STAGING and (p / MANIFEST_FILE).is_file() and not (p / UNVERIFIED).exists()
     )
 
 

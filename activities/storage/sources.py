@@ -21,6 +21,7 @@ from temporalio import activity
 from activities import metrics
 from activities.contracts import PrefetchInput, PrefetchResult, RemoteStorage
 from activities.steps import PrefetchSteps
+from activities.storage.catalog import UNVERIFIED
 from activities.storage.remote import RemoteStores, heartbeating
 from activities.storage.store import CheckpointStore
 from activities.storage.streaming import StreamPlan, pick_streamed, why_not_streamed
@@ -54,13 +55,15 @@ class CheckpointSource:
         *,
         on_fetch: Callable[[], None] = lambda: None,
         accept: Callable[[Manifest], None] | None = None,
+        unverified: bool = False,
     ) -> AsyncIterator[Path]:
         """The committed version directory to restore from, held in use (the cache does not
         evict it) until the block ends. `on_fetch` is called before a download starts;
         `accept` sees a version's manifest before its files are downloaded (and raises to
-        refuse it)."""
+        refuse it); `unverified`: a version of this node's store held back for its test
+        restore may be it (decision 0045)."""
         if storage is None:
-            yield self.store.find(checkpoint_id, version)
+            yield self.store.find(checkpoint_id, version, unverified=unverified)
             return
         if self._cache is None or self._remote is None:
             raise StorageError(f"{storage.uri}: this node has no cache for remote checkpoints")
@@ -78,7 +81,7 @@ class CheckpointSource:
             listing = (await backend()).list_versions
             version = await asyncio.to_thread(_newest, listing, checkpoint_id, storage)
         local = self.store.version_dir(checkpoint_id, version)
-        if (local / MANIFEST_FILE).is_file():
+        if (local / MANIFEST_FILE).is_file() and not (local / UNVERIFIED).exists():
             yield local
             return
         with cache.using(location, checkpoint_id, version):
@@ -117,7 +120,8 @@ class CheckpointSource:
         location = location_key(remote.resolved(storage))
         cached = self._cache.version_dir(location, checkpoint_id, version)
         local = self.store.version_dir(checkpoint_id, version)
-        if (local / MANIFEST_FILE).is_file() or (cached / MANIFEST_FILE).is_file():
+        offered = (local / MANIFEST_FILE).is_file() and not (local / UNVERIFIED).exists()
+        if offered or (cached / MANIFEST_FILE).is_file():
             return ""
         return version
 

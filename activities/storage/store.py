@@ -24,7 +24,7 @@ from activities.gpu.nvml import GpuFacts, NodeGpus, gpus_of_process, process_env
 from activities.host.files import fsync_dir, sha256_file, write_atomically
 from activities.host.layout import NodeLayout
 from activities.steps import StorageSteps
-from activities.storage.catalog import STAGING, committed_versions, load_manifest
+from activities.storage.catalog import STAGING, UNVERIFIED, committed_versions, load_manifest
 from activities.storage.chunks import digest_with_table, has_table, table_path
 from activities.storage.remote import RemoteStores, in_thread
 from activities.storage.verified import VerifiedFiles
@@ -92,11 +92,14 @@ class CheckpointStore:
                 removed.append(staging)
         return removed
 
-    def commit(self, staging: Path, manifest: Manifest) -> Path:
-        """Write the manifest last, then rename the staged version into place."""
+    def commit(self, staging: Path, manifest: Manifest, *, unverified: bool = False) -> Path:
+        """Write the manifest last, then rename the staged version into place; `unverified`:
+        held back (`UNVERIFIED` inside it from the rename on) until `release`."""
         final = self.version_dir(manifest.checkpoint_id, manifest.version)
         if (final / MANIFEST_FILE).exists():
             return final  # a retried commit that already landed
+        if unverified:
+            write_atomically(staging / UNVERIFIED, b"")
         write_atomically(staging / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
         os.rename(staging, final)
         fsync_dir(final.parent)
@@ -105,15 +108,45 @@ class CheckpointStore:
             self._verified.remember(manifest.checkpoint_id, manifest.version, final, digests)
         return final
 
+    def release(self, checkpoint_id: str, version: str) -> None:
+        """Offer a version held back unverified: its test restore answered."""
+        final = self.version_dir(checkpoint_id, version)
+        if not (final / MANIFEST_FILE).is_file():
+            raise CheckpointNotFoundError(
+                f"checkpoint {checkpoint_id} version {version} was deleted before its test "
+                "restore ended"
+            )
+        (final / UNVERIFIED).unlink(missing_ok=True)
+        fsync_dir(final)
+
+    def discard_unverified(self, checkpoint_id: str, version: str) -> bool:
+        """Delete a version that is still held back unverified (its manifest first, so no
+        half of it is ever committed); one offered already stays. Returns whether it went."""
+        final = self.version_dir(checkpoint_id, version)
+        if not (final / UNVERIFIED).exists():
+            return False
+        (final / MANIFEST_FILE).unlink(missing_ok=True)
+        fsync_dir(final)
+        shutil.rmtree(final, ignore_errors=True)
+        return True
+
     def versions(self, checkpoint_id: str) -> list[Path]:
-        """Committed versions (those with a manifest), oldest first."""
+        """Committed versions (those with a manifest), oldest first; none held back."""
         return committed_versions(self.root, checkpoint_id)
 
-    def find(self, checkpoint_id: str, version: str = "") -> Path:
+    def find(self, checkpoint_id: str, version: str = "", *, unverified: bool = False) -> Path:
+        """A committed version (the newest when none is named); one held back unverified
+        only for its own test restore (`unverified`)."""
         if version:
             path = self.version_dir(checkpoint_id, version)
-            if (path / MANIFEST_FILE).is_file():
+            held = (path / UNVERIFIED).exists()
+            if (path / MANIFEST_FILE).is_file() and (unverified or not held):
                 return path
+            if held:
+                raise CheckpointNotFoundError(
+                    f"checkpoint {checkpoint_id} version {version} is held back: its capture's "
+                    "test restore has not answered"
+                )
             raise CheckpointNotFoundError(f"checkpoint {checkpoint_id} has no version {version}")
         committed = self.versions(checkpoint_id)
         if not committed:
@@ -257,8 +290,9 @@ class StorageActivities(StorageSteps):
             host=self._host(request),
             files=digest_tree(staging),
         )
-        final = self._store.commit(staging, manifest)
-        activity.logger.info("checkpoint %s committed at %s", request.checkpoint_id, final)
+        final = self._store.commit(staging, manifest, unverified=request.unverified)
+        held = " (held back until its test restore answers)" if request.unverified else ""
+        activity.logger.info("checkpoint %s committed at %s%s", request.checkpoint_id, final, held)
         return _result(final, manifest)
 
     def _host(self, request: CommitInput) -> HostInfo:
@@ -324,6 +358,14 @@ class StorageActivities(StorageSteps):
     async def discard_staging(self, request: DiscardInput) -> None:
         staging = self._store.staging_dir(request.checkpoint_id, request.version)
         await asyncio.to_thread(shutil.rmtree, staging, True)
+        if request.unverified and await asyncio.to_thread(
+            self._store.discard_unverified, request.checkpoint_id, request.version
+        ):
+            activity.logger.warning(
+                "checkpoint %s version %s deleted: never verified",
+                request.checkpoint_id,
+                request.version,
+            )
 
 
 def _result(final: Path, manifest: Manifest) -> CommitResult:

@@ -172,3 +172,37 @@ def test_sweep_removes_only_staging_no_dump_can_still_write(
     assert store.sweep_staging(older_than_seconds=1860) == [orphan]
     assert not orphan.exists() and live.is_dir()
     assert store.verify(version_dir, checkpoint_id=CKPT).version == version_dir.name
+
+
+def test_a_version_held_back_unverified_is_offered_only_once_released(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    older = store.commit(_stage(store), manifest_for(store.staging_dir(CKPT, VERSION)))
+    newer = "20261124T000001Z-bbbbbb"
+    staging = _stage(store, newer)
+    held = store.commit(staging, manifest_for(staging, version=newer), unverified=True)
+    assert (held / "manifest.json").is_file() and (held / "unverified").is_file()
+    # No listing, no newest pick and no lookup by version offers it; its own test restore may.
+    assert store.versions(CKPT) == [older]
+    assert store.find(CKPT) == older
+    assert [e.version for e in LocalCatalog(tmp_path).checkpoints()] == [VERSION]
+    with pytest.raises(CheckpointNotFoundError, match="held back"):
+        store.find(CKPT, newer)
+    assert store.find(CKPT, newer, unverified=True) == held
+    assert "unverified" not in {f.path for f in store.verify(held, checkpoint_id=CKPT).files}
+
+    store.release(CKPT, newer)
+    assert store.find(CKPT) == held and store.find(CKPT, newer) == held
+    assert not store.discard_unverified(CKPT, newer)  # offered: never deleted as unverified
+    assert (held / "manifest.json").is_file()
+
+
+def test_an_unverified_version_is_deleted_whole(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    staging = _stage(store)
+    held = store.commit(staging, manifest_for(staging), unverified=True)
+    assert store.discard_unverified(CKPT, VERSION)
+    assert not held.exists()
+    assert LocalCatalog(tmp_path).checkpoints() == []
+    with pytest.raises(CheckpointNotFoundError, match="has no version"):
+        store.find(CKPT, VERSION, unverified=True)
+    assert not store.discard_unverified(CKPT, VERSION)  # a retried cleanup: nothing to do

@@ -21,6 +21,7 @@ from api.resources import (
     IDENTITY_IMMUTABLE,
     LOADER_ON_CHECKPOINT,
     SAVER_WITHOUT_GMS,
+    VERIFY_UNSUPPORTED,
     Checkpoint,
     PodSnapshot,
     ResourceIdentity,
@@ -372,3 +373,17 @@ def test_cel_identity_is_immutable_on_update() -> None:
     assert cel_errors(schema, same, old, has_old=True) == []
     assert cel_errors(schema, changed, old, has_old=True) == [IDENTITY_IMMUTABLE]
     assert cel_errors(schema, changed) == []  # a create has no old object
+
+
+def test_verify_is_refused_on_the_cluster_path_never_ignored() -> None:
+    """`spec.verify` is in the schema (an unknown field would be pruned: silently ignored)
+    and refused by the model, the webhook's check, and the CRD's CEL rule, with one message."""
+    with pytest.raises(ValidationError) as err:
+        Checkpoint.model_validate(checkpoint({"verify": True}))
+    assert VERIFY_UNSUPPORTED in str(err.value)
+    assert "verify is not supported on the cluster path yet" in VERIFY_UNSUPPORTED
+    assert Checkpoint.model_validate(checkpoint({"verify": False})).spec.verify is False
+    schema = _checkpoint_schema()
+    assert schema["properties"]["spec"]["properties"]["verify"]["type"] == "boolean"
+    assert cel_errors(schema, checkpoint({"verify": True})) == [VERIFY_UNSUPPORTED]
+    assert cel_errors(schema, checkpoint({"verify": False})) == []

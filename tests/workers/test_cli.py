@@ -188,6 +188,29 @@ async def test_failed_capture_exits_1_with_the_reason(workers: Settings, address
     )
 
 
+@needs_criu
+async def test_capture_verify_fails_1_with_the_test_restores_reason(
+    workers: Settings, address: str
+) -> None:
+    port = free_port()
+    program = ("python3", str(PROGRAMS / "process_bound_server.py"), str(port))
+    ready = ("--ready-http", f"http://127.0.0.1:{port}/")
+    flags = ("--verify", "--verify-timeout", "2")
+    code, _, err = await cli(workers, address, "capture", "bound", *ready, *flags, "--", *program)
+    assert code == 1
+    assert "[VerifyFailed]" in err and "test restore did not answer" in err
+    assert "within 2 s" in err
+    code, out, _ = await cli(workers, address, "list", "--output", "json")
+    assert code == 0 and [c for c in json.loads(out) if c["name"] == "bound"] == []
+
+
+async def test_capture_verify_with_leave_running_is_a_usage_error(settings: Settings) -> None:
+    args = ("capture", "both", "--verify", "--leave-running", "--", "true")
+    code, _, err = await cli(settings, f"127.0.0.1:{free_port()}", *args)
+    assert code == 2
+    assert "leaves its workload running cannot be verified" in err
+
+
 async def test_no_server_exits_1_and_says_how_to_start_one(settings: Settings) -> None:
     code, _, err = await cli(settings, f"127.0.0.1:{free_port()}", "capture", "x", "--", "true")
     assert code == 1

@@ -28,9 +28,11 @@ from activities.contracts import (
     SentinelInput,
     StatusInput,
     StopInput,
+    VerifyInput,
+    VerifyResult,
 )
 from activities.errors import ErrorMapping
-from api.errors import DumpFailedError
+from api.errors import DumpFailedError, VerifyFailedError
 from api.identity import CheckpointIdentity
 from api.naming import node_task_queue
 from api.reasons import Phase, Sentinel
@@ -51,6 +53,8 @@ class StandIns:
     hold_commit: asyncio.Event | None = None
     discarded: list[str] = field(default_factory=list)
     dumped: list[str] = field(default_factory=list)
+    commits: list[CommitInput] = field(default_factory=list)
+    discards: list[DiscardInput] = field(default_factory=list)
 
     def _record(self, name: str) -> None:
         self.calls.append((name, activity.info().task_queue))
@@ -85,6 +89,7 @@ class StandIns:
 
     @activity.defn(name="commit_checkpoint")
     async def commit(self, request: CommitInput) -> CommitResult:
+        self.commits.append(request)
         self._record("commit_checkpoint")
         if self.hold_commit is not None:
             await self.hold_commit.wait()  # like the real commit: no heartbeats, so no cancel
@@ -98,11 +103,18 @@ class StandIns:
     @activity.defn(name="discard_staging")
     async def discard(self, request: DiscardInput) -> None:
         self.discarded.append(request.version)
+        self.discards.append(request)
         self._record("discard_staging")
 
     @activity.defn(name="stop_workload")
     async def stop(self, request: StopInput) -> None:
         self._record("stop_workload")
+
+    @activity.defn(name="verify_version")
+    async def verify(self, request: VerifyInput) -> VerifyResult:
+        assert request.version == self.dumped[-1]
+        self._record("verify_version")
+        return VerifyResult(stage_seconds={"criu-restore": 0.05})
 
     def control(self) -> list[object]:
         return [self.claim, self.publish]
@@ -116,6 +128,7 @@ class StandIns:
             self.sentinel,
             self.discard,
             self.stop,
+            self.verify,
         ]
 
     def names(self) -> list[str]:
@@ -244,6 +257,49 @@ async def test_failed_commit_discards_staging_and_publishes_failed(harness: Harn
     [failed] = harness.stand_ins.statuses
     assert (failed.phase, failed.reason) == (Phase.FAILED, "DumpFailed")
     assert (await handle.describe()).typed_search_attributes.get(PHASE) == "Failed"
+
+
+async def test_a_verified_capture_holds_its_version_back_until_the_test_restore(
+    harness: Harness,
+) -> None:
+    request = harness.request().model_copy(update={"verify": True})
+    result = await (await harness.start(request)).result()
+    names = harness.stand_ins.names()
+    assert names[names.index("commit_checkpoint") :] == [
+        "commit_checkpoint",
+        "write_sentinel",
+        "verify_version",
+        "publish_status",
+        "stop_workload",
+    ]
+    assert [c.unverified for c in harness.stand_ins.commits] == [True]
+    assert list(result.step_seconds)[-3:] == ["snapshot-complete", "verify", "publish"]
+    assert harness.stand_ins.discards == []  # verified: nothing to delete
+
+
+async def test_a_failed_test_restore_fails_the_capture_and_deletes_the_version(
+    harness: Harness,
+) -> None:
+    harness.stand_ins.fail["verify_version"] = VerifyFailedError(
+        "checkpoint llama version v: its test restore did not answer: [RestoreFailed] …"
+    )
+    handle = await harness.start(harness.request().model_copy(update={"verify": True}))
+    with pytest.raises(WorkflowFailureError) as err:
+        await handle.result()
+    assert isinstance(err.value.cause, ApplicationError)
+    assert err.value.cause.type == "VerifyFailed"
+    [failed] = harness.stand_ins.statuses
+    assert (failed.phase, failed.reason) == (Phase.FAILED, "VerifyFailed")
+    assert "[RestoreFailed]" in failed.message
+    [discard] = harness.stand_ins.discards
+    assert (discard.version, discard.unverified) == (harness.stand_ins.dumped[-1], True)
+    assert harness.stand_ins.names()[-2:] == ["discard_staging", "stop_workload"]
+
+
+async def test_without_verify_nothing_is_held_back(harness: Harness) -> None:
+    await (await harness.start(harness.request())).result()
+    assert [c.unverified for c in harness.stand_ins.commits] == [False]
+    assert "verify_version" not in harness.stand_ins.names()
 
 
 async def test_identity_conflict_creates_nothing(harness: Harness) -> None:

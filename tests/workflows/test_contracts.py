@@ -87,3 +87,13 @@ def test_only_a_refused_pod_restore_names_no_checkpoint() -> None:
         RestoreRequest.model_validate(
             {"name": "x", "checkpoint_id": "", "refusal": refused.refusal.model_dump()}
         )
+
+
+def test_verify_is_refused_where_it_cannot_run() -> None:
+    assert CaptureRequest.local(WORKLOAD, IDENTITY, verify=True).verify
+    with pytest.raises(ValidationError, match="leaves its workload running cannot be verified"):
+        CaptureRequest.local(WORKLOAD, IDENTITY, verify=True, leave_running=True)
+    base = {"name": "llama", "identity": IDENTITY.model_dump(), "checkpoint_id": CKPT}
+    cluster = {"mode": "cluster", "resource": REF, "target": TARGET}
+    with pytest.raises(ValidationError, match="verify is not supported on the cluster path yet"):
+        CaptureRequest.model_validate({**base, "node": "", "source": cluster, "verify": True})

@@ -17,6 +17,7 @@ def test_histories_are_committed() -> None:
     names = {p.name for p in HISTORIES}
     recorded = {"capture-local", "capture-local-failed", "capture-local-cancelled"}
     recorded |= {"restore-local", "restore-local-attrs-upserted"}
+    recorded |= {"capture-local-verified", "capture-local-verify-failed"}
     assert {f"{name}.json" for name in recorded} <= names
 
 
