@@ -105,41 +105,43 @@ def _recapture_status(previous: CaptureStatus, report: Report, *, now: datetime)
 def _with_condition(
     status: CaptureStatus, kind: str, ok: bool, reason: str, message: str, now: datetime
 ) -> CaptureStatus:
-    """`status` with condition `kind` set (its transition time kept while its status is)."""
-    value = "True" if ok else "False"
+    """`status` with condition `kind` set."""
     old = next((c for c in status.conditions if c.type == kind), None)
+    condition = _condition(old, kind, ok, reason, message, now, status.observed_generation)
+    others = [c for c in status.conditions if c.type != kind]
+    return status.model_copy(update={"conditions": [*others, condition]})
+
+
+def _condition(
+    old: Condition | None,
+    kind: str,
+    ok: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int,
+) -> Condition:
+    """Condition `kind`, keeping `old`'s transition time while its status stays the same."""
+    value = "True" if ok else "False"
     since = old.last_transition_time if old is not None and old.status == value else now
-    condition = Condition(
+    return Condition(
         type=kind,
         status=value,
         reason=reason,
         message=message,
         last_transition_time=since,
-        observed_generation=status.observed_generation,
+        observed_generation=generation,
     )
-    others = [c for c in status.conditions if c.type != kind]
-    return status.model_copy(update={"conditions": [*others, condition]})
 
 
 def _progress(previous: CaptureStatus | None, report: Report, *, now: datetime) -> CaptureStatus:
     """The status after a report of the capture in progress (the phase moves)."""
     before = {c.type: c for c in previous.conditions} if previous else {}
     keep = previous or CaptureStatus()
-    conditions = []
-    for kind, ok, reason, message in _conditions(report, report.job_name or keep.job_name):
-        status = "True" if ok else "False"
-        old = before.get(kind)
-        since = old.last_transition_time if old is not None and old.status == status else now
-        conditions.append(
-            Condition(
-                type=kind,
-                status=status,
-                reason=reason,
-                message=message,
-                last_transition_time=since,
-                observed_generation=report.generation,
-            )
-        )
+    conditions = [
+        _condition(before.get(kind), kind, ok, reason, message, now, report.generation)
+        for kind, ok, reason, message in _conditions(report, report.job_name or keep.job_name)
+    ]
     return CaptureStatus(
         phase=report.phase,
         message=report.message,

@@ -8,6 +8,7 @@ comes from the client's TracingInterceptor, which Temporal also applies to worke
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
@@ -206,7 +207,8 @@ def node_worker(
     dumping = CriuActivities(criu=criu, store=store, layout=layout, pre_dumps=pre_dumps)
     lazy_pages = LazyPages(criu=criu, enabled=settings.criu.lazy_pages)
     slots = RestoreSlots(settings.criu.max_concurrent_restores)  # the node's, both paths
-    restoring = RestoreActivities(
+    restorer = functools.partial(
+        RestoreActivities,
         criu=criu,
         store=store,
         layout=layout,
@@ -214,23 +216,14 @@ def node_worker(
         gpus=gpus,
         source=source,
         quarantine=quarantine(settings, store.root, cluster=False),
-        lazy_pages=lazy_pages,
-        streams=PageStreams(enabled=settings.storage.stream_restores),
         slots=slots,
+    )
+    restoring = restorer(
+        lazy_pages=lazy_pages, streams=PageStreams(enabled=settings.storage.stream_restores)
     )
     # A verified capture's test restores: the same restore, without lazy pages or streams.
     verifying = VerifyActivities(
-        restorer=RestoreActivities(
-            criu=criu,
-            store=store,
-            layout=layout,
-            node=settings.node.name,
-            gpus=gpus,
-            source=source,
-            quarantine=quarantine(settings, store.root, cluster=False),
-            slots=slots,
-            test_restores=True,
-        ),
+        restorer=restorer(test_restores=True),
         store=store,
         layout=layout,
     )
