@@ -96,6 +96,9 @@ _COLUMNS = [
     {"name": "CheckpointID", "type": "string", "jsonPath": ".status.checkpointID"},
     {"name": "Node", "type": "string", "jsonPath": ".status.nodeName"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # `kubectl get -o wide`: the version pods restore, and a Checkpoint's schedule.
+    {"name": "Version", "type": "string", "jsonPath": ".status.version", "priority": 1},
+    {"name": "Schedule", "type": "string", "jsonPath": ".spec.schedule.cron", "priority": 1},
 ]
 
 

@@ -264,7 +264,16 @@ def test_schemas_are_structural(name: str) -> None:
     version = all_crds()[name]["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Model", "Backend", "Phase", "CheckpointID", "Node", "Age"]
+    assert columns == [
+        "Model",
+        "Backend",
+        "Phase",
+        "CheckpointID",
+        "Node",
+        "Age",
+        "Version",
+        "Schedule",
+    ]
     for path, node in _walk(version["schema"]["openAPIV3Schema"], ""):
         assert not {"$ref", "anyOf", "allOf", "oneOf", "title", "$defs"} & set(node), path
         assert "type" in node, f"{path}: no type"
