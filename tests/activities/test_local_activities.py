@@ -334,8 +334,8 @@ async def test_a_retried_launch_adopts_its_workload_and_stops_one_left_by_anothe
 
 def same_command_elsewhere(pid: int) -> list[int]:
     """Other launches of this test's workload running beside `pid`: the same command line
-    and control directory (this test's own), not `pid`'s own children (the shell's fork
-    for `sleep` has its command line until it execs)."""
+    and control directory (this test's own), not `pid`'s own descendants (the shell's
+    forks for `sleep` have its command line until they exec)."""
     command = Path(f"/proc/{pid}/cmdline").read_bytes()
     control = _control_entry(pid)
     found = []
@@ -344,12 +344,26 @@ def same_command_elsewhere(pid: int) -> list[int]:
             try:
                 if (entry / "cmdline").read_bytes() != command:
                     continue
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if parent != pid and _control_entry(int(entry.name)) == control:
+                if (
+                    pid not in _ancestors(int(entry.name))
+                    and _control_entry(int(entry.name)) == control
+                ):
                     found.append(int(entry.name))
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+def _ancestors(pid: int) -> list[int]:
+    """`pid`'s parent, its parent's parent and so on up to init (as far as readable)."""
+    chain: list[int] = []
+    while pid > 1 and len(chain) < 64:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        chain.append(pid)
+    return chain
 
 
 def _control_entry(pid: int) -> bytes:
