@@ -1,5 +1,10 @@
 """Scale: N capture and restore pipelines across M simulated nodes, one Temporal dev server.
 
+This module is the local mode (`--api none`, the default) and what both modes share: the
+plan, the stand-ins, the timings and the report. `--api kmock|apiserver` runs the same plan
+on the cluster path, through an API server (`bench/scale_cluster.py`, its docstring says what
+is real there and what the bench plays).
+
 Real: the Temporal dev server (`workers.devserver.DevServer`), the client, the workflows
 (`CaptureWorkflow`, `RestoreWorkflow`, unchanged), the control worker
 (`workers.compose.control_worker`: claims and status published into its state directory)
@@ -39,10 +44,13 @@ run's start, to this step's end, less the stand-in's own duration: the workflow 
 schedules it, the queue, dispatch and reporting the result back). The control steps
 (`claim_checkpoint_id`, `publish_status`) are real, so all their time counts as added.
 CPU: the dev server's and this process's, read from `/proc/<pid>/stat`, and the machine's
-busy share from `/proc/stat`.
+busy share from `/proc/stat` ("others": what the machine spent beyond the measured processes,
+other work on a shared machine included).
 
-Usage, from the repository root (no root needed, nothing is dumped):
+Usage, from the repository root (no root needed, nothing is dumped; `--api apiserver` needs
+root and the kube-apiserver `make test` builds):
 `.venv/bin/python -m bench.scale --pipelines 1000 --nodes 50 --in-flight 50,200,1000`
+`.venv/bin/python -m bench.scale --api kmock --pipelines 1000 --nodes 50 --in-flight 20,50,200`
 """
 
 from __future__ import annotations
@@ -101,6 +109,7 @@ from workers.settings import NodeSettings, Settings, TemporalSettings
 from workflows.contracts import CaptureRequest, RestoreRequest
 from workflows.restore import RestoreWorkflow
 
+log = logging.getLogger(__name__)
 SPREAD = 0.25  # each stand-in sleeps its median times [0.75, 1.25)
 MISSING = "restore_checkpoint/missing"
 MEDIANS = {
@@ -257,6 +266,7 @@ class Pipeline:
     submitted: float = 0.0  # wall clock, when the start was requested
     workflow_id: str = ""
     handle: WorkflowHandle[Any, Any] | None = None
+    failure: str = ""  # the workflow's failure message, when it failed
     source: str = ""  # a restore: the capture just before it, which it restores
     # The cluster path: when (wall clock) the bench, playing the kubelet, made the change
     # that a workflow signal reports, by the signal's name.
@@ -323,6 +333,11 @@ async def workflow_outcome(pipeline: Pipeline, handle: WorkflowHandle[Any, Any])
         await handle.result()
     except WorkflowFailureError as err:
         phase = Phase.FAILED if pipeline.kind == "capture" else Phase.FELL_BACK
+        causes, cause = [], err.cause
+        while cause is not None:
+            causes.append(str(cause))
+            cause = cause.__cause__
+        pipeline.failure = ": ".join(causes)
         return f"{phase}:{pipeline_failure(err).reason}"
     phase, reason = (
         (Phase.READY, Reason.CAPTURED)
@@ -587,6 +602,7 @@ class Level:
     cpu: dict[str, float | None]  # CPU seconds by process ("temporal", "bench", ...)
     machine_busy: float
     loop_lag: Spread
+    notes: list[str] = field(default_factory=list)  # what else a mode measured, as lines
 
     @property
     def own_cpu(self) -> float:
@@ -600,6 +616,12 @@ class Level:
     @property
     def rate(self) -> float:
         return len(self.pipelines) / self.wall
+
+    @property
+    def others_cpu(self) -> float:
+        """CPU seconds the machine spent beyond the measured processes (other work)."""
+        spent = self.machine_busy * (os.cpu_count() or 1) * self.wall
+        return max(0.0, spent - sum(seconds or 0.0 for seconds in self.cpu.values()))
 
     @property
     def events_rate(self) -> float:
@@ -642,6 +664,7 @@ async def run_level(
     async with meter.measure():
         await asyncio.gather(*(driver.run_one(p, slots) for p in plan.pipelines))
     await driver.settle(plan.pipelines)
+    log.info("%d in flight: %d pipelines in %.1f s", in_flight, len(plan.pipelines), meter.wall)
     timings = await read_timings(plan.pipelines, durations)
     return Level(
         in_flight=in_flight,
@@ -709,7 +732,8 @@ def report_lines(levels: Sequence[Level], nodes: int) -> Iterator[str]:
     yield (
         f"{'in flight':>9} {'wall s':>7} {'pipel./s':>8} {'events/s':>8} "
         + "".join(f"{name:>{width}} " for name, width in widths.items())
-        + f"{'machine':>7} {'start ms':>15} {'capture added':>15} {'restore added':>15} "
+        + f"{'machine':>7} {'others':>7} {'start ms':>15} {'capture added':>15} "
+        f"{'restore added':>15} "
         f"{'loop lag ms':>15} {'unexpected':>10}"
     )
     for level in levels:
@@ -717,10 +741,22 @@ def report_lines(levels: Sequence[Level], nodes: int) -> Iterator[str]:
             f"{level.in_flight:>9} {level.wall:>7.1f} {level.rate:>8.1f} "
             f"{level.events_rate:>8.0f} "
             + "".join(f"{_cpu(level.cpu.get(n), level.wall, w)} " for n, w in widths.items())
-            + f"{100 * level.machine_busy:6.0f}% {_ms(level.start())} "
+            + f"{100 * level.machine_busy:6.0f}% {_cpu(level.others_cpu, level.wall, 7)} "
+            f"{_ms(level.start())} "
             f"{_ms(level.added('capture'))} {_ms(level.added('restore'))} "
             f"{_ms(level.loop_lag)} {len(level.unexpected):>10}"
         )
+    yield "\nCPU per pipeline, core-ms (what each process spent, over the pipelines it served)"
+    for level in levels:
+        spent = {**level.cpu, "others": level.others_cpu}
+        shown = ", ".join(
+            f"{name} {1000 * (seconds or 0.0) / len(level.pipelines):.0f}"
+            for name, seconds in spent.items()
+        )
+        yield f"{level.in_flight:>9} in flight: {shown}"
+    for level in levels:
+        for note in level.notes:
+            yield f"{level.in_flight:>9} in flight: {note}"
     yield "\nper step: queued (scheduled → started) and added (beyond the stand-in), ms p50 p99"
     names = {name: f"{name}{_marked(name)}" for name in levels[0].steps()}
     column = max(len(shown) for shown in names.values())
@@ -764,6 +800,9 @@ class TunedDevServer(DevServer):
 
 
 async def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in ("bench", __name__):  # a line as each level ends (__main__ when run so)
+        logging.getLogger(name).setLevel(logging.INFO)
     # The planned CheckpointNotFound answers would each log a traceback.
     logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
     levels = [int(level) for level in args.in_flight.split(",")]
@@ -818,7 +857,10 @@ async def main(args: argparse.Namespace) -> None:
         print(line)
     wrong = [p for level in results for p in level.unexpected]
     for pipeline in wrong[:10]:
-        print(f"UNEXPECTED {pipeline.name}: {pipeline.outcome} / {pipeline.published}")
+        print(
+            f"UNEXPECTED {pipeline.name}: {pipeline.outcome} / {pipeline.published}"
+            + (f" ({pipeline.failure})" if pipeline.failure else "")
+        )
     if wrong:
         sys.exit(f"{len(wrong)} pipelines did not end as expected")
 

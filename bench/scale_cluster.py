@@ -55,12 +55,15 @@ import functools
 import hashlib
 import logging
 import os
+import re
+import ssl
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -198,6 +201,72 @@ def cluster_plan(plan: Plan) -> Plan:
 
 # --- The API server ----------------------------------------------------------------------
 
+_SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass
+class Traffic:
+    """What a real API server served, from its own metrics, by request kind ("LIST
+    checkpoints", "PATCH pods/status"): requests, seconds spent answering (watches left
+    out: they last as long as they are open), bytes answered; and watch events sent.
+    kube-apiserver 1.20 counts a GET of one custom resource as a LIST (its audit log tells
+    them apart): "LIST checkpoints" holds the Checkpoint reads too."""
+
+    requests: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, float] = field(default_factory=dict)
+    watch_events: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Traffic:
+        traffic = cls()
+        wanted = {
+            "apiserver_request_total": traffic.requests,
+            "apiserver_request_duration_seconds_sum": traffic.seconds,
+            "apiserver_response_sizes_sum": traffic.bytes,
+        }
+        for line in text.splitlines():
+            sample = _SAMPLE.match(line)
+            if sample is None:
+                continue
+            name, labels, value = sample[1], dict(_LABEL.findall(sample[2])), float(sample[3])
+            if name == "apiserver_watch_events_total":
+                traffic.watch_events += value
+            elif name in wanted and labels.get("verb") != "WATCH":
+                sub = labels.get("subresource")
+                key = f"{labels.get('verb')} {labels.get('resource')}{'/' + sub if sub else ''}"
+                wanted[name][key] = wanted[name].get(key, 0.0) + value
+        return traffic
+
+    def __sub__(self, before: Traffic) -> Traffic:
+        def less(now: dict[str, float], then: dict[str, float]) -> dict[str, float]:
+            return {kind: value - then.get(kind, 0.0) for kind, value in now.items()}
+
+        return Traffic(
+            less(self.requests, before.requests),
+            less(self.seconds, before.seconds),
+            less(self.bytes, before.bytes),
+            self.watch_events - before.watch_events,
+        )
+
+    def lines(self, pipelines: int, top: int = 6) -> list[str]:
+        """Per pipeline: every request, then the kinds that took the most answering time."""
+        each = 1 / pipelines
+        slowest = sorted(self.seconds.items(), key=lambda item: -item[1])[:top]
+        kinds = ", ".join(
+            f"{kind} {self.requests.get(kind, 0) * each:.1f} ({1000 * seconds * each:.0f} ms, "
+            f"{self.bytes.get(kind, 0) * each / 1024:.0f} KiB)"
+            for kind, seconds in slowest
+        )
+        return [
+            f"API server per pipeline: {sum(self.requests.values()) * each:.1f} requests, "
+            f"{1000 * sum(self.seconds.values()) * each:.0f} ms answering them, "
+            f"{sum(self.bytes.values()) * each / 1024:.0f} KiB answered, "
+            f"{self.watch_events * each:.0f} watch events sent",
+            f"API server per pipeline, by answering time: {kinds}",
+        ]
+
 
 @dataclass
 class ApiServerRun:
@@ -211,6 +280,24 @@ class ApiServerRun:
     # Whether namespaces are objects to create (not in kmock), with the `default` service
     # account a pod needs there (what the controller manager would create).
     namespaces: bool
+    metrics_url: str = ""  # the API server's own metrics (kmock has none)
+    token: str = ""
+
+    async def traffic(self) -> Traffic | None:
+        """What the API server served so far, from its metrics; None where it has none."""
+        if not self.metrics_url:
+            return None
+        request = urllib.request.Request(
+            self.metrics_url, headers={"Authorization": f"Bearer {self.token}"}
+        )
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # self-signed
+
+        def fetch() -> str:
+            with urllib.request.urlopen(request, timeout=30, context=context) as answer:
+                return str(answer.read().decode())
+
+        return Traffic.parse(await asyncio.to_thread(fetch))
 
     async def add_namespace(self, name: str) -> None:
         if not self.namespaces:
@@ -240,7 +327,7 @@ async def kmock_server() -> AsyncIterator[ApiServerRun]:
         cluster = Cluster(None, url)
         try:
             login = KubeSettings(server=url, namespace=CONTROLLER_NAMESPACE)
-            yield ApiServerRun("kmock", cluster, login, {"kmock": process.pid}, False)
+            yield ApiServerRun("kmock", cluster, login, {"kmock": process.pid}, namespaces=False)
         finally:
             cluster.close()
     finally:
@@ -267,7 +354,15 @@ async def kube_apiserver() -> AsyncIterator[ApiServerRun]:
             )
             assert server.process is not None and server.process.proc is not None
             processes = {"apiserver": server.process.proc.pid, "etcd": server.etcd_pid}
-            yield ApiServerRun("kube-apiserver", cluster, login, processes, True)
+            yield ApiServerRun(
+                "kube-apiserver",
+                cluster,
+                login,
+                processes,
+                namespaces=True,
+                metrics_url=f"{server.url}/metrics",
+                token=server.token,
+            )
         finally:
             cluster.close()
     finally:
@@ -703,7 +798,12 @@ async def run_cluster_levels(
             namespace = f"scale-{plan.run}"
             await api.add_namespace(namespace)
             played.expect(plan, namespace)
-            results.append(await run_level(driver, plan, durations, in_flight, processes))
+            before = await api.traffic()
+            level = await run_level(driver, plan, durations, in_flight, processes)
+            after = await api.traffic()
+            if before is not None and after is not None:
+                level.notes.extend((after - before).lines(len(plan.pipelines)))
+            results.append(level)
     return results
 
 
