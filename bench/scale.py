@@ -62,9 +62,11 @@ import itertools
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -333,7 +335,8 @@ async def workflow_outcome(pipeline: Pipeline, handle: WorkflowHandle[Any, Any])
         await handle.result()
     except WorkflowFailureError as err:
         phase = Phase.FAILED if pipeline.kind == "capture" else Phase.FELL_BACK
-        causes, cause = [], err.cause
+        causes: list[str] = []
+        cause: BaseException | None = err.cause
         while cause is not None:
             causes.append(str(cause))
             cause = cause.__cause__
@@ -573,6 +576,39 @@ async def read_timings(pipelines: Sequence[Pipeline], durations: Durations) -> l
     return list(await asyncio.gather(*(one(p) for p in pipelines if p.handle is not None)))
 
 
+# --- Temporal's actions ---------------------------------------------------------------
+
+_ACTION = re.compile(r"^action\{([^}]*)\} (\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+async def temporal_actions(metrics_url: str) -> dict[str, float]:
+    """The dev server's count of actions in namespace `default` by type (what Temporal
+    Cloud bills and rate-limits: workflows started, activities scheduled, timers, signals,
+    search attribute upserts), from its metrics; {} without a URL."""
+    if not metrics_url:
+        return {}
+
+    def fetch() -> str:
+        with urllib.request.urlopen(metrics_url, timeout=30) as answer:
+            return str(answer.read().decode())
+
+    counts: dict[str, float] = {}
+    for line in (await asyncio.to_thread(fetch)).splitlines():
+        found = _ACTION.match(line)
+        labels = dict(_LABEL.findall(found[1])) if found else {}
+        if found and labels.get("namespace") == "default":
+            kind = labels.get("action_type", "?").removeprefix("command_").removeprefix("grpc_")
+            counts[kind] = counts.get(kind, 0.0) + float(found[2])
+    return counts
+
+
+def actions_note(before: dict[str, float], after: dict[str, float], pipelines: int) -> str:
+    spent = {kind: (n - before.get(kind, 0.0)) / pipelines for kind, n in after.items()}
+    kinds = ", ".join(f"{kind} {n:.1f}" for kind, n in sorted(spent.items(), key=lambda i: -i[1]))
+    return f"Temporal actions per pipeline: {sum(spent.values()):.1f} ({kinds})"
+
+
 # --- Levels and the report ------------------------------------------------------------
 
 
@@ -656,17 +692,20 @@ async def run_level(
     durations: Durations,
     in_flight: int,
     processes: dict[str, int | None],
+    *,
+    temporal_metrics: str = "",
 ) -> Level:
     """`plan`'s pipelines through `driver`, at most `in_flight` at once; CPU of `processes`
-    (name → PID) and of this one."""
+    (name → PID) and of this one; Temporal's actions where its metrics are at hand."""
     slots = asyncio.Semaphore(in_flight)
     meter = CpuMeter(processes)
+    actions = await temporal_actions(temporal_metrics)
     async with meter.measure():
         await asyncio.gather(*(driver.run_one(p, slots) for p in plan.pipelines))
+    after = await temporal_actions(temporal_metrics)
     await driver.settle(plan.pipelines)
-    log.info("%d in flight: %d pipelines in %.1f s", in_flight, len(plan.pipelines), meter.wall)
     timings = await read_timings(plan.pipelines, durations)
-    return Level(
+    level = Level(
         in_flight=in_flight,
         pipelines=plan.pipelines,
         timings=timings,
@@ -674,7 +713,20 @@ async def run_level(
         cpu=meter.cpu,
         machine_busy=meter.machine,
         loop_lag=Spread.of(meter.lags or [0.0]),
+        notes=[actions_note(actions, after, len(plan.pipelines))] if after else [],
     )
+    cpu = ", ".join(f"{n} {100 * (c or 0) / level.wall:.0f}%" for n, c in level.cpu.items())
+    log.info(
+        "%d in flight: %d pipelines in %.1f s, %.1f/s, %d unexpected; CPU %s, machine %.0f%%",
+        in_flight,
+        len(plan.pipelines),
+        level.wall,
+        level.rate,
+        len(level.unexpected),
+        cpu,
+        100 * level.machine_busy,
+    )
+    return level
 
 
 @asynccontextmanager
@@ -699,6 +751,7 @@ async def run_levels(
     durations: Durations,
     server_pid: int | None,
     fall_back_every: int = 10,
+    temporal_metrics: str = "",
 ) -> list[Level]:
     """Each level runs `pipelines` fresh pipelines with at most `in_flight` at once, on one
     fleet of `nodes` simulated nodes."""
@@ -710,7 +763,11 @@ async def run_levels(
     async with simulated_fleet(client, settings, plans[0].nodes, stand_ins):
         for plan, in_flight in zip(plans, levels, strict=True):
             processes = {"temporal": server_pid}
-            results.append(await run_level(driver, plan, durations, in_flight, processes))
+            results.append(
+                await run_level(
+                    driver, plan, durations, in_flight, processes, temporal_metrics=temporal_metrics
+                )
+            )
     return results
 
 
@@ -789,14 +846,17 @@ def _marked(step: str) -> str:
 
 
 class TunedDevServer(DevServer):
-    """`warmstart dev`'s dev server, with more dynamic config values when asked."""
+    """`warmstart dev`'s dev server, with more dynamic config values when asked, and its
+    metrics on `metrics_port` (0: a port of its choosing)."""
 
-    def __init__(self, *, extra: Sequence[str] = (), **kwargs: Any) -> None:
+    def __init__(self, *, extra: Sequence[str] = (), metrics_port: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.extra = list(extra)
+        self.extra, self.metrics_port = list(extra), metrics_port
 
     def command(self) -> list[str]:
-        return super().command() + [a for v in self.extra for a in ("--dynamic-config-value", v)]
+        dynamic = [a for v in self.extra for a in ("--dynamic-config-value", v)]
+        metrics = ["--metrics-port", str(self.metrics_port)] if self.metrics_port else []
+        return super().command() + dynamic + metrics
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -808,7 +868,8 @@ async def main(args: argparse.Namespace) -> None:
     levels = [int(level) for level in args.in_flight.split(",")]
     durations = Durations(warm_up=args.warm_up)
     with tempfile.TemporaryDirectory(dir=args.db_dir) as tmp:
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         settings = Settings(
             home=Path(tmp) / "home",
             temporal=TemporalSettings(address=f"127.0.0.1:{port}"),
@@ -820,6 +881,7 @@ async def main(args: argparse.Namespace) -> None:
             ui_port=free_port(),
             headless=True,
             extra=args.dynamic_config,
+            metrics_port=metrics_port,
         )
         await server.start()
         try:
@@ -834,6 +896,7 @@ async def main(args: argparse.Namespace) -> None:
                     durations=durations,
                     server_pid=listening_pid(port),
                     fall_back_every=args.fall_back_every,
+                    temporal_metrics=metrics,
                 )
             else:
                 from bench.scale_cluster import api_server, run_cluster_levels
@@ -850,6 +913,7 @@ async def main(args: argparse.Namespace) -> None:
                         server_pid=listening_pid(port),
                         folder=Path(tmp),
                         fall_back_every=args.fall_back_every,
+                        temporal_metrics=metrics,
                     )
         finally:
             await server.stop()

@@ -772,6 +772,7 @@ async def run_cluster_levels(
     server_pid: int | None,
     folder: Path,
     fall_back_every: int = 10,
+    temporal_metrics: str = "",
 ) -> list[Level]:
     """Each level runs `pipelines` fresh pipelines, in a namespace of their own, with at
     most `in_flight` at once, on one fleet of `nodes` simulated nodes. A warm-up pair (a
@@ -799,10 +800,14 @@ async def run_cluster_levels(
             await api.add_namespace(namespace)
             played.expect(plan, namespace)
             before = await api.traffic()
-            level = await run_level(driver, plan, durations, in_flight, processes)
+            level = await run_level(
+                driver, plan, durations, in_flight, processes, temporal_metrics=temporal_metrics
+            )
             after = await api.traffic()
             if before is not None and after is not None:
-                level.notes.extend((after - before).lines(len(plan.pipelines)))
+                for line in (after - before).lines(len(plan.pipelines)):
+                    log.info("%d in flight: %s", in_flight, line)
+                    level.notes.append(line)
             results.append(level)
     return results
 
