@@ -1,5 +1,10 @@
 """Scale: N capture and restore pipelines across M simulated nodes, one Temporal dev server.
 
+This module is the local mode (`--api none`, the default) and what both modes share: the
+plan, the stand-ins, the timings and the report. `--api kmock|apiserver` runs the same plan
+on the cluster path, through an API server (`bench/scale_cluster.py`, its docstring says what
+is real there and what the bench plays).
+
 Real: the Temporal dev server (`workers.devserver.DevServer`), the client, the workflows
 (`CaptureWorkflow`, `RestoreWorkflow`, unchanged), the control worker
 (`workers.compose.control_worker`: claims and status published into its state directory)
@@ -39,10 +44,13 @@ run's start, to this step's end, less the stand-in's own duration: the workflow 
 schedules it, the queue, dispatch and reporting the result back). The control steps
 (`claim_checkpoint_id`, `publish_status`) are real, so all their time counts as added.
 CPU: the dev server's and this process's, read from `/proc/<pid>/stat`, and the machine's
-busy share from `/proc/stat`.
+busy share from `/proc/stat` ("others": what the machine spent beyond the measured processes,
+other work on a shared machine included).
 
-Usage, from the repository root (no root needed, nothing is dumped):
+Usage, from the repository root (no root needed, nothing is dumped; `--api apiserver` needs
+root and the kube-apiserver `make test` builds):
 `.venv/bin/python -m bench.scale --pipelines 1000 --nodes 50 --in-flight 50,200,1000`
+`.venv/bin/python -m bench.scale --api kmock --pipelines 1000 --nodes 50 --in-flight 20,50,200`
 """
 
 from __future__ import annotations
@@ -54,15 +62,17 @@ import itertools
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
@@ -101,6 +111,7 @@ from workers.settings import NodeSettings, Settings, TemporalSettings
 from workflows.contracts import CaptureRequest, RestoreRequest
 from workflows.restore import RestoreWorkflow
 
+log = logging.getLogger(__name__)
 SPREAD = 0.25  # each stand-in sleeps its median times [0.75, 1.25)
 MISSING = "restore_checkpoint/missing"
 MEDIANS = {
@@ -112,8 +123,23 @@ MEDIANS = {
     "restore_checkpoint": 0.160,
     MISSING: 0.005,
     "discard_staging": 0.010,
+    # The cluster path's node steps (sources in bench/scale_cluster.py's docstring).
+    "dump_container": 0.340,
+    "commit_container": 0.200,
+    "write_container_sentinel": 0.005,
+    "restore_container": 0.240,
+    "restore_container/missing": 0.005,
 }
-CONTROL_STEPS = ("claim_checkpoint_id", "publish_status")
+CONTROL_STEPS = (
+    "claim_checkpoint_id",
+    "publish_status",
+    "create_capture_job",
+    "read_capture_pod",
+    "delete_capture_job",
+)
+# Signals that report what the bench plays (the kubelet) and how long that took: the
+# container is Ready after its warm-up.
+PLAYED = {"container_ready": "await_workload_ready"}
 HISTORY_READS = 16  # histories fetched at once after a level
 
 
@@ -242,6 +268,11 @@ class Pipeline:
     submitted: float = 0.0  # wall clock, when the start was requested
     workflow_id: str = ""
     handle: WorkflowHandle[Any, Any] | None = None
+    failure: str = ""  # the workflow's failure message, when it failed
+    source: str = ""  # a restore: the capture just before it, which it restores
+    # The cluster path: when (wall clock) the bench, playing the kubelet, made the change
+    # that a workflow signal reports, by the signal's name.
+    played: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -277,7 +308,8 @@ class Plan:
                 expected = f"{Phase.FELL_BACK}:{Reason.CHECKPOINT_NOT_FOUND}"
             else:
                 ckpt, expected = captured[-1], f"{Phase.RESTORED}:{Reason.RESTORED}"
-            plan.append(Pipeline("restore", name, node, ckpt, expected))
+            source = plan[-1].name
+            plan.append(Pipeline("restore", name, node, ckpt, expected, source=source))
         return cls(run=run, nodes=names, pipelines=plan, held=set(captured))
 
 
@@ -285,50 +317,79 @@ def _identity(name: str) -> CheckpointIdentity:
     return CheckpointIdentity(model=f"bench/{name}", backend_framework="vllm")
 
 
-async def _start(
-    client: Client, settings: Settings, pipeline: Pipeline
-) -> WorkflowHandle[Any, Any]:
-    queue = settings.node.control_task_queue
-    if pipeline.kind == "capture":
-        workload = LocalWorkload(name=pipeline.name, command=("serve",), cwd="/")
-        request = CaptureRequest.local(
-            workload, _identity(pipeline.name), node=pipeline.node, control_task_queue=queue
-        )
-        return await start_capture(client, request)
-    restore = RestoreRequest(
-        name=pipeline.name,
-        checkpoint_id=pipeline.checkpoint_id,
-        node=pipeline.node,
-        control_task_queue=queue,
+class Driver(Protocol):
+    """How a level's pipelines are started and followed: local mode here, the cluster path
+    in `bench.scale_cluster`."""
+
+    async def run_one(self, pipeline: Pipeline, slots: asyncio.Semaphore) -> None:
+        """Start `pipeline` while holding one of `slots`, wait for its end and record its
+        outcome (the workflow's result) and what was published about it."""
+
+    async def settle(self, pipelines: Sequence[Pipeline]) -> None:
+        """After the level: check what can only be checked once it ended."""
+
+
+async def workflow_outcome(pipeline: Pipeline, handle: WorkflowHandle[Any, Any]) -> str:
+    """`<phase>:<reason>` of the pipeline's workflow, from its result."""
+    try:
+        await handle.result()
+    except WorkflowFailureError as err:
+        phase = Phase.FAILED if pipeline.kind == "capture" else Phase.FELL_BACK
+        causes: list[str] = []
+        cause: BaseException | None = err.cause
+        while cause is not None:
+            causes.append(str(cause))
+            cause = cause.__cause__
+        pipeline.failure = ": ".join(causes)
+        return f"{phase}:{pipeline_failure(err).reason}"
+    phase, reason = (
+        (Phase.READY, Reason.CAPTURED)
+        if pipeline.kind == "capture"
+        else (Phase.RESTORED, Reason.RESTORED)
     )
-    return await start_restore(client, restore)
+    return f"{phase}:{reason}"
 
 
-async def _run_one(
-    client: Client, settings: Settings, pipeline: Pipeline, slots: asyncio.Semaphore
-) -> None:
-    async with slots:
-        pipeline.submitted = time.time()
-        try:
-            handle = await _start(client, settings, pipeline)
-        except RPCError as err:  # the server refused or timed out the start: counted
-            pipeline.outcome = pipeline.published = f"not started: {err}"
-            return
-        pipeline.handle, pipeline.workflow_id = handle, handle.id
-        try:
-            await handle.result()
-            phase, reason = (
-                (Phase.READY, Reason.CAPTURED)
-                if pipeline.kind == "capture"
-                else (Phase.RESTORED, Reason.RESTORED)
+@dataclass
+class LocalDriver:
+    """Local mode: pipelines started with the CLI's own calls; status read from the control
+    worker's state directory."""
+
+    client: Client
+    settings: Settings
+
+    async def _start(self, pipeline: Pipeline) -> WorkflowHandle[Any, Any]:
+        queue = self.settings.node.control_task_queue
+        if pipeline.kind == "capture":
+            workload = LocalWorkload(name=pipeline.name, command=("serve",), cwd="/")
+            request = CaptureRequest.local(
+                workload, _identity(pipeline.name), node=pipeline.node, control_task_queue=queue
             )
-        except WorkflowFailureError as err:
-            failure = pipeline_failure(err)
-            phase = Phase.FAILED if pipeline.kind == "capture" else Phase.FELL_BACK
-            reason = failure.reason
-        pipeline.outcome = f"{phase}:{reason}"
-    record = read_status(settings.home, pipeline.kind, LOCAL_NAMESPACE, pipeline.name)
-    pipeline.published = f"{record.phase}:{record.reason}" if record else "nothing published"
+            return await start_capture(self.client, request)
+        restore = RestoreRequest(
+            name=pipeline.name,
+            checkpoint_id=pipeline.checkpoint_id,
+            node=pipeline.node,
+            control_task_queue=queue,
+        )
+        return await start_restore(self.client, restore)
+
+    async def run_one(self, pipeline: Pipeline, slots: asyncio.Semaphore) -> None:
+        async with slots:
+            pipeline.submitted = time.time()
+            try:
+                handle = await self._start(pipeline)
+            except RPCError as err:  # the server refused or timed out the start: counted
+                pipeline.outcome = pipeline.published = f"not started: {err}"
+                return
+            pipeline.handle, pipeline.workflow_id = handle, handle.id
+            pipeline.outcome = await workflow_outcome(pipeline, handle)
+        home = self.settings.home
+        record = read_status(home, pipeline.kind, LOCAL_NAMESPACE, pipeline.name)
+        pipeline.published = f"{record.phase}:{record.reason}" if record else "nothing published"
+
+    async def settle(self, pipelines: Sequence[Pipeline]) -> None:
+        pass
 
 
 # --- CPU -------------------------------------------------------------------------------
@@ -375,23 +436,22 @@ def listening_pid(port: int) -> int | None:
 
 @dataclass
 class CpuMeter:
-    """CPU of the server and this process over a level, and this process's event-loop lag
-    (how late a 50 ms sleep wakes: the workers' own saturation shows there first)."""
+    """CPU of the named processes (by PID; None: not found) and of this process ("bench")
+    over a level, and this process's event-loop lag (how late a 50 ms sleep wakes: the
+    workers' own saturation shows there first)."""
 
-    server_pid: int | None
+    processes: dict[str, int | None]
     every: float = 0.05
     lags: list[float] = field(default_factory=list)
     wall: float = 0.0
-    own: float = 0.0
-    server: float | None = None
+    cpu: dict[str, float | None] = field(default_factory=dict)
     machine: float = 0.0
 
     @asynccontextmanager
     async def measure(self) -> Any:
-        own, server = os.getpid(), self.server_pid
+        pids = {**self.processes, "bench": os.getpid()}
         start = time.monotonic()
-        own0 = process_cpu_seconds(own)
-        server0 = process_cpu_seconds(server) if server else 0.0
+        before = {name: process_cpu_seconds(pid) for name, pid in pids.items() if pid}
         busy0, total0 = machine_busy()
         sampler = asyncio.ensure_future(self._sample_lag())
         try:
@@ -399,8 +459,10 @@ class CpuMeter:
         finally:
             sampler.cancel()
             self.wall = time.monotonic() - start
-            self.own = process_cpu_seconds(own) - own0
-            self.server = process_cpu_seconds(server) - server0 if server else None
+            self.cpu = {
+                name: process_cpu_seconds(pid) - before[name] if pid else None
+                for name, pid in pids.items()
+            }
             busy1, total1 = machine_busy()
             self.machine = (busy1 - busy0) / max(total1 - total0, 1e-9)
 
@@ -417,9 +479,13 @@ class CpuMeter:
 
 @dataclass
 class StepTiming:
+    """An activity, or (`signal <name>`) a signal that reports what the bench played."""
+
     step: str
-    queued: float  # scheduled → started
-    added: float  # previous boundary → completed, less the stand-in's own time
+    queued: float  # scheduled → started (a signal: 0)
+    # An activity: previous boundary → completed, less the stand-in's own time. A signal:
+    # the bench's change (a pod created, its container made Ready) → the signal in history.
+    added: float
     stand_in: float  # the stand-in's own time (0 for the real control steps)
 
 
@@ -470,11 +536,19 @@ def pipeline_timing(
             own = 0.0
             if name not in CONTROL_STEPS:
                 failed = kind != EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED
-                key = MISSING if name == "restore_checkpoint" and failed else name
+                key = f"{name}/missing" if failed and f"{name}/missing" in MEDIANS else name
                 own = durations.draw(pipeline.workflow_id, key)
             queued = started.get(ref, at) - at_scheduled
             steps.append(StepTiming(name, queued, at - before_schedule[ref] - own, own))
             boundary = at
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            signal = event.workflow_execution_signaled_event_attributes.signal_name
+            if signal in pipeline.played:
+                played = PLAYED.get(signal)
+                own = durations.draw(pipeline.workflow_id, played) if played else 0.0
+                added = at - pipeline.played[signal]
+                steps.append(StepTiming(f"signal {signal}", 0.0, added, own))
+            boundary = max(boundary, at)
         elif kind in (
             EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED,
             EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
@@ -500,6 +574,39 @@ async def read_timings(pipelines: Sequence[Pipeline], durations: Durations) -> l
         return pipeline_timing(pipeline, history.events, durations)
 
     return list(await asyncio.gather(*(one(p) for p in pipelines if p.handle is not None)))
+
+
+# --- Temporal's actions ---------------------------------------------------------------
+
+_ACTION = re.compile(r"^action\{([^}]*)\} (\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+async def temporal_actions(metrics_url: str) -> dict[str, float]:
+    """The dev server's count of actions in namespace `default` by type (what Temporal
+    Cloud bills and rate-limits: workflows started, activities scheduled, timers, signals,
+    search attribute upserts), from its metrics; {} without a URL."""
+    if not metrics_url:
+        return {}
+
+    def fetch() -> str:
+        with urllib.request.urlopen(metrics_url, timeout=30) as answer:
+            return str(answer.read().decode())
+
+    counts: dict[str, float] = {}
+    for line in (await asyncio.to_thread(fetch)).splitlines():
+        found = _ACTION.match(line)
+        labels = dict(_LABEL.findall(found[1])) if found else {}
+        if found and labels.get("namespace") == "default":
+            kind = labels.get("action_type", "?").removeprefix("command_").removeprefix("grpc_")
+            counts[kind] = counts.get(kind, 0.0) + float(found[2])
+    return counts
+
+
+def actions_note(before: dict[str, float], after: dict[str, float], pipelines: int) -> str:
+    spent = {kind: (n - before.get(kind, 0.0)) / pipelines for kind, n in after.items()}
+    kinds = ", ".join(f"{kind} {n:.1f}" for kind, n in sorted(spent.items(), key=lambda i: -i[1]))
+    return f"Temporal actions per pipeline: {sum(spent.values()):.1f} ({kinds})"
 
 
 # --- Levels and the report ------------------------------------------------------------
@@ -528,14 +635,29 @@ class Level:
     pipelines: list[Pipeline]
     timings: list[PipelineTiming]
     wall: float
-    own_cpu: float
-    server_cpu: float | None
+    cpu: dict[str, float | None]  # CPU seconds by process ("temporal", "bench", ...)
     machine_busy: float
     loop_lag: Spread
+    notes: list[str] = field(default_factory=list)  # what else a mode measured, as lines
+
+    @property
+    def own_cpu(self) -> float:
+        return self.cpu["bench"] or 0.0
+
+    @property
+    def server_cpu(self) -> float | None:
+        """The Temporal dev server's."""
+        return self.cpu.get("temporal")
 
     @property
     def rate(self) -> float:
         return len(self.pipelines) / self.wall
+
+    @property
+    def others_cpu(self) -> float:
+        """CPU seconds the machine spent beyond the measured processes (other work)."""
+        spent = self.machine_busy * (os.cpu_count() or 1) * self.wall
+        return max(0.0, spent - sum(seconds or 0.0 for seconds in self.cpu.values()))
 
     @property
     def events_rate(self) -> float:
@@ -565,28 +687,46 @@ class Level:
 
 
 async def run_level(
-    client: Client,
-    settings: Settings,
+    driver: Driver,
     plan: Plan,
     durations: Durations,
     in_flight: int,
-    server_pid: int | None,
+    processes: dict[str, int | None],
+    *,
+    temporal_metrics: str = "",
 ) -> Level:
+    """`plan`'s pipelines through `driver`, at most `in_flight` at once; CPU of `processes`
+    (name → PID) and of this one; Temporal's actions where its metrics are at hand."""
     slots = asyncio.Semaphore(in_flight)
-    meter = CpuMeter(server_pid)
+    meter = CpuMeter(processes)
+    actions = await temporal_actions(temporal_metrics)
     async with meter.measure():
-        await asyncio.gather(*(_run_one(client, settings, p, slots) for p in plan.pipelines))
+        await asyncio.gather(*(driver.run_one(p, slots) for p in plan.pipelines))
+    after = await temporal_actions(temporal_metrics)
+    await driver.settle(plan.pipelines)
     timings = await read_timings(plan.pipelines, durations)
-    return Level(
+    level = Level(
         in_flight=in_flight,
         pipelines=plan.pipelines,
         timings=timings,
         wall=meter.wall,
-        own_cpu=meter.own,
-        server_cpu=meter.server,
+        cpu=meter.cpu,
         machine_busy=meter.machine,
         loop_lag=Spread.of(meter.lags or [0.0]),
+        notes=[actions_note(actions, after, len(plan.pipelines))] if after else [],
     )
+    cpu = ", ".join(f"{n} {100 * (c or 0) / level.wall:.0f}%" for n, c in level.cpu.items())
+    log.info(
+        "%d in flight: %d pipelines in %.1f s, %.1f/s, %d unexpected; CPU %s, machine %.0f%%",
+        in_flight,
+        len(plan.pipelines),
+        level.wall,
+        level.rate,
+        len(level.unexpected),
+        cpu,
+        100 * level.machine_busy,
+    )
+    return level
 
 
 @asynccontextmanager
@@ -611,17 +751,22 @@ async def run_levels(
     durations: Durations,
     server_pid: int | None,
     fall_back_every: int = 10,
+    temporal_metrics: str = "",
 ) -> list[Level]:
     """Each level runs `pipelines` fresh pipelines with at most `in_flight` at once, on one
     fleet of `nodes` simulated nodes."""
     plans = [Plan.make(pipelines, nodes, fall_back_every, run=uuid.uuid4().hex[:8]) for _ in levels]
     held = set().union(*(plan.held for plan in plans))
     stand_ins = NodeStandIns(durations, held)
+    driver = LocalDriver(client, settings)
     results = []
     async with simulated_fleet(client, settings, plans[0].nodes, stand_ins):
         for plan, in_flight in zip(plans, levels, strict=True):
+            processes = {"temporal": server_pid}
             results.append(
-                await run_level(client, settings, plan, durations, in_flight, server_pid)
+                await run_level(
+                    driver, plan, durations, in_flight, processes, temporal_metrics=temporal_metrics
+                )
             )
     return results
 
@@ -630,8 +775,8 @@ def _ms(spread: Spread) -> str:
     return f"{spread.p50 * 1000:7.1f} {spread.p99 * 1000:7.1f}"
 
 
-def _cpu(seconds: float | None, wall: float) -> str:
-    return "      ?" if seconds is None else f"{100 * seconds / wall:6.0f}%"
+def _cpu(seconds: float | None, wall: float, width: int) -> str:
+    return f"{'?':>{width}}" if seconds is None else f"{100 * seconds / wall:{width - 1}.0f}%"
 
 
 def report_lines(levels: Sequence[Level], nodes: int) -> Iterator[str]:
@@ -640,33 +785,47 @@ def report_lines(levels: Sequence[Level], nodes: int) -> Iterator[str]:
         f"\n{len(levels[0].pipelines)} pipelines per level (captures and restores alternating) "
         f"on {nodes} simulated nodes; CPU as a share of one core ({cores} cores); ms p50 p99"
     )
+    widths = {name: max(7, len(name)) for name in levels[0].cpu}
     yield (
-        f"{'in flight':>9} {'wall s':>7} {'pipel./s':>8} {'events/s':>8} {'server':>7} "
-        f"{'bench':>7} "
-        f"{'machine':>7} {'start ms':>15} {'capture added':>15} {'restore added':>15} "
+        f"{'in flight':>9} {'wall s':>7} {'pipel./s':>8} {'events/s':>8} "
+        + "".join(f"{name:>{width}} " for name, width in widths.items())
+        + f"{'machine':>7} {'others':>7} {'start ms':>15} {'capture added':>15} "
+        f"{'restore added':>15} "
         f"{'loop lag ms':>15} {'unexpected':>10}"
     )
     for level in levels:
         yield (
             f"{level.in_flight:>9} {level.wall:>7.1f} {level.rate:>8.1f} "
             f"{level.events_rate:>8.0f} "
-            f"{_cpu(level.server_cpu, level.wall)} {_cpu(level.own_cpu, level.wall)} "
-            f"{100 * level.machine_busy:6.0f}% {_ms(level.start())} "
+            + "".join(f"{_cpu(level.cpu.get(n), level.wall, w)} " for n, w in widths.items())
+            + f"{100 * level.machine_busy:6.0f}% {_cpu(level.others_cpu, level.wall, 7)} "
+            f"{_ms(level.start())} "
             f"{_ms(level.added('capture'))} {_ms(level.added('restore'))} "
             f"{_ms(level.loop_lag)} {len(level.unexpected):>10}"
         )
+    yield "\nCPU per pipeline, core-ms (what each process spent, over the pipelines it served)"
+    for level in levels:
+        spent = {**level.cpu, "others": level.others_cpu}
+        shown = ", ".join(
+            f"{name} {1000 * (seconds or 0.0) / len(level.pipelines):.0f}"
+            for name, seconds in spent.items()
+        )
+        yield f"{level.in_flight:>9} in flight: {shown}"
+    for level in levels:
+        for note in level.notes:
+            yield f"{level.in_flight:>9} in flight: {note}"
     yield "\nper step: queued (scheduled → started) and added (beyond the stand-in), ms p50 p99"
-    names = list(levels[0].steps())
+    names = {name: f"{name}{_marked(name)}" for name in levels[0].steps()}
+    column = max(len(shown) for shown in names.values())
     header = " ".join(f"{f'{level.in_flight} in flight':>31}" for level in levels)
-    yield f"{'step':<22} {header}"
-    yield f"{'':<22} " + " ".join(f"{'queued':>15} {'added':>15}" for _ in levels)
-    for name in names:
+    yield f"{'step':<{column}} {header}"
+    yield f"{'':<{column}} " + " ".join(f"{'queued':>15} {'added':>15}" for _ in levels)
+    for name, shown in names.items():
         cells = []
         for level in levels:
             found = level.steps().get(name)
             cells.append(f"{_ms(found[0])} {_ms(found[1])}" if found else f"{'-':>31}")
-        real = " (real)" if name in CONTROL_STEPS else ""
-        yield f"{name + real:<22} " + " ".join(cells)
+        yield f"{shown:<{column}} " + " ".join(cells)
     rates = [level.rate for level in levels]
     for before, after in itertools.pairwise(levels):
         if after.rate < 1.1 * before.rate:
@@ -680,24 +839,37 @@ def report_lines(levels: Sequence[Level], nodes: int) -> Iterator[str]:
         yield f"\nthroughput still rising at {levels[-1].in_flight} in flight: {shown} pipelines/s"
 
 
-class TunedDevServer(DevServer):
-    """`warmstart dev`'s dev server, with more dynamic config values when asked."""
+def _marked(step: str) -> str:
+    if step in CONTROL_STEPS:
+        return " (real)"
+    return " (watch)" if step.startswith("signal ") else ""
 
-    def __init__(self, *, extra: Sequence[str] = (), **kwargs: Any) -> None:
+
+class TunedDevServer(DevServer):
+    """`warmstart dev`'s dev server, with more dynamic config values when asked, and its
+    metrics on `metrics_port` (0: a port of its choosing)."""
+
+    def __init__(self, *, extra: Sequence[str] = (), metrics_port: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.extra = list(extra)
+        self.extra, self.metrics_port = list(extra), metrics_port
 
     def command(self) -> list[str]:
-        return super().command() + [a for v in self.extra for a in ("--dynamic-config-value", v)]
+        dynamic = [a for v in self.extra for a in ("--dynamic-config-value", v)]
+        metrics = ["--metrics-port", str(self.metrics_port)] if self.metrics_port else []
+        return super().command() + dynamic + metrics
 
 
 async def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in ("bench", __name__):  # a line as each level ends (__main__ when run so)
+        logging.getLogger(name).setLevel(logging.INFO)
     # The planned CheckpointNotFound answers would each log a traceback.
     logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
     levels = [int(level) for level in args.in_flight.split(",")]
     durations = Durations(warm_up=args.warm_up)
     with tempfile.TemporaryDirectory(dir=args.db_dir) as tmp:
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         settings = Settings(
             home=Path(tmp) / "home",
             temporal=TemporalSettings(address=f"127.0.0.1:{port}"),
@@ -709,27 +881,50 @@ async def main(args: argparse.Namespace) -> None:
             ui_port=free_port(),
             headless=True,
             extra=args.dynamic_config,
+            metrics_port=metrics_port,
         )
         await server.start()
         try:
             client = await connect(settings, wait_seconds=30)
-            results = await run_levels(
-                client,
-                settings,
-                pipelines=args.pipelines,
-                nodes=args.nodes,
-                levels=levels,
-                durations=durations,
-                server_pid=listening_pid(port),
-                fall_back_every=args.fall_back_every,
-            )
+            if args.api == "none":
+                results = await run_levels(
+                    client,
+                    settings,
+                    pipelines=args.pipelines,
+                    nodes=args.nodes,
+                    levels=levels,
+                    durations=durations,
+                    server_pid=listening_pid(port),
+                    fall_back_every=args.fall_back_every,
+                    temporal_metrics=metrics,
+                )
+            else:
+                from bench.scale_cluster import api_server, run_cluster_levels
+
+                async with api_server(args.api) as api:
+                    results = await run_cluster_levels(
+                        client,
+                        settings,
+                        api,
+                        pipelines=args.pipelines,
+                        nodes=args.nodes,
+                        levels=levels,
+                        durations=durations,
+                        server_pid=listening_pid(port),
+                        folder=Path(tmp),
+                        fall_back_every=args.fall_back_every,
+                        temporal_metrics=metrics,
+                    )
         finally:
             await server.stop()
     for line in report_lines(results, args.nodes):
         print(line)
     wrong = [p for level in results for p in level.unexpected]
     for pipeline in wrong[:10]:
-        print(f"UNEXPECTED {pipeline.name}: {pipeline.outcome} / {pipeline.published}")
+        print(
+            f"UNEXPECTED {pipeline.name}: {pipeline.outcome} / {pipeline.published}"
+            + (f" ({pipeline.failure})" if pipeline.failure else "")
+        )
     if wrong:
         sys.exit(f"{len(wrong)} pipelines did not end as expected")
 
@@ -741,6 +936,13 @@ if __name__ == "__main__":
     parser.add_argument("--in-flight", default="50,200,1000", help="levels, comma-separated")
     parser.add_argument("--warm-up", type=float, default=1.0, help="stand-in warm-up, s")
     parser.add_argument("--fall-back-every", type=int, default=10, help="0: none")
+    parser.add_argument(
+        "--api",
+        choices=("none", "kmock", "apiserver"),
+        default="none",
+        help="none: local mode; kmock or apiserver (the real kube-apiserver, root): the "
+        "cluster path through that API server (bench/scale_cluster.py)",
+    )
     parser.add_argument(
         "--dynamic-config",
         action="append",

@@ -81,6 +81,7 @@ class ApiServer:
     # certificate (its own CA): what a kube-controller-manager of the same cluster needs.
     service_account_key: Path | None = None
     certificate: Path | None = None
+    etcd_pid: int | None = None  # its etcd's process (the scale bench reads its CPU)
 
     def stop(self) -> None:
         """Kill the API server process (etcd and its data stay)."""
@@ -185,6 +186,7 @@ def running_apiserver(
             process=apiserver,
             service_account_key=base / "sa.key",
             certificate=base / "certs" / "apiserver.crt",
+            etcd_pid=etcd.pid,
         )
     finally:
         apiserver.stop(kill=False)

@@ -11,6 +11,12 @@ from a resourceVersion sends every change after it (also those made before the w
 each event with a resourceVersion of its own (a deletion too); `allowWatchBookmarks` gets
 the bookmarks `bookmark()` sends; `timeoutSeconds` ends the watch; after `compact()`, a watch
 from an older resourceVersion gets the ERROR event 410 Gone ("too old resource version").
+For long runs (the scale bench), it can forget the requests it answered (`forgets_requests`).
+
+Label and field selectors are ignored, as kmock ignores them, unless `selectors` is set: the
+code must work where an API server sends more than it asked for. The scale bench sets it
+(fifty node watches would otherwise each receive every pod's events, which no API server
+sends).
 """
 
 from __future__ import annotations
@@ -82,10 +88,16 @@ def _version_of(event: Mapping[str, Any]) -> int:
 class Emulator(kmock.KubernetesEmulator):
     """`conflicts`: how many of the next patches to answer 409 whatever they carry (a
     concurrent writer, deterministically). `compacted`: the oldest resourceVersion a watch
-    may start from."""
+    may start from. `selectors`: lists and watches honour label and field selectors.
+    `forgets_requests`: a request is dropped from kmock's log of requests once answered
+    (kmock matches each request against every request it has logged, so a long-running
+    emulator slows down with every request served; tests read the log, the scale bench
+    does not)."""
 
     conflicts = 0
     compacted = 0
+    selectors = False
+    forgets_requests = False
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -95,10 +107,14 @@ class Emulator(kmock.KubernetesEmulator):
         self._serial = asyncio.Lock()
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        if request.action not in _SERIAL:
-            return await self._handle_one(request)
-        async with self._serial:
-            return await self._handle_one(request)
+        try:
+            if request.action not in _SERIAL:
+                return await self._handle_one(request)
+            async with self._serial:
+                return await self._handle_one(request)
+        finally:
+            if self.forgets_requests:
+                self._requests[:] = [r for r in self._requests if r is not request]
 
     async def _handle_one(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         data = request.data if isinstance(request.data, dict) else None
@@ -127,6 +143,8 @@ class Emulator(kmock.KubernetesEmulator):
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         listed = await super()._serve_list(request)
         assert isinstance(listed, dict)
+        if self.selectors:
+            listed["items"] = [i for i in listed["items"] if _selected(request.params, i)]
         return {**listed, "metadata": {"resourceVersion": str(_Clock.last)}}
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
@@ -147,7 +165,7 @@ class Emulator(kmock.KubernetesEmulator):
                 backlog = [event for version, event in bus.history if version > floor]
                 floor = max([floor, *(_version_of(event) for event in backlog)])
             for event in backlog:
-                if _matches(request, event):
+                if self._matches(request, event):
                     yield event
             bookmarks = params.get("allowWatchBookmarks") == "true"
             timeout = float(params.get("timeoutSeconds") or 0) or None
@@ -155,7 +173,7 @@ class Emulator(kmock.KubernetesEmulator):
                 if event.get("type") == "BOOKMARK":
                     if bookmarks:
                         yield event
-                elif _version_of(event) > floor and _matches(request, event):
+                elif _version_of(event) > floor and self._matches(request, event):
                     yield event
         finally:
             await bus.unmark(mark)
@@ -181,6 +199,11 @@ class Emulator(kmock.KubernetesEmulator):
         """Forget the history so far: a watch from an older resourceVersion gets 410."""
         self.compacted = _Clock.last
 
+    def _matches(self, request: rendering.Request, event: Mapping[str, Any]) -> bool:
+        if not _matches(request, event):
+            return False
+        return not self.selectors or _selected(request.params, event.get("object") or {})
+
 
 def _gone(since: str, compacted: int) -> dict[str, Any]:
     message = f"too old resource version: {since} ({compacted})"
@@ -192,6 +215,41 @@ def _matches(request: rendering.Request, event: Mapping[str, Any]) -> bool:
     meta = (event.get("object") or {}).get("metadata") or {}
     namespace_ok = request.namespace is None or meta.get("namespace") == request.namespace
     return namespace_ok and (request.name is None or meta.get("name") == request.name)
+
+
+def _selected(params: Mapping[str, str], obj: Mapping[str, Any]) -> bool:
+    """Whether `obj` passes the `labelSelector` and `fieldSelector` of a request: terms
+    `key=value`, `key==value`, `key!=value`, and for labels `key` and `!key` (what this code
+    sends; set-based terms are refused)."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for term in filter(None, params.get("labelSelector", "").split(",")):
+        if term.startswith("!") or not any(op in term for op in "=!"):
+            if " " in term:
+                raise NotImplementedError(f"label selector term {term!r}")
+            if (term.lstrip("!") in labels) == term.startswith("!"):
+                return False
+        elif not _holds(term, labels.get):
+            return False
+    for term in filter(None, params.get("fieldSelector", "").split(",")):
+        if not _holds(term, lambda path: _field(obj, path)):
+            return False
+    return True
+
+
+def _holds(term: str, value_of: Callable[[str], Any]) -> bool:
+    """An equality term (`k=v`, `k==v`, `k!=v`) against `value_of(k)` (None: absent)."""
+    negated = "!=" in term
+    key, _, wanted = term.replace("!=", "=", 1).replace("==", "=", 1).partition("=")
+    found = value_of(key.strip())
+    return (found is not None and str(found) == wanted.strip()) != negated
+
+
+def _field(obj: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted field path (`spec.nodeName`), None where there is none."""
+    found: Any = obj
+    for part in path.split("."):
+        found = found.get(part) if isinstance(found, Mapping) else None
+    return found
 
 
 async def _until(stream: AsyncIterator[Any], timeout: float | None) -> AsyncIterator[Any]:
