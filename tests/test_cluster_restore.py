@@ -188,7 +188,11 @@ async def same_version_as(stack: Stack, resource: dict[str, Any], name: str) -> 
     body = {
         "apiVersion": resource["apiVersion"],
         "kind": "Checkpoint",
-        "metadata": {"name": name, "namespace": "inference"},
+        "metadata": {
+            "name": name,
+            "namespace": "inference",
+            "labels": resource["metadata"].get("labels") or {},  # the watcher's, as on it
+        },
         "spec": resource["spec"],
     }
     plural = ("warmstart.dev", "v1alpha1", "inference", "checkpoints")

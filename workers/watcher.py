@@ -40,6 +40,7 @@ from api.reasons import Phase
 from api.resources import (
     CAPTURE_NOW_ANNOTATION,
     CAPTURE_WORKFLOW_ANNOTATION,
+    CHECKPOINT_ID_LABEL,
     CHECKPOINT_LABEL,
     CHECKPOINT_UID_LABEL,
     CLEANUP_FINALIZER,
@@ -271,6 +272,11 @@ def build_registry(
             patch.status["phase"] = Phase.FAILED.value
             patch.status["message"] = message
             return
+        labels = (body.get("metadata") or {}).get("labels") or {}
+        if labels.get(CHECKPOINT_ID_LABEL) != resource.checkpoint_id:
+            # Lets the control side list the resources of one checkpoint ID by selector
+            # (decision 0047); set on resume too, so resources made before carry it.
+            patch.metadata.labels[CHECKPOINT_ID_LABEL] = resource.checkpoint_id
         request = capture_request(resource, settings)
         if isinstance(resource, Checkpoint) and resource.spec.schedule is not None:
             sid = await ensure_capture_schedule(memo["temporal"], request, resource.spec.schedule)

@@ -548,7 +548,11 @@ async def test_the_quarantine_in_effect_shows_on_the_status_until_cleared(
         cluster.api, claims_namespace="warmstart-system", quarantine=quarantine
     )
     env = ActivityEnvironment()
-    ref = await created(cluster)
+    # Labelled with its checkpoint ID, as the watcher labels every resource it captures.
+    body = checkpoint()
+    body["metadata"]["labels"] = {"warmstart.dev/checkpoint-id": CKPT}
+    meta = (await cluster.create("checkpoints", body))["metadata"]
+    ref = ResourceRef(kind="Checkpoint", namespace="inference", name="llama", uid=meta["uid"])
     # A capture's status publish shows the quarantine in effect (not the pending A100).
     ready = status(ref, Phase.READY, Reason.CAPTURED, version=VERSION)
     await env.run(control.publish_status, ready)

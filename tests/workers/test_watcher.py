@@ -213,6 +213,7 @@ async def test_a_checkpoint_gets_one_capture_fed_by_pod_signals_and_cancelled_on
     assert "status" not in await cluster.get("checkpoints", "inference", "llama")
     meta = (await cluster.get("checkpoints", "inference", "llama"))["metadata"]
     assert "warmstart.dev/cleanup" in meta["finalizers"]
+    assert meta["labels"]["warmstart.dev/checkpoint-id"] == "96429b2725761a09"
 
     # Deleting the resource cancels the capture; the finalizer goes once it has ended.
     await cluster.run(
@@ -284,6 +285,36 @@ async def test_a_refused_spec_fails_with_the_message_and_starts_nothing(
         await asyncio.sleep(0.05)
     assert (await status())["phase"] == "Failed"
     assert message in (await status())["message"]
+    assert await _runs(client, f"capture/inference/llama/{uid}") == []
+
+
+async def test_a_resource_captured_before_the_label_gets_it_on_resume_and_no_new_run(
+    client: Client, cluster: Cluster, queue: str, running: list[KopfThread]
+) -> None:
+    # Captured by a release that did not label: Ready, no checkpoint-ID label.
+    uid = (await cluster.create("checkpoints", checkpoint()))["metadata"]["uid"]
+    await cluster.run(
+        cluster.custom.patch_namespaced_custom_object_status,
+        "warmstart.dev",
+        "v1alpha1",
+        "inference",
+        "checkpoints",
+        "llama",
+        {"status": {"phase": "Ready", "checkpointID": "96429b2725761a09"}},
+    )
+    thread = watcher(client, cluster, queue)
+    running.append(thread)
+    await asyncio.to_thread(thread.start)
+
+    async def label() -> str:
+        meta = (await cluster.get("checkpoints", "inference", "llama"))["metadata"]
+        return str((meta.get("labels") or {}).get("warmstart.dev/checkpoint-id", ""))
+
+    for _ in range(800):
+        if await label():
+            break
+        await asyncio.sleep(0.05)
+    assert await label() == "96429b2725761a09"
     assert await _runs(client, f"capture/inference/llama/{uid}") == []
 
 
