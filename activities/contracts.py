@@ -18,6 +18,7 @@ from api.limits import ShortSeconds
 from api.manifest import Manifest
 from api.quarantine import QuarantineEntry
 from api.reasons import Phase, Reason, Sentinel
+from api.resources import VerifyingStatus
 from api.retention import CheckpointVersion, ProtectedRef
 from api.storage import RemoteStorage
 from api.workload import LocalWorkload
@@ -83,6 +84,9 @@ class StatusInput(Contract):
     manifest_sha256: str = ""
     # A later run of the resource's capture: a published version stays until it is Ready.
     recapture: bool = False
+    # A verified capture on a cluster: the version its verification pod restores (shown on
+    # the resource's status while it does; decision 0045).
+    verifying: VerifyingStatus | None = None
 
 
 class JobInput(Contract):
@@ -169,6 +173,13 @@ class CommitResult(Contract):
     # SHA-256 of the committed manifest's bytes: it names every file's digest, so it pins
     # the whole version wherever it is stored (a Checkpoint's status records it).
     manifest_sha256: str = ""
+
+
+class ReleaseInput(Contract):
+    """Offer a version held back unverified: its verification pod restored it."""
+
+    checkpoint_id: str
+    version: str
 
 
 class DiscardInput(Contract):
@@ -279,6 +290,44 @@ class PrefetchResult(Contract):
     seconds: float
 
 
+class VerificationPodInput(Contract):
+    """The verification pod of a verified cluster capture's `version` (decision 0045), on the
+    capturing `node`."""
+
+    resource: ResourceRef
+    checkpoint_id: str
+    version: str
+    node: str
+
+
+class VerificationPod(Contract):
+    namespace: str
+    name: str
+    uid: str
+
+
+class VerificationQuery(Contract):
+    """The verification pod (by name and UID: one created again is not it) and its main
+    container."""
+
+    namespace: str
+    name: str
+    uid: str
+    container: str
+
+
+class VerificationObservation(Contract):
+    """What the verification pod says: its `restore-status` ("" before the node published
+    one), whether its main container is Ready, and `failure` when the pod is gone, was
+    created again, is being deleted, failed, or its container ended. The watcher's signals
+    carry the pod's UID (a signal of another pod is not this capture's)."""
+
+    pod_uid: str = ""
+    restore_status: str = ""
+    ready: bool = False
+    failure: str = ""
+
+
 class GmsSavedInput(Contract):
     target: ContainerTarget
     timeout_seconds: ShortSeconds
@@ -297,6 +346,9 @@ class ContainerCommitInput(Contract):
     identity: CheckpointIdentity
     target: ContainerTarget
     resource_name: str
+    # A verified capture's: committed held back (`unverified`) until its verification pod
+    # restores it (decision 0045).
+    unverified: bool = False
 
 
 class ContainerSentinelInput(Contract):
@@ -319,6 +371,10 @@ class ContainerRestoreInput(Contract):
     # status): a version stored anywhere with another manifest is refused. "" : unchecked
     # (a Checkpoint captured before it was recorded).
     manifest_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
+    # A verification pod's restore (decision 0045): the version is held back on this node
+    # (`unverified`); a failure is evidence against the version, not the node class, so no
+    # quarantine evidence is recorded.
+    unverified: bool = False
 
 
 class RestoredContainer(Contract):

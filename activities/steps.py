@@ -44,6 +44,7 @@ from activities.contracts import (
     PrefetchResult,
     ProtectedInput,
     ProtectedVersions,
+    ReleaseInput,
     RestoredContainer,
     RestoredWorkload,
     RestoreInput,
@@ -56,6 +57,10 @@ from activities.contracts import (
     UploadResult,
     UploadSweepInput,
     UploadSweepResult,
+    VerificationObservation,
+    VerificationPod,
+    VerificationPodInput,
+    VerificationQuery,
     VerifyInput,
     VerifyResult,
 )
@@ -115,6 +120,12 @@ class StorageSteps(ABC):
     @abstractmethod
     async def discard_staging(self, request: DiscardInput) -> None:
         """Remove a capture's staging, whatever it holds."""
+
+    @activity.defn
+    @abstractmethod
+    async def release_version(self, request: ReleaseInput) -> None:
+        """Offer a version committed held back unverified: its verification pod restored it
+        (a verified cluster capture; decision 0045)."""
 
 
 class RestoreSteps(ABC):
@@ -229,6 +240,22 @@ class ClusterControlSteps(ControlSteps):
     @abstractmethod
     async def nodes_matching(self, request: NodeSelectorInput) -> list[str]:
         """Names of the nodes whose labels include all of one of the selectors, sorted."""
+
+    @activity.defn
+    @abstractmethod
+    async def create_verification_pod(self, request: VerificationPodInput) -> VerificationPod:
+        """Create (or adopt) the verification pod of a verified capture's version: the
+        Checkpoint's template shaped as its restore target, on the capturing node."""
+
+    @activity.defn
+    @abstractmethod
+    async def read_verification_pod(self, request: VerificationQuery) -> VerificationObservation:
+        """The verification pod's restore status and readiness as the API server has them."""
+
+    @activity.defn
+    @abstractmethod
+    async def delete_verification_pod(self, request: VerificationQuery) -> None:
+        """Delete the verification pod; one already gone is fine."""
 
 
 class ContainerSteps(ABC):

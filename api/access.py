@@ -15,8 +15,9 @@ Scopes:
   capture failed.
 - `own`: the namespace warmstart is installed in, `warmstart-system` (a Role).
 - `tenant`: namespaces that opt in, each by the RoleBindings of `tenant.yaml` (a ClusterRole
-  bound there only): the capture Jobs, restore-target pods' annotations, Events, the
-  Checkpoints nodes restore from, and the credentials Secrets those Checkpoints name.
+  bound there only): the capture Jobs, restore-target pods' annotations, verified captures'
+  verification pods, Events, the Checkpoints nodes restore from, and the credentials Secrets
+  those Checkpoints name.
 
 A grant with `names` covers those objects only (RBAC's `resourceNames`; a create cannot be
 narrowed so). The controller's grants marked `certificate` exist only where it makes the
@@ -158,6 +159,15 @@ GRANTS: tuple[Grant, ...] = (
         "pods",
         ("patch",),
         "a restore target's restore-status annotation (publish_status of a restore)",
+    ),
+    Grant(
+        CONTROLLER,
+        _TENANT,
+        "",
+        "pods",
+        ("create", "delete"),
+        "a verified capture's verification pod: create_verification_pod, "
+        "delete_verification_pod (decision 0045)",
     ),
     Grant(
         CONTROLLER,

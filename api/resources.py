@@ -48,11 +48,10 @@ LOADER_ON_CHECKPOINT = (
 )
 SAVER_WITHOUT_GMS = "spec.gpuMemoryService.checkpoint.saver requires gpuMemoryService.enabled=true"
 IDENTITY_IMMUTABLE = "spec.identity is immutable: create a new resource for another identity"
-# Verified checkpoints are local mode only for now (decision 0045): refused, never ignored.
-VERIFY_UNSUPPORTED = (
-    "spec.verify: verify is not supported on the cluster path yet (verified checkpoints are "
-    "local mode only: warmstart capture --verify); remove it or set it to false"
-)
+# On a verified capture's verification pod (decision 0045): a restore target the controller
+# shaped itself, which the webhook leaves as it is; its node checks it against the
+# Checkpoint's `status.verifying` (its UID), like any restore target's claims.
+VERIFICATION_LABEL = f"{GROUP}/verification"
 # An override's env (Kubernetes' EnvVar): Kubernetes' own rules, with its words.
 ENV_VALUE_AND_SOURCE = "valueFrom may not be specified when `value` is not empty"
 ENV_ONE_SOURCE = (
@@ -453,17 +452,18 @@ class CheckpointSpec(Spec):
     verify: bool = Field(
         default=False,
         description=(
-            "Restore each new version once on the capturing node before it is Ready (a "
-            "verified checkpoint). Not supported on the cluster path yet: true is refused."
+            "Restore each new version once on the capturing node, in a verification pod "
+            "shaped from the template, before it is Ready (a verified checkpoint, decision "
+            "0045): a version whose pod does not restore and become Ready is Failed "
+            "(VerifyFailed) and deleted."
         ),
-        json_schema_extra=_cel("!self", VERIFY_UNSUPPORTED),
     )
-
-    @model_validator(mode="after")
-    def _verify_unsupported(self) -> CheckpointSpec:
-        if self.verify:
-            raise ValueError(VERIFY_UNSUPPORTED)
-        return self
+    verify_timeout_seconds: int = Field(
+        default=120,
+        ge=1,
+        le=3600,
+        description="With verify: how long the restored verification pod may take to be Ready.",
+    )
 
     @model_validator(mode="after")
     def _no_loader(self) -> CheckpointSpec:
@@ -537,6 +537,20 @@ class QuarantineStatus(Spec):
     )
 
 
+class VerifyingStatus(Spec):
+    """A verified capture's version while its verification pod restores it: that one pod
+    (by UID) may restore that version, held back, before the resource is Ready with it."""
+
+    version: str = Field(description="The version being verified.")
+    manifest_sha256: str = Field(
+        default="", alias="manifestSHA256", description="SHA-256 of its committed manifest."
+    )
+    pod_name: str = Field(default="", description="The verification pod.")
+    pod_uid: str = Field(
+        default="", alias="podUID", description="Its UID: no other pod restores the version."
+    )
+
+
 class CaptureStatus(Spec):
     """What a capture reached, written by the control worker only; and the quarantines of
     its checkpoint in effect (published by the control side from the store's records)."""
@@ -570,6 +584,10 @@ class CaptureStatus(Spec):
         default=None, description="The Temporal workflow: ID, run ID, Web UI link."
     )
     observed_generation: int = 0
+    verifying: VerifyingStatus | None = Field(
+        default=None,
+        description="While a verified capture's verification pod restores its new version.",
+    )
     quarantine: list[QuarantineStatus] = Field(
         default_factory=list,
         description=(

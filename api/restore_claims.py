@@ -9,6 +9,12 @@ says, once `check_claims` finds the pod's labels and annotations in agreement; a
 names no Checkpoint, or says anything else (a label forged or copied from another
 namespace's pod, a storage annotation pointing elsewhere, a Checkpoint since replaced), is
 refused.
+
+A verified capture's verification pod (decision 0045) is the one exception to "Ready only":
+the Checkpoint's `status.verifying` names that pod by UID and the version it restores, held
+back on the capturing node (`verification_claims`). Only the pod with that UID restores that
+version; any other pod naming the Checkpoint is checked as above, and one labelled
+`warmstart.dev/verification` (which the webhook does not shape) is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pydantic import ValidationError
 
 from api.errors import CheckpointNotFoundError, ForbiddenError, InvalidSpecError
 from api.reasons import Phase
-from api.resources import CHECKPOINT_ID_LABEL, GROUP, Checkpoint
+from api.resources import CHECKPOINT_ID_LABEL, GROUP, VERIFICATION_LABEL, Checkpoint
 from api.storage import RemoteStorage, resource_storage, stored_at
 
 RESTORE_FROM_ANNOTATION = f"{GROUP}/restore-from"
@@ -64,6 +70,8 @@ class RestoreClaims:
     storage: RemoteStorage | None
     # The SHA-256 of the version's manifest its capture recorded ("": captured before it was).
     manifest_sha256: str = ""
+    # A verification pod's: the version is held back on the capturing node, not yet offered.
+    unverified: bool = False
 
 
 def ready_checkpoint(checkpoint: Mapping[str, Any] | None, *, name: str) -> Checkpoint | str:
@@ -108,6 +116,33 @@ def restore_claims(resource: Checkpoint) -> RestoreClaims:
     )
 
 
+def verification_claims(
+    checkpoint: Mapping[str, Any] | None, *, pod_uid: str
+) -> RestoreClaims | None:
+    """What the verification pod with UID `pod_uid` restores: the version the Checkpoint's
+    `status.verifying` names for that very pod (held back, on the node's own store), or None
+    when the Checkpoint verifies nothing or verifies it in another pod."""
+    if checkpoint is None or not pod_uid:
+        return None
+    verifying = ((checkpoint.get("status") or {}).get("verifying")) or {}
+    if not isinstance(verifying, Mapping) or verifying.get("podUID") != pod_uid:
+        return None
+    try:
+        resource = Checkpoint.model_validate(checkpoint)
+    except ValidationError:
+        return None
+    status = resource.status
+    if status is None or status.verifying is None or not status.verifying.version:
+        return None
+    return RestoreClaims(
+        checkpoint_id=status.checkpoint_id or resource.checkpoint_id,
+        version=status.verifying.version,
+        storage=None,  # not uploaded before it is verified: the capturing node holds it
+        manifest_sha256=status.verifying.manifest_sha256,
+        unverified=True,
+    )
+
+
 def check_claims(pod: Mapping[str, Any], checkpoint: Mapping[str, Any] | None) -> RestoreClaims:
     """What a node restores into restore-target `pod`: the claims of `checkpoint`, the
     Checkpoint its `restore-from` annotation names as the node read it from the pod's own
@@ -115,7 +150,8 @@ def check_claims(pod: Mapping[str, Any], checkpoint: Mapping[str, Any] | None) -
     Checkpoint, or whose ID label, version annotation or storage annotation differ from
     what that Checkpoint says (forged, copied from another namespace's pod, or left from a
     Checkpoint since replaced), is refused with ForbiddenError; a Checkpoint that is gone or
-    not Ready is CheckpointNotFoundError. The messages name only the pod's own namespace's
+    not Ready is CheckpointNotFoundError, unless the pod is the one its `status.verifying`
+    names by UID (`verification_claims`). The messages name only the pod's own namespace's
     objects and what the pod itself says."""
     meta = pod.get("metadata") or {}
     labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
@@ -131,10 +167,18 @@ def check_claims(pod: Mapping[str, Any], checkpoint: Mapping[str, Any] | None) -
         )
     if checkpoint is not None and (checkpoint.get("metadata") or {}).get("namespace") != namespace:
         raise ForbiddenError(f"checkpoint {name} was not read from the pod's namespace")
-    resource = ready_checkpoint(checkpoint, name=name)
-    if isinstance(resource, str):
-        raise CheckpointNotFoundError(resource)
-    claims = restore_claims(resource)
+    claims = verification_claims(checkpoint, pod_uid=str(meta.get("uid") or ""))
+    if claims is None and labels.get(VERIFICATION_LABEL) == "true":
+        # The webhook leaves such a pod as it is: only the pod its Checkpoint names is one.
+        raise ForbiddenError(
+            f"the pod is labelled {VERIFICATION_LABEL}, and checkpoint {name} verifies no "
+            "pod of its UID"
+        )
+    if claims is None:
+        resource = ready_checkpoint(checkpoint, name=name)
+        if isinstance(resource, str):
+            raise CheckpointNotFoundError(resource)
+        claims = restore_claims(resource)
     said = labels.get(CHECKPOINT_ID_LABEL, "")
     if said != claims.checkpoint_id:
         raise ForbiddenError(

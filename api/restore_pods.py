@@ -32,11 +32,17 @@ unchanged but for the annotation `warmstart.dev/restore-status: cold: <why>`: it
 cold. What cannot be admitted
 (another namespace's Checkpoint, a malformed loader override) raises InvalidSpecError
 naming the field.
+
+A verified capture's verification pod (`verification_pod`, decision 0045) is the same
+shaping of the Checkpoint's own pod template, for the version it verifies, made by the
+controller; the webhook leaves a pod labelled `warmstart.dev/verification` as it is (its
+node checks its claims against the Checkpoint like any target's).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,9 +68,21 @@ from api.jobs import (
     with_control_dir_env,
 )
 from api.reasons import Sentinel
-from api.resources import CHECKPOINT_ID_LABEL, GROUP, ContainerOverride
+from api.resources import (
+    API_VERSION,
+    CAPTURE_WORKFLOW_ANNOTATION,
+    CHECKPOINT_ID_LABEL,
+    CHECKPOINT_LABEL,
+    GROUP,
+    TARGET_CONTAINER_ANNOTATION,
+    VERIFICATION_LABEL,
+    Checkpoint,
+    ContainerOverride,
+)
 from api.restore_claims import (
     CHECKPOINT_VERSION_ANNOTATION,
+    RESTORE_FROM_ANNOTATION,
+    RestoreClaims,
     ready_checkpoint,
     restore_claims,
     restore_source,
@@ -224,17 +242,32 @@ def restore_pod(
 ) -> dict[str, Any]:
     """The pod to admit (a new dict): `pod` shaped as a restore target of `checkpoint` (the
     Checkpoint its annotation names, as read from the pod's namespace; None: not found), or
-    `pod` with a `cold: <why>` status annotation. A pod that does not ask is returned as is.
+    `pod` with a `cold: <why>` status annotation. A pod that does not ask is returned as is,
+    and so is a verification pod (the controller shaped it; its node checks it).
     """
     shaped = copy.deepcopy(dict(pod))
     name = restore_source(pod)
     if name is None:
         return shaped
     loader = loader_override(pod)
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    if labels.get(VERIFICATION_LABEL) == "true":
+        return shaped
     resource = ready_checkpoint(checkpoint, name=name)
     if isinstance(resource, str):
         return cold(shaped, resource)
-    claims = restore_claims(resource)
+    return _shaped(shaped, resource, restore_claims(resource), loader=loader, settings=settings)
+
+
+def _shaped(
+    shaped: dict[str, Any],
+    resource: Checkpoint,
+    claims: RestoreClaims,
+    *,
+    loader: ContainerOverride | None,
+    settings: RestoreSettings,
+) -> dict[str, Any]:
+    """`shaped` (in place) as a restore target of `claims`, the version of `resource`."""
     spec = shaped.setdefault("spec", {})
     containers = spec.get("containers") or []
     if not containers:
@@ -286,6 +319,91 @@ def restore_pod(
     elif gms.enabled:
         main["env"] = _set_env(main["env"], "GMS_LOAD_COMPLETE_FILE", GMS_LOAD_COMPLETE_FILE)
     return shaped
+
+
+def verification_pod_name(name: str, version: str) -> str:
+    """The verification pod of version `version` of Checkpoint `name` (one per version: a
+    retried create finds its own)."""
+    digest = hashlib.sha256(version.encode()).hexdigest()[:10]
+    return f"{name[:40].rstrip('-.')}-verify-{digest}"
+
+
+def verification_pod(
+    resource: Checkpoint,
+    *,
+    checkpoint_id: str,
+    version: str,
+    node: str,
+    settings: RestoreSettings,
+    workflow_id: str = "",
+) -> dict[str, Any]:
+    """A verified capture's verification pod (decision 0045): the Checkpoint's pod template
+    shaped as a restore target of `version` exactly as the webhook shapes a pod that asks
+    for a Ready one, labelled as a verification (the webhook then leaves it alone), owned by
+    the Checkpoint (it goes with it), and required onto `node`, the capturing node that holds
+    the version, by node affinity: the scheduler places it once the capture pod's devices
+    are free. InvalidSpecError when the template cannot be shaped (its main container has
+    neither a command nor a standby of its own)."""
+    meta = resource.metadata
+    template = copy.deepcopy(resource.spec.job.pod_template_spec)
+    own = template.get("metadata") or {}
+    name = verification_pod_name(meta.name, version)
+    pod: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": meta.namespace,
+            "labels": {
+                **(own.get("labels") or {}),
+                VERIFICATION_LABEL: "true",
+                CHECKPOINT_LABEL: meta.name,
+            },
+            "annotations": {
+                **(own.get("annotations") or {}),
+                RESTORE_FROM_ANNOTATION: meta.name,
+                TARGET_CONTAINER_ANNOTATION: resource.spec.job.target_container_name,
+                **({CAPTURE_WORKFLOW_ANNOTATION: workflow_id} if workflow_id else {}),
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": "Checkpoint",
+                    "name": meta.name,
+                    "uid": meta.uid,
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {**(template.get("spec") or {}), "restartPolicy": "Never"},
+    }
+    claims = RestoreClaims(
+        checkpoint_id=checkpoint_id, version=version, storage=None, unverified=True
+    )
+    shaped = _shaped(pod, resource, claims, loader=None, settings=settings)
+    why = (shaped["metadata"].get("annotations") or {}).get(RESTORE_STATUS_ANNOTATION)
+    if why is not None:
+        why = why.removeprefix("cold: ")
+        raise InvalidSpecError(f"spec.job.podTemplateSpec cannot be verified: {why}")
+    require_node(shaped["spec"], node)
+    return shaped
+
+
+def require_node(spec: dict[str, Any], node: str) -> None:
+    """The pod (in place) schedulable only on the node named `node` (by its name, as a
+    DaemonSet's pods are: `matchFields` on `metadata.name`), in every one of its required
+    node-selector terms."""
+    ours = [{"key": "metadata.name", "operator": "In", "values": [node]}]
+    node_affinity = spec.setdefault("affinity", {}).setdefault("nodeAffinity", {})
+    required = node_affinity.setdefault(
+        "requiredDuringSchedulingIgnoredDuringExecution", {"nodeSelectorTerms": []}
+    )
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if not terms:
+        terms.append({"matchFields": ours})
+        return
+    for term in terms:
+        term["matchFields"] = [*(term.get("matchFields") or []), *ours]
 
 
 def cold(pod: dict[str, Any], why: str) -> dict[str, Any]:

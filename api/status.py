@@ -12,6 +12,9 @@ takes a Ready resource's version away while it runs: the phase stays Ready and t
 version the pods restore stays the one published, the run shows in the `Recapturing`
 condition, and only a run that reaches Ready replaces the version. One that fails leaves
 the published version as it was, its reason on `Recapturing` and in `message`.
+
+`verifying` (decision 0045) is shown only while a report carries it: the version a verified
+capture's verification pod restores, and that pod's UID; the next report takes it off.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ from datetime import datetime
 
 from api.quarantine import QuarantineEntry
 from api.reasons import Phase, Reason
-from api.resources import CaptureStatus, Condition, QuarantineStatus, WorkflowLink
+from api.resources import (
+    CaptureStatus,
+    Condition,
+    QuarantineStatus,
+    VerifyingStatus,
+    WorkflowLink,
+)
 
 _ORDER = [Phase.PENDING, Phase.CREATING, Phase.CAPTURING, Phase.UPLOADING, Phase.READY]
 
@@ -45,6 +54,9 @@ class Report:
     workflow: WorkflowLink | None = None
     generation: int = 0
     recapture: bool = False  # a later run of the resource's capture
+    # A verified capture's verification pod restoring its version (shown while it lasts:
+    # any later report without it takes it off the status).
+    verifying: VerifyingStatus | None = None
 
 
 def _reached(phase: Phase, at_least: Phase) -> bool:
@@ -95,10 +107,16 @@ def _recapture_status(previous: CaptureStatus, report: Report, *, now: datetime)
             status, RECAPTURING, False, Reason.CAPTURED.value, f"{run}: {report.version}", now
         )
     if report.phase == Phase.FAILED:
-        status = previous.model_copy(update={"message": f"{run} failed: {report.message}"})
+        update = {"message": f"{run} failed: {report.message}", "verifying": None}
+        status = previous.model_copy(update=update)
         return _with_condition(status, RECAPTURING, False, report.reason.value, report.message, now)
     return _with_condition(
-        previous, RECAPTURING, True, report.reason.value, f"{run}: {report.phase.value}", now
+        previous.model_copy(update={"verifying": report.verifying}),
+        RECAPTURING,
+        True,
+        report.reason.value,
+        f"{run}: {report.phase.value}",
+        now,
     )
 
 
@@ -156,6 +174,7 @@ def _progress(previous: CaptureStatus | None, report: Report, *, now: datetime) 
         step_seconds={**keep.step_seconds, **report.step_seconds},
         workflow=report.workflow or keep.workflow,
         observed_generation=report.generation,
+        verifying=report.verifying,
         quarantine=keep.quarantine,
     )
 

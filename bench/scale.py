@@ -88,6 +88,7 @@ from activities.contracts import (
     DumpInput,
     LaunchInput,
     LaunchResult,
+    ReleaseInput,
     RestoredWorkload,
     RestoreInput,
     SentinelInput,
@@ -209,6 +210,11 @@ class NodeStandIns(LocalProcessSteps, DumpSteps, SentinelSteps, StorageSteps, Re
     @activity.defn
     async def discard_staging(self, request: DiscardInput) -> None:
         await self._sleep("discard_staging")
+
+    @activity.defn
+    async def release_version(self, request: ReleaseInput) -> None:
+        """Never scheduled here: the scale bench's captures are not verified."""
+        raise NotImplementedError("the scale bench does not verify captures")
 
     @activity.defn
     async def restore_checkpoint(self, request: RestoreInput) -> RestoredWorkload:

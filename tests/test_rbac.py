@@ -45,6 +45,8 @@ from activities.contracts import (
     PodQuery,
     ResourceRef,
     StatusInput,
+    VerificationPodInput,
+    VerificationQuery,
 )
 from activities.kube.client import api_client, configuration
 from activities.kube.control import KubeControlActivities, ready_references
@@ -485,6 +487,25 @@ async def test_the_controller_calls_exactly_its_allowlist(
             ),
         )
         await env.run(control.delete_capture_job, JobRef(namespace=TENANT, name=job))
+        # A verified capture's verification pod: created (then adopted), read, deleted.
+        command = {"name": "main", "image": "vllm", "command": ["python3", "-m", "serve"]}
+        served = {"spec": {"containers": [command]}}
+        verified = await cluster.create(
+            "checkpoints", checkpoint_body("verified", served, verify=True)
+        )
+        verified_ref = ResourceRef(
+            kind="Checkpoint", namespace=TENANT, name="verified", uid=verified["metadata"]["uid"]
+        )
+        made = VerificationPodInput(
+            resource=verified_ref, checkpoint_id=CKPT, version=VERSION, node="gpu-1"
+        )
+        pod_made = await env.run(control.create_verification_pod, made)
+        assert await env.run(control.create_verification_pod, made) == pod_made
+        seen = VerificationQuery(
+            namespace=TENANT, name=pod_made.name, uid=pod_made.uid, container="main"
+        )
+        await env.run(control.read_verification_pod, seen)
+        await env.run(control.delete_verification_pod, seen)
         await env.run(control.nodes_matching, NodeSelectorInput(selectors=[{"gpu": "h100"}]))
         await ready_references(api)()
 

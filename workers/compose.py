@@ -123,11 +123,16 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
     waiting restore-target pods use."""
     from activities.kube.control import KubeControlActivities, in_use_references
     from api.jobs import JobSettings
+    from api.restore_pods import RestoreSettings
 
+    jobs = JobSettings(checkpoint_claim=settings.kube.checkpoint_claim)
     control = KubeControlActivities(
         api,
         claims_namespace=settings.kube.namespace,
-        job_settings=JobSettings(checkpoint_claim=settings.kube.checkpoint_claim),
+        job_settings=jobs,
+        # Verification pods are shaped as the webhook shapes restore targets; each is
+        # required onto its capturing node by name, so no node labels are added.
+        restore_settings=RestoreSettings(jobs=jobs, node_labels=()),
         ui_url=settings.temporal.ui_url,
         temporal_namespace=settings.temporal.namespace,
         instance=os.environ.get("HOSTNAME", ""),
@@ -144,6 +149,9 @@ def cluster_control_worker(client: Client, settings: Settings, api: Any) -> Work
             control.read_capture_pod,
             control.delete_capture_job,
             control.nodes_matching,
+            control.create_verification_pod,
+            control.read_verification_pod,
+            control.delete_verification_pod,
             *retention_activities(
                 client, settings=settings, ready_references=in_use_references(api)
             ),
@@ -259,6 +267,7 @@ def node_worker(
             *mode,
             storage.upload_version,
             storage.discard_staging,
+            storage.release_version,
             prefetch.prefetch_version,
         ],
         interceptors=interceptors(settings),

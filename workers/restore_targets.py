@@ -22,6 +22,11 @@ choosing, a target copied from another namespace's pod) is refused: its workflow
 nothing and starts the pod cold with the reason and an Event. The Checkpoint is read when
 the pod is scheduled here, before its standby runs (`CheckpointViews.read_ahead`), so that
 the restore starts without a round trip once the standby runs.
+
+A verified capture's verification pod (decision 0045) restores the version its Checkpoint's
+`status.verifying` names for that pod's UID, held back on this node (`unverified`); its
+capture names it there right after creating it, so a verification pod whose claims do not
+hold yet is read again for up to VERIFICATION_READ_SECONDS before it is refused.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from activities.contracts import ContainerTarget
 from activities.kube.watch import Backoff, Watch, WatchEvent, WatchHealth
 from api.errors import WarmstartError
 from api.naming import restore_workflow_id
+from api.resources import VERIFICATION_LABEL
 from api.restore_claims import RestoreClaims, check_claims, restore_source
 from api.restore_pods import (
     ANNOUNCE_ENV,
@@ -61,6 +67,9 @@ from workflows.contracts import Refusal, RestoreRequest
 log = logging.getLogger(__name__)
 _WATCH_SECONDS = 60  # the server ends each watch; the next goes on from its resourceVersion
 _READ_SECONDS = 10.0  # a Checkpoint read, the client's retries included
+# How long a verification pod's claims are read again before it is refused (decision 0045):
+# its capture publishes the pod's UID on the Checkpoint's status right after creating it.
+VERIFICATION_READ_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,13 @@ def _bound_here(pod: Mapping[str, Any], *, node: str) -> bool:
         and spec.get("nodeName") == node
         and RESTORE_STATUS_ANNOTATION not in notes
     )
+
+
+def _verification(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod says it is a verification pod (a claim like any: only its Checkpoint's
+    status, naming its UID, lets it restore anything)."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return labels.get(VERIFICATION_LABEL) == "true"
 
 
 def _standby_container(spec: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -310,7 +326,8 @@ class RestoreTargetWatch:
     async def _checked(self, target: RestoreTarget) -> RestoreClaims:
         """What the pod's own Checkpoint says it restores, from the read made when the pod
         was scheduled here (no round trip); read again once when the pod does not agree with
-        that read, which may be older than the pod."""
+        that read, which may be older than the pod (a verification pod: again every half
+        second for up to VERIFICATION_READ_SECONDS)."""
         pod = target.container
         try:
             name = restore_source(target.pod)
@@ -322,10 +339,23 @@ class RestoreTargetWatch:
         try:
             return check_claims(target.pod, checkpoint)
         except WarmstartError:
-            if not kept:
+            if not kept and not _verification(target.pod):
                 raise
         checkpoint, _ = await self.checkpoints.get(pod.namespace, name, fresh=True)
-        return check_claims(target.pod, checkpoint)
+        if not _verification(target.pod):
+            return check_claims(target.pod, checkpoint)
+        # A verification pod is named on its Checkpoint's status right after it is created:
+        # a read that came first is read again for a little while before the pod is refused.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + VERIFICATION_READ_SECONDS
+        while True:
+            try:
+                return check_claims(target.pod, checkpoint)
+            except WarmstartError:
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(0.5)
+            checkpoint, _ = await self.checkpoints.get(pod.namespace, name, fresh=True)
 
     def _request(
         self,
@@ -347,4 +377,5 @@ class RestoreTargetWatch:
             storage=claims.storage if claims is not None else None,
             manifest_sha256=claims.manifest_sha256 if claims is not None else "",
             refusal=refusal,
+            unverified=claims.unverified if claims is not None else False,
         )

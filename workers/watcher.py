@@ -5,7 +5,8 @@ It stays thin. It starts the capture workflow of a resource (ID
 again), keeps a Checkpoint's Temporal Schedule in step with its `spec.schedule`, starts a
 run on demand when the `capture-now` annotation changes (later runs, decision 0043:
 `workers.capture_triggers`), turns what it sees of a capture pod (scheduled on a node,
-target container Ready, a container failed) into signals to the run that made the pod,
+target container Ready, a container failed) into signals to the run that made the pod
+(and so what a verified capture's verification pod says: decision 0045),
 and on deletion cancels every run and deletes the Schedule, holding the resource with the
 finalizer `warmstart.dev/cleanup` until the runs have cleaned up. Everything else — the
 Job, status, Events, the dump — is the workflows'.
@@ -33,8 +34,9 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.contracts import PodObservation, ResourceRef
+from activities.contracts import PodObservation, ResourceRef, VerificationObservation
 from activities.kube.client import Login, authorization, configuration
+from activities.kube.control import verification_observation
 from api.naming import CAPTURE_WORKFLOW, capture_schedule_id, capture_workflow_id, is_run_of
 from api.reasons import Phase
 from api.resources import (
@@ -47,6 +49,7 @@ from api.resources import (
     GROUP,
     IDENTITY_IMMUTABLE,
     TARGET_CONTAINER_ANNOTATION,
+    VERIFICATION_LABEL,
     VERSION,
     Checkpoint,
     PodSnapshot,
@@ -149,7 +152,16 @@ def capture_request(
         ),
         prefetch_node_selectors=prefetch.node_selectors if prefetch is not None else [],
         prefetch_nodes_at_once=prefetch.nodes_at_once if prefetch is not None else 0,
+        **_verified(resource),
     )
+
+
+def _verified(resource: Checkpoint | PodSnapshot) -> dict[str, Any]:
+    """A verified Checkpoint's request fields (decision 0045); none otherwise, so a request
+    without verify is what it was before."""
+    if not isinstance(resource, Checkpoint) or not resource.spec.verify:
+        return {}
+    return {"verify": True, "verify_answer_seconds": resource.spec.verify_timeout_seconds}
 
 
 def _pod_identity(pod_uid: str, container: str) -> Any:
@@ -225,6 +237,23 @@ def signalled_run(pod: dict[str, Any]) -> str:
             first,
         )
     return first
+
+
+def verification_run(pod: dict[str, Any]) -> str:
+    """The capture run a verification pod reports to: the one its annotation names when
+    that is a run of the Checkpoint that owns it, else that Checkpoint's first run; "" for
+    a pod no Checkpoint owns. (The run heeds only its own pod's UID.)"""
+    meta = pod.get("metadata") or {}
+    owner = next(
+        (o for o in meta.get("ownerReferences") or [] if o.get("kind") == "Checkpoint"), None
+    )
+    if owner is None or not owner.get("name") or not owner.get("uid"):
+        return ""
+    first = capture_workflow_id(
+        namespace=meta.get("namespace", ""), name=owner["name"], key=owner["uid"]
+    )
+    named = (meta.get("annotations") or {}).get(CAPTURE_WORKFLOW_ANNOTATION, "")
+    return str(named) if named and is_run_of(named, first) else first
 
 
 def _refusal(err: ValidationError) -> str:
@@ -402,6 +431,32 @@ def build_registry(
                         raise
                     logger.info("no running capture %s for pod signal %s", workflow_id, signal)
         signalled[seen.pod_uid] = wanted
+
+    verified: dict[str, VerificationObservation] = {}  # pod UID → last observation sent
+
+    @kopf.on.event("", "v1", "pods", labels={VERIFICATION_LABEL: "true"}, registry=registry)
+    async def on_verification_pod(
+        event: kopf.RawEvent, memo: Any, logger: kopf.Logger, **_: Any
+    ) -> None:
+        """A verified capture's verification pod (decision 0045): what it says, signalled
+        to the capture run that made it, once per change."""
+        pod: dict[str, Any] = dict(event["object"])
+        uid = (pod.get("metadata") or {}).get("uid", "")
+        if event.get("type") == "DELETED":
+            verified.pop(uid, None)
+            return
+        seen = verification_observation(pod)
+        workflow_id = verification_run(pod)
+        if verified.get(uid) == seen or not workflow_id:
+            return
+        handle = memo["temporal"].get_workflow_handle_for(CaptureWorkflow.run, workflow_id)
+        try:
+            await handle.signal(CaptureWorkflow.verification_seen, seen)
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            logger.info("no running capture %s for its verification pod", workflow_id)
+        verified[uid] = seen
 
     register_drain(registry, settings.kube)  # capture before a drain (decision 0044)
     return registry

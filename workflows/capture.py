@@ -34,10 +34,15 @@ with workflow.unsafe.imports_passed_through():
         NodeSelectorInput,
         PodObservation,
         PodQuery,
+        ReleaseInput,
         RemoteStorage,
         SentinelInput,
         StopInput,
         UploadInput,
+        VerificationObservation,
+        VerificationPod,
+        VerificationPodInput,
+        VerificationQuery,
         VerifyInput,
     )
     from activities.errors import application_error
@@ -54,6 +59,7 @@ with workflow.unsafe.imports_passed_through():
     from api.errors import PipelineFailedError
     from api.naming import CAPTURE_WORKFLOW, PROGRESS_QUERY, checkpoint_version, node_task_queue
     from api.reasons import Phase, Reason, Sentinel
+    from api.resources import VerifyingStatus
     from workflows import policies, visibility
     from workflows.contracts import (
         CaptureRequest,
@@ -104,6 +110,10 @@ class CaptureWorkflow:
         self._held = False  # a committed version held back until its test restore answers
         self._job = ""
         self._dropped = False
+        self._verification: VerificationQuery | None = None  # a verification pod to delete
+        # The watcher's latest word on the verification pod, and how many it sent.
+        self._verification_seen = VerificationObservation()
+        self._verification_signals = 0
 
     @workflow.query(name=PROGRESS_QUERY)
     def progress(self) -> Progress:
@@ -123,6 +133,15 @@ class CaptureWorkflow:
     def pod_failed(self, seen: PodObservation) -> None:
         """The watcher saw a container of the capture pod fail, or the Job fail."""
         self._observe(seen)
+
+    @workflow.signal
+    def verification_seen(self, seen: VerificationObservation) -> None:
+        """The watcher saw the verification pod change (restore status, readiness, an end);
+        a signal of any other pod is ignored."""
+        query = self._verification
+        if query is not None and seen.pod_uid == query.uid:
+            self._verification_seen = seen
+            self._verification_signals += 1
 
     def _observe(self, seen: PodObservation) -> None:
         old = self._seen
@@ -150,7 +169,9 @@ class CaptureWorkflow:
             else:
                 finish = await self._cluster_steps(request, source, version)
             commit = await self._dump_commit_complete(finish)
-            if request.verify:
+            if request.verify and isinstance(request.source, ClusterCapture):
+                await self._verify_in_pod(request.source, version, commit.manifest_sha256)
+            elif request.verify:
                 await self._verify(version)
             if request.storage is not None:
                 uploaded = await self._upload(request.storage, version)
@@ -329,6 +350,7 @@ class CaptureWorkflow:
                     identity=request.identity,
                     target=container,
                     resource_name=request.name,
+                    unverified=request.verify,
                 ),
                 f"commit version {version}",
             ),
@@ -383,6 +405,106 @@ class CaptureWorkflow:
             cancellation=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
         self._held = False
+
+    async def _verify_in_pod(
+        self, source: ClusterCapture, version: str, manifest_sha256: str
+    ) -> None:
+        """Verified checkpoints on a cluster (decision 0045): a verification pod, the
+        Checkpoint's template shaped as a restore target of the held-back version and
+        required onto the capturing node, must be restored there by its node and then be
+        Ready (its kubelet's probes) within `verify_answer_seconds`. The status names the
+        pod by UID meanwhile: the one pod whose node may restore the version. Then the pod
+        goes and the node offers the version; a failure fails the capture (VerifyFailed,
+        with what the pod said), and cleanup deletes the pod and the version."""
+        req = self._require()
+        self._clock.begin("verify")
+        pod: VerificationPod = await self._control(
+            ClusterControlSteps.create_verification_pod,
+            VerificationPodInput(
+                resource=source.resource,
+                checkpoint_id=req.checkpoint_id,
+                version=version,
+                node=self._state.node,
+            ),
+            f"create the verification pod of version {version}",
+        )
+        self._verification = query = VerificationQuery(
+            namespace=pod.namespace, name=pod.name, uid=pod.uid, container=source.target.container
+        )
+        verifying = VerifyingStatus(
+            version=version, manifest_sha256=manifest_sha256, pod_name=pod.name, pod_uid=pod.uid
+        )
+        await self._publish(Phase.UPLOADING, Reason.IN_PROGRESS, verifying=verifying)
+        await self._await_verified(query, version)
+        await self._delete_verification_pod()
+        await self._node(
+            StorageSteps.release_version,
+            ReleaseInput(checkpoint_id=req.checkpoint_id, version=version),
+            policies.CLEANUP,
+            f"offer version {version}",
+        )
+        self._held = False
+
+    async def _await_verified(self, query: VerificationQuery, version: str) -> None:
+        """Await the verification pod's outcome: the watcher's signals are the cheap path, a
+        read of the pod every `read_every_seconds` covers a watcher that missed one. Done
+        when its node published its restore and its container is Ready; VerifyFailed when
+        it fell back (the pod's reason), ended, went, was not restored within the standby's
+        deadline, or was restored and not Ready within `verify_answer_seconds`."""
+        req = self._require()
+        where = f"verification pod {query.namespace}/{query.name}"
+        answer = req.verify_answer_seconds
+        began = workflow.now()
+        restored_at: datetime | None = None
+        heard = 0  # signals looked at
+        seen = await self._read_verification(query, where)
+        while True:
+            now = workflow.now()
+            if seen.restore_status == policies.RESTORED and restored_at is None:
+                restored_at = now
+            restored_for = (now - restored_at).total_seconds() if restored_at else 0.0
+            verdict = policies.verification_verdict(
+                seen,
+                where=where,
+                version=version,
+                waited=(now - began).total_seconds(),
+                restored_for=restored_for,
+                answer_seconds=answer,
+            )
+            if verdict is True:
+                return
+            if isinstance(verdict, PipelineFailedError):
+                raise verdict
+            wait = self._read_every()
+            if restored_at is not None:  # wake for the answer's deadline too
+                wait = max(0.1, min(wait, answer - restored_for))
+            try:
+                await workflow.wait_condition(self._signalled_after(heard), timeout=wait)
+            except TimeoutError:
+                seen = await self._read_verification(query, where)
+            else:
+                heard, seen = self._verification_signals, self._verification_seen
+
+    def _signalled_after(self, heard: int) -> Callable[[], bool]:
+        """Whether the watcher has signalled more than the `heard` signals looked at."""
+        return lambda: self._verification_signals > heard
+
+    async def _read_verification(
+        self, query: VerificationQuery, where: str
+    ) -> VerificationObservation:
+        seen: VerificationObservation = await self._control(
+            ClusterControlSteps.read_verification_pod, query, f"read {where}"
+        )
+        return seen
+
+    async def _delete_verification_pod(self) -> None:
+        query = self._verification
+        if query is None:
+            return
+        await self._control(
+            ClusterControlSteps.delete_verification_pod, query, f"delete pod {query.name}"
+        )
+        self._verification = None
 
     async def _upload(self, storage: RemoteStorage, version: str) -> CommitResult:
         """Publish the committed version to remote storage; it is Ready only once there (the
@@ -540,7 +662,13 @@ class CaptureWorkflow:
         )
 
     async def _publish(
-        self, phase: Phase, reason: Reason, *, message: str = "", commit: CommitResult | None = None
+        self,
+        phase: Phase,
+        reason: Reason,
+        *,
+        message: str = "",
+        commit: CommitResult | None = None,
+        verifying: VerifyingStatus | None = None,
     ) -> None:
         await publish_status(
             "capture",
@@ -556,6 +684,7 @@ class CaptureWorkflow:
             resource=self._require().resource,
             job_name=self._job,
             recapture=bool(self._require().trigger),
+            verifying=verifying,
         )
 
     async def _fail(self, failure: PipelineFailedError) -> None:
@@ -566,6 +695,12 @@ class CaptureWorkflow:
         """Always: nothing half-written stays, no workload keeps running. A cleanup step that
         fails is logged, never raised: it must not replace the reason the capture ended."""
         req = self._require()
+        if self._verification is not None:
+            # Before the version goes: its pod no longer restores it, nor holds the devices.
+            try:
+                await self._delete_verification_pod()
+            except ActivityError as err:
+                workflow.logger.warning("cleanup: verification pod not deleted: %s", err.cause)
         if (self._staged or self._held) and self._state.node:
             discard = DiscardInput(
                 checkpoint_id=req.checkpoint_id, version=self._state.version, unverified=self._held

@@ -82,7 +82,8 @@ class CaptureRequest(Contract):
     # 0043); empty for its first run. A later run never unpublishes a Ready version.
     trigger: CaptureTrigger = ""
     # Verified checkpoints (decision 0045): the new version is restored once on the
-    # capturing node and must answer within `verify_answer_seconds` before it is offered.
+    # capturing node and must answer within `verify_answer_seconds` before it is offered
+    # (locally a throwaway process; on a cluster a verification pod, which must be Ready).
     verify: bool = False
     verify_answer_seconds: ShortSeconds = 120.0
 
@@ -112,13 +113,11 @@ class CaptureRequest(Contract):
     def _verifiable(self) -> CaptureRequest:
         if not self.verify:
             return self
-        if isinstance(self.source, ClusterCapture):
-            raise ValueError("verify: verify is not supported on the cluster path yet")
-        if self.source.leave_running:
+        if self.source.keeps_serving:
             raise ValueError(
                 "verify: a capture that leaves its workload running cannot be verified (its "
                 "test restore would share the live workload's control directory, output "
-                "file and ports)"
+                "file and ports; a PodSnapshot's pod keeps its devices)"
             )
         return self
 
@@ -202,6 +201,9 @@ class RestoreRequest(Contract):
     # On a cluster: the node refused the pod (its claims are not its Checkpoint's, or that
     # cannot be read); nothing is restored, the pod starts cold.
     refusal: Refusal | None = None
+    # On a cluster: a verified capture's verification pod (decision 0045), which restores the
+    # version its capture holds back on this node.
+    unverified: bool = False
 
     @model_validator(mode="before")
     @classmethod

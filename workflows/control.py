@@ -10,6 +10,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.contracts import ContainerTarget, PipelineKind, ResourceRef, StatusInput
     from activities.steps import ControlSteps
     from api.reasons import Phase, Reason
+    from api.resources import VerifyingStatus
     from workflows import policies
     from workflows.visibility import PipelineState
 
@@ -45,6 +46,7 @@ async def publish_status(
     job_name: str = "",
     pod: ContainerTarget | None = None,
     recapture: bool = False,
+    verifying: VerifyingStatus | None = None,
 ) -> None:
     """Publish where the pipeline stands (the resource's status on a cluster); the version
     is named only where `committed` (a failed capture has none)."""
@@ -66,6 +68,7 @@ async def publish_status(
         job_name=job_name,
         pod=pod,
         recapture=recapture,
+        verifying=verifying,
     )
     await workflow.execute_activity_method(
         ControlSteps.publish_status,

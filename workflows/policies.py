@@ -15,8 +15,10 @@ from temporalio.exceptions import (
     TimeoutType,
 )
 
+from activities.contracts import VerificationObservation
 from api.errors import PipelineFailedError
 from api.reasons import Reason, as_reason
+from api.restore_pods import STANDBY_DEADLINE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,54 @@ def verify_options(answer_timeout_seconds: float) -> StepOptions:
         heartbeat=timedelta(seconds=5),
         retry=RetryPolicy(maximum_attempts=1),
     )
+
+
+# A verification pod's `restore-status` once its node restored it (decision 0045).
+RESTORED = "restored"
+# How long a verification pod may take to be scheduled and restored (or fall back): the
+# standby's own deadline, past which it starts cold whatever the node does.
+VERIFY_RESTORE_SECONDS = float(STANDBY_DEADLINE_SECONDS)
+
+
+def verification_verdict(
+    seen: VerificationObservation,
+    *,
+    where: str,
+    version: str,
+    waited: float,
+    restored_for: float,
+    answer_seconds: float,
+) -> bool | PipelineFailedError:
+    """What a verified cluster capture makes of its verification pod as last read: True
+    when its node restored it and its container is Ready; False to read it again; or the
+    VerifyFailed failure, with what the pod says: a restore that fell back (its reason), a
+    pod started cold, one that ended or went, one not restored within
+    VERIFY_RESTORE_SECONDS of `waited`, or one restored and not Ready within
+    `answer_seconds` of `restored_for`."""
+    status = seen.restore_status
+
+    def failed(why: str) -> PipelineFailedError:
+        return PipelineFailedError(f"version {version}: {why}", reason=Reason.VERIFY_FAILED)
+
+    if status and status != RESTORED:
+        return failed(f"{where} was not restored: {status}")
+    if seen.failure:
+        return failed(f"{seen.failure}{' after its restore' if status else ''}")
+    if status == RESTORED:
+        if seen.ready:
+            return True
+        if restored_for >= answer_seconds:
+            return failed(
+                f"{where} was restored, but its container was not Ready within "
+                f"{answer_seconds:g} s (its readiness probe did not pass)"
+            )
+        return False
+    if waited >= VERIFY_RESTORE_SECONDS:
+        return failed(
+            f"{where} was not restored within {VERIFY_RESTORE_SECONDS:g} s (not scheduled, "
+            "or no node worker restored it)"
+        )
+    return False
 
 
 def container_restore_options(deadline_seconds: float) -> StepOptions:

@@ -136,6 +136,7 @@ class RestoreWorkflow:
             gms_sentinel=request.gms_sentinel,
             storage=request.storage,
             manifest_sha256=request.manifest_sha256,
+            unverified=request.unverified,
         )
         restored = await self._on_node(
             ContainerSteps.restore_container,

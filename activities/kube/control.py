@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import quote
@@ -32,6 +32,10 @@ from activities.contracts import (
     PodQuery,
     ResourceRef,
     StatusInput,
+    VerificationObservation,
+    VerificationPod,
+    VerificationPodInput,
+    VerificationQuery,
 )
 from activities.kube.client import ApiCall, call
 from activities.steps import ClusterControlSteps
@@ -50,6 +54,7 @@ from api.reasons import Phase, Reason
 from api.resources import (
     CHECKPOINT_ID_LABEL,
     GROUP,
+    TARGET_CONTAINER_ANNOTATION,
     VERSION,
     CaptureStatus,
     Checkpoint,
@@ -62,6 +67,8 @@ from api.restore_pods import (
     RESTORE_STATUS_ANNOTATION,
     RESTORE_TARGET_LABEL,
     STANDBY_ANNOTATION,
+    RestoreSettings,
+    verification_pod,
 )
 from api.retention import ProtectedRef
 from api.status import Report, event_for, next_status, quarantine_status
@@ -88,10 +95,14 @@ class KubeControlActivities(ClusterControlSteps):
         temporal_namespace: str = "default",
         instance: str = "",
         quarantine: Quarantine | None = None,
+        restore_settings: RestoreSettings | None = None,
     ) -> None:
         """`quarantine`: the records of the store this worker mounts, shown on the status
-        of the resources whose checkpoint they name (none: statuses keep what they show)."""
+        of the resources whose checkpoint they name (none: statuses keep what they show);
+        `restore_settings`: how verification pods are shaped as restore targets (as the
+        webhook shapes pods)."""
         self._quarantine = quarantine
+        self._restore_settings = restore_settings or RestoreSettings(node_labels=())
         self._custom = client.CustomObjectsApi(api)
         self._batch = client.BatchV1Api(api)
         self._core = client.CoreV1Api(api)
@@ -250,6 +261,7 @@ class KubeControlActivities(ClusterControlSteps):
                 workflow=link,
                 generation=int(obj.get("metadata", {}).get("generation") or 0),
                 recapture=request.recapture,
+                verifying=request.verifying,
             )
             status = next_status(previous, report, now=_now())
             if self._quarantine is not None and status.checkpoint_id:
@@ -562,6 +574,80 @@ class KubeControlActivities(ClusterControlSteps):
             return PodObservation(failure=f"{where} was created again (UID {uid})")
         return observe_pod(pod, request.container)
 
+    # --- a verified capture's verification pod (decision 0045) --------------------------
+
+    @activity.defn
+    async def create_verification_pod(self, request: VerificationPodInput) -> VerificationPod:
+        """Create the verification pod of the version: the Checkpoint's template shaped as
+        its restore target (`api.restore_pods.verification_pod`), owned by the Checkpoint,
+        required onto the capturing node. One that exists and is this Checkpoint's, for this
+        version, is adopted (a retried create); any other is refused."""
+        obj = await self._resource(request.resource)
+        resource = Checkpoint.model_validate(obj)
+        pod = verification_pod(
+            resource,
+            checkpoint_id=request.checkpoint_id,
+            version=request.version,
+            node=request.node,
+            settings=self._restore_settings,
+            workflow_id=activity.info().workflow_id or "",
+        )
+        name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
+        with contextlib.suppress(ConflictError):  # there already: ours to adopt?
+            await call(
+                self._core.create_namespaced_pod,
+                namespace,
+                pod,
+                on=ApiCall("create", "Pod", namespace, name),
+            )
+        created = await call(
+            self._core.read_namespaced_pod,
+            name,
+            namespace,
+            on=ApiCall("read", "Pod", namespace, name),
+        )
+        meta = created.metadata
+        owners = [o.uid for o in (meta.owner_references if meta else None) or []]
+        said = ((meta.annotations if meta else None) or {}).get(CHECKPOINT_VERSION_ANNOTATION)
+        if meta is None or request.resource.uid not in owners or said != request.version:
+            raise InvalidSpecError(
+                f"pod {namespace}/{name} exists and is not the verification pod of "
+                f"{request.resource.name} version {request.version}"
+            )
+        activity.logger.info("verification pod %s/%s: uid %s", namespace, name, meta.uid)
+        return VerificationPod(namespace=namespace, name=name, uid=str(meta.uid))
+
+    @activity.defn
+    async def read_verification_pod(self, request: VerificationQuery) -> VerificationObservation:
+        """The verification pod's `restore-status`, its main container's readiness, and a
+        failure where the pod is gone, was created again, failed or its container ended
+        (`verification_observation`)."""
+        where = f"verification pod {request.namespace}/{request.name}"
+        try:
+            pod = await call(
+                self._core.read_namespaced_pod,
+                request.name,
+                request.namespace,
+                on=ApiCall("read", "Pod", request.namespace, request.name),
+            )
+        except NotFoundError:
+            return VerificationObservation(failure=f"{where} no longer exists")
+        raw = self._core.api_client.sanitize_for_serialization(pod)
+        return verification_observation(raw, uid=request.uid, container=request.container)
+
+    @activity.defn
+    async def delete_verification_pod(self, request: VerificationQuery) -> None:
+        """Delete the verification pod (that one, by UID); one already gone is fine."""
+        precondition = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=request.uid))
+        with contextlib.suppress(NotFoundError, ConflictError):  # gone, or another by now
+            await call(
+                self._core.delete_namespaced_pod,
+                request.name,
+                request.namespace,
+                body=precondition,
+                on=ApiCall("delete", "Pod", request.namespace, request.name),
+            )
+
 
 def claim_name(namespace: str, checkpoint_id: str) -> str:
     """The Lease that says which resource of `namespace` owns `checkpoint_id` there (a
@@ -579,14 +665,58 @@ def _owned(checkpoint_id: str, owner: str) -> IdentityConflictError:
 def status_patch(status: CaptureStatus) -> dict[str, Any]:
     """The status as a merge patch: fields at their zero value are left out (the client
     sends an empty string as null, which a structural schema refuses), the phase always in,
-    and the quarantine list always (empty replaces one shown before)."""
+    `verifying` always (null takes it off), and the quarantine list always (empty replaces
+    one shown before)."""
     body = status.model_dump(mode="json", by_alias=True, exclude_defaults=True)
     body["phase"] = status.phase.value
+    body["verifying"] = (
+        status.verifying.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        if status.verifying is not None
+        else None
+    )
     body["quarantine"] = [
         entry.model_dump(mode="json", by_alias=True, exclude_defaults=True)
         for entry in status.quarantine
     ]
     return body
+
+
+def verification_observation(
+    pod: Mapping[str, Any], *, uid: str = "", container: str = ""
+) -> VerificationObservation:
+    """What a verification pod says (as the API server gives it, a plain dict; the watcher's
+    events and the control activity's reads alike): its `restore-status`, whether its main
+    container (`container`, else the one its target-container annotation names) is Ready,
+    and a failure where it is not the pod of UID `uid` (created again), is being deleted,
+    failed, or a container of it ended (the main one at all, another with an error)."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    notes = meta.get("annotations") or {}
+    where = f"verification pod {meta.get('namespace')}/{meta.get('name')}"
+    if uid and meta.get("uid") != uid:
+        return VerificationObservation(failure=f"{where} was created again")
+    seen = VerificationObservation(
+        pod_uid=str(meta.get("uid") or ""),
+        restore_status=str(notes.get(RESTORE_STATUS_ANNOTATION, "")),
+    )
+    if meta.get("deletionTimestamp"):
+        return seen.model_copy(update={"failure": f"{where} is being deleted"})
+    main = container or notes.get(TARGET_CONTAINER_ANNOTATION) or "main"
+    ready, failure = False, ""
+    inits, mains = status.get("initContainerStatuses"), status.get("containerStatuses")
+    for each in [*(inits or []), *(mains or [])]:
+        ended = (each.get("state") or {}).get("terminated")
+        name = each.get("name")
+        if name == main:
+            ready = bool(each.get("ready"))
+        if ended is None or failure or (name != main and ended.get("exitCode") in (None, 0)):
+            continue
+        failure = (
+            f"container {name} of {where} ended with code {ended.get('exitCode')} "
+            f"({ended.get('reason') or 'Completed'})"
+        )
+    if not failure and status.get("phase") == "Failed":
+        failure = f"{where} failed: {status.get('reason') or 'unknown reason'}"
+    return seen.model_copy(update={"ready": ready, "failure": failure})
 
 
 def observe_pod(pod: Any, container: str) -> PodObservation:

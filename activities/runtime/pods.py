@@ -217,7 +217,7 @@ class PodActivities(ContainerSteps):
             host=process_host_info(located.pid, self._gpus),
             files=digest_tree(staging),
         )
-        committed = self._store.commit(staging, manifest)
+        committed = self._store.commit(staging, manifest, unverified=request.unverified)
         return committed_result(committed, manifest)
 
     @activity.defn

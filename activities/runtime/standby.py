@@ -13,6 +13,9 @@ verifies the version first, then awaits the standby (`await-standby`: its `stand
 `activities.runtime.announce`), then checks the gate against it and restores: from the
 standby's announcement to CRIU only the gate and the preparation are left. Failing before
 the standby runs, it writes `restore-failed` through the pod's control directory on the node.
+
+A verified capture's verification pod (decision 0045; `unverified`) restores the version its
+capture holds back on this node, and its failure records no quarantine evidence.
 """
 
 from __future__ import annotations
@@ -149,6 +152,7 @@ class StandbyRestorer:
                 request.version,
                 request.storage,
                 accept=lambda fetched: require_namespace(fetched, target.namespace),
+                unverified=request.unverified,
             )
             # A version changed where it is stored, or another namespace's, is refused
             # before anything else of it is read.
@@ -247,7 +251,9 @@ class StandbyRestorer:
                 )
             if standby is not None:
                 await asyncio.to_thread(control.restore_failed, standby.pid, failure_note(failure))
-            if cls is not None and isinstance(failure, WarmstartError):
+            # A verification pod's failure is evidence against its version (which its capture
+            # deletes), not against this node class.
+            if cls is not None and isinstance(failure, WarmstartError) and not request.unverified:
                 self._gate.remember(
                     request.checkpoint_id, version, cls, failure, namespace=target.namespace
                 )

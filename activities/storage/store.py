@@ -18,7 +18,14 @@ from pathlib import Path
 from temporalio import activity
 
 from activities import metrics
-from activities.contracts import CommitInput, CommitResult, DiscardInput, UploadInput, UploadResult
+from activities.contracts import (
+    CommitInput,
+    CommitResult,
+    DiscardInput,
+    ReleaseInput,
+    UploadInput,
+    UploadResult,
+)
 from activities.criu.predump import captured_criu_info
 from activities.gpu.nvml import GpuFacts, NodeGpus, gpus_of_process, process_environment
 from activities.host.files import fsync_dir, sha256_file, write_atomically
@@ -352,6 +359,16 @@ class StorageActivities(StorageSteps):
             size_bytes=report.bytes_total,
             bytes_transferred=report.bytes_transferred,
             seconds=round(report.seconds, 3),
+        )
+
+    @activity.defn
+    async def release_version(self, request: ReleaseInput) -> None:
+        """Offer a version held back unverified (a verified cluster capture whose
+        verification pod restored it); one offered already stays offered. A version gone
+        meanwhile is CheckpointNotFound."""
+        await asyncio.to_thread(self._store.release, request.checkpoint_id, request.version)
+        activity.logger.info(
+            "checkpoint %s version %s verified: offered", request.checkpoint_id, request.version
         )
 
     @activity.defn

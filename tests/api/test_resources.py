@@ -21,7 +21,6 @@ from api.resources import (
     IDENTITY_IMMUTABLE,
     LOADER_ON_CHECKPOINT,
     SAVER_WITHOUT_GMS,
-    VERIFY_UNSUPPORTED,
     Checkpoint,
     PodSnapshot,
     ResourceIdentity,
@@ -384,15 +383,21 @@ def test_cel_identity_is_immutable_on_update() -> None:
     assert cel_errors(schema, changed) == []  # a create has no old object
 
 
-def test_verify_is_refused_on_the_cluster_path_never_ignored() -> None:
-    """`spec.verify` is in the schema (an unknown field would be pruned: silently ignored)
-    and refused by the model, the webhook's check, and the CRD's CEL rule, with one message."""
-    with pytest.raises(ValidationError) as err:
-        Checkpoint.model_validate(checkpoint({"verify": True}))
-    assert VERIFY_UNSUPPORTED in str(err.value)
-    assert "verify is not supported on the cluster path yet" in VERIFY_UNSUPPORTED
-    assert Checkpoint.model_validate(checkpoint({"verify": False})).spec.verify is False
+def test_verify_is_accepted_on_the_cluster_path_with_its_timeout() -> None:
+    """`spec.verify` is built on the cluster path (decision 0045): accepted by the model and
+    the CRD, with the verification pod's readiness budget beside it."""
+    verified = Checkpoint.model_validate(checkpoint({"verify": True}))
+    assert verified.spec.verify is True and verified.spec.verify_timeout_seconds == 120
+    timed = checkpoint({"verify": True, "verifyTimeoutSeconds": 5})
+    assert Checkpoint.model_validate(timed).spec.verify_timeout_seconds == 5
+    with pytest.raises(ValidationError, match="verifyTimeoutSeconds"):
+        Checkpoint.model_validate(checkpoint({"verify": True, "verifyTimeoutSeconds": 0}))
     schema = _checkpoint_schema()
-    assert schema["properties"]["spec"]["properties"]["verify"]["type"] == "boolean"
-    assert cel_errors(schema, checkpoint({"verify": True})) == [VERIFY_UNSUPPORTED]
-    assert cel_errors(schema, checkpoint({"verify": False})) == []
+    properties = schema["properties"]["spec"]["properties"]
+    assert properties["verify"]["type"] == "boolean"
+    assert "x-kubernetes-validations" not in properties["verify"]
+    timeout = properties["verifyTimeoutSeconds"]
+    assert (timeout["minimum"], timeout["maximum"], timeout["default"]) == (1, 3600, 120)
+    assert cel_errors(schema, checkpoint({"verify": True})) == []
+    verifying = schema["properties"]["status"]["properties"]["verifying"]["properties"]
+    assert set(verifying) == {"version", "manifestSHA256", "podName", "podUID"}

@@ -500,3 +500,53 @@ async def _cancel_requested(client: Client, workflow_id: str) -> bool:
         if event.HasField("workflow_execution_cancel_requested_event_attributes"):
             return True
     return False
+
+
+async def test_a_verification_pod_is_restored_once_its_checkpoint_names_its_uid(
+    cluster: Cluster, client: Client
+) -> None:
+    """A verified capture publishes its verification pod's UID just after creating it
+    (decision 0045): a node that reads the Checkpoint first reads it again, and then
+    restores the version held back on its own store; until then the pod is no target of
+    anything the Checkpoint offers (it is not Ready)."""
+    await cluster.create(
+        "checkpoints",
+        {
+            "apiVersion": "warmstart.dev/v1alpha1",
+            "kind": "Checkpoint",
+            "metadata": {"name": "llama", "namespace": "inference"},
+            "spec": {
+                "identity": {"model": "meta-llama/Llama-2-7b-hf", "backendFramework": "vllm"},
+                "job": {"podTemplateSpec": TEMPLATE},
+                "verify": True,
+            },
+            "status": {"phase": "Uploading", "checkpointID": CKPT},
+        },
+    )
+    node = f"gpu-{uuid.uuid4().hex[:6]}"
+    async with watching(cluster, client, node) as watch:
+        pod = target_pod(
+            "llama-verify",
+            node=node,
+            labels={"warmstart.dev/verification": "true"},
+            annotations={"warmstart.dev/checkpoint-version": "v2"},
+        )
+        workflow_id = await create_pod(cluster, pod)
+        await eventually(_async(lambda: watch.checkpoints.reads >= 2), "reads before it is named")
+        assert not await _started(client, workflow_id)
+        uid = workflow_id.rsplit("/", 1)[1]
+        verifying = {"version": "v2", "manifestSHA256": "ab" * 32, "podUID": uid}
+        await cluster.run(
+            cluster.custom.patch_namespaced_custom_object,
+            "warmstart.dev",
+            "v1alpha1",
+            "inference",
+            "checkpoints",
+            "llama",
+            {"status": {"verifying": verifying}},
+        )
+        await eventually(lambda: _started(client, workflow_id), workflow_id)
+    request = await start_request(client, workflow_id)
+    assert (request.version, request.refusal, request.storage) == ("v2", None, None)
+    assert (request.unverified, request.manifest_sha256) == (True, "ab" * 32)
+    await client.get_workflow_handle(workflow_id).terminate("test over")

@@ -17,13 +17,13 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
-from activities.contracts import PodObservation
+from activities.contracts import PodObservation, VerificationObservation
+from activities.kube.control import verification_observation
 from api.errors import ForbiddenError
 from api.naming import CAPTURE_WORKFLOW
 from api.resources import (
     IDENTITY_IMMUTABLE,
     SAVER_WITHOUT_GMS,
-    VERIFY_UNSUPPORTED,
     Checkpoint,
     PodSnapshot,
 )
@@ -39,6 +39,7 @@ from workers.watcher import (
     connection_info,
     observe,
     signals_for,
+    verification_run,
 )
 from workflows.contracts import CaptureRequest
 
@@ -258,8 +259,6 @@ async def wait_gone(cluster: Cluster, name: str, plural: str = "checkpoints") ->
     ("spec", "message"),
     [
         ({"gpuMemoryService": {"checkpoint": {"saver": {"image": "gms:1"}}}}, SAVER_WITHOUT_GMS),
-        # Past an API server without CEL and a webhook that was away: still never ignored.
-        ({"verify": True}, VERIFY_UNSUPPORTED),
     ],
 )
 async def test_a_refused_spec_fails_with_the_message_and_starts_nothing(
@@ -718,3 +717,47 @@ async def test_the_capture_now_annotation_starts_one_run_per_value_and_deletion_
 async def _longer(ids: Any, than: int) -> list[str]:
     found = list(await ids)
     return found if len(found) > than else []
+
+
+def verification_pod_body(**status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "llama-verify-1",
+            "namespace": "inference",
+            "uid": "vpod-1",
+            "annotations": {
+                "warmstart.dev/target-container": "main",
+                "warmstart.dev/capture-workflow": "capture/inference/llama/ckpt-1/on-demand-x",
+                "warmstart.dev/restore-status": "restored",
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": "warmstart.dev/v1alpha1",
+                    "kind": "Checkpoint",
+                    "name": "llama",
+                    "uid": "ckpt-1",
+                }
+            ],
+        },
+        "status": status,
+    }
+
+
+def test_what_a_verification_pod_says_and_the_run_it_reports_to() -> None:
+    running = {"name": "main", "ready": True, "state": {"running": {}}}
+    seen = verification_observation(verification_pod_body(containerStatuses=[running]))
+    assert seen == VerificationObservation(pod_uid="vpod-1", restore_status="restored", ready=True)
+    ended = {"name": "main", "ready": False, "state": {"terminated": {"exitCode": 0}}}
+    seen = verification_observation(verification_pod_body(containerStatuses=[ended]))
+    assert seen.failure == (
+        "container main of verification pod inference/llama-verify-1 ended with code 0 (Completed)"
+    )
+    other = verification_observation(verification_pod_body(), uid="vpod-2")
+    assert other.failure == "verification pod inference/llama-verify-1 was created again"
+    pod = verification_pod_body()
+    assert verification_run(pod) == "capture/inference/llama/ckpt-1/on-demand-x"
+    # A run of another resource named on the pod: its owner's first run instead.
+    pod["metadata"]["annotations"]["warmstart.dev/capture-workflow"] = "capture/inference/x/y"
+    assert verification_run(pod) == "capture/inference/llama/ckpt-1"
+    pod["metadata"]["ownerReferences"] = []
+    assert verification_run(pod) == ""

@@ -37,7 +37,6 @@ from api.resources import (
     IDENTITY_IMMUTABLE,
     LOADER_ON_CHECKPOINT,
     SAVER_WITHOUT_GMS,
-    VERIFY_UNSUPPORTED,
     Checkpoint,
 )
 from api.restore_pods import GMS_LOADER, STANDBY_SCRIPT, STARTUP_TEST, RestoreSettings
@@ -193,9 +192,11 @@ async def test_a_loader_on_a_checkpoint_is_refused_with_the_exact_message(
     assert refusal(await validate(webhook, body)) == LOADER_ON_CHECKPOINT
 
 
-async def test_a_verified_checkpoint_is_refused_on_the_cluster_path(webhook: Webhook) -> None:
-    assert refusal(await validate(webhook, checkpoint(verify=True))) == VERIFY_UNSUPPORTED
+async def test_a_verified_checkpoint_is_admitted(webhook: Webhook) -> None:
+    assert (await validate(webhook, checkpoint(verify=True)))["allowed"] is True
     assert (await validate(webhook, checkpoint(verify=False)))["allowed"] is True
+    bad = checkpoint(verify=True, verifyTimeoutSeconds=0)
+    assert "verifyTimeoutSeconds" in refusal(await validate(webhook, bad))
 
 
 async def test_a_saver_without_gms_is_refused_with_the_exact_message(webhook: Webhook) -> None:

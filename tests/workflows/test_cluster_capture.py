@@ -31,10 +31,15 @@ from activities.contracts import (
     PodQuery,
     PrefetchInput,
     PrefetchResult,
+    ReleaseInput,
     ResourceRef,
     StatusInput,
     UploadInput,
     UploadResult,
+    VerificationObservation,
+    VerificationPod,
+    VerificationPodInput,
+    VerificationQuery,
 )
 from activities.errors import ErrorMapping
 from api.identity import CheckpointIdentity, checkpoint_id
@@ -68,6 +73,12 @@ class Cluster:
     pod: PodObservation = field(default_factory=PodObservation)
     hold_dump: asyncio.Event | None = None
     warm_nodes: list[str] = field(default_factory=list)
+    commits: list[ContainerCommitInput] = field(default_factory=list)
+    discards: list[DiscardInput] = field(default_factory=list)
+    # What successive reads of a verification pod say (the last one repeats).
+    verification: list[VerificationObservation] = field(default_factory=list)
+    verification_pods: list[VerificationPodInput] = field(default_factory=list)
+    deleted_pods: list[VerificationQuery] = field(default_factory=list)
 
     def _record(self, name: str) -> None:
         self.calls.append((name, activity.info().task_queue))
@@ -111,6 +122,7 @@ class Cluster:
 
     @activity.defn(name="commit_container")
     async def commit(self, request: ContainerCommitInput) -> CommitResult:
+        self.commits.append(request)
         self._record("commit_container")
         return CommitResult(
             storage_uri="file:///checkpoints/x", size_bytes=7, manifest_sha256=DIGEST
@@ -122,7 +134,31 @@ class Cluster:
 
     @activity.defn(name="discard_staging")
     async def discard(self, request: DiscardInput) -> None:
+        self.discards.append(request)
         self._record("discard_staging")
+
+    @activity.defn(name="release_version")
+    async def release(self, request: ReleaseInput) -> None:
+        self._record("release_version")
+
+    @activity.defn(name="create_verification_pod")
+    async def create_verification_pod(self, request: VerificationPodInput) -> VerificationPod:
+        self.verification_pods.append(request)
+        self._record("create_verification_pod")
+        return VerificationPod(namespace="inference", name="llama-verify-1", uid="vpod-uid")
+
+    @activity.defn(name="read_verification_pod")
+    async def read_verification_pod(self, request: VerificationQuery) -> VerificationObservation:
+        self._record("read_verification_pod")
+        seen = self.verification[0]
+        if len(self.verification) > 1:
+            self.verification.pop(0)
+        return seen
+
+    @activity.defn(name="delete_verification_pod")
+    async def delete_verification_pod(self, request: VerificationQuery) -> None:
+        self.deleted_pods.append(request)
+        self._record("delete_verification_pod")
 
     @activity.defn(name="upload_version")
     async def upload(self, request: UploadInput) -> UploadResult:
@@ -206,6 +242,9 @@ async def harness(client: Client) -> AsyncIterator[Harness]:
                 cluster.read_pod,
                 cluster.delete_job,
                 cluster.nodes_matching,
+                cluster.create_verification_pod,
+                cluster.read_verification_pod,
+                cluster.delete_verification_pod,
             ],
             interceptors=[ErrorMapping()],
         ),
@@ -219,6 +258,7 @@ async def harness(client: Client) -> AsyncIterator[Harness]:
                 cluster.sentinel,
                 cluster.discard,
                 cluster.upload,
+                cluster.release,
             ],
             interceptors=[ErrorMapping()],
         ),
@@ -304,6 +344,119 @@ async def test_with_remote_storage_it_uploads_then_warms_the_selected_nodes(
     assert sorted(n.node for n in report.nodes if n.result is not None) == sorted(warm)
     queues = {queue for name, queue in harness.cluster.calls if name == "prefetch_version"}
     assert queues == {node_task_queue(n) for n in warm}
+
+
+async def verified(
+    harness: Harness, read_every: float = 0.2
+) -> WorkflowHandle[CaptureWorkflow, CaptureResult]:
+    """A verified Checkpoint's capture (decision 0045), its pod scheduled and Ready."""
+    request = harness.request(read_every_seconds=read_every).model_copy(
+        update={"verify": True, "verify_answer_seconds": 1.0}
+    )
+    handle = await harness.start(request)
+    await handle.signal(CaptureWorkflow.pod_scheduled, harness.seen(node_name=harness.node))
+    await handle.signal(CaptureWorkflow.container_ready, harness.seen(container_ready=True))
+    return handle
+
+
+async def test_a_verified_capture_is_ready_once_its_verification_pod_is_restored_and_ready(
+    harness: Harness,
+) -> None:
+    harness.cluster.verification = [
+        VerificationObservation(),
+        VerificationObservation(restore_status="restored"),
+        VerificationObservation(restore_status="restored", ready=True),
+    ]
+    result = await (await verified(harness)).result()
+
+    control, node = harness.control_queue, node_task_queue(harness.node)
+    calls = harness.cluster.calls
+    after = calls[calls.index(("write_container_sentinel", node)) + 1 :]
+    assert after == [
+        ("create_verification_pod", control),
+        ("publish_status", control),
+        ("read_verification_pod", control),
+        ("read_verification_pod", control),
+        ("read_verification_pod", control),
+        ("delete_verification_pod", control),
+        ("release_version", node),
+        ("publish_status", control),
+    ]
+    [commit] = harness.cluster.commits
+    assert commit.unverified  # held back from the commit on
+    [made] = harness.cluster.verification_pods
+    assert (made.node, made.version, made.resource.uid) == (harness.node, result.version, "uid-1")
+    verifying = harness.cluster.statuses[-2].verifying
+    assert verifying is not None
+    assert (verifying.version, verifying.manifest_sha256, verifying.pod_uid) == (
+        result.version,
+        DIGEST,
+        "vpod-uid",
+    )
+    ready = harness.cluster.statuses[-1]
+    assert (ready.phase, ready.verifying) == (Phase.READY, None)
+    assert [q.uid for q in harness.cluster.deleted_pods] == ["vpod-uid"]
+    assert "verify" in result.step_seconds and harness.cluster.discards == []
+
+
+async def test_the_watchers_signal_of_its_own_verification_pod_decides_without_a_read(
+    harness: Harness,
+) -> None:
+    harness.cluster.verification = [VerificationObservation()]  # the first read: nothing yet
+    handle = await verified(harness, read_every=600)
+    await harness.called("read_verification_pod")
+    done = VerificationObservation(restore_status="restored", ready=True)
+    # Another pod's signal (a pod copying the labels) is not this capture's.
+    await handle.signal(
+        CaptureWorkflow.verification_seen, done.model_copy(update={"pod_uid": "other"})
+    )
+    await asyncio.sleep(0.5)
+    assert harness.cluster.statuses[-1].phase != Phase.READY
+    await handle.signal(
+        CaptureWorkflow.verification_seen, done.model_copy(update={"pod_uid": "vpod-uid"})
+    )
+    result = await handle.result()
+    assert harness.cluster.names().count("read_verification_pod") == 1
+    assert harness.cluster.statuses[-1].phase == Phase.READY and result.version
+
+
+@pytest.mark.parametrize(
+    ("seen", "says"),
+    [
+        (
+            [VerificationObservation(restore_status="fell-back: RestoreFailed: criu said no")],
+            "verification pod inference/llama-verify-1 was not restored: "
+            "fell-back: RestoreFailed: criu said no",
+        ),
+        (
+            [VerificationObservation(restore_status="restored")],
+            "verification pod inference/llama-verify-1 was restored, but its container was "
+            "not Ready within 1 s (its readiness probe did not pass)",
+        ),
+    ],
+    ids=["fell-back", "not-ready"],
+)
+async def test_a_verification_pod_that_fails_fails_the_capture_and_deletes_pod_and_version(
+    harness: Harness, seen: list[VerificationObservation], says: str
+) -> None:
+    harness.cluster.verification = seen
+    handle = await verified(harness)
+    with pytest.raises(WorkflowFailureError) as err:
+        await handle.result()
+    assert isinstance(err.value.cause, ApplicationError)
+    version = harness.cluster.verification_pods[0].version
+    assert (err.value.cause.type, err.value.cause.message) == (
+        "VerifyFailed",
+        f"version {version}: {says}",
+    )
+    failed = harness.cluster.statuses[-1]
+    assert (failed.phase, failed.reason, failed.verifying) == (Phase.FAILED, "VerifyFailed", None)
+    names = harness.cluster.names()
+    assert "release_version" not in names
+    # Cleanup: the pod first (nothing restores the version as it goes), then the version.
+    assert names.index("delete_verification_pod") < names.index("discard_staging")
+    [discard] = harness.cluster.discards
+    assert (discard.version, discard.unverified) == (version, True)
 
 
 async def test_a_missed_signal_is_covered_by_reading_the_pod(harness: Harness) -> None:

@@ -95,5 +95,12 @@ def test_verify_is_refused_where_it_cannot_run() -> None:
         CaptureRequest.local(WORKLOAD, IDENTITY, verify=True, leave_running=True)
     base = {"name": "llama", "identity": IDENTITY.model_dump(), "checkpoint_id": CKPT}
     cluster = {"mode": "cluster", "resource": REF, "target": TARGET}
-    with pytest.raises(ValidationError, match="verify is not supported on the cluster path yet"):
+    # A Checkpoint's capture is verified by a verification pod (decision 0045); a
+    # PodSnapshot's pod keeps serving, so it is not.
+    checkpoint = {**cluster, "resource": {**REF, "kind": "Checkpoint"}}
+    verified = CaptureRequest.model_validate(
+        {**base, "node": "", "source": checkpoint, "verify": True}
+    )
+    assert verified.verify
+    with pytest.raises(ValidationError, match="leaves its workload running cannot be verified"):
         CaptureRequest.model_validate({**base, "node": "", "source": cluster, "verify": True})

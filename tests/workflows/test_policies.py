@@ -9,8 +9,16 @@ from temporalio.exceptions import (
     TimeoutType,
 )
 
+from activities.contracts import VerificationObservation
+from api.errors import PipelineFailedError
 from api.reasons import Reason
-from workflows.policies import DUMP, await_ready_options, step_failure
+from workflows.policies import (
+    DUMP,
+    VERIFY_RESTORE_SECONDS,
+    await_ready_options,
+    step_failure,
+    verification_verdict,
+)
 
 
 def _activity_error(cause: BaseException) -> ActivityError:
@@ -64,3 +72,56 @@ def test_node_steps_heartbeat() -> None:
     ready = await_ready_options(600)
     assert ready.start_to_close.total_seconds() > 600
     assert ready.heartbeat is not None
+
+
+def _verdict(
+    seen: VerificationObservation, *, waited: float = 1.0, restored_for: float = 0.0
+) -> bool | PipelineFailedError:
+    return verification_verdict(
+        seen,
+        where="verification pod ns/p",
+        version="v1",
+        waited=waited,
+        restored_for=restored_for,
+        answer_seconds=5.0,
+    )
+
+
+def _failure(verdict: bool | PipelineFailedError) -> str:
+    assert isinstance(verdict, PipelineFailedError), verdict
+    assert verdict.reason == Reason.VERIFY_FAILED
+    return verdict.message
+
+
+def test_a_verification_pod_restored_and_ready_verifies_the_version() -> None:
+    assert _verdict(VerificationObservation(restore_status="restored", ready=True)) is True
+    # Restored, not Ready yet: read again, until the answer budget is spent.
+    restored = VerificationObservation(restore_status="restored")
+    assert _verdict(restored, restored_for=4.9) is False
+    assert _failure(_verdict(restored, restored_for=5.0)) == (
+        "version v1: verification pod ns/p was restored, but its container was not Ready "
+        "within 5 s (its readiness probe did not pass)"
+    )
+    # Not restored yet: read again, until the standby's own deadline.
+    assert _verdict(VerificationObservation(), waited=VERIFY_RESTORE_SECONDS - 1) is False
+    assert "was not restored within" in _failure(
+        _verdict(VerificationObservation(), waited=VERIFY_RESTORE_SECONDS)
+    )
+
+
+def test_a_verification_pod_that_fell_back_fails_with_its_reason() -> None:
+    why = "fell-back: RestoreFailed: criu restore failed: (00.01) Error (cr-restore.c:1)"
+    # Its reason is the pod's own, whatever else the pod says.
+    seen = VerificationObservation(restore_status=why, ready=True, failure="container ended")
+    assert _failure(_verdict(seen)) == f"version v1: verification pod ns/p was not restored: {why}"
+    cold = VerificationObservation(restore_status="cold: checkpoint llama is not Ready")
+    assert _failure(_verdict(cold)).endswith(
+        "was not restored: cold: checkpoint llama is not Ready"
+    )
+
+
+def test_a_verification_pod_that_went_or_ended_fails() -> None:
+    gone = VerificationObservation(failure="verification pod ns/p no longer exists")
+    assert _failure(_verdict(gone)) == "version v1: verification pod ns/p no longer exists"
+    ended = VerificationObservation(restore_status="restored", failure="container main ended")
+    assert _failure(_verdict(ended)) == "version v1: container main ended after its restore"
