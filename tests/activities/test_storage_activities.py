@@ -1,4 +1,5 @@
-"""The commit activity on a real filesystem: a full disk fails the capture with its reason."""
+"""The commit activity on a real filesystem: a full disk fails the capture with its reason;
+a version committed held back is offered by its release."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from pathlib import Path
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.contracts import CommitInput
+from activities.contracts import CommitInput, ReleaseInput
 from activities.host.layout import LaunchRecord, NodeLayout
 from activities.storage.store import WORKLOAD_LOG, CheckpointStore, StorageActivities
-from api.errors import DumpFailedError
+from api.errors import CheckpointNotFoundError, DumpFailedError
 from api.identity import CheckpointIdentity
 from api.manifest import CriuInfo
 from api.naming import MANIFEST_FILE
@@ -65,3 +66,21 @@ async def test_a_full_disk_fails_the_commit_with_its_reason(tmp_path: Path) -> N
     with pytest.raises(DumpFailedError, match="cannot commit: No space left on device"):
         await ActivityEnvironment().run(activities.commit_checkpoint, _commit())
     assert not store.version_dir(CKPT, VERSION).exists()  # nothing marked complete
+
+
+async def test_a_version_committed_held_back_is_offered_by_its_release(tmp_path: Path) -> None:
+    """A verified cluster capture's version (decision 0045): committed held back, found by
+    nothing but its verification pod's restore, offered by `release_version`; a release of
+    a version deleted meanwhile says so."""
+    activities, store, _staging = _staged(tmp_path)
+    held = _commit().model_copy(update={"unverified": True})
+    await ActivityEnvironment().run(activities.commit_checkpoint, held)
+    with pytest.raises(CheckpointNotFoundError, match="is held back"):
+        store.find(CKPT, VERSION)
+    release = ReleaseInput(checkpoint_id=CKPT, version=VERSION)
+    await ActivityEnvironment().run(activities.release_version, release)
+    assert store.find(CKPT, VERSION) == store.version_dir(CKPT, VERSION)
+    assert store.versions(CKPT) == [store.version_dir(CKPT, VERSION)]
+    gone = ReleaseInput(checkpoint_id=CKPT, version="20261124T000000Z-bbbbbb")
+    with pytest.raises(CheckpointNotFoundError, match="was deleted before its test restore"):
+        await ActivityEnvironment().run(activities.release_version, gone)
