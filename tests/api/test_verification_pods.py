@@ -2,17 +2,21 @@
 Checkpoint's own template as the webhook shapes a restore target, pinned to the capturing
 node, owned by the Checkpoint and labelled as a verification; and the node's claim rule:
 while the Checkpoint is verifying, that one pod (by UID) restores that one version, held
-back, and no other pod restores anything the Checkpoint does not offer."""
+back, and no other pod restores anything the Checkpoint does not offer; and the status that
+names it while, and only while, it runs."""
 
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from activities.kube.control import status_patch
 from api.errors import CheckpointNotFoundError, ForbiddenError, InvalidSpecError
-from api.resources import Checkpoint
+from api.reasons import Phase, Reason
+from api.resources import Checkpoint, VerifyingStatus
 from api.restore_claims import RestoreClaims, check_claims, verification_claims
 from api.restore_pods import (
     STANDBY_SCRIPT,
@@ -21,6 +25,7 @@ from api.restore_pods import (
     verification_pod,
     verification_pod_name,
 )
+from api.status import Report, next_status
 
 CKPT, READY, NEW = "96429b2725761a09", "20261127T120000Z-abcdef", "20261128T080000Z-012345"
 DIGEST = "ab" * 32
@@ -240,3 +245,34 @@ def test_the_name_is_one_per_version_and_a_valid_name() -> None:
     name = verification_pod_name(long, NEW)
     assert name == f"{'a' * 39}-verify-{name.rsplit('-', 1)[1]}"
     assert verification_pod_name("llama", NEW) != verification_pod_name("llama", READY)
+
+
+# --- the status while it verifies --------------------------------------------------------
+
+
+def _report(phase: Phase, reason: Reason = Reason.IN_PROGRESS, **fields: Any) -> Report:
+    return Report(phase=phase, reason=reason, checkpoint_id=CKPT, **fields)
+
+
+def test_the_status_names_the_verification_only_while_it_runs() -> None:
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    named = VerifyingStatus.model_validate(VERIFYING)
+    status = next_status(None, _report(Phase.CAPTURING), now=now)
+    verifying = next_status(status, _report(Phase.UPLOADING, verifying=named), now=now)
+    assert (verifying.phase, verifying.verifying, verifying.version) == (
+        Phase.UPLOADING,
+        named,
+        "",  # the version is not offered while it is verified
+    )
+    ready = next_status(verifying, _report(Phase.READY, Reason.CAPTURED, version=NEW), now=now)
+    assert (ready.phase, ready.version, ready.verifying) == (Phase.READY, NEW, None)
+    failed = next_status(verifying, _report(Phase.FAILED, Reason.VERIFY_FAILED), now=now)
+    assert (failed.phase, failed.verifying) == (Phase.FAILED, None)
+    # A later run verifies beside the published version, which stays until it is Ready.
+    later = next_status(ready, _report(Phase.UPLOADING, verifying=named, recapture=True), now=now)
+    assert (later.phase, later.version, later.verifying) == (Phase.READY, NEW, named)
+    lost = next_status(later, _report(Phase.FAILED, Reason.VERIFY_FAILED, recapture=True), now=now)
+    assert (lost.phase, lost.version, lost.verifying) == (Phase.READY, NEW, None)
+    # Published as a merge patch: `verifying` always, null taking it off.
+    assert status_patch(verifying)["verifying"] == VERIFYING
+    assert status_patch(failed)["verifying"] is None
