@@ -187,7 +187,14 @@ async def test_a_later_run_publishes_a_new_version_and_keeps_the_old_one_meanwhi
             return status if cond.get("status") == "False" else None
 
         second = await eventually(recaptured, "the second run to end", 90)
-        events = await cluster.run(cluster.events.list_namespaced_event, "inference")
+
+        async def reasons_of_both_runs() -> list[str] | None:
+            # The Event follows the status patch that ends the run: read until it is there.
+            events = await cluster.run(cluster.events.list_namespaced_event, "inference")
+            said = [str(e.reason) for e in events.items if e.regarding.name == "again"]
+            return said if said.count("CaptureSucceeded") >= 2 else None
+
+        reasons = await eventually(reasons_of_both_runs, "the second run's CaptureSucceeded", 30)
     assert (second["phase"], second["checkpointID"]) == ("Ready", first["checkpointID"])
     assert second["version"] != first["version"]
     assert second["manifestSHA256"] != first["manifestSHA256"]
@@ -197,5 +204,4 @@ async def test_a_later_run_publishes_a_new_version_and_keeps_the_old_one_meanwhi
     # Both versions are committed: the old one stays for retention to decide.
     for version in (first["version"], second["version"]):
         assert (stack.store.version_dir(first["checkpointID"], version) / "manifest.json").exists()
-    reasons = [e.reason for e in events.items if e.regarding.name == "again"]
     assert reasons.count("CaptureSucceeded") == 2 and "RecaptureStarted" in reasons, reasons
