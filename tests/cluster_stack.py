@@ -467,9 +467,16 @@ class Target:
         return found
 
     async def events(self) -> list[tuple[str, str]]:
+        """The Events regarding this pod, once there is one: the node posts its Event just
+        after the restore-status annotation a test waits for."""
         cluster = self.stack.cluster
-        listed = await cluster.run(cluster.events.list_namespaced_event, self.namespace)
-        return [(e.type, e.reason) for e in listed.items if e.regarding.name == self.name]
+
+        async def listed() -> list[tuple[str, str]]:
+            found = await cluster.run(cluster.events.list_namespaced_event, self.namespace)
+            return [(e.type, e.reason) for e in found.items if e.regarding.name == self.name]
+
+        said: list[tuple[str, str]] = await eventually(listed, f"an Event of {self.name}", 30)
+        return said
 
     async def event_notes(self) -> list[str]:
         cluster = self.stack.cluster
